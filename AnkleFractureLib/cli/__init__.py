@@ -1,0 +1,1 @@
+"""The ``ankle-fracture`` command line (also ``python -m AnkleFractureLib``)."""

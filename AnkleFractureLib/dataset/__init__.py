@@ -1,0 +1,10 @@
+"""The on-disk dataset layout shared by the phantom generator, training and Slicer export."""
+
+from AnkleFractureLib.dataset.layout import (
+    CLASSES,
+    LABELS,
+    CaseRecord,
+    Dataset,
+)
+
+__all__ = ["CLASSES", "LABELS", "CaseRecord", "Dataset"]

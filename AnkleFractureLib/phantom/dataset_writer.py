@@ -1,0 +1,112 @@
+"""Write phantom cases as a dataset in the project layout (:mod:`AnkleFractureLib.dataset`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+
+from AnkleFractureLib.dataset import CLASSES, Dataset
+from AnkleFractureLib.errors import CancelledError
+
+SPACING_MODES = ("fast", "clinical", "mixed")
+#: Side of case i when the caller does not fix it: alternates within every block of four cases
+#: and swaps between blocks, so each class gets both sides when classes cycle.
+_SIDE_ORDER = ("right", "left")
+
+ProgressCallback = Callable[[float, str], None]
+
+
+def case_seed(seed: int, index: int) -> int:
+    """The per-case seed of case ``index`` of a dataset generated with ``seed`` (32-bit)."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
+def case_plan(n: int, seed: int, weber: Optional[str] = None, side: Optional[str] = None,
+              spacing: str = "fast") -> List[dict]:
+    """The (id, seed, weber, side, spacing) of each of the ``n`` cases, without generating them.
+
+    Classes cycle none, A, B, C unless ``weber`` fixes one; sides alternate unless ``side`` fixes
+    one; with ``spacing="mixed"`` every fifth case is clinical size, the rest fast.
+
+    Example:
+        >>> [(c["weber"], c["side"]) for c in case_plan(4, seed=0)]
+        [('none', 'right'), ('A', 'left'), ('B', 'right'), ('C', 'left')]
+    """
+    if n < 1:
+        raise ValueError(f"the number of cases must be at least 1, got {n}")
+    if weber is not None and weber not in CLASSES:
+        raise ValueError(f"weber must be one of {list(CLASSES)}, got {weber!r}")
+    if side is not None and side not in _SIDE_ORDER:
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if spacing not in SPACING_MODES:
+        raise ValueError(f"spacing must be one of {list(SPACING_MODES)}, got {spacing!r}")
+    plan = []
+    for i in range(n):
+        w = weber if weber is not None else CLASSES[i % len(CLASSES)]
+        if side is not None:
+            s = side
+        elif weber is not None:
+            s = _SIDE_ORDER[i % 2]
+        else:
+            s = _SIDE_ORDER[(i + i // len(CLASSES)) % 2]
+        mode = spacing if spacing != "mixed" else ("clinical" if i % 5 == 4 else "fast")
+        plan.append({"id": f"phantom_{seed}_{i:04d}", "seed": case_seed(seed, i), "weber": w,
+                     "side": s, "spacing": mode, "index": i})
+    return plan
+
+
+def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
+                          weber: Optional[str] = None, side: Optional[str] = None,
+                          spacing: str = "fast", preview: bool = False,
+                          progress: Optional[ProgressCallback] = None,
+                          should_cancel: Optional[Callable[[], bool]] = None) -> Dataset:
+    """Generate ``n`` phantom cases into a dataset folder (added to it if it exists).
+
+    Args:
+        out: Dataset folder.
+        n: Number of cases.
+        seed: Dataset seed; case i uses :func:`case_seed` (seed, i). Same seed, same bytes.
+        weber: Fix every case's class, or None to cycle the four classes (balanced).
+        side: Fix every case's side, or None to alternate.
+        spacing: "fast", "clinical" or "mixed" (see :func:`case_plan`).
+        preview: Also write ``previews/<id>.png`` per case.
+        progress: Called with (fraction done in [0, 1], message).
+        should_cancel: Polled between cases; returning True raises CancelledError (the cases
+            written so far stay in the index).
+
+    Returns:
+        The Dataset.
+    """
+    from AnkleFractureLib.phantom.generator import generate_case
+    from AnkleFractureLib.phantom.preview import write_preview
+
+    plan = case_plan(n, seed, weber, side, spacing)
+    ds = Dataset.create(out, name="AnkleFracture phantom",
+                        description="Synthetic ankle CT phantoms (AnkleFractureLib.phantom); "
+                                    "demonstration data, not patient data.")
+    for k, item in enumerate(plan):
+        if should_cancel is not None and should_cancel():
+            ds.save()
+            raise CancelledError(f"cancelled after {k} of {n} cases")
+        if progress is not None:
+            progress(k / n, f"case {item['id']} ({item['weber']}, {item['side']}, {item['spacing']})")
+        case = generate_case(item["seed"], weber=item["weber"], side=item["side"],
+                             spacing=item["spacing"])
+        info = dict(case.info)
+        info["dataset_seed"] = seed
+        info["dataset_index"] = item["index"]
+        info["size_xyz"] = list(case.ct.size)
+        info["spacing_mm"] = [round(v, 4) for v in case.ct.spacing]
+        ds.add_case(item["id"], case.ct, case.label, weber=item["weber"], side=item["side"],
+                    source="phantom", meta=info, save=False)
+        if preview:
+            Path(ds.root, "previews").mkdir(parents=True, exist_ok=True)
+            write_preview(case, str(Path(ds.root, "previews", f"{item['id']}.png")))
+        # Save as we go, so an interrupted run leaves a consistent, usable dataset.
+        ds.save()
+    if progress is not None:
+        progress(1.0, f"{n} cases written to {ds.root}")
+    return ds

@@ -1,0 +1,47 @@
+"""Shared pytest fixtures: tiny synthetic volumes that carry their geometry (TorchIO-style)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Test helper modules (io_corpus, ...) live next to the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from AnkleFractureLib.geometry.volume import Volume  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ANKLE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def rotation(axis: str, degrees: float) -> np.ndarray:
+    """3x3 rotation about 'x', 'y' or 'z' (right-handed)."""
+    a = np.deg2rad(degrees)
+    c, s = np.cos(a), np.sin(a)
+    i, j = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}[axis]
+    r = np.eye(3)
+    r[i, i] = r[j, j] = c
+    r[i, j], r[j, i] = -s, s
+    return r
+
+
+@pytest.fixture
+def oblique_volume() -> Volume:
+    """A small anisotropic CT-like volume with an oblique, axis-flipped direction."""
+    rng = np.random.default_rng(0)
+    arr = rng.integers(-1000, 2000, size=(7, 9, 11)).astype(np.int16)
+    direction = rotation("z", 30) @ rotation("x", 12) @ np.diag([1.0, -1.0, -1.0])
+    return Volume(arr, spacing=(0.37, 0.52, 1.25), origin=(-12.5, 30.25, 101.0), direction=direction)
+
+
+@pytest.fixture
+def shared_ct_dir() -> Path:
+    """The real DICOM series in ../shared/data (skips when it is not there)."""
+    path = SHARED_DATA / "vhf_ankle_ct"
+    if not path.is_dir():
+        pytest.skip(f"shared real CT not found at {path}")
+    return path

@@ -1,0 +1,92 @@
+"""The ankle-fracture command line: help, phantom datasets, demo, clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from AnkleFractureLib.cli.main import main
+from AnkleFractureLib.phantom.dataset_writer import case_plan
+
+
+def _digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("cmd", [[], ["phantom"], ["demo"], ["info"]])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(cmd + ["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: ankle-fracture" in out
+    if cmd:
+        assert "example" in out
+
+
+def test_python_dash_m_entry_point():
+    res = subprocess.run([sys.executable, "-m", "AnkleFractureLib", "--version"],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0 and "ankle-fracture" in res.stdout
+
+
+def test_info_missing_file_is_a_clear_error(tmp_path, capsys):
+    missing = tmp_path / "nope.nii.gz"
+    assert main(["info", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Traceback" not in err
+
+
+def test_info_on_a_non_image_is_a_clear_error(tmp_path):
+    bad = tmp_path / "notes.nii.gz"
+    bad.write_text("not an image")
+    res = subprocess.run([sys.executable, "-m", "AnkleFractureLib", "info", str(bad)],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 2
+    assert str(bad) in res.stderr and "Traceback" not in res.stderr
+
+
+def test_case_plan_balances_classes_and_alternates_sides():
+    plan = case_plan(16, seed=3)
+    assert Counter(c["weber"] for c in plan) == {"none": 4, "A": 4, "B": 4, "C": 4}
+    by_class = {w: Counter(c["side"] for c in plan if c["weber"] == w) for w in "none A B C".split()}
+    assert all(v == {"left": 2, "right": 2} for v in by_class.values())
+    fixed = case_plan(4, seed=3, weber="B")
+    assert [c["side"] for c in fixed] == ["right", "left", "right", "left"]
+    assert {c["weber"] for c in fixed} == {"B"}
+    assert {c["side"] for c in case_plan(3, seed=3, side="left")} == {"left"}
+    assert len({c["seed"] for c in plan}) == 16
+    mixed = case_plan(10, seed=1, spacing="mixed")
+    assert [c["spacing"] for c in mixed].count("clinical") == 2
+
+
+def test_phantom_command_writes_a_dataset_deterministically(tmp_path, capsys):
+    args = ["phantom", "--n", "2", "--seed", "11", "--preview", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    index = json.loads((tmp_path / "a" / "dataset.json").read_text())
+    assert [c["weber"] for c in index["cases"]] == ["none", "A"]
+    assert [c["side"] for c in index["cases"]] == ["right", "left"]
+    for c in index["cases"]:
+        assert (tmp_path / "a" / c["image"]).is_file()
+        assert (tmp_path / "a" / c["segmentation"]).is_file()
+        assert (tmp_path / "a" / "previews" / f"{c['id']}.png").is_file()
+    # Same seed, same bytes (images, labels, previews and the index).
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+
+
+def test_demo_runs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "not for clinical use" in out
+    index = json.loads((tmp_path / "phantoms" / "dataset.json").read_text())
+    assert sorted(c["weber"] for c in index["cases"]) == ["A", "B", "C", "none"]
+    assert {c["side"] for c in index["cases"]} == {"left", "right"}
+    assert len(list((tmp_path / "phantoms" / "previews").glob("*.png"))) == 4
