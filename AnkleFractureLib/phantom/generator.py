@@ -1,0 +1,160 @@
+"""``generate_case``: one synthetic ankle CT with tibia/fibula labels and its ground truth.
+
+Pipeline: sample a right-ankle anatomy and a Danis-Weber fracture (canonical anatomical frame,
+mm), pick a rigid pose (mirror for a left ankle, rotation up to 15 degrees per axis, a few cm of
+translation), pick a voxel grid that covers the leg, then rasterise (see
+:mod:`AnkleFractureLib.phantom.imaging`).
+
+Every random draw comes from generators seeded by ``seed`` (one independent stream per
+concern: anatomy, fracture, pose, grid, texture, noise), so a case depends only on its
+arguments, and changing, say, the spacing mode does not change the anatomy of a seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict
+
+import numpy as np
+
+from AnkleFractureLib.geometry.volume import Volume
+from AnkleFractureLib.phantom import imaging
+from AnkleFractureLib.phantom.anatomy import Anatomy, sample_anatomy
+from AnkleFractureLib.phantom.fractures import WEBER_CLASSES, sample_fracture
+
+SIDES = ("left", "right")
+SPACING_MODES = ("fast", "clinical")
+
+#: Independent random streams per concern: np.random.default_rng([seed, STREAM[...]]).
+STREAM = {"anatomy": 1, "fracture": 2, "pose": 3, "grid": 4, "texture": 5, "noise": 6}
+
+
+@dataclass
+class PhantomCase:
+    """One phantom case.
+
+    Attributes:
+        ct: CT volume, int16 HU clipped to [-1024, 3071], array (z, y, x).
+        label: uint8 label map on the same grid: 0 background, 1 tibia, 2 fibula (fracture
+            fragments keep their parent bone's label; talus etc. are 0).
+        info: JSON-serialisable ground truth (see :func:`generate_case`).
+    """
+
+    ct: Volume
+    label: Volume
+    info: Dict[str, Any]
+
+
+def _rng(seed: int, stream: str) -> np.random.Generator:
+    return np.random.default_rng([int(seed), STREAM[stream]])
+
+
+def _validate(seed: Any, weber: Any, side: Any, spacing: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if weber not in WEBER_CLASSES:
+        raise ValueError(f"weber must be one of {WEBER_CLASSES}, got {weber!r}")
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    if spacing not in SPACING_MODES:
+        raise ValueError(f"spacing must be one of {SPACING_MODES}, got {spacing!r}")
+
+
+def sample_pose(rng: np.random.Generator, side: str) -> np.ndarray:
+    """4x4 anatomy -> patient LPS matrix: mirror (left only), then rotation and translation.
+
+    Rotation: up to 15 degrees about each LPS axis; translation: up to 40 mm per axis.
+    """
+    ang = np.deg2rad(rng.uniform(-15.0, 15.0, size=3))
+    t = rng.uniform(-40.0, 40.0, size=3)
+    r = np.eye(3)
+    for axis, a in enumerate(ang):
+        r = r @ imaging._rot(axis, np.rad2deg(a))
+    mirror = np.diag([-1.0, 1.0, 1.0]) if side == "left" else np.eye(3)
+    m = np.eye(4)
+    m[:3, :3] = r @ mirror
+    m[:3, 3] = t
+    return m
+
+
+def plan_grid(seed: int, side: str, spacing: str):
+    """Anatomy, pose and grid of a case without rendering (cheap; used by tests).
+
+    Returns:
+        (anatomy, anatomy_to_patient 4x4, GridSpec).
+    """
+    _validate(seed, "none", side, spacing)
+    anatomy = Anatomy(sample_anatomy(_rng(seed, "anatomy")))
+    a2p = sample_pose(_rng(seed, "pose"), side)
+    rng = _rng(seed, "grid")
+    direction, kind = imaging.sample_direction(rng)
+    margin = float(rng.uniform(8.0, 15.0))  # air around the skin, mm
+    pts = anatomy.leg_bounds(*imaging.Z_COVER)
+    # Grow the outline radially (in its axial plane) by the air margin; cover z with margin.
+    cx = np.interp(pts[:, 2], anatomy.prof.z, anatomy.prof.leg_cx)
+    cy = np.interp(pts[:, 2], anatomy.prof.z, anatomy.prof.leg_cy)
+    v = pts[:, :2] - np.stack([cx, cy], axis=1)
+    v *= (1.0 + margin / np.maximum(np.linalg.norm(v, axis=1), 1.0))[:, None]
+    pts[:, :2] = np.stack([cx, cy], axis=1) + v
+    pts[:, 2] += np.where(pts[:, 2] > 0, 2.0, -2.0)
+    lps = pts @ a2p[:3, :3].T + a2p[:3, 3]
+    try:
+        grid = imaging.choose_grid(rng, spacing, lps, direction, kind)
+    except ValueError:
+        # Rare: a permuted direction whose in-plane extent cannot fit 512 voxels of 0.45 mm.
+        grid = imaging.choose_grid(rng, spacing, lps, np.eye(3), "identity")
+    return anatomy, a2p, grid
+
+
+def generate_case(seed: int, weber: str = "none", side: str = "right",
+                  spacing: str = "fast") -> PhantomCase:
+    """Generate one synthetic ankle CT, fully determined by the arguments.
+
+    Args:
+        seed: Non-negative integer seed.
+        weber: Danis-Weber class: "none", "A", "B" or "C".
+        side: "left" or "right" ankle.
+        spacing: "fast" (in-plane 0.7-1.0 mm, slices 1.0-1.5 mm, ~130x130x150 voxels) or
+            "clinical" (512 x 512 x 300-400, 0.3-0.45 mm in-plane, 0.5-0.7 mm slices).
+
+    Returns:
+        The case. ``info`` holds: seed, weber, side, spacing_mode, ``anatomy_to_patient``
+        (4x4 row-major list mapping canonical right-ankle anatomical mm to patient LPS mm; it
+        includes the x mirror for a left ankle, so its determinant is negative),
+        ``plafond_lps`` (LPS mm of the plafond centre), ``fracture`` (None for "none"),
+        ``anatomy`` (sampled parameters), ``noise_sd_hu`` and ``grid``.
+
+    Raises:
+        ValueError: For an unknown class, side or spacing mode, or a bad seed.
+    """
+    _validate(seed, weber, side, spacing)
+    anatomy, a2p, grid = plan_grid(seed, side, spacing)
+    prof = anatomy.prof
+
+    def fib_centre_at(z: float) -> np.ndarray:
+        return np.array([np.interp(z, prof.z, prof.fib_cx), np.interp(z, prof.z, prof.fib_cy), z])
+
+    fracture = sample_fracture(_rng(seed, "fracture"), weber, anatomy.p, fib_centre_at)
+    voxel = float(np.prod(grid.spacing) ** (1.0 / 3.0))
+    renderer = imaging.Renderer(anatomy, fracture, _rng(seed, "texture"), voxel,
+                                label_band_mm=1.05 * max(grid.spacing))
+    noise_sd = float(_rng(seed, "noise").uniform(15.0, 40.0))
+    p2a = np.linalg.inv(a2p)
+    ct_arr, lab_arr = imaging.rasterise(renderer, grid, p2a, noise_sd, 
+                                          noise_key=(int(seed), STREAM["noise"], 1))
+    meta = {"source": "AnkleFractureLib.phantom", "seed": int(seed), "weber": weber, "side": side}
+    ct = Volume(ct_arr, grid.spacing, grid.origin, grid.direction.copy(), dict(meta, modality="CT"))
+    label = Volume(lab_arr, grid.spacing, grid.origin, grid.direction.copy(), dict(meta, modality="label"))
+    info: Dict[str, Any] = {
+        "seed": int(seed),
+        "weber": weber,
+        "side": side,
+        "spacing_mode": spacing,
+        "anatomy_to_patient": [[round(float(v), 9) for v in row] for row in a2p],
+        "plafond_lps": [round(float(v), 4) for v in a2p[:3, 3]],
+        "fracture": fracture.to_dict(a2p),
+        "anatomy": anatomy.p.to_dict(),
+        "noise_sd_hu": round(noise_sd, 3),
+        "grid": imaging.spacing_summary(grid),
+    }
+    return PhantomCase(ct, label, info)
