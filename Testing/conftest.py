@@ -15,7 +15,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from AnkleFractureLib.geometry.volume import Volume  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("ANKLE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def _shared_data() -> Path:
+    """The real-CT folder: $ANKLE_SHARED_DATA, else ../shared/data beside the checkout, else
+    /work/shared/data (where CI's clean clone may live elsewhere on the same machine)."""
+    if os.environ.get("ANKLE_SHARED_DATA"):
+        return Path(os.environ["ANKLE_SHARED_DATA"])
+    for candidate in (REPO_ROOT.parent / "shared" / "data", Path("/work/shared/data")):
+        if candidate.is_dir():
+            return candidate
+    return REPO_ROOT.parent / "shared" / "data"
+
+
+SHARED_DATA = _shared_data()
+REAL_CT_DIR = SHARED_DATA / "vhf_ankle_ct"
 
 
 def rotation(axis: str, degrees: float) -> np.ndarray:
@@ -41,7 +55,6 @@ def oblique_volume() -> Volume:
 @pytest.fixture
 def shared_ct_dir() -> Path:
     """The real DICOM series in ../shared/data (skips when it is not there)."""
-    path = SHARED_DATA / "vhf_ankle_ct"
-    if not path.is_dir():
-        pytest.skip(f"shared real CT not found at {path}")
-    return path
+    if not REAL_CT_DIR.is_dir():
+        pytest.skip(f"shared real CT not found at {REAL_CT_DIR}")
+    return REAL_CT_DIR

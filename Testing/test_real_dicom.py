@@ -17,8 +17,7 @@ import pytest  # noqa: E402
 from AnkleFractureLib.geometry.volume import Volume  # noqa: E402
 from AnkleFractureLib.io import list_dicom_series, read_image, write_image  # noqa: E402
 
-_DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "vhf_ankle_ct"
-REAL_CT = Path(os.environ.get("ANKLE_SHARED_DATA", str(_DEFAULT.parent))) / "vhf_ankle_ct"
+from conftest import REAL_CT_DIR as REAL_CT  # noqa: E402
 
 
 @pytest.fixture(scope="module")
