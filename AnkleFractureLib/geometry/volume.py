@@ -118,6 +118,12 @@ class Volume:
         pts = self.index_to_physical(corners)
         return pts.min(axis=0), pts.max(axis=0)
 
+    def overlaps(self, other: "Volume") -> bool:
+        """True when the two grids' axis-aligned LPS bounding boxes intersect (mm)."""
+        lo1, hi1 = self.physical_extent()
+        lo2, hi2 = other.physical_extent()
+        return bool(np.all(hi1 >= lo2) and np.all(hi2 >= lo1))
+
     def same_geometry(self, other: "Volume", atol: float = 1e-5) -> bool:
         """True when ``other`` has the same grid (shape, spacing, origin, direction)."""
         return (

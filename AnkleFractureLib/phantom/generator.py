@@ -13,7 +13,7 @@ arguments, and changing, say, the spacing mode does not change the anatomy of a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -77,14 +77,24 @@ def sample_pose(rng: np.random.Generator, side: str) -> np.ndarray:
     return m
 
 
-def plan_grid(seed: int, side: str, spacing: str):
+def plan_grid(seed: int, side: str, spacing: str, anatomy_seed: Optional[int] = None):
     """Anatomy, pose and grid of a case without rendering (cheap; used by tests).
+
+    Args:
+        seed: Case seed (pose, grid, and the anatomy unless ``anatomy_seed`` is given).
+        side: "left" or "right".
+        spacing: "fast" or "clinical".
+        anatomy_seed: Seed of the anatomy alone (default ``seed``): the same anatomy can be
+            posed, imaged and fractured in many ways (registration tests use it).
 
     Returns:
         (anatomy, anatomy_to_patient 4x4, GridSpec).
     """
     _validate(seed, "none", side, spacing)
-    anatomy = Anatomy(sample_anatomy(_rng(seed, "anatomy")))
+    if anatomy_seed is None:
+        anatomy_seed = seed
+    _validate(anatomy_seed, "none", side, spacing)
+    anatomy = Anatomy(sample_anatomy(_rng(anatomy_seed, "anatomy")))
     a2p = sample_pose(_rng(seed, "pose"), side)
     rng = _rng(seed, "grid")
     direction, kind = imaging.sample_direction(rng)
@@ -107,7 +117,7 @@ def plan_grid(seed: int, side: str, spacing: str):
 
 
 def generate_case(seed: int, weber: str = "none", side: str = "right",
-                  spacing: str = "fast") -> PhantomCase:
+                  spacing: str = "fast", anatomy_seed: Optional[int] = None) -> PhantomCase:
     """Generate one synthetic ankle CT, fully determined by the arguments.
 
     Args:
@@ -116,6 +126,8 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
         side: "left" or "right" ankle.
         spacing: "fast" (in-plane 0.7-1.0 mm, slices 1.0-1.5 mm, ~130x130x150 voxels) or
             "clinical" (512 x 512 x 300-400, 0.3-0.45 mm in-plane, 0.5-0.7 mm slices).
+        anatomy_seed: Seed of the anatomy alone (default: ``seed``). Cases that share it have
+            the same bones under different poses, grids, fractures and noise.
 
     Returns:
         The case. ``info`` holds: seed, weber, side, spacing_mode, ``anatomy_to_patient``
@@ -128,7 +140,7 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
         ValueError: For an unknown class, side or spacing mode, or a bad seed.
     """
     _validate(seed, weber, side, spacing)
-    anatomy, a2p, grid = plan_grid(seed, side, spacing)
+    anatomy, a2p, grid = plan_grid(seed, side, spacing, anatomy_seed)
     prof = anatomy.prof
 
     def fib_centre_at(z: float) -> np.ndarray:
@@ -147,6 +159,7 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
     label = Volume(lab_arr, grid.spacing, grid.origin, grid.direction.copy(), dict(meta, modality="label"))
     info: Dict[str, Any] = {
         "seed": int(seed),
+        "anatomy_seed": int(seed if anatomy_seed is None else anatomy_seed),
         "weber": weber,
         "side": side,
         "spacing_mode": spacing,

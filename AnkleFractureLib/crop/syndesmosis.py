@@ -1,0 +1,358 @@
+"""Crop the tibiofibular syndesmosis region (template box) from a CT, and map results back.
+
+The crop grid is the template's syndesmosis box (:class:`SyndesmosisBox`, template mm). A CT
+is sampled on it through ``patient_to_template`` (4x4, patient LPS mm -> template mm; it holds
+the x-mirror of a left ankle), so every crop shows a right ankle in the same anatomical frame:
+
+* channel 0 ``ct``: HU, linear interpolation (-1024 HU outside the CT), then the reference
+  window [-1000, 1000] HU mapped to [0, 1];
+* channel 1 ``tibia`` and 2 ``fibula``: the binary masks, linearly interpolated, in [0, 1].
+
+:func:`crop_to_ct` maps any array on the crop grid (e.g. a Grad-CAM heatmap) back onto the
+CT's own grid (exact CT geometry). :func:`write_crop` stores a crop as one 3-component vector
+NIfTI (``.nii.gz``) that 3D Slicer loads as a vector volume with the crop grid's geometry.
+
+Speed: only the part of the CT under the mapped box (plus a 2-voxel halo) is handed to ITK,
+so a clinical 512 x 512 x 350 CT costs about as much as a small one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from AnkleFractureLib.errors import AnkleFractureError, GeometryError, InputError, PathLike
+from AnkleFractureLib.geometry.volume import Volume
+from AnkleFractureLib.preprocessing.intensity import normalize_hu
+from AnkleFractureLib.preprocessing.resample import resample_to_grid
+from AnkleFractureLib.registration.template import SyndesmosisBox, Template, default_box
+
+#: Channel names, in the order of :attr:`SyndesmosisCrop.channels`.
+CHANNELS = ("ct", "tibia", "fibula")
+#: CT value (HU) used where the crop grid leaves the CT's field of view (air).
+OUTSIDE_HU = -1024.0
+#: HU threshold of "bone" for the raw-CT control crop's centre.
+BONE_HU = 300.0
+
+
+@dataclass
+class SyndesmosisCrop:
+    """A syndesmosis crop.
+
+    Attributes:
+        channels: float32 (3, nz, ny, nx): normalised CT [0, 1], tibia mask, fibula mask.
+        grid: Volume on the crop grid (template mm for :func:`crop_syndesmosis`); its array is
+            the CT channel; spacing/origin/direction (x, y, z) describe the grid.
+        patient_to_template: 4x4 matrix, patient LPS mm -> the crop grid's frame (mm).
+        coverage: Fraction of crop voxels whose centre maps inside the CT's field of view.
+    """
+
+    channels: np.ndarray
+    grid: Volume
+    patient_to_template: np.ndarray
+    coverage: float = 1.0
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_matrix(matrix: np.ndarray) -> np.ndarray:
+    m = np.asarray(matrix, dtype=float)
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+        raise GeometryError(f"patient_to_template must be a finite 4x4 matrix, got shape {m.shape}")
+    if not np.allclose(m[3], [0.0, 0.0, 0.0, 1.0]) or abs(np.linalg.det(m[:3, :3])) < 1e-6:
+        raise GeometryError("patient_to_template must be an invertible affine matrix "
+                            "(last row 0 0 0 1)")
+    return m
+
+
+def _grid_points(size: Sequence[int], spacing: np.ndarray, origin: np.ndarray,
+                 direction: np.ndarray) -> np.ndarray:
+    """Voxel-centre positions (N, 3) of a grid, in its own frame, ITK index order."""
+    nx, ny, nz = (int(s) for s in size)
+    k, j, i = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(float)
+    return ijk @ (np.asarray(direction) @ np.diag(spacing)).T + np.asarray(origin)
+
+
+def _inside_fraction(ct: Volume, points_lps: np.ndarray) -> float:
+    """Fraction of LPS points inside the CT's field of view (voxel edges included)."""
+    idx = ct.physical_to_index(points_lps)
+    hi = np.asarray(ct.size, dtype=float) - 0.5
+    inside = np.all((idx >= -0.5) & (idx <= hi), axis=1)
+    return float(inside.mean()) if inside.size else 0.0
+
+
+def _sub_box(ct: Volume, points_lps: np.ndarray, halo: int = 2
+             ) -> Optional[Tuple[slice, slice, slice]]:
+    """Index slices (z, y, x) of the CT covering ``points_lps`` plus a halo; None if disjoint."""
+    idx = ct.physical_to_index(points_lps)
+    lo = np.floor(idx.min(axis=0)).astype(int) - halo
+    hi = np.ceil(idx.max(axis=0)).astype(int) + halo + 1
+    size = np.asarray(ct.size)
+    lo = np.maximum(lo, 0)
+    hi = np.minimum(hi, size)
+    if np.any(hi <= lo):
+        return None
+    return slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0])
+
+
+def _subvolume(vol: Volume, box: Tuple[slice, slice, slice]) -> Volume:
+    """A view of ``vol`` restricted to the index box (same physical positions)."""
+    start = np.array([box[2].start, box[1].start, box[0].start], dtype=float)
+    origin = vol.index_to_physical(start[None, :])[0]
+    return Volume(vol.array[box], vol.spacing, origin, vol.direction, {})
+
+
+def _box_corner_points(size: Sequence[int], spacing: np.ndarray, origin: np.ndarray,
+                       direction: np.ndarray) -> np.ndarray:
+    """The 8 outer corners (voxel faces) of a grid, in its own frame."""
+    n = np.asarray(size, dtype=float)
+    c = np.array([[a, b, d] for a in (-0.5, n[0] - 0.5) for b in (-0.5, n[1] - 0.5)
+                  for d in (-0.5, n[2] - 0.5)])
+    return c @ (np.asarray(direction) @ np.diag(spacing)).T + np.asarray(origin)
+
+
+def _sample(ct: Volume, label: Optional[Volume], t2p: np.ndarray, size: Sequence[int],
+            spacing: np.ndarray, origin: np.ndarray, direction: np.ndarray
+            ) -> Tuple[np.ndarray, float]:
+    """(channels (3, nz, ny, nx) float32, coverage) of the grid mapped into the CT by ``t2p``."""
+    nx, ny, nz = (int(s) for s in size)
+    centres = _grid_points(size, spacing, origin, direction)
+    coverage = _inside_fraction(ct, centres @ t2p[:3, :3].T + t2p[:3, 3])
+    if coverage <= 0.0:
+        raise AnkleFractureError(
+            "the syndesmosis box lies outside the CT's field of view (no crop voxel maps inside "
+            "the CT); check the registration (patient_to_template) and that the scan covers the "
+            "distal tibia and fibula")
+    corners = _box_corner_points(size, spacing, origin, direction)
+    sub = _sub_box(ct, corners @ t2p[:3, :3].T + t2p[:3, 3])
+    channels = np.zeros((3, nz, ny, nx), np.float32)
+    if sub is None:  # pragma: no cover - coverage > 0 implies overlap
+        channels[0] = normalize_hu(np.full((nz, ny, nx), OUTSIDE_HU))
+        return channels, coverage
+    ct_sub = _subvolume(ct, sub)
+    ct_on = resample_to_grid(ct_sub, size, spacing, origin, direction, "linear", OUTSIDE_HU,
+                             transform=t2p)
+    normalize_hu(ct_on.array, out=channels[0])
+    if label is not None:
+        lab_sub = label.array[sub]
+        for c, value in ((1, 1), (2, 2)):
+            mask = _subvolume(label, sub).with_array((lab_sub == value).astype(np.uint8))
+            on = resample_to_grid(mask, size, spacing, origin, direction, "linear", 0.0,
+                                  transform=t2p)
+            np.clip(on.array, 0.0, 1.0, out=channels[c])
+    return channels, coverage
+
+
+# ---------------------------------------------------------------------- public API
+def crop_syndesmosis(ct: Volume, label: Optional[Volume], patient_to_template: np.ndarray,
+                     template: Template) -> SyndesmosisCrop:
+    """Sample the CT and the bone masks on the template's syndesmosis box.
+
+    Args:
+        ct: CT volume (HU), any grid/direction.
+        label: Label map on exactly the CT's grid (1 tibia, 2 fibula), or None (mask
+            channels are then zero).
+        patient_to_template: 4x4 patient LPS mm -> template mm (x-mirror included for a left
+            ankle).
+        template: The template (its ``box`` defines the crop grid).
+
+    Returns:
+        The crop: channels (3, nz, ny, nx) float32 with (nz, ny, nx) = ``template.box.shape``;
+        ``grid`` on the box grid in template mm; ``coverage`` = fraction of crop voxels inside
+        the CT (the pipeline should warn when it is well below 1).
+
+    Raises:
+        GeometryError: The label map is not on the CT's grid, or a bad matrix.
+        AnkleFractureError: The box maps entirely outside the CT's field of view.
+    """
+    if label is not None and not label.same_geometry(ct, atol=1e-4):
+        raise GeometryError(
+            f"the label map is not on the CT's grid (label {label.shape} spacing "
+            f"{label.spacing} origin {label.origin}; CT {ct.shape} spacing {ct.spacing} origin "
+            f"{ct.origin}); resample it onto the CT first")
+    p2t = _check_matrix(patient_to_template)
+    t2p = np.linalg.inv(p2t)
+    size, spacing, origin, direction = template.box.grid()
+    channels, coverage = _sample(ct, label, t2p, size, spacing, origin, direction)
+    grid = Volume(channels[0], spacing, origin, direction,
+                  {"frame": "template", "channels": list(CHANNELS)})
+    mirrored = bool(np.linalg.det(p2t[:3, :3]) < 0)
+    return SyndesmosisCrop(channels, grid, p2t, coverage,
+                           {"kind": "syndesmosis", "mirrored": mirrored})
+
+
+def _bone_centre(ct: Volume) -> np.ndarray:
+    """LPS centre of the bounding box of bone (HU > 300), robust to a few stray voxels.
+
+    Uses every second voxel per axis and the 0.5th-99.5th percentiles of the bone voxel
+    indices; falls back to the image centre when there is no bone.
+    """
+    arr = ct.array[::2, ::2, ::2]
+    kji = np.argwhere(arr > BONE_HU)
+    if kji.shape[0] < 10:
+        return ct.index_to_physical(((np.asarray(ct.size) - 1) / 2.0)[None, :])[0]
+    lo = np.percentile(kji, 0.5, axis=0)
+    hi = np.percentile(kji, 99.5, axis=0)
+    centre_kji = 2.0 * (lo + hi) / 2.0
+    return ct.index_to_physical(centre_kji[::-1][None, :])[0]
+
+
+def crop_raw_ct(ct: Volume, size_mm: Sequence[float] = (96.0, 72.0, 144.0),
+                spacing_mm: Sequence[float] = (1.5, 1.5, 1.5),
+                centre: str = "bone") -> SyndesmosisCrop:
+    """The control crop: same size, no segmentation, no registration, no mirroring.
+
+    An LPS-axis-aligned box of ``size_mm`` (the syndesmosis box's size by default) centred on
+    the centre of the bounding box of bone (HU > 300; ``centre="bone"``, the default: tibia,
+    fibula and hindfoot, so roughly the ankle joint) or on the image centre
+    (``centre="image"``). The crop grid is in patient LPS mm, so ``patient_to_template`` is
+    the identity and :func:`crop_to_ct` works on it unchanged. Mask channels are zero.
+
+    Args:
+        ct: CT volume (HU).
+        size_mm: Box edge lengths (x, y, z) mm.
+        spacing_mm: Grid spacing (x, y, z) mm.
+        centre: "bone" or "image".
+
+    Returns:
+        The crop (``meta["centre_lps"]`` records the centre).
+    """
+    if centre not in ("bone", "image"):
+        raise ValueError(f"centre must be 'bone' or 'image', got {centre!r}")
+    if centre == "bone":
+        c = _bone_centre(ct)
+    else:
+        c = ct.index_to_physical(((np.asarray(ct.size) - 1) / 2.0)[None, :])[0]
+    box = SyndesmosisBox(c, np.eye(3), np.asarray(size_mm, float), np.asarray(spacing_mm, float))
+    size, spacing, origin, direction = box.grid()
+    channels, coverage = _sample(ct, None, np.eye(4), size, spacing, origin, direction)
+    grid = Volume(channels[0], spacing, origin, direction,
+                  {"frame": "patient", "channels": list(CHANNELS)})
+    return SyndesmosisCrop(channels, grid, np.eye(4), coverage,
+                           {"kind": "raw", "centre": centre, "centre_lps": [float(v) for v in c]})
+
+
+def crop_to_ct(array: np.ndarray, crop: SyndesmosisCrop, ct: Volume,
+               interpolation: str = "linear", default_value: float = 0.0) -> Volume:
+    """Map an array on the crop grid (e.g. a Grad-CAM heatmap) onto the CT's own grid.
+
+    Args:
+        array: (nz, ny, nx) values on ``crop.grid``.
+        crop: The crop it belongs to (grid + patient_to_template).
+        ct: The CT whose grid the output takes (only its geometry is used).
+        interpolation: "linear" or "nearest" (or "bspline").
+        default_value: Value outside the crop box.
+
+    Returns:
+        float32 Volume with exactly the CT's shape, spacing, origin and direction.
+
+    Raises:
+        GeometryError: ``array`` does not have the crop grid's shape.
+    """
+    arr = np.asarray(array)
+    if arr.shape != crop.grid.shape:
+        raise GeometryError(f"array shape {arr.shape} does not match the crop grid "
+                            f"{crop.grid.shape} (nz, ny, nx)")
+    src = crop.grid.with_array(arr.astype(np.float32), meta={})
+    out = np.full(ct.shape, default_value, np.float32)
+    p2t = _check_matrix(crop.patient_to_template)
+    t2p = np.linalg.inv(p2t)
+    corners = _box_corner_points(src.size, np.asarray(src.spacing), np.asarray(src.origin),
+                                 src.direction)
+    sub = _sub_box(ct, corners @ t2p[:3, :3].T + t2p[:3, 3], halo=1)
+    if sub is not None:
+        # Only the CT voxels under the box are resampled (a clinical CT is ~90 M voxels).
+        target = _subvolume(ct, sub)
+        res = resample_to_grid(src, target.size, target.spacing, target.origin,
+                               target.direction, interpolation, default_value, transform=p2t)
+        out[sub] = res.array.astype(np.float32)
+    return Volume(out, ct.spacing, ct.origin, ct.direction.copy(),
+                  {"source": "crop_to_ct", "frame": "patient"})
+
+
+def write_crop(crop: SyndesmosisCrop, path: PathLike) -> None:
+    """Write the 3 channels as one 3-component vector NIfTI with the crop grid's geometry.
+
+    A vector image (not 4D) keeps the 3D spacing/origin/direction exact and loads in 3D Slicer
+    as a vector volume (Volumes module; one component at a time or as RGB). The component
+    order is :data:`CHANNELS`. Written atomically and deterministically (gzip mtime 0).
+
+    Args:
+        crop: The crop.
+        path: Destination ``.nii.gz`` (or ``.nii``).
+    """
+    import gzip
+    import shutil
+    import tempfile
+
+    import SimpleITK as sitk
+
+    from AnkleFractureLib.io import atomic_output
+
+    spath = os.fspath(path)
+    if not spath.lower().endswith((".nii.gz", ".nii")):
+        raise InputError(spath, "a crop is written as NIfTI: use a .nii.gz or .nii name")
+    ch = np.asarray(crop.channels, dtype=np.float32)
+    if ch.ndim != 4 or ch.shape[0] != len(CHANNELS) or ch.shape[1:] != crop.grid.shape:
+        raise GeometryError(f"crop channels must be (3, nz, ny, nx) on the grid {crop.grid.shape}, "
+                            f"got {ch.shape}")
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(ch, 0, -1)), isVector=True)
+    img.SetSpacing(crop.grid.spacing)
+    img.SetOrigin(crop.grid.origin)
+    img.SetDirection(tuple(float(v) for v in crop.grid.direction.reshape(-1)))
+    try:
+        with atomic_output(spath) as tmp:
+            if spath.lower().endswith(".nii"):
+                sitk.WriteImage(img, tmp, False)
+            else:
+                with tempfile.TemporaryDirectory(dir=os.path.dirname(tmp)) as work:
+                    plain = os.path.join(work, "crop.nii")
+                    sitk.WriteImage(img, plain, False)
+                    with open(plain, "rb") as src, open(tmp, "wb") as raw:
+                        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
+                                           compresslevel=6) as gz:
+                            shutil.copyfileobj(src, gz, 1 << 20)
+    except (RuntimeError, OSError) as exc:
+        raise InputError(spath, f"cannot write crop: {str(exc).strip().splitlines()[-1]}") \
+            from None
+
+
+def read_crop(path: PathLike) -> Tuple[np.ndarray, Volume]:
+    """Read a crop written by :func:`write_crop`.
+
+    Args:
+        path: The ``.nii.gz`` file.
+
+    Returns:
+        (channels float32 (3, nz, ny, nx), grid Volume (array = channel 0) with the geometry).
+
+    Raises:
+        InputError: Missing, unreadable or not a 3-component 3D image.
+    """
+    import SimpleITK as sitk
+
+    spath = os.fspath(path)
+    if not os.path.isfile(spath):
+        raise InputError(spath, "crop file does not exist")
+    try:
+        img = sitk.ReadImage(spath)
+    except RuntimeError as exc:
+        raise InputError(spath, f"cannot read crop: {str(exc).strip().splitlines()[-1]}") from None
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != len(CHANNELS):
+        raise InputError(spath, f"not a crop: expected a 3D image with {len(CHANNELS)} components, "
+                                f"got {img.GetDimension()}D with "
+                                f"{img.GetNumberOfComponentsPerPixel()}")
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)  # (nz, ny, nx, 3)
+    channels = np.ascontiguousarray(np.moveaxis(arr, -1, 0))
+    grid = Volume(channels[0], img.GetSpacing(), img.GetOrigin(),
+                  np.asarray(img.GetDirection(), dtype=float).reshape(3, 3),
+                  {"source": spath, "channels": list(CHANNELS)})
+    return channels, grid
+
+
+__all__ = ["CHANNELS", "SyndesmosisCrop", "crop_raw_ct", "crop_syndesmosis", "crop_to_ct",
+           "default_box", "read_crop", "write_crop"]

@@ -1,0 +1,263 @@
+"""Mirror + ICP registration of a tibia/fibula segmentation onto the healthy template.
+
+The full map from the patient to the template is kept explicit::
+
+    patient_to_template = icp_similarity @ mirror
+
+where ``mirror`` is :data:`MIRROR_X` (reflection of the patient's x axis, LPS) for a left ankle
+and the identity for a right one, and ``icp_similarity`` (rotation, translation, isotropic scale)
+comes from trimmed, label-aware ICP between the segmentation's surface points and the template's
+(:func:`AnkleFractureLib.registration.icp.similarity_icp`). The matrix maps patient LPS mm to
+template mm and is always invertible.
+
+Example:
+    >>> from AnkleFractureLib.phantom import generate_case
+    >>> case = generate_case(3, "B", "left")
+    >>> reg = register_to_template(case.label, ct=case.ct)
+    >>> reg.side, reg.mirrored, reg.rms_mm < 2.0
+    ('left', True, True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from AnkleFractureLib.errors import AnkleFractureError, GeometryError, InputError
+from AnkleFractureLib.geometry.volume import Volume
+from AnkleFractureLib.registration.labels import check_overlap
+
+#: Reflection of the patient's x (left-right) axis, LPS, as a 4x4 matrix. Its own inverse.
+MIRROR_X = np.diag([-1.0, 1.0, 1.0, 1.0])
+
+#: Above this RMS surface distance (mm) the fit is reported as poor. Healthy phantoms fit at
+#: 0.7-0.9 mm; a displaced Weber C fibula legitimately raises it to about 2-2.3 mm.
+POOR_FIT_RMS_MM = 3.0
+#: Weight of fibula points relative to tibia points in the final point-to-plane ICP. Weber
+#: fractures displace the fibula (and a C fracture widens the syndesmosis), so the tibia
+#: anchors the frame; the fibula, lightly weighted, still fixes the rotation about the tibial
+#: axis. On 22 phantoms of the template's anatomy this cut the worst error at the syndesmosis
+#: from 6.1 mm (point-to-point, equal weights) to under 1 mm.
+LABEL_WEIGHTS = {1: 1.0, 2: 0.1}
+#: Below this inlier fraction the fit is reported as poor.
+POOR_FIT_INLIERS = 0.6
+#: Outside this scale range the patient's bones are reported as unusually sized.
+PLAUSIBLE_SCALE = (0.75, 1.33)
+#: Minimum bone volume (mm^3) for a label to count as present (a few specks are not a bone).
+MIN_BONE_MM3 = 200.0
+
+ProgressCallback = Callable[[float, str], None]
+
+
+@dataclass
+class Registration:
+    """The result of :func:`register_to_template`.
+
+    Attributes:
+        patient_to_template: 4x4 matrix, patient LPS mm -> template mm (mirror included).
+        side: "left" or "right".
+        mirrored: True when the patient's x axis was reflected (left ankle).
+        rms_mm: RMS distance (mm) of the inlier surface correspondences after ICP.
+        inlier_fraction: Fraction of surface points kept as inliers by the trimmed ICP.
+        iterations: ICP iterations of the winning start.
+        converged: ICP met its tolerance before the iteration limit.
+        scale: Isotropic scale of the similarity (template size / patient size).
+        side_confidence: Confidence of the automatic side detection (1.0 when given).
+        side_reason: Why that side (plain words).
+        warnings: Plain-language warnings (poor fit, unusual scale, ...).
+    """
+
+    patient_to_template: np.ndarray
+    side: str
+    mirrored: bool
+    rms_mm: float
+    inlier_fraction: float
+    iterations: int
+    converged: bool
+    scale: float
+    side_confidence: float = 1.0
+    side_reason: str = "given by the caller"
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def template_to_patient(self) -> np.ndarray:
+        """Inverse map, template mm -> patient LPS mm."""
+        return np.linalg.inv(self.patient_to_template)
+
+    def to_json(self) -> Dict[str, Any]:
+        """``transform.json`` content (the keys the command line writes)."""
+        return {
+            "patient_to_template": [[float(v) for v in row] for row in self.patient_to_template],
+            "side": self.side,
+            "mirrored": bool(self.mirrored),
+            "rms_mm": round(float(self.rms_mm), 4),
+            "inlier_fraction": round(float(self.inlier_fraction), 4),
+            "iterations": int(self.iterations),
+            "converged": bool(self.converged),
+            "scale": round(float(self.scale), 5),
+            "side_confidence": round(float(self.side_confidence), 4),
+            "side_reason": self.side_reason,
+            "warnings": list(self.warnings),
+            "frame": "LPS mm (patient) -> template mm",
+        }
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "Registration":
+        """Inverse of :meth:`to_json` (as returned by ``read_transform_json``)."""
+        return cls(np.asarray(data["patient_to_template"], dtype=float), data["side"],
+                   bool(data["mirrored"]), float(data["rms_mm"]), float(data["inlier_fraction"]),
+                   int(data["iterations"]), bool(data.get("converged", True)),
+                   float(data.get("scale", np.nan)), float(data.get("side_confidence", 1.0)),
+                   str(data.get("side_reason", "")), list(data.get("warnings", [])))
+
+
+def check_label_map(label: Volume, where: Any = None) -> None:
+    """Refuse label maps that cannot be registered: not integer, values other than 0/1/2, or a
+    missing (or speck-sized) tibia or fibula."""
+    where = where if where is not None else label.meta.get("source")
+    arr = label.array
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.mod(arr, 1) == 0):
+            raise InputError(where, f"segmentation must hold integer labels, got {arr.dtype} values")
+    # No int64 copy of a clinical-size volume: min/max are cheap passes, and the bone volumes
+    # only need to be estimated (against a speck threshold), so every second voxel per axis is
+    # counted.
+    lo, hi = arr.min(), arr.max()
+    if lo < 0 or hi > 2:
+        raise InputError(where, "segmentation values must be 0 (background), 1 (tibia) or "
+                                f"2 (fibula), found values from {lo} to {hi}")
+    sub = arr[::2, ::2, ::2]
+    counts = {v: int(np.count_nonzero(sub == v)) for v in (1, 2)}
+    voxel_mm3 = float(np.prod(label.spacing)) * arr.size / max(sub.size, 1)
+    missing = [name for name, value in (("tibia", 1), ("fibula", 2))
+               if counts[value] * voxel_mm3 < MIN_BONE_MM3]
+    if missing:
+        what = " and ".join(missing)
+        raise InputError(where, f"no {what} in the segmentation (less than {MIN_BONE_MM3:.0f} mm^3 "
+                                f"labelled); registration needs both bones")
+
+
+def register_to_template(label: Volume, template: Any = None, side: str = "auto",
+                         ct: Optional[Volume] = None, *, max_iterations: int = 50,
+                         tolerance: float = 1e-8, trim_fraction: float = 0.85,
+                         max_points: int = 4000, seed: int = 0,
+                         progress: Optional[ProgressCallback] = None) -> Registration:
+    """Mirror (left ankles) and ICP-register a tibia/fibula label map onto the template.
+
+    Args:
+        label: uint8 label map (0 background, 1 tibia, 2 fibula), any grid, LPS.
+        template: A :class:`~AnkleFractureLib.registration.template.Template`; the shipped
+            healthy right-ankle template when None.
+        side: "auto" (detect from the anatomy), "left" or "right".
+        ct: The CT the labels belong to (optional): lets side detection notice both legs in the
+            field of view, and checks that the labels overlap it.
+        max_iterations: ICP iteration limit (the reference method uses 50).
+        tolerance: ICP convergence threshold on the change of the trimmed mean squared error
+            (the reference method uses 1e-8).
+        trim_fraction: Fraction of closest correspondences kept per iteration (trimmed ICP, so a
+            displaced fragment or a different field of view does not drag the fit).
+        max_points: Surface points sampled per bone.
+        seed: Seed of the surface point subsampling (results are deterministic).
+        progress: Optional callback (fraction in [0, 1], message).
+
+    Returns:
+        The :class:`Registration`.
+
+    Raises:
+        InputError: Empty or one-bone masks, masks outside the CT, a side that cannot be told
+            (with the reason; pass ``side`` explicitly), or an absurd scale.
+    """
+    from AnkleFractureLib.registration.icp import similarity_icp
+    from AnkleFractureLib.registration.side import detect_side
+    from AnkleFractureLib.registration.surface import labelled_surface_points
+    from AnkleFractureLib.registration.template import load_template
+
+    def report(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(fraction, message)
+
+    if side not in ("auto", "left", "right"):
+        raise ValueError(f"side must be 'auto', 'left' or 'right', got {side!r}")
+    where = label.meta.get("source")
+    check_label_map(label, where)
+    if ct is not None:
+        check_overlap(label, ct, where)
+    if template is None:
+        template = load_template()
+
+    report(0.05, "detecting the side")
+    if side == "auto":
+        detection = detect_side(label, ct)
+        if detection.side is None:
+            raise InputError(where, f"cannot tell left from right: {detection.reason}; "
+                                    "give the side explicitly (side='left' or 'right')")
+        side_, confidence, reason = detection.side, float(detection.confidence), detection.reason
+    else:
+        side_, confidence, reason = side, 1.0, "given by the caller"
+    mirrored = side_ == "left"
+    mirror = MIRROR_X if mirrored else np.eye(4)
+
+    report(0.2, "extracting bone surfaces")
+    points, point_labels = labelled_surface_points(label, max_points_per_bone=max_points, seed=seed)
+    points = points @ mirror[:3, :3].T  # MIRROR_X has no translation
+
+    report(0.4, "ICP registration to the template")
+    try:
+        icp = similarity_icp(points, template.points, source_labels=point_labels,
+                             target_labels=template.point_labels, max_iterations=max_iterations,
+                             tolerance=tolerance, trim_fraction=trim_fraction, with_scale=True,
+                             target_normals=template_normals(template),
+                             label_weights=LABEL_WEIGHTS)
+    except GeometryError as exc:
+        raise InputError(where, f"registration failed: {exc}") from None
+    matrix = icp.matrix @ mirror
+
+    warnings: List[str] = []
+    if icp.rms_mm > POOR_FIT_RMS_MM:
+        warnings.append(f"poor registration: surface RMS distance {icp.rms_mm:.2f} mm exceeds "
+                        f"{POOR_FIT_RMS_MM:.1f} mm")
+    if icp.inlier_fraction < POOR_FIT_INLIERS:
+        warnings.append(f"poor registration: only {icp.inlier_fraction:.0%} of the surface points "
+                        "match the template")
+    if not PLAUSIBLE_SCALE[0] <= icp.scale <= PLAUSIBLE_SCALE[1]:
+        warnings.append(f"unusual bone size: the template is {icp.scale:.2f} times the patient's "
+                        "size (child, or wrong voxel spacing?)")
+    # Not converging to the reference method's 1e-8 mm^2 within the iteration cap is common and
+    # harmless once the fit is good (``converged`` is reported in transform.json); only a poor
+    # fit, caught above, deserves a warning.
+    if confidence < 0.8:
+        warnings.append(f"side detection is unsure ({confidence:.0%}): {reason}")
+    report(1.0, "registered")
+    return Registration(matrix, side_, mirrored, float(icp.rms_mm), float(icp.inlier_fraction),
+                        int(icp.iterations), bool(icp.converged), float(icp.scale), confidence,
+                        reason, warnings)
+
+
+def template_normals(template: Any) -> np.ndarray:
+    """Unit surface normals (M, 3) at the template's surface points (computed once, cached)."""
+    from AnkleFractureLib.registration.surface import surface_normals
+
+    cached = getattr(template, "_normals_cache", None)
+    if cached is None or len(cached) != len(template.points):
+        cached = surface_normals(template.labels, template.points, template.point_labels)
+        template._normals_cache = cached
+    return cached
+
+
+def rotation_angle_deg(matrix: np.ndarray) -> float:
+    """Rotation angle (degrees) of the rotation part of a similarity matrix (scale removed).
+
+    Example:
+        >>> m = np.eye(4); m[:3, :3] = 2.0 * np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]])
+        >>> round(rotation_angle_deg(m), 6)
+        90.0
+    """
+    a = np.asarray(matrix, dtype=float)[:3, :3]
+    scale = abs(np.linalg.det(a)) ** (1.0 / 3.0)
+    r = a / scale
+    if np.linalg.det(r) < 0:
+        raise AnkleFractureError("matrix contains a reflection; compare matrices of the same side")
+    cos = np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0)
+    return float(np.degrees(np.arccos(cos)))

@@ -1,0 +1,140 @@
+"""Syndesmosis crop: content, left/right equivalence, inverse mapping, I/O and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from AnkleFractureLib.crop import (CHANNELS, crop_raw_ct, crop_syndesmosis, crop_to_ct,
+                                   read_crop, write_crop)
+from AnkleFractureLib.errors import AnkleFractureError, GeometryError
+from AnkleFractureLib.geometry.volume import Volume
+from AnkleFractureLib.preprocessing.resample import resample_to_grid
+from AnkleFractureLib.registration.template import TEMPLATE_SEED, build_template_from_phantom
+
+
+@pytest.fixture(scope="module")
+def template():
+    return build_template_from_phantom(TEMPLATE_SEED)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    from AnkleFractureLib.phantom.generator import generate_case
+
+    return {side: generate_case(TEMPLATE_SEED, "none", side, "fast") for side in ("right", "left")}
+
+
+def _p2t(case) -> np.ndarray:
+    return np.linalg.inv(np.asarray(case.info["anatomy_to_patient"], dtype=float))
+
+
+@pytest.fixture(scope="module")
+def crops(template, cases):
+    return {side: crop_syndesmosis(c.ct, c.label, _p2t(c), template) for side, c in cases.items()}
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)))
+
+
+def test_crop_channels_match_template(template, crops):
+    crop = crops["right"]
+    assert CHANNELS == ("ct", "tibia", "fibula")
+    assert crop.channels.dtype == np.float32
+    assert crop.channels.shape == (3,) + template.box.shape == (3, 96, 48, 64)
+    assert crop.grid.shape == template.box.shape
+    assert 0.0 <= crop.channels.min() and crop.channels.max() <= 1.0
+    assert crop.coverage == pytest.approx(1.0)
+    size, spacing, origin, direction = template.box.grid()
+    assert crop.grid.size == size and np.allclose(crop.grid.origin, origin)
+    # The template's own phantom, cropped with its true transform, reproduces the template.
+    for value in (1, 2):
+        mask = template.labels.with_array((template.labels.array == value).astype(np.uint8))
+        ref = resample_to_grid(mask, size, spacing, origin, direction, "linear").array >= 0.5
+        assert _dice(crop.channels[value] >= 0.5, ref) > 0.95
+    # Bone is bright in the CT channel where the masks are.
+    assert crop.channels[0][crop.channels[2] > 0.9].mean() > 0.6
+
+
+def test_left_and_right_crops_agree(crops):
+    left, right = crops["left"], crops["right"]
+    assert np.linalg.det(left.patient_to_template[:3, :3]) < 0
+    for c in range(3):
+        r = np.corrcoef(left.channels[c].ravel(), right.channels[c].ravel())[0, 1]
+        assert r >= 0.95, (CHANNELS[c], r)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_crop_to_ct_maps_points_back(crops, cases, side):
+    crop, case = crops[side], cases[side]
+    target = np.array([-30.0, 6.0, 20.0])  # template mm: the fibula at the syndesmosis
+    ijk = np.rint(crop.grid.physical_to_index(target[None, :])[0]).astype(int)
+    exact = crop.grid.index_to_physical(ijk[None, :].astype(float))[0]
+    heat = np.zeros(crop.grid.shape, np.float32)
+    heat[ijk[2] - 1:ijk[2] + 2, ijk[1] - 1:ijk[1] + 2, ijk[0] - 1:ijk[0] + 2] = 0.5
+    heat[ijk[2], ijk[1], ijk[0]] = 1.0
+    on_ct = crop_to_ct(heat, crop, case.ct)
+    assert on_ct.same_geometry(case.ct) and on_ct.array.dtype == np.float32
+    peak = np.unravel_index(int(np.argmax(on_ct.array)), on_ct.shape)
+    p = case.ct.index_to_physical(np.array(peak[::-1], dtype=float)[None, :])[0]
+    back = (crop.patient_to_template @ np.append(p, 1.0))[:3]
+    assert np.linalg.norm(back - exact) <= 1.5
+    assert on_ct.array.min() == 0.0  # default outside the box
+    with pytest.raises(GeometryError, match="does not match the crop grid"):
+        crop_to_ct(heat[:-1], crop, case.ct)
+
+
+def test_write_read_round_trip(crops, tmp_path):
+    crop = crops["left"]
+    path = tmp_path / "crop.nii.gz"
+    write_crop(crop, path)
+    first = path.read_bytes()
+    write_crop(crop, path)
+    assert path.read_bytes() == first  # deterministic
+    channels, grid = read_crop(path)
+    assert channels.shape == crop.channels.shape
+    assert np.allclose(channels, crop.channels)
+    assert grid.same_geometry(crop.grid, atol=1e-4)
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_box_outside_ct_raises(template, cases):
+    case = cases["right"]
+    shifted = _p2t(case)
+    shifted[:3, 3] += [0.0, 0.0, 2000.0]  # template frame 2 m away from the scan
+    with pytest.raises(AnkleFractureError, match="outside the CT's field of view"):
+        crop_syndesmosis(case.ct, case.label, shifted, template)
+
+
+def test_partial_coverage_reported(template, cases):
+    case = cases["right"]
+    shifted = _p2t(case)
+    shifted[:3, 3] += [0.0, 0.0, -100.0]  # half of the box above the scan
+    crop = crop_syndesmosis(case.ct, case.label, shifted, template)
+    assert 0.05 < crop.coverage < 0.95
+
+
+def test_label_off_grid_raises(template, cases):
+    case = cases["right"]
+    moved = Volume(case.label.array, case.label.spacing,
+                   np.asarray(case.label.origin) + [5.0, 0.0, 0.0], case.label.direction)
+    with pytest.raises(GeometryError, match="not on the CT's grid"):
+        crop_syndesmosis(case.ct, moved, _p2t(case), template)
+
+
+def test_raw_ct_control_crop(cases):
+    case = cases["left"]
+    crop = crop_raw_ct(case.ct)
+    assert crop.channels.shape == (3, 96, 48, 64)
+    assert np.all(crop.channels[1:] == 0.0)
+    assert np.allclose(crop.patient_to_template, np.eye(4))
+    assert crop.channels[0].max() > 0.6  # holds bone
+    heat = np.zeros(crop.grid.shape, np.float32)
+    heat[48, 24, 32] = 1.0
+    on_ct = crop_to_ct(heat, crop, case.ct)
+    peak = np.unravel_index(int(np.argmax(on_ct.array)), on_ct.shape)
+    p = case.ct.index_to_physical(np.array(peak[::-1], dtype=float)[None, :])[0]
+    assert np.linalg.norm(p - crop.grid.index_to_physical([[32, 24, 48]])[0]) <= 1.5
+    img = crop_raw_ct(case.ct, centre="image")
+    assert img.meta["centre"] == "image"

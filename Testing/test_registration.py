@@ -1,0 +1,197 @@
+"""Mirror + ICP registration to the template and the syndesmosis crop, end to end on phantoms.
+
+Truth: a phantom's ``info["anatomy_to_patient"]`` maps its anatomical frame to the patient. For
+cases that share the template's anatomy (``anatomy_seed``), the template frame *is* that
+anatomical frame, so the true patient-to-template map is its inverse, under any random pose,
+side, fracture and voxel grid.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from AnkleFractureLib.cli.main import main
+from AnkleFractureLib.crop import crop_syndesmosis, read_crop
+from AnkleFractureLib.errors import InputError
+from AnkleFractureLib.geometry.volume import Volume
+from AnkleFractureLib.io import write_image
+from AnkleFractureLib.phantom import generate_case
+from AnkleFractureLib.registration import load_template, register_to_template
+from AnkleFractureLib.registration.register import MIRROR_X, Registration, rotation_angle_deg
+from AnkleFractureLib.registration.transform_io import read_itk_transform, read_transform_json
+
+#: Template-frame points where the error is measured: the syndesmosis (fibula in the tibial
+#: notch, 10 mm above the plafond) and the plafond itself.
+SYNDESMOSIS_MM = np.array([-22.0, 4.0, 10.0])
+PLAFOND_MM = np.zeros(3)
+
+
+@pytest.fixture(scope="module")
+def template():
+    return load_template()
+
+
+def _truth(case) -> np.ndarray:
+    return np.linalg.inv(np.asarray(case.info["anatomy_to_patient"]))
+
+
+def _errors(reg: Registration, truth: np.ndarray):
+    """(rotation error deg, error mm at the syndesmosis, error mm at the plafond)."""
+    rel = reg.patient_to_template @ np.linalg.inv(truth)  # identity when perfect (no mirror)
+    angle = rotation_angle_deg(rel)
+    errs = []
+    for point in (SYNDESMOSIS_MM, PLAFOND_MM):
+        mapped = rel[:3, :3] @ point + rel[:3, 3]
+        errs.append(float(np.linalg.norm(mapped - point)))
+    return angle, errs[0], errs[1]
+
+
+def test_known_transforms_recovered_on_22_phantoms(template):
+    anatomy_seed = int(template.meta["phantom_seed"])
+    rows = []
+    for i in range(22):
+        weber = ("none", "A", "B", "C")[i % 4]
+        side = ("right", "left")[(i + i // 4) % 2]
+        case = generate_case(1000 + i, weber, side, "fast", anatomy_seed=anatomy_seed)
+        reg = register_to_template(case.label, template, side="auto", ct=case.ct)
+        angle, err_syn, err_plafond = _errors(reg, _truth(case))
+        rows.append((case.info["seed"], weber, side, reg.side, reg.mirrored, angle, err_syn,
+                     err_plafond, reg.rms_mm))
+    table = "\n".join(f"{r[0]} {r[1]:>4} {r[2]:>5} -> {r[3]:>5} mirrored={r[4]!s:5} "
+                      f"rot {r[5]:.2f} deg, syndesmosis {r[6]:.2f} mm, plafond {r[7]:.2f} mm, "
+                      f"rms {r[8]:.2f}" for r in rows)
+    assert all(r[2] == r[3] and r[4] == (r[2] == "left") for r in rows), table
+    assert max(r[5] for r in rows) <= 2.0, table
+    assert max(r[6] for r in rows) <= 1.5, table
+    assert max(r[7] for r in rows) <= 1.5, table
+
+
+def test_other_anatomies_register_close_to_truth(template):
+    # Different bones than the template's: the similarity absorbs size, the residual is shape.
+    errs = []
+    for i, (weber, side) in enumerate([("none", "right"), ("B", "left"), ("C", "right"),
+                                       ("A", "left"), ("B", "right"), ("none", "left")]):
+        case = generate_case(2000 + i, weber, side, "fast")
+        reg = register_to_template(case.label, template, ct=case.ct)
+        truth = _truth(case)
+        # Compare up to the scale the ICP legitimately adds for a differently sized ankle.
+        s = abs(np.linalg.det(reg.patient_to_template[:3, :3])) ** (1 / 3)
+        scaled_truth = np.diag([s, s, s, 1.0]) @ truth
+        errs.append(_errors(reg, scaled_truth))
+        assert reg.side == side
+    errs = np.array(errs)
+    assert errs[:, 0].max() <= 6.0, errs
+    assert errs[:, 1].max() <= 5.0, errs
+
+
+def test_left_and_mirrored_right_crops_agree(template):
+    # Same seed: same anatomy, pose and fracture; the left case is the mirror image.
+    crops = {}
+    for side in ("right", "left"):
+        case = generate_case(77, "B", side, "fast")
+        reg = register_to_template(case.label, template, ct=case.ct)
+        assert reg.side == side
+        crops[side] = crop_syndesmosis(case.ct, case.label, reg.patient_to_template, template)
+    for c in range(3):
+        a = crops["right"].channels[c].ravel()
+        b = crops["left"].channels[c].ravel()
+        r = np.corrcoef(a, b)[0, 1]
+        assert r >= 0.95, (c, r)
+
+
+def test_displaced_fragment_does_not_drag_the_fit(template):
+    anatomy_seed = int(template.meta["phantom_seed"])
+    case = generate_case(3001, "B", "right", "fast", anatomy_seed=anatomy_seed)
+    label = case.label.array.copy()
+    # Move the distal fibular fragment 8 mm laterally and 4 mm down (a badly displaced fracture).
+    parts, n = ndimage.label(label == 2)
+    assert n >= 2
+    sizes = ndimage.sum(np.ones_like(parts), parts, index=range(1, n + 1))
+    big = np.argsort(sizes)[::-1][:2] + 1
+    z_means = [np.nonzero(parts == k)[0].mean() for k in big]
+    a2p = np.asarray(case.info["anatomy_to_patient"])
+    shift_lps = a2p[:3, :3] @ np.array([-8.0, 0.0, -4.0])
+    shift_ijk = np.linalg.solve(case.label.direction @ np.diag(case.label.spacing), shift_lps)
+    distal_k = big[int(np.argmin(z_means) if case.label.direction[2, 2] > 0 else np.argmax(z_means))]
+    frag = parts == distal_k
+    label[frag] = 0
+    moved = ndimage.shift(frag.astype(np.float32), shift_ijk[::-1], order=0) > 0.5
+    label[moved & (label == 0)] = 2
+    displaced = case.label.with_array(label)
+    reg = register_to_template(displaced, template, ct=case.ct)
+    angle, err_syn, err_plafond = _errors(reg, _truth(case))
+    assert angle <= 2.0 and err_syn <= 1.5 and err_plafond <= 1.5, (angle, err_syn, err_plafond)
+
+
+def _small_case():
+    return generate_case(5, "none", "right", "fast")
+
+
+def test_bad_masks_are_refused(template):
+    case = _small_case()
+    empty = case.label.with_array(np.zeros_like(case.label.array))
+    with pytest.raises(InputError, match="no tibia and fibula"):
+        register_to_template(empty, template, ct=case.ct)
+    tibia_only = case.label.with_array(np.where(case.label.array == 1, 1, 0).astype(np.uint8))
+    with pytest.raises(InputError, match="no fibula"):
+        register_to_template(tibia_only, template, ct=case.ct)
+    bad_values = case.label.with_array(np.where(case.label.array == 2, 7, case.label.array))
+    with pytest.raises(InputError, match="0 .background., 1 .tibia. or 2"):
+        register_to_template(bad_values.with_array(bad_values.array.astype(np.uint8)), template)
+    far = Volume(case.label.array, case.label.spacing,
+                 tuple(np.asarray(case.label.origin) + 5000.0), case.label.direction)
+    with pytest.raises(InputError, match="does not overlap"):
+        register_to_template(far, template, ct=case.ct)
+    # Absurd scale: the same voxels claimed to be 3 times larger (wrong spacing).
+    giant = Volume(case.label.array, tuple(3.0 * s for s in case.label.spacing),
+                   case.label.origin, case.label.direction)
+    with pytest.raises(InputError, match="scale"):
+        register_to_template(giant, template, side="right")
+    with pytest.raises(ValueError):
+        register_to_template(case.label, template, side="up")
+
+
+def test_register_command_writes_its_outputs(tmp_path, template):
+    case = generate_case(12, "C", "left", "fast")
+    write_image(case.ct, tmp_path / "ct.nii.gz")
+    write_image(case.label, tmp_path / "seg.nrrd")
+    out = tmp_path / "reg"
+    assert main(["register", str(tmp_path / "ct.nii.gz"), "--seg", str(tmp_path / "seg.nrrd"),
+                 "--out", str(out), "--quiet"]) == 0
+    data = read_transform_json(out / "transform.json")
+    raw = json.loads((out / "transform.json").read_text())
+    assert np.asarray(raw["patient_to_template"]).shape == (4, 4)
+    assert data["side"] == "left" and data["mirrored"] is True
+    assert data["rms_mm"] < 3.0 and 0.5 < data["inlier_fraction"] <= 1.0
+    assert 1 <= data["iterations"] <= 50
+    assert np.linalg.det(data["patient_to_template"][:3, :3]) < 0  # the mirror is in the map
+    # The ITK file holds the inverse map (template -> patient), LPS.
+    np.testing.assert_allclose(read_itk_transform(out / "transform.tfm"),
+                               np.linalg.inv(data["patient_to_template"]), atol=1e-6)
+    channels, grid = read_crop(out / "syndesmosis_crop.nii.gz")
+    assert channels.shape == (3,) + grid.shape
+    assert 0.0 <= channels.min() and channels.max() <= 1.0
+    assert channels[2].max() > 0.5  # the fibula is in the box
+    assert sorted(p.name for p in out.iterdir()) == ["syndesmosis_crop.nii.gz", "transform.json",
+                                                     "transform.tfm"]
+
+
+def test_register_command_errors_are_clear(tmp_path, capsys):
+    case = _small_case()
+    write_image(case.ct, tmp_path / "ct.nii.gz")
+    write_image(case.label.with_array(np.zeros_like(case.label.array)), tmp_path / "empty.nii.gz")
+    code = main(["register", str(tmp_path / "ct.nii.gz"), "--seg", str(tmp_path / "empty.nii.gz"),
+                 "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "empty.nii.gz" in err and "no tibia" in err
+    assert not (tmp_path / "o" / "transform.json").exists()
+
+
+def test_mirror_matrix_is_explicit_and_invertible():
+    assert np.array_equal(MIRROR_X @ MIRROR_X, np.eye(4))
+    assert np.linalg.det(MIRROR_X) == -1.0
