@@ -22,7 +22,8 @@ EXIT_INTERRUPTED = 130
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every sub-command."""
-    from AnkleFractureLib.cli import demo_cmd, info_cmd, phantom_cmd, register_cmd
+    from AnkleFractureLib.cli import (demo_cmd, evaluate_seg_cmd, info_cmd, phantom_cmd,
+                                      register_cmd, segment_cmd, train_seg_cmd)
 
     parser = argparse.ArgumentParser(
         prog="ankle-fracture",
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show full tracebacks for unexpected errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (demo_cmd, phantom_cmd, info_cmd, register_cmd):
+    for module in (demo_cmd, phantom_cmd, info_cmd, segment_cmd, register_cmd, train_seg_cmd,
+                   evaluate_seg_cmd):
         module.add_parser(sub)
     return parser
 

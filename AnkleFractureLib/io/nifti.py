@@ -3,8 +3,9 @@
 ITK's NIfTI reader (nifti_clib/znzlib) does not fail on a truncated ``.nii`` or ``.nii.gz``: it
 silently fills the missing voxels with zeros. Every other format the library reads (NRRD,
 MetaImage) raises. So before trusting a NIfTI file we check that its voxel data is all there:
-for ``.nii`` from the file size, for ``.nii.gz`` by streaming the gzip data (this also verifies the
-gzip CRC, catching corruption, at the cost of one extra decompression: ~0.3 s per 100 MB).
+for ``.nii`` from the file size; for ``.nii.gz`` first from the gzip trailer's uncompressed size
+(instant), and only when that does not match by streaming the gzip data (which also verifies the
+gzip CRC, at the cost of one extra decompression: ~0.8 s per 100 MB).
 """
 
 from __future__ import annotations
@@ -45,6 +46,26 @@ def _parse_header(head: bytes) -> Optional[Tuple[int, int]]:
     return None
 
 
+def _gzip_trailer_matches(path: str) -> bool:
+    """Fast path: the gzip trailer's ISIZE (uncompressed size mod 2^32) equals what the header
+    declares. A truncated file ends in arbitrary compressed bytes, so it fails this test (odds of
+    a false match: 2^-32) and gets the full streaming check; so does any unusual file (several
+    gzip members, trailing bytes), which the full check then judges properly."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            head = fh.read(540)
+        with open(path, "rb") as raw:
+            raw.seek(-4, os.SEEK_END)
+            isize = struct.unpack("<I", raw.read(4))[0]
+    except (EOFError, OSError, zlib.error, struct.error):
+        return False
+    parsed = _parse_header(head)
+    if parsed is None:
+        return False
+    vox_offset, nbytes = parsed
+    return isize == (vox_offset + nbytes) % (1 << 32)
+
+
 def check_nifti_complete(path: str) -> None:
     """Refuse a NIfTI file whose voxel data is shorter than its header declares.
 
@@ -55,6 +76,8 @@ def check_nifti_complete(path: str) -> None:
         InputError: "file truncated or corrupt" with the expected and found byte counts.
     """
     compressed = path.lower().endswith(".gz")
+    if compressed and _gzip_trailer_matches(path):
+        return
     try:
         if compressed:
             total = 0

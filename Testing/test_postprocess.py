@@ -1,0 +1,166 @@
+"""Post-processing of predicted label maps: specks, fragments, swaps, real phantom fractures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from AnkleFractureLib.phantom.generator import generate_case
+from AnkleFractureLib.segmentation.postprocess import clean_labels
+
+SPACING = (0.8, 0.8, 1.0)  # (x, y, z) mm
+SHAPE = (40, 60, 60)       # (z, y, x)
+
+
+def _bones() -> np.ndarray:
+    """A 'tibia' (radius 12 voxels) and a 'fibula' (radius 4) cylinder along z, 8 voxels apart."""
+    z, y, x = np.ogrid[:SHAPE[0], :SHAPE[1], :SHAPE[2]]
+    lab = np.zeros(SHAPE, np.uint8)
+    tib = (y - 30) ** 2 + (x - 20) ** 2 <= 12 ** 2
+    fib = (y - 30) ** 2 + (x - 48) ** 2 <= 4 ** 2
+    lab[np.broadcast_to(tib, SHAPE)] = 1
+    lab[np.broadcast_to(fib, SHAPE)] = 2
+    return lab
+
+
+def test_clean_bones_are_untouched():
+    lab = _bones()
+    out, rep = clean_labels(lab, SPACING)
+    assert np.array_equal(out, lab) and out is not lab
+    assert rep["swapped"] is False and rep["removed_voxels"] == 0
+    assert rep["relabelled_fragments"] == 0 and rep["notes"] == []
+    json.dumps(rep, allow_nan=False)
+
+
+def test_far_speck_is_removed_and_input_untouched():
+    lab = _bones()
+    lab[20, 2:5, 57] = 2  # 3 voxels, > 10 mm from both bones
+    before = lab.copy()
+    out, rep = clean_labels(lab, SPACING)
+    assert np.array_equal(lab, before)
+    assert out[20, 2:5, 57].tolist() == [0, 0, 0]
+    assert rep["removed_voxels"] == 3 and rep["removed_fragments"] == 1
+    assert np.array_equal(out, _bones())
+
+
+def test_fibula_fragment_labelled_tibia_is_given_back_to_the_fibula():
+    lab = _bones()
+    # The fibula is cut by a 2-slice gap at z = 26-27; the part above it was labelled tibia.
+    lab[26:28][lab[26:28] == 2] = 0
+    frag = lab[28:] == 2
+    lab[28:][frag] = 1
+    out, rep = clean_labels(lab, SPACING)
+    assert np.all(out[28:][frag] == 2)
+    assert rep["relabelled_fragments"] == 1 and rep["relabelled_voxels"] == int(frag.sum())
+    assert rep["removed_voxels"] == 0 and not rep["swapped"]
+    assert any("tibia to fibula" in n for n in rep["notes"])
+
+
+def test_swapped_bones_are_swapped_back():
+    lab = _bones()
+    swapped = np.choose(lab, [0, 2, 1]).astype(np.uint8)
+    out, rep = clean_labels(swapped, SPACING)
+    assert rep["swapped"] is True and any("swapped" in n for n in rep["notes"])
+    assert np.array_equal(out, lab)
+
+
+def test_swapped_bones_with_a_fracture_fragment():
+    lab = _bones()
+    lab[26:28][lab[26:28] == 2] = 0  # fibula in two pieces, both labelled 'tibia' after the swap
+    swapped = np.choose(lab, [0, 2, 1]).astype(np.uint8)
+    out, rep = clean_labels(swapped, SPACING)
+    assert rep["swapped"] is True
+    assert np.array_equal(out, lab)
+
+
+def test_isolated_fragments_small_removed_large_kept():
+    lab = np.zeros((40, 90, 60), np.uint8)
+    lab[:, 30:60, 5:35] = 1
+    lab[:, 42:48, 40:46] = 2
+    small = np.zeros_like(lab, bool)
+    small[2:6, 2:6, 2:6] = True         # 64 voxels = 41 mm^3 >= 30: not a speck, but far
+    large = np.zeros_like(lab, bool)
+    large[20:30, 75:85, 10:20] = True   # 1000 voxels = 640 mm^3, 15 voxels (12 mm) away
+    lab[small] = 2
+    lab[large] = 2
+    out, rep = clean_labels(lab, SPACING)
+    assert not out[small].any()
+    assert np.all(out[large] == 2)
+    assert rep["removed_fragments"] == 1 and rep["kept_fragments"] == 1
+
+
+def test_small_speck_near_its_bone_is_kept():
+    lab = _bones()
+    lab[20, 30, 34] = 1  # one voxel 1.6 mm from the tibia (an osteophyte tip, say)
+    out, rep = clean_labels(lab, SPACING)
+    assert out[20, 30, 34] == 1 and rep["removed_voxels"] == 0
+
+
+def test_probabilities_break_ties():
+    lab = _bones()
+    # A blob equidistant from the tibia (edge x = 32) and the fibula (edge x = 44), labelled 1.
+    lab[18:22, 36:39, 37:40] = 1
+    probs = np.zeros((3,) + SHAPE, np.float32)
+    probs[2, 18:22, 36:39, 37:40] = 0.6
+    probs[1, 18:22, 36:39, 37:40] = 0.4
+    out, _ = clean_labels(lab, SPACING)
+    assert np.all(out[18:22, 36:39, 37:40] == 1)  # no probabilities: keeps its own label
+    out, rep = clean_labels(lab, SPACING, probabilities=probs)
+    assert np.all(out[18:22, 36:39, 37:40] == 2)
+    assert rep["relabelled_fragments"] == 1
+
+
+def test_empty_and_invalid_inputs():
+    out, rep = clean_labels(np.zeros((4, 4, 4), np.uint8), (1, 1, 1))
+    assert not out.any() and rep["volumes_ml"] == {"tibia": 0.0, "fibula": 0.0}
+    with pytest.raises(ValueError):
+        clean_labels(np.full((4, 4, 4), 3, np.uint8), (1, 1, 1))
+    with pytest.raises(ValueError):
+        clean_labels(np.zeros((4, 4), np.uint8), (1, 1, 1))
+    with pytest.raises(ValueError):
+        clean_labels(np.zeros((4, 4, 4), np.uint8), (1, 0, 1))
+    with pytest.raises(ValueError):
+        clean_labels(np.zeros((4, 4, 4), np.float32), (1, 1, 1))
+
+
+def test_phantom_fracture_fragments_keep_their_label():
+    case = generate_case(1, "B", "right", "fast")
+    lab = case.label.array
+    n_fib = ndi.label(lab == 2, structure=np.ones((3, 3, 3)))[1]
+    assert n_fib >= 2  # the fractured fibula is in pieces in this phantom
+    out, rep = clean_labels(lab, case.label.spacing)
+    assert np.array_equal(out, lab)
+    assert rep["removed_voxels"] == 0 and rep["relabelled_fragments"] == 0
+    assert rep["kept_fragments"] == n_fib - 1 and not rep["swapped"]
+
+
+def test_many_specks_take_the_whole_array_path_with_the_same_result(monkeypatch):
+    import AnkleFractureLib.segmentation.postprocess as pp
+
+    lab = _bones()
+    lab[26:28][lab[26:28] == 2] = 0
+    lab[28:][lab[28:] == 2] = 1  # a fibula piece labelled tibia
+    rng = np.random.default_rng(7)
+    pts = rng.integers(0, SHAPE, size=(400, 3))
+    pts = pts[lab[tuple(pts.T)] == 0]  # specks in the background only
+    lab[tuple(pts.T)] = rng.integers(1, 3, size=len(pts))
+    swapped = np.choose(lab, [0, 2, 1]).astype(np.uint8)
+    monkeypatch.setattr(pp, "_MANY", 32)
+    fast_out, fast_rep = clean_labels(swapped, SPACING)
+    assert fast_rep["removed_fragments"] > pp._MANY  # the whole-array path was taken
+    monkeypatch.setattr(pp, "_MANY", 10 ** 9)
+    loop_out, loop_rep = clean_labels(swapped, SPACING)
+    assert np.array_equal(fast_out, loop_out) and fast_rep == loop_rep
+    assert fast_rep["swapped"] and fast_rep["relabelled_fragments"] >= 1
+    # Specks far from the bones are gone; the bones and the fibula piece are back in place.
+    ref = _bones()
+    ref[26:28][ref[26:28] == 2] = 0
+    assert np.array_equal(fast_out[ref > 0], ref[ref > 0])
+    far = ndi.distance_transform_edt(ref == 0, sampling=SPACING[::-1]) > 6.0
+    assert not fast_out[far].any()
+    expected = {name: round(int(np.count_nonzero(fast_out == v)) * float(np.prod(SPACING))
+                            / 1000, 4) for v, name in ((1, "tibia"), (2, "fibula"))}
+    assert fast_rep["volumes_ml"] == expected
