@@ -15,19 +15,12 @@ anyone can check that the shipped file is the one that was measured.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from AnkleFractureLib.segmentation.model_io import sha256_file
 
 
 def _fmt(v) -> str:
@@ -49,7 +42,7 @@ def main() -> None:
     training = json.loads((model_dir / "training.json").read_text())
     plans = json.loads((model_dir / "plans.json").read_text())
     metrics = json.loads(Path(args.metrics).read_text())
-    digest = sha256(weights)
+    digest = sha256_file(weights)
     card = {
         "name": model_dir.name,
         "task": "tibia (1) and fibula (2) segmentation of ankle CT",

@@ -35,6 +35,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from AnkleFractureLib.errors import GeometryError
+from AnkleFractureLib.geometry.arrays import bounding_box
 from AnkleFractureLib.geometry.volume import Volume
 
 #: Label values scored by :func:`segmentation_metrics`.
@@ -70,31 +71,6 @@ def _zyx_spacing(spacing_xyz: Sequence[float]) -> np.ndarray:
     if s.shape != (3,) or not np.all(np.isfinite(s)) or np.any(s <= 0):
         raise ValueError(f"spacing must be 3 positive values (x, y, z) in mm, got {spacing_xyz}")
     return s[::-1].copy()
-
-
-def bounding_box(mask: np.ndarray, pad: int = 0) -> Optional[Slices]:
-    """Bounding box of the non-zero voxels of a (z, y, x) array, grown by ``pad`` voxels.
-
-    Args:
-        mask: Any 3D array (non-zero = inside).
-        pad: Voxels added on every side (clipped to the array).
-
-    Returns:
-        (z, y, x) slices, or None when the array is all zero.
-    """
-    # Reduce along two axes at a time instead of np.nonzero: on a 512 x 512 x 350 label map this
-    # is ~20 ms instead of ~1 s, and the second reduction only visits the occupied slab.
-    m = mask  # any() tests non-zero directly: no full-size boolean copy of a label map
-    z = np.flatnonzero(m.any(axis=(1, 2)))
-    if z.size == 0:
-        return None
-    yx = m[z[0]:z[-1] + 1].any(axis=0)
-    y = np.flatnonzero(yx.any(axis=1))
-    x = np.flatnonzero(yx.any(axis=0))
-    lo = (int(z[0]), int(y[0]), int(x[0]))
-    hi = (int(z[-1]) + 1, int(y[-1]) + 1, int(x[-1]) + 1)
-    return tuple(slice(max(l - pad, 0), min(h + pad, n))  # type: ignore[return-value]
-                 for l, h, n in zip(lo, hi, m.shape))
 
 
 def _union_box(a: Optional[Slices], b: Optional[Slices]) -> Optional[Slices]:

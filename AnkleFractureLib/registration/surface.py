@@ -16,30 +16,12 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from AnkleFractureLib.geometry.arrays import bounding_box
 from AnkleFractureLib.geometry.volume import Volume
 
 #: Label values of the bones (0 is background).
 TIBIA = 1
 FIBULA = 2
-
-
-def _bounding_box(mask: np.ndarray) -> Optional[Tuple[slice, slice, slice]]:
-    """Slices (z, y, x) of the smallest box holding every True voxel, or None if empty.
-
-    The reductions are chained (z first on the full array, then y and x only inside the z range)
-    so a small bone in a big volume costs little more than one pass over the array.
-    """
-    z_any = mask.any(axis=(1, 2))
-    if not z_any.any():
-        return None
-    z_idx = np.flatnonzero(z_any)
-    z0, z1 = int(z_idx[0]), int(z_idx[-1]) + 1
-    sub = mask[z0:z1]
-    y_idx = np.flatnonzero(sub.any(axis=(0, 2)))
-    y0, y1 = int(y_idx[0]), int(y_idx[-1]) + 1
-    x_idx = np.flatnonzero(sub[:, y0:y1].any(axis=(0, 1)))
-    x0, x1 = int(x_idx[0]), int(x_idx[-1]) + 1
-    return slice(z0, z1), slice(y0, y1), slice(x0, x1)
 
 
 def boundary_voxels(mask: np.ndarray) -> np.ndarray:
@@ -86,7 +68,7 @@ def surface_points(label: Volume, value: int, max_points: int = 4000, seed: int 
         raise ValueError(f"max_points must be >= 0, got {max_points}")
     arr = label.array
     mask = arr == value
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     if box is None or max_points == 0:
         return np.zeros((0, 3), dtype=float)
     boundary = boundary_voxels(mask[box])
@@ -144,7 +126,7 @@ def surface_normals(label: Volume, points: np.ndarray, point_labels: np.ndarray,
     for value in np.unique(point_labels).tolist():
         rows = np.flatnonzero(point_labels == value)
         mask = label.array == value
-        box = _bounding_box(mask)
+        box = bounding_box(mask)
         if box is None:
             continue
         pad = [int(np.ceil(3 * sigma_mm / s)) + 1 for s in (sz, sy, sx)]

@@ -44,6 +44,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
+from AnkleFractureLib.geometry.arrays import bounding_box
+
 TIBIA, FIBULA = 1, 2
 _NAMES = {TIBIA: "tibia", FIBULA: "fibula"}
 _TWENTY_SIX = np.ones((3, 3, 3), dtype=bool)
@@ -55,19 +57,6 @@ Slices = Tuple[slice, slice, slice]
 #: whole-array passes over the label's box (bincount, one erosion, a look-up table; ~1 s on a
 #: clinical-size box): a very noisy prediction can hold tens of thousands of specks.
 _MANY = 2000
-
-
-def _bounding_box(mask: np.ndarray) -> Optional[Slices]:
-    """(z, y, x) slices of the non-zero voxels, or None (two-axis reductions: fast on big maps)."""
-    m = mask  # any() tests non-zero directly: no full-size boolean copy of a label map
-    z = np.flatnonzero(m.any(axis=(1, 2)))
-    if z.size == 0:
-        return None
-    yx = m[z[0]:z[-1] + 1].any(axis=0)
-    y = np.flatnonzero(yx.any(axis=1))
-    x = np.flatnonzero(yx.any(axis=0))
-    return (slice(int(z[0]), int(z[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1),
-            slice(int(x[0]), int(x[-1]) + 1))
 
 
 def _surface_points(mask: np.ndarray, offset: Sequence[int], sp_zyx: np.ndarray) -> np.ndarray:
@@ -128,7 +117,7 @@ class _Component:
 def _components(work: np.ndarray, value: int) -> List[_Component]:
     """26-connected components of ``work == value``, largest first."""
     mask = work == value
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     if box is None:
         return []
     labelled, n_comp = ndi.label(mask[box], structure=_TWENTY_SIX)
@@ -209,7 +198,7 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
         raise ValueError(f"labels must hold only 0 (background), 1 (tibia) and 2 (fibula), "
                          f"got values from {lo} to {hi}")
     out = labels.astype(np.uint8, copy=True)
-    box = _bounding_box(out)
+    box = bounding_box(out)
     if box is None:
         return out, report
     work = out[box]  # a view: every change below lands in ``out``
