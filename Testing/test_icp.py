@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Tuple
 
 import numpy as np
@@ -240,17 +239,15 @@ def test_bad_inputs_raise_geometry_error(kwargs, match):
     assert issubclass(GeometryError, AnkleFractureError)
 
 
-def test_icp_speed_8000_vs_10000_points():
+def test_icp_full_size_clouds_8000_vs_10000_points():
+    # The benchmark size (bench/register.py times it); here only the result is checked.
     rng = np.random.default_rng(16)
     src, sl = bones(rng, 4000)
     canon, tl = bones(rng, 5000)
-    target = apply(random_similarity(rng), canon)
-    similarity_icp(src[:500], target, source_labels=sl[:500], target_labels=tl)  # warm-up
-    t0 = time.perf_counter()
-    similarity_icp(src, target, source_labels=sl, target_labels=tl)
-    elapsed = time.perf_counter() - t0
-    # Typically 0.2-0.35 s on 2 cores; generous bound against a loaded test machine.
-    assert elapsed < 1.5, elapsed
+    truth = random_similarity(rng)
+    target = apply(truth, canon)
+    res = similarity_icp(src, target, source_labels=sl, target_labels=tl)
+    assert res.rms_mm < 1.0 and 1 <= res.iterations <= 50
 
 
 # ---------------------------------------------------------------------------------------- surface
@@ -314,12 +311,12 @@ def test_surface_points_fast_on_clinical_size_mask():
     arr[((x - 200) ** 2 + (y - 250) ** 2 < 60 ** 2) & (z > 20)] = 1
     arr[((x - 330) ** 2 + (y - 260) ** 2 < 20 ** 2) & (z > 5)] = 2
     vol = Volume(arr, spacing=(0.4, 0.4, 0.6))
-    surface_points(vol, 2)  # warm-up
-    times = []
-    for value in (1, 2):
-        t0 = time.perf_counter()
+    for value, radius, centre in ((1, 60, (200, 250)), (2, 20, (330, 260))):
         pts = surface_points(vol, value)
-        times.append(time.perf_counter() - t0)
         assert pts.shape == (4000, 3)
-    # Typically ~0.1 s per bone; the bound leaves room for a loaded machine.
-    assert max(times) < 0.5, times
+        # Boundary points of a cylinder: on its wall (within a voxel) or on its end caps.
+        r = np.hypot(pts[:, 0] / 0.4 - centre[0], pts[:, 1] / 0.4 - centre[1])
+        on_wall = np.abs(r - radius) < 1.5
+        k = pts[:, 2] / 0.6
+        on_cap = (k < 22) | (k > 348)
+        assert np.all(on_wall | on_cap)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import tracemalloc
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,15 +46,13 @@ def test_list_dicom_series_errors_too(tmp_path):
 def test_huge_header_refused_without_allocating(tmp_path):
     path, _ = huge_mhd(tmp_path)
     tracemalloc.start()
-    t0 = time.perf_counter()
     with pytest.raises(InputError) as info:
         read_image(path)
-    elapsed = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     msg = str(info.value)
     assert "64000000000 voxels" in msg and "238.4 GiB" in msg, msg
-    assert peak < 10 * 2 ** 20 and elapsed < 2.0
+    assert peak < 10 * 2 ** 20  # refused from the header: nothing was allocated
     # A small limit refuses an ordinary volume too, before reading its pixels.
     s = write_ct_series(tmp_path / "ct")
     with pytest.raises(InputError, match="too large"):

@@ -196,14 +196,6 @@ def test_grid_spacing_and_coverage(mode):
     assert 0.1 <= non_identity <= 0.55
 
 
-def test_fast_case_timing():
-    t = time.perf_counter()
-    generate_case(11, "B", "right", "fast")
-    elapsed = time.perf_counter() - t
-    print(f"fast phantom case: {elapsed:.2f} s")
-    assert elapsed < 30.0  # informative; the target is a few seconds
-
-
 def test_write_preview(tmp_path):
     out = tmp_path / "preview.png"
     write_preview(case(1, "B", "left"), str(out))
@@ -222,4 +214,3 @@ def test_clinical_case():
     assert c.ct.array.dtype == np.int16 and c.label.array.dtype == np.uint8
     for value in (1, 2):
         assert c.ct.array[c.label.array == value].mean() >= 300.0
-    assert elapsed < 120.0

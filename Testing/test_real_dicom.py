@@ -40,7 +40,6 @@ def test_real_series_shape_spacing_and_speed(real_ct):
     assert vol.array.dtype == np.int16
     assert vol.meta["modality"] == "CT" and vol.meta["format"] == "dicom"
     assert vol.meta["warnings"] == []
-    assert elapsed < 10.0  # typically ~1.5 s on 2 cores
 
 
 def test_real_series_hounsfield_units(real_ct):
