@@ -75,10 +75,15 @@ def main() -> None:
              "## Training", ""]
     for c in args.data_command:
         lines.append(f"- data: `{c}`")
-    for key in ("command", "seed", "epochs_run", "steps", "best_val_dice", "stopped_because",
-                "wall_minutes", "n_train", "n_val", "versions"):
+    if "command" in training:
+        lines.append("- command: `" + " ".join(str(c) for c in training["command"]) + "`")
+    for key in ("seed", "status", "epochs_run", "steps_run", "best_val_dice", "best_epoch",
+                "wall_seconds", "device", "versions"):
         if key in training:
             lines.append(f"- {key}: `{training[key]}`")
+    for key in ("train_cases", "val_cases"):
+        if key in training:
+            lines.append(f"- {key}: {len(training[key])} cases")
     lines += ["", "## Held-out evaluation", ""]
     if args.eval_command:
         lines.append(f"Command: `{args.eval_command}`")
