@@ -30,11 +30,12 @@ from _common import peak_rss_mb  # noqa: E402
 def _clinical_ct(folder: str, seed: int) -> str:
     from AnkleFractureLib.io import write_image
     from AnkleFractureLib.phantom import generate_case
+    from AnkleFractureLib.phantom.generator import plan_grid
 
-    for s in range(seed, seed + 50):
-        case = generate_case(s, weber="B", side="right", spacing="clinical")
-        if case.ct.size[2] >= 350:
-            break
+    # Pick the first seed whose clinical grid has >= 350 slices without rendering any case.
+    s = next(s for s in range(seed, seed + 200)
+             if plan_grid(s, "right", "clinical")[2].size[2] >= 350)
+    case = generate_case(s, weber="B", side="right", spacing="clinical")
     path = os.path.join(folder, "clinical_ct.nii.gz")
     write_image(case.ct, path)
     print(f"case seed {s}: {case.ct.size} voxels (x, y, z) at "

@@ -170,7 +170,7 @@ class SegmentationModel:
         import torch
         from monai.inferers import sliding_window_inference
 
-        patch = tuple(int(p) for p in self.plans.patch_size)
+        patch = tuple(int(p) for p in self.plans.window_size)
         total = _window_count(image.shape, patch, OVERLAP)
         done = [0]
         cuda = self.device.type == "cuda"
