@@ -55,6 +55,15 @@ def _child_run(args_list):
     return wall, usage.ru_maxrss / 1024.0
 
 
+def _import_seconds() -> float:
+    """Wall time of ``import torch, monai`` (plus the network and inferer) in a new process."""
+    code = ("import torch, monai; from monai.networks.nets import UNet; "
+            "from monai.inferers import sliding_window_inference")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -110,8 +119,12 @@ def main() -> None:
         print(f"\ncommand line (fresh process: imports + model load + read + predict + write), "
               f"median of {args.runs} runs: {statistics.median(walls):.2f} s, "
               f"peak RSS {max(peaks):.0f} MB")
-        ok = statistics.median(walls) <= 10 and max(peaks) <= 3072
-        print(f"goal on 2 CPU cores: <= 10 s and <= 3 GB -> {'met' if ok else 'NOT met'}")
+        t_imp = _import_seconds()
+        print(f"  of which importing torch + MONAI in a fresh interpreter: {t_imp:.1f} s")
+        ok_in = total <= 10
+        ok_cli = statistics.median(walls) <= 10 and max(peaks) <= 3072
+        print(f"goal on 2 CPU cores (<= 10 s, <= 3 GB): file -> labels in process "
+              f"{'met' if ok_in else 'NOT met'}; cold command line {'met' if ok_cli else 'NOT met'}")
 
 
 if __name__ == "__main__":
