@@ -99,13 +99,6 @@ def _sub_box(ct: Volume, points_lps: np.ndarray, halo: int = 2
     return slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0])
 
 
-def _subvolume(vol: Volume, box: Tuple[slice, slice, slice]) -> Volume:
-    """A view of ``vol`` restricted to the index box (same physical positions)."""
-    start = np.array([box[2].start, box[1].start, box[0].start], dtype=float)
-    origin = vol.index_to_physical(start[None, :])[0]
-    return Volume(vol.array[box], vol.spacing, origin, vol.direction, {})
-
-
 def _box_corner_points(size: Sequence[int], spacing: np.ndarray, origin: np.ndarray,
                        direction: np.ndarray) -> np.ndarray:
     """The 8 outer corners (voxel faces) of a grid, in its own frame."""
@@ -133,14 +126,14 @@ def _sample(ct: Volume, label: Optional[Volume], t2p: np.ndarray, size: Sequence
     if sub is None:  # pragma: no cover - coverage > 0 implies overlap
         channels[0] = normalize_hu(np.full((nz, ny, nx), OUTSIDE_HU))
         return channels, coverage
-    ct_sub = _subvolume(ct, sub)
+    ct_sub = ct.region(sub)
     ct_on = resample_to_grid(ct_sub, size, spacing, origin, direction, "linear", OUTSIDE_HU,
                              transform=t2p)
     normalize_hu(ct_on.array, out=channels[0])
     if label is not None:
         lab_sub = label.array[sub]
         for c, value in ((1, 1), (2, 2)):
-            mask = _subvolume(label, sub).with_array((lab_sub == value).astype(np.uint8))
+            mask = label.region(sub).with_array((lab_sub == value).astype(np.uint8))
             on = resample_to_grid(mask, size, spacing, origin, direction, "linear", 0.0,
                                   transform=t2p)
             np.clip(on.array, 0.0, 1.0, out=channels[c])
@@ -266,7 +259,7 @@ def crop_to_ct(array: np.ndarray, crop: SyndesmosisCrop, ct: Volume,
     sub = _sub_box(ct, corners @ t2p[:3, :3].T + t2p[:3, 3], halo=1)
     if sub is not None:
         # Only the CT voxels under the box are resampled (a clinical CT is ~90 M voxels).
-        target = _subvolume(ct, sub)
+        target = ct.region(sub)
         res = resample_to_grid(src, target.size, target.spacing, target.origin,
                                target.direction, interpolation, default_value, transform=p2t)
         out[sub] = res.array.astype(np.float32)
@@ -285,13 +278,9 @@ def write_crop(crop: SyndesmosisCrop, path: PathLike) -> None:
         crop: The crop.
         path: Destination ``.nii.gz`` (or ``.nii``).
     """
-    import gzip
-    import shutil
-    import tempfile
-
     import SimpleITK as sitk
 
-    from AnkleFractureLib.io import atomic_output
+    from AnkleFractureLib.io import write_sitk_image
 
     spath = os.fspath(path)
     if not spath.lower().endswith((".nii.gz", ".nii")):
@@ -304,21 +293,7 @@ def write_crop(crop: SyndesmosisCrop, path: PathLike) -> None:
     img.SetSpacing(crop.grid.spacing)
     img.SetOrigin(crop.grid.origin)
     img.SetDirection(tuple(float(v) for v in crop.grid.direction.reshape(-1)))
-    try:
-        with atomic_output(spath) as tmp:
-            if spath.lower().endswith(".nii"):
-                sitk.WriteImage(img, tmp, False)
-            else:
-                with tempfile.TemporaryDirectory(dir=os.path.dirname(tmp)) as work:
-                    plain = os.path.join(work, "crop.nii")
-                    sitk.WriteImage(img, plain, False)
-                    with open(plain, "rb") as src, open(tmp, "wb") as raw:
-                        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
-                                           compresslevel=6) as gz:
-                            shutil.copyfileobj(src, gz, 1 << 20)
-    except (RuntimeError, OSError) as exc:
-        raise InputError(spath, f"cannot write crop: {str(exc).strip().splitlines()[-1]}") \
-            from None
+    write_sitk_image(img, spath)
 
 
 def read_crop(path: PathLike) -> Tuple[np.ndarray, Volume]:

@@ -133,6 +133,14 @@ class Volume:
             and np.allclose(self.direction, other.direction, atol=atol)
         )
 
+    def region(self, box: Tuple[slice, slice, slice]) -> "Volume":
+        """The sub-volume of the index box ``box`` (z, y, x slices with steps of 1): a view of
+        the array with the origin moved so every voxel keeps its physical position."""
+        start = np.array([box[2].start or 0, box[1].start or 0, box[0].start or 0], dtype=float)
+        origin = self.index_to_physical(start[None, :])[0]
+        return Volume(self.array[box], self.spacing, origin, self.direction.copy(),
+                      dict(self.meta))
+
     def with_array(self, array: np.ndarray, meta: Optional[Dict[str, Any]] = None) -> "Volume":
         """A new Volume on this grid holding ``array`` (same shape required)."""
         array = np.asarray(array)

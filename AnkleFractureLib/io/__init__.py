@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from AnkleFractureLib.io.atomic import atomic_output, atomic_write_json, atomic_write_text
 from AnkleFractureLib.io.dicom import DicomSeries, list_dicom_series, read_dicom_series
-from AnkleFractureLib.io.files import SUPPORTED_EXTENSIONS, read_image, write_image
+from AnkleFractureLib.io.files import (
+    SUPPORTED_EXTENSIONS,
+    read_image,
+    write_image,
+    write_sitk_image,
+)
 from AnkleFractureLib.io.limits import MAX_VOXELS
 
 __all__ = [
@@ -23,4 +28,5 @@ __all__ = [
     "read_dicom_series",
     "read_image",
     "write_image",
+    "write_sitk_image",
 ]

@@ -160,6 +160,20 @@ def write_image(volume: Volume, path: PathLike, *, compress: bool = True) -> Non
     Raises:
         InputError: Unknown extension, or the file cannot be written (permissions, disk full).
     """
+    spath = os.fspath(path)
+    _, ext = split_extension(spath)
+    if ext not in _FORMATS:
+        raise InputError(spath, f"cannot write extension '{ext or '(none)'}'; use one of "
+                                f"{', '.join(SUPPORTED_EXTENSIONS)}")
+    write_sitk_image(volume.to_sitk(), spath, compress=compress)
+
+
+def write_sitk_image(img: "object", path: PathLike, *, compress: bool = True) -> None:
+    """Write a ``SimpleITK.Image`` (scalar or vector) atomically and deterministically.
+
+    The worker behind :func:`write_image`, also used for multi-channel outputs (the syndesmosis
+    crop). Same extensions and rules as :func:`write_image`.
+    """
     import SimpleITK as sitk
 
     spath = os.fspath(path)
@@ -167,7 +181,6 @@ def write_image(volume: Volume, path: PathLike, *, compress: bool = True) -> Non
     if ext not in _FORMATS:
         raise InputError(spath, f"cannot write extension '{ext or '(none)'}'; use one of "
                                 f"{', '.join(SUPPORTED_EXTENSIONS)}")
-    img = volume.to_sitk()
     try:
         if ext in _DETACHED:
             _write_detached(img, spath, compress)

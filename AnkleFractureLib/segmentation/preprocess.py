@@ -30,14 +30,6 @@ AIR_HU = -1024.0
 Box = Tuple[slice, slice, slice]
 
 
-def subvolume(volume: Volume, box: Box) -> Volume:
-    """A view of ``volume`` restricted to the index box (z, y, x slices), same physical positions."""
-    start = np.array([box[2].start, box[1].start, box[0].start], dtype=float)
-    origin = volume.index_to_physical(start[None, :])[0]
-    return Volume(volume.array[box], volume.spacing, origin, volume.direction.copy(),
-                  dict(volume.meta))
-
-
 def bone_roi(ct: Volume, bone_hu: float, margin_mm: float) -> Box:
     """Index box (z, y, x slices) around the voxels above ``bone_hu`` plus ``margin_mm``.
 
@@ -98,7 +90,7 @@ def prepare_ct(ct: Volume, plans: SegPlans, roi: Optional[Box] = None) -> ModelI
     """
     if roi is None:
         roi = bone_roi(ct, plans.roi_bone_hu, plans.roi_margin_mm)
-    roi_volume = subvolume(ct, roi)
+    roi_volume = ct.region(roi)
     canonical, change = to_canonical(roi_volume)
     extent = np.asarray(canonical.size, dtype=float) * np.asarray(canonical.spacing)
     size = np.maximum(1, np.round(extent / np.asarray(plans.model_spacing_mm))).astype(int)
@@ -115,6 +107,6 @@ def prepare_ct(ct: Volume, plans: SegPlans, roi: Optional[Box] = None) -> ModelI
 def prepare_case(ct: Volume, label: Volume, plans: SegPlans) -> Tuple[Volume, Volume]:
     """Training pair on the model grid: (image float32 in [0, 1], label uint8), same geometry."""
     model_input = prepare_ct(ct, plans)
-    lab_roi = subvolume(label, model_input.roi)
+    lab_roi = label.region(model_input.roi)
     lab = resample_like(lab_roi, model_input.image, "nearest", 0)
     return model_input.image, lab.with_array(lab.array.astype(np.uint8))
