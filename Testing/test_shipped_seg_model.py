@@ -40,3 +40,15 @@ def test_segment_command_with_the_default_model(tmp_path):
     # The shipped model must actually find the bones (not just run).
     assert dice(seg.array == 1, case.label.array == 1) > 0.85
     assert dice(seg.array == 2, case.label.array == 2) > 0.75
+
+
+def test_segment_command_bad_inputs_are_clear(tmp_path, capsys):
+    missing = tmp_path / "missing.nii.gz"
+    assert main(["segment", str(missing), "-o", str(tmp_path / "seg.nii.gz"), "--quiet"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    case = generate_case(5, "none", "right", "fast")
+    write_image(case.ct, tmp_path / "ct.nii.gz")
+    assert main(["segment", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "seg.png"),
+                 "--quiet"]) == 2
+    assert "seg.png" in capsys.readouterr().err
+    assert not (tmp_path / "seg.nii.gz").exists() and not (tmp_path / "seg.png").exists()

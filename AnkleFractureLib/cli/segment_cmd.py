@@ -39,9 +39,15 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from AnkleFractureLib.io import read_image, write_image
+    from AnkleFractureLib.errors import InputError
+    from AnkleFractureLib.io import SUPPORTED_EXTENSIONS, read_image, write_image
+    from AnkleFractureLib.io.atomic import split_extension
     from AnkleFractureLib.segmentation.inference import SegmentationModel
 
+    # Refuse a bad output name before spending seconds on the network.
+    if split_extension(args.output)[1] not in SUPPORTED_EXTENSIONS:
+        raise InputError(args.output, "the label map must be written as one of "
+                                      f"{', '.join(SUPPORTED_EXTENSIONS)}")
     t0 = time.perf_counter()
     bar = ProgressBar("segment", enabled=not args.quiet)
     bar(0.0, "reading the CT")
