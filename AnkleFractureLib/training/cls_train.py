@@ -1,0 +1,550 @@
+"""Train the Weber classifier: supervised, pseudo-label, FixMatch or the reference semi method.
+
+Cases with a ``weber`` class are labelled, the others unlabelled. ``label_fraction`` < 1 hides
+the class of all but a stratified, seeded share of the labelled cases (they join the
+unlabelled pool), which is how the label-scarcity experiment is run.
+
+Methods (all share the backbone, the augmentation, the optimiser and a supervised warm-up):
+
+* ``supervised``: cross-entropy on labelled crops only.
+* ``pseudolabel`` (Lee 2013): + cross-entropy on the argmax of unlabelled predictions whose
+  confidence is >= 0.7 (hard threshold), averaged over the whole unlabelled batch.
+* ``fixmatch`` (Sohn et al. 2020): pseudo-labels from a weakly augmented view (confidence
+  >= 0.95) supervise a strongly augmented view.
+* ``semi``: the reference method (methods.md): class prototypes (mean labelled features), a
+  relation weight network (RWN) trained on [labelled feature ++ prototype] pairs, pseudo-labels
+  weighted by the RWN relation weight, and a Gaussian-RBF MMD between the confident labelled
+  and confident unlabelled features (each extended with a buffer of recent confident
+  examples): L = L_l + L_u + 15 L_MMD, selection threshold 0.5. The RWN and the backbone are
+  updated alternately every step; inference uses the backbone alone.
+
+Deviations from the paper, and why: training starts from scratch (no 3D ImageNet weights
+offline), so the default learning rate is 0.01 with cosine decay instead of 1e-3; the run is
+measured in optimiser steps (CPU budget) rather than 500 epochs; the unlabelled terms start
+after a supervised warm-up (20 % of the steps), because pseudo-labels of an untrained
+network are noise.
+
+The run writes ``OUT/plans.json`` + ``OUT/model.pt`` (the backbone), ``OUT/training.json``
+(every setting, the labelled ids, timings, the validation metrics and the fitted calibration
+temperature) and ``OUT/training_log.csv``. Under ``torchrun`` every rank draws its own batches,
+the backbone is wrapped in DistributedDataParallel, the RWN's gradients and the prototypes are
+averaged across ranks, and rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from AnkleFractureLib.errors import InputError
+
+METHODS = ("supervised", "pseudolabel", "fixmatch", "semi")
+ProgressCallback = Callable[[float, str], None]
+LogCallback = Callable[[str], None]
+
+
+@dataclass
+class ClsTrainConfig:
+    """Settings of one training run (recorded in training.json).
+
+    Attributes:
+        method: One of :data:`METHODS`.
+        label_fraction: Share of the labelled cases whose class is used (stratified per class,
+            at least one case per class); the rest join the unlabelled pool.
+        seed: Seed of the label selection, the split, the weights and every batch.
+        steps: Optimiser steps.
+        batch_size: Labelled crops per step (per process).
+        unlabelled_batch_size: Unlabelled crops per step (semi-supervised methods).
+        lr: Initial learning rate (cosine decay to 0).
+        momentum: SGD momentum (0.9 as in the reference).
+        weight_decay: SGD weight decay.
+        warmup_fraction: Share of the steps trained on labelled data only.
+        val_fraction: Share of the labelled cases held out for validation and temperature
+            calibration (0 = none).
+        lambda_mmd: Weight of the MMD term (15 in the reference).
+        select_threshold: Sample-selection threshold of the semi method (0.5).
+        pl_threshold: Confidence threshold of pseudo-labelling (0.7).
+        fixmatch_threshold: Confidence threshold of FixMatch (0.95).
+        buffer_size: Confident examples kept per buffer for the MMD.
+        prototype_momentum: EMA momentum of the class prototypes across steps.
+    """
+
+    method: str = "semi"
+    label_fraction: float = 1.0
+    seed: int = 0
+    steps: int = 600
+    batch_size: int = 16
+    unlabelled_batch_size: int = 16
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.2
+    val_fraction: float = 0.1
+    lambda_mmd: float = 15.0
+    select_threshold: float = 0.5
+    pl_threshold: float = 0.7
+    fixmatch_threshold: float = 0.95
+    buffer_size: int = 64
+    prototype_momentum: float = 0.9
+
+    def check(self) -> None:
+        """Raise InputError (one line per problem) on bad settings."""
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        if not 0.0 < self.label_fraction <= 1.0:
+            problems.append(f"label fraction must be in (0, 1], got {self.label_fraction}")
+        if self.steps < 1:
+            problems.append(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1 or self.unlabelled_batch_size < 1:
+            problems.append("batch sizes must be >= 1")
+        if not self.lr > 0:
+            problems.append(f"learning rate must be > 0, got {self.lr}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append(f"val fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.warmup_fraction <= 1.0:
+            problems.append(f"warm-up fraction must be in [0, 1], got {self.warmup_fraction}")
+        if problems:
+            raise InputError(None, "; ".join(problems))
+
+
+# ---------------------------------------------------------------------- data selection
+def select_labelled(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of the cases whose label is kept: a stratified, seeded share per class.
+
+    Args:
+        y: (N,) class index, -1 = unlabelled.
+        fraction: Share kept per class (rounded, at least 1 per present class).
+        seed: Seed.
+
+    Returns:
+        Sorted int64 indices into ``y``.
+
+    Example:
+        >>> y = np.array([0, 0, 0, 0, 1, 1, 1, 1, -1])
+        >>> select_labelled(y, 0.5, seed=0).size
+        4
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 4099]))
+    keep: List[int] = []
+    for k in np.unique(y[y >= 0]):
+        idx = np.flatnonzero(y == k)
+        n = max(1, int(round(fraction * idx.size)))
+        keep.extend(rng.permutation(idx)[:n].tolist())
+    return np.asarray(sorted(keep), dtype=np.int64)
+
+
+def split_validation(labelled: np.ndarray, y: np.ndarray, fraction: float, seed: int
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, validation) split of labelled indices; no validation when a class
+    would be left with fewer than 2 training cases."""
+    if fraction <= 0:
+        return labelled, np.zeros(0, np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7919]))
+    train: List[int] = []
+    val: List[int] = []
+    for k in np.unique(y[labelled]):
+        idx = rng.permutation(labelled[y[labelled] == k])
+        n_val = int(round(fraction * idx.size))
+        if idx.size - n_val < 2:
+            n_val = 0
+        val.extend(idx[:n_val].tolist())
+        train.extend(idx[n_val:].tolist())
+    return np.asarray(sorted(train), np.int64), np.asarray(sorted(val), np.int64)
+
+
+# ---------------------------------------------------------------------- helpers
+def _cosine_lr(base: float, step: int, total: int) -> float:
+    return 0.5 * base * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """Temperature T minimising the validation negative log-likelihood of softmax(logits / T).
+
+    A 1-D search over T in [0.25, 10] (log grid, then refined): calibration that never changes
+    the predicted class.
+
+    Example:
+        >>> logits = np.array([[4.0, 0.0], [4.0, 0.0], [0.0, 4.0], [4.0, 0.0]])
+        >>> fit_temperature(logits, np.array([0, 1, 1, 0])) > 1.0  # over-confident -> T > 1
+        True
+    """
+    logits = np.asarray(logits, np.float64)
+    y = np.asarray(y, np.int64)
+    if logits.size == 0:
+        return 1.0
+
+    def nll(t: float) -> float:
+        z = logits / t
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-logp[np.arange(len(y)), y].mean())
+
+    grid = np.exp(np.linspace(np.log(0.25), np.log(10.0), 61))
+    best = float(grid[int(np.argmin([nll(t) for t in grid]))])
+    fine = np.linspace(best / 1.08, best * 1.08, 21)
+    return round(float(fine[int(np.argmin([nll(t) for t in fine]))]), 4)
+
+
+def _versions() -> Dict[str, str]:
+    import monai
+    import torch
+
+    return {"torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__,
+            "python": sys.version.split()[0]}
+
+
+
+def _forward_module(backbone: Any) -> Any:
+    """A module whose ``forward`` returns (features, logits): DDP syncs gradients only for
+    calls through ``forward``, and the semi-supervised losses need both outputs."""
+    import torch
+
+    class FeaturesAndLogits(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            f = self.net.features(x)
+            return f, self.net.classify(f)
+
+    return FeaturesAndLogits(backbone)
+
+
+def predict_logits(network: Any, x: np.ndarray, device: Any = "cpu", batch_size: int = 16
+                   ) -> np.ndarray:
+    """Logits (N, K) of prepared inputs (N, C, z, y, x) (float16 or float32), eval mode."""
+    import torch
+
+    was_training = network.training
+    network.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                xb = torch.from_numpy(np.asarray(x[i:i + batch_size], np.float32)).to(device)
+                out.append(network(xb).float().cpu().numpy())
+    finally:
+        network.train(was_training)
+    k = getattr(network, "num_classes", 4)
+    return np.concatenate(out) if out else np.zeros((0, k), np.float32)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _average_gradients(module: Any, ctx: Any) -> None:
+    """All-reduce (mean) the gradients of a module that is not wrapped in DDP."""
+    if not ctx.distributed:
+        return
+    import torch.distributed as dist
+
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= ctx.world_size
+
+
+def _all_reduce_mean_tensor(t: Any, ctx: Any) -> Any:
+    if not ctx.distributed:
+        return t
+    import torch.distributed as dist
+
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / ctx.world_size
+
+
+# ---------------------------------------------------------------------- public API
+def train_classifier(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathLike[str] | str",
+                     config: Optional[ClsTrainConfig] = None, *, plans: Any = None,
+                     cache_dir: "os.PathLike[str] | str | None" = None,
+                     crops: Any = None, workers: int = 1, device: str = "auto",
+                     num_threads: Optional[int] = None, max_minutes: Optional[float] = None,
+                     progress: Optional[ProgressCallback] = None,
+                     log: Optional[LogCallback] = print,
+                     should_cancel: Optional[Callable[[], bool]] = None,
+                     command: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Train a Weber classifier on a dataset's crops.
+
+    Args:
+        dataset_dir: Dataset folder (cases with ``weber`` are labelled).
+        out_dir: Model folder to write (must be empty or absent).
+        config: Training settings (default :class:`ClsTrainConfig`).
+        plans: :class:`~AnkleFractureLib.classification.plans.ClsPlans` (crop kind, channels,
+            resolution, network); default ``ClsPlans()`` (registered crop, full resolution).
+        cache_dir: Crop cache folder (default ``dataset_dir/.crop_cache``).
+        crops: A preloaded :class:`~AnkleFractureLib.classification.crops.CropSet` of this
+            dataset (skips loading; used by the experiment script).
+        workers: Processes computing missing crops.
+        device: "auto", "cpu" or "cuda".
+        num_threads: torch CPU threads per process.
+        max_minutes: Wall-clock budget; training stops after the step that exceeds it and
+            saves (status "max_minutes").
+        progress: Callback (fraction, message) on rank 0.
+        log: One line per logging interval (rank 0); None for silence.
+        should_cancel: Polled every step; the run stops, saves nothing and raises
+            CancelledError when it returns True.
+        command: Command line recorded in training.json (default ``sys.argv``).
+
+    Returns:
+        The summary written to ``training.json``.
+
+    Raises:
+        InputError: Bad settings, no labelled case, or a non-empty output folder.
+    """
+    from AnkleFractureLib.classification.plans import ClsPlans
+    from AnkleFractureLib.training.distributed import cleanup_distributed, init_distributed
+
+    config = config or ClsTrainConfig()
+    config.check()
+    plans = plans or ClsPlans()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(out, "the output model folder is not empty (choose a new folder)")
+    ctx = init_distributed(device, num_threads)
+    try:
+        return _train(ctx, Path(dataset_dir), out, config, plans, cache_dir, crops, workers,
+                      max_minutes, progress if ctx.is_main else None,
+                      (log or (lambda _m: None)) if ctx.is_main else (lambda _m: None),
+                      should_cancel, list(sys.argv if command is None else command))
+    finally:
+        cleanup_distributed(ctx)
+
+
+def _train(ctx: Any, dataset_dir: Path, out: Path, cfg: ClsTrainConfig, plans: Any,
+           cache_dir: Any, crops: Any, workers: int, max_minutes: Optional[float],
+           progress: Optional[ProgressCallback], log: LogCallback,
+           should_cancel: Optional[Callable[[], bool]], command: List[str]) -> Dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from AnkleFractureLib.classification.crops import load_crops
+    from AnkleFractureLib.classification.model_io import save_classifier
+    from AnkleFractureLib.classification.network import build_classifier
+    from AnkleFractureLib.classification.plans import CLASSES
+    from AnkleFractureLib.classification.relation import RelationWeightNetwork
+    from AnkleFractureLib.dataset.layout import Dataset
+    from AnkleFractureLib.errors import CancelledError
+    from AnkleFractureLib.io import atomic_write_json, atomic_write_text
+    from AnkleFractureLib.training import semi_losses as sl
+    from AnkleFractureLib.training.cls_augment import (augment_batch, strong_config,
+                                                       weak_config)
+    from AnkleFractureLib.training.distributed import all_reduce_max, seed_everything
+
+    t0 = time.monotonic()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if crops is None:
+        ds = Dataset.load(dataset_dir)
+        cache = Path(cache_dir) if cache_dir is not None else dataset_dir / ".crop_cache"
+        crops = load_crops(ds, cache, plans.crop, workers=workers,
+                           progress=(lambda f, m: progress(0.1 * f, m)) if progress else None)
+    for cid, reason in crops.failed.items():
+        log(f"skipped case {cid}: {reason}")
+    y_all = crops.y
+    labelled_all = np.flatnonzero(y_all >= 0)
+    if labelled_all.size == 0:
+        raise InputError(dataset_dir, "no case has a Weber class: at least one labelled case "
+                                      "per class is needed")
+    missing = [c for k, c in enumerate(CLASSES) if not np.any(y_all == k)]
+    if missing:
+        log(f"warning: no labelled case of class {', '.join(missing)}")
+    kept = labelled_all[np.isin(labelled_all, labelled_all[
+        select_labelled(y_all[labelled_all], cfg.label_fraction, cfg.seed)])]
+    train_l, val_idx = split_validation(kept, y_all, cfg.val_fraction, cfg.seed)
+    unlabelled = np.setdiff1d(np.arange(len(y_all)), np.concatenate([kept]))
+    uses_unlabelled = cfg.method != "supervised"
+    if uses_unlabelled and unlabelled.size == 0:
+        log("note: no unlabelled case: the unlabelled terms are skipped")
+    # Prepared network inputs for every case, once (channels, resolution), kept as float16.
+    x_all = np.stack([plans.prepare(crops.x[i]) for i in range(len(crops))]).astype(np.float16)
+
+    seed_everything(cfg.seed, ctx.rank)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    dev = ctx.device
+    backbone = build_classifier(plans.network).to(dev)
+    model = _forward_module(backbone)
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    rwn = RelationWeightNetwork(backbone.feature_dim).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    opt_rwn = torch.optim.SGD(rwn.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(int(cfg.seed) * 1000 + ctx.rank)
+    rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), 31, ctx.rank]))
+    flips = (2,) if plans.crop == "raw" else ()
+    weak, strong = weak_config(flips), strong_config(flips)
+    k = len(CLASSES)
+    prototypes = torch.zeros(k, backbone.feature_dim, device=dev)
+    buf_l = sl.FeatureBuffer(cfg.buffer_size, backbone.feature_dim)
+    buf_u = sl.FeatureBuffer(cfg.buffer_size, backbone.feature_dim)
+    warmup = int(round(cfg.warmup_fraction * cfg.steps))
+    log_rows: List[Dict[str, Any]] = []
+    first_loss: Optional[float] = None
+    status = "completed"
+    step = 0
+
+    def batch(idx: np.ndarray, size: int) -> np.ndarray:
+        return rng.choice(idx, size=size, replace=idx.size < size)
+
+    def to_dev(index: np.ndarray) -> "torch.Tensor":
+        return torch.from_numpy(x_all[index].astype(np.float32)).to(dev)
+
+    log(f"{cfg.method}: {train_l.size} labelled training cases, {val_idx.size} validation, "
+        f"{unlabelled.size} unlabelled; {cfg.steps} steps; device {dev}")
+    model.train()
+    rwn.train()
+    window: Dict[str, List[float]] = {}
+    for step in range(1, cfg.steps + 1):
+        if should_cancel is not None and should_cancel():
+            raise CancelledError(f"training cancelled at step {step}")
+        lr = _cosine_lr(cfg.lr, step - 1, cfg.steps)
+        for group in list(opt.param_groups) + list(opt_rwn.param_groups):
+            group["lr"] = lr
+        il = batch(train_l, cfg.batch_size)
+        yl = torch.from_numpy(y_all[il]).to(dev)
+        xl = augment_batch(to_dev(il), weak, gen)
+        unl_on = uses_unlabelled and unlabelled.size > 0 and step > warmup
+        stats: Dict[str, float] = {}
+        if unl_on:
+            iu = batch(unlabelled, cfg.unlabelled_batch_size)
+            xu_raw = to_dev(iu)
+            xu = augment_batch(xu_raw, weak, gen)
+            parts = [xl, xu]
+            if cfg.method == "fixmatch":
+                parts.append(augment_batch(xu_raw, strong, gen))
+            feats, logits = model(torch.cat(parts))
+            nl, nu = xl.shape[0], xu.shape[0]
+            f_l, f_u = feats[:nl], feats[nl:nl + nu]
+            lg_l, lg_u = logits[:nl], logits[nl:nl + nu]
+            # Diagnostic only: the hidden class of an unlabelled case, when it has one.
+            hidden = y_all[iu]
+            known = hidden >= 0
+            if known.any():
+                stats["pseudo_acc"] = float((lg_u.argmax(1).cpu().numpy()[known]
+                                             == hidden[known]).mean())
+        else:
+            f_l, lg_l = model(xl)
+        loss_l = F.cross_entropy(lg_l, yl)
+        loss = loss_l
+        stats["loss_l"] = float(loss_l)
+
+        if cfg.method == "semi":
+            # (a) prototypes and the relation weight network (backbone features detached).
+            batch_protos = sl.class_prototypes(f_l.detach(), yl, k, previous=prototypes,
+                                               momentum=cfg.prototype_momentum if step > 1 else 0.0)
+            prototypes = _all_reduce_mean_tensor(batch_protos, ctx)
+            opt_rwn.zero_grad(set_to_none=True)
+            loss_rwn = sl.relation_loss(rwn, f_l.detach(), yl, prototypes)
+            loss_rwn.backward()
+            _average_gradients(rwn, ctx)
+            opt_rwn.step()
+            stats["loss_rwn"] = float(loss_rwn)
+            if unl_on:
+                # (b) backbone: weighted pseudo-labels + MMD between confident sets.
+                with torch.no_grad():
+                    probs_u = torch.softmax(lg_u, 1)
+                    pseudo = probs_u.argmax(1)
+                    rwn.eval()
+                    w = sl.relation_weights(rwn, f_u.detach(), pseudo, prototypes)
+                    rwn.train()
+                    probs_l = torch.softmax(lg_l, 1)
+                    conf_l = (probs_l.argmax(1) == yl) & (probs_l.max(1).values > cfg.select_threshold)
+                conf_u = sl.select_confident(probs_u, w, cfg.select_threshold)
+                loss_u = sl.weighted_pseudo_label_loss(lg_u, pseudo, w)
+                set_l = torch.cat([f_l[conf_l], buf_l.get().to(dev)])
+                set_u = torch.cat([f_u[conf_u], buf_u.get().to(dev)])
+                loss_mmd = sl.gaussian_mmd(set_l, set_u)
+                buf_l.push(f_l[conf_l].detach())
+                buf_u.push(f_u[conf_u].detach())
+                loss = loss + loss_u + cfg.lambda_mmd * loss_mmd
+                stats.update(loss_u=float(loss_u), loss_mmd=float(loss_mmd),
+                             mask=float(conf_u.float().mean()), weight=float(w.mean()))
+        elif cfg.method == "pseudolabel" and unl_on:
+            loss_u, mask = sl.pseudo_label_loss(lg_u, cfg.pl_threshold)
+            loss = loss + loss_u
+            stats.update(loss_u=float(loss_u), mask=float(mask.float().mean()))
+        elif cfg.method == "fixmatch" and unl_on:
+            lg_s = logits[nl + nu:]
+            loss_u, mask = sl.fixmatch_loss(lg_u, lg_s, cfg.fixmatch_threshold)
+            loss = loss + loss_u
+            stats.update(loss_u=float(loss_u), mask=float(mask.float().mean()))
+
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        stats["loss"] = float(loss)
+        if first_loss is None:
+            first_loss = float(loss)
+        for key, v in stats.items():
+            window.setdefault(key, []).append(v)
+        every = max(1, min(25, cfg.steps // 20))
+        if step % every == 0 or step == cfg.steps:
+            row = {"step": step, "lr": round(lr, 6),
+                   "minutes": round((time.monotonic() - t0) / 60, 3)}
+            row.update({key: round(float(np.mean(v)), 5) for key, v in window.items()})
+            log_rows.append(row)
+            window = {}
+            log(" ".join(f"{key} {val}" for key, val in row.items()))
+        if progress is not None:
+            progress(0.1 + 0.85 * step / cfg.steps, f"step {step}/{cfg.steps}")
+        over = max_minutes is not None and (time.monotonic() - t0) / 60.0 > max_minutes
+        if all_reduce_max([1.0 if over else 0.0], ctx)[0] > 0:
+            status = "max_minutes"
+            log(f"stopping at step {step}: --max-minutes {max_minutes} reached")
+            break
+
+    summary: Dict[str, Any] = {}
+    if ctx.is_main:
+        net = backbone
+        temperature = 1.0
+        val: Dict[str, Any] = {}
+        if val_idx.size:
+            logits = predict_logits(net, x_all[val_idx], dev)
+            temperature = fit_temperature(logits, y_all[val_idx])
+            pred = logits.argmax(1)
+            val = {"n": int(val_idx.size),
+                   "accuracy": round(float((pred == y_all[val_idx]).mean()), 4),
+                   "temperature": temperature}
+        plans.temperature = temperature
+        save_classifier(out, net, plans, {"epoch": step, "method": cfg.method})
+        summary = {
+            "status": status, "method": cfg.method, "config": cfg.__dict__.copy(),
+            "plans": plans.to_json(), "dataset": str(dataset_dir), "command": command,
+            "steps_done": step, "first_loss": first_loss,
+            "last_loss": log_rows[-1]["loss"] if log_rows else None,
+            "cases": {"labelled_train": [crops.ids[i] for i in train_l],
+                      "validation": [crops.ids[i] for i in val_idx],
+                      "unlabelled": int(unlabelled.size), "failed": crops.failed},
+            "validation": val, "started": started,
+            "minutes": round((time.monotonic() - t0) / 60.0, 2),
+            "world_size": ctx.world_size, "device": str(dev), "versions": _versions(),
+        }
+        atomic_write_json(out / "training.json", summary)
+        if log_rows:
+            keys: List[str] = []
+            for r in log_rows:
+                keys += [key for key in r if key not in keys]
+            buf = __import__("io").StringIO()
+            writer = csv.DictWriter(buf, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(log_rows)
+            atomic_write_text(out / "training_log.csv", buf.getvalue())
+        if progress is not None:
+            progress(1.0, f"saved {out}")
+    return summary
