@@ -1,0 +1,97 @@
+"""Benchmark: syndesmosis crop + classification + Grad-CAM (+ mapping back onto the CT) on CPU.
+
+Usage: .venv/bin/python bench/classify.py [--runs 5] [--seed 4242] [--model DIR] [--tta N]
+
+Generates one clinical-size phantom (512 x 512 x 300-400, ~0.35-0.45 mm, Weber C, left ankle;
+not timed) and registers it once (registration has its own benchmark, bench/register.py), then
+times, with the classifier loaded once (as in batch use and in Slicer):
+
+* crop: the registered syndesmosis crop (3 x 96 x 48 x 64 at 1.5 mm);
+* classify: the network on the crop, with the model's test-time augmentation (TTA) copies;
+* gradcam: Grad-CAM of the predicted class on the last stage;
+* to_ct: the heatmap mapped onto the CT's own grid.
+
+Goal: crop + classification + Grad-CAM <= 2 s on 2 CPU cores. Prints the median of several
+runs per step, the total and the peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import peak_rss_mb, time_runs  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=4242)
+    parser.add_argument("--model", default=None, help="classifier folder (default: shipped)")
+    parser.add_argument("--tta", type=int, default=None,
+                        help="TTA copies (default: the model's plans)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from AnkleFractureLib.classification.inference import WeberClassifier
+    from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis, crop_to_ct
+    from AnkleFractureLib.phantom import generate_case
+    from AnkleFractureLib.registration import load_template, register_to_template
+
+    t0 = time.perf_counter()
+    case = generate_case(args.seed, weber="C", side="left", spacing="clinical")
+    print(f"case: {case.ct.size} voxels (x, y, z) at "
+          f"{tuple(round(s, 3) for s in case.ct.spacing)} mm, generated in "
+          f"{time.perf_counter() - t0:.1f} s (not timed)")
+    template = load_template()
+    reg = register_to_template(case.label, template, side="left", ct=case.ct)
+    t0 = time.perf_counter()
+    clf = WeberClassifier.load(args.model, device="cpu")
+    print(f"model: {clf.model_dir} loaded in {time.perf_counter() - t0:.2f} s (not timed); "
+          f"TTA copies {clf.plans.tta if args.tta is None else args.tta}")
+    state = {}
+
+    def crop():
+        state["crop"] = crop_syndesmosis(case.ct, case.label, reg.patient_to_template, template)
+
+    def classify():
+        state["res"] = clf.classify(state["crop"], tta=args.tta, gradcam=False)
+
+    def gradcam():
+        state["cam"] = clf.classify(state["crop"], tta=1, gradcam=True)
+
+    def to_ct():
+        crop_to_ct(state["cam"].gradcam, state["crop"], case.ct)
+
+    def whole():
+        crop()
+        res = clf.classify(state["crop"], tta=args.tta, gradcam=True)
+        crop_to_ct(res.gradcam, state["crop"], case.ct)
+
+    crop()
+    classify()
+    gradcam()
+    one = {}
+    for name, fn in (("crop", crop), ("classify", classify), ("gradcam (+1 forward)", gradcam),
+                     ("to_ct", to_ct), ("whole", whole)):
+        r = time_runs(fn, runs=args.runs)
+        one[name] = r["median_s"]
+        print(f"{name:22s} median {r['median_s']:.3f} s (min {r['min_s']:.3f}, max "
+              f"{r['max_s']:.3f}, {r['runs']} runs), peak alloc {r['peak_alloc_mb']:.0f} MB")
+    res = state["res"]
+    print("prediction:", res.prediction, {k: round(v, 3) for k, v in res.probabilities.items()},
+          "unsure" if res.uncertainty.get("unsure") else "confident")
+    verdict = "met" if one["whole"] <= 2.0 else "NOT met"
+    print(f"crop + classification + Grad-CAM + to CT: {one['whole']:.2f} s "
+          f"(goal <= 2 s: {verdict}); peak RSS {peak_rss_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
