@@ -142,7 +142,7 @@ class WeberClassifier:
         probs = self.predict_inputs(samples)
         summary = summarize_probabilities(probs)
         timings["classify"] = time.perf_counter() - t
-        mean = np.asarray(summary.probabilities, dtype=np.float64)
+        mean = np.asarray(summary.mean_probabilities, dtype=np.float64)
         probabilities = {c: float(p) for c, p in zip(CLASSES, mean)}
         prediction = CLASSES[int(np.argmax(mean))]
         heat = None

@@ -17,6 +17,8 @@ Example:
     (['ct'], 1)
     >>> raw.prepare(np.zeros((3, 96, 48, 64), np.float32)).shape
     (1, 48, 24, 32)
+    >>> ClsPlans.make(downsample=[1, 2, 2]).prepare(np.zeros((3, 96, 48, 64), np.float32)).shape
+    (3, 96, 24, 32)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple, Union
 
 import numpy as np
 
@@ -60,8 +62,10 @@ class ClsPlans:
         classes: Class names in output order.
         crop: "registered" (syndesmosis crop in the template frame) or "raw" (control).
         channels: Crop channels fed to the network, a subset of :data:`CROP_CHANNELS` in order.
-        downsample: Integer average-pooling factor applied to the crop (1 = 1.5 mm grid,
-            2 = 3 mm grid; the experiment's CPU runs use 2).
+        downsample: Average-pooling factor applied to the crop: one integer for every axis
+            (1 = the 1.5 mm grid, 2 = 3 mm) or three (z, y, x), e.g. [1, 2, 2] keeps 1.5 mm
+            along the leg, where a Weber fracture line shows as a thin gap across the fibula,
+            and pools the cross-section to 3 mm (the experiment's CPU runs).
         network: Arguments of :func:`AnkleFractureLib.classification.network.build_classifier`
             (``in_channels`` must equal ``len(channels)``).
         temperature: Softmax temperature (logits / T), fitted on validation data; 1 = none.
@@ -71,7 +75,7 @@ class ClsPlans:
     classes: List[str] = field(default_factory=lambda: list(CLASSES))
     crop: str = "registered"
     channels: List[str] = field(default_factory=lambda: list(CROP_CHANNELS))
-    downsample: int = 1
+    downsample: Union[int, List[int]] = 1
     network: Dict[str, Any] = field(default_factory=default_network)
     temperature: float = 1.0
     tta: int = 8
@@ -85,7 +89,13 @@ class ClsPlans:
         if not self.channels or any(c not in CROP_CHANNELS for c in self.channels):
             raise ValueError(f"channels must be a non-empty subset of {CROP_CHANNELS}, "
                              f"got {self.channels}")
-        if int(self.downsample) < 1:
+        if isinstance(self.downsample, (list, tuple)):
+            self.downsample = [int(v) for v in self.downsample]
+            if len(self.downsample) != 3:
+                raise ValueError(f"downsample needs 1 or 3 factors, got {self.downsample}")
+        else:
+            self.downsample = int(self.downsample)
+        if min(self.factors) < 1:
             raise ValueError(f"downsample must be >= 1, got {self.downsample}")
         if int(self.network.get("in_channels", 3)) != len(self.channels):
             raise ValueError(f"network in_channels {self.network.get('in_channels')} != "
@@ -94,7 +104,7 @@ class ClsPlans:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
     @classmethod
-    def make(cls, crop: str = "registered", downsample: int = 1,
+    def make(cls, crop: str = "registered", downsample: "Union[int, List[int]]" = 1,
              widths: "List[int] | None" = None, **kwargs: Any) -> "ClsPlans":
         """Plans for a crop kind: registered crops use CT + both masks, raw crops the CT only.
 
@@ -109,7 +119,13 @@ class ClsPlans:
         net["in_channels"] = len(channels)
         if widths is not None:
             net["widths"] = [int(w) for w in widths]
-        return cls(crop=crop, channels=channels, downsample=int(downsample), network=net, **kwargs)
+        return cls(crop=crop, channels=channels, downsample=downsample, network=net, **kwargs)
+
+    @property
+    def factors(self) -> Tuple[int, int, int]:
+        """Pooling factors (z, y, x)."""
+        d = self.downsample
+        return tuple(int(v) for v in d) if isinstance(d, list) else (int(d),) * 3  # type: ignore
 
     @property
     def channel_indices(self) -> List[int]:
@@ -134,12 +150,13 @@ class ClsPlans:
             raise ValueError(f"crop channels must be (3, z, y, x) or (N, 3, z, y, x), "
                              f"got {np.shape(crop_channels)}")
         x = x[:, self.channel_indices]
-        d = int(self.downsample)
-        if d > 1:
+        dz, dy, dx = self.factors
+        if max(dz, dy, dx) > 1:
             n, c, z, y, xx = x.shape
-            if z % d or y % d or xx % d:
-                raise ValueError(f"crop size {(z, y, xx)} is not divisible by downsample {d}")
-            x = x.reshape(n, c, z // d, d, y // d, d, xx // d, d).mean(axis=(3, 5, 7))
+            if z % dz or y % dy or xx % dx:
+                raise ValueError(f"crop size {(z, y, xx)} is not divisible by downsample "
+                                 f"{self.downsample}")
+            x = x.reshape(n, c, z // dz, dz, y // dy, dy, xx // dx, dx).mean(axis=(3, 5, 7))
         x = np.ascontiguousarray(x, dtype=np.float32)
         return x if batched else x[0]
 
@@ -152,7 +169,7 @@ class ClsPlans:
             return cls(classes=list(data.get("classes", CLASSES)),
                        crop=str(data.get("crop", "registered")),
                        channels=list(data.get("channels", CROP_CHANNELS)),
-                       downsample=int(data.get("downsample", 1)),
+                       downsample=data.get("downsample", 1),
                        network=dict(data.get("network") or default_network()),
                        temperature=float(data.get("temperature", 1.0)),
                        tta=int(data.get("tta", 8)),
