@@ -78,16 +78,20 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                    help="labelled crops per step and process (default 16)")
     p.add_argument("--unlabelled-batch-size", type=int, default=16, metavar="N",
                    help="unlabelled crops per step and process (default 16)")
-    p.add_argument("--lr", type=float, default=0.01,
-                   help="initial SGD learning rate, cosine decay to 0 (default 0.01)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="initial learning rate, cosine decay to 0 (default 1e-3)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                   help="adamw (default) or sgd with momentum 0.9 (the reference's choice; "
+                        "slower from scratch, use --lr 0.01-0.05)")
     p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                    help="share of the labelled cases held out for validation and calibration, "
                         "in [0, 1) (default 0.1)")
     p.add_argument("--crop", choices=["registered", "raw"], default="registered",
                    help="registered syndesmosis crop (CT + tibia + fibula; default) or the "
                         "raw-CT control (no registration)")
-    p.add_argument("--downsample", type=int, default=1, metavar="D",
-                   help="average-pool the 1.5 mm crop by D (default 1; 2 = 3 mm, faster)")
+    p.add_argument("--downsample", type=int, nargs="+", default=[1], metavar="D",
+                   help="average-pool the 1.5 mm crop by D (default 1; 2 = 3 mm, faster), or "
+                        "by three factors z y x (e.g. 1 2 2)")
     p.add_argument("--widths", type=int, nargs=4, metavar="W",
                    help="SE-ResNet stage widths (default from the plans: 16 32 64 128)")
     p.add_argument("--cache-dir", metavar="DIR",
@@ -112,7 +116,9 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append(f"--label-fraction must be in (0, 1], got {args.label_fraction}")
     if not 0.0 <= args.val_fraction < 1.0:
         problems.append(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    for name in ("steps", "batch_size", "unlabelled_batch_size", "downsample", "workers"):
+    if len(args.downsample) not in (1, 3) or min(args.downsample) < 1:
+        problems.append(f"--downsample takes 1 or 3 factors >= 1, got {args.downsample}")
+    for name in ("steps", "batch_size", "unlabelled_batch_size", "workers"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
@@ -147,10 +153,11 @@ def run(args: argparse.Namespace) -> int:
     config = ClsTrainConfig(method=args.method, label_fraction=args.label_fraction,
                             seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                             unlabelled_batch_size=args.unlabelled_batch_size, lr=args.lr,
-                            val_fraction=args.val_fraction)
+                            optimizer=args.optimizer, val_fraction=args.val_fraction)
     config.check()
     try:
-        plans = ClsPlans.make(args.crop, args.downsample, args.widths)
+        down = args.downsample[0] if len(args.downsample) == 1 else list(args.downsample)
+        plans = ClsPlans.make(args.crop, down, args.widths)
     except ValueError as exc:
         raise InputError(None, f"invalid classifier settings: {exc}") from None
 
