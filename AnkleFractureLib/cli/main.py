@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every sub-command."""
     from AnkleFractureLib.cli import (classify_cmd, demo_cmd, evaluate_cls_cmd,
                                       evaluate_seg_cmd, info_cmd, phantom_cmd, register_cmd,
-                                      segment_cmd, train_cls_cmd, train_seg_cmd)
+                                      run_cmd, segment_cmd, train_cls_cmd, train_seg_cmd)
 
     parser = argparse.ArgumentParser(
         prog="ankle-fracture",
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in (demo_cmd, phantom_cmd, info_cmd, segment_cmd, register_cmd, train_seg_cmd,
-                   evaluate_seg_cmd, classify_cmd, train_cls_cmd, evaluate_cls_cmd):
+                   evaluate_seg_cmd, classify_cmd, train_cls_cmd, evaluate_cls_cmd, run_cmd):
         module.add_parser(sub)
     return parser
 

@@ -1,0 +1,136 @@
+"""``ankle-fracture run``: the whole pipeline on one CT, with its safety checks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Dict, List
+
+from AnkleFractureLib.cli.progress import ProgressBar
+
+DESCRIPTION = """\
+Analyse one ankle CT end to end: segment the tibia and fibula, register them to the healthy
+template (a left ankle is mirrored first), crop the syndesmosis, classify Danis-Weber
+none / A / B / C with an uncertainty and a Grad-CAM heatmap. Sanity checks run between the
+stages; when the scan cannot support an answer (the syndesmosis outside the field of view, no
+fibula, both legs and no --side, a failed registration, voxels over 5 mm) the run stops and
+says why: that is a result (exit status 0), not an error, and no Weber class is given.
+Warnings (metal, coarse slices, a poor fit, ...) mark the answer unsure. CT is an image file or
+a DICOM folder. Writes into DIR, each file atomically, result.json last:
+  segmentation.nii.gz      tibia 1 / fibula 2 on the CT's grid
+  transform.json           the registration (as 'ankle-fracture register'), and
+  transform.tfm            the ITK transform (template -> patient, LPS) for 3D Slicer
+  syndesmosis_crop.nii.gz  the classifier's input on the template's box grid
+  gradcam.nii.gz           Grad-CAM heatmap (float32, 0..1) on the CT's grid
+  report.png               a one-page summary (when available)
+  result.json              probabilities, prediction, uncertainty, side, registration quality,
+                           findings and warnings, refusal, timings, model versions, input
+Files of stages that did not run are not written. Research software, not for clinical use."""
+
+EXAMPLES = """\
+examples:
+  ankle-fracture run ct.nii.gz --out result/
+  ankle-fracture run dicom_folder/ --out result/ --side left --device cuda
+  ankle-fracture run ct.nii.gz --out result/ --tta 16 --cls-model models/cls --quiet"""
+
+
+def add_parser(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser("run", help="the whole pipeline on one CT (segment, register, classify)",
+                       description=DESCRIPTION, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ct", metavar="CT", help="CT image file or DICOM folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--side", choices=["auto", "left", "right"], default="auto",
+                   help="ankle side (default auto: from the anatomy); with both legs in the "
+                        "scan, the leg to analyse")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto (default: CUDA when available), cpu or cuda")
+    p.add_argument("--tta", type=int, default=None, metavar="N",
+                   help="test-time augmentations for the uncertainty (default: the model's; "
+                        "0 = a single pass)")
+    p.add_argument("--seg-model", metavar="DIR",
+                   help="segmentation model folder (default: the shipped model)")
+    p.add_argument("--cls-model", metavar="DIR",
+                   help="classifier folder (default: the shipped model)")
+    p.add_argument("--template", metavar="DIR", help="template folder (default: the shipped one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _bar_chart(probabilities: Dict[str, float], prediction: str, width: int = 30) -> List[str]:
+    lines = []
+    for name, p in probabilities.items():
+        filled = int(round(p * width))
+        mark = "  <- prediction" if name == prediction else ""
+        lines.append(f"  {name:<4} {100.0 * p:5.1f}% |{'#' * filled}{' ' * (width - filled)}|"
+                     f"{mark}")
+    return lines
+
+
+def summary_lines(data: Dict[str, Any], out: Path) -> List[str]:
+    """The readable summary of a ``result.json`` dict."""
+    lines: List[str] = []
+    src = (data.get("input") or {}).get("ct") or "the CT"
+    side = f" ({data['side']} ankle)" if data.get("side") else ""
+    lines.append(f"AnkleFracture analysis of {src}{side}")
+    if data.get("refused"):
+        stage = {"input": "image", "segment": "segmentation", "register": "registration",
+                 "crop": "crop"}.get(data.get("refused_stage") or "", "")
+        lines.append(f"NO WEBER CLASS: the {stage} checks refused this scan:".replace("  ", " "))
+        for message in data.get("refusals") or [data.get("refusal") or "(no reason given)"]:
+            lines.append(f"  - {message}")
+    else:
+        probabilities = data["probabilities"]
+        prediction = data["prediction"]
+        lines.extend(_bar_chart(probabilities, prediction))
+        p = 100.0 * probabilities[prediction]
+        lines.append(f"prediction: Weber {prediction} ({p:.1f}%)" if prediction != "none"
+                     else f"prediction: no fracture ({p:.1f}%)")
+        unc = data.get("uncertainty") or {}
+        if unc.get("unsure"):
+            reasons = unc.get("reasons") or ["the uncertainty is high"]
+            lines.append("UNSURE - review the CT:")
+            lines.extend(f"  - {r}" for r in reasons)
+    reg = data.get("registration")
+    if reg:
+        lines.append(f"registration: RMS {reg['rms_mm']:.2f} mm, inliers "
+                     f"{reg['inlier_fraction']:.0%}, scale {reg['scale']:.3f}"
+                     + (f", box coverage {data['crop_coverage']:.0%}"
+                        if data.get("crop_coverage") is not None else ""))
+    for w in data.get("warnings", []):
+        lines.append(f"warning: {w}")
+    timings = data.get("timings_s", {})
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items() if k != "total")
+    files = ", ".join(data.get("files", []) + ["result.json"])
+    lines.append(f"wrote {out}/: {files} ({timings.get('total', 0.0):.1f} s: {stages})")
+    lines.append(f"{data.get('disclaimer', 'research software, not for clinical use')}.")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    from AnkleFractureLib.errors import InputError
+    from AnkleFractureLib.io import read_image
+    from AnkleFractureLib.pipeline.pipeline import Pipeline, PipelineOptions, write_outputs
+
+    if args.tta is not None and args.tta < 0:
+        raise InputError(None, f"--tta must be >= 0, got {args.tta}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "--out must be a folder, but a file of that name exists")
+    bar = ProgressBar("run", enabled=not args.quiet)
+    bar(0.0, "reading the CT")
+    ct = read_image(args.ct)
+    options = PipelineOptions(side=args.side, device=args.device, tta=args.tta,
+                              seg_model_dir=args.seg_model, cls_model_dir=args.cls_model,
+                              template_dir=args.template)
+    pipeline = Pipeline(options)
+
+    def progress(fraction: float, message: str) -> None:
+        bar(0.02 + 0.93 * fraction, message)
+
+    result = pipeline.run(ct, progress=progress)
+    bar(0.96, "writing")
+    data = write_outputs(result, out, ct)
+    bar(1.0, "done")
+    print("\n".join(summary_lines(data, out)))
+    return 0

@@ -1,0 +1,795 @@
+"""Sanity checks that protect the patient: when the scan cannot support a Weber class, say so.
+
+Every check is a pure function returning a list of :class:`Finding`: a ``"warning"`` (the answer
+is given, flagged *unsure* when the warning's code is in :data:`UNSURE_CODES`) or a
+``"refusal"`` (the classification is withheld, with the reason in plain words). The pipeline
+runs them between its stages and stops at the first stage with a refusal.
+
+=========================  ===========================================================  =========
+check                      rule (thresholds are the module constants)                   level
+=========================  ===========================================================  =========
+:func:`check_ct`           coarsest voxel side > 5 mm                                   refusal
+                           slices > 3 mm or in-plane > 1.5 mm                           warning
+                           > 0.05 ml of voxels above 3000 HU (metal)                    warning
+                           reader notes (non-uniform slices, gantry tilt, ...)          warning
+:func:`check_segmentation` tibia or fibula < 0.2 ml (absent)                            refusal
+                           tibia < 5 ml or fibula < 1 ml (implausibly small)            refusal
+                           tibia < 15 ml or fibula < 3 ml                               warning
+                           fibula larger than the tibia / > 0.6 of it                   refusal /
+                                                                                        warning
+:func:`check_side`         both legs in view, no side given / side given                refusal /
+                                                                                        warning
+                           side cannot be told; side given contradicts the anatomy      refusal /
+                                                                                        warning
+:func:`check_field_of_view` tibia runs into the lower scan edge (no ankle joint)         refusal
+                           scan ends < 40 mm / < 80 mm above the ankle joint            refusal /
+                                                                                        warning
+                           scan ends < 25 mm below the joint (Weber A level)            warning
+                           fibula beside the tibia over < 20 mm above the joint         refusal
+                           crop coverage < 0.6 / < 0.9                                  refusal /
+                                                                                        warning
+                           tibia or fibula in the crop 0-60 mm above the plafond        refusal /
+                           < 0.3 / < 0.6 of the template's                              warning
+:func:`check_registration` RMS > 6 mm / > 3 mm                                          refusal /
+                                                                                        warning
+                           inliers < 60 %, scale outside 0.7-1.4, side unsure           warning
+=========================  ===========================================================  =========
+
+The field-of-view check works in two ways. Before registration it uses only the label map and
+the CT's grid: the tibia's long axis, its distal end (the medial malleolus tip, 12 mm below the
+plafond on the template) and where the scan's box ends along that axis, and whether a fibula
+runs beside the tibia above the joint. After registration it maps the template's plafond and
+long axis into the patient, which does not depend on how far the segmentation is right, and
+measures the crop. A foot-only scan (the Visible Human series in ``../shared/data``: the scan
+ends at the ankle and the "fibula" the phantom-trained model finds is foot bone below the
+"tibia") and a knee scan (the tibia runs out of the bottom of the scan; no fibula beside a
+distal tibia) are refused with the reason.
+
+Example:
+    >>> f = check_registration_values(rms_mm=7.0, inlier_fraction=0.9, scale=1.0)
+    >>> [(x.level, x.code) for x in f]
+    [('refusal', 'registration_rms')]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from AnkleFractureLib.geometry.volume import Volume
+
+WARNING = "warning"
+REFUSAL = "refusal"
+TIBIA, FIBULA = 1, 2
+
+# ---------------------------------------------------------------------- thresholds
+#: Coarsest voxel side (mm) above which the scan is refused (fracture lines are 0.5-2 mm wide).
+REFUSE_SPACING_MM = 5.0
+#: Slice spacing (the coarsest voxel side, mm) above which a warning is given.
+WARN_SLICE_MM = 3.0
+#: In-plane spacing (the second coarsest voxel side, mm) above which a warning is given.
+WARN_INPLANE_MM = 1.5
+#: HU above which a voxel is metal (cortical bone stays below ~2000 HU; 12-bit scanners clip
+#: metal at 3071 HU).
+METAL_HU = 3000.0
+#: Metal volume (ml) from which a warning is given (a 3.5 mm cortical screw is about 0.2 ml).
+METAL_MIN_ML = 0.05
+#: A bone with less than this (ml) labelled is absent (a few specks are not a bone; as
+#: registration's ``MIN_BONE_MM3``).
+ABSENT_ML = 0.2
+#: Refusal below these volumes (ml): no ankle scan holds so little tibia / fibula.
+REFUSE_TIBIA_ML, REFUSE_FIBULA_ML = 5.0, 1.0
+#: Warning below these volumes (ml). The template holds 54 ml of tibia and 11 ml of fibula
+#: 0-60 mm above the plafond; a child scales volumes by about 0.35.
+WARN_TIBIA_ML, WARN_FIBULA_ML = 15.0, 3.0
+#: Fibula / tibia volume ratios: about 0.3 on the phantoms and the template (fibula
+#: 28 ml, tibia 89 ml); above 0.6 is unusual, above 1 impossible at the ankle.
+WARN_FIB_TIB_RATIO, REFUSE_FIB_TIB_RATIO = 0.6, 1.0
+#: The medial malleolus tip lies this far (mm) below the plafond (the template's tibia reaches
+#: 12 mm below it); the pre-registration estimate of the joint level is tip + this.
+MALLEOLUS_BELOW_PLAFOND_MM = 12.0
+#: The scan must reach this far (mm) above the ankle joint: below it the syndesmosis (0-60 mm)
+#: is not in view and Weber B (0-25 mm) cannot be told from C (35-100 mm).
+REFUSE_ABOVE_MM = 40.0
+#: Below this extent (mm) above the joint, high Weber C fractures (up to 100 mm) may be missed.
+WARN_ABOVE_MM = 80.0
+#: Below this extent (mm) below the joint the Weber A level (3-20 mm below, malleolar tip to
+#: 28 mm) is not fully in view.
+WARN_BELOW_MM = 25.0
+#: The tibia's distal end closer than this (mm) to the scan's lower edge means it is cut by it.
+CUT_MARGIN_MM = 3.0
+#: Slab thickness (mm) along the leg for the "fibula beside the tibia" test, the range examined
+#: (mm, from 10 mm below the joint to this far above it), and the length needed (mm).
+SLAB_MM = 5.0
+SHAFT_RANGE_MM = 60.0
+NEED_FIBULA_BESIDE_MM = 20.0
+#: Bone volume (mm^3) a 5 mm slab must hold to count as tibia / fibula present (a distal
+#: tibial cross-section of 3-6 cm^2 gives 1500-3000, a fibular one of 1-2 cm^2 500-1000).
+SLAB_MIN_TIBIA_MM3, SLAB_MIN_FIBULA_MM3 = 300.0, 100.0
+#: A fibula voxel farther (mm) from the tibia's axis than this belongs to something else.
+FIBULA_MAX_DISTANCE_MM = 60.0
+#: Crop coverage (fraction of the box inside the CT): refusal / warning below.
+REFUSE_COVERAGE, WARN_COVERAGE = 0.6, 0.9
+#: Height range (template mm above the plafond) of the syndesmosis level in the crop.
+SYNDESMOSIS_Z_MM = (0.0, 60.0)
+#: Bone volume in that range relative to the template's: refusal / warning below.
+REFUSE_BONE_RATIO, WARN_BONE_RATIO = 0.3, 0.6
+#: Template bone volumes (ml) 0-60 mm above the plafond (the shipped template) when no template
+#: is given to :func:`check_field_of_view`.
+TEMPLATE_SYNDESMOSIS_ML = {TIBIA: 54.2, FIBULA: 11.4}
+#: Registration quality: RMS (mm) warning / refusal, inlier fraction warning, plausible scale,
+#: side-detection confidence below which the side is called unsure.
+WARN_RMS_MM, REFUSE_RMS_MM = 3.0, 6.0
+WARN_INLIERS = 0.6
+PLAUSIBLE_SCALE = (0.7, 1.4)
+WARN_SIDE_CONFIDENCE = 0.8
+#: Distance (mm) between the plafond found on the segmentation and the template's plafond
+#: mapped by the registration: warning / refusal above. A 15 mm error moves a Weber B level
+#: (0-25 mm above the joint) into the C range (35-100 mm). On 44 phantoms (ground-truth
+#: labels) the two agree within 1.2 mm, except 2 fits that slid along the shaft while shrinking
+#: (scale 0.85 and 0.89): 11.7 and 6.2 mm, with unremarkable RMS (0.98, 0.96 mm).
+WARN_JOINT_MM, REFUSE_JOINT_MM = 5.0, 15.0
+#: Voxels examined per bone in the label-only checks (larger masks are strided).
+MAX_VOXELS = 2_000_000
+
+#: Warning codes that mark a delivered Weber class *unsure*: each means the scan or a stage
+#: upstream may have misled the classifier. (``reader_note`` and ``one_leg_selected`` are
+#: information only.)
+UNSURE_CODES = frozenset({
+    "coarse_spacing", "metal", "small_tibia", "small_fibula", "fibula_large",
+    "side_conflict", "side_unsure", "fov_short_above", "fov_short_below", "fov_coverage",
+    "fov_bone_at_syndesmosis", "registration_rms", "registration_inliers", "registration_scale",
+    "registration_joint", "registration_note",
+})
+
+
+@dataclass
+class Finding:
+    """One result of a sanity check.
+
+    Attributes:
+        level: ``"warning"`` or ``"refusal"``.
+        code: Stable machine-readable code, e.g. ``"fov_short_above"``.
+        message: Plain-language explanation for the clinician.
+        details: Measured values behind it (plain JSON types), e.g. ``{"above_mm": 29.0}``.
+    """
+
+    level: str
+    code: str
+    message: str
+    details: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.level not in (WARNING, REFUSAL):
+            raise ValueError(f"level must be 'warning' or 'refusal', got {self.level!r}")
+
+    def to_json(self) -> Dict[str, Any]:
+        """Plain JSON dict (level, code, message, details)."""
+        return {"level": self.level, "code": self.code, "message": self.message,
+                "details": {k: _plain(v) for k, v in self.details.items()}}
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python numbers (rounded floats), for JSON."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return round(float(value), 3)
+    return value
+
+
+#: Order in which refusal reasons are told (the first is the headline): a scan that does not
+#: show the syndesmosis says so before the consequences (odd bones, no side, a poor fit).
+REFUSAL_ORDER = ("spacing_too_coarse", "fov_", "both_legs", "no_", "small_", "fibula_",
+                 "bad_labels", "side_", "registration_")
+
+
+def _refusal_rank(finding: Finding) -> int:
+    for rank, prefix in enumerate(REFUSAL_ORDER):
+        if finding.code.startswith(prefix):
+            return rank
+    return len(REFUSAL_ORDER)
+
+
+def refusals(findings: Iterable[Finding]) -> List[Finding]:
+    """The refusals among ``findings``, headline first (:data:`REFUSAL_ORDER`; stable).
+
+    Example:
+        >>> fs = [Finding("refusal", "no_fibula", "b"), Finding("warning", "metal", "m"),
+        ...       Finding("refusal", "fov_coverage", "a")]
+        >>> [f.message for f in refusals(fs)]
+        ['a', 'b']
+    """
+    return sorted((f for f in findings if f.level == REFUSAL), key=_refusal_rank)
+
+
+# ---------------------------------------------------------------------- the CT itself
+def check_ct(ct: Volume) -> List[Finding]:
+    """Spacing, metal and the reader's notes of a CT (HU).
+
+    Orientation does not matter: the coarsest voxel side is taken as the slice spacing and the
+    second coarsest as the in-plane spacing.
+
+    Example:
+        >>> v = Volume(np.zeros((4, 4, 4), np.int16), spacing=(0.5, 0.5, 6.0))
+        >>> [(f.level, f.code) for f in check_ct(v)]
+        [('refusal', 'spacing_too_coarse')]
+    """
+    out: List[Finding] = []
+    sp = sorted((float(s) for s in ct.spacing), reverse=True)
+    slice_mm, inplane_mm = sp[0], sp[1]
+    details = {"slice_mm": slice_mm, "inplane_mm": inplane_mm}
+    if slice_mm > REFUSE_SPACING_MM:
+        out.append(Finding(REFUSAL, "spacing_too_coarse",
+                           f"the image is too coarse to show fracture lines: {slice_mm:.1f} mm "
+                           f"voxels (at most {REFUSE_SPACING_MM:.0f} mm; thin-slice ankle CT "
+                           "has 0.5-1 mm)", details))
+    elif slice_mm > WARN_SLICE_MM or inplane_mm > WARN_INPLANE_MM:
+        out.append(Finding(WARNING, "coarse_spacing",
+                           f"coarse image ({inplane_mm:.2f} mm in-plane, {slice_mm:.2f} mm "
+                           f"slices; recommended at most {WARN_INPLANE_MM} mm and "
+                           f"{WARN_SLICE_MM:.0f} mm): thin fracture lines may be invisible",
+                           details))
+    # Per slab, so a clinical 512 x 512 x 400 CT never needs a full-size boolean copy.
+    metal = 0
+    arr = ct.array
+    for k in range(0, arr.shape[0], 32):
+        metal += int(np.count_nonzero(arr[k:k + 32] > METAL_HU))
+    metal_ml = metal * float(np.prod(ct.spacing)) / 1000.0
+    if metal_ml >= METAL_MIN_ML:
+        out.append(Finding(WARNING, "metal",
+                           f"metal in the scan: {metal_ml:.2f} ml of voxels above "
+                           f"{METAL_HU:.0f} HU (plates, screws, prosthesis?); its streak "
+                           "artefacts can hide or mimic fracture lines",
+                           {"metal_ml": metal_ml, "threshold_hu": METAL_HU}))
+    for note in ct.meta.get("warnings", []) or []:
+        out.append(Finding(WARNING, "reader_note", f"reading the CT: {note}"))
+    return out
+
+
+# ---------------------------------------------------------------------- the segmentation
+def bone_volumes_ml(label: Volume) -> Dict[str, float]:
+    """Labelled volume (ml) of the tibia and the fibula.
+
+    Example:
+        >>> lab = np.zeros((10, 10, 10), np.uint8); lab[:, :5] = 1; lab[0, 9, 9] = 2
+        >>> bone_volumes_ml(Volume(lab, spacing=(2.0, 2.0, 2.0)))
+        {'tibia': 4.0, 'fibula': 0.008}
+    """
+    vox_ml = float(np.prod(label.spacing)) / 1000.0
+    # count_nonzero of a comparison: a bincount would cast a clinical map to int64 (760 MB).
+    return {name: round(float(np.count_nonzero(label.array == value)) * vox_ml, 6)
+            for name, value in (("tibia", TIBIA), ("fibula", FIBULA))}
+
+
+def check_segmentation(label: Volume) -> List[Finding]:
+    """Missing or implausible bones in a label map (0 background, 1 tibia, 2 fibula).
+
+    Example:
+        >>> lab = np.zeros((40, 40, 40), np.uint8); lab[:, 5:30, 5:30] = 1
+        >>> [(f.level, f.code) for f in check_segmentation(Volume(lab))]
+        [('refusal', 'no_fibula')]
+    """
+    arr = label.array
+    if arr.min() < 0 or arr.max() > 2:
+        return [Finding(REFUSAL, "bad_labels",
+                        "the segmentation holds values other than 0 (background), 1 (tibia) "
+                        "and 2 (fibula)")]
+    vol = bone_volumes_ml(label)
+    tib, fib = vol["tibia"], vol["fibula"]
+    details = {"tibia_ml": tib, "fibula_ml": fib}
+    out: List[Finding] = []
+    for name, ml, refuse, warn in (("tibia", tib, REFUSE_TIBIA_ML, WARN_TIBIA_ML),
+                                   ("fibula", fib, REFUSE_FIBULA_ML, WARN_FIBULA_ML)):
+        if ml < ABSENT_ML:
+            out.append(Finding(REFUSAL, f"no_{name}",
+                               f"no {name} found in the scan ({ml * 1000:.0f} mm^3 labelled): "
+                               f"the Weber class needs both the tibia and the fibula", details))
+        elif ml < refuse:
+            out.append(Finding(REFUSAL, f"small_{name}",
+                               f"implausibly small {name}: {ml:.1f} ml labelled (an ankle scan "
+                               f"holds at least {refuse:.0f} ml); the segmentation failed or "
+                               "the scan does not show the ankle", details))
+        elif ml < warn:
+            out.append(Finding(WARNING, f"small_{name}",
+                               f"small {name}: {ml:.1f} ml labelled (expected at least "
+                               f"{warn:.0f} ml); check the segmentation and the field of view",
+                               details))
+    if tib >= ABSENT_ML and fib >= ABSENT_ML:
+        ratio = fib / tib
+        details["fibula_to_tibia"] = ratio
+        if ratio > REFUSE_FIB_TIB_RATIO:
+            out.append(Finding(REFUSAL, "fibula_larger_than_tibia",
+                               f"implausible segmentation: the fibula ({fib:.1f} ml) is larger "
+                               f"than the tibia ({tib:.1f} ml), while at the ankle the tibia is "
+                               "about three times larger; these are probably not the distal "
+                               "tibia and fibula", details))
+        elif ratio > WARN_FIB_TIB_RATIO:
+            out.append(Finding(WARNING, "fibula_large",
+                               f"unusual segmentation: the fibula is {ratio:.0%} of the tibia's "
+                               "volume (about 30 % at the ankle); check it", details))
+    return out
+
+
+# ---------------------------------------------------------------------- the side
+def check_side(detection: Any, requested: str = "auto") -> List[Finding]:
+    """Side findings from a :class:`~AnkleFractureLib.registration.side.SideDetection`.
+
+    Args:
+        detection: The detection on the CT and label map (``side``, ``confidence``, ``reason``,
+            ``legs``).
+        requested: "auto", "left" or "right" (what the user asked for).
+
+    Returns:
+        A refusal when the side cannot be told and none was given (both legs in view: "give
+        the side"); a warning when a given side contradicts a confident detection, or when both
+        legs are in view and the given side's leg is analysed alone.
+
+    Example:
+        >>> from AnkleFractureLib.registration.side import SideDetection
+        >>> d = SideDetection(None, 0.0, "both legs in the field of view", 2)
+        >>> [f.code for f in check_side(d)], [f.level for f in check_side(d, "left")]
+        (['both_legs'], ['warning'])
+    """
+    out: List[Finding] = []
+    legs = int(getattr(detection, "legs", 1) or 0)
+    if requested not in ("left", "right"):
+        if legs >= 2:
+            out.append(Finding(REFUSAL, "both_legs",
+                               "both legs are in the field of view: give the side to analyse "
+                               "(--side left or --side right)", {"legs": legs,
+                                                                 "reason": detection.reason}))
+        elif detection.side is None:
+            out.append(Finding(REFUSAL, "side_undetermined",
+                               f"cannot tell a left from a right ankle ({detection.reason}): "
+                               "give the side (--side left or --side right)",
+                               {"reason": detection.reason}))
+        return out
+    if legs >= 2:
+        out.append(Finding(WARNING, "one_leg_selected",
+                           f"both legs are in the field of view: only the {requested} leg "
+                           "is analysed", {"legs": legs}))
+    elif (detection.side is not None and detection.side != requested
+          and float(detection.confidence) >= WARN_SIDE_CONFIDENCE):
+        out.append(Finding(WARNING, "side_conflict",
+                           f"the side given ({requested}) contradicts the anatomy "
+                           f"({detection.reason}); a wrong side mirrors the ankle the wrong way",
+                           {"detected": detection.side,
+                            "confidence": float(detection.confidence)}))
+    return out
+
+
+# ---------------------------------------------------------------------- field of view
+def _stride(shape: Sequence[int]) -> int:
+    n = float(np.prod(shape))
+    return max(1, int(np.ceil((n / MAX_VOXELS) ** (1.0 / 3.0))))
+
+
+def _points(label: Volume, mask: np.ndarray, stride: int) -> np.ndarray:
+    """LPS mm (N, 3) of the true voxels of a strided mask."""
+    kji = np.argwhere(mask) * stride
+    return label.index_to_physical(kji[:, ::-1]) if len(kji) else np.zeros((0, 3))
+
+
+def _main_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a boolean mask."""
+    comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return mask
+    sizes = np.bincount(comps.reshape(-1))[1:]
+    return comps == int(np.argmax(sizes)) + 1
+
+
+def leg_axis(points: np.ndarray) -> np.ndarray:
+    """Unit long axis (LPS, pointing superior) of the tibia voxels ``points`` (N, 3).
+
+    The principal axis when it dominates (a shaft) and is within 60 degrees of the scanner's
+    z; otherwise LPS z (patients lie along the scanner axis; a short or blob-like "tibia" has
+    no reliable long axis).
+
+    Example:
+        >>> pts = np.stack([np.zeros(50), np.zeros(50), -np.arange(50.0)], axis=1)
+        >>> u = leg_axis(pts + np.random.default_rng(0).normal(0, 0.5, (50, 3)))
+        >>> bool(np.allclose(u, [0, 0, 1], atol=0.05))
+        True
+    """
+    z = np.array([0.0, 0.0, 1.0])
+    if len(points) < 10:
+        return z
+    c = points - points.mean(axis=0)
+    evals, evecs = np.linalg.eigh(c.T @ c / len(c))
+    axis = evecs[:, int(np.argmax(evals))]
+    ev = np.sort(evals)[::-1]
+    if ev[0] < 2.0 * ev[1] or abs(axis[2]) < np.cos(np.deg2rad(60.0)):
+        return z
+    axis = axis / np.linalg.norm(axis)
+    return axis if axis[2] >= 0 else -axis
+
+
+def extent_along(ct: Volume, point: np.ndarray, direction: np.ndarray) -> Tuple[float, float]:
+    """Where the line ``point + s * direction`` (LPS mm, unit direction) enters and leaves the
+    CT's box (outer voxel faces).
+
+    Returns:
+        (s_lo, s_hi) in mm along ``direction``; s_lo > s_hi when the line misses the box.
+
+    Example:
+        >>> v = Volume(np.zeros((100, 10, 10)), spacing=(1.0, 1.0, 1.0))
+        >>> extent_along(v, np.array([5.0, 5.0, 30.0]), np.array([0.0, 0.0, 1.0]))
+        (-30.5, 69.5)
+    """
+    i0 = ct.physical_to_index(np.asarray(point, float)[None, :])[0]
+    m = ct.direction @ np.diag(ct.spacing)
+    di = np.linalg.solve(m, np.asarray(direction, float))
+    lo, hi = -np.inf, np.inf
+    for a, n in enumerate(ct.size):
+        edge_lo, edge_hi = -0.5, n - 0.5
+        if abs(di[a]) < 1e-12:
+            if not edge_lo <= i0[a] <= edge_hi:
+                return (np.inf, -np.inf)
+            continue
+        s1, s2 = (edge_lo - i0[a]) / di[a], (edge_hi - i0[a]) / di[a]
+        lo, hi = max(lo, min(s1, s2)), min(hi, max(s1, s2))
+    return (float(lo), float(hi))
+
+
+def _joint_findings(above: float, below: float, source: str) -> List[Finding]:
+    """Findings on the scan's extent above/below the ankle joint (mm along the leg)."""
+    out: List[Finding] = []
+    details = {"above_joint_mm": above, "below_joint_mm": below, "joint_from": source}
+    if above < REFUSE_ABOVE_MM:
+        out.append(Finding(REFUSAL, "fov_short_above",
+                           f"the syndesmosis is not in the field of view: the scan ends "
+                           f"{max(above, 0.0):.0f} mm above the ankle joint (at least "
+                           f"{REFUSE_ABOVE_MM:.0f} mm of tibial and fibular shaft are needed)",
+                           details))
+    elif above < WARN_ABOVE_MM:
+        out.append(Finding(WARNING, "fov_short_above",
+                           f"the scan ends {above:.0f} mm above the ankle joint: a high Weber C "
+                           "fracture (up to 100 mm above the joint) may be outside the field "
+                           "of view", details))
+    if below < WARN_BELOW_MM:
+        out.append(Finding(WARNING, "fov_short_below",
+                           f"the scan ends {max(below, 0.0):.0f} mm below the ankle joint: the "
+                           "lateral malleolus and the Weber A level (down to 28 mm below the "
+                           "joint) are not fully in view", details))
+    return out
+
+
+def _main_tibia(label: Volume) -> Tuple[np.ndarray, int]:
+    """(strided mask of the largest tibia component, stride)."""
+    stride = _stride(label.shape)
+    return _main_component(label.array[::stride, ::stride, ::stride] == TIBIA), stride
+
+
+def estimate_plafond(label: Volume) -> Optional[np.ndarray]:
+    """The tibial plafond (LPS mm) of the label map's largest tibia, or None when not found.
+
+    :func:`~AnkleFractureLib.registration.template.find_plafond` (within about 1 mm on the
+    phantoms, medial malleolus fractures included) on the bounding box of the largest tibia
+    component, so a second leg's tibia does not bend the axis.
+    """
+    from AnkleFractureLib.errors import AnkleFractureError
+    from AnkleFractureLib.registration.template import find_plafond
+
+    mask, stride = _main_tibia(label)
+    idx = np.argwhere(mask)
+    if len(idx) < 10:
+        return None
+    lo = np.maximum(idx.min(axis=0) * stride - stride, 0)
+    hi = np.minimum(idx.max(axis=0) * stride + 2 * stride, label.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    sub = label.region(box)  # type: ignore[arg-type]
+    tibia = sub.with_array((sub.array == TIBIA).astype(np.uint8))
+    try:
+        return np.asarray(find_plafond(tibia), dtype=float)
+    except (AnkleFractureError, ValueError, np.linalg.LinAlgError):
+        return None
+
+
+def _label_only_fov(ct: Volume, label: Volume) -> List[Finding]:
+    """Field of view from the label map and the CT's grid only (before registration)."""
+    tib_mask, stride = _main_tibia(label)
+    tib = _points(label, tib_mask, stride)
+    fib = _points(label, label.array[::stride, ::stride, ::stride] == FIBULA, stride)
+    if len(tib) < 10:
+        return []  # check_segmentation refuses a missing tibia
+    vox_mm3 = float(np.prod(label.spacing)) * stride ** 3
+    u = leg_axis(tib)
+    centre = tib.mean(axis=0)
+    h_tib = (tib - centre) @ u
+    distal = float(h_tib.min())
+    # Heights are relative to the tibia's centroid. The joint is the plafond found on the
+    # label; failing that (no articular surface, e.g. foot bones labelled tibia), the
+    # malleolus tip + 12 mm.
+    plafond = estimate_plafond(label)
+    s_lo, s_hi = extent_along(ct, centre, u)
+    cut = distal - s_lo < CUT_MARGIN_MM + stride * max(label.spacing)
+    if plafond is not None and distal <= float((plafond - centre) @ u):
+        joint, source = float((plafond - centre) @ u), "segmentation (tibial plafond)"
+    else:
+        joint = distal + MALLEOLUS_BELOW_PLAFOND_MM
+        source = f"segmentation (tibia tip + {MALLEOLUS_BELOW_PLAFOND_MM:.0f} mm)"
+    out: List[Finding] = []
+    # A tibia cut by the lower edge is fine when its plafond is still well inside the scan
+    # (only the malleolus tip is lost: a warning after registration); without one in view (a
+    # cut face is no plafond, hence the 5 mm) there is no ankle joint at all.
+    if cut and (plafond is None or joint - s_lo < 5.0):
+        out.append(Finding(REFUSAL, "fov_no_ankle_joint",
+                           "the syndesmosis is not in the field of view: the tibia runs into the "
+                           "lower edge of the scan and no ankle joint is in view (a shin or knee "
+                           "scan?)", {"tibia_to_lower_edge_mm": distal - s_lo}))
+        return out
+    above, below = s_hi - joint, joint - s_lo
+    found = _joint_findings(above, below, source)
+    out.extend(f for f in found if f.level == REFUSAL)  # warnings wait for the registration
+    # Is there a fibula beside the tibia above the joint? (Foot bones below a "tibia" are not.)
+    lo, hi = joint - 10.0, min(s_hi, joint + SHAFT_RANGE_MM)
+    beside = 0.0
+    examined = max(hi - lo, 0.0)
+    if len(fib) and examined >= SLAB_MM:
+        rel = fib - centre
+        h_fib = rel @ u
+        dist = np.linalg.norm(rel - np.outer(h_fib, u), axis=1)
+        h_fib = h_fib[dist < FIBULA_MAX_DISTANCE_MM]
+        edges = np.arange(lo, hi + 1e-9, SLAB_MM)
+        n_tib = np.histogram(h_tib, edges)[0] * vox_mm3
+        n_fib = np.histogram(h_fib, edges)[0] * vox_mm3
+        both = (n_tib >= SLAB_MIN_TIBIA_MM3) & (n_fib >= SLAB_MIN_FIBULA_MM3)
+        beside = SLAB_MM * float(np.count_nonzero(both))
+    if beside < min(NEED_FIBULA_BESIDE_MM, examined):
+        out.append(Finding(REFUSAL, "fov_no_fibula_shaft",
+                           "the syndesmosis is not in the field of view: no fibular shaft beside "
+                           f"the tibia above the ankle joint (found over {beside:.0f} mm of the "
+                           f"{examined:.0f} mm examined; at least {NEED_FIBULA_BESIDE_MM:.0f} mm "
+                           "needed)", {"fibula_beside_mm": beside, "examined_mm": examined}))
+    return out
+
+
+def _z_of_voxels(grid: Volume) -> np.ndarray:
+    """Frame z (mm) of every voxel centre of ``grid``, shape (nz, ny, nx)."""
+    nz, ny, nx = grid.shape
+    m = grid.direction @ np.diag(grid.spacing)
+    k, j, i = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    return grid.origin[2] + m[2, 0] * i + m[2, 1] * j + m[2, 2] * k
+
+
+def syndesmosis_bone_ml(labels: Volume, plafond_z: float = 0.0,
+                        z_range: Tuple[float, float] = SYNDESMOSIS_Z_MM) -> Dict[int, float]:
+    """Tibia and fibula volume (ml) of a template-frame label map within ``z_range`` mm above
+    the plafond (the template's own reference values)."""
+    z = _z_of_voxels(labels) - plafond_z
+    sel = (z >= z_range[0]) & (z <= z_range[1])
+    vox_ml = float(np.prod(labels.spacing)) / 1000.0
+    return {v: float(np.count_nonzero((labels.array == v) & sel)) * vox_ml
+            for v in (TIBIA, FIBULA)}
+
+
+def _crop_findings(crop: Any, plafond_z: float, expected: Dict[int, float]) -> List[Finding]:
+    out: List[Finding] = []
+    coverage = float(crop.coverage)
+    if coverage < REFUSE_COVERAGE:
+        out.append(Finding(REFUSAL, "fov_coverage",
+                           f"the syndesmosis is not in the field of view: only {coverage:.0%} of "
+                           f"the syndesmosis region lies inside the scan (at least "
+                           f"{REFUSE_COVERAGE:.0%} needed)", {"coverage": coverage}))
+    elif coverage < WARN_COVERAGE:
+        out.append(Finding(WARNING, "fov_coverage",
+                           f"only {coverage:.0%} of the syndesmosis region lies inside the scan",
+                           {"coverage": coverage}))
+    channels = np.asarray(crop.channels)
+    if channels.ndim != 4 or channels.shape[0] < 3:
+        return out
+    z = _z_of_voxels(crop.grid) - plafond_z
+    sel = (z >= SYNDESMOSIS_Z_MM[0]) & (z <= SYNDESMOSIS_Z_MM[1])
+    vox_ml = float(np.prod(crop.grid.spacing)) / 1000.0
+    for value, name in ((TIBIA, "tibia"), (FIBULA, "fibula")):
+        ml = float(channels[value][sel].sum()) * vox_ml
+        ratio = ml / max(expected[value], 1e-6)
+        details = {"bone": name, "ml": ml, "template_ml": expected[value], "ratio": ratio}
+        span = f"{SYNDESMOSIS_Z_MM[0]:.0f}-{SYNDESMOSIS_Z_MM[1]:.0f} mm above the ankle joint"
+        if ratio < REFUSE_BONE_RATIO:
+            out.append(Finding(REFUSAL, "fov_bone_at_syndesmosis",
+                               f"the syndesmosis is not in the field of view: no {name} at the "
+                               f"syndesmosis level ({span}; {ratio:.0%} of the template's "
+                               f"{name} there)", details))
+        elif ratio < WARN_BONE_RATIO:
+            out.append(Finding(WARNING, "fov_bone_at_syndesmosis",
+                               f"little {name} at the syndesmosis level ({span}; {ratio:.0%} of "
+                               f"the template's {name} there): check the field of view and the "
+                               "segmentation", details))
+    return out
+
+
+def check_field_of_view(ct: Volume, label: Optional[Volume], registration: Any = None,
+                        crop: Any = None, template: Any = None) -> List[Finding]:
+    """Is the syndesmosis in the field of view?
+
+    Without ``registration`` only the label map and the CT's grid are used (refusals only; see
+    the module docstring). With it, the template's plafond and long axis are mapped into the
+    patient (``template_to_patient``) and the scan's extent above and below the joint is
+    measured along that axis; with ``crop`` too, its coverage and the tibia and fibula present
+    0-60 mm above the plafond in the crop, against the template's.
+
+    Args:
+        ct: The CT (only its grid is used).
+        label: Label map on the CT's grid (1 tibia, 2 fibula), or None.
+        registration: A :class:`~AnkleFractureLib.registration.register.Registration`, or None.
+        crop: The :class:`~AnkleFractureLib.crop.syndesmosis.SyndesmosisCrop`, or None.
+        template: The template (for its plafond and reference bone volumes; the shipped
+            template's values when None).
+
+    Returns:
+        The findings.
+    """
+    if registration is None:
+        if label is None:
+            return []
+        return _label_only_fov(ct, label)
+    plafond = (np.zeros(3) if template is None
+               else np.asarray(template.plafond, dtype=float).reshape(3))
+    t2p = np.linalg.inv(np.asarray(registration.patient_to_template, dtype=float))
+    joint = t2p[:3, :3] @ plafond + t2p[:3, 3]
+    u = t2p[:3, :3] @ np.array([0.0, 0.0, 1.0])
+    u = u / np.linalg.norm(u)
+    s_lo, s_hi = extent_along(ct, joint, u)
+    out: List[Finding] = []
+    if not s_lo <= 0.0 <= s_hi:
+        out.append(Finding(REFUSAL, "fov_no_ankle_joint",
+                           "the syndesmosis is not in the field of view: the ankle joint, as "
+                           "placed by the registration, lies outside the scan",
+                           {"joint_lps_mm": [round(float(v), 2) for v in joint]}))
+    else:
+        out.extend(_joint_findings(s_hi, -s_lo, "registration (template plafond)"))
+    if crop is not None:
+        if template is not None and getattr(template, "labels", None) is not None:
+            expected = syndesmosis_bone_ml(template.labels, float(plafond[2]))
+        else:
+            expected = dict(TEMPLATE_SYNDESMOSIS_ML)
+        out.extend(_crop_findings(crop, float(plafond[2]), expected))
+    return out
+
+
+# ---------------------------------------------------------------------- registration
+def check_registration_values(rms_mm: float, inlier_fraction: float, scale: float,
+                              side_confidence: float = 1.0, side_reason: str = "") -> List[Finding]:
+    """Registration quality findings from the numbers (see :func:`check_registration`)."""
+    out: List[Finding] = []
+    details = {"rms_mm": rms_mm, "inlier_fraction": inlier_fraction, "scale": scale}
+    if not np.isfinite(rms_mm) or rms_mm > REFUSE_RMS_MM:
+        out.append(Finding(REFUSAL, "registration_rms",
+                           f"the registration to the template failed: surface RMS distance "
+                           f"{rms_mm:.1f} mm (at most {REFUSE_RMS_MM:.0f} mm): the crop would "
+                           "not show the syndesmosis", details))
+    elif rms_mm > WARN_RMS_MM:
+        out.append(Finding(WARNING, "registration_rms",
+                           f"poor registration: surface RMS distance {rms_mm:.1f} mm (healthy "
+                           f"ankles fit within 1 mm, displaced fractures within "
+                           f"{WARN_RMS_MM:.0f} mm)", details))
+    if inlier_fraction < WARN_INLIERS:
+        out.append(Finding(WARNING, "registration_inliers",
+                           f"poor registration: only {inlier_fraction:.0%} of the bone surface "
+                           f"matches the template (expected at least {WARN_INLIERS:.0%})",
+                           details))
+    if not PLAUSIBLE_SCALE[0] <= scale <= PLAUSIBLE_SCALE[1]:
+        out.append(Finding(WARNING, "registration_scale",
+                           f"unusual bone size: the template is {scale:.2f} times the patient's "
+                           f"size (expected {PLAUSIBLE_SCALE[0]}-{PLAUSIBLE_SCALE[1]}; a child, "
+                           "or a wrong voxel spacing?)", details))
+    if side_confidence < WARN_SIDE_CONFIDENCE:
+        out.append(Finding(WARNING, "side_unsure",
+                           f"the side detection is unsure ({side_confidence:.0%}): {side_reason}",
+                           {"side_confidence": side_confidence}))
+    return out
+
+
+#: Registration warnings already covered by :func:`check_registration_values`.
+_COVERED_PREFIXES = ("poor registration", "unusual bone size", "side detection is unsure")
+
+
+def check_registration(registration: Any, label: Optional[Volume] = None,
+                       template: Any = None) -> List[Finding]:
+    """Registration quality.
+
+    RMS > 6 mm refused, > 3 mm warned; < 60 % inliers, scale outside 0.7-1.4 and an unsure
+    side warned; the registration's other notes passed on as warnings. With ``label``, the
+    plafond found on the segmentation (:func:`estimate_plafond`) is compared with the
+    template's plafond mapped into the patient: the surface RMS cannot see a fit that slid
+    along the tibial shaft (a cylinder fits anywhere along itself), this can.
+
+    Args:
+        registration: The :class:`~AnkleFractureLib.registration.register.Registration`.
+        label: The label map that was registered (optional).
+        template: The template (its plafond; the origin when None).
+    """
+    out = check_registration_values(float(registration.rms_mm),
+                                    float(registration.inlier_fraction),
+                                    float(registration.scale),
+                                    float(registration.side_confidence),
+                                    str(registration.side_reason))
+    for note in getattr(registration, "warnings", []) or []:
+        if not str(note).startswith(_COVERED_PREFIXES):
+            out.append(Finding(WARNING, "registration_note", f"registration: {note}"))
+    if label is not None:
+        out.extend(_joint_agreement(registration, label, template))
+    return out
+
+
+def _joint_agreement(registration: Any, label: Volume, template: Any) -> List[Finding]:
+    found = estimate_plafond(label)
+    if found is None:
+        return []
+    plafond = (np.zeros(3) if template is None
+               else np.asarray(template.plafond, dtype=float).reshape(3))
+    t2p = np.linalg.inv(np.asarray(registration.patient_to_template, dtype=float))
+    mapped = t2p[:3, :3] @ plafond + t2p[:3, 3]
+    dist = float(np.linalg.norm(mapped - found))
+    details = {"distance_mm": dist, "plafond_segmentation_lps": [round(float(v), 2) for v in found],
+               "plafond_registration_lps": [round(float(v), 2) for v in mapped]}
+    if dist > REFUSE_JOINT_MM:
+        return [Finding(REFUSAL, "registration_joint",
+                        f"the registration misplaces the ankle joint by {dist:.0f} mm (the "
+                        "template's plafond lands that far from the plafond of the "
+                        f"segmentation; at most {REFUSE_JOINT_MM:.0f} mm): the crop would not "
+                        "show the syndesmosis at its level", details)]
+    if dist > WARN_JOINT_MM:
+        return [Finding(WARNING, "registration_joint",
+                        f"the registration places the ankle joint {dist:.0f} mm from the plafond "
+                        "of the segmentation: fracture heights may be off", details)]
+    return []
+
+
+# ---------------------------------------------------------------------- gating
+def gate_classification(findings: Sequence[Finding], result: Any) -> Dict[str, Any]:
+    """The classification as it may be shown, given the findings.
+
+    Any refusal withholds it: ``prediction`` and ``probabilities`` are None and
+    ``withheld_reason`` says why. Warnings whose code is in :data:`UNSURE_CODES` mark a delivered
+    class *unsure*, their messages joining the uncertainty's reasons.
+
+    Args:
+        findings: All findings of the run.
+        result: A :class:`~AnkleFractureLib.classification.inference.ClassificationResult`, a
+            dict with "probabilities", "prediction", "uncertainty" (and "gradcam_class"), or None
+            when the classifier did not run.
+
+    Returns:
+        {"probabilities": {class: p} (sums to 1) or None, "prediction": str or None,
+        "uncertainty": dict with "unsure" and "reasons", "gradcam_class", "withheld_reason":
+        str or None}.
+
+    Example:
+        >>> res = {"probabilities": {"none": 0.1, "A": 0.1, "B": 0.7, "C": 0.1},
+        ...        "prediction": "B", "uncertainty": {"unsure": False, "reasons": []}}
+        >>> gate_classification([Finding("refusal", "x", "no fibula")], res)["prediction"]
+        >>> g = gate_classification([Finding("warning", "metal", "metal")], res)
+        >>> g["prediction"], g["uncertainty"]["unsure"], g["uncertainty"]["reasons"]
+        ('B', True, ['metal'])
+    """
+    refused = refusals(findings)
+    if result is not None and not isinstance(result, dict):
+        result = {"probabilities": result.probabilities, "prediction": result.prediction,
+                  "uncertainty": result.uncertainty,
+                  "gradcam_class": getattr(result, "gradcam_class", None)}
+    if refused or result is None:
+        reason = ("; ".join(f.message for f in refused) if refused
+                  else "the classification did not run")
+        return {"probabilities": None, "prediction": None,
+                "uncertainty": {"unsure": True, "reasons": [f"withheld: {reason}"]},
+                "gradcam_class": None, "withheld_reason": reason}
+    names = list(result["probabilities"])
+    p = np.asarray([float(result["probabilities"][c]) for c in names], dtype=np.float64)
+    p = p / p.sum()  # exact: the float32 softmax sums to 1 only to ~1e-7
+    uncertainty = dict(result.get("uncertainty") or {})
+    reasons = [str(r) for r in uncertainty.get("reasons", [])]
+    flagged = [f.message for f in findings if f.level == WARNING and f.code in UNSURE_CODES]
+    uncertainty["unsure"] = bool(uncertainty.get("unsure", False)) or bool(flagged)
+    uncertainty["reasons"] = reasons + flagged
+    return {"probabilities": {c: float(v) for c, v in zip(names, p)},
+            "prediction": result["prediction"], "uncertainty": uncertainty,
+            "gradcam_class": result.get("gradcam_class"), "withheld_reason": None}

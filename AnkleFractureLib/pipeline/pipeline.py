@@ -1,0 +1,643 @@
+"""The whole analysis of one ankle CT in one call, and each stage alone.
+
+::
+
+    pipe = Pipeline(PipelineOptions(device="auto"))      # models load once, on first use
+    result = pipe.run(ct, progress=cb, should_cancel=stop)
+    write_outputs(result, "out/", ct)                    # result.json is written last
+
+Stages: segment -> register -> crop -> classify (+ Grad-CAM on the CT's grid). Each is a method
+that takes the previous stage's output, so a clinician can correct the segmentation and re-run
+only the rest (``pipe.run(ct, label=corrected)``, or ``register`` / ``crop`` / ``classify``
+one by one). :meth:`Pipeline.run` runs the sanity checks of :mod:`.checks` between the stages
+and stops at the first stage whose checks refuse: the later outputs are None and the result
+says which stage refused and why. A refusal is a result, not an error. Progress is one
+fraction over the whole run; ``should_cancel`` is polled between stages and between the
+segmentation network's patches and raises :class:`~AnkleFractureLib.errors.CancelledError`.
+
+The pipeline never lets a confident Weber class out of a scan that cannot support one: refused
+runs have no prediction and no probabilities, and warnings that can mislead the classifier mark
+the delivered class *unsure* (:func:`~.checks.gate_classification`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+
+from AnkleFractureLib.errors import AnkleFractureError, CancelledError, InputError
+from AnkleFractureLib.geometry.volume import Volume
+from AnkleFractureLib.pipeline import checks as C
+
+PathLike = Union[str, "os.PathLike[str]"]
+ProgressCallback = Callable[[float, str], None]
+CancelCheck = Callable[[], bool]
+
+DISCLAIMER = "research software, not for clinical use"
+
+#: Output files of :func:`write_outputs`, in the order they are written (result.json last).
+OUTPUT_FILES = ("segmentation.nii.gz", "transform.json", "transform.tfm",
+                "syndesmosis_crop.nii.gz", "gradcam.nii.gz", "report.png", "result.json")
+
+#: Share of the overall progress of each stage (segmentation dominates on a CPU).
+STAGE_SPAN = {"segment": (0.0, 0.65), "register": (0.65, 0.8), "crop": (0.8, 0.85),
+              "classify": (0.85, 1.0)}
+
+@dataclass
+class PipelineOptions:
+    """Settings of a :class:`Pipeline`.
+
+    Attributes:
+        side: "auto" (from the anatomy), "left" or "right". With both legs in the scan, the
+            given side's leg is analysed alone.
+        device: "auto" (CUDA when available), "cpu" or "cuda".
+        tta: Test-time augmentations of the classifier (None: the model's default; 0: none).
+        seg_model_dir: Segmentation model folder (None: the shipped one).
+        cls_model_dir: Classifier folder (None: the shipped one).
+        template_dir: Template folder (None: the shipped healthy right ankle).
+    """
+
+    side: str = "auto"
+    device: str = "auto"
+    tta: Optional[int] = None
+    seg_model_dir: Optional[PathLike] = None
+    cls_model_dir: Optional[PathLike] = None
+    template_dir: Optional[PathLike] = None
+
+    def __post_init__(self) -> None:
+        if self.side not in ("auto", "left", "right"):
+            raise InputError(None, f"side must be auto, left or right, got {self.side!r}")
+        if self.tta is not None and int(self.tta) < 0:
+            raise InputError(None, f"tta must be >= 0, got {self.tta}")
+
+
+@dataclass
+class ClassificationOutput:
+    """What :meth:`Pipeline.classify` returns.
+
+    Attributes:
+        result: The classifier's answer (probabilities, prediction, uncertainty, heatmap on
+            the crop grid, timings), before any gating by the checks.
+        gradcam: float32 heatmap in [0, 1] with exactly the CT's geometry.
+        crop: The crop that was classified.
+    """
+
+    result: Any
+    gradcam: Volume
+    crop: Any
+
+
+@dataclass
+class PipelineResult:
+    """Everything one run produced; ``to_json()`` is ``result.json``.
+
+    Attributes:
+        input: Description of the CT (source, shape, spacing, ...).
+        label: Segmentation (uint8, the CT's grid), or None when not reached.
+        registration: The registration, or None.
+        crop: The syndesmosis crop, or None.
+        classification: The classifier's raw answer, or None (see :attr:`gated` for what may
+            be shown).
+        gradcam: Grad-CAM heatmap on the CT's grid, or None.
+        findings: Every sanity-check finding, in order.
+        refused_stage: The stage whose checks refused ("input", "segment", "register",
+            "crop"), or None.
+        side: The analysed side, or None.
+        timings: Seconds per stage and "total".
+        models: Model folders and SHA-256 of their weights.
+        bones_ml: Labelled tibia and fibula volumes (ml).
+    """
+
+    input: Dict[str, Any]
+    label: Optional[Volume] = None
+    registration: Any = None
+    crop: Any = None
+    classification: Any = None
+    gradcam: Optional[Volume] = None
+    findings: List[C.Finding] = field(default_factory=list)
+    refused_stage: Optional[str] = None
+    side: Optional[str] = None
+    timings: Dict[str, float] = field(default_factory=dict)
+    models: Dict[str, Any] = field(default_factory=dict)
+    bones_ml: Optional[Dict[str, float]] = None
+
+    @property
+    def refusals(self) -> List[C.Finding]:
+        """The refusals, headline first."""
+        return C.refusals(self.findings)
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.refusals)
+
+    @property
+    def refusal(self) -> Optional[str]:
+        """All refusal reasons in plain words (headline first), or None."""
+        r = self.refusals
+        return "; ".join(f.message for f in r) if r else None
+
+    @property
+    def warnings(self) -> List[str]:
+        return [f.message for f in self.findings if f.level == C.WARNING]
+
+    @property
+    def gated(self) -> Dict[str, Any]:
+        """The classification as it may be shown (:func:`~.checks.gate_classification`)."""
+        return C.gate_classification(self.findings, self.classification)
+
+    def to_json(self) -> Dict[str, Any]:
+        """The ``result.json`` dict (plain JSON types)."""
+        gated = self.gated
+        crop_coverage = None if self.crop is None else round(float(self.crop.coverage), 4)
+        data: Dict[str, Any] = {
+            "probabilities": gated["probabilities"],
+            "prediction": gated["prediction"],
+            "uncertainty": gated["uncertainty"],
+            "gradcam_class": gated["gradcam_class"] if self.gradcam is not None else None,
+            "withheld_reason": gated["withheld_reason"],
+            "side": self.side,
+            "refused": self.refused,
+            "refused_stage": self.refused_stage,
+            "refusal": self.refusal,
+            "refusals": [f.message for f in self.refusals],
+            "warnings": self.warnings,
+            "findings": [f.to_json() for f in self.findings],
+            "registration": (None if self.registration is None
+                             else self.registration.to_json()),
+            "crop_coverage": crop_coverage,
+            "bones_ml": self.bones_ml,
+            "timings_s": {k: round(float(v), 4) for k, v in self.timings.items()},
+            "models": self.models,
+            "input": self.input,
+            "version": _library_version(),
+            "disclaimer": DISCLAIMER,
+        }
+        return data
+
+
+def _library_version() -> str:
+    from AnkleFractureLib import __version__
+
+    return __version__
+
+
+def describe_ct(ct: Volume) -> Dict[str, Any]:
+    """The ``input`` entry of ``result.json``: where the CT came from and its grid."""
+    src = ct.meta.get("source")
+    return {
+        "ct": None if src is None else os.path.abspath(os.fspath(src)),
+        "format": ct.meta.get("format"),
+        "series_uid": ct.meta.get("series_uid"),
+        "size_xyz": list(ct.size),
+        "spacing_mm": [round(float(s), 6) for s in ct.spacing],
+        "origin_lps_mm": [round(float(o), 6) for o in ct.origin],
+        "direction": [[round(float(v), 8) for v in row] for row in ct.direction],
+        "reader_warnings": list(ct.meta.get("warnings", []) or []),
+    }
+
+
+def select_leg(label: Volume, side: str) -> Tuple[Volume, Optional[float]]:
+    """Keep the ``side`` leg's bones of a label map that holds both legs.
+
+    The labelled voxels are split in two groups by their left-right (LPS x) position (1-D
+    two-means); the patient's left leg lies at larger x. When the groups are closer than two
+    legs can be (``LEGS_MIN_DISTANCE_MM``), the map holds one leg and is returned unchanged.
+
+    Args:
+        label: Label map (1 tibia, 2 fibula), any grid.
+        side: "left" or "right".
+
+    Returns:
+        (label map with the other leg's voxels set to 0, split x in LPS mm or None).
+    """
+    from AnkleFractureLib.registration.side import LEGS_MIN_DISTANCE_MM
+
+    stride = C._stride(label.shape)
+    pts = C._points(label, label.array[::stride, ::stride, ::stride] > 0, stride)
+    if len(pts) < 20:
+        return label, None
+    x = pts[:, 0]
+    a, b = np.percentile(x, 10), np.percentile(x, 90)
+    for _ in range(30):  # 1-D two-means
+        split = 0.5 * (a + b)
+        lo, hi = x[x <= split], x[x > split]
+        if not len(lo) or not len(hi):
+            return label, None
+        a2, b2 = float(lo.mean()), float(hi.mean())
+        if abs(a2 - a) < 1e-3 and abs(b2 - b) < 1e-3:
+            break
+        a, b = a2, b2
+    if b - a < LEGS_MIN_DISTANCE_MM:
+        return label, None
+    split = 0.5 * (a + b)
+    kji = np.argwhere(label.array > 0)
+    xs = label.index_to_physical(kji[:, ::-1])[:, 0]
+    drop = kji[(xs <= split) if side == "left" else (xs > split)]
+    arr = label.array.copy()
+    arr[drop[:, 0], drop[:, 1], drop[:, 2]] = 0
+    return label.with_array(arr), float(split)
+
+
+class _Stages:
+    """Maps a stage's own progress (0..1) onto the run's overall fraction and polls cancel."""
+
+    def __init__(self, progress: Optional[ProgressCallback],
+                 should_cancel: Optional[CancelCheck]) -> None:
+        self.progress = progress
+        self.should_cancel = should_cancel
+
+    def callback(self, stage: str, label: str) -> ProgressCallback:
+        lo, hi = STAGE_SPAN[stage]
+
+        def report(fraction: float, message: str) -> None:
+            f = min(max(float(fraction), 0.0), 1.0)
+            self.report(lo + (hi - lo) * f, f"{label}: {message}" if message else label)
+        return report
+
+    def report(self, fraction: float, message: str) -> None:
+        if self.progress is not None:
+            self.progress(min(max(float(fraction), 0.0), 1.0), message)
+
+    def check(self, where: str) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise CancelledError(f"cancelled {where}")
+
+
+class Pipeline:
+    """The analysis pipeline with its models, loaded lazily and kept for the next case.
+
+    Example:
+        >>> pipe = Pipeline(PipelineOptions(device="cpu"))
+        >>> pipe.options.side
+        'auto'
+    """
+
+    def __init__(self, options: Optional[PipelineOptions] = None) -> None:
+        self.options = options or PipelineOptions()
+        self._seg_model: Any = None
+        self._classifier: Any = None
+        self._template: Any = None
+        self._hashes: Dict[str, Optional[str]] = {}
+
+    # ------------------------------------------------------------------ models (lazy)
+    @property
+    def segmentation_model(self) -> Any:
+        """The loaded :class:`~AnkleFractureLib.segmentation.inference.SegmentationModel`."""
+        if self._seg_model is None:
+            from AnkleFractureLib.segmentation.inference import SegmentationModel
+
+            self._seg_model = SegmentationModel.load(self.options.seg_model_dir,
+                                                     self.options.device)
+        return self._seg_model
+
+    @property
+    def classifier(self) -> Any:
+        """The loaded :class:`~AnkleFractureLib.classification.inference.WeberClassifier`."""
+        if self._classifier is None:
+            from AnkleFractureLib.classification.inference import WeberClassifier
+
+            self._classifier = WeberClassifier.load(self.options.cls_model_dir,
+                                                    self.options.device)
+        return self._classifier
+
+    @property
+    def template(self) -> Any:
+        """The healthy template (:func:`~AnkleFractureLib.registration.template.load_template`)."""
+        if self._template is None:
+            from AnkleFractureLib.registration.template import load_template
+
+            self._template = load_template(self.options.template_dir)
+        return self._template
+
+    def _model_entry(self, folder: Optional[PathLike], default: Callable[[], Path],
+                     loaded: bool) -> Dict[str, Any]:
+        from AnkleFractureLib.segmentation.model_io import WEIGHTS_FILE, sha256_file
+
+        try:
+            path = Path(folder) if folder is not None else default()
+        except AnkleFractureError:
+            return {"dir": None, "sha256": None, "used": loaded}
+        weights = path / WEIGHTS_FILE
+        key = str(weights.resolve()) if weights.exists() else str(weights)
+        if key not in self._hashes:
+            self._hashes[key] = sha256_file(weights) if weights.is_file() else None
+        return {"dir": str(path), "sha256": self._hashes[key], "used": loaded}
+
+    def model_info(self, used: Optional[Dict[str, bool]] = None) -> Dict[str, Any]:
+        """{"segmentation": {dir, sha256, used}, "classification": {dir, sha256, used}}."""
+        from AnkleFractureLib.classification.inference import default_model_dir as cls_default
+        from AnkleFractureLib.segmentation.inference import default_model_dir as seg_default
+
+        used = used or {}
+        seg_dir = (self._seg_model.model_dir if self._seg_model is not None
+                   else self.options.seg_model_dir)
+        cls_dir = (self._classifier.model_dir if self._classifier is not None
+                   else self.options.cls_model_dir)
+        return {"segmentation": self._model_entry(seg_dir, seg_default,
+                                                  used.get("segmentation", False)),
+                "classification": self._model_entry(cls_dir, cls_default,
+                                                    used.get("classification", False))}
+
+    # ------------------------------------------------------------------ stages
+    def segment(self, ct: Volume, progress: Optional[ProgressCallback] = None,
+                should_cancel: Optional[CancelCheck] = None) -> Volume:
+        """Tibia (1) / fibula (2) label map, uint8 with exactly the CT's geometry."""
+        return self.segmentation_model.predict(ct, progress, should_cancel)
+
+    def register(self, ct: Volume, label: Volume, side: Optional[str] = None,
+                 progress: Optional[ProgressCallback] = None) -> Any:
+        """Mirror + ICP-register ``label`` to the template.
+
+        Args:
+            ct: The CT (for side detection: it notices both legs).
+            label: Label map on the CT's grid (one leg; see :func:`select_leg`).
+            side: "auto", "left", "right" (None: the options' side).
+            progress: Callback (fraction, message).
+
+        Returns:
+            The :class:`~AnkleFractureLib.registration.register.Registration`.
+
+        Raises:
+            InputError: The side cannot be told (pass it), or the label map cannot be
+                registered.
+        """
+        from AnkleFractureLib.registration.register import register_to_template
+
+        return register_to_template(label, self.template, side=side or self.options.side,
+                                    ct=ct, progress=progress)
+
+    def crop(self, ct: Volume, label: Optional[Volume], registration: Any) -> Any:
+        """The syndesmosis crop (CT, tibia, fibula on the template's box grid)."""
+        from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis
+
+        return crop_syndesmosis(ct, label, registration.patient_to_template, self.template)
+
+    def classify(self, ct: Volume, label: Optional[Volume], registration: Any,
+                 crop: Any = None, gradcam_class: Optional[str] = None) -> ClassificationOutput:
+        """Classify the syndesmosis crop and map its Grad-CAM onto the CT's grid.
+
+        Args:
+            ct: The CT.
+            label: Label map on the CT's grid (used when ``crop`` is None).
+            registration: The registration (used when ``crop`` is None).
+            crop: A crop from :meth:`crop` (computed when None). A classifier trained on raw
+                CT crops (plans ``crop == "raw"``) gets its own crop.
+            gradcam_class: Class the heatmap explains (default: the prediction).
+
+        Returns:
+            A :class:`ClassificationOutput`; ``result.timings`` has "classify", "gradcam".
+        """
+        from AnkleFractureLib.crop.syndesmosis import crop_raw_ct, crop_to_ct
+
+        clf = self.classifier
+        if clf.plans.crop == "raw":
+            crop = crop_raw_ct(ct)
+        elif crop is None:
+            crop = self.crop(ct, label, registration)
+        result = clf.classify(crop, tta=self.options.tta, gradcam=True,
+                              gradcam_class=gradcam_class)
+        t = time.perf_counter()
+        heat = crop_to_ct(result.gradcam, crop, ct, interpolation="linear", default_value=0.0)
+        heat = heat.with_array(np.clip(heat.array, 0.0, 1.0).astype(np.float32),
+                               meta={"source": "gradcam", "class": result.gradcam_class})
+        result.timings["gradcam"] = result.timings.get("gradcam", 0.0) + time.perf_counter() - t
+        return ClassificationOutput(result, heat, crop)
+
+    # ------------------------------------------------------------------ the whole run
+    def run(self, ct: Volume, progress: Optional[ProgressCallback] = None,
+            should_cancel: Optional[CancelCheck] = None, label: Optional[Volume] = None,
+            registration: Any = None) -> PipelineResult:
+        """Run every stage with the sanity checks between them.
+
+        Args:
+            ct: The CT (HU).
+            progress: Called with (overall fraction in [0, 1], message).
+            should_cancel: Polled between stages and segmentation patches; True cancels.
+            label: A (corrected) label map: skips the segmentation. A map on another grid is
+                resampled onto the CT's (nearest), with a note.
+            registration: A registration of ``label``: skips the registration.
+
+        Returns:
+            The :class:`PipelineResult` (refused runs included).
+
+        Raises:
+            CancelledError: ``should_cancel`` returned True.
+            InputError: A model folder is missing or unreadable.
+        """
+        stages = _Stages(progress, should_cancel)
+        t_run = time.perf_counter()
+        res = PipelineResult(input=describe_ct(ct))
+        res.side = None if self.options.side == "auto" else self.options.side
+        timings = res.timings
+        used = {"segmentation": False, "classification": False}
+
+        @contextlib.contextmanager
+        def timed(name: str) -> Iterator[None]:
+            t = time.perf_counter()
+            try:
+                yield
+            finally:
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+
+        def finish(stage: Optional[str] = None) -> PipelineResult:
+            if stage is not None and res.refused:
+                res.refused_stage = stage
+            res.models = self.model_info(used)
+            timings["total"] = time.perf_counter() - t_run
+            stages.report(1.0, "refused" if res.refused else "done")
+            return res
+
+        stages.check("before the start")
+        with timed("checks"):
+            res.findings.extend(C.check_ct(ct))
+        if res.refused:
+            return finish("input")
+
+        # --- segment
+        if label is None:
+            if self._seg_model is None:
+                with timed("load_models"):
+                    _ = self.segmentation_model
+            with timed("segment"):
+                label = self.segment(ct, stages.callback("segment", "segmentation"),
+                                     should_cancel)
+            used["segmentation"] = True
+        else:
+            label = self._label_on_ct(label, ct, res)
+        res.label = label
+        stages.check("after the segmentation")
+        with timed("checks"):
+            from AnkleFractureLib.registration.side import detect_side
+
+            res.bones_ml = C.bone_volumes_ml(label)
+            found = C.check_segmentation(label)
+            if not any(f.code in ("no_tibia", "bad_labels") for f in found):
+                found += C.check_field_of_view(ct, label)
+            leg_label = label
+            # The side is told even when the field of view is refused, so that a scan with both
+            # legs says so too; not without both bones (detect_side would only repeat that).
+            if not any(f.code.startswith("no_") or f.code == "bad_labels" for f in found):
+                detection = detect_side(label, ct)
+                found += C.check_side(detection, self.options.side)
+                if detection.legs >= 2 and self.options.side in ("left", "right"):
+                    leg_label, _ = select_leg(label, self.options.side)
+                    found += [f for f in C.check_side(detect_side(leg_label), self.options.side)
+                              if f.code == "side_conflict"]
+            res.findings.extend(found)
+        if res.refused:
+            return finish("segment")
+
+        # --- register
+        stages.check("before the registration")
+        if registration is None:
+            try:
+                with timed("register"):
+                    registration = self.register(ct, leg_label, self.options.side,
+                                                 stages.callback("register", "registration"))
+            except CancelledError:
+                raise
+            except AnkleFractureError as exc:
+                res.findings.append(C.Finding(C.REFUSAL, "registration_failed",
+                                              f"the registration to the template failed: "
+                                              f"{getattr(exc, 'reason', exc)}"))
+                return finish("register")
+        res.registration = registration
+        res.side = registration.side
+        with timed("checks"):
+            res.findings.extend(C.check_registration(registration, leg_label, self.template))
+        if res.refused:
+            return finish("register")
+
+        # --- crop
+        stages.check("before the crop")
+        stages.report(STAGE_SPAN["crop"][0], "cropping the syndesmosis")
+        try:
+            with timed("crop"):
+                crop = self.crop(ct, leg_label, registration)
+        except CancelledError:
+            raise
+        except AnkleFractureError as exc:
+            res.findings.append(C.Finding(C.REFUSAL, "fov_coverage",
+                                          f"the syndesmosis is not in the field of view: {exc}"))
+            return finish("crop")
+        res.crop = crop
+        with timed("checks"):
+            res.findings.extend(C.check_field_of_view(ct, leg_label, registration, crop,
+                                                      self.template))
+        if res.refused:
+            return finish("crop")
+
+        # --- classify + Grad-CAM
+        stages.check("before the classification")
+        stages.report(STAGE_SPAN["classify"][0], "classifying")
+        if self._classifier is None:
+            with timed("load_models"):
+                _ = self.classifier
+        out = self.classify(ct, leg_label, registration, crop)
+        used["classification"] = True
+        for name in ("classify", "gradcam"):
+            timings[name] = float(out.result.timings.get(name, 0.0))
+        res.classification = out.result
+        res.gradcam = out.gradcam
+        stages.check("after the classification")
+        return finish()
+
+    @staticmethod
+    def _label_on_ct(label: Volume, ct: Volume, res: PipelineResult) -> Volume:
+        """A caller's label map on exactly the CT's grid (resampled with a note if needed)."""
+        from AnkleFractureLib.registration.labels import labels_on_ct_grid
+
+        on_ct, note = labels_on_ct_grid(label, ct)
+        if note:
+            res.findings.append(C.Finding(C.WARNING, "label_resampled", note))
+        arr = on_ct.array
+        if arr.dtype != np.uint8 and arr.min() >= 0 and arr.max() <= 2:
+            on_ct = on_ct.with_array(np.rint(arr).astype(np.uint8))
+        return on_ct
+
+
+# ---------------------------------------------------------------------- writing
+def write_outputs(result: PipelineResult, out_dir: PathLike, ct: Optional[Volume] = None
+                  ) -> Dict[str, Any]:
+    """Write every available output into ``out_dir``, each atomically, ``result.json`` last.
+
+    Files of stages that did not run are not written, and stale ones from an earlier run in the
+    same folder are removed first (the old ``result.json`` before anything else), so a
+    ``result.json`` always sits beside exactly its own files:
+
+    * ``segmentation.nii.gz``: uint8 labels on the CT's grid;
+    * ``transform.json`` / ``transform.tfm``: as ``ankle-fracture register`` writes them;
+    * ``syndesmosis_crop.nii.gz``: the 3-channel crop on the template's box grid;
+    * ``gradcam.nii.gz``: float32 heatmap in [0, 1] on the CT's grid;
+    * ``report.png``: a one-page summary, when :mod:`AnkleFractureLib.pipeline.report` exists;
+    * ``result.json``: :meth:`PipelineResult.to_json` plus ``files``.
+
+    Args:
+        result: The run's result.
+        out_dir: Output folder (created).
+        ct: The CT (for the report; the heatmap's grid is checked against it).
+
+    Returns:
+        The dict written as ``result.json``.
+    """
+    from AnkleFractureLib.crop.syndesmosis import write_crop
+    from AnkleFractureLib.io import atomic_write_json, write_image
+    from AnkleFractureLib.registration.transform_io import (write_itk_transform,
+                                                            write_transform_json)
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "the output must be a folder, but a file of that name exists")
+    if ct is not None and result.gradcam is not None and not result.gradcam.same_geometry(
+            ct, atol=1e-4):
+        raise RuntimeError("the Grad-CAM volume is not on the CT's grid")  # never misplace it
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(out / "result.json")
+    data = result.to_json()
+    written: List[str] = []
+    if result.label is not None:
+        write_image(result.label, out / "segmentation.nii.gz")
+        written.append("segmentation.nii.gz")
+    if result.registration is not None:
+        # Exactly what ``ankle-fracture register`` writes.
+        tdata = result.registration.to_json()
+        if result.crop is not None:
+            tdata["crop_coverage"] = round(float(result.crop.coverage), 4)
+        write_itk_transform(result.registration.template_to_patient, out / "transform.tfm")
+        write_transform_json(tdata, out / "transform.json")
+        written += ["transform.json", "transform.tfm"]
+    if result.crop is not None:
+        write_crop(result.crop, out / "syndesmosis_crop.nii.gz")
+        written.append("syndesmosis_crop.nii.gz")
+    if result.gradcam is not None:
+        write_image(result.gradcam.with_array(result.gradcam.array.astype(np.float32)),
+                    out / "gradcam.nii.gz")
+        written.append("gradcam.nii.gz")
+    for name in OUTPUT_FILES:
+        if name not in written and name != "result.json":
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(out / name)
+    if ct is not None:
+        try:
+            from AnkleFractureLib.pipeline.report import write_report_png
+        except (ImportError, AttributeError):
+            write_report_png = None  # the report module is optional
+        if write_report_png is not None:
+            try:
+                write_report_png(out / "report.png", ct, result.label, result.gradcam, data)
+                written.append("report.png")
+            except (ImportError, AttributeError):
+                pass
+            except Exception as exc:  # noqa: BLE001 - a figure must not lose the result
+                data["warnings"].append(f"report.png could not be drawn: "
+                                        f"{type(exc).__name__}: {exc}")
+    data["files"] = written
+    atomic_write_json(out / "result.json", data)
+    return data
