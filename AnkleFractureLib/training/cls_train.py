@@ -176,16 +176,21 @@ def _cosine_lr(base: float, step: int, total: int) -> float:
     return 0.5 * base * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+def fit_temperature(logits: np.ndarray, y: np.ndarray, lower: float = 1.0,
+                    upper: float = 10.0) -> float:
     """Temperature T minimising the validation negative log-likelihood of softmax(logits / T).
 
-    A 1-D search over T in [0.25, 10] (log grid, then refined): calibration that never changes
-    the predicted class.
+    A 1-D search over T in [``lower``, ``upper``] (log grid, then refined): calibration that
+    never changes the predicted class. T < 1 (sharpening) is not allowed by default: a small
+    validation set that the model gets entirely right drives the fit to T -> 0, i.e. to
+    claiming certainty; a clinical tool may soften an over-confident network, never harden it.
 
     Example:
         >>> logits = np.array([[4.0, 0.0], [4.0, 0.0], [0.0, 4.0], [4.0, 0.0]])
         >>> fit_temperature(logits, np.array([0, 1, 1, 0])) > 1.0  # over-confident -> T > 1
         True
+        >>> fit_temperature(logits, np.array([0, 0, 1, 0]))  # all right: no sharpening
+        1.0
     """
     logits = np.asarray(logits, np.float64)
     y = np.asarray(y, np.int64)
@@ -198,9 +203,9 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
         return float(-logp[np.arange(len(y)), y].mean())
 
-    grid = np.exp(np.linspace(np.log(0.25), np.log(10.0), 61))
+    grid = np.exp(np.linspace(np.log(lower), np.log(upper), 61))
     best = float(grid[int(np.argmin([nll(t) for t in grid]))])
-    fine = np.linspace(best / 1.08, best * 1.08, 21)
+    fine = np.clip(np.linspace(best / 1.08, best * 1.08, 21), lower, upper)
     return round(float(fine[int(np.argmin([nll(t) for t in fine]))]), 4)
 
 
