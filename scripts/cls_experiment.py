@@ -131,10 +131,10 @@ def write_report(results: List[Dict[str, Any]], opts: Dict[str, Any], path: Path
              "the bone, CT only, no segmentation, registration or mirroring (x-flip "
              "augmentation, since its side is not normalised).",
              f"- Network: SE-ResNet-18 widths {opts['widths']}, crops average-pooled by "
-             f"{opts['downsample']} (z, y, x; [1, 2, 2] = 1.5 mm along the leg, 3 mm across: "
-             f"the CPU budget), {opts['steps']} AdamW steps (lr "
+             f"{opts['downsample']} (the CPU budget: 2 = 3 mm voxels, [1, 2, 2] = 1.5 mm along "
+             f"the leg and 3 mm across), {opts['steps']} AdamW steps (lr "
              f"{opts['lr']}, cosine decay; the reference's SGD learns too slowly from scratch "
-             "in a CPU step budget), batch {opts['batch_size']} labelled + "
+             f"in a CPU step budget), batch {opts['batch_size']} labelled + "
              f"{opts['batch_size']} unlabelled, supervised warm-up 20 % of the steps; semi: "
              "L = L_l + L_u + 15 L_MMD, threshold 0.5; pseudo-label threshold 0.7; FixMatch 0.95.",
              f"- Seeds: {opts['seeds']}; accuracy is 4-class (none, A, B, C), mean ± sd over "
@@ -172,7 +172,8 @@ def write_report(results: List[Dict[str, Any]], opts: Dict[str, Any], path: Path
               "| pseudo-label, masks | 60.88 | 61.28 | 68.37 | 71.50 |",
               "| reference method, masks | 65.01 | 66.85 | 71.20 | 75.22 |",
               "| reference method, raw CT | 61.57 | 62.13 | 66.30 | 71.25 |", ""]
-    lines += ["## What we find", "", "FINDINGS_PLACEHOLDER", ""]
+    lines += ["## What we find", "", "FINDINGS_PLACEHOLDER", "",
+              f"(Interpretation: `{path.stem}_findings.md`, written by hand from the tables.)", ""]
     lines += ["## Commands", "", "```", "ankle-fracture phantom --out /work/data/cls_pool --n "
               f"{opts['n_pool']} --seed 202 --spacing fast",
               f"ankle-fracture phantom --out /work/data/cls_test --n {opts['n_test']} --seed 7001 "
@@ -180,10 +181,16 @@ def write_report(results: List[Dict[str, Any]], opts: Dict[str, Any], path: Path
               f"{len(results)} runs; total training time {sum(r['minutes'] for r in results):.0f} "
               "CPU-process minutes (2-core machine).", ""]
     text = "\n".join(lines)
-    findings = Path(str(path) + ".findings")
+    # The interpretation is written by people, kept beside the page and pasted in.
+    findings = path.with_name(path.stem + "_findings.md")
     if findings.is_file():
         text = text.replace("FINDINGS_PLACEHOLDER", findings.read_text().strip())
     atomic_write_text(path, text)
+    from AnkleFractureLib.io import atomic_write_json
+
+    key = lambda r: (r["crop"], r["method"], r["fraction"], r["seed"])  # noqa: E731
+    atomic_write_json(path.with_name(path.stem + "_runs.json"),
+                      {"options": {k: v for k, v in opts.items()}, "runs": sorted(results, key=key)})
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -226,7 +233,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             for m in args.methods]
     if not args.no_raw:
         jobs += [("semi", "raw", f, s, opts) for f in args.fractions for s in args.seeds]
-    command = "python " + " ".join(["scripts/cls_experiment.py"] + (argv or sys.argv[1:]))
+    shown = [a for a in (argv or sys.argv[1:]) if a != "--report-only"]
+    command = "python " + " ".join(["scripts/cls_experiment.py"] + shown)
     results: List[Dict[str, Any]] = []
     if not args.report_only:
         _load_all(opts, ["registered"] + ([] if args.no_raw else ["raw"]))
