@@ -31,7 +31,8 @@ from AnkleFractureLib.classification.plans import ClsPlans
 from AnkleFractureLib.errors import InputError, PathLike
 from AnkleFractureLib.io import atomic_output, atomic_write_json
 from AnkleFractureLib.segmentation.model_io import (FORMAT_VERSION, PLANS_FILE, WEIGHTS_FILE,
-                                                    _half_state_dict, read_weights, unwrap)
+                                                    _half_state_dict, build_with_weights,
+                                                    read_weights, unwrap)
 
 __all__ = ["save_classifier", "load_classifier", "PLANS_FILE", "WEIGHTS_FILE"]
 
@@ -81,19 +82,6 @@ def load_classifier(model_dir: PathLike, device: Union[str, torch.device] = "cpu
     payload = read_weights(weights_path)
     if payload.get("kind", "classifier") != "classifier":
         raise InputError(weights_path, f"not a classifier (kind {payload.get('kind')!r})")
-    try:
-        network = build_classifier(plans.network)
-    except Exception as exc:  # noqa: BLE001 - any bad network config is the plans' fault
-        raise InputError(plans_path, f"cannot build the network described in plans.json: {exc}"
-                         ) from None
-    state = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
-             for k, v in payload["state_dict"].items()}
-    try:
-        network.load_state_dict(state, strict=True)
-    except (RuntimeError, KeyError, TypeError) as exc:
-        first = str(exc).splitlines()[:3]
-        raise InputError(weights_path, "the weights do not fit the network in "
-                                       f"{plans_path.name}: {' '.join(first)[:400]}") from None
-    network.to(device)
-    network.eval()
+    network = build_with_weights(build_classifier, plans.network, payload, plans_path,
+                                 weights_path, device)
     return network, plans

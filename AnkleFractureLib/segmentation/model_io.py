@@ -136,8 +136,22 @@ def load_model(model_dir: PathLike, device: Union[str, torch.device] = "cpu"
     plans = SegPlans.load(plans_path)
     weights_path = folder / WEIGHTS_FILE
     payload = read_weights(weights_path)
+    network = build_with_weights(build_network, plans.network, payload, plans_path, weights_path,
+                                 device)
+    return network, plans
+
+
+def build_with_weights(factory: Any, config: Dict[str, Any], payload: Dict[str, Any],
+                       plans_path: Path, weights_path: Path,
+                       device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
+    """Build ``factory(config)``, load ``payload["state_dict"]`` as float32, eval mode.
+
+    Shared by every model folder (segmentation, classification): the errors name the file
+    at fault (plans.json for a network that cannot be built, model.pt for weights that do not
+    fit it).
+    """
     try:
-        network = build_network(plans.network)
+        network = factory(config)
     except Exception as exc:  # noqa: BLE001 - any bad network config is the plans' fault
         raise InputError(plans_path, f"cannot build the network described in plans.json: {exc}"
                          ) from None
@@ -151,7 +165,7 @@ def load_model(model_dir: PathLike, device: Union[str, torch.device] = "cpu"
                                        f"{plans_path.name}: {' '.join(first)[:400]}") from None
     network.to(device)
     network.eval()
-    return network, plans
+    return network
 
 
 def sha256_file(path: PathLike) -> str:
