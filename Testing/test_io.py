@@ -274,3 +274,39 @@ def test_pixel_decoding_falls_back_to_simpleitk(tmp_path, monkeypatch):
     vol = read_image(s["folder"])  # SimpleITK applies the per-slice rescale itself
     np.testing.assert_array_equal(vol.array, s["hu"])
     assert vol.array.dtype == np.int16
+
+
+# ---------------------------------------------------------------------- DICOM writer
+@pytest.mark.parametrize("handed", ["right", "left"])
+def test_dicom_writer_round_trip_keeps_every_voxel_where_it_was(tmp_path, handed):
+    from AnkleFractureLib.io.dicom_write import write_dicom_series
+
+    vol = make_volume()  # oblique, j axis flipped: left-handed
+    if handed == "right":
+        d = np.asarray(vol.direction).copy()
+        d[:, 2] = np.cross(d[:, 0], d[:, 1])
+        vol = Volume(vol.array, vol.spacing, vol.origin, d)
+    files = write_dicom_series(vol, tmp_path / "series")
+    assert len(files) == vol.shape[0] and all(f.is_file() for f in files)
+    back = read_image(tmp_path / "series")
+    assert back.meta["format"] == "dicom" and back.shape == vol.shape
+    np.testing.assert_allclose(back.spacing, vol.spacing, atol=1e-5)
+    # Every voxel keeps its HU at its LPS position (a left-handed frame is stored flipped).
+    kji = np.argwhere(np.ones(vol.shape, bool))[::37]
+    pts = vol.index_to_physical(kji[:, ::-1])
+    idx = np.rint(back.physical_to_index(pts)).astype(int)[:, ::-1]
+    np.testing.assert_allclose(back.index_to_physical(idx[:, ::-1]), pts, atol=1e-4)
+    np.testing.assert_array_equal(back.array[tuple(idx.T)], vol.array[tuple(kji.T)])
+    if handed == "right":
+        np.testing.assert_allclose(back.direction, vol.direction, atol=1e-5)
+        np.testing.assert_allclose(back.origin, vol.origin, atol=1e-4)
+
+
+def test_dicom_writer_refuses_a_non_empty_folder_and_leaves_no_partial_series(tmp_path):
+    from AnkleFractureLib.io.dicom_write import write_dicom_series
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "other.txt").write_text("x")
+    with pytest.raises(InputError, match="busy"):
+        write_dicom_series(make_volume(), tmp_path / "busy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]

@@ -9,14 +9,17 @@ from AnkleFractureLib.cli.progress import ProgressBar
 DESCRIPTION = """\
 Generate synthetic ankle CT cases (the project's phantom) as a dataset folder:
 DIR/dataset.json, DIR/images/<id>.nii.gz (HU), DIR/labels/<id>.nii.gz (0 background,
-1 tibia, 2 fibula) and, with --preview, DIR/previews/<id>.png. Same seed, same bytes.
+1 tibia, 2 fibula), with --preview DIR/previews/<id>.png and, with --dicom, each CT also as a
+DICOM series in DIR/dicom/<id>/ (to try the DICOM path of 'run' and 'batch'). Same seed, same
+images.
 Classes cycle none/A/B/C and sides alternate unless --weber / --side fix them."""
 
 EXAMPLES = """\
 examples:
   ankle-fracture phantom --out data/phantoms --n 40 --seed 1
   ankle-fracture phantom --out data/weber_b --n 4 --seed 7 --weber B --side left --preview
-  ankle-fracture phantom --out data/big --n 2 --seed 3 --spacing clinical"""
+  ankle-fracture phantom --out data/big --n 2 --seed 3 --spacing clinical
+  ankle-fracture phantom --out data/dicom_demo --n 2 --dicom"""
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> None:
@@ -33,6 +36,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                    help="voxel grids: fast (~0.7-1.0 mm, seconds), clinical (~0.35 mm, 512x512x300-400) "
                         "or mixed (every fifth case clinical); default fast")
     p.add_argument("--preview", action="store_true", help="also write one PNG preview per case")
+    p.add_argument("--dicom", action="store_true",
+                   help="also write each CT as a DICOM series in DIR/dicom/<id>/")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -44,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("ankle-fracture phantom: error: --n must be at least 1")
     ds = write_phantom_dataset(args.out, n=args.n, seed=args.seed, weber=args.weber,
                                side=args.side, spacing=args.spacing, preview=args.preview,
+                               dicom=args.dicom,
                                progress=ProgressBar("phantom", enabled=not args.quiet))
     counts = ds.counts()
     print(f"{ds.root}: {counts['cases']} cases "

@@ -22,7 +22,8 @@ a DICOM folder. Writes into DIR, each file atomically, result.json last:
   transform.tfm            the ITK transform (template -> patient, LPS) for 3D Slicer
   syndesmosis_crop.nii.gz  the classifier's input on the template's box grid
   gradcam.nii.gz           Grad-CAM heatmap (float32, 0..1) on the CT's grid
-  report.png               a one-page summary (when available)
+  report.png               a one-page summary: slices with bone outlines and Grad-CAM,
+                           the four probabilities, warnings (and report.pdf with --pdf)
   result.json              probabilities, prediction, uncertainty, side, registration quality,
                            findings and warnings, refusal, timings, model versions, input
 Files of stages that did not run are not written. Research software, not for clinical use."""
@@ -31,7 +32,8 @@ EXAMPLES = """\
 examples:
   ankle-fracture run ct.nii.gz --out result/
   ankle-fracture run dicom_folder/ --out result/ --side left --device cuda
-  ankle-fracture run ct.nii.gz --out result/ --tta 16 --cls-model models/cls --quiet"""
+  ankle-fracture run ct.nii.gz --out result/ --tta 16 --cls-model models/cls --quiet
+  ankle-fracture run ct.nrrd --out result/ --pdf"""
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> None:
@@ -53,6 +55,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--cls-model", metavar="DIR",
                    help="classifier folder (default: the shipped model)")
     p.add_argument("--template", metavar="DIR", help="template folder (default: the shipped one)")
+    p.add_argument("--pdf", action="store_true", help="also write the report as report.pdf")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = pipeline.run(ct, progress=progress)
     bar(0.96, "writing")
-    data = write_outputs(result, out, ct)
+    data = write_outputs(result, out, ct, report_pdf=args.pdf)
     bar(1.0, "done")
     print("\n".join(summary_lines(data, out)))
     return 0

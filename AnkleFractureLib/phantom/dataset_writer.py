@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 
@@ -58,9 +58,21 @@ def case_plan(n: int, seed: int, weber: Optional[str] = None, side: Optional[str
     return plan
 
 
+def _write_dicom(ct: Any, folder: Path, case_id: str) -> None:
+    """The CT as a DICOM series in ``folder`` (replacing an earlier one)."""
+    import shutil
+
+    from AnkleFractureLib.io.dicom_write import write_dicom_series
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    write_dicom_series(ct, folder, patient_id=case_id, patient_name=f"Phantom^{case_id}",
+                       description=f"AnkleFracture phantom {case_id}")
+
+
 def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
                           weber: Optional[str] = None, side: Optional[str] = None,
-                          spacing: str = "fast", preview: bool = False,
+                          spacing: str = "fast", preview: bool = False, dicom: bool = False,
                           progress: Optional[ProgressCallback] = None,
                           should_cancel: Optional[Callable[[], bool]] = None) -> Dataset:
     """Generate ``n`` phantom cases into a dataset folder (added to it if it exists).
@@ -73,6 +85,8 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
         side: Fix every case's side, or None to alternate.
         spacing: "fast", "clinical" or "mixed" (see :func:`case_plan`).
         preview: Also write ``previews/<id>.png`` per case.
+        dicom: Also write each CT as a DICOM series in ``dicom/<id>/`` (one file per slice;
+            the images/ NIfTI stays the dataset's image). An existing series is replaced.
         progress: Called with (fraction done in [0, 1], message).
         should_cancel: Polled between cases; returning True raises CancelledError (the cases
             written so far stay in the index).
@@ -105,6 +119,8 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
         if preview:
             Path(ds.root, "previews").mkdir(parents=True, exist_ok=True)
             write_preview(case, str(Path(ds.root, "previews", f"{item['id']}.png")))
+        if dicom:
+            _write_dicom(case.ct, Path(ds.root, "dicom", item["id"]), item["id"])
         # Save as we go, so an interrupted run leaves a consistent, usable dataset.
         ds.save()
     if progress is not None:

@@ -43,7 +43,8 @@ DISCLAIMER = "research software, not for clinical use"
 
 #: Output files of :func:`write_outputs`, in the order they are written (result.json last).
 OUTPUT_FILES = ("segmentation.nii.gz", "transform.json", "transform.tfm",
-                "syndesmosis_crop.nii.gz", "gradcam.nii.gz", "report.png", "result.json")
+                "syndesmosis_crop.nii.gz", "gradcam.nii.gz", "report.png", "report.pdf",
+                "result.json")
 
 #: Share of the overall progress of each stage (segmentation dominates on a CPU).
 STAGE_SPAN = {"segment": (0.0, 0.65), "register": (0.65, 0.8), "crop": (0.8, 0.85),
@@ -563,8 +564,8 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------------- writing
-def write_outputs(result: PipelineResult, out_dir: PathLike, ct: Optional[Volume] = None
-                  ) -> Dict[str, Any]:
+def write_outputs(result: PipelineResult, out_dir: PathLike, ct: Optional[Volume] = None,
+                  report_pdf: bool = False) -> Dict[str, Any]:
     """Write every available output into ``out_dir``, each atomically, ``result.json`` last.
 
     Files of stages that did not run are not written, and stale ones from an earlier run in the
@@ -575,13 +576,15 @@ def write_outputs(result: PipelineResult, out_dir: PathLike, ct: Optional[Volume
     * ``transform.json`` / ``transform.tfm``: as ``ankle-fracture register`` writes them;
     * ``syndesmosis_crop.nii.gz``: the 3-channel crop on the template's box grid;
     * ``gradcam.nii.gz``: float32 heatmap in [0, 1] on the CT's grid;
-    * ``report.png``: a one-page summary, when :mod:`AnkleFractureLib.pipeline.report` exists;
+    * ``report.png``: a one-page summary (needs ``ct``), and with ``report_pdf`` the same page
+      as ``report.pdf``;
     * ``result.json``: :meth:`PipelineResult.to_json` plus ``files``.
 
     Args:
         result: The run's result.
         out_dir: Output folder (created).
         ct: The CT (for the report; the heatmap's grid is checked against it).
+        report_pdf: Also write ``report.pdf``.
 
     Returns:
         The dict written as ``result.json``.
@@ -625,18 +628,17 @@ def write_outputs(result: PipelineResult, out_dir: PathLike, ct: Optional[Volume
             with contextlib.suppress(FileNotFoundError):
                 os.remove(out / name)
     if ct is not None:
-        try:
-            from AnkleFractureLib.pipeline.report import write_report_png
-        except (ImportError, AttributeError):
-            write_report_png = None  # the report module is optional
-        if write_report_png is not None:
+        from AnkleFractureLib.pipeline.report import write_report_pdf, write_report_png
+
+        reports = [("report.png", write_report_png)]
+        if report_pdf:
+            reports.append(("report.pdf", write_report_pdf))
+        for name, writer in reports:
             try:
-                write_report_png(out / "report.png", ct, result.label, result.gradcam, data)
-                written.append("report.png")
-            except (ImportError, AttributeError):
-                pass
+                writer(out / name, ct, result.label, result.gradcam, data)
+                written.append(name)
             except Exception as exc:  # noqa: BLE001 - a figure must not lose the result
-                data["warnings"].append(f"report.png could not be drawn: "
+                data["warnings"].append(f"{name} could not be drawn: "
                                         f"{type(exc).__name__}: {exc}")
     data["files"] = written
     atomic_write_json(out / "result.json", data)
