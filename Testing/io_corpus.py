@@ -55,43 +55,16 @@ def write_dicom_slice(path: Path, stored: np.ndarray, *, series_uid: str, ipp: S
         iop: ImageOrientationPatient (row cosine, column cosine).
         pixel_spacing: (row spacing, column spacing) mm, DICOM order.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from AnkleFractureLib.io.dicom_write import slice_dataset
 
-    stored = np.ascontiguousarray(stored, dtype=np.int16)
-    sop_class = _SOP_BY_MODALITY.get(modality, CT_IMAGE_STORAGE)
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
-    ds.Modality = modality
-    ds.ImageType = list(image_type)
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesDescription = description
-    ds.FrameOfReferenceUID = study_uid + ".9"
-    ds.PatientName = "Synthetic^Ankle"
-    ds.PatientID = "0"
-    ds.InstanceNumber = int(instance_number)
-    ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
-    ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
-    ds.PixelSpacing = [f"{v:.6f}" for v in pixel_spacing]
-    ds.SliceThickness = "1.0"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = int(stored.shape[0]), int(stored.shape[1])
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.RescaleSlope = f"{slope:g}"
-    ds.RescaleIntercept = f"{intercept:g}"
-    ds.PixelData = stored.tobytes()
+    ds = slice_dataset(stored, series_uid=series_uid, study_uid=study_uid,
+                       frame_uid=study_uid + ".9", ipp=ipp, iop=iop,
+                       pixel_spacing=pixel_spacing, instance_number=instance_number,
+                       modality=modality, sop_class=_SOP_BY_MODALITY.get(modality,
+                                                                         CT_IMAGE_STORAGE),
+                       slope=slope, intercept=intercept, image_type=image_type,
+                       description=description, patient_name="Synthetic^Ankle",
+                       patient_id="0")
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(str(path), enforce_file_format=True)
     return path

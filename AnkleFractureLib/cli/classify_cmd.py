@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+from AnkleFractureLib.cli.common import bar_chart, check_out_dir, check_tta, prediction_line
 from AnkleFractureLib.cli.progress import ProgressBar
 
 DISCLAIMER = "research software, not for clinical use"
@@ -57,17 +58,6 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=run)
 
 
-def _bar_chart(probabilities: Dict[str, float], prediction: str, width: int = 30) -> List[str]:
-    """One text line per class: name, percentage and a bar of ``#`` (prediction marked)."""
-    lines = []
-    for name, p in probabilities.items():
-        filled = int(round(p * width))
-        mark = "  <- prediction" if name == prediction else ""
-        lines.append(f"  {name:<4} {100.0 * p:5.1f}% |{'#' * filled}{' ' * (width - filled)}|"
-                     f"{mark}")
-    return lines
-
-
 def _unsure_reasons(uncertainty: Dict[str, Any]) -> List[str]:
     for key in ("reasons", "unsure_reasons"):
         if uncertainty.get(key):
@@ -84,11 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from AnkleFractureLib.io import atomic_write_json, read_image, write_image
     from AnkleFractureLib.segmentation.model_io import WEIGHTS_FILE, sha256_file
 
-    if args.tta is not None and args.tta < 0:
-        raise InputError(None, f"--tta must be >= 0, got {args.tta}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "--out must be a folder, but a file of that name exists")
+    check_tta(args.tta)
+    out = check_out_dir(args.out)
     t0 = time.perf_counter()
     bar = ProgressBar("classify", enabled=not args.quiet)
     bar(0.0, "reading the CT")
@@ -154,10 +141,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"Danis-Weber classification of {args.ct}"
           + (f" ({data['side']} ankle)" if data["side"] else ""))
-    print("\n".join(_bar_chart(probabilities, result.prediction)))
-    print(f"prediction: Weber {result.prediction} ({100.0 * probabilities[result.prediction]:.1f}%)"
-          if result.prediction != "none" else
-          f"prediction: no fracture ({100.0 * probabilities['none']:.1f}%)")
+    print("\n".join(bar_chart(probabilities, result.prediction)))
+    print(prediction_line(probabilities, result.prediction))
     if result.uncertainty.get("unsure"):
         reasons = _unsure_reasons(result.uncertainty)
         print("UNSURE: " + ("; ".join(reasons) if reasons else "the uncertainty is high")

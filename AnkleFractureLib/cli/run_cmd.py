@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict, List
 
+from AnkleFractureLib.cli.common import bar_chart, check_out_dir, check_tta, prediction_line
 from AnkleFractureLib.cli.progress import ProgressBar
 
 DESCRIPTION = """\
@@ -60,16 +61,6 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=run)
 
 
-def _bar_chart(probabilities: Dict[str, float], prediction: str, width: int = 30) -> List[str]:
-    lines = []
-    for name, p in probabilities.items():
-        filled = int(round(p * width))
-        mark = "  <- prediction" if name == prediction else ""
-        lines.append(f"  {name:<4} {100.0 * p:5.1f}% |{'#' * filled}{' ' * (width - filled)}|"
-                     f"{mark}")
-    return lines
-
-
 def summary_lines(data: Dict[str, Any], out: Path) -> List[str]:
     """The readable summary of a ``result.json`` dict."""
     lines: List[str] = []
@@ -85,10 +76,8 @@ def summary_lines(data: Dict[str, Any], out: Path) -> List[str]:
     else:
         probabilities = data["probabilities"]
         prediction = data["prediction"]
-        lines.extend(_bar_chart(probabilities, prediction))
-        p = 100.0 * probabilities[prediction]
-        lines.append(f"prediction: Weber {prediction} ({p:.1f}%)" if prediction != "none"
-                     else f"prediction: no fracture ({p:.1f}%)")
+        lines.extend(bar_chart(probabilities, prediction))
+        lines.append(prediction_line(probabilities, prediction))
         unc = data.get("uncertainty") or {}
         if unc.get("unsure"):
             reasons = unc.get("reasons") or ["the uncertainty is high"]
@@ -111,15 +100,11 @@ def summary_lines(data: Dict[str, Any], out: Path) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from AnkleFractureLib.errors import InputError
     from AnkleFractureLib.io import read_image
     from AnkleFractureLib.pipeline.pipeline import Pipeline, PipelineOptions, write_outputs
 
-    if args.tta is not None and args.tta < 0:
-        raise InputError(None, f"--tta must be >= 0, got {args.tta}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "--out must be a folder, but a file of that name exists")
+    check_tta(args.tta)
+    out = check_out_dir(args.out)
     bar = ProgressBar("run", enabled=not args.quiet)
     bar(0.0, "reading the CT")
     ct = read_image(args.ct)

@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
@@ -46,6 +46,72 @@ def _ds(value: float) -> str:
     """A DICOM decimal string (at most 16 characters)."""
     text = f"{value:.6f}".rstrip("0").rstrip(".")
     return text if len(text) <= 16 else f"{value:.8g}"
+
+
+def slice_dataset(stored: np.ndarray, *, series_uid: str, study_uid: str, frame_uid: str,
+                  ipp: Sequence[float], iop: Sequence[float], pixel_spacing: Sequence[float],
+                  slice_thickness: float = 1.0, instance_number: int = 1,
+                  modality: str = "CT", sop_class: str = CT_IMAGE_STORAGE,
+                  slope: float = 1.0, intercept: float = INTERCEPT,
+                  image_type: Sequence[str] = ("DERIVED", "SECONDARY", "AXIAL"),
+                  description: str = "AnkleFracture synthetic phantom",
+                  patient_name: str = "Phantom^Ankle", patient_id: str = "PHANTOM") -> Any:
+    """One uncompressed single-frame image slice as a pydicom Dataset (not yet saved).
+
+    Args:
+        stored: Stored pixel values (rows, cols), int16; value = stored * slope + intercept.
+        series_uid, study_uid, frame_uid: SeriesInstance-, StudyInstance-, FrameOfReferenceUID.
+        ipp: ImagePositionPatient (LPS mm).
+        iop: ImageOrientationPatient: row cosine then column cosine (6 values).
+        pixel_spacing: (row spacing, column spacing) mm, DICOM order (= spacing y, x).
+        slice_thickness: mm.
+        instance_number: InstanceNumber.
+        modality, sop_class: Modality and SOP Class UID (CT Image Storage by default).
+        slope, intercept: RescaleSlope / RescaleIntercept.
+        image_type, description, patient_name, patient_id: Header text.
+
+    Returns:
+        The dataset, with file meta (Explicit VR Little Endian); save it with
+        ``ds.save_as(path, enforce_file_format=True)``.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    stored = np.ascontiguousarray(stored, dtype="<i2")
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.Modality = modality
+    ds.ImageType = list(image_type)
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = frame_uid
+    ds.SeriesDescription = description
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = int(instance_number)
+    ds.ImagePositionPatient = [_ds(float(v)) for v in ipp]
+    ds.ImageOrientationPatient = [_ds(float(v)) for v in iop]
+    ds.PixelSpacing = [_ds(float(v)) for v in pixel_spacing]
+    ds.SliceThickness = _ds(float(slice_thickness))
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(stored.shape[0]), int(stored.shape[1])
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleSlope = _ds(float(slope))
+    ds.RescaleIntercept = _ds(float(intercept))
+    ds.PixelData = stored.tobytes()
+    return ds
 
 
 def write_dicom_series(volume: Volume, folder: PathLike, *, patient_id: str = "PHANTOM",
@@ -72,8 +138,7 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, patient_id: str = "P
     Raises:
         InputError: ``folder`` exists and is not empty, or the direction is not orthonormal.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     dest = Path(folder)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -93,47 +158,17 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, patient_id: str = "P
     series_uid = series_uid or generate_uid()
     study_uid = study_uid or generate_uid()
     frame_uid = generate_uid()
-    iop = [_ds(v) for v in (*r, *c)]
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         names: List[str] = []
         for k in range(stored.shape[0]):
-            sop_uid = generate_uid()
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-            meta.MediaStorageSOPInstanceUID = sop_uid
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds = Dataset()
-            ds.file_meta = meta
-            ds.SOPClassUID = CT_IMAGE_STORAGE
-            ds.SOPInstanceUID = sop_uid
-            ds.Modality = "CT"
-            ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-            ds.StudyInstanceUID = study_uid
-            ds.SeriesInstanceUID = series_uid
-            ds.FrameOfReferenceUID = frame_uid
-            ds.SeriesDescription = description
-            ds.PatientName = patient_name
-            ds.PatientID = patient_id
-            ds.SeriesNumber = 1
-            ds.InstanceNumber = k + 1
-            ds.ImagePositionPatient = [_ds(v) for v in origin + k * sz * n]
-            ds.ImageOrientationPatient = iop
-            ds.PixelSpacing = [_ds(sy), _ds(sx)]
-            ds.SliceThickness = _ds(sz)
-            ds.SamplesPerPixel = 1
-            ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.Rows, ds.Columns = int(stored.shape[1]), int(stored.shape[2])
-            ds.BitsAllocated = 16
-            ds.BitsStored = 16
-            ds.HighBit = 15
-            ds.PixelRepresentation = 1
-            ds.RescaleSlope = "1"
-            ds.RescaleIntercept = _ds(INTERCEPT)
-            ds.RescaleType = "HU"
-            ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
+            ds = slice_dataset(stored[k], series_uid=series_uid, study_uid=study_uid,
+                               frame_uid=frame_uid, ipp=origin + k * sz * n, iop=(*r, *c),
+                               pixel_spacing=(sy, sx), slice_thickness=sz,
+                               instance_number=k + 1, description=description,
+                               patient_name=patient_name, patient_id=patient_id)
             name = f"slice_{k + 1:04d}.dcm"
             ds.save_as(str(tmp / name), enforce_file_format=True)
             names.append(name)

@@ -1,0 +1,48 @@
+"""Pieces shared by the sub-commands: argument checks and the text rendering of an answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+
+def check_out_dir(path: str) -> Path:
+    """``--out`` as a Path; refuses a path that is an existing file (InputError)."""
+    from AnkleFractureLib.errors import InputError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "--out must be a folder, but a file of that name exists")
+    return out
+
+
+def check_tta(tta: Optional[int]) -> None:
+    """``--tta`` must be None (the model's default) or >= 0 (InputError)."""
+    from AnkleFractureLib.errors import InputError
+
+    if tta is not None and tta < 0:
+        raise InputError(None, f"--tta must be >= 0, got {tta}")
+
+
+def bar_chart(probabilities: Dict[str, float], prediction: str, width: int = 30) -> List[str]:
+    """One text line per class: name, percentage and a bar of ``#`` (prediction marked).
+
+    Example:
+        >>> print("\\n".join(bar_chart({"none": 0.1, "A": 0.9}, "A", width=10)))
+          none  10.0% |#         |
+          A     90.0% |######### |  <- prediction
+    """
+    lines = []
+    for name, p in probabilities.items():
+        filled = int(round(p * width))
+        mark = "  <- prediction" if name == prediction else ""
+        lines.append(f"  {name:<4} {100.0 * p:5.1f}% |{'#' * filled}{' ' * (width - filled)}|"
+                     f"{mark}")
+    return lines
+
+
+def prediction_line(probabilities: Dict[str, float], prediction: str) -> str:
+    """'prediction: Weber B (97.1%)' or 'prediction: no fracture (99.0%)'."""
+    p = 100.0 * probabilities[prediction]
+    return (f"prediction: Weber {prediction} ({p:.1f}%)" if prediction != "none"
+            else f"prediction: no fracture ({p:.1f}%)")
