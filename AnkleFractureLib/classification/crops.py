@@ -108,6 +108,24 @@ def _file_key(path: Path) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
+def _model_key(model_dir: Path) -> str:
+    """A segmentation model folder's identity: its weights' sha256 (the path when missing)."""
+    from AnkleFractureLib.segmentation.model_io import WEIGHTS_FILE, sha256_file
+
+    weights = model_dir / WEIGHTS_FILE
+    return sha256_file(weights) if weights.is_file() else str(model_dir)
+
+
+def _shipped_seg_key() -> Optional[str]:
+    from AnkleFractureLib.errors import AnkleFractureError
+    from AnkleFractureLib.segmentation.inference import default_model_dir
+
+    try:
+        return _model_key(Path(default_model_dir()))
+    except AnkleFractureError:
+        return None
+
+
 def _template_key(template: Any) -> str:
     if template is None:
         from AnkleFractureLib.registration.template import load_template
@@ -116,13 +134,17 @@ def _template_key(template: Any) -> str:
     return json.dumps(template.box.to_json(), sort_keys=True)
 
 
-def cache_key(dataset: Dataset, record: CaseRecord, kind: str, template_key: str) -> str:
-    """Hex key of a case's crop: its files, the kind and the template box."""
+def cache_key(dataset: Dataset, record: CaseRecord, kind: str, template_key: str,
+              seg_model_key: Optional[str] = None) -> str:
+    """Hex key of a case's crop: its files, the kind, the template box and, for a case whose
+    masks come from a segmentation model, that model (``seg_model_key``)."""
     seg = dataset.path(record.segmentation)
     parts = {"version": CACHE_VERSION, "kind": kind,
              "image": _file_key(dataset.path(record.image)),
              "label": _file_key(seg) if seg is not None and kind == "registered" else None,
              "side": record.side, "template": template_key}
+    if seg is None and kind == "registered" and seg_model_key is not None:
+        parts["seg_model"] = seg_model_key  # absent for the shipped model: old keys stay valid
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -144,10 +166,10 @@ def _load_npz(path: Path) -> Optional[Tuple[np.ndarray, Dict[str, Any]]]:
         return None
 
 
-def _compute(args: Tuple[str, Dict[str, Any], str, Optional[str], str]
+def _compute(args: Tuple[str, Dict[str, Any], str, Optional[str], str, Optional[str]]
              ) -> Tuple[str, Optional[str]]:
     """Worker: compute one case's crop and write its cache file; (id, error or None)."""
-    root, rec_json, kind, template_dir, out = args
+    root, rec_json, kind, template_dir, out, seg_model_dir = args
     from AnkleFractureLib.io import read_image
     from AnkleFractureLib.registration.template import load_template
 
@@ -164,7 +186,7 @@ def _compute(args: Tuple[str, Dict[str, Any], str, Optional[str], str]
             else:
                 from AnkleFractureLib.segmentation.inference import segment_ct
 
-                label = segment_ct(ct)
+                label = segment_ct(ct, seg_model_dir)
                 source = "model"
         template = load_template(template_dir) if template_dir else None
         channels, info = crop_case(ct, label, kind, template, side=record.side or "auto")
@@ -179,7 +201,8 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
                template_dir: "os.PathLike[str] | str | None" = None, workers: int = 1,
                progress: Optional[ProgressCallback] = None,
                should_cancel: Optional[Callable[[], bool]] = None,
-               ids: Optional[Sequence[str]] = None) -> CropSet:
+               ids: Optional[Sequence[str]] = None,
+               seg_model_dir: "os.PathLike[str] | str | None" = None) -> CropSet:
     """Crops of every case of a dataset, computed once and cached.
 
     Args:
@@ -191,6 +214,8 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
         progress: Callback (fraction, message).
         should_cancel: Polled between cases; CancelledError when it returns True.
         ids: Only these cases (default: all).
+        seg_model_dir: Segmentation model that segments the cases without a label map (the
+            shipped one when None); use the model the pipeline will run with.
 
     Returns:
         The :class:`CropSet` (cases that failed are listed in ``failed`` and left out).
@@ -204,7 +229,12 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
         raise InputError(dataset.root, "the dataset has no cases")
     tkey = _template_key(load_template(template_dir) if template_dir else None)
     folder = Path(cache_dir) / kind
-    paths = {r.id: folder / f"{r.id}-{cache_key(dataset, r, kind, tkey)}.npz" for r in records}
+    seg_dir = None if seg_model_dir is None else str(Path(seg_model_dir).resolve())
+    mkey = None if seg_dir is None else _model_key(Path(seg_dir))
+    if mkey is not None and mkey == _shipped_seg_key():
+        mkey = None  # the shipped model named explicitly: the same crops as the default
+    paths = {r.id: folder / f"{r.id}-{cache_key(dataset, r, kind, tkey, mkey)}.npz"
+             for r in records}
     missing = [r for r in records if not paths[r.id].is_file()]
     failed: Dict[str, str] = {}
     done = len(records) - len(missing)
@@ -215,7 +245,7 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
 
     report(f"{done}/{len(records)} crops cached")
     jobs = [(str(dataset.root), {"id": r.id}, kind,
-             None if template_dir is None else str(template_dir), str(paths[r.id]))
+             None if template_dir is None else str(template_dir), str(paths[r.id]), seg_dir)
             for r in missing]
     if jobs and workers > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -247,7 +277,7 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
         if loaded is None:  # damaged entry: recompute in process
             case_id, err = _compute((str(dataset.root), {"id": r.id}, kind,
                                      None if template_dir is None else str(template_dir),
-                                     str(paths[r.id])))
+                                     str(paths[r.id]), seg_dir))
             loaded = None if err else _load_npz(paths[r.id])
             if loaded is None:
                 failed[r.id] = err or "unreadable crop cache entry"

@@ -41,6 +41,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                         "N > 1 also reports the unsure cases")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="crop cache folder (default DATASET/.crop_cache)")
+    p.add_argument("--seg-model", metavar="DIR",
+                   help="segmentation model for the cases without a label map (default: the "
+                        "shipped one; use the model 'run' will use)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes computing missing crops (default 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     bar = ProgressBar("evaluate-cls", enabled=not args.quiet)
     result = evaluate_classifier(args.dataset, args.model, device=args.device,
                                  cache_dir=args.cache_dir, workers=args.workers, tta=args.tta,
-                                 progress=bar)
+                                 progress=bar, seg_model_dir=args.seg_model)
     atomic_write_json(args.out, result)
     print(format_report(result))
     print(f"metrics written to {args.out}")

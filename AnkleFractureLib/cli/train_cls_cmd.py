@@ -96,6 +96,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                    help="SE-ResNet stage widths (default from the plans: 16 32 64 128)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="crop cache folder (default DATASET/.crop_cache)")
+    p.add_argument("--seg-model", metavar="DIR",
+                   help="segmentation model for the cases without a label map (default: the "
+                        "shipped one; use the model 'run' will use)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes computing missing crops (default 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -165,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     verbose = main_rank and not args.quiet
     summary = train_classifier(
         args.dataset, out, config, plans=plans, cache_dir=args.cache_dir, workers=args.workers,
+        seg_model_dir=args.seg_model,
         device=args.device, num_threads=args.threads, max_minutes=args.max_minutes,
         progress=ProgressBar("train-cls", enabled=verbose),
         log=print if verbose else (lambda _line: None))

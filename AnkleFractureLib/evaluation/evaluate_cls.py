@@ -71,7 +71,8 @@ def evaluate_classifier(dataset_dir: "os.PathLike[str] | str",
                         cache_dir: "os.PathLike[str] | str | None" = None,
                         workers: int = 1, tta: int = 0,
                         progress: Optional[ProgressCallback] = None,
-                        classifier: Any = None, crops: Any = None) -> Dict[str, Any]:
+                        classifier: Any = None, crops: Any = None,
+                        seg_model_dir: "os.PathLike[str] | str | None" = None) -> Dict[str, Any]:
     """Classify every labelled case of a dataset and score the predictions.
 
     Args:
@@ -87,6 +88,8 @@ def evaluate_classifier(dataset_dir: "os.PathLike[str] | str",
             ``model_dir`` and ``device`` are ignored).
         crops: A preloaded :class:`~AnkleFractureLib.classification.crops.CropSet` of this
             dataset, of the classifier's crop kind (skips loading).
+        seg_model_dir: Segmentation model for the cases without a label map (the shipped
+            one when None).
 
     Returns:
         The :func:`~AnkleFractureLib.evaluation.cls_metrics.classification_report` dict (with
@@ -118,7 +121,8 @@ def evaluate_classifier(dataset_dir: "os.PathLike[str] | str",
     if crops is None:
         cache = Path(cache_dir) if cache_dir is not None else ds.root / ".crop_cache"
         crops = load_crops(ds, cache, kind=plans.crop, workers=workers,
-                           progress=lambda f, m: report(_CROP_SHARE * f, m))
+                           progress=lambda f, m: report(_CROP_SHARE * f, m),
+                           seg_model_dir=seg_model_dir)
     idx = crops.labelled
     if idx.size == 0:
         raise InputError(ds.root, "no case of this dataset has a Weber class ('weber' in "

@@ -287,6 +287,7 @@ def train_classifier(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathLik
                      config: Optional[ClsTrainConfig] = None, *, plans: Any = None,
                      cache_dir: "os.PathLike[str] | str | None" = None,
                      crops: Any = None, workers: int = 1, device: str = "auto",
+                     seg_model_dir: "os.PathLike[str] | str | None" = None,
                      num_threads: Optional[int] = None, max_minutes: Optional[float] = None,
                      progress: Optional[ProgressCallback] = None,
                      log: Optional[LogCallback] = print,
@@ -305,6 +306,8 @@ def train_classifier(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathLik
             dataset (skips loading; used by the experiment script).
         workers: Processes computing missing crops.
         device: "auto", "cpu" or "cuda".
+        seg_model_dir: Segmentation model for the cases without a label map (the shipped
+            one when None): the model the pipeline will run with.
         num_threads: torch CPU threads per process.
         max_minutes: Wall-clock budget; training stops after the step that exceeds it and
             saves (status "max_minutes").
@@ -334,7 +337,8 @@ def train_classifier(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathLik
         return _train(ctx, Path(dataset_dir), out, config, plans, cache_dir, crops, workers,
                       max_minutes, progress if ctx.is_main else None,
                       (log or (lambda _m: None)) if ctx.is_main else (lambda _m: None),
-                      should_cancel, list(sys.argv if command is None else command))
+                      should_cancel, list(sys.argv if command is None else command),
+                      seg_model_dir)
     finally:
         cleanup_distributed(ctx)
 
@@ -342,7 +346,8 @@ def train_classifier(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathLik
 def _train(ctx: Any, dataset_dir: Path, out: Path, cfg: ClsTrainConfig, plans: Any,
            cache_dir: Any, crops: Any, workers: int, max_minutes: Optional[float],
            progress: Optional[ProgressCallback], log: LogCallback,
-           should_cancel: Optional[Callable[[], bool]], command: List[str]) -> Dict[str, Any]:
+           should_cancel: Optional[Callable[[], bool]], command: List[str],
+           seg_model_dir: Any = None) -> Dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -365,7 +370,8 @@ def _train(ctx: Any, dataset_dir: Path, out: Path, cfg: ClsTrainConfig, plans: A
         ds = Dataset.load(dataset_dir)
         cache = Path(cache_dir) if cache_dir is not None else dataset_dir / ".crop_cache"
         crops = load_crops(ds, cache, plans.crop, workers=workers,
-                           progress=(lambda f, m: progress(0.1 * f, m)) if progress else None)
+                           progress=(lambda f, m: progress(0.1 * f, m)) if progress else None,
+                           seg_model_dir=seg_model_dir)
     for cid, reason in crops.failed.items():
         log(f"skipped case {cid}: {reason}")
     y_all = crops.y
