@@ -80,13 +80,3 @@ def test_phantom_command_writes_a_dataset_deterministically(tmp_path, capsys):
         assert (tmp_path / "a" / "previews" / f"{c['id']}.png").is_file()
     # Same seed, same bytes (images, labels, previews and the index).
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-
-
-def test_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "not for clinical use" in out
-    index = json.loads((tmp_path / "phantoms" / "dataset.json").read_text())
-    assert sorted(c["weber"] for c in index["cases"]) == ["A", "B", "C", "none"]
-    assert {c["side"] for c in index["cases"]} == {"left", "right"}
-    assert len(list((tmp_path / "phantoms" / "previews").glob("*.png"))) == 4

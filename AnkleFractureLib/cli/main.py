@@ -22,9 +22,10 @@ EXIT_INTERRUPTED = 130
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every sub-command."""
-    from AnkleFractureLib.cli import (classify_cmd, demo_cmd, evaluate_cls_cmd,
-                                      evaluate_seg_cmd, info_cmd, phantom_cmd, register_cmd,
-                                      run_cmd, segment_cmd, train_cls_cmd, train_seg_cmd)
+    from AnkleFractureLib.cli import (batch_cmd, classify_cmd, dataset_cmd, demo_cmd,
+                                      evaluate_cls_cmd, evaluate_seg_cmd, info_cmd, phantom_cmd,
+                                      register_cmd, run_cmd, segment_cmd, train_cls_cmd,
+                                      train_seg_cmd)
 
     parser = argparse.ArgumentParser(
         prog="ankle-fracture",
@@ -38,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show full tracebacks for unexpected errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (demo_cmd, phantom_cmd, info_cmd, segment_cmd, register_cmd, train_seg_cmd,
-                   evaluate_seg_cmd, classify_cmd, train_cls_cmd, evaluate_cls_cmd, run_cmd):
+    # In the order a user meets them: the product's main job first, then the single stages,
+    # then training on one's own data.
+    for module in (demo_cmd, run_cmd, batch_cmd, phantom_cmd, info_cmd, segment_cmd,
+                   register_cmd, classify_cmd, dataset_cmd, train_seg_cmd, evaluate_seg_cmd,
+                   train_cls_cmd, evaluate_cls_cmd):
         module.add_parser(sub)
     return parser
 
