@@ -11,8 +11,9 @@ from scipy.spatial.transform import Rotation
 
 from AnkleFractureLib.errors import AnkleFractureError, GeometryError
 from AnkleFractureLib.geometry.volume import Volume
-from AnkleFractureLib.registration.icp import (IcpResult, initial_guesses, matrix_scale,
-                                               similarity_icp, umeyama)
+from AnkleFractureLib.registration.icp import (MAX_AXIS_ANGLE_DEG, IcpResult, inlier_fraction,
+                                               initial_guesses, matrix_scale, similarity_icp,
+                                               umeyama)
 from AnkleFractureLib.registration.surface import labelled_surface_points, surface_points
 
 
@@ -99,7 +100,8 @@ def test_icp_recovers_known_similarity(seed):
     assert angle < 0.5, angle
     assert disp < 0.3, disp
     assert res.scale == pytest.approx(matrix_scale(truth), rel=3e-3)
-    assert res.inlier_fraction == pytest.approx(0.85, abs=1e-3)
+    # Inliers are measured after the fit (within 2.5 mm), not the trimmed share: all of them.
+    assert res.inlier_fraction > 0.99
     assert res.rms_mm < 1.0
     assert 1 <= res.iterations <= 50
 
@@ -227,6 +229,11 @@ def test_scale_hitting_bounds_is_refused(factor, bounds):
     (dict(scale_bounds=(1.2, 2.0)), "scale_bounds"),
     (dict(max_iterations=0), "max_iterations"),
     (dict(init=np.eye(3)), "4x4"),
+    (dict(label_trim={1: 0.0}), "label_trim"),
+    (dict(label_trim={1: 0.9}, source_labels=None, target_labels=None), "label_trim"),
+    (dict(long_axis=np.zeros(3)), "long_axis"),
+    (dict(long_axis=[0.0, 1.0]), "long_axis"),
+    (dict(source_axis=[0.0, 0.0, 1.0]), "source_axis needs long_axis"),
 ])
 def test_bad_inputs_raise_geometry_error(kwargs, match):
     rng = np.random.default_rng(15)
@@ -237,6 +244,77 @@ def test_bad_inputs_raise_geometry_error(kwargs, match):
     with pytest.raises(GeometryError, match=match):
         similarity_icp(args.pop("source"), args.pop("target"), **args)
     assert issubclass(GeometryError, AnkleFractureError)
+
+
+def test_inlier_fraction_is_measured_after_the_fit():
+    """Not the trimmed share: the (weighted) share of points on the target surface."""
+    rng = np.random.default_rng(17)
+    src, sl = bones(rng, 3000)
+    canon, tl = bones(rng, 4000)
+    truth = random_similarity(rng)
+    target = apply(truth, canon)
+    kw = dict(source_labels=sl, target_labels=tl)
+    res = similarity_icp(src, target, **kw)
+    assert res.inlier_fraction > 0.99
+    assert inlier_fraction(res.matrix, src, target, **kw) == pytest.approx(res.inlier_fraction)
+    # The same fit 5 or 10 mm off: most points leave the 2.5 mm band.
+    for shift, at_most in ((5.0, 0.6), (10.0, 0.3)):
+        off = res.matrix.copy()
+        off[:3, 3] += [shift, 0.0, 0.0]
+        assert inlier_fraction(off, src, target, **kw) < at_most
+    # A fibula displaced by 8 mm at the right pose: most of its points are off, but weighted
+    # like a tibia-anchored fit (fibula 0.1) the fraction stays high.
+    moved = src.copy()
+    moved[sl == 2] += [-8.0, 0.0, 0.0]
+    plain = inlier_fraction(res.matrix, moved, target, **kw)
+    weighted = inlier_fraction(res.matrix, moved, target, label_weights={1: 1.0, 2: 0.1}, **kw)
+    assert plain < 0.7 < 0.9 < weighted
+    assert inlier_fraction(res.matrix, moved, target, inlier_distance_mm=20.0, **kw) == 1.0
+
+
+@pytest.mark.parametrize("seed", [21, 22, 23])
+def test_long_axis_copes_with_fields_of_view_of_different_lengths(seed):
+    """A source that ends lower on the bones than the target (a short scan), or reaches past
+    the target's end: centroid starts and whole-cloud matching slide and shrink the fit along
+    the long axis; anchored starts and the overlap restriction keep it in place."""
+    rng = np.random.default_rng(seed)
+    canon, tl = bones(rng, 5000)  # the target, in its own frame: long axis +z
+    full, sl = bones(rng, 4000)
+    truth = random_similarity(rng)  # source -> target
+    inv = np.linalg.inv(truth)
+    axis = np.array([0.0, 0.0, 1.0])
+    short = full[:, 2] < 15.0
+    cut = canon[:, 2] < 15.0
+    judged = full[:, 2] < 10.0  # where both clouds have surface in the second case
+    cases = [(apply(inv, full[short]), sl[short], canon, tl, short[short]),
+             (apply(inv, full), sl, canon[cut], tl[cut], judged)]
+    for src, src_labels, tgt, tgt_labels, where in cases:
+        kw = dict(source_labels=src_labels, target_labels=tgt_labels)
+        anchored = similarity_icp(src, tgt, long_axis=axis, **kw)
+        angle, disp = errors(anchored.matrix, truth, src[where])
+        # (Ellipsoids are a weak test of the axial position: a cup scaled by 1 % and shifted
+        # fits almost as well, hence 1.5 mm.)
+        assert angle < 0.5 and disp < 1.5, (angle, disp)
+        assert anchored.inlier_fraction > 0.99
+        plain = similarity_icp(src, tgt, **kw)
+        assert errors(plain.matrix, truth, src[where])[1] > 5.0
+
+
+def test_source_axis_drops_upside_down_starts():
+    rng = np.random.default_rng(23)
+    src, sl = bones(rng, 800)
+    tgt, tl = bones(rng, 900)
+    up = np.array([0.0, 0.0, 1.0])
+    all_starts = initial_guesses(src, tgt, sl, tl, long_axis=up)
+    upright = initial_guesses(src, tgt, sl, tl, long_axis=up, source_axis=up)
+    assert 1 <= len(upright) < len(all_starts)
+
+    def angle(m: np.ndarray) -> float:
+        r = m[:3, :3] / matrix_scale(m)
+        return float(np.degrees(np.arccos(np.clip((r @ up) @ up, -1.0, 1.0))))
+
+    assert max(angle(m) for m in all_starts) > MAX_AXIS_ANGLE_DEG
+    assert max(angle(m) for m in upright) < MAX_AXIS_ANGLE_DEG
 
 
 def test_icp_full_size_clouds_8000_vs_10000_points():
@@ -292,6 +370,21 @@ def test_surface_points_count_determinism_and_empty():
     assert surface_points(vol, 7).shape == (0, 3)
     # Every sampled point is one of the boundary points.
     assert len(np.unique(np.vstack([all_pts, few]), axis=0)) == len(all_pts)
+
+
+def test_surface_points_can_leave_out_the_cut_faces():
+    # The tibia cylinder runs into the top of the image (k = 39): its cut face there is where the
+    # field of view ended, not a bone surface; its lower end (k = 3) is a real one.
+    vol = _cylinders()
+    every = surface_points(vol, 1, max_points=10 ** 7)
+    cut = surface_points(vol, 1, max_points=10 ** 7, exclude_edges=True)
+    k_every = np.rint(vol.physical_to_index(every)[:, 2]).astype(int)
+    k_cut = np.rint(vol.physical_to_index(cut)[:, 2]).astype(int)
+    assert np.count_nonzero(k_every == 39) > 200 and not np.any(k_cut == 39)
+    assert np.count_nonzero(k_cut == 3) == np.count_nonzero(k_every == 3) > 200
+    assert len(np.unique(np.vstack([every, cut]), axis=0)) == len(every)  # a subset
+    pts, labels = labelled_surface_points(vol, max_points_per_bone=300, exclude_edges=True)
+    assert pts.shape == (600, 3) and set(labels.tolist()) == {1, 2}
 
 
 def test_labelled_surface_points():

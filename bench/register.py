@@ -61,7 +61,8 @@ def main() -> None:
         print(f"{name:<28} {r['median_s']:9.3f} {r['min_s']:7.3f} {r['max_s']:7.3f} "
               f"{share:6.0%} {r['peak_alloc_mb']:8.1f}")
     print(f"\nregistration: side {reg.side}, RMS {reg.rms_mm:.2f} mm, inliers "
-          f"{reg.inlier_fraction:.0%}, {reg.iterations} iterations; runs per stage: {args.runs}")
+          f"{reg.inlier_fraction:.0%} (within {reg.to_json()['inlier_distance_mm']} mm), "
+          f"scale {reg.scale:.3f}, {reg.iterations} iterations; runs per stage: {args.runs}")
     print(f"process peak RSS {peak_rss_mb():.0f} MB (includes the phantom generation); goal: "
           f"whole <= 1 s on 2 CPU cores -> {'met' if total <= 1.0 else 'NOT met'}")
 

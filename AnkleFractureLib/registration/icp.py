@@ -9,10 +9,16 @@ with det +1, isotropic scale s, translation t; all in LPS mm):
 * correspondences come from one KD-tree per label, so tibia points only match tibia points and
   fibula points only fibula points (with a single tree the two parallel bones slide into each
   other);
-* correspondences are *trimmed*: only the ``trim_fraction`` closest pairs feed the fit, so a
-  displaced fracture fragment or a different field of view does not drag the transform;
+* correspondences are *trimmed*: only the ``trim_fraction`` closest pairs (or, with
+  ``label_trim``, each label's own fraction) feed the fit, so a displaced fracture fragment
+  or a different field of view does not drag the transform;
+* with ``long_axis`` (the direction from the end both clouds contain up the long bones) the
+  starts align the clouds' shared ends, and source points mapped beyond the target's far end
+  are left out, so fields of view of different lengths neither shift nor shrink the fit;
 * each fit is the closed-form least-squares similarity of Umeyama (1991), with the scale
-  clamped to ``scale_bounds``.
+  clamped to ``scale_bounds`` (or point-to-plane steps, with target normals);
+* ``inlier_fraction`` is measured after the fit: the (weighted) share of source points within
+  ``inlier_distance_mm`` of the target surface.
 
 Speed: all starts are first run on a deterministic subsample of the source (coarse stage); only
 the best start is refined with every source point. The target trees are built once.
@@ -37,8 +43,39 @@ COARSE_POINTS = 500
 COARSE_ITERATIONS = 25
 #: Iterations of every start before the less promising ones are dropped.
 COARSE_FIRST_ITERATIONS = 8
+#: Two coarse fits closer than this (mm, largest point displacement) are refined as one: on 94
+#: phantom registrations all 44 pairs refined together (0.5-6.2 mm apart) converged to the same
+#: full fit (within 0.05 mm); a second full-resolution run mostly cost time.
+FINAL_DISTINCT_MM = 2.0
 #: Small rotations (degrees) about the long axis added to the starts.
 LONG_AXIS_ANGLES_DEG = (-15.0, 15.0)
+#: Anchored starts (with ``long_axis``): the slab (mm along the axis, from the shared end) whose
+#: centroid and size are aligned. 60 mm holds the malleoli, the plafond and the metaphysis, and
+#: every ankle scan that can be classified reaches that far up (the pipeline refuses < 40 mm
+#: above the joint, and the malleoli reach 12-28 mm below it).
+ANCHOR_SLAB_MM = 60.0
+#: Quantile of the heights along the axis taken as the shared (distal) end: the lowest 1 % of
+#: the points, so a few stray voxels below the bones do not move it.
+ANCHOR_QUANTILE = 0.01
+#: Scale range of the anchored starts (the plausible adult range; ICP refines it).
+ANCHOR_SCALE_RANGE = (0.75, 1.33)
+#: With ``source_axis``: the largest angle (degrees) between it, mapped, and ``long_axis``. The
+#: upside-down starts are 150-180 degrees off; a knee flexed beyond a right angle can put the
+#: shin itself past 90 degrees from the patient's superior axis, hence not 90.
+MAX_AXIS_ANGLE_DEG = 120.0
+#: Margin (mm) below the top of the target's extent along ``long_axis``: mapped source points
+#: above it take no part (the target's cut rim is no anatomy to match).
+OVERLAP_MARGIN_MM = 2.0
+#: When fewer than this fraction of the source points map inside the target's extent, the
+#: restriction is dropped, so a fit that pushed the bones out of the target shows its error.
+OVERLAP_MIN_FRACTION = 0.3
+#: Default inlier distance (mm) of ``IcpResult.inlier_fraction``. 2.5 mm is above what a good
+#: fit leaves: the nearest-point distance to the template's ~1.5 mm-spaced surface samples
+#: (up to ~1 mm on a perfect fit), one voxel of segmentation boundary error and the residual
+#: shape difference between ankles (good fits: median point distance 0.7-1.3 mm on the
+#: phantoms); and below the misplacements that matter: the same fits moved 5 mm sideways keep
+#: at most 55 % of the tibia within it, 20 mm along the shaft at most 67 %.
+INLIER_DISTANCE_MM = 2.5
 
 
 @dataclass
@@ -48,8 +85,11 @@ class IcpResult:
     Attributes:
         matrix: 4x4 similarity mapping source points to target points (LPS mm), i.e.
             ``target ~ (matrix @ [x, y, z, 1])[:3]``.
-        rms_mm: RMS distance (mm) of the inlier (trimmed) correspondences at the end.
-        inlier_fraction: Fraction of source points kept as inliers at the end.
+        rms_mm: RMS distance (mm) of the ``trim_fraction`` closest correspondences at the end.
+        inlier_fraction: Fraction of the source points within ``inlier_distance_mm`` of the
+            nearest target point of their label at the end (weighted by ``label_weights``;
+            with ``long_axis``, over the points inside the target's extent), see
+            :func:`inlier_fraction`.
         iterations: Iterations of the winning start in the final (full-resolution) stage.
         converged: True when the change in trimmed mean squared error fell below the tolerance
             before ``max_iterations``.
@@ -202,7 +242,9 @@ def _label_centroids(points: np.ndarray, labels: Optional[np.ndarray],
 
 def initial_guesses(source: np.ndarray, target: np.ndarray,
                     source_labels: Optional[np.ndarray] = None,
-                    target_labels: Optional[np.ndarray] = None) -> List[np.ndarray]:
+                    target_labels: Optional[np.ndarray] = None,
+                    long_axis: Optional[np.ndarray] = None,
+                    source_axis: Optional[np.ndarray] = None) -> List[np.ndarray]:
     """A few 4x4 similarity starts for ICP, most plausible first.
 
     All starts share the scale ``rms_radius(target) / rms_radius(source)``. In order:
@@ -215,11 +257,22 @@ def initial_guesses(source: np.ndarray, target: np.ndarray,
     2-5. principal-axes alignments, the 4 proper sign combinations;
     then rotations of start 0 by +-15 degrees about the target's long axis.
 
+    With ``long_axis`` every start keeps its rotation but is *anchored*: its scale and
+    translation align the slab of :data:`ANCHOR_SLAB_MM` above the clouds' shared (lower) end
+    instead of the whole clouds (see :func:`_anchored`), so a field of view that ends lower or
+    higher up the leg than the target's does not shift the start along the shaft. With
+    ``source_axis`` too, the starts that turn it too far from ``long_axis``
+    (upside down, see :data:`MAX_AXIS_ANGLE_DEG`) are dropped.
+
     Args:
         source: Source points (N, 3), LPS mm.
         target: Target points (M, 3), LPS mm.
         source_labels: Optional labels (N,) of the source points.
         target_labels: Optional labels (M,) of the target points (required with source_labels).
+        long_axis: Optional (3,) target-frame direction from the end both clouds contain (the
+            ankle joint) towards the end where the fields of view may differ.
+        source_axis: Optional (3,) source-frame direction that corresponds to ``long_axis``
+            (e.g. the patient's superior, LPS +z), with ``long_axis``.
 
     Returns:
         List of 4x4 matrices mapping source to target.
@@ -261,10 +314,70 @@ def initial_guesses(source: np.ndarray, target: np.ndarray,
         d = np.array(signs, dtype=float) * need
         rot = (pt_ax * d) @ ps_ax.T
         starts.append(centred(rot, ps_c, pt_c))
-    long_axis = pt_ax[:, 0]
+    axis_t = pt_ax[:, 0]
     for ang in LONG_AXIS_ANGLES_DEG:
-        starts.append(centred(_axis_rotation(long_axis, ang)))
+        starts.append(centred(_axis_rotation(axis_t, ang)))
+    if long_axis is not None:
+        axis = _unit(long_axis, "long_axis")
+        starts = [_anchored(m, source, target, axis) for m in starts]
+        if source_axis is not None:
+            up = _unit(source_axis, "source_axis")
+            upright = [m for m in starts if _upright(m, up, axis)]
+            starts = upright or starts
     return starts
+
+
+def _unit(vector: np.ndarray, name: str) -> np.ndarray:
+    """``vector`` (3,) scaled to unit length; GeometryError when it is not a non-zero 3-vector."""
+    v = np.asarray(vector, dtype=float).reshape(-1)
+    norm = float(np.linalg.norm(v)) if v.shape == (3,) else np.nan
+    if not np.isfinite(norm) or norm < 1e-9:
+        raise GeometryError(f"{name} must be a non-zero 3-vector, got {vector}")
+    return v / norm
+
+
+def _upright(matrix: np.ndarray, source_axis: np.ndarray, target_axis: np.ndarray) -> bool:
+    """Whether ``matrix`` turns the unit ``source_axis`` less than :data:`MAX_AXIS_ANGLE_DEG`
+    from the unit ``target_axis``."""
+    rot = matrix[:3, :3] / matrix_scale(matrix)
+    return float((rot @ source_axis) @ target_axis) > np.cos(np.deg2rad(MAX_AXIS_ANGLE_DEG))
+
+
+def _anchored(start: np.ndarray, source: np.ndarray, target: np.ndarray,
+              axis: np.ndarray) -> np.ndarray:
+    """``start``'s rotation, with the scale and translation that align the clouds' shared ends.
+
+    The slab of :data:`ANCHOR_SLAB_MM` above the lower end (along the unit ``axis``, target
+    frame) of the rotated source is matched to the same slab of the target: the slabs'
+    centroids are aligned and the scale is the ratio of their RMS radii (the source slab's
+    height follows the scale, hence two rounds). Whole-cloud centroids and radii depend on how
+    far up the leg each field of view reaches: a scan ending 45 mm above the joint put the
+    start 30-50 mm too high on the shaft, where ICP then slid and shrank the bones to fit.
+
+    Args:
+        start: 4x4 start (its rotation is kept).
+        source: Source points (N, 3), mm.
+        target: Target points (M, 3), mm.
+        axis: (3,) unit vector, target frame, from the shared end up.
+
+    Returns:
+        The anchored 4x4 start (``start`` itself when a slab holds fewer than 10 points).
+    """
+    rot = start[:3, :3] / matrix_scale(start)
+    ht = target @ axis
+    t_lo = float(np.quantile(ht, ANCHOR_QUANTILE))
+    t_slab = target[(ht >= t_lo) & (ht <= t_lo + ANCHOR_SLAB_MM)]
+    q = source @ rot.T
+    hq = q @ axis
+    q_lo = float(np.quantile(hq, ANCHOR_QUANTILE))
+    scale = 1.0
+    for _ in range(2):
+        q_slab = q[(hq >= q_lo) & (hq <= q_lo + ANCHOR_SLAB_MM / scale)]
+        if len(q_slab) < 10 or len(t_slab) < 10:
+            return start
+        ratio = _rms_radius(t_slab) / max(_rms_radius(q_slab), 1e-9)
+        scale = float(np.clip(ratio, *ANCHOR_SCALE_RANGE))
+    return _similarity(rot, scale, t_slab.mean(axis=0) - scale * q_slab.mean(axis=0))
 
 
 # ---------------------------------------------------------------------------------------- ICP
@@ -430,24 +543,88 @@ def _point_to_plane_step(moved: np.ndarray, targets: np.ndarray, normals: np.nda
 
 @dataclass
 class _Run:
+    """One ICP run: ``rms`` (mm) is what is reported, ``score`` (mm^2) what starts compete on."""
+
     matrix: np.ndarray
     rms: float
-    inlier_fraction: float
+    score: float
     iterations: int
     converged: bool
     scale: float
     at_bound: bool
 
 
+@dataclass
+class _Overlap:
+    """Restriction of the fit to the target's extent along its long axis.
+
+    Attributes:
+        axis: (3,) unit vector in the target frame, pointing from the end both clouds contain
+            (the ankle joint) towards the end where the fields of view may differ.
+        top: (N,) per source point, the highest allowed height (mm) along ``axis`` of its
+            mapped position: the top of the target's points of the same label minus a margin.
+    """
+
+    axis: np.ndarray
+    top: np.ndarray
+
+    def inside(self, moved: np.ndarray) -> np.ndarray:
+        """Boolean (N,) mask of the mapped source points within the target's extent."""
+        return moved @ self.axis <= self.top
+
+
+#: Trimming groups: (source rows, fraction of them kept), one per label or one for all points.
+TrimGroups = List[Tuple[np.ndarray, float]]
+
+
+def _trimmed(d2: np.ndarray, inside: Optional[np.ndarray], groups: TrimGroups) -> np.ndarray:
+    """Indices of the closest pairs: in each group (source rows, keep fraction), the given
+    fraction of its points ``inside`` the target's extent (all points when ``inside`` is None).
+    """
+    if inside is not None and not inside.all():
+        # A fit that pushed nearly everything out of the target's extent is meaningless; keep
+        # every point then so that its error shows.
+        if np.count_nonzero(inside) < max(3, OVERLAP_MIN_FRACTION * len(d2)):
+            inside = None
+    out = []
+    for rows, fraction in groups:
+        if inside is not None:
+            rows = rows[inside[rows]]
+        n = len(rows)
+        if n == 0:
+            continue
+        n_keep = min(n, max(3, int(np.ceil(fraction * n))))
+        if n_keep < n:
+            rows = rows[np.argpartition(d2[rows], n_keep - 1)[:n_keep]]
+        out.append(rows)
+    if not out:
+        return np.arange(len(d2))
+    return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+def _score(d2: np.ndarray, keep: np.ndarray, weights: Optional[np.ndarray]) -> float:
+    """Mean squared distance of the kept pairs, weighted by ``weights`` when given."""
+    w = None if weights is None else weights[keep]
+    if w is None or w.sum() <= 0:
+        return float(d2[keep].mean())
+    return float(w @ d2[keep] / w.sum())
+
+
 def _run_icp(src: np.ndarray, labels: Optional[np.ndarray], matcher: _Matcher, init: np.ndarray,
-             max_iterations: int, tolerance: float, trim_fraction: float, with_scale: bool,
+             max_iterations: int, tolerance: float, trim: TrimGroups, with_scale: bool,
              scale_bounds: Tuple[float, float], target_normals: Optional[np.ndarray] = None,
-             point_weights: Optional[np.ndarray] = None) -> _Run:
-    """Trimmed similarity ICP from one start: point-to-point (Umeyama) steps, or weighted
-    point-to-plane steps when ``target_normals`` are given."""
+             point_weights: Optional[np.ndarray] = None, overlap: Optional[_Overlap] = None,
+             report_fraction: float = 1.0) -> _Run:
+    """Trimmed similarity ICP from one start.
+
+    Point-to-point (Umeyama) steps, or weighted point-to-plane steps when ``target_normals``
+    are given; ``trim`` says which closest pairs feed each step. With ``overlap``, source points
+    mapped beyond the target's extent take no part. The returned ``rms`` is over the
+    ``report_fraction`` closest pairs of all (overlapping) points, whatever ``trim`` is, so it
+    reads the same for every caller; ``score`` is the (weighted) mean squared error of the
+    pairs the fit used, the quantity the starts are compared on.
+    """
     nearest = _NearestCache(matcher, labels, len(src))
-    n = len(src)
-    n_keep = min(n, max(3, int(np.ceil(trim_fraction * n))))
     matrix = np.array(init, dtype=float)
     prev_mse = np.inf
     converged = False
@@ -457,8 +634,10 @@ def _run_icp(src: np.ndarray, labels: Optional[np.ndarray], matcher: _Matcher, i
     at_bound = False
     for it in range(1, max_iterations + 1):
         iterations = it
-        d2, nn = nearest.match(_apply(matrix, src))
-        keep = np.argpartition(d2, n_keep - 1)[:n_keep] if n_keep < n else np.arange(n)
+        moved = _apply(matrix, src)
+        d2, nn = nearest.match(moved)
+        inside = None if overlap is None else overlap.inside(moved)
+        keep = _trimmed(d2, inside, trim)
         mse = float(d2[keep].mean())
         # The error of the current matrix is measured before refitting; a change below the
         # tolerance means the correspondences (and hence the fit) no longer move.
@@ -468,7 +647,7 @@ def _run_icp(src: np.ndarray, labels: Optional[np.ndarray], matcher: _Matcher, i
         prev_mse = mse
         if target_normals is not None:
             w = np.ones(len(keep)) if point_weights is None else point_weights[keep]
-            update = _point_to_plane_step(_apply(matrix, src[keep]), matcher.target[nn[keep]],
+            update = _point_to_plane_step(moved[keep], matcher.target[nn[keep]],
                                           target_normals[nn[keep]], w, with_scale)
             matrix = update @ matrix
             s_now = matrix_scale(matrix)
@@ -488,11 +667,14 @@ def _run_icp(src: np.ndarray, labels: Optional[np.ndarray], matcher: _Matcher, i
         scale = s
         matrix = _similarity(rot, s, mu_d - s * rot @ mu_s)
     if not converged:
-        # One more lookup so that rms describes the returned matrix.
-        d2, _ = nearest.match(_apply(matrix, src))
-        mse = float(np.partition(d2, n_keep - 1)[:n_keep].mean()) if n_keep < n else float(d2.mean())
-    return _Run(matrix, float(np.sqrt(mse)), n_keep / n, iterations, converged, scale,
-                bool(with_scale and at_bound))
+        # One more lookup so that rms and score describe the returned matrix.
+        moved = _apply(matrix, src)
+        d2, _ = nearest.match(moved)
+        inside = None if overlap is None else overlap.inside(moved)
+        keep = _trimmed(d2, inside, trim)
+    report = _trimmed(d2, inside, [(np.arange(len(src)), report_fraction)])
+    return _Run(matrix, float(np.sqrt(d2[report].mean())), _score(d2, keep, point_weights),
+                iterations, converged, scale, bool(with_scale and at_bound))
 
 
 def _validate(source: np.ndarray, target: np.ndarray, source_labels, target_labels,
@@ -565,6 +747,123 @@ def _distinct(candidates: Dict[int, np.ndarray], points: np.ndarray,
     return out
 
 
+def _label_weights(source_labels: Optional[np.ndarray],
+                   label_weights: Optional[Dict[int, float]]) -> Optional[np.ndarray]:
+    """Per-point weights (N,) from ``{label: weight}`` (labels not listed weigh 1)."""
+    if label_weights is None:
+        return None
+    if source_labels is None:
+        raise GeometryError("label_weights need source and target labels")
+    weights = np.array([float(label_weights.get(int(k), 1.0)) for k in source_labels])
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
+        raise GeometryError(f"label_weights must be non-negative and not all zero, got "
+                            f"{label_weights}")
+    return weights
+
+
+def _trim_groups(n: int, labels: Optional[np.ndarray], trim_fraction: float,
+                 label_trim: Optional[Dict[int, float]]) -> TrimGroups:
+    """Trimming groups: all ``n`` points with ``trim_fraction``, or one group per label."""
+    if label_trim is None:
+        return [(np.arange(n), trim_fraction)]
+    if labels is None:
+        raise GeometryError("label_trim needs source and target labels")
+    groups = [(np.flatnonzero(labels == k), float(label_trim.get(int(k), trim_fraction)))
+              for k in np.unique(labels).tolist()]
+    if not all(0.0 < f <= 1.0 for _, f in groups):
+        raise GeometryError(f"label_trim fractions must be in (0, 1], got {label_trim}")
+    return groups
+
+
+def _overlap(source_labels: Optional[np.ndarray], n: int, target: np.ndarray,
+             target_labels: Optional[np.ndarray], long_axis: np.ndarray) -> _Overlap:
+    """The target's extent along ``long_axis`` (per label), for :class:`_Overlap`."""
+    axis = _unit(long_axis, "long_axis")
+    height = target @ axis
+    if source_labels is None:
+        top = np.full(n, float(height.max()) - OVERLAP_MARGIN_MM)
+    else:
+        top = np.empty(n)
+        for key in np.unique(source_labels).tolist():
+            top[source_labels == key] = (float(height[target_labels == key].max())
+                                         - OVERLAP_MARGIN_MM)
+    return _Overlap(axis, top)
+
+
+def _surface_distances(matrix: np.ndarray, source: np.ndarray,
+                       source_labels: Optional[np.ndarray], matcher: _Matcher) -> np.ndarray:
+    """Distance (N,) mm from each mapped source point to its nearest same-label target point."""
+    moved = _apply(matrix, source)
+    out = np.empty(len(source))
+    groups = ([(None, np.arange(len(source)))] if source_labels is None else
+              [(int(k), np.flatnonzero(source_labels == k))
+               for k in np.unique(source_labels).tolist()])
+    for key, rows in groups:
+        _, tree = matcher.trees[key]
+        out[rows] = tree.query(moved[rows], k=1, workers=_workers(len(rows)))[0]
+    return out
+
+
+def _inlier_fraction(matrix: np.ndarray, source: np.ndarray, source_labels: Optional[np.ndarray],
+                     matcher: _Matcher, weights: Optional[np.ndarray],
+                     overlap: Optional[_Overlap], limit_mm: float) -> float:
+    """:func:`inlier_fraction` with the target trees already built."""
+    dist = _surface_distances(matrix, source, source_labels, matcher)
+    # Points beyond the target's extent cannot be judged: they are left out, unless the fit put
+    # (nearly) everything there, which is itself a failure.
+    rows = np.ones(len(source), bool)
+    if overlap is not None:
+        inside = overlap.inside(_apply(matrix, source))
+        if np.count_nonzero(inside) >= max(3, OVERLAP_MIN_FRACTION * len(source)):
+            rows = inside
+    ok = dist[rows] <= limit_mm
+    if weights is None:
+        return float(ok.mean())
+    w = weights[rows]
+    return float(w @ ok / w.sum()) if w.sum() > 0 else float(ok.mean())
+
+
+def inlier_fraction(matrix: np.ndarray, source: np.ndarray, target: np.ndarray, *,
+                    source_labels: Optional[np.ndarray] = None,
+                    target_labels: Optional[np.ndarray] = None,
+                    label_weights: Optional[Dict[int, float]] = None,
+                    long_axis: Optional[np.ndarray] = None,
+                    inlier_distance_mm: Optional[float] = None) -> float:
+    """Fraction of source points that ``matrix`` puts on the target surface.
+
+    A point is an inlier when its mapped position lies within ``inlier_distance_mm`` of the
+    nearest target point of its label. With ``label_weights`` the fraction is weighted (the
+    fit's own weighting: a displaced fibula that the fit deliberately discounts does not count
+    as a poor fit); with ``long_axis`` the points mapped beyond the target's extent along it
+    (a field of view longer than the target's) are left out. This is what
+    :func:`similarity_icp` reports as ``IcpResult.inlier_fraction``; here for any matrix.
+
+    Args:
+        matrix: 4x4 source -> target similarity (mm).
+        source: Source points (N, 3), mm.
+        target: Target points (M, 3), mm.
+        source_labels: Optional (N,) labels; then each point is judged against its own label.
+        target_labels: Optional (M,) labels (required with ``source_labels``).
+        label_weights: Optional {label: weight}.
+        long_axis: Optional (3,) target-frame axis from the end both clouds share.
+        inlier_distance_mm: Inlier distance; :data:`INLIER_DISTANCE_MM` by default.
+
+    Returns:
+        The fraction in [0, 1].
+    """
+    source, target, source_labels, target_labels, _ = _validate(
+        source, target, source_labels, target_labels, 1, 0.0, 1.0, (1.0, 1.0))
+    m = np.asarray(matrix, dtype=float)
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+        raise GeometryError(f"matrix must be a finite 4x4 matrix, got shape {m.shape}")
+    matcher = _Matcher(target, target_labels, source_labels)
+    overlap = (None if long_axis is None else
+               _overlap(source_labels, len(source), target, target_labels, long_axis))
+    limit = INLIER_DISTANCE_MM if inlier_distance_mm is None else float(inlier_distance_mm)
+    return _inlier_fraction(m, source, source_labels, matcher,
+                            _label_weights(source_labels, label_weights), overlap, limit)
+
+
 def similarity_icp(source: np.ndarray, target: np.ndarray, *,
                    source_labels: Optional[np.ndarray] = None,
                    target_labels: Optional[np.ndarray] = None,
@@ -572,7 +871,11 @@ def similarity_icp(source: np.ndarray, target: np.ndarray, *,
                    with_scale: bool = True, scale_bounds: Tuple[float, float] = (0.6, 1.6),
                    init: Optional[np.ndarray] = None, n_starts: Optional[int] = None,
                    target_normals: Optional[np.ndarray] = None,
-                   label_weights: Optional[Dict[int, float]] = None) -> IcpResult:
+                   label_weights: Optional[Dict[int, float]] = None,
+                   label_trim: Optional[Dict[int, float]] = None,
+                   long_axis: Optional[np.ndarray] = None,
+                   source_axis: Optional[np.ndarray] = None,
+                   inlier_distance_mm: float = INLIER_DISTANCE_MM) -> IcpResult:
     """Register ``source`` points to ``target`` points with a trimmed similarity ICP.
 
     Args:
@@ -584,7 +887,8 @@ def similarity_icp(source: np.ndarray, target: np.ndarray, *,
         max_iterations: Iteration cap of each ICP run (the reference method uses 50).
         tolerance: Convergence threshold on the change of the trimmed mean squared error, mm^2
             (the reference method uses 1e-8).
-        trim_fraction: Fraction (0, 1] of the closest correspondences used in each fit.
+        trim_fraction: Fraction (0, 1] of the closest correspondences used in each fit (and the
+            fraction ``rms_mm`` is taken over).
         with_scale: Estimate an isotropic scale (False: rigid ICP).
         scale_bounds: (low, high) allowed scale; the scale is clamped during the iterations and
             a final scale at a bound is refused.
@@ -593,12 +897,32 @@ def similarity_icp(source: np.ndarray, target: np.ndarray, *,
         target_normals: Optional (M, 3) unit surface normals of the target points. With them the
             final full-resolution run uses weighted point-to-plane steps, which converge in a few
             iterations where point-to-point ICP creeps along long bones for hundreds.
-        label_weights: Optional {label: weight} for the point-to-plane steps, e.g.
-            ``{1: 1.0, 2: 0.3}`` to anchor the fit on the tibia when the fibula is fractured or
-            the syndesmosis widened (needs labels).
+        label_weights: Optional {label: weight} for the point-to-plane steps and for comparing
+            the starts, e.g. ``{1: 1.0, 2: 0.3}`` to anchor the fit on the tibia when the fibula
+            is fractured or the syndesmosis widened (needs labels).
+        label_trim: Optional {label: fraction} replacing ``trim_fraction`` per label: each label
+            keeps its own closest fraction. Trimming all labels together lets a fit drop the
+            distal tibia (plafond, malleolus: the only features that fix the position along the
+            shaft) and slide, as long as the dropped points stay under the trimmed share; a
+            per-label budget keeps them (needs labels).
+        long_axis: Optional (3,) unit vector in the target frame along the long bones, pointing
+            from the end both clouds contain (the ankle joint) to the end where the fields of
+            view may differ (the proximal edge of the scan). Then the starts align the two
+            clouds' shared ends instead of their centroids (see :func:`initial_guesses`), and
+            source points mapped beyond the target's extent along it take no part in the fit
+            nor in ``inlier_fraction`` (a scan reaching higher up the leg than the target).
+        source_axis: Optional (3,) source-frame direction that must end up within
+            :data:`MAX_AXIS_ANGLE_DEG` of ``long_axis`` (with it): e.g. the patient's superior,
+            LPS +z. Upside-down starts
+            are dropped and an upside-down fit loses to any upright one. Without it, a fit
+            turned upside down can hide what does not match (a foot bone labelled tibia)
+            beyond the target's end, where ``long_axis`` excludes points.
+        inlier_distance_mm: Distance (mm) to the nearest same-label target point within which
+            a source point counts as an inlier in ``IcpResult.inlier_fraction``.
 
     Returns:
-        The :class:`IcpResult` of the start with the lowest final trimmed RMS.
+        The :class:`IcpResult` of the start with the lowest final trimmed (label-weighted) mean
+        squared error.
 
     Raises:
         GeometryError: Empty or non-finite points, mismatched labels, a source label absent
@@ -609,13 +933,38 @@ def similarity_icp(source: np.ndarray, target: np.ndarray, *,
         source, target, source_labels, target_labels, max_iterations, tolerance, trim_fraction,
         scale_bounds)
     max_iterations = int(max_iterations)
+    n_src = len(source)
+    weights = _label_weights(source_labels, label_weights)
+    trim = _trim_groups(n_src, source_labels, trim_fraction, label_trim)
+    overlap = (None if long_axis is None else
+               _overlap(source_labels, n_src, target, target_labels, long_axis))
+    up = None
+    if source_axis is not None:
+        if overlap is None:
+            raise GeometryError("source_axis needs long_axis")
+        up = _unit(source_axis, "source_axis")
+
+    def implausible(matrix: np.ndarray) -> bool:
+        """Upside down against ``long_axis`` (only with ``source_axis``)."""
+        return up is not None and overlap is not None and not _upright(matrix, up, overlap.axis)
+
+    normals = None
+    if target_normals is not None:
+        normals = np.asarray(target_normals, dtype=float)
+        if normals.shape != target.shape or not np.all(np.isfinite(normals)):
+            raise GeometryError(f"target_normals must be finite and shaped like the target "
+                                f"{target.shape}, got {normals.shape}")
+        norms = np.linalg.norm(normals, axis=1, keepdims=True)
+        normals = normals / np.maximum(norms, 1e-12)
     if init is not None:
         m = np.asarray(init, dtype=float)
         if m.shape != (4, 4) or not np.all(np.isfinite(m)):
             raise GeometryError(f"init must be a finite 4x4 matrix, got shape {m.shape}")
         starts = [m]
     else:
-        starts = initial_guesses(source, target, source_labels, target_labels)
+        starts = initial_guesses(source, target, source_labels, target_labels,
+                                 long_axis=None if overlap is None else overlap.axis,
+                                 source_axis=up)
         if n_starts is not None:
             if int(n_starts) < 1:
                 raise GeometryError(f"n_starts must be >= 1, got {n_starts}")
@@ -629,49 +978,45 @@ def similarity_icp(source: np.ndarray, target: np.ndarray, *,
     # Coarse to fine, because each full-resolution iteration queries every source point:
     # every start runs a few iterations on a small label-stratified subsample, the most
     # promising ones continue there, and only the best one or two are refined on all points
-    # with the caller's iteration cap and tolerance.
-    n_src = len(source)
+    # with the caller's iteration cap and tolerance. Starts are compared on the error the fit
+    # minimises (label-weighted, trimmed as the fit trims).
     candidates: Dict[int, np.ndarray] = dict(enumerate(starts))
     if len(starts) > 1:
         sub = _coarse_subset(n_src, source_labels, COARSE_POINTS)
         sub_src = source[sub]
         sub_labels = None if source_labels is None else source_labels[sub]
-        for iters, keep_n in ((COARSE_FIRST_ITERATIONS, 3), (COARSE_ITERATIONS, 2)):
+        sub_trim = _trim_groups(len(sub), sub_labels, trim_fraction, label_trim)
+        sub_weights = None if weights is None else weights[sub]
+        sub_overlap = None if overlap is None else _Overlap(overlap.axis, overlap.top[sub])
+        for iters, keep_n, same_mm in ((COARSE_FIRST_ITERATIONS, 3, 0.5),
+                                       (COARSE_ITERATIONS, 2, FINAL_DISTINCT_MM)):
             stage = {i: _run_icp(sub_src, sub_labels, matcher, m, min(iters, max_iterations),
-                                 max(tolerance, 1e-6), trim_fraction, with_scale, bounds)
+                                 max(tolerance, 1e-6), sub_trim, with_scale, bounds, None,
+                                 sub_weights, sub_overlap)
                      for i, m in candidates.items()}
             # Prefer fits whose scale stayed inside the bounds (a clamped fit is not trusted);
             # keep runners-up only while they are close to the best, since the subsample may
             # not separate them.
-            order = sorted(stage, key=lambda i: (stage[i].at_bound, stage[i].rms, i))
-            best = stage[order[0]].rms
+            order = sorted(stage, key=lambda i: (stage[i].at_bound,
+                                                 implausible(stage[i].matrix), stage[i].score, i))
+            best = float(np.sqrt(stage[order[0]].score))
             kept = [order[0]] + [i for i in order[1:keep_n]
-                                 if not stage[i].at_bound and stage[i].rms <= 1.2 * best + 0.05]
-            candidates = _distinct({i: stage[i].matrix for i in kept}, sub_src)
-    normals = None
-    weights = None
-    if target_normals is not None:
-        normals = np.asarray(target_normals, dtype=float)
-        if normals.shape != target.shape or not np.all(np.isfinite(normals)):
-            raise GeometryError(f"target_normals must be finite and shaped like the target "
-                                f"{target.shape}, got {normals.shape}")
-        norms = np.linalg.norm(normals, axis=1, keepdims=True)
-        normals = normals / np.maximum(norms, 1e-12)
-        if label_weights is not None:
-            if source_labels is None:
-                raise GeometryError("label_weights need source and target labels")
-            weights = np.array([float(label_weights.get(int(k), 1.0)) for k in source_labels])
-            if np.any(weights < 0) or weights.sum() <= 0:
-                raise GeometryError(f"label_weights must be non-negative, got {label_weights}")
-    runs = {i: _run_icp(source, source_labels, matcher, m, max_iterations, tolerance, trim_fraction,
-                        with_scale, bounds, normals, weights) for i, m in candidates.items()}
-    winner = min(runs, key=lambda i: (runs[i].at_bound, runs[i].rms, i))
+                                 if not stage[i].at_bound and not implausible(stage[i].matrix)
+                                 and np.sqrt(stage[i].score) <= 1.2 * best + 0.05]
+            candidates = _distinct({i: stage[i].matrix for i in kept}, sub_src, same_mm)
+    runs = {i: _run_icp(source, source_labels, matcher, m, max_iterations, tolerance, trim,
+                        with_scale, bounds, normals, weights, overlap, trim_fraction)
+            for i, m in candidates.items()}
+    winner = min(runs, key=lambda i: (runs[i].at_bound, implausible(runs[i].matrix),
+                                      runs[i].score, i))
     run = runs[winner]
     if run.at_bound:
         raise GeometryError(
             f"the registration scale ran into its bounds {bounds} (final scale {run.scale:.3f}): "
             f"the source and target surfaces do not look like the same anatomy at the same size "
             f"(wrong bones, wrong units, or a very different field of view)")
-    return IcpResult(matrix=run.matrix, rms_mm=run.rms, inlier_fraction=run.inlier_fraction,
-                     iterations=run.iterations, converged=run.converged, scale=matrix_scale(run.matrix),
-                     start=int(winner))
+    inliers = _inlier_fraction(run.matrix, source, source_labels, matcher, weights, overlap,
+                               float(inlier_distance_mm))
+    return IcpResult(matrix=run.matrix, rms_mm=run.rms, inlier_fraction=inliers,
+                     iterations=run.iterations, converged=run.converged,
+                     scale=matrix_scale(run.matrix), start=int(winner))

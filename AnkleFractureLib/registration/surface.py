@@ -49,7 +49,8 @@ def boundary_voxels(mask: np.ndarray) -> np.ndarray:
     return core & ~eroded
 
 
-def surface_points(label: Volume, value: int, max_points: int = 4000, seed: int = 0) -> np.ndarray:
+def surface_points(label: Volume, value: int, max_points: int = 4000, seed: int = 0,
+                   exclude_edges: bool = False) -> np.ndarray:
     """Points on the boundary of the mask ``label.array == value``, in LPS mm.
 
     Args:
@@ -58,6 +59,9 @@ def surface_points(label: Volume, value: int, max_points: int = 4000, seed: int 
         max_points: Upper bound on the number of returned points (>= 0). When the boundary has
             more voxels, a deterministic random subset (without replacement) is returned.
         seed: Seed of the subsampling; the same inputs and seed give the same points.
+        exclude_edges: Leave out the boundary voxels on the outer faces of the image: there
+            the field of view cut the bone, which is not a bone surface (registration uses
+            this; the subset is drawn after the exclusion).
 
     Returns:
         Array (N, 3) of LPS (x, y, z) mm positions of boundary-voxel centres, N <= max_points,
@@ -72,6 +76,16 @@ def surface_points(label: Volume, value: int, max_points: int = 4000, seed: int 
     if box is None or max_points == 0:
         return np.zeros((0, 3), dtype=float)
     boundary = boundary_voxels(mask[box])
+    if exclude_edges:
+        # Only the faces of the bounding box that are also faces of the image can hold them.
+        for axis, sl in enumerate(box):
+            index = [slice(None)] * 3
+            if sl.start == 0:
+                index[axis] = 0
+                boundary[tuple(index)] = False
+            if sl.stop == arr.shape[axis]:
+                index[axis] = -1
+                boundary[tuple(index)] = False
     kji = np.argwhere(boundary)  # (M, 3) in (z, y, x) order, sorted
     if kji.shape[0] > max_points:
         rng = np.random.default_rng(int(seed))
@@ -82,24 +96,70 @@ def surface_points(label: Volume, value: int, max_points: int = 4000, seed: int 
     return label.index_to_physical(ijk)
 
 
-def labelled_surface_points(label: Volume, max_points_per_bone: int = 4000,
-                            seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+def labelled_surface_points(label: Volume, max_points_per_bone: int = 4000, seed: int = 0,
+                            exclude_edges: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Surface points of the tibia (1) and fibula (2) with their labels.
 
     Args:
         label: Label map, array (z, y, x): 0 background, 1 tibia, 2 fibula.
         max_points_per_bone: Upper bound on the points of each bone.
         seed: Subsampling seed (the fibula uses ``seed + 1`` so the two draws are independent).
+        exclude_edges: Leave out the cut faces at the image's edges (see :func:`surface_points`).
 
     Returns:
         (points, point_labels): points (N, 3) LPS mm, tibia points first; point_labels (N,) int
         with 1 for tibia and 2 for fibula. A missing bone contributes no points.
     """
-    tib = surface_points(label, TIBIA, max_points_per_bone, seed)
-    fib = surface_points(label, FIBULA, max_points_per_bone, seed + 1)
+    tib = surface_points(label, TIBIA, max_points_per_bone, seed, exclude_edges)
+    fib = surface_points(label, FIBULA, max_points_per_bone, seed + 1, exclude_edges)
     points = np.concatenate([tib, fib], axis=0)
     labels = np.concatenate([np.full(len(tib), TIBIA, dtype=int), np.full(len(fib), FIBULA, dtype=int)])
     return points, labels
+
+
+#: Surface points of one bone closer than this (mm) belong to one piece: a fracture fragment
+#: (gap 0.5-2 mm, displaced up to about 8 mm) joins its bone, while a stray blob a segmentation
+#: put far away (e.g. a foot bone labelled tibia 50 mm below the joint) stays apart.
+LINK_MM = 12.0
+
+
+def main_pieces(points: np.ndarray, point_labels: np.ndarray, link_mm: float = LINK_MM
+                ) -> np.ndarray:
+    """Mask of the points that belong to the largest piece of their bone.
+
+    Points of one label are linked when closer than ``link_mm``; per label, only the linked
+    group with the most points is kept. Registration uses it so that a stray false-positive
+    blob far from the bone cannot pull the fit (a 766-voxel foot-bone blob labelled tibia,
+    57 mm below the plafond, dragged a fit 37 mm along the shaft).
+
+    Args:
+        points: (N, 3) mm.
+        point_labels: (N,) labels.
+        link_mm: Linking distance (mm).
+
+    Returns:
+        (N,) bool, True for the points to keep.
+
+    Example:
+        >>> pts = np.array([[0, 0, 0], [5, 0, 0], [9, 0, 0], [80, 0, 0], [0, 0, 0.0]])
+        >>> main_pieces(pts, np.array([1, 1, 1, 1, 2])).tolist()
+        [True, True, True, False, True]
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    points = np.asarray(points, dtype=float)
+    point_labels = np.asarray(point_labels).reshape(-1)
+    keep = np.zeros(len(points), dtype=bool)
+    for value in np.unique(point_labels):
+        idx = np.flatnonzero(point_labels == value)
+        pairs = cKDTree(points[idx]).query_pairs(link_mm, output_type="ndarray")
+        graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])),
+                           shape=(len(idx), len(idx)))
+        _, comp = connected_components(graph, directed=False)
+        keep[idx[comp == np.bincount(comp).argmax()]] = True
+    return keep
 
 
 def surface_normals(label: Volume, points: np.ndarray, point_labels: np.ndarray,
