@@ -11,8 +11,9 @@ Modules:
   each stage callable alone, :meth:`~.pipeline.Pipeline.run` for the whole chain with one
   progress fraction, cancellation and per-stage timings, and :func:`~.pipeline.write_outputs`
   (every file atomically, ``result.json`` last).
-* :mod:`.report`: the one-page ``report.png`` summary (optional; the pipeline writes it when the
-  module is there).
+* :mod:`.report`: the one-page summary (``report.png``, optionally ``report.pdf``).
+* :mod:`.batch`: many CTs (files, DICOM folders, folders of them) with one output folder per
+  case and a resumable ``results.csv``.
 
 Nothing heavy is imported here: ``from AnkleFractureLib.pipeline import Pipeline`` loads the
 submodule on first use (torch itself only when a model is loaded).
@@ -29,6 +30,8 @@ _EXPORTS = {
     "PipelineOptions": "pipeline",
     "PipelineResult": "pipeline",
     "write_outputs": "pipeline",
+    "discover_inputs": "batch",
+    "run_batch": "batch",
 }
 
 __all__ = sorted(_EXPORTS)
