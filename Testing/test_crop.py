@@ -85,6 +85,20 @@ def test_crop_to_ct_maps_points_back(crops, cases, side):
         crop_to_ct(heat[:-1], crop, case.ct)
 
 
+def test_crop_to_ct_clip_matches_clipping_the_output(crops, cases):
+    crop, case = crops["right"], cases["right"]
+    rng = np.random.default_rng(1)
+    heat = rng.uniform(-0.5, 1.5, crop.grid.shape).astype(np.float32)
+    plain = crop_to_ct(heat, crop, case.ct)
+    clipped = crop_to_ct(heat, crop, case.ct, clip=(0.0, 1.0))
+    assert clipped.same_geometry(case.ct) and clipped.array.dtype == np.float32
+    np.testing.assert_array_equal(clipped.array, np.clip(plain.array, 0.0, 1.0))
+    # A default value outside the clip range is clipped too, as np.clip of the output would.
+    outside = crop_to_ct(heat, crop, case.ct, default_value=-2.0, clip=(0.0, 1.0))
+    np.testing.assert_array_equal(
+        outside.array, np.clip(crop_to_ct(heat, crop, case.ct, default_value=-2.0).array, 0, 1))
+
+
 def test_write_read_round_trip(crops, tmp_path):
     crop = crops["left"]
     path = tmp_path / "crop.nii.gz"

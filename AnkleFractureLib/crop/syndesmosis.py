@@ -230,8 +230,13 @@ def crop_raw_ct(ct: Volume, size_mm: Sequence[float] = (96.0, 72.0, 144.0),
 
 
 def crop_to_ct(array: np.ndarray, crop: SyndesmosisCrop, ct: Volume,
-               interpolation: str = "linear", default_value: float = 0.0) -> Volume:
+               interpolation: str = "linear", default_value: float = 0.0,
+               clip: Optional[Tuple[float, float]] = None) -> Volume:
     """Map an array on the crop grid (e.g. a Grad-CAM heatmap) onto the CT's own grid.
+
+    Only the CT voxels under the mapped box are resampled and touched; the rest of the output
+    is ``default_value`` (for 0, freshly zeroed memory that costs nothing until it is read or
+    written), so a 512 x 512 x 350 CT costs about as much as a small one.
 
     Args:
         array: (nz, ny, nx) values on ``crop.grid``.
@@ -239,6 +244,8 @@ def crop_to_ct(array: np.ndarray, crop: SyndesmosisCrop, ct: Volume,
         ct: The CT whose grid the output takes (only its geometry is used).
         interpolation: "linear" or "nearest" (or "bspline").
         default_value: Value outside the crop box.
+        clip: Optional (low, high): the mapped values are clipped to it (as ``np.clip`` of the
+            whole output would, when ``default_value`` lies inside it, at the cost of the box).
 
     Returns:
         float32 Volume with exactly the CT's shape, spacing, origin and direction.
@@ -250,8 +257,11 @@ def crop_to_ct(array: np.ndarray, crop: SyndesmosisCrop, ct: Volume,
     if arr.shape != crop.grid.shape:
         raise GeometryError(f"array shape {arr.shape} does not match the crop grid "
                             f"{crop.grid.shape} (nz, ny, nx)")
-    src = crop.grid.with_array(arr.astype(np.float32), meta={})
-    out = np.full(ct.shape, default_value, np.float32)
+    src = crop.grid.with_array(arr.astype(np.float32, copy=False), meta={})
+    if default_value == 0.0:
+        out = np.zeros(ct.shape, np.float32)  # lazily zeroed pages: only the box is touched
+    else:
+        out = np.full(ct.shape, default_value, np.float32)
     p2t = _check_matrix(crop.patient_to_template)
     t2p = np.linalg.inv(p2t)
     corners = _box_corner_points(src.size, np.asarray(src.spacing), np.asarray(src.origin),
@@ -262,7 +272,12 @@ def crop_to_ct(array: np.ndarray, crop: SyndesmosisCrop, ct: Volume,
         target = ct.region(sub)
         res = resample_to_grid(src, target.size, target.spacing, target.origin,
                                target.direction, interpolation, default_value, transform=p2t)
-        out[sub] = res.array.astype(np.float32)
+        values = res.array.astype(np.float32, copy=False)
+        if clip is not None:
+            np.clip(values, clip[0], clip[1], out=values)
+        out[sub] = values
+    if clip is not None and not clip[0] <= default_value <= clip[1]:
+        np.clip(out, clip[0], clip[1], out=out)
     return Volume(out, ct.spacing, ct.origin, ct.direction.copy(),
                   {"source": "crop_to_ct", "frame": "patient"})
 

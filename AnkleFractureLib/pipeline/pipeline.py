@@ -404,9 +404,11 @@ class Pipeline:
         result = clf.classify(crop, tta=self.options.tta, gradcam=True,
                               gradcam_class=gradcam_class)
         t = time.perf_counter()
-        heat = crop_to_ct(result.gradcam, crop, ct, interpolation="linear", default_value=0.0)
-        heat = heat.with_array(np.clip(heat.array, 0.0, 1.0).astype(np.float32),
-                               meta={"source": "gradcam", "class": result.gradcam_class})
+        # Clipped inside the box only: no extra full-size copies of a 512^2 x 350 grid.
+        heat = crop_to_ct(result.gradcam, crop, ct, interpolation="linear", default_value=0.0,
+                          clip=(0.0, 1.0))
+        heat = heat.with_array(heat.array, meta={"source": "gradcam",
+                                                 "class": result.gradcam_class})
         result.timings["gradcam"] = result.timings.get("gradcam", 0.0) + time.perf_counter() - t
         return ClassificationOutput(result, heat, crop)
 
@@ -620,7 +622,8 @@ def write_outputs(result: PipelineResult, out_dir: PathLike, ct: Optional[Volume
         write_crop(result.crop, out / "syndesmosis_crop.nii.gz")
         written.append("syndesmosis_crop.nii.gz")
     if result.gradcam is not None:
-        write_image(result.gradcam.with_array(result.gradcam.array.astype(np.float32)),
+        write_image(result.gradcam.with_array(result.gradcam.array.astype(np.float32,
+                                                                          copy=False)),
                     out / "gradcam.nii.gz")
         written.append("gradcam.nii.gz")
     for name in OUTPUT_FILES:
