@@ -420,7 +420,10 @@ def _info_lines(result: Dict[str, Any], notes: Sequence[str], width: int,
             add(f"- {r}", "  ")
     cam = result.get("gradcam_class")
     if cam and heatmap_shown:
+        # Measured (docs/gradcam_localisation.md): the map shows where the network's evidence
+        # lies, in ~24 mm cells, and does not mark the fracture line; say so where it is seen.
         add(f"Heatmap: Grad-CAM of class {cam}")
+        add("- coarse (~24 mm): where the network's evidence lies, not the fracture line", "  ")
     warns = list(result.get("warnings") or []) + list(notes)
     add(f"Warnings ({len(warns)}):" if warns else "Warnings: none")
     for w in warns:
