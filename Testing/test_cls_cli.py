@@ -37,6 +37,7 @@ def data(tmp_path_factory):
                   "result.json"]),
     ("evaluate-cls", ["--model", "--out", "--tta", "--cache-dir", "--workers"]),
     ("train-cls", ["--method", "--label-fraction", "--max-minutes", "--crop", "--widths",
+                   "--model-masks", "--seg-model",
                    "--val-fraction", "semi", "fixmatch", "pseudolabel", "torchrun",
                    "unlabelled", ".crop_cache"]),
 ])
@@ -171,8 +172,17 @@ def test_train_cls_supervised(data, tmp_path, capsys):
     out = tmp_path / "sup"
     assert main(_train_args(data["ds"], out, "supervised")) == 0  # --threads 1 as well
     info = _check_model(out, "supervised")
-    assert len(info["cases"]["labelled_train"]) == 4
+    # Each labelled case twice: with its label map and with the segmentation model's masks
+    # (what the pipeline will classify).
+    train = info["cases"]["labelled_train"]
+    assert sorted(train) == sorted(data["ids"] + [i + "+model_masks" for i in data["ids"]])
+    assert info["config"]["model_masks"] is True
     assert str(out) in capsys.readouterr().out
+    # --no-model-masks: the label maps only.
+    out2 = tmp_path / "sup2"
+    assert main(_train_args(data["ds"], out2, "supervised", "--no-model-masks")) == 0
+    assert sorted(_check_model(out2, "supervised")["cases"]["labelled_train"]) == \
+        sorted(data["ids"])
 
 
 def test_train_cls_semi_uses_unlabelled_cases(data, tmp_path):

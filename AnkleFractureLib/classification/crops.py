@@ -7,7 +7,10 @@ hashing the case's files (path, size, mtime), the crop kind and the template's b
 edited case or another template recomputes.
 
 Which bone masks: the case's own segmentation when the dataset has one (ground truth or a
-clinician's corrected one), otherwise the segmentation model's prediction. The side comes from
+clinician's corrected one), otherwise the segmentation model's prediction; with
+``model_masks=True`` the model's prediction for every case (training adds these crops of the
+labelled cases, because the pipeline classifies the model's masks: a classifier trained on
+reference masks alone scored 82.5 % on the model's masks against 99.5 % on its own). The side comes from
 the record when known, else from automatic side detection.
 
 Kinds: ``"registered"`` (the pipeline's input: mirrored + ICP-registered syndesmosis crop,
@@ -59,6 +62,14 @@ class CropSet:
         idx = np.asarray(index, dtype=np.int64)
         return CropSet([self.ids[i] for i in idx], self.x[idx], self.y[idx],
                        [self.info[i] for i in idx] if self.info else [], dict(self.failed))
+
+    def concat(self, other: "CropSet", suffix: str = "") -> "CropSet":
+        """This set followed by ``other`` (whose ids get ``suffix``)."""
+        if len(other) == 0:
+            return self
+        return CropSet(self.ids + [i + suffix for i in other.ids],
+                       np.concatenate([self.x, other.x]), np.concatenate([self.y, other.y]),
+                       list(self.info) + list(other.info), {**self.failed, **other.failed})
 
     @property
     def labelled(self) -> np.ndarray:
@@ -170,11 +181,15 @@ def _compute(args: Tuple[str, Dict[str, Any], str, Optional[str], str, Optional[
              ) -> Tuple[str, Optional[str]]:
     """Worker: compute one case's crop and write its cache file; (id, error or None)."""
     root, rec_json, kind, template_dir, out, seg_model_dir = args
+    import dataclasses
+
     from AnkleFractureLib.io import read_image
     from AnkleFractureLib.registration.template import load_template
 
     ds = Dataset.load(root)
     record = ds.get(rec_json["id"])
+    if rec_json.get("model_masks"):
+        record = dataclasses.replace(record, segmentation=None)
     try:
         ct = read_image(ds.path(record.image))
         label = None
@@ -202,7 +217,8 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
                progress: Optional[ProgressCallback] = None,
                should_cancel: Optional[Callable[[], bool]] = None,
                ids: Optional[Sequence[str]] = None,
-               seg_model_dir: "os.PathLike[str] | str | None" = None) -> CropSet:
+               seg_model_dir: "os.PathLike[str] | str | None" = None,
+               model_masks: bool = False) -> CropSet:
     """Crops of every case of a dataset, computed once and cached.
 
     Args:
@@ -216,6 +232,8 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
         ids: Only these cases (default: all).
         seg_model_dir: Segmentation model that segments the cases without a label map (the
             shipped one when None); use the model the pipeline will run with.
+        model_masks: Use the segmentation model's masks for every case, also those with a
+            label map ("registered" crops only; cached like an unlabelled case's crop).
 
     Returns:
         The :class:`CropSet` (cases that failed are listed in ``failed`` and left out).
@@ -227,6 +245,12 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
     records = [r for r in dataset if ids is None or r.id in set(ids)]
     if not records:
         raise InputError(dataset.root, "the dataset has no cases")
+    if model_masks and kind == "registered":
+        import dataclasses
+
+        # Keys and jobs as for a case without a label map: the same crop, cached once.
+        records = [dataclasses.replace(r, segmentation=None) for r in records]
+    forced = bool(model_masks and kind == "registered")
     tkey = _template_key(load_template(template_dir) if template_dir else None)
     folder = Path(cache_dir) / kind
     seg_dir = None if seg_model_dir is None else str(Path(seg_model_dir).resolve())
@@ -244,7 +268,7 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
             progress(done / len(records), message)
 
     report(f"{done}/{len(records)} crops cached")
-    jobs = [(str(dataset.root), {"id": r.id}, kind,
+    jobs = [(str(dataset.root), {"id": r.id, "model_masks": forced}, kind,
              None if template_dir is None else str(template_dir), str(paths[r.id]), seg_dir)
             for r in missing]
     if jobs and workers > 1:
@@ -275,7 +299,8 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
             continue
         loaded = _load_npz(paths[r.id])
         if loaded is None:  # damaged entry: recompute in process
-            case_id, err = _compute((str(dataset.root), {"id": r.id}, kind,
+            case_id, err = _compute((str(dataset.root), {"id": r.id, "model_masks": forced},
+                                     kind,
                                      None if template_dir is None else str(template_dir),
                                      str(paths[r.id]), seg_dir))
             loaded = None if err else _load_npz(paths[r.id])

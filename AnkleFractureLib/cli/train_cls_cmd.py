@@ -23,8 +23,11 @@ methods:
 
 Each case's crop (registration to the template + syndesmosis crop, or the raw-CT control with
 --crop raw) is computed once and cached in DATASET/.crop_cache (or --cache-dir); later runs
-start at once. A share --val-fraction of the labelled cases is held out to report the
-validation accuracy and to fit the calibration temperature.
+start at once. The labelled training cases that have a label map are also cropped with the
+segmentation model's masks (--seg-model, default the shipped one) and trained on both, since
+the pipeline classifies the model's masks (--no-model-masks: label maps only). A share
+--val-fraction of the labelled cases is held out to report the validation accuracy and to fit
+the calibration temperature.
 
 MODEL_DIR (must be new or empty) receives plans.json + model.pt (what 'ankle-fracture
 classify' and 'evaluate-cls' need), training.json (settings, case split, validation metrics,
@@ -99,6 +102,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--seg-model", metavar="DIR",
                    help="segmentation model for the cases without a label map (default: the "
                         "shipped one; use the model 'run' will use)")
+    p.add_argument("--model-masks", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train on the labelled cases cropped with the segmentation "
+                        "model's masks, which the pipeline will classify (default: yes)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes computing missing crops (default 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -156,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
     config = ClsTrainConfig(method=args.method, label_fraction=args.label_fraction,
                             seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                             unlabelled_batch_size=args.unlabelled_batch_size, lr=args.lr,
-                            optimizer=args.optimizer, val_fraction=args.val_fraction)
+                            optimizer=args.optimizer, val_fraction=args.val_fraction,
+                            model_masks=args.model_masks)
     config.check()
     try:
         down = args.downsample[0] if len(args.downsample) == 1 else list(args.downsample)
