@@ -10,8 +10,8 @@ Which bone masks: the case's own segmentation when the dataset has one (ground t
 clinician's corrected one), otherwise the segmentation model's prediction; with
 ``model_masks=True`` the model's prediction for every case (training adds these crops of the
 labelled cases, because the pipeline classifies the model's masks: a classifier trained on
-reference masks alone scored 82.5 % on the model's masks against 99.5 % on its own). The side comes from
-the record when known, else from automatic side detection.
+reference masks alone scored 82.5 % on the model's masks against 99.5 % on its own). The side
+comes from the record when known, else from automatic side detection.
 
 Kinds: ``"registered"`` (the pipeline's input: mirrored + ICP-registered syndesmosis crop,
 CT + tibia + fibula) and ``"raw"`` (the control: an axis-aligned same-size box centred on the

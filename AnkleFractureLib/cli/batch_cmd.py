@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, List
 
+from AnkleFractureLib.cli.common import add_pipeline_options, pipeline_options
 from AnkleFractureLib.cli.progress import ProgressBar
 
 DESCRIPTION = """\
@@ -42,21 +43,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="cases analysed in parallel, each worker process with its own models "
                         "(default 1)")
-    p.add_argument("--side", choices=["auto", "left", "right"], default="auto",
-                   help="ankle side for every case (default auto: from the anatomy)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto (default: CUDA when available), cpu or cuda")
-    p.add_argument("--tta", type=int, default=None, metavar="N",
-                   help="test-time augmentations for the uncertainty (default: the model's; "
-                        "0 = a single pass)")
-    p.add_argument("--seg-model", metavar="DIR",
-                   help="segmentation model folder (default: the shipped model)")
-    p.add_argument("--cls-model", metavar="DIR",
-                   help="classifier folder (default: the shipped model)")
-    p.add_argument("--template", metavar="DIR", help="template folder (default: the shipped one)")
+    add_pipeline_options(p, side_help="ankle side for every case (default auto: from the anatomy)")
     p.add_argument("--no-resume", action="store_true",
                    help="run every case again, even those a previous run finished")
-    p.add_argument("--pdf", action="store_true", help="also write report.pdf for every case")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -94,16 +83,13 @@ def table_lines(rows: List[Dict[str, Any]], width: int = 100) -> List[str]:
 def run(args: argparse.Namespace) -> int:
     from AnkleFractureLib.errors import InputError
     from AnkleFractureLib.pipeline.batch import discover_inputs, run_batch
-    from AnkleFractureLib.pipeline.pipeline import PipelineOptions
 
     if args.workers < 1:
         raise InputError(None, f"--workers must be >= 1, got {args.workers}")
     if args.tta is not None and args.tta < 0:
         raise InputError(None, f"--tta must be >= 0, got {args.tta}")
     cases = discover_inputs(args.inputs, exclude=[args.out])  # outputs are no inputs
-    options = PipelineOptions(side=args.side, device=args.device, tta=args.tta,
-                              seg_model_dir=args.seg_model, cls_model_dir=args.cls_model,
-                              template_dir=args.template)
+    options = pipeline_options(args)
     bar = ProgressBar("batch", enabled=not args.quiet)
     summary = run_batch(cases, args.out, options, workers=args.workers,
                         resume=not args.no_resume, report_pdf=args.pdf, progress=bar)

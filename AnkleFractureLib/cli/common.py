@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+import argparse
+from typing import Any, Dict, List, Optional
 
 
 def check_out_dir(path: str) -> Path:
@@ -22,6 +23,32 @@ def check_tta(tta: Optional[int]) -> None:
 
     if tta is not None and tta < 0:
         raise InputError(None, f"--tta must be >= 0, got {tta}")
+
+
+def add_pipeline_options(p: "argparse.ArgumentParser", side_help: str) -> None:
+    """The options every whole-pipeline command shares (``run``, ``batch``):
+    --side, --device, --tta, --seg-model, --cls-model, --template, --pdf."""
+    p.add_argument("--side", choices=["auto", "left", "right"], default="auto", help=side_help)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto (default: CUDA when available), cpu or cuda")
+    p.add_argument("--tta", type=int, default=None, metavar="N",
+                   help="test-time augmentations for the uncertainty (default: the model's; "
+                        "0 = a single pass)")
+    p.add_argument("--seg-model", metavar="DIR",
+                   help="segmentation model folder (default: the shipped model)")
+    p.add_argument("--cls-model", metavar="DIR",
+                   help="classifier folder (default: the shipped model)")
+    p.add_argument("--template", metavar="DIR", help="template folder (default: the shipped one)")
+    p.add_argument("--pdf", action="store_true", help="also write the report as report.pdf")
+
+
+def pipeline_options(args: "argparse.Namespace") -> "Any":
+    """The :class:`~AnkleFractureLib.pipeline.pipeline.PipelineOptions` of those options."""
+    from AnkleFractureLib.pipeline.pipeline import PipelineOptions
+
+    return PipelineOptions(side=args.side, device=args.device, tta=args.tta,
+                           seg_model_dir=args.seg_model, cls_model_dir=args.cls_model,
+                           template_dir=args.template)
 
 
 def bar_chart(probabilities: Dict[str, float], prediction: str, width: int = 30) -> List[str]:

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict, List
 
-from AnkleFractureLib.cli.common import bar_chart, check_out_dir, check_tta, prediction_line
+from AnkleFractureLib.cli.common import (add_pipeline_options, bar_chart, check_out_dir,
+                                         check_tta, pipeline_options, prediction_line)
 from AnkleFractureLib.cli.progress import ProgressBar
 
 DESCRIPTION = """\
@@ -43,20 +44,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ct", metavar="CT", help="CT image file or DICOM folder")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    p.add_argument("--side", choices=["auto", "left", "right"], default="auto",
-                   help="ankle side (default auto: from the anatomy); with both legs in the "
-                        "scan, the leg to analyse")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto (default: CUDA when available), cpu or cuda")
-    p.add_argument("--tta", type=int, default=None, metavar="N",
-                   help="test-time augmentations for the uncertainty (default: the model's; "
-                        "0 = a single pass)")
-    p.add_argument("--seg-model", metavar="DIR",
-                   help="segmentation model folder (default: the shipped model)")
-    p.add_argument("--cls-model", metavar="DIR",
-                   help="classifier folder (default: the shipped model)")
-    p.add_argument("--template", metavar="DIR", help="template folder (default: the shipped one)")
-    p.add_argument("--pdf", action="store_true", help="also write the report as report.pdf")
+    add_pipeline_options(p, side_help="ankle side (default auto: from the anatomy); with both "
+                                      "legs in the scan, the leg to analyse")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -101,16 +90,14 @@ def summary_lines(data: Dict[str, Any], out: Path) -> List[str]:
 
 def run(args: argparse.Namespace) -> int:
     from AnkleFractureLib.io import read_image
-    from AnkleFractureLib.pipeline.pipeline import Pipeline, PipelineOptions, write_outputs
+    from AnkleFractureLib.pipeline.pipeline import Pipeline, write_outputs
 
     check_tta(args.tta)
     out = check_out_dir(args.out)
     bar = ProgressBar("run", enabled=not args.quiet)
     bar(0.0, "reading the CT")
     ct = read_image(args.ct)
-    options = PipelineOptions(side=args.side, device=args.device, tta=args.tta,
-                              seg_model_dir=args.seg_model, cls_model_dir=args.cls_model,
-                              template_dir=args.template)
+    options = pipeline_options(args)
     pipeline = Pipeline(options)
 
     def progress(fraction: float, message: str) -> None:

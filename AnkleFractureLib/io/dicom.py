@@ -106,7 +106,8 @@ class DicomSeries:
     _headers: List[_SliceHeader] = field(default_factory=list, repr=False)
 
 
-def _has_dicom_magic(path: str) -> bool:
+def has_dicom_magic(path: str) -> bool:
+    """True when the file has the DICOM preamble's "DICM" magic at byte 128 (132 bytes read)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
@@ -163,7 +164,7 @@ def _read_header(path: str) -> Tuple[Optional[_SliceHeader], str]:
     """Read one header. Returns (header, "") or (None, why) where why is "" for non-DICOM."""
     import pydicom
 
-    magic = _has_dicom_magic(path)
+    magic = has_dicom_magic(path)
     claims_dicom = magic or os.path.splitext(path)[1].lower() in DICOM_EXTENSIONS
     if not claims_dicom:
         # Files without the magic and without a DICOM extension are not DICOM for us; forcing
@@ -218,7 +219,7 @@ def _scan_folder(folder: str) -> Tuple[List[_SliceHeader], List[Tuple[str, str]]
         if hdr is not None:
             headers.append(hdr)
         elif why:
-            if _has_dicom_magic(p):
+            if has_dicom_magic(p):
                 # It is certainly DICOM and certainly broken: it may be a slice of the series,
                 # and silently dropping it would leave a hole in the volume.
                 raise InputError(p, f"corrupt DICOM file: {why}")

@@ -50,7 +50,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from AnkleFractureLib.errors import AnkleFractureError, CancelledError, InputError, PathLike
 from AnkleFractureLib.io.atomic import atomic_write_text, split_extension
-from AnkleFractureLib.io.dicom import DICOM_EXTENSIONS
+from AnkleFractureLib.io.dicom import DICOM_EXTENSIONS, has_dicom_magic
 from AnkleFractureLib.io.files import SUPPORTED_EXTENSIONS
 from AnkleFractureLib.pipeline.pipeline import PipelineOptions
 
@@ -104,12 +104,7 @@ def _claims_dicom(path: str, name: str) -> bool:
         return False
     if os.path.splitext(name)[1].lower() in DICOM_EXTENSIONS:
         return True
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    return has_dicom_magic(path)
 
 
 def _entries(folder: str) -> List[os.DirEntry]:
