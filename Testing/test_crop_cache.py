@@ -11,6 +11,7 @@ from AnkleFractureLib.classification.crops import cache_key, load_crops
 from AnkleFractureLib.dataset import Dataset
 from AnkleFractureLib.phantom import generate_case
 from AnkleFractureLib.segmentation.inference import default_model_dir
+from conftest import REPO_ROOT
 
 
 def test_crops_are_cached_and_keyed_by_the_segmentation_model(tmp_path):
@@ -40,3 +41,31 @@ def test_crops_are_cached_and_keyed_by_the_segmentation_model(tmp_path):
                        progress=lambda f, m: messages.append(m))
     assert messages == ["1/1 crops cached"] and files[0].stat().st_mtime_ns == mtime
     np.testing.assert_array_equal(again.x, first.x)
+
+
+def test_parallel_crops_after_torch_ran_do_not_hang(tmp_path):
+    # evaluate-cls loads the classifier (torch threads) before cropping: forked workers inherited
+    # locked OpenMP state and hung for ever segmenting the cases without a label map. The
+    # workers are spawned now; run it in a subprocess with a timeout so a hang fails the test.
+    import subprocess
+    import sys
+    import textwrap
+
+    ds = Dataset.create(tmp_path / "ds")
+    for i, weber in enumerate(("none", "C")):
+        case = generate_case(40 + i, weber, "right", spacing="fast")
+        ds.add_case(f"c{i}", case.ct, None, weber=weber, side="right")
+    code = textwrap.dedent(f"""
+        import torch
+        torch.set_num_threads(2)
+        torch.ones(256, 256) @ torch.ones(256, 256)      # the OpenMP pool is running
+        from AnkleFractureLib.classification.crops import load_crops
+        from AnkleFractureLib.dataset import Dataset
+        crops = load_crops(Dataset.load({str(ds.root)!r}), {str(tmp_path / "cache")!r},
+                           workers=2)
+        print("cropped", len(crops), sorted(i["masks"] for i in crops.info))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=str(REPO_ROOT))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "cropped 2 ['model', 'model']" in out.stdout

@@ -272,9 +272,14 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
              None if template_dir is None else str(template_dir), str(paths[r.id]), seg_dir)
             for r in missing]
     if jobs and workers > 1:
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # "spawn", not the Linux default "fork": a process that already ran torch (e.g.
+        # evaluate-cls, which loads the classifier first) holds OpenMP thread-pool locks that a
+        # forked child inherits locked, and the child's segmentation then hangs for ever.
+        with ProcessPoolExecutor(max_workers=workers,
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
             for case_id, err in pool.map(_compute, jobs, chunksize=2):
                 if err:
                     failed[case_id] = err
