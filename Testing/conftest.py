@@ -58,3 +58,19 @@ def shared_ct_dir() -> Path:
     if not REAL_CT_DIR.is_dir():
         pytest.skip(f"shared real CT not found at {REAL_CT_DIR}")
     return REAL_CT_DIR
+
+
+@pytest.fixture(scope="module")
+def tiny_cls(tmp_path_factory) -> Path:
+    """An untrained tiny Weber classifier folder (fast; the shipped one is tested elsewhere)."""
+    import torch
+
+    from AnkleFractureLib.classification.model_io import save_classifier
+    from AnkleFractureLib.classification.network import build_classifier
+    from AnkleFractureLib.classification.plans import ClsPlans
+
+    torch.manual_seed(0)
+    plans = ClsPlans.make(widths=[4, 8, 8, 16], downsample=2, tta=2)
+    folder = tmp_path_factory.mktemp("tiny_cls")
+    save_classifier(folder, build_classifier(plans.network), plans)
+    return folder

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from AnkleFractureLib.classification.model_io import save_classifier
-from AnkleFractureLib.classification.network import build_classifier
-from AnkleFractureLib.classification.plans import CLASSES, ClsPlans
+from AnkleFractureLib.classification.plans import CLASSES
 from AnkleFractureLib.cli.main import main
 from AnkleFractureLib.errors import CancelledError
 from AnkleFractureLib.geometry.volume import Volume
@@ -33,16 +31,6 @@ def codes(findings):
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def tiny_cls(tmp_path_factory) -> Path:
-    """An untrained tiny classifier (the shipped one is tested elsewhere)."""
-    torch.manual_seed(0)
-    plans = ClsPlans.make(widths=[4, 8, 8, 16], downsample=2, tta=2)
-    folder = tmp_path_factory.mktemp("tiny_cls")
-    save_classifier(folder, build_classifier(plans.network), plans)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def case():
     """A fast Weber B left phantom with an identity direction (z index = superior)."""
