@@ -479,9 +479,11 @@ class Pipeline:
             from AnkleFractureLib.registration.side import detect_side
 
             res.bones_ml = C.bone_volumes_ml(label)
-            found = C.check_segmentation(label)
+            found = C.check_segmentation(label, res.bones_ml)
+            plafond: Any = C.ESTIMATE
             if not any(f.code in ("no_tibia", "bad_labels") for f in found):
-                found += C.check_field_of_view(ct, label)
+                plafond = C.estimate_plafond(label)  # once: the registration check needs it too
+                found += C.check_field_of_view(ct, label, plafond=plafond)
             leg_label = label
             # The side is told even when the field of view is refused, so that a scan with both
             # legs says so too; not without both bones (detect_side would only repeat that).
@@ -513,7 +515,9 @@ class Pipeline:
         res.registration = registration
         res.side = registration.side
         with timed("checks"):
-            res.findings.extend(C.check_registration(registration, leg_label, self.template))
+            res.findings.extend(C.check_registration(
+                registration, leg_label, self.template,
+                plafond=plafond if leg_label is label else C.ESTIMATE))
         if res.refused:
             return finish("register")
 
