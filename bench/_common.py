@@ -30,3 +30,31 @@ def time_runs(fn: Callable[[], object], runs: int = 5, warmup: int = 1) -> Dict[
     tracemalloc.stop()
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
             "runs": runs, "peak_alloc_mb": peak / 1e6}
+
+
+def write_clinical_ct(folder: str, seed: int, max_inplane_mm: float = 0.45) -> str:
+    """Write a clinical-size Weber B right phantom as ``folder/clinical_ct.nii.gz``.
+
+    The first seed from ``seed`` whose clinical grid has >= 350 slices and an in-plane spacing
+    <= ``max_inplane_mm`` is rendered (grids are planned without rendering any case).
+
+    Returns:
+        The file's path.
+    """
+    import os
+
+    from AnkleFractureLib.io import write_image
+    from AnkleFractureLib.phantom import generate_case
+    from AnkleFractureLib.phantom.generator import plan_grid
+
+    def clinical(s: int) -> bool:
+        grid = plan_grid(s, "right", "clinical")[2]
+        return grid.size[2] >= 350 and grid.spacing[0] <= max_inplane_mm
+
+    s = next(s for s in range(seed, seed + 400) if clinical(s))
+    case = generate_case(s, weber="B", side="right", spacing="clinical")
+    path = os.path.join(folder, "clinical_ct.nii.gz")
+    write_image(case.ct, path)
+    print(f"case seed {s}: {case.ct.size} voxels (x, y, z) at "
+          f"{tuple(round(v, 3) for v in case.ct.spacing)} mm, Weber B, right ankle")
+    return path

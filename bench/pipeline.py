@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import peak_rss_mb  # noqa: E402
+from _common import peak_rss_mb, write_clinical_ct  # noqa: E402
 
 #: Goals of the whole run on 2 CPU cores: seconds and peak resident memory (MB).
 GOAL_S = 15.0
@@ -42,24 +42,8 @@ STAGES = ("read", "checks", "segment", "register", "crop", "classify", "gradcam"
 
 
 def _clinical_ct(folder: str, seed: int) -> str:
-    """Write a clinical-size Weber B phantom (>= 350 slices) as NIfTI; returns its path."""
-    from AnkleFractureLib.io import write_image
-    from AnkleFractureLib.phantom import generate_case
-    from AnkleFractureLib.phantom.generator import plan_grid
-
-    # Pick the first seed whose clinical grid has >= 350 slices at about 0.35 mm in-plane
-    # (<= 0.38 mm), without rendering any case.
-    def clinical(s: int) -> bool:
-        grid = plan_grid(s, "right", "clinical")[2]
-        return grid.size[2] >= 350 and grid.spacing[0] <= 0.38
-
-    s = next(s for s in range(seed, seed + 400) if clinical(s))
-    case = generate_case(s, weber="B", side="right", spacing="clinical")
-    path = os.path.join(folder, "clinical_ct.nii.gz")
-    write_image(case.ct, path)
-    print(f"case seed {s}: {case.ct.size} voxels (x, y, z) at "
-          f"{tuple(round(v, 3) for v in case.ct.spacing)} mm, Weber B, right ankle")
-    return path
+    """A clinical-size phantom at about 0.35 mm in-plane (<= 0.38 mm), as NIfTI."""
+    return write_clinical_ct(folder, seed, max_inplane_mm=0.38)
 
 
 #: Runs one command and prints "wall_s max_rss_kib exit_code". A small launcher process in

@@ -24,23 +24,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import peak_rss_mb  # noqa: E402
-
-
-def _clinical_ct(folder: str, seed: int) -> str:
-    from AnkleFractureLib.io import write_image
-    from AnkleFractureLib.phantom import generate_case
-    from AnkleFractureLib.phantom.generator import plan_grid
-
-    # Pick the first seed whose clinical grid has >= 350 slices without rendering any case.
-    s = next(s for s in range(seed, seed + 200)
-             if plan_grid(s, "right", "clinical")[2].size[2] >= 350)
-    case = generate_case(s, weber="B", side="right", spacing="clinical")
-    path = os.path.join(folder, "clinical_ct.nii.gz")
-    write_image(case.ct, path)
-    print(f"case seed {s}: {case.ct.size} voxels (x, y, z) at "
-          f"{tuple(round(v, 3) for v in case.ct.spacing)} mm")
-    return path
+from _common import peak_rss_mb, write_clinical_ct  # noqa: E402
 
 
 def _child_run(args_list):
@@ -77,7 +61,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        ct_path = _clinical_ct(tmp, args.seed)
+        ct_path = write_clinical_ct(tmp, args.seed)
         print(f"phantom generated and written in {time.perf_counter() - t0:.1f} s (not timed)")
         model = SegmentationModel.load(args.model, args.device)
         out = os.path.join(tmp, "seg.nii.gz")
