@@ -36,3 +36,13 @@ def lps_matrix_to_ras(matrix: np.ndarray) -> np.ndarray:
 def ras_matrix_to_lps(matrix: np.ndarray) -> np.ndarray:
     """Express a 4x4 point transform given in RAS as the same transform in LPS."""
     return RAS_TO_LPS @ np.asarray(matrix, dtype=float) @ LPS_TO_RAS
+
+
+def lps_affine_to_ras(affine: np.ndarray) -> np.ndarray:
+    """A 4x4 voxel-index -> LPS mm affine as the index -> RAS mm affine (Slicer's IJKToRAS)."""
+    return LPS_TO_RAS @ np.asarray(affine, dtype=float)
+
+
+def ras_affine_to_lps(affine: np.ndarray) -> np.ndarray:
+    """A 4x4 voxel-index -> RAS mm affine (Slicer's IJKToRAS) as the index -> LPS mm affine."""
+    return RAS_TO_LPS @ np.asarray(affine, dtype=float)

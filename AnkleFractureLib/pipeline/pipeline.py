@@ -46,6 +46,9 @@ OUTPUT_FILES = ("segmentation.nii.gz", "transform.json", "transform.tfm",
                 "syndesmosis_crop.nii.gz", "gradcam.nii.gz", "report.png", "report.pdf",
                 "result.json")
 
+#: Stages after which :meth:`Pipeline.run` can stop (None: run them all).
+STOP_AFTER = (None, "segment", "crop")
+
 #: Share of the overall progress of each stage (segmentation dominates on a CPU).
 STAGE_SPAN = {"segment": (0.0, 0.65), "register": (0.65, 0.8), "crop": (0.8, 0.85),
               "classify": (0.85, 1.0)}
@@ -415,7 +418,7 @@ class Pipeline:
     # ------------------------------------------------------------------ the whole run
     def run(self, ct: Volume, progress: Optional[ProgressCallback] = None,
             should_cancel: Optional[CancelCheck] = None, label: Optional[Volume] = None,
-            registration: Any = None) -> PipelineResult:
+            registration: Any = None, stop_after: Optional[str] = None) -> PipelineResult:
         """Run every stage with the sanity checks between them.
 
         Args:
@@ -425,6 +428,8 @@ class Pipeline:
             label: A (corrected) label map: skips the segmentation. A map on another grid is
                 resampled onto the CT's (nearest), with a note.
             registration: A registration of ``label``: skips the registration.
+            stop_after: "segment" or "crop" to stop after that stage and its checks (the
+                Slicer module's Segment and Register buttons); None runs every stage.
 
         Returns:
             The :class:`PipelineResult` (refused runs included).
@@ -433,6 +438,8 @@ class Pipeline:
             CancelledError: ``should_cancel`` returned True.
             InputError: A model folder is missing or unreadable.
         """
+        if stop_after not in STOP_AFTER:
+            raise InputError(None, f"stop_after must be one of {STOP_AFTER}, got {stop_after!r}")
         stages = _Stages(progress, should_cancel)
         t_run = time.perf_counter()
         res = PipelineResult(input=describe_ct(ct))
@@ -497,6 +504,8 @@ class Pipeline:
             res.findings.extend(found)
         if res.refused:
             return finish("segment")
+        if stop_after == "segment":
+            return finish()
 
         # --- register
         stages.check("before the registration")
@@ -539,6 +548,8 @@ class Pipeline:
                                                       self.template))
         if res.refused:
             return finish("crop")
+        if stop_after == "crop":
+            return finish()
 
         # --- classify + Grad-CAM
         stages.check("before the classification")

@@ -1,0 +1,514 @@
+"""Everything the AnkleFracture panel does, on an explicit MRML scene.
+
+:class:`AnkleFractureSceneLogic` is the module's logic without Qt: the Slicer module's
+``AnkleFractureLogic`` wraps it with ``slicer.mrmlScene``, and the tests run it on a
+``slicer-core`` scene. Each button is one call:
+
+=============================  ===========================================================
+Segment / Register / Classify  :meth:`~AnkleFractureSceneLogic.runStage` (blocking, for
+/ Run all                      scripts) or :meth:`~AnkleFractureSceneLogic.startStage` (in a
+                               background process; poll it, then ``finish()``)
+Export as training case        :meth:`~AnkleFractureSceneLogic.exportTrainingCase`
+Train segmentation/classifier  :meth:`~AnkleFractureSceneLogic.startTraining`
+Batch (Python console)         :meth:`~AnkleFractureSceneLogic.runBatch`
+=============================  ===========================================================
+
+Example (the Slicer Python console)::
+
+    logic = slicer.modules.anklefracture.widgetRepresentation().self().logic
+    out = logic.runStage("all", getNode("AnkleCT"))
+    out.result["prediction"], out.result["probabilities"]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from AnkleFractureLib.errors import InputError
+
+from AnkleFractureSlicer import nodes as N
+from AnkleFractureSlicer.background import BackgroundProcess, pythonExecutable
+
+PathLike = Union[str, "os.PathLike[str]"]
+ProgressCallback = Callable[[float, str], None]
+
+STAGES = ("segment", "register", "classify", "all")
+#: Device choices of the panel -> the library's device names.
+DEVICES = {"auto": "auto", "gpu": "cuda", "cpu": "cpu"}
+
+
+@dataclass
+class StageSettings:
+    """The panel's settings that change how a stage runs.
+
+    Attributes:
+        side: "auto", "left" or "right".
+        device: "auto", "gpu" or "cpu".
+        tta: Classifier test-time augmentations (None: the model's default).
+        segModelDir: Segmentation model folder (None: the shipped one).
+        clsModelDir: Classifier folder (None: the shipped one).
+        reportPdf: Also write report.pdf.
+    """
+
+    side: str = "auto"
+    device: str = "auto"
+    tta: Optional[int] = None
+    segModelDir: Optional[str] = None
+    clsModelDir: Optional[str] = None
+    reportPdf: bool = False
+
+    def __post_init__(self) -> None:
+        if self.side not in ("auto", "left", "right"):
+            raise InputError(None, f"side must be auto, left or right, got {self.side!r}")
+        if self.device not in DEVICES:
+            raise InputError(None, f"device must be auto, gpu or cpu, got {self.device!r}")
+        for name in ("segModelDir", "clsModelDir"):
+            value = getattr(self, name)
+            # The panel's empty path field reads as "." (pathlib): that means "the shipped one".
+            setattr(self, name, None if value in (None, "", ".") else str(value))
+
+    def pipelineOptions(self) -> Any:
+        from AnkleFractureLib.pipeline.pipeline import PipelineOptions
+
+        return PipelineOptions(side=self.side, device=DEVICES[self.device], tta=self.tta,
+                               seg_model_dir=self.segModelDir, cls_model_dir=self.clsModelDir)
+
+
+@dataclass
+class ResultNodes:
+    """The nodes one CT's results live in (None: not made yet)."""
+
+    segmentation: Any = None
+    transform: Any = None
+    template: Any = None
+    roi: Any = None
+    gradcam: Any = None
+    table: Any = None
+
+
+@dataclass
+class StageOutput:
+    """What a finished stage produced.
+
+    Attributes:
+        stage: The stage that ran.
+        folder: Its output folder (``run``'s files: result.json, report.png, ...).
+        result: The ``result.json`` dict.
+        nodes: The nodes now holding the results.
+    """
+
+    stage: str
+    folder: Path
+    result: Dict[str, Any]
+    nodes: ResultNodes
+
+
+@dataclass
+class BackgroundStage:
+    """A stage running in a background process; poll ``process``, then call :meth:`finish`."""
+
+    logic: "AnkleFractureSceneLogic"
+    stage: str
+    ctNode: Any
+    nodes: ResultNodes
+    folder: Path
+    updateSegmentation: bool
+    process: BackgroundProcess
+
+    def poll(self) -> Any:
+        return self.process.poll()
+
+    def cancel(self) -> None:
+        self.process.cancel()
+
+    def finish(self) -> StageOutput:
+        """Load the finished stage's files into the scene.
+
+        Raises:
+            InputError: The process failed or was cancelled (the message says why).
+        """
+        state = self.process.poll()
+        if state.running:
+            raise RuntimeError("the stage is still running")
+        if state.cancelled:
+            raise InputError(None, "the run was cancelled")
+        if state.returncode != 0:
+            raise InputError(None, state.error or "the run failed")
+        try:
+            return self.logic.loadResults(self.folder, self.ctNode, self.nodes, self.stage,
+                                          self.updateSegmentation)
+        finally:
+            shutil.rmtree(self.folder / "inputs", ignore_errors=True)
+
+
+def _readResult(path: Path) -> Dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, "the run wrote no result.json (it did not finish)") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"result.json is not readable: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(path, "result.json is not a JSON object")
+    return data
+
+
+def safeName(name: str) -> str:
+    """A file-system safe folder name for a node name.
+
+    Example:
+        >>> safeName("CT: ankle / left")
+        'CT_ankle_left'
+    """
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9._-]", "_", name or "")).strip("_.") or "ct"
+
+
+class AnkleFractureSceneLogic:
+    """The module's logic on one MRML scene.
+
+    Args:
+        scene: The ``vtkMRMLScene`` (``slicer.mrmlScene`` inside Slicer).
+        resultsRoot: Folder for each CT's output folder (default: a new temporary folder).
+    """
+
+    def __init__(self, scene: Any, resultsRoot: Optional[PathLike] = None) -> None:
+        self.scene = scene
+        N.segmentationsLogic(scene)  # segmentations need its converters (slicer-core alone)
+        self._resultsRoot = Path(resultsRoot) if resultsRoot else None
+        self._pipeline: Any = None
+        self._pipelineKey: Any = None
+        self._template: Any = None
+
+    # ------------------------------------------------------------------ folders and models
+    @property
+    def resultsRoot(self) -> Path:
+        if self._resultsRoot is None:
+            self._resultsRoot = Path(tempfile.mkdtemp(prefix="AnkleFracture-"))
+        return self._resultsRoot
+
+    @resultsRoot.setter
+    def resultsRoot(self, value: Optional[PathLike]) -> None:
+        self._resultsRoot = Path(value) if value not in (None, "", ".") else None
+
+    def resultsFolder(self, ctNode: Any) -> Path:
+        """Where the runs on ``ctNode`` write their files (one folder per CT node)."""
+        return self.resultsRoot / f"{safeName(ctNode.GetName())}_{safeName(ctNode.GetID())}"
+
+    def pipeline(self, settings: Optional[StageSettings] = None) -> Any:
+        """A :class:`~AnkleFractureLib.pipeline.Pipeline` for ``settings``; models stay loaded
+        between runs with the same settings."""
+        from AnkleFractureLib.pipeline.pipeline import Pipeline
+
+        settings = settings or StageSettings()
+        key = (settings.side, settings.device, settings.tta, settings.segModelDir,
+               settings.clsModelDir)
+        if self._pipeline is None or key != self._pipelineKey:
+            self._pipeline = Pipeline(settings.pipelineOptions())
+            self._pipelineKey = key
+        return self._pipeline
+
+    @property
+    def template(self) -> Any:
+        """The shipped healthy template (loaded once)."""
+        if self._template is None:
+            from AnkleFractureLib.registration.template import load_template
+
+            self._template = load_template()
+        return self._template
+
+    @staticmethod
+    def deviceDescription() -> str:
+        """What hardware the models can use, in words (for the panel)."""
+        try:
+            import torch
+        except ImportError:
+            return "PyTorch is not installed"
+        if torch.cuda.is_available():
+            return f"GPU: {torch.cuda.get_device_name(0)}"
+        return "CPU (no CUDA GPU found)"
+
+    # ------------------------------------------------------------------ stages
+    def _inputs(self, stage: str, ctNode: Any, nodes: ResultNodes) -> Any:
+        if stage not in STAGES:
+            raise InputError(None, f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        if ctNode is None:
+            raise InputError(None, "select a CT volume first")
+        ct = N.volumeFromNode(ctNode)
+        label = None
+        if stage in ("register", "classify") and nodes.segmentation is not None:
+            label = N.labelMapFromSegmentation(nodes.segmentation, ctNode, self.scene)
+        return ct, label
+
+    def runStage(self, stage: str, ctNode: Any, nodes: Optional[ResultNodes] = None,
+                 settings: Optional[StageSettings] = None,
+                 progress: Optional[ProgressCallback] = None,
+                 shouldCancel: Optional[Callable[[], bool]] = None) -> StageOutput:
+        """Run one stage in this process and put its results into nodes (blocking).
+
+        Args:
+            stage: "segment", "register", "classify" or "all".
+            ctNode: The CT volume node.
+            nodes: Existing result nodes to update (``nodes.segmentation`` is the user's
+                segmentation: Register and Classify reuse it, corrections included); missing
+                ones are created.
+            settings: Side, device, models (default :class:`StageSettings`).
+            progress: Called with (fraction, message).
+            shouldCancel: Polled; True stops the run
+                (:class:`~AnkleFractureLib.errors.CancelledError`).
+
+        Returns:
+            The :class:`StageOutput` (``result`` is the result.json dict).
+        """
+        from AnkleFractureLib.pipeline.job import run_stage
+
+        nodes = nodes or ResultNodes()
+        settings = settings or StageSettings()
+        ct, label = self._inputs(stage, ctNode, nodes)
+        folder = self.resultsFolder(ctNode)
+        run_stage(stage, ct, folder, label, self.pipeline(settings), progress, shouldCancel,
+                  settings.reportPdf)
+        return self.loadResults(folder, ctNode, nodes, stage, updateSegmentation=label is None)
+
+    def startStage(self, stage: str, ctNode: Any, nodes: Optional[ResultNodes] = None,
+                   settings: Optional[StageSettings] = None,
+                   python: Optional[str] = None) -> BackgroundStage:
+        """Start one stage in a background process (see :class:`BackgroundStage`).
+
+        The CT (and the current segmentation for Register / Classify) are written to the
+        output folder's ``inputs/``; the process runs
+        :mod:`AnkleFractureLib.pipeline.job`.
+        """
+        from AnkleFractureLib.io import write_image
+        from AnkleFractureLib.pipeline.job import JobRequest
+
+        nodes = nodes or ResultNodes()
+        settings = settings or StageSettings()
+        ct, label = self._inputs(stage, ctNode, nodes)
+        folder = self.resultsFolder(ctNode)
+        inputs = folder / "inputs"
+        inputs.mkdir(parents=True, exist_ok=True)
+        write_image(ct, inputs / "ct.nii.gz")
+        labelPath = None
+        if label is not None:
+            labelPath = str(inputs / "label.nii.gz")
+            write_image(label, labelPath)
+        request = JobRequest(stage=stage, ct=str(inputs / "ct.nii.gz"), out=str(folder),
+                             label=labelPath, side=settings.side,
+                             device=DEVICES[settings.device], tta=settings.tta,
+                             seg_model_dir=settings.segModelDir,
+                             cls_model_dir=settings.clsModelDir, report_pdf=settings.reportPdf)
+        request.write(inputs / "request.json")
+        process = BackgroundProcess(
+            [python or pythonExecutable(), "-m", "AnkleFractureLib.pipeline.job",
+             str(inputs / "request.json")], workDir=inputs, outputDir=folder)
+        process.start()
+        return BackgroundStage(self, stage, ctNode, nodes, folder, label is None, process)
+
+    # ------------------------------------------------------------------ results -> nodes
+    def loadResults(self, folder: PathLike, ctNode: Any, nodes: Optional[ResultNodes] = None,
+                    stage: str = "all", updateSegmentation: bool = True) -> StageOutput:
+        """Put the files of a finished run (``run``'s output folder) into nodes.
+
+        * segmentation.nii.gz -> ``Tibia`` / ``Fibula`` segments (unless the run started from
+          the user's segmentation, which is then left exactly as it is);
+        * transform.json -> a linear transform node (template -> patient, in RAS), the healthy
+          template as a segmentation under it, and the syndesmosis box as an ROI under it;
+        * gradcam.nii.gz -> a scalar volume on the CT's grid with the heatmap colours;
+        * result.json -> a table with the four probabilities (the whole result is kept as
+          an attribute, so a saved scene restores the panel).
+
+        Nodes of outputs the run did not produce (e.g. a heatmap after a new Segment) are
+        removed, so the scene never shows results of an older run beside newer ones.
+        """
+        from AnkleFractureLib.io import read_image
+
+        folder = Path(folder)
+        nodes = nodes or ResultNodes()
+        result = _readResult(folder / "result.json")
+        scene = self.scene
+        base = ctNode.GetName()
+
+        if updateSegmentation and (folder / "segmentation.nii.gz").is_file():
+            if nodes.segmentation is None:
+                nodes.segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                             f"{base} bones")
+            nodes.segmentation.SetAttribute(N.ROLE_ATTRIBUTE, "segmentation")
+            N.updateSegmentationFromLabelMap(nodes.segmentation,
+                                             read_image(folder / "segmentation.nii.gz"),
+                                             ctNode, scene)
+
+        if (folder / "transform.json").is_file():
+            from AnkleFractureLib.registration.transform_io import read_transform_json
+
+            reg = read_transform_json(folder / "transform.json")
+            templateToPatient = np.linalg.inv(reg["patient_to_template"])
+            if nodes.transform is None:
+                nodes.transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode",
+                                                          f"{base} template to patient")
+                nodes.transform.SetAttribute(N.ROLE_ATTRIBUTE, "transform")
+            N.setTransformFromLps(nodes.transform, templateToPatient, ctNode)
+            if nodes.template is None:
+                nodes.template = N.addTemplateSegmentation(scene, self.template.labels,
+                                                           nodes.transform)
+            else:
+                nodes.template.SetAndObserveTransformNodeID(nodes.transform.GetID())
+            box = self.template.box
+            if nodes.roi is None:
+                nodes.roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode",
+                                                    f"{base} syndesmosis box")
+                nodes.roi.SetAttribute(N.ROLE_ATTRIBUTE, "roi")
+            N.setRoiFromBox(nodes.roi, box.centre, box.axes, box.size_mm, nodes.transform)
+        else:
+            for name in ("roi", "template", "transform"):
+                self._removeNode(nodes, name)
+
+        if (folder / "gradcam.nii.gz").is_file():
+            heat = read_image(folder / "gradcam.nii.gz")
+            if nodes.gradcam is None:
+                nodes.gradcam = N.addVolumeNode(scene, heat, f"{base} Grad-CAM")
+                nodes.gradcam.SetAttribute(N.ROLE_ATTRIBUTE, "gradcam")
+            else:
+                N.updateNodeFromVolume(nodes.gradcam, heat)
+            nodes.gradcam.SetAndObserveTransformNodeID(ctNode.GetTransformNodeID())
+            N.styleHeatmap(nodes.gradcam, scene)
+        else:
+            self._removeNode(nodes, "gradcam")
+
+        if nodes.table is None:
+            nodes.table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{base} Weber class")
+            nodes.table.SetAttribute(N.ROLE_ATTRIBUTE, "table")
+        result = dict(result, stage=stage, folder=str(folder))
+        N.updateTableFromResult(nodes.table, result)
+        return StageOutput(stage, folder, result, nodes)
+
+    def _removeNode(self, nodes: ResultNodes, name: str) -> None:
+        node = getattr(nodes, name)
+        if node is not None and node.GetScene() is self.scene:
+            self.scene.RemoveNode(node)
+        setattr(nodes, name, None)
+
+    # ------------------------------------------------------------------ annotation refinement
+    def exportTrainingCase(self, datasetFolder: PathLike, ctNode: Any,
+                           segmentationNode: Any = None, weber: Optional[str] = None,
+                           caseId: Optional[str] = None,
+                           side: Optional[str] = None) -> Dict[str, Any]:
+        """Add the CT, its (corrected) segmentation and Weber class to a training dataset.
+
+        The dataset uses the project's layout (``dataset.json``, ``images/``, ``labels/``)
+        that ``train-seg`` and ``train-cls`` read; ``dataset.json`` is rewritten atomically.
+        Exporting the same case id again updates it instead of adding a duplicate.
+
+        Args:
+            datasetFolder: The dataset folder (created when missing).
+            ctNode: The CT volume node.
+            segmentationNode: Segmentation whose Tibia / Fibula segments (fragments included)
+                become the label map; None or no bone segments: unlabelled for segmentation.
+            weber: "none", "A", "B", "C", or None / "unknown" (unlabelled for classification).
+            caseId: Case id (default: the CT node's name, made file-system safe).
+            side: "left", "right" or None.
+
+        Returns:
+            {"caseId", "updated" (bool), "counts" (the dataset's counts), "dataset" (path)}.
+        """
+        from AnkleFractureLib.dataset import Dataset
+        from AnkleFractureLib.dataset.layout import CLASSES
+
+        if ctNode is None:
+            raise InputError(None, "select a CT volume first")
+        if datasetFolder in (None, "", "."):
+            raise InputError(None, "choose a dataset folder first")
+        weber = None if weber in (None, "", "unknown") else weber
+        if weber is not None and weber not in CLASSES:
+            raise InputError(None, f"the Weber class must be one of {', '.join(CLASSES)} or "
+                                   f"unknown, got {weber!r}")
+        caseId = safeName(caseId) if caseId else safeName(ctNode.GetName())
+        ct = N.volumeFromNode(ctNode)
+        label = (N.labelMapFromSegmentation(segmentationNode, ctNode, self.scene)
+                 if segmentationNode is not None else None)
+        dataset = Dataset.create(datasetFolder)
+        updated = dataset.get(caseId) is not None
+        dataset.add_case(caseId, ct, label, weber=weber,
+                         side=side if side in ("left", "right") else None,
+                         source="slicer-export",
+                         meta={"node": ctNode.GetName(),
+                               "segmentation": (segmentationNode.GetName()
+                                                if segmentationNode is not None else None)})
+        return {"caseId": caseId, "updated": updated, "counts": dataset.counts(),
+                "dataset": str(dataset.root)}
+
+    @staticmethod
+    def datasetCounts(datasetFolder: PathLike) -> Optional[Dict[str, int]]:
+        """The dataset's counts (cases, segmented, classified, unlabelled, per class), or None
+        when the folder holds no dataset yet."""
+        from AnkleFractureLib.dataset import Dataset
+
+        if datasetFolder in (None, "", ".") or not (Path(datasetFolder) / "dataset.json").is_file():
+            return None
+        return Dataset.load(datasetFolder).counts()
+
+    @staticmethod
+    def trainingCommand(kind: str, datasetFolder: PathLike, outFolder: PathLike,
+                        maxMinutes: int = 30, python: Optional[str] = None,
+                        extra: Sequence[str] = ()) -> List[str]:
+        """The ``train-seg`` / ``train-cls`` command line for a dataset (shown and run)."""
+        if kind not in ("seg", "cls"):
+            raise InputError(None, f"kind must be seg or cls, got {kind!r}")
+        return [python or pythonExecutable(), "-m", "AnkleFractureLib", f"train-{kind}",
+                str(datasetFolder), "--out", str(outFolder), "--max-minutes", str(int(maxMinutes)),
+                *extra]
+
+    def startTraining(self, kind: str, datasetFolder: PathLike, outFolder: PathLike,
+                      maxMinutes: int = 30, python: Optional[str] = None,
+                      extra: Sequence[str] = ()) -> BackgroundProcess:
+        """Start ``train-seg`` (kind "seg") or ``train-cls`` ("cls") in the background.
+
+        When it succeeds, ``outFolder`` is a model folder that the panel offers to use (set it
+        as the segmentation or classifier model).
+        """
+        if self.datasetCounts(datasetFolder) is None:
+            raise InputError(datasetFolder, "no dataset.json here: export a case first")
+        out = Path(outFolder)
+        args = self.trainingCommand(kind, datasetFolder, out, maxMinutes, python, extra)
+        return BackgroundProcess(args, workDir=out.parent / f".{out.name}_logs").start()
+
+    # ------------------------------------------------------------------ batch
+    @staticmethod
+    def runBatch(inputs: Union[PathLike, Sequence[PathLike]], outDir: PathLike,
+                 settings: Optional[StageSettings] = None, workers: int = 1,
+                 resume: bool = True, progress: Optional[ProgressCallback] = None,
+                 shouldCancel: Optional[Callable[[], bool]] = None) -> Any:
+        """``ankle-fracture batch`` from the Slicer Python console.
+
+        Args:
+            inputs: A folder, a file, or a list of them (image files, DICOM folders, folders
+                of them).
+            outDir: Output folder: one sub-folder per case with ``run``'s files, and
+                ``results.csv`` (the same outputs as the command line).
+            settings: Side, device, models.
+            workers: Processes (keep 1 inside Slicer: the models then load once).
+            resume: Skip cases a previous batch into ``outDir`` finished.
+            progress: Called with (fraction, message).
+            shouldCancel: Polled; True stops after the current case.
+
+        Returns:
+            The :class:`~AnkleFractureLib.pipeline.batch.BatchSummary`.
+        """
+        from AnkleFractureLib.pipeline.batch import discover_inputs, run_batch
+
+        if isinstance(inputs, (str, os.PathLike)):
+            inputs = [inputs]
+        settings = settings or StageSettings()
+        cases = discover_inputs(list(inputs), exclude=[outDir])
+        return run_batch(cases, outDir, settings.pipelineOptions(), workers=workers,
+                         resume=resume, report_pdf=settings.reportPdf, progress=progress,
+                         should_cancel=shouldCancel)

@@ -1,0 +1,455 @@
+"""MRML nodes from and to the library's images, transforms and results.
+
+Axis orders and frames: ``slicer.util.arrayFromVolume`` and :class:`Volume.array` are both
+numpy (z, y, x), i.e. (k, j, i). A volume node's geometry is its IJKToRAS matrix (RAS mm);
+the library's is the IJK -> LPS affine. The conversion happens in
+:mod:`AnkleFractureLib.geometry.frames` only, never here.
+
+Everything works on the node's *own* frame: a parent transform of the CT is ignored while
+analysing and given to every output node, so the results stay aligned with the CT however the
+user has moved it.
+
+Only MRML and VTK are used (no Qt): the functions run inside Slicer and under pytest with the
+``slicer-core`` package.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from AnkleFractureLib.errors import InputError
+from AnkleFractureLib.geometry.frames import (lps_affine_to_ras, lps_matrix_to_ras,
+                                              lps_points_to_ras, ras_affine_to_lps,
+                                              ras_matrix_to_lps)
+from AnkleFractureLib.geometry.volume import Volume
+
+from AnkleFractureSlicer.terminology import BONES, Bone, boneForSegmentName
+
+#: Attribute that marks the nodes this module made, and which output each one is.
+ROLE_ATTRIBUTE = "AnkleFracture.Role"
+#: Table attribute holding the whole result.json (the panel is restored from it).
+RESULT_ATTRIBUTE = "AnkleFracture.Result"
+#: The four classes, in the classifier's order, and how the panel names them.
+CLASS_NAMES = (("none", "No fracture"), ("A", "Weber A"), ("B", "Weber B"), ("C", "Weber C"))
+
+_SEG_LOGICS: Dict[int, Any] = {}
+
+
+# ---------------------------------------------------------------------- scene services
+def segmentationsLogic(scene: Any) -> Any:
+    """The Segmentations module logic for ``scene``.
+
+    Inside Slicer this is the application's; with ``slicer-core`` alone one is created for the
+    scene (creating it registers the representation converters that segmentations need).
+    """
+    import slicer
+
+    modules = getattr(slicer, "modules", None)
+    if modules is not None and hasattr(modules, "segmentations"):
+        return modules.segmentations.logic()
+    key = id(scene)
+    logic = _SEG_LOGICS.get(key)
+    if logic is None or logic.GetMRMLScene() is not scene:
+        logic = slicer.vtkSlicerSegmentationsModuleLogic()
+        logic.SetMRMLScene(scene)
+        _SEG_LOGICS[key] = logic
+    return logic
+
+
+def _vtkMatrix(array: np.ndarray) -> Any:
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array[r, c]))
+    return m
+
+
+def _npMatrix(matrix: Any) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _copyParentTransform(node: Any, reference: Any) -> None:
+    """Place ``node`` under ``reference``'s parent transform (see the module docstring)."""
+    node.SetAndObserveTransformNodeID(reference.GetTransformNodeID() if reference else None)
+
+
+# ---------------------------------------------------------------------- volumes
+def volumeFromNode(node: Any) -> Volume:
+    """The node's voxels and geometry as a library :class:`Volume` (LPS).
+
+    Args:
+        node: A scalar (or labelmap) volume node with image data.
+
+    Returns:
+        A Volume whose array is a copy of the node's, in (z, y, x) order; ``meta`` names the
+        node.
+
+    Raises:
+        InputError: The node has no image data, or is not a single-component 3D image.
+    """
+    name = node.GetName() if node is not None else None
+    if node is None or node.GetImageData() is None:
+        raise InputError(name, "the volume node has no image data (load a CT first)")
+    image = node.GetImageData()
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError(name, f"the volume has {image.GetNumberOfScalarComponents()} "
+                               "components per voxel; a CT has one")
+    dims = image.GetDimensions()
+    if min(dims) < 1 or image.GetPointData().GetScalars() is None:
+        raise InputError(name, "the volume is empty")
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    array = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
+    m = _npMatrix(_ijkToRas(node))
+    lps = ras_affine_to_lps(m)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise InputError(name, f"the volume has a zero spacing {spacing.tolist()}")
+    direction = lps[:3, :3] / spacing
+    return Volume(array, spacing=spacing, origin=lps[:3, 3], direction=direction,
+                  meta={"source": f"Slicer node {name}", "format": "mrml", "node": name})
+
+
+def _ijkToRas(node: Any) -> Any:
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return m
+
+
+def updateNodeFromVolume(node: Any, volume: Volume) -> Any:
+    """Give ``node`` the volume's voxels and geometry (LPS -> RAS); returns the node."""
+    import slicer
+
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(volume.array))
+    node.SetIJKToRASMatrix(_vtkMatrix(lps_affine_to_ras(volume.affine)))
+    return node
+
+
+def addVolumeNode(scene: Any, volume: Volume, name: str,
+                  className: str = "vtkMRMLScalarVolumeNode") -> Any:
+    """A new volume node in ``scene`` holding ``volume``, with display nodes."""
+    node = scene.AddNewNodeByClass(className, name)
+    updateNodeFromVolume(node, volume)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+# ---------------------------------------------------------------------- segmentations
+def boneSegmentIds(segmentationNode: Any) -> Dict[int, List[str]]:
+    """Segment ids per bone label (1 tibia, 2 fibula), fragments included, by segment name."""
+    out: Dict[int, List[str]] = {b.label: [] for b in BONES}
+    segmentation = segmentationNode.GetSegmentation()
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        bone = boneForSegmentName(segment.GetName() or "")
+        if bone is not None:
+            out[bone.label].append(segmentation.GetNthSegmentID(i))
+    return out
+
+
+def segmentTag(segment: Any, name: str) -> str:
+    """A segment's tag value ("" when absent)."""
+    import vtk
+
+    value = vtk.mutable("")
+    return str(value) if segment.GetTag(name, value) else ""
+
+
+def _styleSegment(segment: Any, bone: Bone) -> None:
+    segment.SetName(bone.name)
+    segment.SetColor(*bone.color)
+    segment.SetTag(segment.GetTerminologyEntryTagName(), bone.terminologyEntry())
+
+
+def updateSegmentationFromLabelMap(segmentationNode: Any, label: Volume, ctNode: Any,
+                                   scene: Any) -> Dict[str, str]:
+    """Write a tibia (1) / fibula (2) label map into ``Tibia`` and ``Fibula`` segments.
+
+    Existing segments of those names are updated in place (their ids, and any other segments,
+    are kept); missing ones are created with the bones' colours and SNOMED CT terminology. The
+    segmentation references ``ctNode`` as its source geometry.
+
+    Args:
+        segmentationNode: The output segmentation node.
+        label: uint8 label map on the CT's grid.
+        ctNode: The CT volume node.
+        scene: The MRML scene.
+
+    Returns:
+        {"Tibia": segment id, "Fibula": segment id}.
+    """
+    import vtk
+
+    logic = segmentationsLogic(scene)  # first: it registers the representation converters
+    segmentation = segmentationNode.GetSegmentation()
+    segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(ctNode)
+    segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(),
+                                        ctNode.GetID())
+    _copyParentTransform(segmentationNode, ctNode)
+    ids: Dict[str, str] = {}
+    for bone in BONES:
+        segmentId = segmentation.GetSegmentIdBySegmentName(bone.name)
+        if not segmentId:
+            segmentId = segmentation.AddEmptySegment("", bone.name, list(bone.color))
+        _styleSegment(segmentation.GetSegment(segmentId), bone)
+        ids[bone.name] = segmentId
+    labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AnkleFracture temp labels")
+    try:
+        values = np.asarray(label.array)
+        if values.dtype != np.uint8:
+            values = values.astype(np.uint8)
+        updateNodeFromVolume(labelNode, label.with_array(values))
+        updated = vtk.vtkStringArray()
+        for bone in BONES:  # label value v -> the (v-1)-th id: updates those segments in place
+            updated.InsertNextValue(ids[bone.name])
+        if not logic.ImportLabelmapToSegmentationNode(
+                labelNode, segmentationNode, updated):
+            raise RuntimeError("Slicer could not import the label map into the segmentation")
+    finally:
+        scene.RemoveNode(labelNode)
+    if segmentationNode.GetDisplayNode() is None:
+        segmentationNode.CreateDefaultDisplayNodes()
+    return ids
+
+
+def labelMapFromSegmentation(segmentationNode: Any, ctNode: Any, scene: Any) -> Optional[Volume]:
+    """The tibia/fibula label map of a (possibly corrected) segmentation, on the CT's grid.
+
+    Segments are assigned to a bone by name (:func:`boneForSegmentName`): "Tibia",
+    "Fibula", and fragments such as "Fibula fragment" keep their parent bone's label. Other
+    segments (e.g. a talus) are ignored. Where segments overlap, the fibula wins (it is the
+    bone the Weber class is read from).
+
+    Returns:
+        uint8 Volume (0 background, 1 tibia, 2 fibula) with exactly the CT's geometry, or None
+        when the node has no tibia or fibula voxels.
+    """
+    import vtk
+
+    if segmentationNode is None:
+        return None
+    groups = boneSegmentIds(segmentationNode)
+    ordered = [(bone.label, sid) for bone in BONES for sid in groups[bone.label]]
+    if not ordered:
+        return None
+    ct = volumeFromNode(ctNode)
+    ids = vtk.vtkStringArray()
+    for _, sid in ordered:
+        ids.InsertNextValue(sid)
+    labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AnkleFracture temp export")
+    try:
+        if not segmentationsLogic(scene).ExportSegmentsToLabelmapNode(segmentationNode, ids,
+                                                                      labelNode, ctNode):
+            raise InputError(segmentationNode.GetName(), "Slicer could not export the segments "
+                                                         "onto the CT's grid")
+        exported = volumeFromNode(labelNode)
+    finally:
+        scene.RemoveNode(labelNode)
+    if exported.shape != ct.shape:
+        raise InputError(segmentationNode.GetName(), "the exported segments are not on the "
+                                                     "CT's grid")
+    # Exported values are 1..n in the order of ``ids``: map each back to its bone.
+    lut = np.zeros(len(ordered) + 1, np.uint8)
+    for i, (bone_label, _) in enumerate(ordered, start=1):
+        lut[i] = bone_label
+    values = lut[np.clip(exported.array.astype(np.int64), 0, len(ordered))]
+    if not values.any():
+        return None
+    return ct.with_array(values, meta={"source": f"Slicer segmentation "
+                                                 f"{segmentationNode.GetName()}"})
+
+
+def addTemplateSegmentation(scene: Any, templateLabels: Volume, transformNode: Any,
+                            node: Any = None) -> Any:
+    """The healthy template's bones as a segmentation under the registration transform.
+
+    The template lives in its own frame; under ``transformNode`` (template -> patient) it
+    overlays the patient's bones. Shown as outlines in the slices and translucent in 3D.
+    """
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Healthy template")
+        node.SetAttribute(ROLE_ATTRIBUTE, "template")
+    reference = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "AnkleFracture temp template")
+    try:
+        updateNodeFromVolume(reference, templateLabels)
+        updateSegmentationFromLabelMap(node, templateLabels, reference, scene)
+    finally:
+        scene.RemoveNode(reference)
+    node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), None)
+    node.SetAndObserveTransformNodeID(transformNode.GetID() if transformNode else None)
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.SetOpacity2DFill(0.0)
+        display.SetOpacity3D(0.35)
+    return node
+
+
+# ---------------------------------------------------------------------- transforms and ROI
+def setTransformFromLps(transformNode: Any, templateToPatientLps: np.ndarray,
+                        parentReference: Any = None) -> Any:
+    """Set a linear transform node from a template -> patient matrix in LPS.
+
+    Slicer's "to parent" matrix maps the child's (template) RAS coordinates to the parent's
+    (patient) RAS coordinates, which is this matrix expressed in RAS.
+    """
+    transformNode.SetMatrixTransformToParent(
+        _vtkMatrix(lps_matrix_to_ras(np.asarray(templateToPatientLps, dtype=float))))
+    _copyParentTransform(transformNode, parentReference)
+    return transformNode
+
+
+def transformToLps(transformNode: Any) -> np.ndarray:
+    """The node's "to parent" matrix as a point transform in LPS (inverse of the above)."""
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    transformNode.GetMatrixTransformToParent(m)
+    return ras_matrix_to_lps(_npMatrix(m))
+
+
+def setRoiFromBox(roiNode: Any, centreLps: Sequence[float], axesLps: np.ndarray,
+                  sizeMm: Sequence[float], transformNode: Any) -> Any:
+    """An ROI markup of a template-frame box, shown on the patient through ``transformNode``.
+
+    Args:
+        roiNode: A ``vtkMRMLMarkupsROINode``.
+        centreLps: Box centre (x, y, z) in template mm (the template frame is LPS-like).
+        axesLps: 3x3, columns = the box's x, y, z axes in the template frame.
+        sizeMm: Edge lengths (x, y, z) in mm.
+        transformNode: The template -> patient transform (the ROI's parent).
+    """
+    centre = lps_points_to_ras(np.asarray(centreLps, dtype=float)[None])[0]
+    # The same box in RAS: each axis flips with the frame; conjugating keeps a rotation.
+    axes = lps_matrix_to_ras(_homogeneous(np.asarray(axesLps, dtype=float)))
+    orientation = np.eye(4)
+    orientation[:3, :3] = axes[:3, :3]
+    orientation[:3, 3] = centre
+    roiNode.SetAndObserveObjectToNodeMatrix(_vtkMatrix(orientation))
+    roiNode.SetCenter(*centre.tolist())
+    roiNode.SetSize(*[float(v) for v in sizeMm])
+    roiNode.SetAndObserveTransformNodeID(transformNode.GetID() if transformNode else None)
+    roiNode.SetLocked(True)  # the box is defined on the template; moving it means nothing
+    return roiNode
+
+
+def _homogeneous(rotation: np.ndarray) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = rotation
+    return m
+
+
+# ---------------------------------------------------------------------- heatmap
+def heatmapColorNode(scene: Any) -> Any:
+    """The module's heatmap colour table (created once per scene): dark red -> yellow -> white."""
+    name = "AnkleFracture heatmap"
+    existing = scene.GetFirstNodeByName(name)
+    if existing is not None and existing.IsA("vtkMRMLColorTableNode"):
+        return existing
+    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", name)
+    node.SetTypeToUser()
+    node.SetNumberOfColors(256)
+    for i in range(256):
+        t = i / 255.0  # a "hot" ramp: black-red, red-yellow, yellow-white
+        r, g, b = min(1.0, 3 * t), min(1.0, max(0.0, 3 * t - 1)), min(1.0, max(0.0, 3 * t - 2))
+        node.SetColor(i, f"{t:.2f}", r, g, b, 1.0)
+    node.SetAttribute(ROLE_ATTRIBUTE, "heatmap-colors")
+    return node
+
+
+def styleHeatmap(heatmapNode: Any, scene: Any, threshold: float = 0.2) -> None:
+    """Show a [0, 1] heatmap with the heatmap colours; values below ``threshold`` transparent."""
+    if heatmapNode.GetDisplayNode() is None:
+        heatmapNode.CreateDefaultDisplayNodes()
+    display = heatmapNode.GetDisplayNode()
+    display.SetAndObserveColorNodeID(heatmapColorNode(scene).GetID())
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    display.SetApplyThreshold(True)
+    display.SetLowerThreshold(threshold)
+    display.SetUpperThreshold(1.0)
+
+
+def showHeatmapInSlices(scene: Any, ctNode: Any, heatmapNode: Any, visible: bool,
+                        opacity: float) -> int:
+    """CT as background and the heatmap as foreground (or none) in every slice view.
+
+    Returns:
+        How many slice views were set (0 without views, e.g. a bare test scene).
+    """
+    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    composites.UnRegister(None) if hasattr(composites, "UnRegister") else None
+    count = 0
+    for i in range(composites.GetNumberOfItems()):
+        composite = composites.GetItemAsObject(i)
+        if ctNode is not None:
+            composite.SetBackgroundVolumeID(ctNode.GetID())
+        composite.SetForegroundVolumeID(heatmapNode.GetID() if (visible and heatmapNode)
+                                        else None)
+        composite.SetForegroundOpacity(float(opacity))
+        count += 1
+    return count
+
+
+# ---------------------------------------------------------------------- results table
+def updateTableFromResult(tableNode: Any, result: Dict[str, Any]) -> Any:
+    """Fill a table with the four probabilities and keep the whole result as an attribute.
+
+    Columns: "Class" (No fracture, Weber A, B, C), "Probability" (0..1). A refused or
+    withheld result has an empty probability column and says why in the "Note" column.
+    """
+    import vtk
+
+    table = tableNode.GetTable()
+    table.Initialize()
+    names = vtk.vtkStringArray()
+    names.SetName("Class")
+    probs = vtk.vtkDoubleArray()
+    probs.SetName("Probability")
+    notes = vtk.vtkStringArray()
+    notes.SetName("Note")
+    p = result.get("probabilities") or {}
+    for key, title in CLASS_NAMES:
+        names.InsertNextValue(title)
+        probs.InsertNextValue(float(p[key]) if key in p else float("nan"))
+        note = ""
+        if result.get("prediction") == key:
+            note = "prediction" + (" (unsure)" if (result.get("uncertainty") or {}).get("unsure")
+                                   else "")
+        elif not p:
+            note = result.get("refusal") or result.get("withheld_reason") or "not classified"
+        notes.InsertNextValue(note)
+    table.AddColumn(names)
+    table.AddColumn(probs)
+    table.AddColumn(notes)
+    tableNode.SetAttribute(RESULT_ATTRIBUTE, json.dumps(result))
+    tableNode.Modified()
+    return tableNode
+
+
+def probabilitiesFromTable(tableNode: Any) -> Dict[str, float]:
+    """The probabilities a results table holds ({} when it holds none)."""
+    table = tableNode.GetTable()
+    column = table.GetColumnByName("Probability")
+    if column is None:
+        return {}
+    out = {}
+    for row, (key, _) in enumerate(CLASS_NAMES):
+        value = column.GetValue(row)
+        if np.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+def resultFromTable(tableNode: Any) -> Optional[Dict[str, Any]]:
+    """The result.json dict stored on a results table (None when absent)."""
+    if tableNode is None:
+        return None
+    text = tableNode.GetAttribute(RESULT_ATTRIBUTE)
+    return json.loads(text) if text else None

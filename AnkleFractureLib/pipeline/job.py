@@ -1,0 +1,245 @@
+"""One button of the Slicer module as a job: a stage of the pipeline from files to files.
+
+The 3D Slicer module runs its Segment, Register, Classify and Run all buttons through this
+module, either in its own process (so that Slicer stays responsive and Cancel really stops the
+work) or in process (the Logic's blocking calls for scripts). A job reads the CT and, when
+given, a corrected label map, runs :meth:`~.pipeline.Pipeline.run` with its sanity checks up to
+the stage asked for, and writes ``run``'s output files into a folder, ``result.json`` last:
+
+==========  ============================================  ==================================
+stage       runs                                          writes
+==========  ============================================  ==================================
+segment     segmentation + its checks                     segmentation.nii.gz, result.json
+register    registration + crop (from ``label`` if given,  + transform.json/.tfm,
+            else segmenting first) + their checks          syndesmosis_crop.nii.gz
+classify    the rest (from ``label`` if given)            + gradcam.nii.gz, report.png
+all         every stage from the CT alone                 every file
+==========  ============================================  ==================================
+
+In a separate process::
+
+    python -m AnkleFractureLib.pipeline.job REQUEST.json
+
+prints one JSON line per progress step on stdout (``{"progress": 0.42, "message": "..."}``),
+writes ``job_error.json`` into the output folder when it fails, and exits with 0 (done; a
+refusal by the checks is a result), 2 (bad input: the message names the file) or 1 (an
+unexpected error; the traceback is on stderr).
+
+Example:
+    >>> req = JobRequest(stage="segment", ct="ct.nii.gz", out="out")
+    >>> JobRequest.from_json(req.to_json()) == req
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+from AnkleFractureLib.errors import AnkleFractureError, CancelledError, InputError
+from AnkleFractureLib.geometry.volume import Volume
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: The job stages and where :meth:`Pipeline.run` stops for each.
+STAGES = ("segment", "register", "classify", "all")
+_STOP_AFTER = {"segment": "segment", "register": "crop", "classify": None, "all": None}
+#: Written into the output folder when a job fails.
+ERROR_FILE = "job_error.json"
+
+
+@dataclass
+class JobRequest:
+    """What one job does (``REQUEST.json``).
+
+    Attributes:
+        stage: One of :data:`STAGES`.
+        ct: CT image file or DICOM folder.
+        out: Output folder (created).
+        label: Label map (0 background, 1 tibia, 2 fibula) on the CT's grid, e.g. a
+            segmentation corrected in Slicer; used by "register" and "classify" (ignored by
+            "segment" and "all", which segment the CT).
+        side: "auto", "left" or "right".
+        device: "auto", "cpu" or "cuda".
+        tta: Classifier test-time augmentations (None: the model's default).
+        seg_model_dir: Segmentation model folder (None: the shipped one).
+        cls_model_dir: Classifier folder (None: the shipped one).
+        report_pdf: Also write report.pdf.
+    """
+
+    stage: str
+    ct: str
+    out: str
+    label: Optional[str] = None
+    side: str = "auto"
+    device: str = "auto"
+    tta: Optional[int] = None
+    seg_model_dir: Optional[str] = None
+    cls_model_dir: Optional[str] = None
+    report_pdf: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise InputError(None, f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any], where: Optional[PathLike] = None) -> "JobRequest":
+        """Build a request from its JSON dict (unknown keys are an error, not ignored)."""
+        if not isinstance(data, dict):
+            raise InputError(where, "a job request must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(where, f"unknown job request keys: {', '.join(unknown)}")
+        missing = [k for k in ("stage", "ct", "out") if k not in data]
+        if missing:
+            raise InputError(where, f"the job request lacks {', '.join(missing)}")
+        return cls(**data)
+
+    def write(self, path: PathLike) -> None:
+        """Write the request as JSON (atomically)."""
+        from AnkleFractureLib.io import atomic_write_json
+
+        atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def read(cls, path: PathLike) -> "JobRequest":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(path, "the job request file does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise InputError(path, f"the job request is not readable JSON: {exc}") from None
+        return cls.from_json(data, path)
+
+    def options(self) -> Any:
+        """The :class:`~.pipeline.PipelineOptions` of this request."""
+        from AnkleFractureLib.pipeline.pipeline import PipelineOptions
+
+        return PipelineOptions(side=self.side, device=self.device, tta=self.tta,
+                               seg_model_dir=self.seg_model_dir,
+                               cls_model_dir=self.cls_model_dir)
+
+
+def run_stage(stage: str, ct: Volume, out: PathLike, label: Optional[Volume] = None,
+              pipeline: Any = None, progress: Optional[Callable[[float, str], None]] = None,
+              should_cancel: Optional[Callable[[], bool]] = None,
+              report_pdf: bool = False) -> Dict[str, Any]:
+    """Run one stage on in-memory volumes and write its files.
+
+    Args:
+        stage: One of :data:`STAGES`.
+        ct: The CT (HU, any grid).
+        out: Output folder (created; stale files of stages that did not run are removed).
+        label: Corrected label map for "register" / "classify" (None: segment the CT).
+        pipeline: A :class:`~.pipeline.Pipeline` to reuse (its models stay loaded).
+        progress: Called with (fraction in [0, 1], message).
+        should_cancel: Polled; True raises :class:`~AnkleFractureLib.errors.CancelledError`.
+        report_pdf: Also write report.pdf (classify / all).
+
+    Returns:
+        The ``result.json`` dict.
+    """
+    from AnkleFractureLib.pipeline.pipeline import Pipeline, write_outputs
+
+    if stage not in STAGES:
+        raise InputError(None, f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    pipe = pipeline if pipeline is not None else Pipeline()
+    use_label = label if stage in ("register", "classify") else None
+    result = pipe.run(ct, progress=progress, should_cancel=should_cancel, label=use_label,
+                      stop_after=_STOP_AFTER[stage])
+    # The one-page report only means something once there is a class (or a refusal to give one).
+    with_report = stage in ("classify", "all") or result.refused
+    return write_outputs(result, out, ct if with_report else None, report_pdf=report_pdf)
+
+
+def run_job(request: JobRequest, pipeline: Any = None,
+            progress: Optional[Callable[[float, str], None]] = None,
+            should_cancel: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
+    """Read the request's files and run :func:`run_stage`; returns the ``result.json`` dict."""
+    from AnkleFractureLib.io import read_image
+    from AnkleFractureLib.pipeline.pipeline import Pipeline
+
+    if progress is not None:
+        progress(0.0, "reading the CT")
+    ct = read_image(request.ct)
+    label = None
+    if request.label and request.stage in ("register", "classify"):
+        label = read_image(request.label)
+    pipe = pipeline if pipeline is not None else Pipeline(request.options())
+    return run_stage(request.stage, ct, request.out, label, pipe, progress, should_cancel,
+                     request.report_pdf)
+
+
+def progress_line(fraction: float, message: str) -> str:
+    """One progress line of the process protocol (JSON, no newline)."""
+    return json.dumps({"progress": round(float(fraction), 4), "message": str(message)})
+
+
+def parse_progress(lines: List[str]) -> Optional[Dict[str, Any]]:
+    """The last well-formed progress record among ``lines`` (None when there is none).
+
+    Example:
+        >>> parse_progress(['{"progress": 0.5, "message": "a"}', '{"progr'])
+        {'progress': 0.5, 'message': 'a'}
+    """
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line still being written
+        if isinstance(record, dict) and "progress" in record:
+            return record
+    return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Process entry point (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print("usage: python -m AnkleFractureLib.pipeline.job REQUEST.json\n\n"
+              + (__doc__ or "").split("\n\n")[0], file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    out: Optional[Path] = None
+
+    def progress(fraction: float, message: str) -> None:
+        print(progress_line(fraction, message), flush=True)
+
+    def fail(kind: str, message: str, code: int) -> int:
+        print(f"ankle-fracture job: {message}", file=sys.stderr, flush=True)
+        if out is not None:
+            from AnkleFractureLib.io import atomic_write_json
+
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(out / ERROR_FILE, {"kind": kind, "error": message})
+            except OSError:
+                pass  # the exit status and stderr still say it
+        return code
+
+    try:
+        request = JobRequest.read(argv[0])
+        out = Path(request.out)
+        (out / ERROR_FILE).unlink(missing_ok=True)
+        run_job(request, progress=progress)
+    except CancelledError as exc:
+        return fail("cancelled", str(exc), 3)
+    except AnkleFractureError as exc:
+        return fail("input", str(exc), 2)
+    except Exception as exc:  # noqa: BLE001 - reported with its traceback, never silently
+        traceback.print_exc()
+        return fail("unexpected", f"{type(exc).__name__}: {exc}", 1)
+    progress(1.0, "done")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through a subprocess in the tests
+    sys.exit(main())

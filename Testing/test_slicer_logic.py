@@ -1,0 +1,316 @@
+"""The Slicer module's logic against real MRML (the ``slicer-core`` package), no application.
+
+A phantom CT is loaded as a volume node and the panel's actions run through
+:class:`AnkleFractureSlicer.logic.AnkleFractureSceneLogic` on a bare ``vtkMRMLScene``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (pip install slicer-core) is needed")
+
+MODULE_DIR = Path(__file__).resolve().parents[1] / "AnkleFracture"
+if str(MODULE_DIR) not in sys.path:
+    sys.path.insert(0, str(MODULE_DIR))
+
+import torch  # noqa: E402
+
+from AnkleFractureLib.dataset import Dataset  # noqa: E402
+from AnkleFractureLib.errors import InputError  # noqa: E402
+from AnkleFractureLib.geometry.frames import LPS_TO_RAS, lps_matrix_to_ras  # noqa: E402
+from AnkleFractureLib.geometry.volume import Volume  # noqa: E402
+from AnkleFractureLib.io import read_image, write_image  # noqa: E402
+from AnkleFractureLib.phantom import generate_case  # noqa: E402
+from AnkleFractureLib.registration.transform_io import read_transform_json  # noqa: E402
+
+from AnkleFractureSlicer import nodes as N  # noqa: E402
+from AnkleFractureSlicer.logic import (AnkleFractureSceneLogic, ResultNodes,  # noqa: E402
+                                       StageSettings)
+from AnkleFractureSlicer.terminology import BONES  # noqa: E402
+
+torch.set_num_threads(2)
+SETTINGS = StageSettings(device="cpu")
+
+
+def _matrix(node_getter) -> np.ndarray:
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node_getter(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def case():
+    """A fast Weber B left phantom (the shipped models are used: a real run)."""
+    return generate_case(10, "B", "left", spacing="fast")
+
+
+@pytest.fixture(scope="module")
+def scene():
+    scene = slicer.vtkMRMLScene()
+    N.segmentationsLogic(scene)  # as Slicer does at start-up: segmentations need converters
+    return scene
+
+
+@pytest.fixture(scope="module")
+def logic(scene, tmp_path_factory):
+    return AnkleFractureSceneLogic(scene, tmp_path_factory.mktemp("results"))
+
+
+@pytest.fixture(scope="module")
+def ct_node(scene, case):
+    return N.addVolumeNode(scene, case.ct, "AnkleCT")
+
+
+@pytest.fixture(scope="module")
+def run_all(logic, ct_node):
+    """Run all once, in process (the Logic's blocking call)."""
+    seen = []
+    out = logic.runStage("all", ct_node, ResultNodes(), SETTINGS,
+                         progress=lambda f, m: seen.append(f))
+    out.progress = seen
+    return out
+
+
+# ------------------------------------------------------------------------------ geometry
+def test_volume_node_round_trip_keeps_lps_geometry(oblique_volume, scene):
+    node = N.addVolumeNode(scene, oblique_volume, "oblique")
+    ijk_to_ras = _matrix(node.GetIJKToRASMatrix)
+    assert np.allclose(ijk_to_ras, LPS_TO_RAS @ oblique_volume.affine, atol=1e-9)
+    back = N.volumeFromNode(node)
+    assert back.same_geometry(oblique_volume, atol=1e-9)
+    assert np.array_equal(back.array, oblique_volume.array)
+    assert back.array.dtype == oblique_volume.array.dtype
+    scene.RemoveNode(node)
+
+
+def test_volume_node_without_image_names_it(scene):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Empty CT")
+    with pytest.raises(InputError, match="Empty CT.*no image data"):
+        N.volumeFromNode(node)
+    scene.RemoveNode(node)
+
+
+def test_segments_round_trip_voxel_for_voxel(oblique_volume, scene):
+    """A label map into Tibia/Fibula segments and back is the same on an oblique grid."""
+    ct_node = N.addVolumeNode(scene, oblique_volume, "oblique ct")
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, size=oblique_volume.shape).astype(np.uint8)
+    label = oblique_volume.with_array(labels)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "bones")
+    seg.GetSegmentation().AddEmptySegment("", "Talus", [0.5, 0.5, 0.5])  # kept, ignored
+    ids = N.updateSegmentationFromLabelMap(seg, label, ct_node, scene)
+    assert set(ids) == {"Tibia", "Fibula"}
+    assert seg.GetSegmentation().GetNumberOfSegments() == 3
+    back = N.labelMapFromSegmentation(seg, ct_node, scene)
+    assert back.same_geometry(oblique_volume, atol=1e-6)
+    assert np.array_equal(back.array, labels)
+    # Updating again reuses the same segments (no duplicates).
+    again = N.updateSegmentationFromLabelMap(seg, label.with_array(labels * 0 + 1), ct_node,
+                                             scene)
+    assert again == ids and seg.GetSegmentation().GetNumberOfSegments() == 3
+    for node in (seg, ct_node):
+        scene.RemoveNode(node)
+
+
+# ------------------------------------------------------------------------------ Run all
+def test_run_all_fills_the_scene(run_all, case, ct_node, scene):
+    res, nodes, folder = run_all.result, run_all.nodes, run_all.folder
+    assert not res["refused"], res["refusal"]
+    assert res["side"] == "left"
+    # Progress went from 0 to 1 without going back.
+    assert run_all.progress[-1] == 1.0 and run_all.progress == sorted(run_all.progress)
+
+    # Segments: names, colours, SNOMED CT terminology, the CT as reference, voxel for voxel.
+    segmentation = nodes.segmentation.GetSegmentation()
+    for bone in BONES:
+        segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(bone.name))
+        assert segment is not None
+        entry = N.segmentTag(segment, segment.GetTerminologyEntryTagName())
+        assert f"SCT^{bone.code}^{bone.name}" in entry
+        assert np.allclose(segment.GetColor(), bone.color)
+    assert nodes.segmentation.GetNodeReference(
+        nodes.segmentation.GetReferenceImageGeometryReferenceRole()) is ct_node
+    exported = N.labelMapFromSegmentation(nodes.segmentation, ct_node, scene)
+    written = read_image(folder / "segmentation.nii.gz")
+    assert exported.same_geometry(written, atol=1e-6)
+    assert np.array_equal(exported.array, written.array)
+    # And the segmentation is a good one (the shipped model on a phantom).
+    truth = case.label.array
+    for value in (1, 2):
+        a, b = exported.array == value, truth == value
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9
+
+    # Transform: the node's matrix is transform.json's template -> patient after LPS -> RAS.
+    reg = read_transform_json(folder / "transform.json")
+    expected = lps_matrix_to_ras(np.linalg.inv(reg["patient_to_template"]))
+    assert np.allclose(_matrix(nodes.transform.GetMatrixTransformToParent), expected, atol=1e-9)
+    assert np.allclose(N.transformToLps(nodes.transform),
+                       np.linalg.inv(reg["patient_to_template"]), atol=1e-9)
+    assert nodes.template.GetTransformNodeID() == nodes.transform.GetID()
+    assert nodes.roi.GetTransformNodeID() == nodes.transform.GetID()
+
+    # Grad-CAM: a volume with exactly the CT's geometry, values of gradcam.nii.gz in [0, 1].
+    heat = N.volumeFromNode(nodes.gradcam)
+    assert heat.same_geometry(case.ct, atol=1e-6)
+    assert np.array_equal(heat.array, read_image(folder / "gradcam.nii.gz").array)
+    assert 0.0 <= heat.array.min() and heat.array.max() <= 1.0 and heat.array.max() > 0.5
+    display = nodes.gradcam.GetDisplayNode()
+    assert display.GetColorNodeID() == N.heatmapColorNode(scene).GetID()
+
+    # Table: four probabilities that sum to 1, the same as result.json's.
+    probs = N.probabilitiesFromTable(nodes.table)
+    assert list(probs) == ["none", "A", "B", "C"]
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
+    assert probs == pytest.approx(res["probabilities"])
+    assert N.resultFromTable(nodes.table)["prediction"] == res["prediction"]
+    assert (folder / "report.png").is_file()
+
+
+def test_run_all_answers_the_phantom_class(run_all):
+    """The shipped models on a fast phantom: the Weber B case is called B."""
+    assert run_all.result["prediction"] == "B", run_all.result["probabilities"]
+
+
+def test_roi_is_the_template_box_on_the_patient(run_all, logic):
+    """The ROI's centre, pushed through its transform, is the box centre mapped to the patient."""
+    box = logic.template.box
+    reg = read_transform_json(run_all.folder / "transform.json")
+    t2p = np.linalg.inv(reg["patient_to_template"])
+    centre_patient_lps = (t2p @ np.append(box.centre, 1.0))[:3]
+    roi = run_all.nodes.roi
+    centre_node = np.zeros(3)
+    roi.GetCenter(centre_node)
+    to_parent = _matrix(run_all.nodes.transform.GetMatrixTransformToParent)
+    centre_world_ras = (to_parent @ np.append(centre_node, 1.0))[:3]
+    assert np.allclose(centre_world_ras, centre_patient_lps * [-1, -1, 1], atol=1e-6)
+    assert np.allclose(roi.GetSize(), box.size_mm)
+
+
+def test_heatmap_becomes_the_foreground_of_every_slice_view(run_all, ct_node, scene):
+    composites = [scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(3)]
+    n = N.showHeatmapInSlices(scene, ct_node, run_all.nodes.gradcam, True, 0.4)
+    assert n == 3
+    for c in composites:
+        assert c.GetBackgroundVolumeID() == ct_node.GetID()
+        assert c.GetForegroundVolumeID() == run_all.nodes.gradcam.GetID()
+        assert c.GetForegroundOpacity() == pytest.approx(0.4)
+    N.showHeatmapInSlices(scene, ct_node, run_all.nodes.gradcam, False, 0.4)
+    assert all(c.GetForegroundVolumeID() is None for c in composites)
+    for c in composites:
+        scene.RemoveNode(c)
+
+
+# ------------------------------------------------------------------------------ stages alone
+def test_register_reuses_a_corrected_segmentation_and_leaves_it_alone(run_all, logic, ct_node,
+                                                                      scene, case):
+    """A clinician's fix (a fibula fragment segmented apart) is what Register uses."""
+    nodes = run_all.nodes
+    label = N.labelMapFromSegmentation(nodes.segmentation, ct_node, scene)
+    fixed = label.array.copy()
+    fibula = np.argwhere(fixed == 2)
+    low = fibula[fibula[:, 0] < np.percentile(fibula[:, 0], 20)]  # the distal fifth
+    fragment = np.zeros_like(fixed)
+    fragment[tuple(low.T)] = 1
+    fixed[tuple(low.T)] = 0
+    N.updateSegmentationFromLabelMap(nodes.segmentation, label.with_array(fixed), ct_node, scene)
+    frag_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "fragment")
+    N.updateNodeFromVolume(frag_node, label.with_array(fragment))
+    N.segmentationsLogic(scene).ImportLabelmapToSegmentationNode(frag_node, nodes.segmentation)
+    scene.RemoveNode(frag_node)
+    seg = nodes.segmentation.GetSegmentation()
+    seg.GetNthSegment(seg.GetNumberOfSegments() - 1).SetName("Fibula fragment")
+    n_segments = seg.GetNumberOfSegments()
+
+    out = logic.runStage("register", ct_node, nodes, SETTINGS)
+    # The job got the corrected map with the fragment back under the fibula's label.
+    used = read_image(out.folder / "segmentation.nii.gz")
+    assert np.array_equal(used.array, label.array)
+    # The user's segments were not overwritten or merged.
+    assert seg.GetNumberOfSegments() == n_segments
+    assert (out.folder / "transform.json").is_file()
+    # Register alone: no class yet, and the old heatmap is gone from the scene.
+    assert out.result["prediction"] is None
+    assert nodes.gradcam is None
+    assert N.probabilitiesFromTable(nodes.table) == {}
+
+
+def test_segment_stage_alone(logic, scene, case):
+    ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "second CT")
+    N.updateNodeFromVolume(ct, case.ct)
+    out = logic.runStage("segment", ct, None, SETTINGS)
+    assert out.nodes.segmentation is not None and out.nodes.transform is None
+    assert set(json.loads(out.nodes.table.GetAttribute(N.RESULT_ATTRIBUTE))) >= {"warnings"}
+    assert sorted(p.name for p in out.folder.iterdir() if p.is_file()) == [
+        "result.json", "segmentation.nii.gz"]
+
+
+def test_bad_inputs_are_clear(logic, tmp_path, ct_node):
+    with pytest.raises(InputError, match="select a CT volume"):
+        logic.runStage("all", None)
+    with pytest.raises(InputError, match="stage must be one of"):
+        logic.runStage("everything", ct_node)
+    with pytest.raises(InputError, match="result.json"):
+        logic.loadResults(tmp_path, ct_node)
+    with pytest.raises(InputError, match="device"):
+        StageSettings(device="tpu")
+
+
+# ------------------------------------------------------------------------------ background
+def test_background_classify_matches_the_blocking_call(run_all, logic, ct_node, scene):
+    nodes = run_all.nodes
+    blocking = logic.runStage("classify", ct_node, nodes, SETTINGS)
+    job = logic.startStage("classify", ct_node, nodes, SETTINGS, python=sys.executable)
+    fractions = []
+    while True:
+        state = job.process.wait(0.5)
+        if state.fraction is not None:
+            fractions.append(state.fraction)
+        if not state.running:
+            break
+    assert state.succeeded, state.error
+    out = job.finish()
+    assert fractions and fractions[-1] == 1.0
+    assert out.result["probabilities"] == pytest.approx(blocking.result["probabilities"],
+                                                        abs=1e-5)
+    assert not (out.folder / "inputs").exists()  # the job's copy of the CT is cleaned up
+
+
+def test_cancel_stops_the_background_process(logic, ct_node):
+    job = logic.startStage("all", ct_node, ResultNodes(), SETTINGS, python=sys.executable)
+    job.cancel()
+    state = job.poll()
+    assert not state.running and state.cancelled
+    with pytest.raises(InputError, match="cancelled"):
+        job.finish()
+
+
+# ------------------------------------------------------------------------------ refinement
+def test_export_training_case_twice_updates_it(run_all, logic, ct_node, tmp_path):
+    dataset = tmp_path / "dataset"
+    first = logic.exportTrainingCase(dataset, ct_node, run_all.nodes.segmentation, "B",
+                                     side="left")
+    assert first["caseId"] == "AnkleCT" and not first["updated"]
+    second = logic.exportTrainingCase(dataset, ct_node, run_all.nodes.segmentation, "C")
+    assert second["updated"] and second["counts"]["cases"] == 1
+    ds = Dataset.load(dataset)
+    (rec,) = list(ds)
+    assert rec.weber == "C" and rec.source == "slicer-export"
+    image = read_image(ds.path(rec.image))
+    label = read_image(ds.path(rec.segmentation))
+    assert label.same_geometry(image, atol=1e-6)
+    assert set(np.unique(label.array)) == {0, 1, 2}
+    # An unlabelled case (no class, no segmentation) is counted as such.
+    logic.exportTrainingCase(dataset, ct_node, None, "unknown", caseId="other case")
+    counts = logic.datasetCounts(dataset)
+    assert counts["cases"] == 2 and counts["unlabelled"] == 1 and counts["segmented"] == 1
+    with pytest.raises(InputError, match="Weber class"):
+        logic.exportTrainingCase(dataset, ct_node, None, "D")
