@@ -24,8 +24,7 @@ import torch  # noqa: E402
 from AnkleFractureLib.dataset import Dataset  # noqa: E402
 from AnkleFractureLib.errors import InputError  # noqa: E402
 from AnkleFractureLib.geometry.frames import LPS_TO_RAS, lps_matrix_to_ras  # noqa: E402
-from AnkleFractureLib.geometry.volume import Volume  # noqa: E402
-from AnkleFractureLib.io import read_image, write_image  # noqa: E402
+from AnkleFractureLib.io import read_image  # noqa: E402
 from AnkleFractureLib.phantom import generate_case  # noqa: E402
 from AnkleFractureLib.registration.transform_io import read_transform_json  # noqa: E402
 

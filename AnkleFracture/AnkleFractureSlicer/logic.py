@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -147,6 +147,69 @@ class BackgroundStage:
                                           self.updateSegmentation)
         finally:
             shutil.rmtree(self.folder / "inputs", ignore_errors=True)
+
+
+def describeResult(result: Optional[Dict[str, Any]]) -> Dict[str, str]:
+    """The panel's texts for a result.json dict, in plain words.
+
+    Returns:
+        {"prediction": ..., "uncertainty": ..., "warnings": ...}.
+
+    Example:
+        >>> describeResult({"prediction": "B", "probabilities": {"none": 0.02, "A": 0.03,
+        ...     "B": 0.91, "C": 0.04}, "uncertainty": {"unsure": False, "entropy": 0.41},
+        ...     "warnings": []})["prediction"]
+        'Weber B (91 %)'
+    """
+    if not result:
+        return {"prediction": "No result yet: click Run all (or Segment, Register, Classify).",
+                "uncertainty": "", "warnings": ""}
+    warnings = list(result.get("warnings") or [])
+    if result.get("refused"):
+        reasons = result.get("refusals") or [result.get("refusal") or "no reason given"]
+        return {"prediction": "No Weber class: this scan cannot support one.",
+                "uncertainty": "",
+                "warnings": "\n".join(f"Refused: {r}" for r in reasons)
+                + "".join(f"\nWarning: {w}" for w in warnings)}
+    probabilities = result.get("probabilities") or {}
+    prediction = result.get("prediction")
+    titles = dict(N.CLASS_NAMES)
+    if prediction is None or not probabilities:
+        stage = result.get("stage")
+        done = {"segment": "Segmented", "register": "Registered"}.get(stage or "", "Done")
+        why = result.get("withheld_reason")
+        text = f"{done}; no Weber class yet" + (f": {why}" if why else " (click Classify).")
+        return {"prediction": text, "uncertainty": "",
+                "warnings": "\n".join(f"Warning: {w}" for w in warnings) or "No warnings."}
+    headline = f"{titles.get(prediction, prediction)} ({probabilities[prediction]:.0%})"
+    headline = headline.replace("%)", " %)")
+    unc = result.get("uncertainty") or {}
+    if unc.get("unsure"):
+        reasons = unc.get("reasons") or ["the uncertainty is high"]
+        uncertainty = "UNSURE, review the CT: " + "; ".join(reasons)
+    else:
+        entropy = unc.get("entropy")
+        uncertainty = "confident" + (f" (entropy {entropy:.2f})" if entropy is not None else "")
+    return {"prediction": headline, "uncertainty": uncertainty,
+            "warnings": "\n".join(f"Warning: {w}" for w in warnings) or "No warnings."}
+
+
+def saveReport(result: Dict[str, Any], path: PathLike) -> Path:
+    """Save the run's one-page report (report.png, or report.pdf when the run made one)."""
+    folder = Path(result.get("folder") or "")
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix not in (".png", ".pdf"):
+        raise InputError(target, "the report is saved as .png or .pdf")
+    source = folder / f"report{suffix}"
+    if not source.is_file():
+        raise InputError(source, f"the run wrote no report{suffix} (classify first"
+                                 + (", or save it as .png)" if suffix == ".pdf" else ")"))
+    from AnkleFractureLib.io import atomic_output
+
+    with atomic_output(target) as tmp:
+        shutil.copyfile(source, tmp)
+    return target
 
 
 def _readResult(path: Path) -> Dict[str, Any]:
@@ -390,6 +453,11 @@ class AnkleFractureSceneLogic:
         result = dict(result, stage=stage, folder=str(folder))
         N.updateTableFromResult(nodes.table, result)
         return StageOutput(stage, folder, result, nodes)
+
+    @staticmethod
+    def resultOf(tableNode: Any) -> Optional[Dict[str, Any]]:
+        """The result a results table holds (None for no table or no result)."""
+        return N.resultFromTable(tableNode) if tableNode is not None else None
 
     def _removeNode(self, nodes: ResultNodes, name: str) -> None:
         node = getattr(nodes, name)
