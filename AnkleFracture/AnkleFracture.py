@@ -160,10 +160,16 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainSegButton.connect("clicked(bool)", lambda: self.onTrain("seg"))
         self.ui.trainClsButton.connect("clicked(bool)", lambda: self.onTrain("cls"))
         self.ui.useNewModelsButton.connect("clicked(bool)", self.onUseNewModel)
-        self.ui.deviceStatusLabel.text = self.logic.sceneLogic.deviceDescription() \
-            if self.logic.dependenciesReady() else "dependencies not installed yet"
+        self.ui.deviceStatusLabel.text = ""
+        # Finding the GPU imports torch (seconds): after the panel is shown, not before.
+        qt.QTimer.singleShot(0, self._describeDevice)
 
         self.initializeParameterNode()
+
+    def _describeDevice(self) -> None:
+        self.ui.deviceStatusLabel.text = (self.logic.sceneLogic.deviceDescription()
+                                          if self.logic.dependenciesReady()
+                                          else "Python packages not installed yet")
 
     def _loadTerminology(self) -> None:
         path = resourcesDir() / "Terminology" / "AnkleFracture.term.json"
@@ -244,9 +250,9 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p.gradcamVolume:
             N.showHeatmapInSlices(slicer.mrmlScene, p.inputVolume, p.gradcamVolume,
                                   p.showGradcam, p.gradcamOpacity)
-        for node in (p.templateSegmentation, p.syndesmosisRoi):
-            if node and node.GetDisplayNode():
-                node.GetDisplayNode().SetVisibility(p.showTemplate or node is p.syndesmosisRoi)
+        template = p.templateSegmentation
+        if template and template.GetDisplayNode():
+            template.GetDisplayNode().SetVisibility(p.showTemplate)
 
     def _showResult(self, result) -> None:
         bars = {"none": self.ui.probabilityNoneBar, "A": self.ui.probabilityABar,

@@ -92,9 +92,6 @@ def test_bad_request_names_the_file(tmp_path, data, words):
     assert exc.value.path == str(path) and str(path) in str(exc.value)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: JobRequest.from_json lets __post_init__'s "
-                                       "InputError(None, ...) through, so a bad stage read from "
-                                       "REQUEST.json does not name the file")
 def test_bad_stage_in_a_request_file_names_the_file(tmp_path):
     path = tmp_path / "request.json"
     path.write_text(json.dumps({"stage": "everything", "ct": "a", "out": "b"}))

@@ -531,9 +531,13 @@ class AnkleFractureSceneLogic:
         """The ``train-seg`` / ``train-cls`` command line for a dataset (shown and run)."""
         if kind not in ("seg", "cls"):
             raise InputError(None, f"kind must be seg or cls, got {kind!r}")
-        return [python or pythonExecutable(), "-m", "AnkleFractureLib", f"train-{kind}",
-                str(datasetFolder), "--out", str(outFolder), "--max-minutes", str(int(maxMinutes)),
-                *extra]
+        args = [python or pythonExecutable(), "-m", "AnkleFractureLib", f"train-{kind}",
+                str(datasetFolder), "--out", str(outFolder), "--max-minutes",
+                str(int(maxMinutes))]
+        if kind == "cls" and "--method" not in extra:
+            # Semi-supervised: the exported cases without a Weber class count too.
+            args += ["--method", "semi"]
+        return args + list(extra)
 
     def startTraining(self, kind: str, datasetFolder: PathLike, outFolder: PathLike,
                       maxMinutes: int = 30, python: Optional[str] = None,

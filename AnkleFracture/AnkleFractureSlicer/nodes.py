@@ -384,7 +384,7 @@ def showHeatmapInSlices(scene: Any, ctNode: Any, heatmapNode: Any, visible: bool
         How many slice views were set (0 without views, e.g. a bare test scene).
     """
     composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
-    composites.UnRegister(None) if hasattr(composites, "UnRegister") else None
+    composites.UnRegister(None)  # a new collection, owned here (as slicer.util.getNodesByClass)
     count = 0
     for i in range(composites.GetNumberOfItems()):
         composite = composites.GetItemAsObject(i)

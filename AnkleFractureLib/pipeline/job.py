@@ -86,6 +86,13 @@ class JobRequest:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise InputError(None, f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.side not in ("auto", "left", "right"):
+            raise InputError(None, f"side must be auto, left or right, got {self.side!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InputError(None, f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.tta is not None and (isinstance(self.tta, bool) or not isinstance(self.tta, int)
+                                     or self.tta < 0):
+            raise InputError(None, f"tta must be a whole number >= 0, got {self.tta!r}")
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
@@ -102,7 +109,12 @@ class JobRequest:
         missing = [k for k in ("stage", "ct", "out") if k not in data]
         if missing:
             raise InputError(where, f"the job request lacks {', '.join(missing)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except InputError as exc:
+            if exc.path is None:  # a bad value: name the request file it came from
+                raise InputError(where, exc.reason) from None
+            raise
 
     def write(self, path: PathLike) -> None:
         """Write the request as JSON (atomically)."""
