@@ -93,10 +93,13 @@ def untrained_loss(tmp_path_factory, crops) -> float:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_lowers_its_labelled_loss(tmp_path, crops, method, untrained_loss):
-    out, summary = _run(tmp_path, crops, method)
+    # The semi-supervised loss ramps its unlabelled term in over the first steps and sits at
+    # the threshold after 60 steps (labelled loss 1.19 vs 0.97 needed; 0.16 after 90).
+    steps = 90 if method == "semi" else 60
+    out, summary = _run(tmp_path, crops, method, steps=steps)
     trained = _labelled_loss(out, crops)
     assert trained < 0.7 * untrained_loss, (method, untrained_loss, trained)
-    assert summary["status"] == "completed" and summary["steps_done"] == 60
+    assert summary["status"] == "completed" and summary["steps_done"] == steps
     rows = _rows(out)
     if method != "supervised":
         # The unlabelled term really ran after the warm-up (it is logged).
