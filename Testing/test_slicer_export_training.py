@@ -197,3 +197,23 @@ def test_train_seg_and_train_cls_accept_the_export(exported, phantoms, tmp_path,
     assert sum(answer.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
     # The models beside the cases did not become cases.
     assert AnkleFractureSceneLogic.datasetCounts(folder)["cases"] == 3
+
+
+def test_panel_trains_the_classifier_in_the_background(exported):
+    """'Train classifier' runs train-cls in its own process (the panel polls it); the default
+    method (semi-supervised) needs no flag from the panel, and the result is a model folder."""
+    folder, _ = exported
+    out = folder / "models" / "cls_background"
+    logic = AnkleFractureSceneLogic(slicer.vtkMRMLScene())
+    process = logic.startTraining("cls", folder, out, maxMinutes=5, python=sys.executable,
+                                  extra=["--steps", "2", "--batch-size", "2",
+                                         "--unlabelled-batch-size", "2", "--val-fraction", "0",
+                                         "--no-model-masks", *TINY_CLS, "--device", "cpu",
+                                         "--threads", "1"])
+    state = process.wait(600)
+    assert state.succeeded, state.error
+    assert (out / "model.pt").is_file()
+    assert json.loads((out / "training.json").read_text())["method"] == "semi"
+    # Without a dataset there is nothing to train on: a clear error before any process.
+    with pytest.raises(Exception, match="dataset.json"):
+        logic.startTraining("seg", folder / "nothing_here", out, python=sys.executable)

@@ -313,3 +313,23 @@ def test_export_training_case_twice_updates_it(run_all, logic, ct_node, tmp_path
     assert counts["cases"] == 2 and counts["unlabelled"] == 1 and counts["segmented"] == 1
     with pytest.raises(InputError, match="Weber class"):
         logic.exportTrainingCase(dataset, ct_node, None, "D")
+
+
+# ------------------------------------------------------------------------------ batch
+def test_batch_from_the_console_writes_the_command_line_outputs(logic, case, tmp_path, run_all):
+    """runBatch over a folder: a sub-folder per case with run's files and results.csv."""
+    import csv
+
+    from AnkleFractureLib.io import write_image
+
+    inputs = tmp_path / "cts"
+    inputs.mkdir()
+    write_image(case.ct, inputs / "ankle_b.nii.gz")
+    (inputs / "notes.txt").write_text("not an image")  # skipped, as by 'ankle-fracture batch'
+    summary = logic.runBatch(inputs, tmp_path / "out", SETTINGS)
+    assert summary.n_ok == 1 and summary.n_error == 0
+    with open(summary.csv_path, newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["id"] == "ankle_b" and row["status"] == "ok"
+    assert row["prediction"] == run_all.result["prediction"]
+    assert (tmp_path / "out" / "ankle_b" / "result.json").is_file()
