@@ -133,6 +133,7 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._training = None     # (kind, BackgroundProcess, outFolder) while training
         self._newModel = None     # (kind, folder) of a finished training
         self._timer = None
+        self._displayState = None  # (heatmap, CT, shown, opacity) last put in the slice views
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -233,7 +234,8 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.runAllButton):
             button.enabled = hasCt and not busy
         self.ui.cancelButton.enabled = busy
-        self.ui.exportButton.enabled = hasCt and not busy and _pathOrNone(p.datasetFolder) is not None
+        self.ui.exportButton.enabled = (hasCt and not busy
+                                        and _pathOrNone(p.datasetFolder) is not None)
         training = self._training is not None
         self.ui.trainSegButton.enabled = not training and self._datasetCounts() is not None
         self.ui.trainClsButton.enabled = self.ui.trainSegButton.enabled
@@ -247,9 +249,14 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         from AnkleFractureSlicer import nodes as N
 
-        if p.gradcamVolume:
+        # Only when the heatmap settings change: the user may have put other volumes in the views.
+        state = (p.gradcamVolume.GetID() if p.gradcamVolume else None,
+                 p.inputVolume.GetID() if p.inputVolume else None, p.showGradcam,
+                 round(p.gradcamOpacity, 3))
+        if p.gradcamVolume and state != self._displayState:
             N.showHeatmapInSlices(slicer.mrmlScene, p.inputVolume, p.gradcamVolume,
                                   p.showGradcam, p.gradcamOpacity)
+        self._displayState = state
         template = p.templateSegmentation
         if template and template.GetDisplayNode():
             template.GetDisplayNode().SetVisibility(p.showTemplate)
@@ -456,7 +463,7 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 # Logic
 #
 class AnkleFractureLogic(ScriptedLoadableModuleLogic):
-    """The module logic: Slicer's scene, over :class:`AnkleFractureSlicer.logic.AnkleFractureSceneLogic`.
+    """The module logic: ``AnkleFractureSlicer.logic.AnkleFractureSceneLogic`` on Slicer's scene.
 
     From the Python console (blocking)::
 
