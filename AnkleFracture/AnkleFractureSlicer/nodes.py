@@ -125,9 +125,18 @@ def _ijkToRas(node: Any) -> Any:
 
 def updateNodeFromVolume(node: Any, volume: Volume) -> Any:
     """Give ``node`` the volume's voxels and geometry (LPS -> RAS); returns the node."""
-    import slicer
+    import vtk
+    from vtk.util.numpy_support import numpy_to_vtk
 
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(volume.array))
+    array = np.ascontiguousarray(volume.array)
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    image = vtk.vtkImageData()
+    image.SetDimensions(*volume.size)  # VTK is x-fastest: the (z, y, x) array's C order
+    scalars = numpy_to_vtk(array.reshape(-1), deep=True)
+    image.GetPointData().SetScalars(scalars)
+    # Display nodes are the caller's business (temporary nodes need none).
+    node.SetAndObserveImageData(image)
     node.SetIJKToRASMatrix(_vtkMatrix(lps_affine_to_ras(volume.affine)))
     return node
 
