@@ -339,6 +339,8 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"{state.message} ({self._job.process.elapsed:.0f} s)"
             return
         job, self._job = self._job, None
+        if not state.succeeded:
+            job.cleanup()
         if state.cancelled:
             self.ui.statusLabel.text = "Cancelled: nothing was changed."
             self.ui.progressBar.value = 0

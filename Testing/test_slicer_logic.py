@@ -290,6 +290,7 @@ def test_cancel_stops_the_background_process(logic, ct_node):
     assert not state.running and state.cancelled
     with pytest.raises(InputError, match="cancelled"):
         job.finish()
+    assert not (job.folder / "inputs").exists()
 
 
 # ------------------------------------------------------------------------------ refinement
