@@ -186,6 +186,7 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
         if self._training is not None:
             self._training[1].cancel()
+        self.logic.sceneLogic.shutdown()
 
     def enter(self) -> None:
         self.initializeParameterNode()

@@ -277,3 +277,33 @@ def test_process_help_and_usage(tmp_path):
     assert proc.returncode == 2 and "usage:" in proc.stderr
     proc = _job_process("a.json", "b.json", cwd=tmp_path)
     assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def test_serve_answers_requests_one_after_another(tmp_path, ct_file):
+    """``--serve``: one process, requests on stdin, a done record per request (bad ones too)."""
+    good1 = JobRequest(stage="segment", ct=str(ct_file), out=str(tmp_path / "out1"),
+                       device="cpu")
+    bad = JobRequest(stage="segment", ct=str(tmp_path / "missing.nii.gz"),
+                     out=str(tmp_path / "out_bad"), device="cpu")
+    good2 = JobRequest(stage="segment", ct=str(ct_file), out=str(tmp_path / "out2"),
+                       device="cpu")
+    lines = []
+    for name, req in (("r1", good1), ("bad", bad), ("r2", good2)):
+        req.write(tmp_path / f"{name}.json")
+        lines.append(f"{tmp_path / f'{name}.json'}\t{tmp_path / f'{name}.jsonl'}\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "AnkleFractureLib.pipeline.job", "--serve"],
+                          input="".join(lines), capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    done = {}
+    for name in ("r1", "bad", "r2"):
+        records = [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        assert records[-1]["done"] is True
+        done[name] = records[-1]
+        fractions = [r["progress"] for r in records[:-1]]
+        assert fractions == sorted(fractions)
+    assert done["r1"]["exit"] == 0 and done["r2"]["exit"] == 0
+    assert done["bad"]["exit"] == 2 and "missing.nii.gz" in done["bad"]["error"]
+    assert (tmp_path / "out1" / "segmentation.nii.gz").is_file()
+    assert (tmp_path / "out2" / "segmentation.nii.gz").is_file()

@@ -61,7 +61,9 @@ def scene():
 
 @pytest.fixture(scope="module")
 def logic(scene, tmp_path_factory):
-    return AnkleFractureSceneLogic(scene, tmp_path_factory.mktemp("results"))
+    logic = AnkleFractureSceneLogic(scene, tmp_path_factory.mktemp("results"))
+    yield logic
+    logic.shutdown()  # the warm background process ends with the module
 
 
 @pytest.fixture(scope="module")
@@ -281,16 +283,30 @@ def test_background_classify_matches_the_blocking_call(run_all, logic, ct_node, 
     assert out.result["probabilities"] == pytest.approx(blocking.result["probabilities"],
                                                         abs=1e-5)
     assert not (out.folder / "inputs").exists()  # the job's copy of the CT is cleaned up
+    # The next click goes to the same warm process (models already loaded).
+    pid = logic.worker.pid
+    again = logic.startStage("register", ct_node, nodes, SETTINGS, python=sys.executable)
+    assert again.process.wait(300).succeeded
+    assert logic.worker.pid == pid
+    assert again.finish().result["prediction"] is None
 
 
-def test_cancel_stops_the_background_process(logic, ct_node):
-    job = logic.startStage("all", ct_node, ResultNodes(), SETTINGS, python=sys.executable)
+@pytest.mark.parametrize("warm", [True, False], ids=["warm worker", "one-shot process"])
+def test_cancel_stops_the_background_process(logic, ct_node, warm):
+    job = logic.startStage("all", ct_node, ResultNodes(), SETTINGS, python=sys.executable,
+                           warm=warm)
     job.cancel()
     state = job.poll()
     assert not state.running and state.cancelled
     with pytest.raises(InputError, match="cancelled"):
         job.finish()
     assert not (job.folder / "inputs").exists()
+    if warm:
+        assert not logic.worker.running  # Cancel ended the process: the work really stopped
+        nxt = logic.startStage("segment", ct_node, ResultNodes(), SETTINGS,
+                               python=sys.executable)
+        assert nxt.process.wait(300).succeeded  # a fresh worker takes the next click
+        nxt.finish()
 
 
 # ------------------------------------------------------------------------------ refinement

@@ -39,6 +39,29 @@ def libraryPath() -> Path:
     return Path(AnkleFractureLib.__file__).resolve().parent.parent
 
 
+def childEnvironment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment of a child process: ours, ``extra``, AnkleFractureLib on PYTHONPATH."""
+    env = dict(os.environ)
+    env.update(extra or {})
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(libraryPath())] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def tailLines(path: Path, size: int = 16384) -> List[str]:
+    """The non-empty lines of the last ``size`` bytes of a log ([] when unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    # A progress bar rewrites its line with carriage returns: keep the latest state.
+    return [ln.split("\r")[-1].strip() for ln in text.splitlines() if ln.strip()]
+
+
 @dataclass
 class ProcessState:
     """What :meth:`BackgroundProcess.poll` reports.
@@ -93,11 +116,7 @@ class BackgroundProcess:
         if self._process is not None:
             raise RuntimeError("the process was already started")
         self.workDir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env.update(self.extraEnv)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(libraryPath())] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        env.setdefault("PYTHONUNBUFFERED", "1")
+        env = childEnvironment(self.extraEnv)
         out = open(self.workDir / STDOUT, "wb")  # noqa: SIM115 - closed when it ends
         err = open(self.workDir / STDERR, "wb")  # noqa: SIM115
         self._files = [out, err]
@@ -141,17 +160,8 @@ class BackgroundProcess:
             f.close()
         self._files = []
 
-    def _tail(self, name: str, size: int = 16384) -> List[str]:
-        path = self.workDir / name
-        try:
-            with open(path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - size))
-                text = f.read().decode("utf-8", errors="replace")
-        except OSError:
-            return []
-        # A progress bar rewrites its line with carriage returns: keep the latest state.
-        return [ln.split("\r")[-1].strip() for ln in text.splitlines() if ln.strip()]
+    def _tail(self, name: str) -> List[str]:
+        return tailLines(self.workDir / name)
 
     def poll(self) -> ProcessState:
         """The process's state now (cheap: reads the end of its logs)."""
@@ -187,6 +197,141 @@ class BackgroundProcess:
         tail = self._tail(STDERR)
         code = self._process.returncode if self._process is not None else None
         return (tail[-1] if tail else f"the process ended with exit status {code}")
+
+
+class WorkerProcess:
+    """A warm ``python -m AnkleFractureLib.pipeline.job --serve`` process.
+
+    The models load once and stay loaded: after the first click, Segment, Register and
+    Classify pay no Python start-up, imports or model loading (seconds on a CPU). Requests go
+    one per line on the process's stdin; each writes its progress to its own file
+    (:class:`WorkerTask` reads it). Cancelling a task ends the process (the next request
+    starts a fresh one), so Cancel really stops the work. The process ends by itself when
+    Slicer does (its stdin closes).
+
+    Args:
+        python: The interpreter (Slicer's PythonSlicer inside Slicer).
+        workDir: Folder for the process's log (worker.log).
+    """
+
+    def __init__(self, python: str, workDir: PathLike) -> None:
+        self.python = python
+        self.workDir = Path(workDir)
+        self._process: Optional[subprocess.Popen] = None
+        self._log = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._process.pid if self.running else None
+
+    def start(self) -> None:
+        self.stop()
+        self.workDir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.workDir / "worker.log", "ab")  # noqa: SIM115 - closed in stop()
+        self._process = subprocess.Popen(
+            [self.python, "-m", "AnkleFractureLib.pipeline.job", "--serve"],
+            stdin=subprocess.PIPE, stdout=self._log, stderr=self._log,
+            env=childEnvironment(), cwd=str(self.workDir))
+
+    def submit(self, requestPath: PathLike, progressPath: PathLike,
+               outputDir: PathLike) -> "WorkerTask":
+        """Queue one request (the process is started first when it is not running)."""
+        if not self.running:
+            self.start()
+        Path(progressPath).write_text("", encoding="utf-8")
+        line = f"{requestPath}\t{progressPath}\n"
+        self._process.stdin.write(line.encode("utf-8"))
+        self._process.stdin.flush()
+        return WorkerTask(self, Path(progressPath), Path(outputDir))
+
+    def returncode(self) -> Optional[int]:
+        return None if self._process is None else self._process.poll()
+
+    def logTail(self) -> List[str]:
+        return tailLines(self.workDir / "worker.log")
+
+    def kill(self, timeout: float = 5.0) -> None:
+        """End the process now (what Cancel does)."""
+        p = self._process
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout)
+        self._closeLog()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let the process finish its request and end (closing its stdin), else end it."""
+        p = self._process
+        if p is not None and p.poll() is None:
+            try:
+                p.stdin.close()
+                p.wait(timeout)
+            except (OSError, subprocess.TimeoutExpired):
+                self.kill()
+        self._closeLog()
+
+    def _closeLog(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class WorkerTask:
+    """One request of a :class:`WorkerProcess`; the same interface as
+    :class:`BackgroundProcess` (poll, wait, cancel, elapsed)."""
+
+    def __init__(self, worker: WorkerProcess, progressPath: Path, outputDir: Path) -> None:
+        self.worker = worker
+        self.progressPath = progressPath
+        self.outputDir = outputDir
+        self.startTime = time.monotonic()
+        self._cancelled = False
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.startTime
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self.worker.kill()
+
+    def poll(self) -> ProcessState:
+        lines = tailLines(self.progressPath)
+        record = None
+        for line in reversed(lines):
+            try:
+                record = json.loads(line)
+                break
+            except ValueError:
+                continue  # a line still being written
+        if record is not None and record.get("done"):
+            code = int(record.get("exit", 1))
+            return ProcessState(False, record.get("progress"), str(record.get("message", "")),
+                                code, self._cancelled, record.get("error") if code else None)
+        fraction = record.get("progress") if record else None
+        message = str(record.get("message", "")) if record else "starting"
+        if self._cancelled:
+            return ProcessState(False, fraction, "cancelled", self.worker.returncode(), True)
+        if not self.worker.running:  # the process died under this request
+            tail = self.worker.logTail()
+            return ProcessState(False, fraction, message, self.worker.returncode() or -1, False,
+                                tail[-1] if tail else "the worker process ended unexpectedly")
+        return ProcessState(True, fraction, message, None)
+
+    def wait(self, timeout: Optional[float] = None) -> ProcessState:
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = self.poll()
+            if not state.running or (end is not None and time.monotonic() > end):
+                return state
+            time.sleep(0.1)
 
 
 def pythonExecutable() -> str:

@@ -35,7 +35,7 @@ import numpy as np
 from AnkleFractureLib.errors import InputError
 
 from AnkleFractureSlicer import nodes as N
-from AnkleFractureSlicer.background import BackgroundProcess, pythonExecutable
+from AnkleFractureSlicer.background import BackgroundProcess, WorkerProcess, pythonExecutable
 
 PathLike = Union[str, "os.PathLike[str]"]
 ProgressCallback = Callable[[float, str], None]
@@ -121,7 +121,7 @@ class BackgroundStage:
     nodes: ResultNodes
     folder: Path
     updateSegmentation: bool
-    process: BackgroundProcess
+    process: Any  # a BackgroundProcess, or a WorkerTask of the warm worker
 
     def poll(self) -> Any:
         return self.process.poll()
@@ -256,6 +256,7 @@ class AnkleFractureSceneLogic:
         self._pipeline: Any = None
         self._pipelineKey: Any = None
         self._template: Any = None
+        self._worker: Optional[WorkerProcess] = None
 
     # ------------------------------------------------------------------ folders and models
     @property
@@ -348,9 +349,13 @@ class AnkleFractureSceneLogic:
         return self.loadResults(folder, ctNode, nodes, stage, updateSegmentation=label is None)
 
     def startStage(self, stage: str, ctNode: Any, nodes: Optional[ResultNodes] = None,
-                   settings: Optional[StageSettings] = None,
-                   python: Optional[str] = None) -> BackgroundStage:
+                   settings: Optional[StageSettings] = None, python: Optional[str] = None,
+                   warm: bool = True) -> BackgroundStage:
         """Start one stage in a background process (see :class:`BackgroundStage`).
+
+        With ``warm`` (the panel's way) the stage goes to this logic's
+        :class:`~AnkleFractureSlicer.background.WorkerProcess`, which keeps the models loaded
+        between clicks; otherwise a fresh process runs it alone. Cancel ends either process.
 
         The CT (and the current segmentation for Register / Classify) are written to the
         output folder's ``inputs/`` (removed by :meth:`BackgroundStage.finish`); the process runs
@@ -377,13 +382,35 @@ class AnkleFractureSceneLogic:
                              seg_model_dir=settings.segModelDir,
                              cls_model_dir=settings.clsModelDir, report_pdf=settings.reportPdf)
         request.write(inputs / "request.json")
-        process = BackgroundProcess(
-            [python or pythonExecutable(), "-m", "AnkleFractureLib.pipeline.job",
-             str(inputs / "request.json")], workDir=inputs, outputDir=folder)
-        process.start()
+        python = python or pythonExecutable()
+        process: Any
+        if warm:
+            process = self._workerFor(python).submit(inputs / "request.json",
+                                                     inputs / "progress.jsonl", folder)
+        else:
+            process = BackgroundProcess(
+                [python, "-m", "AnkleFractureLib.pipeline.job", str(inputs / "request.json")],
+                workDir=inputs, outputDir=folder).start()
         return BackgroundStage(self, stage, ctNode, nodes, folder, label is None, process)
 
-    # ------------------------------------------------------------------ results -> nodes
+    def _workerFor(self, python: str) -> WorkerProcess:
+        if self._worker is None or self._worker.python != python:
+            self.shutdown()
+            self._worker = WorkerProcess(python, self.resultsRoot / ".worker")
+        return self._worker
+
+    @property
+    def worker(self) -> Optional[WorkerProcess]:
+        """The warm background process (None before the first background stage)."""
+        return self._worker
+
+    def shutdown(self) -> None:
+        """End the warm background process (the module calls this when it is closed)."""
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+        # ------------------------------------------------------------------ results -> nodes
     def loadResults(self, folder: PathLike, ctNode: Any, nodes: Optional[ResultNodes] = None,
                     stage: str = "all", updateSegmentation: bool = True) -> StageOutput:
         """Put the files of a finished run (``run``'s output folder) into nodes.

@@ -23,7 +23,8 @@ In a separate process::
 prints one JSON line per progress step on stdout (``{"progress": 0.42, "message": "..."}``),
 writes ``job_error.json`` into the output folder when it fails, and exits with 0 (done; a
 refusal by the checks is a result), 2 (bad input: the message names the file) or 1 (an
-unexpected error; the traceback is on stderr).
+unexpected error; the traceback is on stderr). ``--serve`` keeps one process, and its loaded
+models, for many requests read from stdin (:func:`serve`).
 
 Example:
     >>> req = JobRequest(stage="segment", ct="ct.nii.gz", out="out")
@@ -39,7 +40,7 @@ import sys
 import traceback
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from AnkleFractureLib.errors import AnkleFractureError, CancelledError, InputError
 from AnkleFractureLib.geometry.volume import Volume
@@ -213,19 +214,24 @@ def parse_progress(lines: List[str]) -> Optional[Dict[str, Any]]:
     return None
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Process entry point (see the module docstring)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print("usage: python -m AnkleFractureLib.pipeline.job REQUEST.json\n\n"
-              + (__doc__ or "").split("\n\n")[0], file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+def execute(request_path: PathLike, progress: Callable[[float, str], None],
+            pipelines: Optional[Dict[Any, Any]] = None) -> Tuple[int, Optional[str], str]:
+    """Run one request file; never raises.
+
+    Args:
+        request_path: The ``REQUEST.json``.
+        progress: Called with (fraction, message).
+        pipelines: A cache of loaded pipelines (one kept, keyed by the request's options), so a
+            serving process loads the models once.
+
+    Returns:
+        (exit code, error kind or None, message): 0 done; 2 bad input; 3 cancelled;
+        1 unexpected (the traceback goes to stderr). A failure also writes ``job_error.json``
+        into the request's output folder when it is known.
+    """
     out: Optional[Path] = None
 
-    def progress(fraction: float, message: str) -> None:
-        print(progress_line(fraction, message), flush=True)
-
-    def fail(kind: str, message: str, code: int) -> int:
+    def fail(kind: str, message: str, code: int) -> Tuple[int, Optional[str], str]:
         print(f"ankle-fracture job: {message}", file=sys.stderr, flush=True)
         if out is not None:
             from AnkleFractureLib.io import atomic_write_json
@@ -235,13 +241,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                 atomic_write_json(out / ERROR_FILE, {"kind": kind, "error": message})
             except OSError:
                 pass  # the exit status and stderr still say it
-        return code
+        return code, kind, message
 
     try:
-        request = JobRequest.read(argv[0])
+        request = JobRequest.read(request_path)
         out = Path(request.out)
         (out / ERROR_FILE).unlink(missing_ok=True)
-        run_job(request, progress=progress)
+        pipeline = None
+        if pipelines is not None:
+            from AnkleFractureLib.pipeline.pipeline import Pipeline
+
+            key = (request.side, request.device, request.tta, request.seg_model_dir,
+                   request.cls_model_dir)
+            if key not in pipelines:
+                pipelines.clear()  # one set of models in memory at a time
+                pipelines[key] = Pipeline(request.options())
+            pipeline = pipelines[key]
+        run_job(request, pipeline=pipeline, progress=progress)
     except CancelledError as exc:
         return fail("cancelled", str(exc), 3)
     except AnkleFractureError as exc:
@@ -250,7 +266,58 @@ def main(argv: Optional[List[str]] = None) -> int:
         traceback.print_exc()
         return fail("unexpected", f"{type(exc).__name__}: {exc}", 1)
     progress(1.0, "done")
+    return 0, None, "done"
+
+
+def serve(lines: Iterable[str]) -> int:
+    """Serve requests, one per line ``REQUEST.json<TAB>PROGRESS.jsonl``, until the input ends.
+
+    Each request's progress records are appended to its PROGRESS file, the last one with
+    ``"done": true``, its ``"exit"`` code and, on failure, ``"kind"`` and ``"error"``. The
+    models stay loaded between requests: this is the Slicer module's warm worker (a click pays
+    the Python start-up, the imports and the model loading once). Cancelling a request means
+    ending the process.
+    """
+    pipelines: Dict[Any, Any] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        parts = line.rstrip("\r\n").split("\t")  # a tab: paths may hold spaces
+        if len(parts) != 2:
+            print(f"ankle-fracture job: ignored a request line {line.strip()!r} (expected "
+                  "'REQUEST.json<TAB>PROGRESS.jsonl')", file=sys.stderr, flush=True)
+            continue
+        request_path, progress_path = parts
+        with open(progress_path, "a", encoding="utf-8") as fh:
+            def progress(fraction: float, message: str) -> None:
+                fh.write(progress_line(fraction, message) + "\n")
+                fh.flush()
+
+            code, kind, message = execute(request_path, progress, pipelines)
+            record: Dict[str, Any] = {"progress": 1.0 if code == 0 else None,
+                                      "message": message, "done": True, "exit": code}
+            if code:
+                record.update(kind=kind, error=message)
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Process entry point (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--serve"]:
+        return serve(sys.stdin)
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print("usage: python -m AnkleFractureLib.pipeline.job REQUEST.json\n"
+              "       python -m AnkleFractureLib.pipeline.job --serve   (requests on stdin)\n\n"
+              + (__doc__ or "").split("\n\n")[0], file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+
+    def progress(fraction: float, message: str) -> None:
+        print(progress_line(fraction, message), flush=True)
+
+    return execute(argv[0], progress)[0]
 
 
 if __name__ == "__main__":  # pragma: no cover - exercised through a subprocess in the tests
