@@ -49,6 +49,18 @@ def childEnvironment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
+def endProcess(process: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Terminate a process, and kill it if it is still there after ``timeout`` s."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
+
+
 def tailLines(path: Path, size: int = 16384) -> List[str]:
     """The non-empty lines of the last ``size`` bytes of a log ([] when unreadable)."""
     try:
@@ -129,16 +141,9 @@ class BackgroundProcess:
     def cancel(self, timeout: float = 5.0) -> None:
         """Stop the process: terminate, and kill it if it is still there after ``timeout`` s."""
         self._cancelled = True
-        p = self._process
-        if p is None or p.poll() is not None:
-            return
-        p.terminate()
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout)
-        self._close()
+        if self._process is not None and self._process.poll() is None:
+            endProcess(self._process, timeout)
+            self._close()
 
     def wait(self, timeout: Optional[float] = None) -> ProcessState:
         """Block until the process ends (or ``timeout`` s); returns :meth:`poll`."""
@@ -256,14 +261,8 @@ class WorkerProcess:
 
     def kill(self, timeout: float = 5.0) -> None:
         """End the process now (what Cancel does)."""
-        p = self._process
-        if p is not None and p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout)
+        if self._process is not None:
+            endProcess(self._process, timeout)
         self._closeLog()
 
     def stop(self, timeout: float = 10.0) -> None:
