@@ -122,6 +122,48 @@ def test_segments_round_trip_voxel_for_voxel(oblique_volume, scene):
         scene.RemoveNode(node)
 
 
+def test_direct_read_of_segments_equals_slicers_export(oblique_volume, scene):
+    """The fast path (segments read from their labelmaps) gives exactly Slicer's export, with
+    overlapping fragments in other layers, a segment imported from a smaller grid, and a CT
+    moved by a parent transform (where the export must be used)."""
+    ct_node = N.addVolumeNode(scene, oblique_volume, "oblique ct 2")
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, size=oblique_volume.shape).astype(np.uint8)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "bones 2")
+    N.updateSegmentationFromLabelMap(seg, oblique_volume.with_array(labels), ct_node, scene)
+    logic = N.segmentationsLogic(scene)
+    # An overlapping "Fibula fragment" (another layer) and a "Tibia tip" from a sub-grid.
+    fragment = np.zeros_like(labels)
+    fragment[2:5, 3:7, 4:9] = 1
+    sub = oblique_volume.region((slice(1, 4), slice(2, 6), slice(0, 5)))
+    tip = sub.with_array(np.ones(sub.shape, np.uint8))
+    for name, volume in (("Fibula fragment", oblique_volume.with_array(fragment)),
+                         ("Tibia tip", tip)):
+        node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+        N.updateNodeFromVolume(node, volume)
+        assert logic.ImportLabelmapToSegmentationNode(node, seg)
+        s = seg.GetSegmentation()
+        s.GetNthSegment(s.GetNumberOfSegments() - 1).SetName(name)
+        scene.RemoveNode(node)
+    groups = N.boneSegmentIds(seg)
+    ordered = [(b, i) for b in (1, 2) for i in groups[b]]
+    assert len(ordered) == 4
+    # The direct read really happens here (no fallback to the export).
+    assert N._labelsFromBinaryLabelmaps(seg, ordered, ct_node, labels.shape) is not None
+    direct = N.labelMapFromSegmentation(seg, ct_node, scene)
+    export = N.labelMapFromSegmentation(seg, ct_node, scene, direct=False)
+    assert np.array_equal(direct.array, export.array)
+    assert (direct.array == 2).sum() > (labels == 2).sum()  # the fragment counted as fibula
+    # A parent transform on the CT only: the export handles it, the results still agree.
+    moved = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    ct_node.SetAndObserveTransformNodeID(moved.GetID())
+    assert N._labelsFromBinaryLabelmaps(seg, ordered, ct_node, labels.shape) is None
+    assert np.array_equal(N.labelMapFromSegmentation(seg, ct_node, scene).array,
+                          N.labelMapFromSegmentation(seg, ct_node, scene, direct=False).array)
+    for node in (seg, ct_node, moved):
+        scene.RemoveNode(node)
+
+
 # ------------------------------------------------------------------------------ Run all
 def test_run_all_fills_the_scene(run_all, case, ct_node, scene):
     res, nodes, folder = run_all.result, run_all.nodes, run_all.folder

@@ -228,13 +228,21 @@ def updateSegmentationFromLabelMap(segmentationNode: Any, label: Volume, ctNode:
     return ids
 
 
-def labelMapFromSegmentation(segmentationNode: Any, ctNode: Any, scene: Any) -> Optional[Volume]:
+def labelMapFromSegmentation(segmentationNode: Any, ctNode: Any, scene: Any,
+                             direct: bool = True) -> Optional[Volume]:
     """The tibia/fibula label map of a (possibly corrected) segmentation, on the CT's grid.
 
     Segments are assigned to a bone by name (:func:`boneForSegmentName`): "Tibia",
     "Fibula", and fragments such as "Fibula fragment" keep their parent bone's label. Other
     segments (e.g. a talus) are ignored. Where segments overlap, the fibula wins (it is the
     bone the Weber class is read from).
+
+    Args:
+        segmentationNode: The segmentation (None: no label map).
+        ctNode: The CT; the label map is on its grid.
+        scene: The MRML scene.
+        direct: Read segments that lie on the CT's grid straight from their labelmaps (exact,
+            fast); False always uses Slicer's export (the reference the tests compare with).
 
     Returns:
         uint8 Volume (0 background, 1 tibia, 2 fibula) with exactly the CT's geometry, or None
@@ -249,6 +257,13 @@ def labelMapFromSegmentation(segmentationNode: Any, ctNode: Any, scene: Any) -> 
     if not ordered:
         return None
     ct = volumeFromNode(ctNode)
+    fast = (_labelsFromBinaryLabelmaps(segmentationNode, ordered, ctNode, ct.shape)
+            if direct else None)
+    if fast is not None:
+        if not fast.any():
+            return None
+        return ct.with_array(fast, meta={"source": f"Slicer segmentation "
+                                                   f"{segmentationNode.GetName()}"})
     ids = vtk.vtkStringArray()
     for _, sid in ordered:
         ids.InsertNextValue(sid)
@@ -273,6 +288,59 @@ def labelMapFromSegmentation(segmentationNode: Any, ctNode: Any, scene: Any) -> 
         return None
     return ct.with_array(values, meta={"source": f"Slicer segmentation "
                                                  f"{segmentationNode.GetName()}"})
+
+
+def _labelsFromBinaryLabelmaps(segmentationNode: Any, ordered: List[Any], ctNode: Any,
+                               shape: Sequence[int]) -> Optional[np.ndarray]:
+    """The label map read straight from the segments' binary labelmaps (no resampling), or
+    None when a segment is not a labelmap on the CT's voxel lattice (the CT's grid or a part
+    of it, shifted by whole voxels).
+
+    Segments made here, or edited in Segment Editor with this CT as source, live on the CT's
+    grid: reading them directly is exact and ~20x faster than Slicer's export (seconds on a
+    clinical CT). Anything else (another grid, a transform between the two, surfaces) goes
+    through :meth:`ExportSegmentsToLabelmapNode`.
+    """
+    import slicer
+    import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    if segmentationNode.GetTransformNodeID() != ctNode.GetTransformNodeID():
+        return None
+    reference = _npMatrix(_ijkToRas(ctNode))
+    name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    segmentation = segmentationNode.GetSegmentation()
+    out = np.zeros(tuple(shape), np.uint8)
+    nz, ny, nx = out.shape
+    for bone_label, segment_id in ordered:  # in order: later bones overwrite earlier ones
+        segment = segmentation.GetSegment(segment_id)
+        image = segment.GetRepresentation(name) if segment is not None else None
+        if image is None:
+            return None
+        x0, x1, y0, y1, z0, z1 = image.GetExtent()
+        if x1 < x0 or y1 < y0 or z1 < z0 or image.GetPointData().GetScalars() is None:
+            continue  # an empty segment
+        matrix = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(matrix)
+        # The segment's voxel (i, j, k) in CT voxels: must be the same lattice, shifted by
+        # whole voxels (a segment stored on a sub-grid of the CT's grid).
+        to_ct = np.linalg.solve(reference, _npMatrix(matrix))
+        shift = np.rint(to_ct[:3, 3])
+        if not (np.allclose(to_ct[:3, :3], np.eye(3), atol=1e-6)
+                and np.allclose(to_ct[:3, 3], shift, atol=1e-4)):
+            return None
+        values = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+            z1 - z0 + 1, y1 - y0 + 1, x1 - x0 + 1)
+        mask = values == segment.GetLabelValue()
+        lo = np.array([x0, y0, z0]) + shift.astype(int)   # (i, j, k) in the CT
+        hi = np.array([x1, y1, z1]) + shift.astype(int)
+        clo, chi = np.maximum(lo, 0), np.minimum(hi, [nx - 1, ny - 1, nz - 1])
+        if np.any(chi < clo):
+            continue  # entirely outside the CT
+        a, b = clo - lo, chi - lo  # the part of the segment's box inside the CT
+        part = mask[a[2]:b[2] + 1, a[1]:b[1] + 1, a[0]:b[0] + 1]
+        out[clo[2]:chi[2] + 1, clo[1]:chi[1] + 1, clo[0]:chi[0] + 1][part] = bone_label
+    return out
 
 
 def addTemplateSegmentation(scene: Any, templateLabels: Volume, transformNode: Any,
