@@ -196,6 +196,21 @@ def test_classify_stage_writes_heatmap_report_and_probabilities(pipe, case, tmp_
     assert "gradcam.nii.gz" not in _files(out) and "report.png" not in _files(out)
 
 
+def test_handoff_arrays_equal_the_written_files_and_never_go_stale(pipe, case, tmp_path):
+    """The raw arrays handed to the Slicer module are the NIfTI outputs' voxels; a later stage
+    that makes no heatmap leaves no old heatmap array behind."""
+    out, handoff = tmp_path / "out", tmp_path / "handoff"
+    run_stage("classify", case.ct, out, label=case.label, pipeline=pipe, handoff=handoff)
+    assert sorted(p.name for p in handoff.iterdir()) == ["gradcam.npy", "segmentation.npy"]
+    for name, file in (("segmentation.npy", "segmentation.nii.gz"),
+                       ("gradcam.npy", "gradcam.nii.gz")):
+        raw = np.load(handoff / name)
+        written = read_image(out / file)
+        assert raw.dtype == written.array.dtype and np.array_equal(raw, written.array)
+    run_stage("register", case.ct, out, label=case.label, pipeline=pipe, handoff=handoff)
+    assert sorted(p.name for p in handoff.iterdir()) == ["segmentation.npy"]
+
+
 def test_stage_names_and_cancel(pipe, case, tmp_path):
     assert STAGES == ("segment", "register", "classify", "all")
     with pytest.raises(InputError, match="stage must be one of"):

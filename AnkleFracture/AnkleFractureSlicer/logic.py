@@ -144,7 +144,7 @@ class BackgroundStage:
             if state.returncode != 0:
                 raise InputError(None, state.error or "the run failed")
             return self.logic.loadResults(self.folder, self.ctNode, self.nodes, self.stage,
-                                          self.updateSegmentation)
+                                          self.updateSegmentation, self.folder / "inputs")
         finally:
             self.cleanup()
 
@@ -344,9 +344,14 @@ class AnkleFractureSceneLogic:
         settings = settings or StageSettings()
         ct, label = self._inputs(stage, ctNode, nodes)
         folder = self.resultsFolder(ctNode)
-        run_stage(stage, ct, folder, label, self.pipeline(settings), progress, shouldCancel,
-                  settings.reportPdf)
-        return self.loadResults(folder, ctNode, nodes, stage, updateSegmentation=label is None)
+        handoff = folder / "inputs"
+        try:
+            run_stage(stage, ct, folder, label, self.pipeline(settings), progress, shouldCancel,
+                      settings.reportPdf, handoff=handoff)
+            return self.loadResults(folder, ctNode, nodes, stage,
+                                    updateSegmentation=label is None, handoff=handoff)
+        finally:
+            shutil.rmtree(handoff, ignore_errors=True)
 
     def startStage(self, stage: str, ctNode: Any, nodes: Optional[ResultNodes] = None,
                    settings: Optional[StageSettings] = None, python: Optional[str] = None,
@@ -380,7 +385,8 @@ class AnkleFractureSceneLogic:
                              label=labelPath, side=settings.side,
                              device=DEVICES[settings.device], tta=settings.tta,
                              seg_model_dir=settings.segModelDir,
-                             cls_model_dir=settings.clsModelDir, report_pdf=settings.reportPdf)
+                             cls_model_dir=settings.clsModelDir, report_pdf=settings.reportPdf,
+                             handoff=str(inputs))
         request.write(inputs / "request.json")
         python = python or pythonExecutable()
         process: Any
@@ -412,7 +418,8 @@ class AnkleFractureSceneLogic:
 
         # ------------------------------------------------------------------ results -> nodes
     def loadResults(self, folder: PathLike, ctNode: Any, nodes: Optional[ResultNodes] = None,
-                    stage: str = "all", updateSegmentation: bool = True) -> StageOutput:
+                    stage: str = "all", updateSegmentation: bool = True,
+                    handoff: Optional[PathLike] = None) -> StageOutput:
         """Put the files of a finished run (``run``'s output folder) into nodes.
 
         * segmentation.nii.gz -> ``Tibia`` / ``Fibula`` segments (unless the run started from
@@ -424,7 +431,10 @@ class AnkleFractureSceneLogic:
           an attribute, so a saved scene restores the panel).
 
         Nodes of outputs the run did not produce (e.g. a heatmap after a new Segment) are
-        removed, so the scene never shows results of an older run beside newer ones.
+        removed, so the scene never shows results of an older run beside newer ones. With
+        ``handoff`` (the job's raw ``.npy`` arrays, see
+        :data:`AnkleFractureLib.pipeline.job.HANDOFF_FILES`) the voxels come from there
+        instead of decompressing the NIfTI files (seconds on a clinical CT).
         """
         from AnkleFractureLib.io import read_image
 
@@ -434,13 +444,25 @@ class AnkleFractureSceneLogic:
         scene = self.scene
         base = ctNode.GetName()
 
+        def volume(key: str, fileName: str) -> Any:
+            """The output on the CT's grid: from the hand-off array, else from its file."""
+            from AnkleFractureLib.pipeline.job import HANDOFF_FILES
+
+            raw = Path(handoff) / HANDOFF_FILES[key] if handoff is not None else None
+            if raw is not None and raw.is_file():
+                reference = N.geometryFromNode(ctNode)
+                array = np.load(raw)
+                if array.shape == reference.shape:
+                    return reference.with_array(array, meta={"source": str(folder / fileName)})
+            return read_image(folder / fileName)
+
         if updateSegmentation and (folder / "segmentation.nii.gz").is_file():
             if nodes.segmentation is None:
                 nodes.segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                              f"{base} bones")
             nodes.segmentation.SetAttribute(N.ROLE_ATTRIBUTE, "segmentation")
             N.updateSegmentationFromLabelMap(nodes.segmentation,
-                                             read_image(folder / "segmentation.nii.gz"),
+                                             volume("label", "segmentation.nii.gz"),
                                              ctNode, scene)
 
         if (folder / "transform.json").is_file():
@@ -469,7 +491,7 @@ class AnkleFractureSceneLogic:
                 self._removeNode(nodes, name)
 
         if (folder / "gradcam.nii.gz").is_file():
-            heat = read_image(folder / "gradcam.nii.gz")
+            heat = volume("gradcam", "gradcam.nii.gz")
             if nodes.gradcam is None:
                 nodes.gradcam = N.addVolumeNode(scene, heat, f"{base} Grad-CAM")
                 nodes.gradcam.SetAttribute(N.ROLE_ATTRIBUTE, "gradcam")

@@ -105,14 +105,24 @@ def volumeFromNode(node: Any) -> Volume:
     from vtk.util.numpy_support import vtk_to_numpy
 
     array = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
-    m = _npMatrix(_ijkToRas(node))
-    lps = ras_affine_to_lps(m)
+    return geometryFromNode(node).with_array(
+        array, meta={"source": f"Slicer node {name}", "format": "mrml", "node": name})
+
+
+def geometryFromNode(node: Any) -> Volume:
+    """A Volume with the node's grid and geometry (LPS) and a zero-strided placeholder array
+    (no voxel copy): use ``.with_array`` to put voxels on the node's grid."""
+    name = node.GetName() if node is not None else None
+    if node is None or node.GetImageData() is None:
+        raise InputError(name, "the volume node has no image data (load a CT first)")
+    dims = node.GetImageData().GetDimensions()
+    lps = ras_affine_to_lps(_npMatrix(_ijkToRas(node)))
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     if np.any(spacing <= 0):
         raise InputError(name, f"the volume has a zero spacing {spacing.tolist()}")
-    direction = lps[:3, :3] / spacing
-    return Volume(array, spacing=spacing, origin=lps[:3, 3], direction=direction,
-                  meta={"source": f"Slicer node {name}", "format": "mrml", "node": name})
+    placeholder = np.broadcast_to(np.zeros(1, np.uint8), tuple(dims[::-1]))
+    return Volume(placeholder, spacing=spacing, origin=lps[:3, 3],
+                  direction=lps[:3, :3] / spacing, meta={"node": name})
 
 
 def _ijkToRas(node: Any) -> Any:

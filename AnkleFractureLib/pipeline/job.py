@@ -52,6 +52,10 @@ STAGES = ("segment", "register", "classify", "all")
 _STOP_AFTER = {"segment": "segment", "register": "crop", "classify": None, "all": None}
 #: Written into the output folder when a job fails.
 ERROR_FILE = "job_error.json"
+#: Raw arrays a job hands to its caller besides the NIfTI outputs (numpy (z, y, x), on the CT's
+#: grid): the caller has the CT's geometry already, and reading these takes a fraction of a
+#: second where decompressing the .nii.gz files takes seconds on a clinical CT.
+HANDOFF_FILES = {"label": "segmentation.npy", "gradcam": "gradcam.npy"}
 
 
 @dataclass
@@ -71,6 +75,7 @@ class JobRequest:
         seg_model_dir: Segmentation model folder (None: the shipped one).
         cls_model_dir: Classifier folder (None: the shipped one).
         report_pdf: Also write report.pdf.
+        handoff: Folder for :data:`HANDOFF_FILES` (see :func:`run_stage`), or None.
     """
 
     stage: str
@@ -83,6 +88,7 @@ class JobRequest:
     seg_model_dir: Optional[str] = None
     cls_model_dir: Optional[str] = None
     report_pdf: bool = False
+    handoff: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -145,7 +151,7 @@ class JobRequest:
 def run_stage(stage: str, ct: Volume, out: PathLike, label: Optional[Volume] = None,
               pipeline: Any = None, progress: Optional[Callable[[float, str], None]] = None,
               should_cancel: Optional[Callable[[], bool]] = None,
-              report_pdf: bool = False) -> Dict[str, Any]:
+              report_pdf: bool = False, handoff: Optional[PathLike] = None) -> Dict[str, Any]:
     """Run one stage on in-memory volumes and write its files.
 
     Args:
@@ -157,6 +163,8 @@ def run_stage(stage: str, ct: Volume, out: PathLike, label: Optional[Volume] = N
         progress: Called with (fraction in [0, 1], message).
         should_cancel: Polled; True raises :class:`~AnkleFractureLib.errors.CancelledError`.
         report_pdf: Also write report.pdf (classify / all).
+        handoff: Also save the label map and the heatmap as ``.npy`` files
+            (:data:`HANDOFF_FILES`) into this folder; stale ones are removed first.
 
     Returns:
         The ``result.json`` dict.
@@ -166,12 +174,27 @@ def run_stage(stage: str, ct: Volume, out: PathLike, label: Optional[Volume] = N
     if stage not in STAGES:
         raise InputError(None, f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     pipe = pipeline if pipeline is not None else Pipeline()
+    if handoff is not None:
+        Path(handoff).mkdir(parents=True, exist_ok=True)
+        for name in HANDOFF_FILES.values():
+            (Path(handoff) / name).unlink(missing_ok=True)
     use_label = label if stage in ("register", "classify") else None
     result = pipe.run(ct, progress=progress, should_cancel=should_cancel, label=use_label,
                       stop_after=_STOP_AFTER[stage])
     # The one-page report only means something once there is a class (or a refusal to give one).
     with_report = stage in ("classify", "all") or result.refused
-    return write_outputs(result, out, ct if with_report else None, report_pdf=report_pdf)
+    data = write_outputs(result, out, ct if with_report else None, report_pdf=report_pdf)
+    if handoff is not None:
+        import numpy as np
+
+        for key, name in HANDOFF_FILES.items():
+            volume = getattr(result, key)
+            if volume is not None:
+                tmp = Path(handoff) / f".{name}.tmp"
+                with open(tmp, "wb") as fh:
+                    np.save(fh, np.ascontiguousarray(volume.array))
+                os.replace(tmp, Path(handoff) / name)
+    return data
 
 
 def run_job(request: JobRequest, pipeline: Any = None,
@@ -189,7 +212,7 @@ def run_job(request: JobRequest, pipeline: Any = None,
         label = read_image(request.label)
     pipe = pipeline if pipeline is not None else Pipeline(request.options())
     return run_stage(request.stage, ct, request.out, label, pipe, progress, should_cancel,
-                     request.report_pdf)
+                     request.report_pdf, request.handoff)
 
 
 def progress_line(fraction: float, message: str) -> str:
