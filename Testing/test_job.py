@@ -17,8 +17,8 @@ import torch
 from AnkleFractureLib.errors import CancelledError, InputError
 from AnkleFractureLib.io import read_image, write_image
 from AnkleFractureLib.phantom import generate_case
-from AnkleFractureLib.pipeline.job import (ERROR_FILE, STAGES, JobRequest, parse_progress,
-                                           progress_line, run_job, run_stage)
+from AnkleFractureLib.pipeline.job import (ERROR_FILE, STAGES, JobRequest, load_handoff,
+                                           parse_progress, progress_line, run_job, run_stage)
 from AnkleFractureLib.pipeline.pipeline import Pipeline, PipelineOptions
 
 torch.set_num_threads(1)
@@ -197,18 +197,25 @@ def test_classify_stage_writes_heatmap_report_and_probabilities(pipe, case, tmp_
 
 
 def test_handoff_arrays_equal_the_written_files_and_never_go_stale(pipe, case, tmp_path):
-    """The raw arrays handed to the Slicer module are the NIfTI outputs' voxels; a later stage
-    that makes no heatmap leaves no old heatmap array behind."""
+    """The raw arrays handed to the Slicer module are the NIfTI outputs' voxels (the heatmap
+    saved inside its non-zero box only); a later stage that makes no heatmap leaves no old
+    heatmap behind."""
     out, handoff = tmp_path / "out", tmp_path / "handoff"
     run_stage("classify", case.ct, out, label=case.label, pipeline=pipe, handoff=handoff)
-    assert sorted(p.name for p in handoff.iterdir()) == ["gradcam.npy", "segmentation.npy"]
-    for name, file in (("segmentation.npy", "segmentation.nii.gz"),
-                       ("gradcam.npy", "gradcam.nii.gz")):
-        raw = np.load(handoff / name)
+    assert sorted(p.name for p in handoff.iterdir()) == ["gradcam.npz", "segmentation.npz"]
+    for key, file in (("label", "segmentation.nii.gz"), ("gradcam", "gradcam.nii.gz")):
+        raw = load_handoff(handoff, key)
         written = read_image(out / file)
         assert raw.dtype == written.array.dtype and np.array_equal(raw, written.array)
+    from AnkleFractureLib.geometry.arrays import bounding_box
+
+    box = bounding_box(written.array)
+    with np.load(handoff / "gradcam.npz") as data:  # only the heatmap's non-zero box
+        assert data["values"].shape == tuple(b.stop - b.start for b in box)
+        assert data["values"].size < written.array.size
     run_stage("register", case.ct, out, label=case.label, pipeline=pipe, handoff=handoff)
-    assert sorted(p.name for p in handoff.iterdir()) == ["segmentation.npy"]
+    assert sorted(p.name for p in handoff.iterdir()) == ["segmentation.npz"]
+    assert load_handoff(handoff, "gradcam") is None
 
 
 def test_stage_names_and_cancel(pipe, case, tmp_path):

@@ -338,20 +338,19 @@ class AnkleFractureSceneLogic:
         Returns:
             The :class:`StageOutput` (``result`` is the result.json dict).
         """
-        from AnkleFractureLib.pipeline.job import run_stage
+        from AnkleFractureLib.pipeline.job import run_stage_result
 
         nodes = nodes or ResultNodes()
         settings = settings or StageSettings()
         ct, label = self._inputs(stage, ctNode, nodes)
         folder = self.resultsFolder(ctNode)
-        handoff = folder / "inputs"
-        try:
-            run_stage(stage, ct, folder, label, self.pipeline(settings), progress, shouldCancel,
-                      settings.reportPdf, handoff=handoff)
-            return self.loadResults(folder, ctNode, nodes, stage,
-                                    updateSegmentation=label is None, handoff=handoff)
-        finally:
-            shutil.rmtree(handoff, ignore_errors=True)
+        result, _ = run_stage_result(stage, ct, folder, label, self.pipeline(settings),
+                                     progress, shouldCancel, settings.reportPdf)
+        # The volumes are in memory already: no file is read back.
+        arrays = {key: getattr(result, key).array for key in ("label", "gradcam")
+                  if getattr(result, key) is not None}
+        return self.loadResults(folder, ctNode, nodes, stage, updateSegmentation=label is None,
+                                arrays=arrays)
 
     def startStage(self, stage: str, ctNode: Any, nodes: Optional[ResultNodes] = None,
                    settings: Optional[StageSettings] = None, python: Optional[str] = None,
@@ -419,7 +418,8 @@ class AnkleFractureSceneLogic:
         # ------------------------------------------------------------------ results -> nodes
     def loadResults(self, folder: PathLike, ctNode: Any, nodes: Optional[ResultNodes] = None,
                     stage: str = "all", updateSegmentation: bool = True,
-                    handoff: Optional[PathLike] = None) -> StageOutput:
+                    handoff: Optional[PathLike] = None,
+                    arrays: Optional[Dict[str, np.ndarray]] = None) -> StageOutput:
         """Put the files of a finished run (``run``'s output folder) into nodes.
 
         * segmentation.nii.gz -> ``Tibia`` / ``Fibula`` segments (unless the run started from
@@ -432,9 +432,10 @@ class AnkleFractureSceneLogic:
 
         Nodes of outputs the run did not produce (e.g. a heatmap after a new Segment) are
         removed, so the scene never shows results of an older run beside newer ones. With
-        ``handoff`` (the job's raw ``.npy`` arrays, see
-        :data:`AnkleFractureLib.pipeline.job.HANDOFF_FILES`) the voxels come from there
-        instead of decompressing the NIfTI files (seconds on a clinical CT).
+        ``arrays`` ({"label", "gradcam"} -> arrays on the CT's grid, from an in-process run) or
+        ``handoff`` (the folder of the job's raw arrays,
+        :func:`AnkleFractureLib.pipeline.job.save_handoff`) the voxels come from there instead
+        of decompressing the NIfTI files (seconds on a clinical CT).
         """
         from AnkleFractureLib.io import read_image
 
@@ -445,13 +446,14 @@ class AnkleFractureSceneLogic:
         base = ctNode.GetName()
 
         def volume(key: str, fileName: str) -> Any:
-            """The output on the CT's grid: from the hand-off array, else from its file."""
-            from AnkleFractureLib.pipeline.job import HANDOFF_FILES
+            """The output on the CT's grid: given, or handed off, else read from its file."""
+            from AnkleFractureLib.pipeline.job import load_handoff
 
-            raw = Path(handoff) / HANDOFF_FILES[key] if handoff is not None else None
-            if raw is not None and raw.is_file():
+            array = (arrays or {}).get(key)
+            if array is None and handoff is not None:
+                array = load_handoff(handoff, key)
+            if array is not None:
                 reference = N.geometryFromNode(ctNode)
-                array = np.load(raw)
                 if array.shape == reference.shape:
                     return reference.with_array(array, meta={"source": str(folder / fileName)})
             return read_image(folder / fileName)

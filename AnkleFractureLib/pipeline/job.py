@@ -55,7 +55,7 @@ ERROR_FILE = "job_error.json"
 #: Raw arrays a job hands to its caller besides the NIfTI outputs (numpy (z, y, x), on the CT's
 #: grid): the caller has the CT's geometry already, and reading these takes a fraction of a
 #: second where decompressing the .nii.gz files takes seconds on a clinical CT.
-HANDOFF_FILES = {"label": "segmentation.npy", "gradcam": "gradcam.npy"}
+HANDOFF_FILES = {"label": "segmentation.npz", "gradcam": "gradcam.npz"}
 
 
 @dataclass
@@ -148,27 +148,15 @@ class JobRequest:
                                cls_model_dir=self.cls_model_dir)
 
 
-def run_stage(stage: str, ct: Volume, out: PathLike, label: Optional[Volume] = None,
-              pipeline: Any = None, progress: Optional[Callable[[float, str], None]] = None,
-              should_cancel: Optional[Callable[[], bool]] = None,
-              report_pdf: bool = False, handoff: Optional[PathLike] = None) -> Dict[str, Any]:
-    """Run one stage on in-memory volumes and write its files.
-
-    Args:
-        stage: One of :data:`STAGES`.
-        ct: The CT (HU, any grid).
-        out: Output folder (created; stale files of stages that did not run are removed).
-        label: Corrected label map for "register" / "classify" (None: segment the CT).
-        pipeline: A :class:`~.pipeline.Pipeline` to reuse (its models stay loaded).
-        progress: Called with (fraction in [0, 1], message).
-        should_cancel: Polled; True raises :class:`~AnkleFractureLib.errors.CancelledError`.
-        report_pdf: Also write report.pdf (classify / all).
-        handoff: Also save the label map and the heatmap as ``.npy`` files
-            (:data:`HANDOFF_FILES`) into this folder; stale ones are removed first.
-
-    Returns:
-        The ``result.json`` dict.
-    """
+def run_stage_result(stage: str, ct: Volume, out: PathLike, label: Optional[Volume] = None,
+                     pipeline: Any = None,
+                     progress: Optional[Callable[[float, str], None]] = None,
+                     should_cancel: Optional[Callable[[], bool]] = None,
+                     report_pdf: bool = False, handoff: Optional[PathLike] = None
+                     ) -> Tuple[Any, Dict[str, Any]]:
+    """:func:`run_stage`, also returning the in-memory
+    :class:`~.pipeline.PipelineResult` (the Slicer module's blocking call uses its volumes
+    without reading any file back)."""
     from AnkleFractureLib.pipeline.pipeline import Pipeline, write_outputs
 
     if stage not in STAGES:
@@ -185,16 +173,80 @@ def run_stage(stage: str, ct: Volume, out: PathLike, label: Optional[Volume] = N
     with_report = stage in ("classify", "all") or result.refused
     data = write_outputs(result, out, ct if with_report else None, report_pdf=report_pdf)
     if handoff is not None:
-        import numpy as np
+        save_handoff(result, handoff)
+    return result, data
 
-        for key, name in HANDOFF_FILES.items():
-            volume = getattr(result, key)
-            if volume is not None:
-                tmp = Path(handoff) / f".{name}.tmp"
-                with open(tmp, "wb") as fh:
-                    np.save(fh, np.ascontiguousarray(volume.array))
-                os.replace(tmp, Path(handoff) / name)
-    return data
+
+def run_stage(stage: str, ct: Volume, out: PathLike, label: Optional[Volume] = None,
+              pipeline: Any = None, progress: Optional[Callable[[float, str], None]] = None,
+              should_cancel: Optional[Callable[[], bool]] = None,
+              report_pdf: bool = False, handoff: Optional[PathLike] = None) -> Dict[str, Any]:
+    """Run one stage on in-memory volumes and write its files.
+
+    Args:
+        stage: One of :data:`STAGES`.
+        ct: The CT (HU, any grid).
+        out: Output folder (created; stale files of stages that did not run are removed).
+        label: Corrected label map for "register" / "classify" (None: segment the CT).
+        pipeline: A :class:`~.pipeline.Pipeline` to reuse (its models stay loaded).
+        progress: Called with (fraction in [0, 1], message).
+        should_cancel: Polled; True raises :class:`~AnkleFractureLib.errors.CancelledError`.
+        report_pdf: Also write report.pdf (classify / all).
+        handoff: Also save the label map and the heatmap as raw arrays into this folder
+            (:func:`save_handoff`); stale ones are removed first.
+
+    Returns:
+        The ``result.json`` dict.
+    """
+    return run_stage_result(stage, ct, out, label, pipeline, progress, should_cancel,
+                            report_pdf, handoff)[1]
+
+
+def save_handoff(result: Any, folder: PathLike) -> None:
+    """Save a result's label map and heatmap as raw arrays (:data:`HANDOFF_FILES`).
+
+    The label map is saved whole (uint8); the heatmap only inside the box of its non-zero
+    voxels (it is zero outside the syndesmosis box: a few percent of a clinical CT's grid),
+    with that box's start and the full shape. Each file is written atomically.
+    """
+    import numpy as np
+
+    from AnkleFractureLib.geometry.arrays import bounding_box
+
+    folder = Path(folder)
+    arrays: Dict[str, Dict[str, Any]] = {}
+    if result.label is not None:
+        arrays["label"] = {"values": np.ascontiguousarray(result.label.array)}
+    if result.gradcam is not None:
+        heat = result.gradcam.array
+        box = bounding_box(heat) or (slice(0, 0),) * 3
+        arrays["gradcam"] = {"values": np.ascontiguousarray(heat[box]),
+                             "start": np.array([b.start for b in box]),
+                             "shape": np.array(heat.shape)}
+    for key, content in arrays.items():
+        name = HANDOFF_FILES[key]
+        tmp = folder / f".{name}.tmp"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **content)
+        os.replace(tmp, folder / name)
+
+
+def load_handoff(folder: PathLike, key: str) -> Any:
+    """The full (z, y, x) array that :func:`save_handoff` saved for ``key`` ("label" or
+    "gradcam"), or None when there is none."""
+    import numpy as np
+
+    path = Path(folder) / HANDOFF_FILES[key]
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        values = data["values"]
+        if "start" not in data:
+            return values
+        full = np.zeros(tuple(int(v) for v in data["shape"]), values.dtype)
+        z, y, x = (int(v) for v in data["start"])
+        full[z:z + values.shape[0], y:y + values.shape[1], x:x + values.shape[2]] = values
+        return full
 
 
 def run_job(request: JobRequest, pipeline: Any = None,
