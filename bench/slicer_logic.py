@@ -81,7 +81,7 @@ def main() -> None:
     nodes = ResultNodes()
     figures["runStage('all') in process"] = median_time(
         lambda: logic.runStage("all", ct_node, nodes, settings), args.runs)
-    figures["  of which loadResults (files -> nodes)"] = median_time(
+    figures["loadResults from the NIfTI files (no hand-off)"] = median_time(
         lambda: logic.loadResults(warm.folder, ct_node, nodes), args.runs)
 
     def background(warm: bool, parts: List) -> Callable[[], None]:
