@@ -357,6 +357,9 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.value = 100
                 if out.nodes.gradcam is None:
                     slicer.util.setSliceViewerLayers(background=job.ctNode, foreground=None)
+                if job.stage in ("segment", "all") and out.nodes.segmentation is not None:
+                    # The bones in 3D too (a second or two on a clinical CT).
+                    out.nodes.segmentation.CreateClosedSurfaceRepresentation()
         self._updateGui()
 
     def _storeNodes(self, nodes) -> None:
