@@ -80,7 +80,8 @@ class AnkleFracture(ScriptedLoadableModule):
 class AnkleFractureParameterNode:
     """The panel's state (a saved scene restores it).
 
-    Inputs: inputVolume, side, device, outputSegmentation. Results (made by a run):
+    Inputs: inputVolume, side, device, outputSegmentation, demoWeber (class of the demo
+    phantom). Results (made by a run):
     outputTransform, templateSegmentation, syndesmosisRoi, gradcamVolume, resultTable.
     Display: showGradcam, gradcamOpacity, showTemplate. Refinement: datasetFolder, caseId,
     weberLabel, trainingMinutes. Advanced: segModelFolder, clsModelFolder (empty: the shipped
@@ -91,6 +92,7 @@ class AnkleFractureParameterNode:
     side: Annotated[str, Choice(["auto", "left", "right"])] = "auto"
     device: Annotated[str, Choice(["auto", "gpu", "cpu"])] = "auto"
     outputSegmentation: vtkMRMLSegmentationNode
+    demoWeber: Annotated[str, Choice(["none", "A", "B", "C"])] = "B"
     outputTransform: vtkMRMLLinearTransformNode
     templateSegmentation: vtkMRMLSegmentationNode
     syndesmosisRoi: vtkMRMLMarkupsROINode
@@ -161,6 +163,7 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainSegButton.connect("clicked(bool)", lambda: self.onTrain("seg"))
         self.ui.trainClsButton.connect("clicked(bool)", lambda: self.onTrain("cls"))
         self.ui.useNewModelsButton.connect("clicked(bool)", self.onUseNewModel)
+        self.ui.loadPhantomButton.connect("clicked(bool)", self.onLoadPhantom)
         self.ui.deviceStatusLabel.text = ""
         # Finding the GPU imports torch (seconds): after the panel is shown, not before.
         qt.QTimer.singleShot(0, self._describeDevice)
@@ -318,6 +321,17 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                     "all": "Running all stages..."}[stage]
         self._timer.start()
         self._updateGui()
+
+    def onLoadPhantom(self) -> None:
+        """The project's synthetic ankle CT, for trying the module without patient data."""
+        p = self._parameterNode
+        node = self._attempt("Could not make the demo phantom.",
+                             lambda: self.logic.sceneLogic.loadDemoPhantom(p.demoWeber))
+        if node is not None:
+            p.inputVolume = node
+            slicer.util.setSliceViewerLayers(background=node, foreground=None, fit=True)
+            self.ui.statusLabel.text = (f"Loaded {node.GetName()}: synthetic, the ground truth "
+                                        "is in its name. Click Run all.")
 
     def onCancel(self) -> None:
         if self._job is not None:

@@ -392,3 +392,13 @@ def test_batch_from_the_console_writes_the_command_line_outputs(logic, case, tmp
     assert row["id"] == "ankle_b" and row["status"] == "ok"
     assert row["prediction"] == run_all.result["prediction"]
     assert (tmp_path / "out" / "ankle_b" / "result.json").is_file()
+
+
+def test_demo_phantom_loads_as_a_ct_node(logic, scene):
+    node = logic.loadDemoPhantom("C", "right", seed=3)
+    assert node.GetName() == "Ankle phantom (Weber C, right)"
+    ct = N.volumeFromNode(node)
+    assert ct.array.dtype == np.int16 and ct.array.max() > 1000  # HU, with bone
+    with pytest.raises(InputError, match="demo phantom"):
+        logic.loadDemoPhantom("D")
+    scene.RemoveNode(node)

@@ -306,6 +306,29 @@ class AnkleFractureSceneLogic:
             return f"GPU: {torch.cuda.get_device_name(0)}"
         return "CPU (no CUDA GPU found)"
 
+    def loadDemoPhantom(self, weber: str = "B", side: str = "left", seed: int = 10) -> Any:
+        """The project's synthetic ankle CT as a new volume node (for trying the module).
+
+        Args:
+            weber: Danis-Weber class of the phantom's fracture ("none", "A", "B", "C").
+            side: "left" or "right".
+            seed: Phantom seed (same seed, same CT).
+
+        Returns:
+            The volume node, named after its ground truth (e.g. "Ankle phantom (Weber B, left)").
+        """
+        from AnkleFractureLib.dataset.layout import CLASSES
+        from AnkleFractureLib.phantom import generate_case
+
+        if weber not in CLASSES or side not in ("left", "right"):
+            raise InputError(None, f"a demo phantom needs a class in {CLASSES} and a side, got "
+                                   f"{weber!r}, {side!r}")
+        case = generate_case(seed, weber, side, spacing="fast")
+        title = "no fracture" if weber == "none" else f"Weber {weber}"
+        node = N.addVolumeNode(self.scene, case.ct, f"Ankle phantom ({title}, {side})")
+        node.SetAttribute(N.ROLE_ATTRIBUTE + ".Demo", weber)
+        return node
+
     # ------------------------------------------------------------------ stages
     def _inputs(self, stage: str, ctNode: Any, nodes: ResultNodes) -> Any:
         if stage not in STAGES:
