@@ -371,6 +371,10 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.value = 100
                 if out.nodes.gradcam is None:
                     slicer.util.setSliceViewerLayers(background=job.ctNode, foreground=None)
+                if out.nodes.roi is not None and job.stage in ("classify", "all"):
+                    from AnkleFractureSlicer import nodes as N
+
+                    N.jumpSlicesToRoi(slicer.mrmlScene, out.nodes.roi)  # show the syndesmosis
                 if job.stage in ("segment", "all") and out.nodes.segmentation is not None:
                     # The bones in 3D too (a second or two on a clinical CT).
                     out.nodes.segmentation.CreateClosedSurfaceRepresentation()

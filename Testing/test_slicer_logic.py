@@ -238,6 +238,21 @@ def test_roi_is_the_template_box_on_the_patient(run_all, logic):
     assert np.allclose(roi.GetSize(), box.size_mm)
 
 
+def test_slice_views_jump_to_the_syndesmosis(run_all, scene):
+    """After Classify the views are centred on the box, on the patient (transform applied)."""
+    view = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    view.SetLayoutName("Red")
+    view.SetOrientationToAxial()
+    centre = N.jumpSlicesToRoi(scene, run_all.nodes.roi)
+    m = view.GetSliceToRAS()
+    assert np.allclose([m.GetElement(r, 3) for r in range(3)], centre, atol=1e-6)
+    to_parent = _matrix(run_all.nodes.transform.GetMatrixTransformToParent)
+    local = np.zeros(3)
+    run_all.nodes.roi.GetCenter(local)
+    assert np.allclose(centre, (to_parent @ np.append(local, 1.0))[:3], atol=1e-6)
+    scene.RemoveNode(view)
+
+
 def test_heatmap_becomes_the_foreground_of_every_slice_view(run_all, ct_node, scene):
     composites = [scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(3)]
     n = N.showHeatmapInSlices(scene, ct_node, run_all.nodes.gradcam, True, 0.4)

@@ -432,6 +432,21 @@ def _homogeneous(rotation: np.ndarray) -> np.ndarray:
     return m
 
 
+def jumpSlicesToRoi(scene: Any, roiNode: Any) -> np.ndarray:
+    """Centre every slice view on the ROI (the syndesmosis, where the class is read).
+
+    Returns:
+        The ROI's centre in world RAS mm (its transform applied).
+    """
+    import slicer
+
+    centre = [0.0, 0.0, 0.0]
+    roiNode.GetCenterWorld(centre)
+    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *centre,
+                                          slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+    return np.asarray(centre)
+
+
 # ---------------------------------------------------------------------- heatmap
 def heatmapColorNode(scene: Any) -> Any:
     """The module's heatmap colour table (created once per scene): dark red -> yellow -> white."""
