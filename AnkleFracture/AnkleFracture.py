@@ -611,6 +611,8 @@ class AnkleFractureTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_WholeFlowOnAPhantom()
+        self.setUp()
+        self.test_PanelClicks()
 
     def test_WholeFlowOnAPhantom(self):
         import tempfile
@@ -654,3 +656,36 @@ class AnkleFractureTest(ScriptedLoadableModuleTest):
         self.assertEqual(info["counts"]["cases"], 1)
         self.assertTrue(np.isfinite(list(probabilities.values())).all())
         self.delayDisplay("Test passed")
+
+    def test_PanelClicks(self):
+        """The panel as a user drives it: demo phantom, Run all in the background, results."""
+        import time
+
+        slicer.util.selectModule("AnkleFracture")
+        widget = slicer.modules.AnkleFractureWidget
+        parameters = widget._parameterNode
+        self.delayDisplay("Load a Weber C demo phantom")
+        parameters.demoWeber = "C"
+        widget.ui.loadPhantomButton.click()
+        self.assertIsNotNone(parameters.inputVolume)
+        self.assertTrue(widget.ui.runAllButton.enabled)
+
+        self.delayDisplay("Run all (background)")
+        widget.ui.runAllButton.click()
+        self.assertTrue(widget.ui.cancelButton.enabled)
+        deadline = time.monotonic() + 600
+        while widget._job is not None and time.monotonic() < deadline:
+            slicer.app.processEvents()  # the panel's timer polls the worker
+            qt.QThread.msleep(50)
+        self.assertIsNone(widget._job, "Run all did not finish in 10 minutes")
+        result = widget.logic.sceneLogic.resultOf(parameters.resultTable)
+        self.assertIsNotNone(result)
+        self.assertFalse(result["refused"], result.get("refusal"))
+        bars = [widget.ui.probabilityNoneBar, widget.ui.probabilityABar,
+                widget.ui.probabilityBBar, widget.ui.probabilityCBar]
+        self.assertAlmostEqual(sum(bar.value for bar in bars), 100, delta=2)
+        self.assertTrue(widget.ui.predictionLabel.text)
+        self.assertIsNotNone(parameters.gradcamVolume)
+        self.assertIsNotNone(parameters.outputTransform)
+        self.assertFalse(widget.ui.cancelButton.enabled)
+        self.delayDisplay("Panel test passed")
