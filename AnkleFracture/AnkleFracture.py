@@ -245,7 +245,8 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainClsButton.enabled = self.ui.trainSegButton.enabled
         self.ui.useNewModelsButton.enabled = self._newModel is not None
         self._updateDatasetLabel()
-        self._showResult(self.logic.sceneLogic.resultOf(p.resultTable))
+        own = self.logic.sceneLogic.nodesFor(p.inputVolume, self._currentNodes())
+        self._showResult(self.logic.sceneLogic.resultOf(own.table))
         self._updateDisplay()
 
     # ------------------------------------------------------------------ display
@@ -301,15 +302,14 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onStage(self, stage: str) -> None:
         if self._job is not None or not self.logic.ensureDependencies():
             return
-        from AnkleFractureSlicer.logic import ResultNodes
-
         p = self._parameterNode
+        # Results of another CT stay with it: this CT gets its own nodes.
+        self._storeNodes(self.logic.sceneLogic.nodesFor(p.inputVolume, self._currentNodes()))
         if not p.outputSegmentation and stage in ("segment", "all"):
             p.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", f"{p.inputVolume.GetName()} bones")
         self.logic.sceneLogic.resultsRoot = _pathOrNone(p.resultsFolder)
-        nodes = ResultNodes(p.outputSegmentation, p.outputTransform, p.templateSegmentation,
-                            p.syndesmosisRoi, p.gradcamVolume, p.resultTable)
+        nodes = self._currentNodes()
         self._job = self._attempt("Could not start the analysis.",
                                   lambda: self.logic.sceneLogic.startStage(
                                       stage, p.inputVolume, nodes, self._settings()))
@@ -379,6 +379,13 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     # The bones in 3D too (a second or two on a clinical CT).
                     out.nodes.segmentation.CreateClosedSurfaceRepresentation()
         self._updateGui()
+
+    def _currentNodes(self):
+        from AnkleFractureSlicer.logic import ResultNodes
+
+        p = self._parameterNode
+        return ResultNodes(p.outputSegmentation, p.outputTransform, p.templateSegmentation,
+                           p.syndesmosisRoi, p.gradcamVolume, p.resultTable)
 
     def _storeNodes(self, nodes) -> None:
         p = self._parameterNode

@@ -238,6 +238,22 @@ def test_roi_is_the_template_box_on_the_patient(run_all, logic):
     assert np.allclose(roi.GetSize(), box.size_mm)
 
 
+def test_results_of_one_ct_are_not_reused_for_another(run_all, logic, scene, ct_node):
+    nodes = run_all.nodes
+    own = logic.nodesFor(ct_node, nodes)
+    assert own.table is nodes.table and own.segmentation is nodes.segmentation
+    other = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "another CT")
+    fresh = logic.nodesFor(other, nodes)
+    assert all(getattr(fresh, k) is None for k in ("segmentation", "transform", "template",
+                                                   "roi", "gradcam", "table"))
+    # A segmentation the user chose (not made by a run) is kept for any CT.
+    users = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn by hand")
+    kept = logic.nodesFor(other, type(nodes)(segmentation=users, table=nodes.table))
+    assert kept.segmentation is users and kept.table is None
+    for node in (other, users):
+        scene.RemoveNode(node)
+
+
 def test_slice_views_jump_to_the_syndesmosis(run_all, scene):
     """After Classify the views are centred on the box, on the patient (transform applied)."""
     view = scene.AddNewNodeByClass("vtkMRMLSliceNode")

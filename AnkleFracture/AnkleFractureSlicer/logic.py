@@ -532,7 +532,27 @@ class AnkleFractureSceneLogic:
             nodes.table.SetAttribute(N.ROLE_ATTRIBUTE, "table")
         result = dict(result, stage=stage, folder=str(folder))
         N.updateTableFromResult(nodes.table, result)
+        for node in (nodes.segmentation, nodes.transform, nodes.template, nodes.roi,
+                     nodes.gradcam, nodes.table):
+            if node is not None:
+                node.SetAttribute(N.CT_ATTRIBUTE, ctNode.GetID())
         return StageOutput(stage, folder, result, nodes)
+
+    @staticmethod
+    def nodesFor(ctNode: Any, nodes: ResultNodes) -> ResultNodes:
+        """The result nodes that belong to ``ctNode``; those made for another CT are dropped
+        (None), so choosing another CT never overwrites the first one's results. A
+        segmentation the user made or chose (not one of ours) is kept."""
+        def mine(node: Any) -> Any:
+            if node is None or ctNode is None:
+                return None
+            return node if node.GetAttribute(N.CT_ATTRIBUTE) == ctNode.GetID() else None
+
+        segmentation = nodes.segmentation
+        if segmentation is not None and segmentation.GetAttribute(N.CT_ATTRIBUTE) is not None:
+            segmentation = mine(segmentation)
+        return ResultNodes(segmentation, mine(nodes.transform), mine(nodes.template),
+                           mine(nodes.roi), mine(nodes.gradcam), mine(nodes.table))
 
     @staticmethod
     def resultOf(tableNode: Any) -> Optional[Dict[str, Any]]:

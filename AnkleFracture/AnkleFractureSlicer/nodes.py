@@ -32,6 +32,8 @@ from AnkleFractureSlicer.terminology import BONES, Bone, boneForSegmentName
 ROLE_ATTRIBUTE = "AnkleFracture.Role"
 #: Table attribute holding the whole result.json (the panel is restored from it).
 RESULT_ATTRIBUTE = "AnkleFracture.Result"
+#: Attribute naming the CT node (its ID) a result node was made for.
+CT_ATTRIBUTE = "AnkleFracture.CT"
 #: The four classes, in the classifier's order, and how the panel names them.
 CLASS_NAMES = (("none", "No fracture"), ("A", "Weber A"), ("B", "Weber B"), ("C", "Weber C"))
 
