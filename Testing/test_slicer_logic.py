@@ -433,3 +433,14 @@ def test_demo_phantom_loads_as_a_ct_node(logic, scene):
     with pytest.raises(InputError, match="demo phantom"):
         logic.loadDemoPhantom("D")
     scene.RemoveNode(node)
+
+
+def test_results_root_is_the_chosen_folder_else_one_temporary_folder(scene, tmp_path):
+    logic = AnkleFractureSceneLogic(scene)
+    temporary = logic.resultsRoot
+    logic.resultsRoot = None          # the panel's empty field, on every click
+    assert logic.resultsRoot == temporary and temporary.is_dir()
+    logic.resultsRoot = tmp_path
+    assert logic.resultsRoot == tmp_path
+    logic.resultsRoot = "."           # emptied again: back to the same temporary folder
+    assert logic.resultsRoot == temporary

@@ -253,6 +253,7 @@ class AnkleFractureSceneLogic:
         self.scene = scene
         N.segmentationsLogic(scene)  # segmentations need its converters (slicer-core alone)
         self._resultsRoot = Path(resultsRoot) if resultsRoot else None
+        self._tempRoot: Optional[Path] = None
         self._pipeline: Any = None
         self._pipelineKey: Any = None
         self._template: Any = None
@@ -261,9 +262,12 @@ class AnkleFractureSceneLogic:
     # ------------------------------------------------------------------ folders and models
     @property
     def resultsRoot(self) -> Path:
-        if self._resultsRoot is None:
-            self._resultsRoot = Path(tempfile.mkdtemp(prefix="AnkleFracture-"))
-        return self._resultsRoot
+        """The chosen results folder, else one temporary folder for the whole session."""
+        if self._resultsRoot is not None:
+            return self._resultsRoot
+        if self._tempRoot is None:
+            self._tempRoot = Path(tempfile.mkdtemp(prefix="AnkleFracture-"))
+        return self._tempRoot
 
     @resultsRoot.setter
     def resultsRoot(self, value: Optional[PathLike]) -> None:
