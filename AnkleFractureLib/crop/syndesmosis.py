@@ -59,13 +59,12 @@ class SyndesmosisCrop:
 
 # ---------------------------------------------------------------------- helpers
 def _check_matrix(matrix: np.ndarray) -> np.ndarray:
-    m = np.asarray(matrix, dtype=float)
-    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
-        raise GeometryError(f"patient_to_template must be a finite 4x4 matrix, got shape {m.shape}")
-    if not np.allclose(m[3], [0.0, 0.0, 0.0, 1.0]) or abs(np.linalg.det(m[:3, :3])) < 1e-6:
-        raise GeometryError("patient_to_template must be an invertible affine matrix "
-                            "(last row 0 0 0 1)")
-    return m
+    from AnkleFractureLib.geometry.arrays import affine_matrix_problem
+
+    problem = affine_matrix_problem(matrix)
+    if problem:
+        raise GeometryError(f"patient_to_template: {problem}")
+    return np.asarray(matrix, dtype=float)
 
 
 def _grid_points(size: Sequence[int], spacing: np.ndarray, origin: np.ndarray,

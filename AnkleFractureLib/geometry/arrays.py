@@ -34,3 +34,23 @@ def bounding_box(mask: np.ndarray, pad: int = 0) -> Optional[Slices]:
     hi = (int(z[-1]) + 1, int(y[-1]) + 1, int(x[-1]) + 1)
     return tuple(slice(max(a - pad, 0), min(b + pad, n))  # type: ignore[return-value]
                  for a, b, n in zip(lo, hi, mask.shape))
+
+
+def affine_matrix_problem(matrix: object) -> Optional[str]:
+    """Why ``matrix`` is not a finite, invertible 4x4 affine matrix (last row 0 0 0 1), or None.
+
+    Callers raise their own error with the reason: a transform file gives an InputError naming
+    the file, an in-memory matrix a GeometryError.
+
+    Example:
+        >>> affine_matrix_problem(np.eye(4)) is None, affine_matrix_problem(np.zeros((4, 4)))
+        (True, 'the last row must be (0, 0, 0, 1), got [0.0, 0.0, 0.0, 0.0]')
+    """
+    m = np.asarray(matrix, dtype=float)
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+        return f"expected a finite 4x4 matrix, got shape {m.shape}"
+    if not np.allclose(m[3], [0.0, 0.0, 0.0, 1.0]):
+        return f"the last row must be (0, 0, 0, 1), got {m[3].tolist()}"
+    if abs(np.linalg.det(m[:3, :3])) < 1e-6:
+        return "the matrix is singular"
+    return None

@@ -28,14 +28,12 @@ REQUIRED_KEYS = ("patient_to_template", "side", "mirrored", "rms_mm", "inlier_fr
 
 def check_matrix(matrix: Any, where: PathLike = None) -> np.ndarray:
     """A finite, invertible 4x4 affine matrix with last row (0, 0, 0, 1), or InputError."""
-    m = np.asarray(matrix, dtype=float)
-    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
-        raise InputError(where, f"expected a finite 4x4 matrix, got shape {m.shape}")
-    if not np.allclose(m[3], [0, 0, 0, 1]):
-        raise InputError(where, f"last row of the matrix must be (0, 0, 0, 1), got {m[3].tolist()}")
-    if abs(np.linalg.det(m[:3, :3])) < 1e-6:
-        raise InputError(where, "the matrix is singular")
-    return m
+    from AnkleFractureLib.geometry.arrays import affine_matrix_problem
+
+    problem = affine_matrix_problem(matrix)
+    if problem:
+        raise InputError(where, problem)
+    return np.asarray(matrix, dtype=float)
 
 
 def write_transform_json(data: Dict[str, Any], path: PathLike) -> None:
