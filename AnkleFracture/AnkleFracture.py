@@ -237,16 +237,15 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for button in (self.ui.segmentButton, self.ui.registerButton, self.ui.classifyButton,
                        self.ui.runAllButton):
             button.enabled = hasCt and not busy
-        self.ui.cancelButton.enabled = busy
+        training = self._training is not None
+        self.ui.cancelButton.enabled = busy or training  # a stage first, else the training
         self.ui.exportButton.enabled = (hasCt and not busy
                                         and _pathOrNone(p.datasetFolder) is not None)
-        training = self._training is not None
         self.ui.trainSegButton.enabled = not training and self._datasetCounts() is not None
         self.ui.trainClsButton.enabled = self.ui.trainSegButton.enabled
         self.ui.useNewModelsButton.enabled = self._newModel is not None
         self._updateDatasetLabel()
-        own = self.logic.sceneLogic.nodesFor(p.inputVolume, self._currentNodes())
-        self._showResult(self.logic.sceneLogic.resultOf(own.table))
+        self._showResult(self._ownResult())
         self._updateDisplay()
 
     # ------------------------------------------------------------------ display
@@ -337,6 +336,9 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             self._job.cancel()
             self.ui.statusLabel.text = "Cancelling..."
+        elif self._training is not None:
+            self._training[1].cancel()
+            self.ui.trainingStatusLabel.text = "Cancelling the training..."
 
     def onPoll(self) -> None:
         if self._job is not None:
@@ -380,6 +382,12 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     out.nodes.segmentation.CreateClosedSurfaceRepresentation()
         self._updateGui()
 
+    def _ownResult(self):
+        """The result shown: the last run's on the selected CT (None for another CT)."""
+        p = self._parameterNode
+        own = self.logic.sceneLogic.nodesFor(p.inputVolume, self._currentNodes())
+        return self.logic.sceneLogic.resultOf(own.table)
+
     def _currentNodes(self):
         from AnkleFractureSlicer.logic import ResultNodes
 
@@ -397,7 +405,7 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.resultTable = nodes.table
 
     def onSaveReport(self) -> None:
-        result = self.logic.sceneLogic.resultOf(self._parameterNode.resultTable)
+        result = self._ownResult()
         if not result or not result.get("folder"):
             return
         path = qt.QFileDialog.getSaveFileName(self.parent, "Save report",
@@ -432,7 +440,7 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not self.logic.ensureDependencies():
             return
-        result = self.logic.sceneLogic.resultOf(p.resultTable) or {}
+        result = self._ownResult() or {}
         side = p.side if p.side != "auto" else result.get("side")
         info = self._attempt("Could not export the case.",
                              lambda: self.logic.sceneLogic.exportTrainingCase(
