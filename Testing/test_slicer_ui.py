@@ -163,3 +163,10 @@ def test_module_file_keeps_heavy_imports_inside_methods():
                      else [node.module or ""])
             for name in names:
                 assert name.split(".")[0] not in heavy, f"top-level import of {name}"
+
+
+@pytest.mark.parametrize("path", [MODULE_FILE, *sorted(SLICER_PACKAGE.glob("*.py"))],
+                         ids=lambda p: p.name)
+def test_module_code_is_python_3_9(path: Path):
+    """Slicer 5.6 ships Python 3.9: no newer syntax in the module's files."""
+    ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
