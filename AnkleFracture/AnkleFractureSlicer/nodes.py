@@ -268,7 +268,7 @@ def labelMapFromSegmentation(segmentationNode: Any, ctNode: Any, scene: Any,
     ordered = [(bone.label, sid) for bone in BONES for sid in groups[bone.label]]
     if not ordered:
         return None
-    ct = volumeFromNode(ctNode)
+    ct = geometryFromNode(ctNode)  # the grid only: no copy of the CT's voxels
     fast = (_labelsFromBinaryLabelmaps(segmentationNode, ordered, ctNode, ct.shape)
             if direct else None)
     if fast is not None:
