@@ -65,7 +65,8 @@ def test_classify_writes_result_and_gradcam_on_the_ct_grid(data, tmp_path, capsy
     assert res["gradcam_class"] == res["prediction"]
     assert res["side"] in ("left", "right") and res["registration"]["side"] == res["side"]
     assert 0 < res["crop_coverage"] <= 1
-    assert len(res["model"]["sha256"]) == 64
+    assert len(res["models"]["classification"]["sha256"]) == 64
+    assert res["models"]["classification"]["used"] and not res["refused"]
     assert Path(res["input"]["seg"]) == Path(data["seg"]).resolve()
     assert "not for clinical use" in res["disclaimer"]
     assert "unsure" in res["uncertainty"]
@@ -78,7 +79,8 @@ def test_classify_writes_result_and_gradcam_on_the_ct_grid(data, tmp_path, capsy
     np.testing.assert_allclose(heat.direction, ct.direction, atol=1e-5)
     assert heat.array.min() >= 0.0 and heat.array.max() <= 1.0
     assert heat.array.max() > 0  # the crop lies in the CT: some voxels carry the heatmap
-    assert "prediction" in stdout and "#" in stdout and str(out / "result.json") in stdout
+    assert "prediction" in stdout and "#" in stdout and f"wrote {out}/" in stdout
+    assert "result.json" in stdout and str(out / "gradcam.nii.gz") in stdout
 
 
 def test_classify_explains_the_requested_class(data, tmp_path):

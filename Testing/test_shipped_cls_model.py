@@ -59,7 +59,7 @@ def test_classify_command_from_the_segment_command(tmp_path):
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert abs(sum(result["probabilities"].values()) - 1.0) < 1e-9
     assert result["prediction"] == "C"
-    assert result["model"]["sha256"] == hashlib.sha256(
+    assert result["models"]["classification"]["sha256"] == hashlib.sha256(
         (MODEL / "model.pt").read_bytes()).hexdigest()
     heat = read_image(tmp_path / "out" / "gradcam.nii.gz")
     assert heat.same_geometry(case.ct, atol=1e-5)

@@ -4,27 +4,32 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
-from pathlib import Path
-from typing import Any, Dict, List
 
-from AnkleFractureLib.cli.common import bar_chart, check_out_dir, check_tta, prediction_line
+from AnkleFractureLib.cli.common import check_out_dir, check_tta
 from AnkleFractureLib.cli.progress import ProgressBar
-
-DISCLAIMER = "research software, not for clinical use"
+from AnkleFractureLib.cli.run_cmd import summary_lines
 
 DESCRIPTION = """\
-Classify the ankle fracture of a CT as Danis-Weber none / A / B / C. The tibia/fibula
-segmentation SEG (on exactly the CT's grid, e.g. from 'ankle-fracture segment') is registered
-to the healthy template (a left ankle is mirrored first), the syndesmosis region is cropped
-and classified; test-time augmentation (--tta) gives an uncertainty that flags unsure cases,
-and Grad-CAM shows where the network looked. CT is an image file or a DICOM folder. Writes:
+Classify the ankle fracture of a CT as Danis-Weber none / A / B / C from a given tibia/fibula
+segmentation SEG (on exactly the CT's grid, e.g. from 'ankle-fracture segment', or corrected by
+hand). It is 'ankle-fracture run' without the segmentation network: the same sanity checks run
+on the CT, the segmentation, the registration and the crop, and when the scan cannot support an
+answer (voxels over 5 mm, the syndesmosis outside the field of view, no fibula, both legs and
+no --side, a failed registration) no Weber class is given and the reason is said (exit status
+0: a refusal is a result). Otherwise SEG is registered to the healthy template (a left ankle
+is mirrored first), the syndesmosis region is cropped and classified; test-time augmentation
+(--tta) gives an uncertainty that flags unsure cases, and Grad-CAM shows where the network
+looked. CT is an image file or a DICOM folder. Writes into DIR what 'run' writes (each file
+atomically, result.json last; files of stages that did not run are not written):
   DIR/result.json     probabilities (none, A, B, C; sum 1), prediction, uncertainty (unsure
-                      flag and reasons), side, registration, crop coverage, model (folder and
-                      SHA-256 of model.pt), timings, inputs
+                      flag and reasons), side, registration, crop coverage, findings and
+                      warnings, refusal, models (folders and SHA-256 of the weights), timings,
+                      input (CT and SEG); the same schema as 'run' and 'batch'
   DIR/gradcam.nii.gz  Grad-CAM heatmap (float32, 0..1, 1 = most important) on the CT's own
                       grid: load it over the CT in 3D Slicer
-Both are written only once everything is computed. Research software, not for clinical use."""
+  DIR/segmentation.nii.gz, transform.json, transform.tfm, syndesmosis_crop.nii.gz,
+  report.png          as 'run' writes them (the segmentation is SEG as used)
+Research software, not for clinical use."""
 
 EXAMPLES = """\
 examples:
@@ -58,99 +63,40 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=run)
 
 
-def _unsure_reasons(uncertainty: Dict[str, Any]) -> List[str]:
-    for key in ("reasons", "unsure_reasons"):
-        if uncertainty.get(key):
-            return [str(r) for r in uncertainty[key]]
-    return []
-
-
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from AnkleFractureLib.classification.inference import WeberClassifier, classify_ct
-    from AnkleFractureLib.classification.plans import CLASSES
     from AnkleFractureLib.errors import InputError
-    from AnkleFractureLib.io import atomic_write_json, read_image, write_image
-    from AnkleFractureLib.segmentation.model_io import WEIGHTS_FILE, sha256_file
+    from AnkleFractureLib.io import read_image
+    from AnkleFractureLib.pipeline.pipeline import Pipeline, PipelineOptions, write_outputs
 
     check_tta(args.tta)
     out = check_out_dir(args.out)
-    t0 = time.perf_counter()
     bar = ProgressBar("classify", enabled=not args.quiet)
     bar(0.0, "reading the CT")
     ct = read_image(args.ct)
-    bar(0.05, "reading the segmentation")
+    bar(0.04, "reading the segmentation")
     seg = read_image(args.seg)
     if not seg.same_geometry(ct, atol=1e-4):
         raise InputError(args.seg, "the segmentation is not on the CT's grid (shape "
                                    f"{seg.shape} vs {ct.shape}, or spacing / origin / direction "
                                    "differ); use the label map made for this CT (e.g. by "
                                    "'ankle-fracture segment')")
-    bar(0.08, "loading the classifier")
-    classifier = WeberClassifier.load(args.model, args.device)
+    pipeline = Pipeline(PipelineOptions(side=args.side, device=args.device, tta=args.tta,
+                                        cls_model_dir=args.model,
+                                        gradcam_class=args.gradcam_class))
+    bar(0.06, "loading the classifier")
+    _ = pipeline.classifier  # a missing or unreadable model is an error before any work
 
-    def stage(fraction: float, message: str) -> None:
-        bar(0.1 + 0.85 * fraction, message)
+    def progress(fraction: float, message: str) -> None:
+        bar(0.08 + 0.88 * fraction, message)
 
-    output = classify_ct(ct, seg, classifier=classifier, side=args.side, tta=args.tta,
-                         gradcam_class=args.gradcam_class, progress=stage)
-    result = output["result"]
-    heat = output["gradcam"]
-    registration = output["registration"]
-    crop = output["crop"]
-    if not heat.same_geometry(ct, atol=1e-4):  # the contract of classify_ct; never write a
-        raise RuntimeError("the Grad-CAM volume is not on the CT's grid")  # misplaced heatmap
-
-    # Exact probability vector (the float32 softmax sums to 1 only to ~1e-7).
-    p = np.asarray([float(result.probabilities[c]) for c in CLASSES], dtype=np.float64)
-    p = p / p.sum()
-    probabilities = {c: float(v) for c, v in zip(CLASSES, p)}
-    warnings: List[str] = list(registration.warnings) if registration is not None else []
-    coverage = float(getattr(crop, "coverage", 1.0))
-    if coverage < 0.9:
-        warnings.append(f"only {coverage:.0%} of the syndesmosis box lies inside the CT's "
-                        "field of view")
-    model_dir = classifier.model_dir
-    timings = {k: round(float(v), 4) for k, v in result.timings.items()}
-    timings["total"] = round(time.perf_counter() - t0, 4)
-    data: Dict[str, Any] = {
-        "probabilities": probabilities,
-        "prediction": result.prediction,
-        "uncertainty": result.uncertainty,
-        "gradcam_class": result.gradcam_class,
-        "side": registration.side if registration is not None else
-        (None if args.side == "auto" else args.side),
-        "registration": registration.to_json() if registration is not None else None,
-        "crop": classifier.plans.crop,
-        "crop_coverage": round(coverage, 4),
-        "warnings": warnings,
-        "model": {"dir": None if model_dir is None else str(model_dir),
-                  "sha256": None if model_dir is None else sha256_file(model_dir / WEIGHTS_FILE)},
-        "timings_s": timings,
-        "input": {"ct": os.path.abspath(args.ct), "seg": os.path.abspath(args.seg)},
-        "disclaimer": DISCLAIMER,
-    }
-    # Everything is computed: only now touch the output folder (each file atomically, the
-    # result last, so a result.json always has its heatmap beside it).
-    bar(0.97, "writing")
-    out.mkdir(parents=True, exist_ok=True)
-    write_image(heat.with_array(heat.array.astype(np.float32)), out / "gradcam.nii.gz")
-    atomic_write_json(out / "result.json", data)
+    # The same run as 'ankle-fracture run', with SEG instead of the segmentation network:
+    # every check between the stages applies, refusals included.
+    result = pipeline.run(ct, progress=progress, label=seg)
+    result.input["seg"] = os.path.abspath(args.seg)
+    bar(0.96, "writing")
+    data = write_outputs(result, out, ct)
     bar(1.0, "done")
-
-    print(f"Danis-Weber classification of {args.ct}"
-          + (f" ({data['side']} ankle)" if data["side"] else ""))
-    print("\n".join(bar_chart(probabilities, result.prediction)))
-    print(prediction_line(probabilities, result.prediction))
-    if result.uncertainty.get("unsure"):
-        reasons = _unsure_reasons(result.uncertainty)
-        print("UNSURE: " + ("; ".join(reasons) if reasons else "the uncertainty is high")
-              + " - review the CT")
-    for w in warnings:
-        print(f"warning: {w}")
-    print(f"wrote {out / 'result.json'} and {out / 'gradcam.nii.gz'} "
-          f"(Grad-CAM of class {result.gradcam_class}; {timings['total']:.1f} s on "
-          f"{classifier.device})")
-    print(f"{DISCLAIMER}.")
+    print("\n".join(summary_lines(data, out)))
+    if data.get("gradcam_class"):
+        print(f"Grad-CAM of class {data['gradcam_class']}: {out / 'gradcam.nii.gz'}")
     return 0

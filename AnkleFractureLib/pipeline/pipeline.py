@@ -65,6 +65,7 @@ class PipelineOptions:
         seg_model_dir: Segmentation model folder (None: the shipped one).
         cls_model_dir: Classifier folder (None: the shipped one).
         template_dir: Template folder (None: the shipped healthy right ankle).
+        gradcam_class: Class the Grad-CAM heatmap explains (None: the prediction).
     """
 
     side: str = "auto"
@@ -73,12 +74,16 @@ class PipelineOptions:
     seg_model_dir: Optional[PathLike] = None
     cls_model_dir: Optional[PathLike] = None
     template_dir: Optional[PathLike] = None
+    gradcam_class: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.side not in ("auto", "left", "right"):
             raise InputError(None, f"side must be auto, left or right, got {self.side!r}")
         if self.tta is not None and int(self.tta) < 0:
             raise InputError(None, f"tta must be >= 0, got {self.tta}")
+        if self.gradcam_class not in (None, "none", "A", "B", "C"):
+            raise InputError(None, "gradcam_class must be none, A, B or C, got "
+                                   f"{self.gradcam_class!r}")
 
 
 @dataclass
@@ -392,7 +397,8 @@ class Pipeline:
             registration: The registration (used when ``crop`` is None).
             crop: A crop from :meth:`crop` (computed when None). A classifier trained on raw
                 CT crops (plans ``crop == "raw"``) gets its own crop.
-            gradcam_class: Class the heatmap explains (default: the prediction).
+            gradcam_class: Class the heatmap explains (default: the options' class, else the
+                prediction).
 
         Returns:
             A :class:`ClassificationOutput`; ``result.timings`` has "classify", "gradcam".
@@ -405,7 +411,7 @@ class Pipeline:
         elif crop is None:
             crop = self.crop(ct, label, registration)
         result = clf.classify(crop, tta=self.options.tta, gradcam=True,
-                              gradcam_class=gradcam_class)
+                              gradcam_class=gradcam_class or self.options.gradcam_class)
         t = time.perf_counter()
         # Clipped inside the box only: no extra full-size copies of a 512^2 x 350 grid.
         heat = crop_to_ct(result.gradcam, crop, ct, interpolation="linear", default_value=0.0,
