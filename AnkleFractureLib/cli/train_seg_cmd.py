@@ -31,6 +31,7 @@ examples:
   ankle-fracture train-seg data/phantoms --out models/seg_quick --epochs 20 --max-minutes 30
   ankle-fracture train-seg data/phantoms --out models/seg --resume --epochs 300
   ankle-fracture train-seg data/phantoms --out models/seg_sgd --optimizer sgd --lr 0.01
+  ankle-fracture train-seg data/phantoms --out models/seg_dr --randomise full
   torchrun --nproc_per_node=4 -m AnkleFractureLib train-seg data/ --out models/seg"""
 
 
@@ -57,6 +58,12 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                         "multiples of 16 (default from the plans: 96 96 96)")
     p.add_argument("--plans", metavar="PLANS_JSON",
                    help="start from these segmentation plans instead of the defaults")
+    p.add_argument("--randomise", choices=["off", "light", "full"], default=None,
+                   help="domain randomisation of the training patches (SynthSeg-style random "
+                        "tissue intensities, bias field, slice thickness, blur, noise, kernel, "
+                        "metal, field-of-view cuts) so that a phantom-trained model relies on "
+                        "shape rather than the phantoms' exact HU; default off for a new run "
+                        "(as the shipped model was trained), the checkpoint's on --resume")
     p.add_argument("--val-fraction", type=float, default=0.15, metavar="F",
                    help="share of cases held out for validation (default 0.15, >= 1 case)")
     p.add_argument("--seed", type=int, default=0,
@@ -100,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, seed=args.seed, max_minutes=args.max_minutes,
         resume=args.resume, device=args.device, num_workers=args.num_workers,
         cache_dir=args.cache_dir, optimizer=args.optimizer, num_threads=args.threads,
-        keep_checkpoint=args.keep_checkpoint,
+        keep_checkpoint=args.keep_checkpoint, randomise=args.randomise,
         progress=ProgressBar("train-seg", enabled=main_rank and not args.quiet),
         log=print if main_rank else None)
     if main_rank:

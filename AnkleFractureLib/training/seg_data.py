@@ -9,6 +9,10 @@ Patches are drawn like nnU-Net: 2/3 centred on a random bone voxel (tibia and fi
 often, because the fibula is smaller and harder) and 1/3 anywhere, then augmented with one
 random rotation (+-15 deg about each axis) and isotropic scaling (0.9-1.1) applied as a single
 resampling, a left-right flip, contrast/brightness jitter, Gaussian noise and a light blur.
+Optionally (``randomise``, off by default) each patch then gets a random appearance
+(:mod:`AnkleFractureLib.training.seg_randomise`: SynthSeg-style per-tissue intensities, bias
+field, resolution, noise, kernel, metal, field-of-view cuts), so the network learns shape and
+edges rather than the phantoms' exact HU.
 
 Every random choice of training step ``s`` comes from a generator seeded with
 (seed, rank, s), so a batch depends only on those three numbers: the same seed gives the same
@@ -36,6 +40,7 @@ from AnkleFractureLib.errors import InputError
 
 if TYPE_CHECKING:
     from AnkleFractureLib.segmentation.plans import SegPlans
+    from AnkleFractureLib.training.seg_randomise import RandomiseConfig
 
 #: Version of the cache file content; bump when preparation changes meaning.
 CACHE_VERSION = 1
@@ -335,6 +340,10 @@ class PatchSampler:
         foreground_fraction: Share of patches centred on a bone voxel (tibia and fibula
             equally often); the rest are centred anywhere in the volume.
         augment: Augmentation settings (None: :class:`AugmentConfig` defaults).
+        randomise: Domain randomisation applied last to every patch
+            (:class:`~AnkleFractureLib.training.seg_randomise.RandomiseConfig`; its
+            ``hu_window`` must be the cases' window). None (default): none, and the patches
+            are exactly those of earlier versions.
 
     Example:
         >>> lab = np.zeros((20, 20, 20), np.uint8)
@@ -348,7 +357,8 @@ class PatchSampler:
 
     def __init__(self, cases: Sequence[PreparedCase], patch_size: Sequence[int], seed: int,
                  rank: int = 0, foreground_fraction: float = 2.0 / 3.0,
-                 augment: Optional[AugmentConfig] = None) -> None:
+                 augment: Optional[AugmentConfig] = None,
+                 randomise: Optional["RandomiseConfig"] = None) -> None:
         if not cases:
             raise InputError(None, "no training cases")
         self.cases = list(cases)
@@ -357,6 +367,7 @@ class PatchSampler:
         self.rank = int(rank)
         self.foreground_fraction = float(foreground_fraction)
         self.augment = augment if augment is not None else AugmentConfig()
+        self.randomise = randomise
 
     def rng(self, step: int) -> np.random.Generator:
         """The generator of training step ``step``."""
@@ -403,6 +414,12 @@ class PatchSampler:
         if rng.random() < aug.p_blur:
             sigma = rng.uniform(*aug.blur_sigma)
             img = _gaussian_blur(torch.from_numpy(img)[None, None], sigma)[0, 0].numpy()
+        if self.randomise is not None:
+            from AnkleFractureLib.training.seg_randomise import randomise_patch
+
+            # Last, after every earlier draw of the patch (so those stay as without it); it
+            # ends with the clip to [0, 1] and cuts the label with the image.
+            img, lab = randomise_patch(img, np.ascontiguousarray(lab), rng, self.randomise)
         return img, np.ascontiguousarray(lab)
 
     def batch(self, step: int, batch_size: int) -> Tuple[np.ndarray, np.ndarray]:

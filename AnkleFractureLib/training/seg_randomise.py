@@ -74,10 +74,10 @@ LEVELS = ("off", "light", "full")
 #: non-monotone target range HU). Air (-1000 HU) stays fixed: it is what the scan shows outside
 #: the body, the padding outside a case and the sliding-window padding at inference.
 TISSUE_BANDS: Tuple[Tuple[str, float, Tuple[float, float], Tuple[float, float]], ...] = (
-    ("fat", -100.0, (-250.0, 0.0), (-300.0, 200.0)),
-    ("soft_tissue", 40.0, (-50.0, 150.0), (-150.0, 250.0)),
-    ("cancellous_bone", 300.0, (50.0, 700.0), (-150.0, 800.0)),
-    ("cortical_bone", 1500.0, (600.0, 2000.0), (600.0, 2000.0)),
+    ("fat", -100.0, (-300.0, 50.0), (-300.0, 200.0)),
+    ("soft_tissue", 40.0, (-100.0, 200.0), (-150.0, 250.0)),
+    ("cancellous_bone", 300.0, (0.0, 800.0), (-150.0, 800.0)),
+    ("cortical_bone", 1500.0, (500.0, 2000.0), (500.0, 2000.0)),
     ("dense_top", 2000.0, (1200.0, 2000.0), (1200.0, 2000.0)),
 )
 #: Minimum HU by which the cortical band stays above soft tissue and fat in every draw.

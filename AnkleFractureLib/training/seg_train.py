@@ -1,7 +1,8 @@
 """Training of the tibia/fibula segmentation network (MONAI 3D U-Net).
 
 The method follows nnU-Net's recipe at a small scale: patches with foreground oversampling and
-spatial/intensity augmentation (:mod:`AnkleFractureLib.training.seg_data`), Dice +
+spatial/intensity augmentation (:mod:`AnkleFractureLib.training.seg_data`; optionally domain
+randomisation, :mod:`AnkleFractureLib.training.seg_randomise`), Dice +
 cross-entropy loss, a polynomial learning-rate decay, gradient clipping, validation by
 sliding-window inference on whole held-out cases after every epoch, and the best model by mean
 validation Dice kept in the model folder::
@@ -58,6 +59,7 @@ from AnkleFractureLib.training.distributed import (DistContext, all_reduce_max, 
 from AnkleFractureLib.training.seg_data import (AugmentConfig, PatchSampler, PreparedCase,
                                                 iterate_batches, load_cases, segmented_cases,
                                                 split_cases)
+from AnkleFractureLib.training.seg_randomise import LEVELS, RandomiseConfig, randomise_config
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "training_log.csv"
@@ -267,6 +269,7 @@ def train_segmentation(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathL
                        log: Optional[LogCallback] = print, optimizer: str = "adamw",
                        weight_decay: Optional[float] = None, keep_checkpoint: bool = True,
                        augment: Optional[AugmentConfig] = None,
+                       randomise: "str | RandomiseConfig | None" = None,
                        num_threads: Optional[int] = None,
                        command: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train the tibia/fibula segmentation network on a dataset's segmented cases.
@@ -300,6 +303,12 @@ def train_segmentation(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathL
             the run stops early, so that it can resume). The shipped model needs only
             plans.json and model.pt.
         augment: Augmentation settings (None: :class:`AugmentConfig` defaults).
+        randomise: Domain randomisation of the patches
+            (:mod:`AnkleFractureLib.training.seg_randomise`): "off", "light", "full" or a
+            :class:`~AnkleFractureLib.training.seg_randomise.RandomiseConfig` (its window and
+            spacing are replaced by the plans'). None: "off" for a new run (what earlier
+            versions trained, so the shipped model's documented command is unchanged), the
+            checkpoint's setting on resume. Recorded in training.json ``hparams.randomise``.
         num_threads: torch CPU threads per process (None: cores // number of processes).
         command: Command line recorded in training.json (default ``sys.argv``).
 
@@ -315,7 +324,7 @@ def train_segmentation(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathL
     t_start = time.monotonic()
     started = _now()
     _check_args(epochs, steps_per_epoch, batch_size, lr, val_fraction, max_minutes, optimizer,
-                num_workers)
+                num_workers, randomise)
     ctx = init_distributed(device, num_threads)
     try:
         with _sigterm_as_interrupt():
@@ -327,6 +336,7 @@ def train_segmentation(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathL
                           log=(log or (lambda _m: None)) if ctx.is_main else (lambda _m: None),
                           optimizer=optimizer, weight_decay=weight_decay,
                           keep_checkpoint=keep_checkpoint, augment=augment,
+                          randomise=randomise,
                           command=list(sys.argv if command is None else command),
                           t_start=t_start, started=started)
     finally:
@@ -335,7 +345,7 @@ def train_segmentation(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathL
 
 def _check_args(epochs: int, steps_per_epoch: int, batch_size: int, lr: float,
                 val_fraction: float, max_minutes: Optional[float], optimizer: str,
-                num_workers: int) -> None:
+                num_workers: int, randomise: "str | RandomiseConfig | None" = None) -> None:
     problems = []
     if epochs < 1:
         problems.append(f"epochs must be >= 1, got {epochs}")
@@ -353,8 +363,23 @@ def _check_args(epochs: int, steps_per_epoch: int, batch_size: int, lr: float,
         problems.append(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
     if num_workers < 0:
         problems.append(f"num_workers must be >= 0, got {num_workers}")
+    if not (randomise is None or isinstance(randomise, RandomiseConfig) or randomise in LEVELS):
+        problems.append(f"randomise must be one of {list(LEVELS)}, got {randomise!r}")
     if problems:
         raise InputError(None, "; ".join(problems))
+
+
+def _resumed_randomise(stored: "str | Dict[str, Any]", given: "str | RandomiseConfig | None",
+                       plans: SegPlans, log: LogCallback) -> "str | Dict[str, Any]":
+    """The checkpoint's randomisation setting (a note when ``given`` asked for another)."""
+    if given is not None:
+        want = randomise_config(given, plans)
+        have = randomise_config(stored, plans)
+        if (want is None) != (have is None) or (want is not None and want != have):
+            log(f"note: resuming with the checkpoint's randomise="
+                f"{'off' if have is None else have.level} (not "
+                f"{'off' if want is None else want.level})")
+    return stored
 
 
 def _load_split_cases(ctx: DistContext, dataset: Dataset, train_ids: List[str],
@@ -379,7 +404,8 @@ def _train(ctx: DistContext, dataset_dir: Path, out: Path, *, plans: Optional[Se
            seed: int, max_minutes: Optional[float], resume: bool, num_workers: int,
            cache_dir: "os.PathLike[str] | str | None", progress: Optional[ProgressCallback],
            log: LogCallback, optimizer: str, weight_decay: Optional[float],
-           keep_checkpoint: bool, augment: Optional[AugmentConfig], command: List[str],
+           keep_checkpoint: bool, augment: Optional[AugmentConfig],
+           randomise: "str | RandomiseConfig | None", command: List[str],
            t_start: float, started: str) -> Dict[str, Any]:
     from monai.losses import DiceCELoss
 
@@ -405,6 +431,8 @@ def _train(ctx: DistContext, dataset_dir: Path, out: Path, *, plans: Optional[Se
         steps_per_epoch, batch_size, lr = hp["steps_per_epoch"], hp["batch_size"], hp["lr"]
         optimizer, seed, weight_decay = hp["optimizer"], hp["seed"], hp["weight_decay"]
         val_fraction = hp["val_fraction"]
+        # Checkpoints of earlier versions have no "randomise": they trained without it.
+        randomise = _resumed_randomise(hp.get("randomise", "off"), randomise, plans, log)
         missing = [c for c in train_ids + val_ids
                    if dataset.get(c) is None or not dataset.get(c).segmentation]
         if missing:
@@ -469,13 +497,17 @@ def _train(ctx: DistContext, dataset_dir: Path, out: Path, *, plans: Optional[Se
         log(f"resuming {out} at step {global_step} (epoch {global_step / steps_per_epoch:g} "
             f"of {epochs})")
 
-    sampler = PatchSampler(train_cases, patch, seed=seed, rank=ctx.rank, augment=augment)
+    randomise_cfg = randomise_config(randomise, plans)
+    sampler = PatchSampler(train_cases, patch, seed=seed, rank=ctx.rank, augment=augment,
+                           randomise=randomise_cfg)
     hparams = {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size,
                "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
                "val_fraction": val_fraction, "seed": seed, "grad_clip": GRAD_CLIP,
                "lr_schedule": f"poly {POLY_EXPONENT}", "loss": "DiceCE (softmax)",
                "patch_size": list(patch), "world_size": ctx.world_size,
-               "augment": vars(augment if augment is not None else AugmentConfig())}
+               "augment": vars(augment if augment is not None else AugmentConfig()),
+               # Kept in the checkpoint too, so --resume goes on with the same setting.
+               "randomise": "off" if randomise_cfg is None else randomise_cfg.to_json()}
     # epoch_losses: losses of the epoch in progress, kept in the checkpoint so that an epoch
     # interrupted by Ctrl-C is logged whole after --resume.
     state = {"status": "running", "global_step": global_step, "best": best,
