@@ -25,16 +25,29 @@ Tolerated quirks, reported in ``meta["warnings"]`` (the data is kept as is, neve
 * files with a DICOM extension (.dcm, .dicom, .ima) but no DICOM header, when other valid DICOM
   files are present, are skipped.
 
+Stripped headers (common after anonymisation) are stood in for, each named in
+``meta["warnings"]`` and listed in ``meta["missing_tags"]``:
+
+* no Modality: read as CT only when the pixel values are Hounsfield units (air at -1000 HU and
+  tissue or bone, :func:`_hu_problem`) and the SOP class, if any, is a CT one;
+* no ImageOrientationPatient on any slice: axial identity orientation (:data:`ASSUMED_IOP`);
+* no ImagePositionPatient: slices stacked in InstanceNumber order, SpacingBetweenSlices (else
+  SliceThickness) apart, from (0, 0, 0) mm;
+* no PixelSpacing: 1 mm.
+
 Refused (:class:`InputError` naming the path): missing path, empty folder, no DICOM, a file with
-the DICOM magic whose header cannot be parsed, non-CT modality, a single slice, a series mixing
-orientations / matrix sizes / pixel spacings, pixel data that neither pydicom nor SimpleITK can
-decode (e.g. truncated files), multi-frame files, and volumes above ``max_voxels``.
+the DICOM magic whose header cannot be parsed, non-CT modality (or, without a Modality tag, a
+non-CT SOP class or pixel values that are not HU), a single slice, a series mixing orientations
+/ matrix sizes / pixel spacings, slices that cannot be placed (orientation missing on some
+slices only; no position and no unique InstanceNumber or no slice distance), pixel data that
+neither pydicom nor SimpleITK can decode (e.g. truncated files), multi-frame files, and volumes
+above ``max_voxels``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -53,6 +66,15 @@ _ORIENTATION_ATOL = 1e-4  # direction cosines are DS strings with ~6 decimals
 _DUPLICATE_TOL_MM = 1e-3
 _TILT_WARN_DEG = 0.05
 _LOCALIZER_WORDS = ("LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW", "SCANOGRAM")
+#: SOP classes of CT images (CT, Enhanced CT, Legacy Converted Enhanced CT).
+CT_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1",
+                  "1.2.840.10008.5.1.4.1.1.2.2")
+#: Assumed ImageOrientationPatient when a series has none: axial, identity (row cosine +x
+#: towards the patient's left, column cosine +y towards posterior, normal +z towards the head).
+ASSUMED_IOP = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+#: Without a Modality tag, pixel data count as CT in HU when at least this share of the voxels
+#: is air (-1100..-900 HU) and at least this share is tissue or bone (-200..3100 HU).
+MIN_AIR_FRACTION, MIN_TISSUE_FRACTION = 0.005, 0.005
 
 
 # ---------------------------------------------------------------------------------- headers
@@ -76,6 +98,10 @@ class _SliceHeader:
     n_frames: int
     samples_per_pixel: int
     forced: bool  # parsed with force=True (no preamble), re-read the same way for pixels
+    sop_class: str = ""  # SOPClassUID (or the file meta's MediaStorageSOPClassUID)
+    has_instance_number: bool = True
+    slice_thickness: Optional[float] = None  # SliceThickness, mm
+    spacing_between: Optional[float] = None  # SpacingBetweenSlices, mm
 
 
 @dataclass
@@ -157,7 +183,22 @@ def _parse_header(ds: Any, path: str, forced: bool) -> _SliceHeader:
         n_frames=int(_num(ds, "NumberOfFrames", 1)),
         samples_per_pixel=int(_num(ds, "SamplesPerPixel", 1)),
         forced=forced,
+        sop_class=_sop_class(ds),
+        has_instance_number=ds.get("InstanceNumber", None) not in (None, ""),
+        slice_thickness=_positive(_num(ds, "SliceThickness", 0.0)),
+        spacing_between=_positive(_num(ds, "SpacingBetweenSlices", 0.0)),
     )
+
+
+def _positive(value: float) -> Optional[float]:
+    return value if value > 0 else None
+
+
+def _sop_class(ds: Any) -> str:
+    meta = getattr(ds, "file_meta", None)
+    sop = ds.get("SOPClassUID", None) or (meta.get("MediaStorageSOPClassUID", None)
+                                          if meta is not None else None)
+    return str(sop or "")
 
 
 def _read_header(path: str) -> Tuple[Optional[_SliceHeader], str]:
@@ -252,8 +293,13 @@ def _series_problem(headers: Sequence[_SliceHeader]) -> Tuple[str, bool]:
     """(problem, is_scout) for one series; problem "" means readable as CT."""
     first = headers[0]
     is_scout = any(w in t for t in first.image_type for w in _LOCALIZER_WORDS)
-    if first.modality != "CT":
-        return f"modality {first.modality or '(missing)'} is not CT", is_scout
+    if first.modality not in ("CT", ""):
+        return f"modality {first.modality} is not CT", is_scout
+    if not first.modality and first.sop_class and first.sop_class not in CT_SOP_CLASSES:
+        from pydicom.uid import UID
+
+        return (f"Modality missing and the SOP class is {UID(first.sop_class).name}, not CT "
+                f"(e.g. {first.path})", is_scout)
     if any(h.n_frames > 1 for h in headers):
         return "multi-frame (enhanced) DICOM is not supported; export as single-frame slices", \
             is_scout
@@ -262,15 +308,15 @@ def _series_problem(headers: Sequence[_SliceHeader]) -> Tuple[str, bool]:
     sizes = {(h.rows, h.cols) for h in headers}
     if len(sizes) > 1:
         return (f"mixed series: slices have different Rows/Columns {sorted(sizes)}", is_scout)
-    lacking = [h.path for h in headers if h.iop is None or h.ipp is None]
-    if lacking:
-        return (f"{len(lacking)} slices lack ImageOrientationPatient/ImagePositionPatient "
-                f"(e.g. {lacking[0]}), so they cannot be placed in space", is_scout)
-    if any(not np.allclose(h.iop, first.iop, atol=_ORIENTATION_ATOL) for h in headers):
-        # The classic 3-plane localizer shares one series UID across orientations.
-        return "mixed series: slices do not share one orientation", True
-    if _orthonormal_frame(first.iop) is None:
-        return f"invalid ImageOrientationPatient {list(first.iop)}", is_scout
+    problem = _placement_problem(headers)
+    if problem:
+        return problem, is_scout
+    if first.iop is not None:
+        if any(not np.allclose(h.iop, first.iop, atol=_ORIENTATION_ATOL) for h in headers):
+            # The classic 3-plane localizer shares one series UID across orientations.
+            return "mixed series: slices do not share one orientation", True
+        if _orthonormal_frame(first.iop) is None:
+            return f"invalid ImageOrientationPatient {list(first.iop)}", is_scout
     spacings = {h.pixel_spacing for h in headers if h.pixel_spacing is not None}
     if len(spacings) > 1 and not all(np.allclose(s, next(iter(spacings)), atol=1e-4)
                                      for s in spacings):
@@ -280,6 +326,28 @@ def _series_problem(headers: Sequence[_SliceHeader]) -> Tuple[str, bool]:
     if is_scout:
         return f"is a localizer/scout (ImageType {'/'.join(first.image_type)})", True
     return "", is_scout
+
+
+def _placement_problem(headers: Sequence[_SliceHeader]) -> str:
+    """Why the slices cannot be placed in space, or "" (missing tags that
+    :func:`_complete_geometry` can stand in for are not a problem)."""
+    no_iop = [h.path for h in headers if h.iop is None]
+    if no_iop and len(no_iop) < len(headers):
+        return (f"{len(no_iop)} of {len(headers)} slices lack ImageOrientationPatient "
+                f"(e.g. {no_iop[0]}), so they cannot be placed in space")
+    no_ipp = [h.path for h in headers if h.ipp is None]
+    if not no_ipp:
+        return ""
+    lack = (f"{len(no_ipp)} of {len(headers)} slices lack ImagePositionPatient "
+            f"(e.g. {no_ipp[0]})")
+    numbers = [h.instance_number for h in headers if h.has_instance_number]
+    if len(numbers) < len(headers) or len(set(numbers)) < len(numbers):
+        return (f"{lack} and InstanceNumber is missing or repeated, so the slices can neither "
+                "be placed nor ordered")
+    if headers[0].spacing_between is None and headers[0].slice_thickness is None:
+        return (f"{lack} and neither SpacingBetweenSlices nor SliceThickness gives the "
+                "distance between slices")
+    return ""
 
 
 def _group(headers: Sequence[_SliceHeader]) -> List[DicomSeries]:
@@ -295,7 +363,7 @@ def _group(headers: Sequence[_SliceHeader]) -> List[DicomSeries]:
             n_files=len(hs), rows=hs[0].rows, cols=hs[0].cols, files=[h.path for h in hs],
             problem=problem, is_scout=scout, _headers=hs))
     # Readable CT first, then by size: the order in which the reader would pick them.
-    out.sort(key=lambda s: (s.problem != "", -s.n_files, s.series_uid))
+    out.sort(key=lambda s: (s.problem != "", s.modality != "CT", -s.n_files, s.series_uid))
     return out
 
 
@@ -333,10 +401,11 @@ def _pick_series(folder: str, series: List[DicomSeries], series_uid: Optional[st
         return s
     readable = [s for s in series if not s.problem]
     if not readable:
-        ct = [s for s in series if s.modality == "CT"]
+        ct = [s for s in series if s.modality in ("CT", "")]
         if not ct:
-            mods = sorted({s.modality or "(missing)" for s in series})
-            raise InputError(folder, f"no CT series: modality {'/'.join(mods)} is not CT")
+            mods = sorted({s.modality for s in series})
+            raise InputError(folder, f"no CT series: modality {'/'.join(mods)} is not CT "
+                                     f"(e.g. {series[0].files[0]})")
         # Report the most promising CT series' problem (mixed series, single slice, ...).
         best = max(ct, key=lambda s: (not s.is_scout, s.n_files))
         raise InputError(folder, best.problem if len(series) == 1
@@ -436,17 +505,96 @@ def _sort_and_space(headers: List[_SliceHeader], frame: np.ndarray,
     return hs, spacing
 
 
+def _complete_geometry(headers: List[_SliceHeader], warnings: List[str]
+                       ) -> Tuple[List[_SliceHeader], List[str]]:
+    """Stand in for geometry tags an anonymised export dropped, saying so in ``warnings``.
+
+    ImageOrientationPatient missing on every slice: :data:`ASSUMED_IOP` (axial, identity).
+    ImagePositionPatient missing: the slices are stacked along the normal in InstanceNumber order,
+    SpacingBetweenSlices (else SliceThickness) mm apart, the lowest InstanceNumber at (0, 0, 0)
+    mm. PixelSpacing missing: 1 mm. (:func:`_placement_problem` has refused what cannot be
+    stood in for.)
+
+    Returns:
+        (headers with IOP and IPP set, names of the missing tags that were assumed).
+    """
+    missing: List[str] = []
+    if headers[0].iop is None:
+        missing.append("ImageOrientationPatient")
+        headers = [replace(h, iop=np.asarray(ASSUMED_IOP, dtype=float)) for h in headers]
+        warnings.append(
+            "ImageOrientationPatient missing (anonymised export?): assumed axial slices in the "
+            "standard orientation (identity: columns towards the patient's left, rows towards "
+            "posterior, slices from foot to head). The left/right side and the head/foot "
+            "direction follow from this assumption, not from the file: check the side on the "
+            "images")
+    if any(h.ipp is None for h in headers):
+        missing.append("ImagePositionPatient")
+        frame = _orthonormal_frame(headers[0].iop)
+        assert frame is not None  # guaranteed by _series_problem
+        first = headers[0]
+        step, source = ((first.spacing_between, "SpacingBetweenSlices")
+                        if first.spacing_between is not None
+                        else (first.slice_thickness, "SliceThickness"))
+        assert step is not None  # guaranteed by _placement_problem
+        low = min(h.instance_number for h in headers)
+        high = max(h.instance_number for h in headers)
+        headers = [replace(h, ipp=(h.instance_number - low) * step * frame[:, 2])
+                   for h in headers]
+        warnings.append(
+            f"ImagePositionPatient missing (anonymised export?): slices ordered by "
+            f"InstanceNumber ({low} to {high}, the lowest number first along the slice normal) "
+            f"and placed {step:.4g} mm apart ({source}), first slice at (0, 0, 0) mm; a "
+            "reversed numbering would turn the scan upside down (and swap left and right)")
+    if headers[0].pixel_spacing is None:
+        missing.append("PixelSpacing")
+        warnings.append("PixelSpacing missing; assuming 1 mm")
+    return headers, missing
+
+
+def _hu_problem(hu: np.ndarray) -> str:
+    """Why values do not look like CT in Hounsfield units, or "" when they do.
+
+    CT has air at -1000 HU around the body and tissue or bone at -200..3100 HU; MR, PET or CT
+    values stored without their RescaleIntercept have neither air nor negative values.
+    """
+    step = max(1, hu.shape[0] // 64)
+    sample = hu[::step, ::2, ::2]
+    air = float(np.mean((sample >= -1100) & (sample <= -900)))
+    tissue = float(np.mean((sample >= -200) & (sample <= 3100)))
+    if air >= MIN_AIR_FRACTION and tissue >= MIN_TISSUE_FRACTION:
+        return ""
+    return (f"the pixel values ({float(hu.min()):.0f} to {float(hu.max()):.0f}) do not look "
+            f"like CT in Hounsfield units ({100 * air:.2g} % air at -1000 HU, "
+            f"{100 * tissue:.2g} % tissue or bone at -200..3100 HU; CT needs at least "
+            f"{100 * MIN_AIR_FRACTION:g} % of each)")
+
+
+def _accept_as_ct(first: _SliceHeader, hu: np.ndarray, warnings: List[str],
+                  missing: List[str]) -> None:
+    """A series without Modality is read as CT only when its values are HU (else InputError,
+    naming the first file)."""
+    problem = _hu_problem(hu)
+    if problem:
+        raise InputError(first.path, f"Modality missing and {problem}: not read as CT (an MR "
+                                     "or other series, or RescaleIntercept missing?)")
+    missing.insert(0, "Modality")
+    air = float(np.mean(hu[::max(1, hu.shape[0] // 64), ::2, ::2] <= -900))
+    warnings.append(f"Modality missing (anonymised export?): read as CT because the pixel "
+                    f"values are Hounsfield units (air at -1000 HU in {100 * air:.0f} % of "
+                    f"the voxels, up to {float(hu.max()):.0f} HU)")
+
+
 def _assemble(folder: str, series: DicomSeries, warnings: List[str],
               max_voxels: int) -> Volume:
-    headers = series._headers
+    headers, missing = _complete_geometry(list(series._headers), warnings)
     first = headers[0]
     frame = _orthonormal_frame(first.iop)
     assert frame is not None  # guaranteed by _series_problem
-    hs, slice_spacing = _sort_and_space(list(headers), frame, warnings)
+    hs, slice_spacing = _sort_and_space(headers, frame, warnings)
     check_voxel_budget(folder, (first.cols, first.rows, len(hs)), max_voxels)
     if first.pixel_spacing is None:
-        warnings.append("PixelSpacing missing; assuming 1 mm")
-        row_sp, col_sp = 1.0, 1.0
+        row_sp, col_sp = 1.0, 1.0  # warned by _complete_geometry
     else:
         row_sp, col_sp = first.pixel_spacing
     if row_sp <= 0 or col_sp <= 0:
@@ -465,6 +613,8 @@ def _assemble(folder: str, series: DicomSeries, warnings: List[str],
             if not (float(h.slope).is_integer() and float(h.intercept).is_integer()):
                 integral = integral and np.array_equal(out[k], np.rint(out[k]))
     check_finite(folder, out)
+    if not first.modality:
+        _accept_as_ct(first, out, warnings, missing)
     info = np.iinfo(np.int16)
     if integral and out.size and info.min <= out.min() and out.max() <= info.max:
         array: np.ndarray = out.astype(np.int16)  # HU fit int16: half the memory
@@ -473,11 +623,12 @@ def _assemble(folder: str, series: DicomSeries, warnings: List[str],
     meta: Dict[str, Any] = {
         "source": folder,
         "format": "dicom",
-        "modality": first.modality,
+        "modality": "CT",
         "series_uid": series.series_uid,
         "series_description": series.description,
         "n_slices": len(hs),
         "warnings": warnings,
+        "missing_tags": missing,
     }
     return Volume(array, spacing=(col_sp, row_sp, slice_spacing),
                   origin=tuple(float(v) for v in hs[0].ipp), direction=frame, meta=meta)
@@ -497,9 +648,11 @@ def read_dicom_series(folder: PathLike, series_uid: Optional[str] = None, *,
         Volume with array (z, y, x) in HU (int16 when all values are integers within int16,
         else float32), spacing (x, y, z) mm where z is the median slice spacing, origin = LPS
         position of the first slice along the normal, direction columns = (row cosine, column
-        cosine, normal). ``meta`` holds "source", "format" ("dicom"), "modality", "series_uid",
-        "series_description", "n_slices" and "warnings" (non-uniform spacing, gantry tilt,
-        duplicate slices, several CT series, skipped unreadable files).
+        cosine, normal). ``meta`` holds "source", "format" ("dicom"), "modality" ("CT"),
+        "series_uid", "series_description", "n_slices", "warnings" (non-uniform spacing, gantry
+        tilt, duplicate slices, several CT series, skipped unreadable files, missing tags and
+        what was assumed instead) and "missing_tags" (names of the missing tags that were
+        stood in for, e.g. ["Modality", "ImageOrientationPatient"]).
 
     Raises:
         InputError: See the module docstring for the refused cases.

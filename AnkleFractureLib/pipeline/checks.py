@@ -12,6 +12,7 @@ check                      rule (thresholds are the module constants)           
                            slices > 3 mm or in-plane > 1.5 mm                           warning
                            > 0.05 ml of voxels above 3000 HU (metal)                    warning
                            reader notes (non-uniform slices, gantry tilt, ...)          warning
+                           geometry tags missing, placement assumed by the reader       warning
 :func:`check_segmentation` tibia or fibula < 0.2 ml (absent)                            refusal
                            tibia < 5 ml or fibula < 1 ml (implausibly small)            refusal
                            tibia < 15 ml or fibula < 3 ml                               warning
@@ -136,6 +137,9 @@ WARN_SIDE_CONFIDENCE = 0.8
 #: to slide up to 55 mm along the shaft) agree within 1.2 mm; the check stays as a safety net
 #: for anatomy the phantoms do not cover.
 WARN_JOINT_MM, REFUSE_JOINT_MM = 5.0, 15.0
+#: DICOM tags whose absence leaves the scan's placement in the patient assumed (the reader's
+#: ``meta["missing_tags"]``): a delivered class is then marked unsure.
+GEOMETRY_TAGS = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
 #: Voxels examined per bone in the label-only checks (larger masks are strided).
 MAX_VOXELS = 2_000_000
 
@@ -146,7 +150,7 @@ UNSURE_CODES = frozenset({
     "coarse_spacing", "metal", "small_tibia", "small_fibula", "fibula_large",
     "side_conflict", "side_unsure", "fov_short_above", "fov_short_below", "fov_coverage",
     "fov_bone_at_syndesmosis", "registration_rms", "registration_inliers", "registration_scale",
-    "registration_joint", "registration_note",
+    "registration_joint", "registration_note", "assumed_geometry",
 })
 
 
@@ -253,6 +257,13 @@ def check_ct(ct: Volume) -> List[Finding]:
                            {"metal_ml": metal_ml, "threshold_hu": METAL_HU}))
     for note in ct.meta.get("warnings", []) or []:
         out.append(Finding(WARNING, "reader_note", f"reading the CT: {note}"))
+    assumed = [t for t in ct.meta.get("missing_tags", []) or [] if t in GEOMETRY_TAGS]
+    if assumed:
+        out.append(Finding(WARNING, "assumed_geometry",
+                           f"the scan's geometry was assumed, not read ({', '.join(assumed)} "
+                           "missing from the DICOM headers): the side, the head/foot direction "
+                           "or the distances may be wrong; check them on the images",
+                           {"missing_tags": assumed}))
     return out
 
 
