@@ -35,6 +35,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--spacing", choices=["fast", "clinical", "mixed"], default="fast",
                    help="voxel grids: fast (~0.7-1.0 mm, seconds), clinical (~0.35 mm, 512x512x300-400) "
                         "or mixed (every fifth case clinical); default fast")
+    p.add_argument("--family", choices=["analytic", "vh", "mixed"], default="analytic",
+                   help="anatomy: analytic (the original implicit phantom), vh (real Visible "
+                        "Human bone shapes, deformed, realistic appearance, varied field of "
+                        "view) or mixed (blocks of four cases alternate); default analytic")
     p.add_argument("--preview", action="store_true", help="also write one PNG preview per case")
     p.add_argument("--dicom", action="store_true",
                    help="also write each CT as a DICOM series in DIR/dicom/<id>/")
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("ankle-fracture phantom: error: --n must be at least 1")
     ds = write_phantom_dataset(args.out, n=args.n, seed=args.seed, weber=args.weber,
                                side=args.side, spacing=args.spacing, preview=args.preview,
-                               dicom=args.dicom,
+                               dicom=args.dicom, family=args.family,
                                progress=ProgressBar("phantom", enabled=not args.quiet))
     counts = ds.counts()
     print(f"{ds.root}: {counts['cases']} cases "

@@ -25,11 +25,13 @@ def case_seed(seed: int, index: int) -> int:
 
 
 def case_plan(n: int, seed: int, weber: Optional[str] = None, side: Optional[str] = None,
-              spacing: str = "fast") -> List[dict]:
-    """The (id, seed, weber, side, spacing) of each of the ``n`` cases, without generating them.
+              spacing: str = "fast", family: str = "analytic") -> List[dict]:
+    """The (id, seed, weber, side, spacing, family) of each of the ``n`` cases, not generated.
 
     Classes cycle none, A, B, C unless ``weber`` fixes one; sides alternate unless ``side`` fixes
-    one; with ``spacing="mixed"`` every fifth case is clinical size, the rest fast.
+    one; with ``spacing="mixed"`` every fifth case is clinical size, the rest fast. ``family``
+    is "analytic", "vh" (real bone shapes; ids ``vh_<seed>_<i>``) or "mixed" (blocks of four
+    cases alternate, so each family gets every class).
 
     Example:
         >>> [(c["weber"], c["side"]) for c in case_plan(4, seed=0)]
@@ -43,6 +45,8 @@ def case_plan(n: int, seed: int, weber: Optional[str] = None, side: Optional[str
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     if spacing not in SPACING_MODES:
         raise ValueError(f"spacing must be one of {list(SPACING_MODES)}, got {spacing!r}")
+    if family not in ("analytic", "vh", "mixed"):
+        raise ValueError(f"family must be 'analytic', 'vh' or 'mixed', got {family!r}")
     plan = []
     for i in range(n):
         w = weber if weber is not None else CLASSES[i % len(CLASSES)]
@@ -53,8 +57,10 @@ def case_plan(n: int, seed: int, weber: Optional[str] = None, side: Optional[str
         else:
             s = _SIDE_ORDER[(i + i // len(CLASSES)) % 2]
         mode = spacing if spacing != "mixed" else ("clinical" if i % 5 == 4 else "fast")
-        plan.append({"id": f"phantom_{seed}_{i:04d}", "seed": case_seed(seed, i), "weber": w,
-                     "side": s, "spacing": mode, "index": i})
+        fam = family if family != "mixed" else ("analytic", "vh")[(i // 4) % 2]
+        prefix = "phantom" if fam == "analytic" else "vh"
+        plan.append({"id": f"{prefix}_{seed}_{i:04d}", "seed": case_seed(seed, i), "weber": w,
+                     "side": s, "spacing": mode, "index": i, "family": fam})
     return plan
 
 
@@ -74,7 +80,8 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
                           weber: Optional[str] = None, side: Optional[str] = None,
                           spacing: str = "fast", preview: bool = False, dicom: bool = False,
                           progress: Optional[ProgressCallback] = None,
-                          should_cancel: Optional[Callable[[], bool]] = None) -> Dataset:
+                          should_cancel: Optional[Callable[[], bool]] = None,
+                          family: str = "analytic") -> Dataset:
     """Generate ``n`` phantom cases into a dataset folder (added to it if it exists).
 
     Args:
@@ -90,6 +97,7 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
         progress: Called with (fraction done in [0, 1], message).
         should_cancel: Polled between cases; returning True raises CancelledError (the cases
             written so far stay in the index).
+        family: Phantom family: "analytic", "vh" or "mixed" (see :func:`case_plan`).
 
     Returns:
         The Dataset.
@@ -97,7 +105,7 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
     from AnkleFractureLib.phantom.generator import generate_case
     from AnkleFractureLib.phantom.preview import write_preview
 
-    plan = case_plan(n, seed, weber, side, spacing)
+    plan = case_plan(n, seed, weber, side, spacing, family)
     ds = Dataset.create(out, name="AnkleFracture phantom",
                         description="Synthetic ankle CT phantoms (AnkleFractureLib.phantom); "
                                     "demonstration data, not patient data.")
@@ -108,8 +116,9 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
         if progress is not None:
             progress(k / n, f"case {item['id']} ({item['weber']}, {item['side']}, {item['spacing']})")
         case = generate_case(item["seed"], weber=item["weber"], side=item["side"],
-                             spacing=item["spacing"])
+                             spacing=item["spacing"], family=item["family"])
         info = dict(case.info)
+        info.setdefault("family", item["family"])
         info["dataset_seed"] = seed
         info["dataset_index"] = item["index"]
         info["size_xyz"] = list(case.ct.size)

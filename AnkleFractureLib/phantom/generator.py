@@ -24,6 +24,9 @@ from AnkleFractureLib.phantom.fractures import WEBER_CLASSES, sample_fracture
 
 SIDES = ("left", "right")
 SPACING_MODES = ("fast", "clinical")
+#: Phantom families: "analytic" (implicit ellipse-based bones, the original phantom) and "vh"
+#: (real Visible Human bone shapes, deformed, with a realistic appearance; see real_generator).
+FAMILIES = ("analytic", "vh")
 
 #: Independent random streams per concern: np.random.default_rng([seed, STREAM[...]]).
 STREAM = {"anatomy": 1, "fracture": 2, "pose": 3, "grid": 4, "texture": 5, "noise": 6}
@@ -117,7 +120,8 @@ def plan_grid(seed: int, side: str, spacing: str, anatomy_seed: Optional[int] = 
 
 
 def generate_case(seed: int, weber: str = "none", side: str = "right",
-                  spacing: str = "fast", anatomy_seed: Optional[int] = None) -> PhantomCase:
+                  spacing: str = "fast", anatomy_seed: Optional[int] = None,
+                  family: str = "analytic") -> PhantomCase:
     """Generate one synthetic ankle CT, fully determined by the arguments.
 
     Args:
@@ -128,6 +132,9 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
             "clinical" (512 x 512 x 300-400, 0.3-0.45 mm in-plane, 0.5-0.7 mm slices).
         anatomy_seed: Seed of the anatomy alone (default: ``seed``). Cases that share it have
             the same bones under different poses, grids, fractures and noise.
+        family: "analytic" (default) or "vh" (:data:`FAMILIES`). A "vh" case's ``info`` also
+            holds ``family``, ``base_shape``, ``shape``, ``appearance``, ``fov_mm``,
+            ``both_legs``, ``foot_in_view`` and the shapes' ``credit``.
 
     Returns:
         The case. ``info`` holds: seed, weber, side, spacing_mode, ``anatomy_to_patient``
@@ -140,6 +147,10 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
         ValueError: For an unknown class, side or spacing mode, or a bad seed.
     """
     _validate(seed, weber, side, spacing)
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family == "vh":
+        return _generate_vh(seed, weber, side, spacing, anatomy_seed)
     anatomy, a2p, grid = plan_grid(seed, side, spacing, anatomy_seed)
     prof = anatomy.prof
 
@@ -170,4 +181,32 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
         "noise_sd_hu": round(noise_sd, 3),
         "grid": imaging.spacing_summary(grid),
     }
+    return PhantomCase(ct, label, info)
+
+
+def _generate_vh(seed: int, weber: str, side: str, spacing: str,
+                 anatomy_seed: Optional[int]) -> PhantomCase:
+    """A case of the real-shape family (see :mod:`AnkleFractureLib.phantom.real_generator`)."""
+    from AnkleFractureLib.phantom.real_generator import render_real
+
+    ct_arr, lab_arr, (anatomy, a2p, grid, fracture), extra = render_real(
+        seed, weber, side, spacing, anatomy_seed)
+    meta = {"source": "AnkleFractureLib.phantom", "family": "vh", "seed": int(seed),
+            "weber": weber, "side": side}
+    ct = Volume(ct_arr, grid.spacing, grid.origin, grid.direction.copy(), dict(meta, modality="CT"))
+    label = Volume(lab_arr, grid.spacing, grid.origin, grid.direction.copy(),
+                   dict(meta, modality="label"))
+    info: Dict[str, Any] = {
+        "seed": int(seed),
+        "anatomy_seed": int(seed if anatomy_seed is None else anatomy_seed),
+        "weber": weber,
+        "side": side,
+        "spacing_mode": spacing,
+        "anatomy_to_patient": [[round(float(v), 9) for v in row] for row in a2p],
+        "plafond_lps": [round(float(v), 4) for v in a2p[:3, 3]],
+        "fracture": fracture.to_dict(a2p),
+        "anatomy": anatomy.p.to_dict(),
+        "grid": imaging.spacing_summary(grid),
+    }
+    info.update(extra)
     return PhantomCase(ct, label, info)
