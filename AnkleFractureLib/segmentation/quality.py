@@ -1,0 +1,366 @@
+"""A label-free quality check of a tibia/fibula label map: does it match the bone the CT shows?
+
+No ground truth is needed. Above the ankle joint the leg holds exactly two bones, so on an
+axial slice of the CT there the bone (voxels above :data:`BONE_HU`, holes filled per slice so
+that the marrow inside the cortex counts as bone) shows exactly two cross-sections: a large one,
+the tibia, and a small one, the fibula. On every such slice the label map's tibia (1) and fibula
+(2) are compared with these two cross-sections (Dice per bone and slice). Slices that show
+anything else (the talus and malleoli, foot bones, both legs, a fracture fragment, tibia and
+fibula touching) are skipped rather than guessed at. Two whole-scan measures add what the
+two-bone slices cannot see:
+
+* ``label_off_bone``: the share of labelled voxels that lie on no bone at all (a label shifted
+  off the bone, or spread into soft tissue);
+* ``label_on_other_bone``: the share of labelled voxels that lie on bone *not connected* (in
+  3D, on the working grid) to the tibia and fibula cross-sections of the two-bone slices: foot
+  bones, the talus or the other leg labelled as tibia or fibula. Joint spaces (2-4 mm) separate
+  the talus from the tibia; where a joint is narrower than the working grid resolves, the talus
+  is taken for tibia, which can hide such a mistake but never raises a false alarm.
+
+Geometry: the slices are those of the CT's grid across the index axis closest to the patient's
+superior-inferior axis (LPS z); numpy arrays are (z, y, x). A leg tilted by 20-30 degrees
+still cuts each slice in two cross-sections, and the label map is compared on the very same
+slices, so nothing is resampled. The work is done on a subsampled grid (at most
+:data:`PITCH_MM` in-plane and :data:`AXIAL_PITCH_MM` between slices) restricted to the
+labelled leg's in-plane bounding box plus :data:`MARGIN_MM` (which also keeps the other leg out
+of view) over the whole length of the scan: a clinical 512 x 512 x 400 CT takes about 0.2 s.
+
+The distal part, :data:`DISTAL_MM` above the lowest two-bone slice, is reported on its own: the
+lowest slice with two separate cross-sections lies just above the tibiofibular contact at the
+incisura, so this is the syndesmosis region the Weber class is read from (the crop covers 0-60
+mm above the plafond).
+
+Example:
+    >>> lab = np.zeros((40, 60, 60), np.uint8)
+    >>> lab[:, 10:40, 10:40] = 1; lab[:, 20:30, 46:54] = 2
+    >>> ct = Volume(np.where(lab > 0, 1200, 0).astype(np.int16))
+    >>> q = label_free_agreement(ct, Volume(lab))
+    >>> q["level"], q["slices"], q["dice_tibia_mean"], q["dice_fibula_mean"]
+    ('ok', 40, 1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from AnkleFractureLib.geometry.volume import Volume
+
+TIBIA, FIBULA = 1, 2
+
+#: HU above which a voxel is bone (cortical bone is 1000-2000 HU, soft tissue below 100 HU;
+#: marrow and thin trabecular bone are counted through the per-slice hole filling instead).
+BONE_HU = 250.0
+#: Largest in-plane / between-slice spacing (mm) of the working grid (strides of the CT's grid).
+#: 0.8 mm keeps a 1 mm cortex closed; 1.5 mm keeps a 3 mm joint space open.
+PITCH_MM, AXIAL_PITCH_MM = 0.8, 1.5
+#: The working grid is subsampled further above this many voxels (speed on huge scans).
+MAX_WORK_VOXELS = 6_000_000
+#: In-plane margin (mm) around the labelled bones: a label shifted by up to ~15 mm still sees
+#: its bone; the other leg (bones 80+ mm apart) stays out.
+MARGIN_MM = 20.0
+#: Cross-sections smaller than this (mm^2) are ignored (vessel calcifications, noise, specks).
+MIN_SECTION_MM2 = 15.0
+#: Plausible cross-section areas (mm^2) above the ankle: the tibia 1-25 cm^2 (a child's shaft
+#: to an adult metaphysis), the fibula 0.2-6 cm^2, and the fibula at most 0.8 of the tibia.
+TIBIA_MM2, FIBULA_MM2, MAX_AREA_RATIO = (100.0, 2500.0), (20.0, 600.0), 0.8
+#: Centres of the two cross-sections farther apart (mm) than this are not one leg's bones.
+MAX_CENTRE_DISTANCE_MM = 60.0
+#: Two-bone slices farther apart (mm) than this along the leg are not one run (fracture
+#: fragments or tibia-fibula contact interrupt a run for a few mm; the malleoli for 15+ mm).
+MAX_GAP_MM = 10.0
+#: Fewer two-bone slices than this, or spanning less (mm), cannot be assessed.
+MIN_SLICES, MIN_SPAN_MM = 8, 10.0
+#: Length (mm) of the distal part above the lowest two-bone slice (see the module docstring).
+DISTAL_MM = 60.0
+#: Agreement below these mean Dice values (tibia, fibula; whole scan or distal part) is low.
+#: Correct phantom labels score >= 0.95 / 0.93 (the fibula is small, so its thresholded outline
+#: costs more Dice); a label shifted by 3 mm or eroded to a core drops below.
+MIN_DICE_TIBIA, MIN_DICE_FIBULA = 0.85, 0.75
+#: A slice is poor when either bone's Dice is below this; low above this share of poor slices.
+POOR_SLICE_DICE, MAX_POOR_FRACTION = 0.5, 0.15
+#: Low when more than this share of labelled voxels lies on no bone / on another bone.
+MAX_OFF_BONE, MAX_OTHER_BONE = 0.2, 0.05
+
+
+@dataclass
+class _Grid:
+    """The working grid: the CT and the labels on the labelled leg's box, long axis first."""
+
+    hu: np.ndarray          # (n, rows, cols) HU, a strided view of the CT
+    label: np.ndarray       # (n, rows, cols) label values, the same view of the label map
+    pitch: Tuple[float, float, float]  # mm between samples along (long, rows, cols)
+    up: float               # +1 when the working index grows towards superior, else -1
+
+
+def label_free_agreement(ct: Volume, label: Volume) -> Dict[str, Any]:
+    """How well a label map agrees with the bone of its CT, without any ground truth.
+
+    Args:
+        ct: The CT (HU), any direction matrix; numpy (z, y, x).
+        label: The label map (0 background, 1 tibia, 2 fibula) on exactly the CT's grid, one
+            leg (other values are ignored).
+
+    Returns:
+        A dict of plain JSON values: ``level`` ("ok", "low" or "not_assessable"),
+        ``assessable``, ``problems`` (plain-language reasons for "low"), ``reason`` (why not
+        assessable, else ""), ``slices`` (two-bone slices used) and ``span_mm``,
+        ``dice_tibia_mean`` / ``_median``, ``dice_fibula_mean`` / ``_median``,
+        ``distal_slices``, ``dice_tibia_distal`` / ``dice_fibula_distal`` (means over the
+        :data:`DISTAL_MM` above the lowest two-bone slice), ``poor_slice_fraction``,
+        ``swapped_slices``, ``label_off_bone``, ``label_on_other_bone`` (shares of the
+        labelled voxels), ``bone_hu`` and ``seconds``. Dice values are None when not
+        assessable.
+    """
+    t0 = time.perf_counter()
+    out: Dict[str, Any] = {"level": "not_assessable", "assessable": False, "problems": [],
+                           "reason": "", "slices": 0, "span_mm": 0.0, "bone_hu": BONE_HU}
+    for key in ("dice_tibia_mean", "dice_tibia_median", "dice_fibula_mean",
+                "dice_fibula_median", "dice_tibia_distal", "dice_fibula_distal"):
+        out[key] = None
+    out.update(distal_slices=0, poor_slice_fraction=None, swapped_slices=0,
+               label_off_bone=None, label_on_other_bone=None)
+    grid = _working_grid(ct, label) if label.same_geometry(ct, atol=1e-3) else None
+    if grid is None:
+        out["reason"] = ("the label map is not on the CT's grid" if not label.same_geometry(
+            ct, atol=1e-3) else "no tibia or fibula labelled")
+    else:
+        _measure(grid, out)
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def _working_grid(ct: Volume, label: Volume) -> Optional[_Grid]:
+    """Strided views of the CT and labels on the labelled box, the long axis first."""
+    a = int(np.argmax(np.abs(ct.direction[2])))  # ITK index axis closest to superior
+    long_np = 2 - a
+    sp_np = [float(ct.spacing[2 - n]) for n in range(3)]  # spacing per numpy axis
+    box = _label_box(label.array)
+    if box is None:
+        return None
+    strides = [max(1, int((AXIAL_PITCH_MM if n == long_np else PITCH_MM) / sp_np[n]))
+               for n in range(3)]
+    slices = []
+    for n in range(3):
+        if n == long_np:  # the whole length: unlabelled bone above / below counts too
+            lo, hi = 0, ct.array.shape[n]
+        else:
+            m = int(np.ceil(MARGIN_MM / sp_np[n]))
+            lo, hi = max(0, box[n][0] - m), min(ct.array.shape[n], box[n][1] + m)
+        slices.append((lo, hi))
+    n_vox = np.prod([(hi - lo) / s for (lo, hi), s in zip(slices, strides)])
+    if n_vox > MAX_WORK_VOXELS:  # coarser in every direction, as little as needed
+        f = (n_vox / MAX_WORK_VOXELS) ** (1.0 / 3.0)
+        strides = [max(1, int(np.ceil(s * f))) for s in strides]
+    view = tuple(slice(lo, hi, s) for (lo, hi), s in zip(slices, strides))
+    hu = np.moveaxis(ct.array[view], long_np, 0)
+    lab = np.moveaxis(label.array[view], long_np, 0)
+    others = [n for n in range(3) if n != long_np]
+    pitch = (sp_np[long_np] * strides[long_np], sp_np[others[0]] * strides[others[0]],
+             sp_np[others[1]] * strides[others[1]])
+    up = 1.0 if ct.direction[2, a] >= 0 else -1.0
+    return _Grid(hu, lab, pitch, up)
+
+
+def _label_box(arr: np.ndarray) -> Optional[List[Tuple[int, int]]]:
+    """Index bounding box [(lo, hi)] per numpy axis of the tibia/fibula labels, or None."""
+    step = max(1, int(np.ceil((arr.size / 2_000_000) ** (1.0 / 3.0))))
+    sub = arr[::step, ::step, ::step]
+    idx = np.argwhere((sub == TIBIA) | (sub == FIBULA))
+    if not len(idx):
+        # A very thin label may fall between the strides: look at every voxel once.
+        idx, step = np.argwhere((arr == TIBIA) | (arr == FIBULA)), 1
+        if not len(idx):
+            return None
+    lo, hi = idx.min(axis=0) * step, idx.max(axis=0) * step + step
+    return [(int(lo[n]), int(min(arr.shape[n], hi[n]))) for n in range(3)]
+
+
+def _measure(grid: _Grid, out: Dict[str, Any]) -> None:
+    """Fill ``out`` from the working grid (see :func:`label_free_agreement`)."""
+    inplane = np.zeros((3, 3, 3), bool)
+    inplane[1] = True  # 8-connected within a slice, never across slices
+    bone = ndimage.binary_closing(grid.hu > BONE_HU, structure=inplane)  # bridge 1-voxel gaps
+    bone = ndimage.binary_fill_holes(bone, structure=inplane)  # marrow counts as bone
+    tib, fib = grid.label == TIBIA, grid.label == FIBULA
+    n_lab = int(np.count_nonzero(tib) + np.count_nonzero(fib))
+    off = np.count_nonzero(tib & ~bone) + np.count_nonzero(fib & ~bone)
+    out["label_off_bone"] = round(off / max(n_lab, 1), 4)
+    pairs, sections = _two_bone_slices(bone, grid, inplane)
+    if len(pairs):
+        piece, parts = _bone_pieces(bone, sections, inplane)
+        leg, tibia = _leg_slices(pairs, piece, grid)
+        if len(leg):
+            _dice(leg, sections, tib, fib, grid, out)
+            # The leg's bones: the tibia's piece and that of every section beside it (the
+            # fibula below a fracture gap is still fibula).
+            keep = np.union1d([tibia], piece[pairs[piece[pairs[:, 1]] == tibia, 2]])
+            on_bone = parts[(tib | fib) & (parts > 0)]
+            other = np.count_nonzero(~np.isin(on_bone, keep[keep > 0]))
+            out["label_on_other_bone"] = round(other / max(len(on_bone), 1), 4)
+    _judge(out)
+
+
+def _two_bone_slices(bone: np.ndarray, grid: _Grid, inplane: np.ndarray
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+    """Slices showing exactly two plausible cross-sections.
+
+    Returns:
+        (pairs, sections): ``pairs`` (m, 3) int rows (slice, tibia section id, fibula section
+        id), ``sections`` the per-slice component map (ids as in ``pairs``).
+    """
+    sections, n = ndimage.label(bone, structure=inplane)
+    if n == 0:
+        return np.zeros((0, 3), int), sections
+    mm2 = grid.pitch[1] * grid.pitch[2]
+    area = np.bincount(sections.reshape(-1), minlength=n + 1)[1:] * mm2
+    objs = ndimage.find_objects(sections)
+    kept = np.flatnonzero(area >= MIN_SECTION_MM2)
+    per_slice: Dict[int, List[int]] = {}
+    for i in kept:
+        per_slice.setdefault(objs[i][0].start, []).append(int(i))
+    rows, cols = bone.shape[1:]
+    pairs = []
+    for k, ids in per_slice.items():
+        if len(ids) != 2:
+            continue
+        big, small = sorted(ids, key=lambda i: -area[i])
+        boxes = [objs[big], objs[small]]
+        if any(b[1].start == 0 or b[2].start == 0 or b[1].stop == rows or b[2].stop == cols
+               for b in boxes):
+            continue  # cut by the box: part of something wider (the other leg, the box edge)
+        centres = [np.array([(b[1].start + b[1].stop) * grid.pitch[1],
+                             (b[2].start + b[2].stop) * grid.pitch[2]]) / 2 for b in boxes]
+        if (TIBIA_MM2[0] <= area[big] <= TIBIA_MM2[1]
+                and FIBULA_MM2[0] <= area[small] <= FIBULA_MM2[1]
+                and area[small] <= MAX_AREA_RATIO * area[big]
+                and np.linalg.norm(centres[0] - centres[1]) <= MAX_CENTRE_DISTANCE_MM):
+            pairs.append((k, big + 1, small + 1))
+    pairs.sort()
+    return np.asarray(pairs, dtype=int).reshape(-1, 3), sections
+
+
+def _dice(pairs: np.ndarray, sections: np.ndarray, tib: np.ndarray, fib: np.ndarray,
+          grid: _Grid, out: Dict[str, Any]) -> None:
+    """Per-slice Dice of each label against its cross-section, summarised into ``out``."""
+    n = int(sections.max())
+    area = np.bincount(sections.reshape(-1), minlength=n + 1)
+    tib_in = np.bincount(sections[tib], minlength=n + 1)  # tibia voxels per section
+    fib_in = np.bincount(sections[fib], minlength=n + 1)
+    k, t, f = pairs[:, 0], pairs[:, 1], pairs[:, 2]
+    n_tib, n_fib = tib.sum(axis=(1, 2))[k], fib.sum(axis=(1, 2))[k]
+    d_tib = 2.0 * tib_in[t] / (area[t] + n_tib)
+    d_fib = 2.0 * fib_in[f] / (area[f] + n_fib)
+    height = k * grid.pitch[0] * grid.up  # mm, growing towards superior
+    distal = height <= height.min() + DISTAL_MM
+    out.update(
+        slices=int(len(k)), span_mm=round(float(np.ptp(height)) + grid.pitch[0], 1),
+        dice_tibia_mean=round(float(d_tib.mean()), 3),
+        dice_tibia_median=round(float(np.median(d_tib)), 3),
+        dice_fibula_mean=round(float(d_fib.mean()), 3),
+        dice_fibula_median=round(float(np.median(d_fib)), 3),
+        distal_slices=int(distal.sum()),
+        dice_tibia_distal=round(float(d_tib[distal].mean()), 3),
+        dice_fibula_distal=round(float(d_fib[distal].mean()), 3),
+        poor_slice_fraction=round(float(np.mean(np.minimum(d_tib, d_fib) < POOR_SLICE_DICE)), 3),
+        # The labels fit the other bone better than their own.
+        swapped_slices=int(np.sum(tib_in[f] + fib_in[t] > tib_in[t] + fib_in[f])))
+
+
+def _bone_pieces(bone: np.ndarray, sections: np.ndarray, inplane: np.ndarray
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """3D bone pieces: (piece id of each section id, 0 for none; the piece map).
+
+    The bone is eroded by one voxel first, so that a joint space bridged by partial volume
+    (the talar dome under the plafond) separates the talus from the tibia.
+    """
+    structure = inplane.copy()
+    structure[0, 1, 1] = structure[2, 1, 1] = True  # as the sections within a slice
+    parts, _ = ndimage.label(ndimage.binary_erosion(bone, border_value=1),
+                             structure=structure)
+    piece = np.zeros(int(sections.max()) + 1, parts.dtype)
+    inside = parts > 0
+    piece[sections[inside]] = parts[inside]  # a section lies in one piece (any voxel tells)
+    return piece, parts
+
+
+def _leg_slices(pairs: np.ndarray, piece: np.ndarray, grid: _Grid
+                ) -> Tuple[np.ndarray, int]:
+    """The two-bone slices that cut the leg's tibia and fibula, not the talus.
+
+    Below the plafond a slice through the talus and the lateral malleolus (which reaches
+    about 10 mm lower than the medial one) also shows two cross-sections, the larger one the
+    talus. Such slices are dropped twice over: only the run of two-bone slices from the top of
+    the scan down to the first gap longer than :data:`MAX_GAP_MM` counts (the malleolar slices
+    in between show three sections), and the larger section must lie in the 3D bone piece
+    that holds most of the run's larger sections, the tibia (a joint space separates the
+    talus). The fibula may change pieces: a fracture splits it.
+
+    Args:
+        pairs: (m, 3) rows (slice, tibia section, fibula section), sorted by slice.
+        piece: 3D bone piece of each section id (:func:`_bone_pieces`).
+        grid: The working grid (slice pitch and direction).
+
+    Returns:
+        (the kept rows, sorted by slice, possibly none; the tibia's piece id).
+    """
+    height = pairs[:, 0] * grid.pitch[0] * grid.up
+    order = np.argsort(-height)  # from the top of the leg down
+    gaps = np.flatnonzero(-np.diff(height[order]) > MAX_GAP_MM)
+    run = np.sort(order[:gaps[0] + 1] if len(gaps) else order)
+    votes = np.bincount(piece[pairs[run, 1]])
+    votes[0] = 0  # no piece: the section vanished in the erosion
+    tibia = int(np.argmax(votes)) if votes.any() else -1
+    return pairs[run[piece[pairs[run, 1]] == tibia]], tibia
+
+
+def _judge(out: Dict[str, Any]) -> None:
+    """Set ``level``, ``assessable``, ``problems`` and ``reason`` from the measures."""
+    problems: List[str] = []
+    off = out["label_off_bone"]
+    if off is not None and off > MAX_OFF_BONE:
+        problems.append(f"{off:.0%} of the labelled voxels lie on no bone")
+    if out["slices"] < MIN_SLICES or out["span_mm"] < MIN_SPAN_MM:
+        out["reason"] = (f"only {out['slices']} slice(s) over {out['span_mm']:.0f} mm show the "
+                         "tibia and fibula as two separate cross-sections (no leg above the "
+                         "ankle in view, or both legs)")
+        for key in ("dice_tibia_mean", "dice_tibia_median", "dice_fibula_mean",
+                    "dice_fibula_median", "dice_tibia_distal", "dice_fibula_distal",
+                    "poor_slice_fraction"):
+            out[key] = None  # a few slices say nothing about the whole map
+        out.update(problems=problems, level="low" if problems else "not_assessable")
+        return
+    out["assessable"] = True
+    for bone, lo in (("tibia", MIN_DICE_TIBIA), ("fibula", MIN_DICE_FIBULA)):
+        worst = min(out[f"dice_{bone}_mean"], out[f"dice_{bone}_distal"])
+        if worst < lo:
+            problems.append(f"the {bone} label matches the bone on the CT poorly "
+                            f"(Dice {worst:.2f}, expected at least {lo:.2f})")
+    if out["poor_slice_fraction"] > MAX_POOR_FRACTION:
+        problems.append(f"the labels disagree with the bone on {out['poor_slice_fraction']:.0%} "
+                        f"of the slices ({out['swapped_slices']} with tibia and fibula swapped)")
+    other = out["label_on_other_bone"]
+    if other is not None and other > MAX_OTHER_BONE:
+        problems.append(f"{other:.0%} of the labelled voxels lie on bone that is not the tibia "
+                        "or fibula (foot bones, talus or the other leg?)")
+    out.update(problems=problems, level="low" if problems else "ok")
+
+
+def describe_agreement(q: Dict[str, Any]) -> str:
+    """One line for the report and the panel, from :func:`label_free_agreement`'s dict.
+
+    Example:
+        >>> describe_agreement({"level": "ok", "assessable": True, "slices": 84,
+        ...                     "dice_tibia_mean": 0.97, "dice_fibula_mean": 0.93})
+        'Segmentation vs CT bone: tibia 0.97, fibula 0.93 on 84 slices (agrees)'
+    """
+    if not q.get("assessable"):
+        text = "Segmentation vs CT bone: not assessable"
+        return text + (" (labels on non-bone)" if q.get("level") == "low" else "")
+    verdict = "LOW agreement, check it" if q.get("level") == "low" else "agrees"
+    return (f"Segmentation vs CT bone: tibia {float(q['dice_tibia_mean']):.2f}, fibula "
+            f"{float(q['dice_fibula_mean']):.2f} on {int(q['slices'])} slices ({verdict})")
