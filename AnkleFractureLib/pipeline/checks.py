@@ -2,7 +2,8 @@
 
 Every check is a pure function returning a list of :class:`Finding`: a ``"warning"`` (the answer
 is given, flagged *unsure* when the warning's code is in :data:`UNSURE_CODES`) or a
-``"refusal"`` (the classification is withheld, with the reason in plain words). The pipeline
+``"refusal"`` (the classification is withheld, with the reason in plain words); an ``"info"``
+finding only records a measurement (it is neither a warning nor a refusal). The pipeline
 runs them between its stages and stops at the first stage with a refusal.
 
 =========================  ===========================================================  =========
@@ -18,6 +19,8 @@ check                      rule (thresholds are the module constants)           
                            tibia < 15 ml or fibula < 3 ml                               warning
                            fibula larger than the tibia / > 0.6 of it                   refusal /
                                                                                         warning
+:func:`check_agreement`    labels vs the CT's bone (label-free, see                     info /
+                           :mod:`~AnkleFractureLib.segmentation.quality`) low           warning
 :func:`check_side`         both legs in view, no side given / side given                refusal /
                                                                                         warning
                            side cannot be told; side given contradicts the anatomy      refusal /
@@ -62,9 +65,11 @@ from scipy import ndimage
 
 from AnkleFractureLib.geometry.volume import Volume
 from AnkleFractureLib.registration.register import POOR_FIT_INLIERS
+from AnkleFractureLib.segmentation.quality import describe_agreement, label_free_agreement
 
 WARNING = "warning"
 REFUSAL = "refusal"
+INFO = "info"
 TIBIA, FIBULA = 1, 2
 
 # ---------------------------------------------------------------------- thresholds
@@ -150,7 +155,7 @@ UNSURE_CODES = frozenset({
     "coarse_spacing", "metal", "small_tibia", "small_fibula", "fibula_large",
     "side_conflict", "side_unsure", "fov_short_above", "fov_short_below", "fov_coverage",
     "fov_bone_at_syndesmosis", "registration_rms", "registration_inliers", "registration_scale",
-    "registration_joint", "registration_note", "assumed_geometry",
+    "registration_joint", "registration_note", "assumed_geometry", "segmentation_agreement",
 })
 
 
@@ -159,7 +164,7 @@ class Finding:
     """One result of a sanity check.
 
     Attributes:
-        level: ``"warning"`` or ``"refusal"``.
+        level: ``"warning"``, ``"refusal"`` or ``"info"`` (a measurement only).
         code: Stable machine-readable code, e.g. ``"fov_short_above"``.
         message: Plain-language explanation for the clinician.
         details: Measured values behind it (plain JSON types), e.g. ``{"above_mm": 29.0}``.
@@ -171,8 +176,8 @@ class Finding:
     details: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.level not in (WARNING, REFUSAL):
-            raise ValueError(f"level must be 'warning' or 'refusal', got {self.level!r}")
+        if self.level not in (WARNING, REFUSAL, INFO):
+            raise ValueError(f"level must be 'warning', 'refusal' or 'info', got {self.level!r}")
 
     def to_json(self) -> Dict[str, Any]:
         """Plain JSON dict (level, code, message, details)."""
@@ -332,6 +337,32 @@ def check_segmentation(label: Volume, volumes: Optional[Dict[str, float]] = None
                                f"unusual segmentation: the fibula is {ratio:.0%} of the tibia's "
                                "volume (about 30 % at the ankle); check it", details))
     return out
+
+
+def check_agreement(ct: Volume, label: Volume) -> List[Finding]:
+    """The label-free agreement of the labels with the CT's bone, as one finding.
+
+    :func:`~AnkleFractureLib.segmentation.quality.label_free_agreement` compares the labels
+    with the tibia and fibula cross-sections that thresholded bone shows above the ankle. Code
+    ``"segmentation_agreement"``: a warning (the class is marked unsure) when the agreement is
+    low, else an info finding carrying the numbers (also when the scan shows no leg to compare
+    with: "not assessable").
+
+    Args:
+        ct: The CT (HU).
+        label: The label map on the CT's grid (the analysed leg).
+    """
+    q = label_free_agreement(ct, label)
+    details = dict(q)
+    if q["level"] == "low":
+        return [Finding(WARNING, "segmentation_agreement",
+                        "the segmentation disagrees with the bone on the CT: "
+                        + "; ".join(q["problems"]) + " (check it, correct it and run again)",
+                        details)]
+    text = describe_agreement(q)
+    if not q["assessable"]:
+        text += f": {q['reason']}"
+    return [Finding(INFO, "segmentation_agreement", text, details)]
 
 
 # ---------------------------------------------------------------------- the side

@@ -507,6 +507,7 @@ class Pipeline:
                     leg_label, _ = select_leg(label, self.options.side)
                     found += [f for f in C.check_side(detect_side(leg_label), self.options.side)
                               if f.code == "side_conflict"]
+            found += C.check_agreement(ct, leg_label)  # do the labels match the CT's bone?
             res.findings.extend(found)
         if res.refused:
             return finish("segment")

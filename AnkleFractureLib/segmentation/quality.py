@@ -23,7 +23,7 @@ still cuts each slice in two cross-sections, and the label map is compared on th
 slices, so nothing is resampled. The work is done on a subsampled grid (at most
 :data:`PITCH_MM` in-plane and :data:`AXIAL_PITCH_MM` between slices) restricted to the
 labelled leg's in-plane bounding box plus :data:`MARGIN_MM` (which also keeps the other leg out
-of view) over the whole length of the scan: a clinical 512 x 512 x 400 CT takes about 0.2 s.
+of view) over the whole length of the scan: a clinical 512 x 512 x 300 CT takes about 0.3 s.
 
 The distal part, :data:`DISTAL_MM` above the lowest two-bone slice, is reported on its own: the
 lowest slice with two separate cross-sections lies just above the tibiofibular contact at the
@@ -59,20 +59,27 @@ BONE_HU = 250.0
 #: 0.8 mm keeps a 1 mm cortex closed; 1.5 mm keeps a 3 mm joint space open.
 PITCH_MM, AXIAL_PITCH_MM = 0.8, 1.5
 #: The working grid is subsampled further above this many voxels (speed on huge scans).
-MAX_WORK_VOXELS = 6_000_000
+MAX_WORK_VOXELS = 4_000_000
 #: In-plane margin (mm) around the labelled bones: a label shifted by up to ~15 mm still sees
 #: its bone; the other leg (bones 80+ mm apart) stays out.
 MARGIN_MM = 20.0
 #: Cross-sections smaller than this (mm^2) are ignored (vessel calcifications, noise, specks).
 MIN_SECTION_MM2 = 15.0
 #: Plausible cross-section areas (mm^2) above the ankle: the tibia 1-25 cm^2 (a child's shaft
-#: to an adult metaphysis), the fibula 0.2-6 cm^2, and the fibula at most 0.8 of the tibia.
-TIBIA_MM2, FIBULA_MM2, MAX_AREA_RATIO = (100.0, 2500.0), (20.0, 600.0), 0.8
+#: to an adult metaphysis), the fibula 0.3-6 cm^2, and the fibula 0.08-0.6 of the tibia
+#: (0.15-0.45 on the phantoms; 0.25 on an adult shaft, 0.2 at the plafond). A foot bone beside
+#: a sesamoid or a calcification (0.01-0.08 on the Visible Human feet) is not a leg.
+TIBIA_MM2, FIBULA_MM2, AREA_RATIO = (100.0, 2500.0), (30.0, 600.0), (0.08, 0.6)
 #: Centres of the two cross-sections farther apart (mm) than this are not one leg's bones.
 MAX_CENTRE_DISTANCE_MM = 60.0
 #: Two-bone slices farther apart (mm) than this along the leg are not one run (fracture
 #: fragments or tibia-fibula contact interrupt a run for a few mm; the malleoli for 15+ mm).
 MAX_GAP_MM = 10.0
+#: A run of two-bone slices this long (mm) is a leg even when the bones end inside the scan
+#: (a knee in view); no pair of foot bones runs side by side this far.
+LONG_RUN_MM = 60.0
+#: A shorter run must reach this close (mm) to the top of the scan.
+TOP_MM = 5.0
 #: Fewer two-bone slices than this, or spanning less (mm), cannot be assessed.
 MIN_SLICES, MIN_SPAN_MM = 8, 10.0
 #: Length (mm) of the distal part above the lowest two-bone slice (see the module docstring).
@@ -153,9 +160,9 @@ def _working_grid(ct: Volume, label: Volume) -> Optional[_Grid]:
             lo, hi = max(0, box[n][0] - m), min(ct.array.shape[n], box[n][1] + m)
         slices.append((lo, hi))
     n_vox = np.prod([(hi - lo) / s for (lo, hi), s in zip(slices, strides)])
-    if n_vox > MAX_WORK_VOXELS:  # coarser in every direction, as little as needed
-        f = (n_vox / MAX_WORK_VOXELS) ** (1.0 / 3.0)
-        strides = [max(1, int(np.ceil(s * f))) for s in strides]
+    if n_vox > MAX_WORK_VOXELS:  # coarser in-plane only: the slices must resolve the joints
+        f = np.sqrt(n_vox / MAX_WORK_VOXELS)
+        strides = [s if n == long_np else int(np.ceil(s * f)) for n, s in enumerate(strides)]
     view = tuple(slice(lo, hi, s) for (lo, hi), s in zip(slices, strides))
     hu = np.moveaxis(ct.array[view], long_np, 0)
     lab = np.moveaxis(label.array[view], long_np, 0)
@@ -184,16 +191,15 @@ def _measure(grid: _Grid, out: Dict[str, Any]) -> None:
     """Fill ``out`` from the working grid (see :func:`label_free_agreement`)."""
     inplane = np.zeros((3, 3, 3), bool)
     inplane[1] = True  # 8-connected within a slice, never across slices
-    bone = ndimage.binary_closing(grid.hu > BONE_HU, structure=inplane)  # bridge 1-voxel gaps
-    bone = ndimage.binary_fill_holes(bone, structure=inplane)  # marrow counts as bone
+    bone = _filled_bone(grid.hu)
     tib, fib = grid.label == TIBIA, grid.label == FIBULA
     n_lab = int(np.count_nonzero(tib) + np.count_nonzero(fib))
     off = np.count_nonzero(tib & ~bone) + np.count_nonzero(fib & ~bone)
-    out["label_off_bone"] = round(off / max(n_lab, 1), 4)
+    out["label_off_bone"] = round(float(off) / max(n_lab, 1), 4)
     pairs, sections = _two_bone_slices(bone, grid, inplane)
     if len(pairs):
         piece, parts = _bone_pieces(bone, sections, inplane)
-        leg, tibia = _leg_slices(pairs, piece, grid)
+        leg, tibia = _leg_slices(pairs, piece, bone.shape[0], grid)
         if len(leg):
             _dice(leg, sections, tib, fib, grid, out)
             # The leg's bones: the tibia's piece and that of every section beside it (the
@@ -201,8 +207,27 @@ def _measure(grid: _Grid, out: Dict[str, Any]) -> None:
             keep = np.union1d([tibia], piece[pairs[piece[pairs[:, 1]] == tibia, 2]])
             on_bone = parts[(tib | fib) & (parts > 0)]
             other = np.count_nonzero(~np.isin(on_bone, keep[keep > 0]))
-            out["label_on_other_bone"] = round(other / max(len(on_bone), 1), 4)
+            out["label_on_other_bone"] = round(float(other) / max(len(on_bone), 1), 4)
     _judge(out)
+
+
+def _filled_bone(hu: np.ndarray) -> np.ndarray:
+    """Bone per slice: HU > :data:`BONE_HU`, 1-voxel cortical gaps closed, marrow filled.
+
+    Separable 3 x 3 max / min filters close the gaps and a labelling of the background finds
+    the holes (4x faster than ``binary_closing`` and ``binary_fill_holes`` on 4 M voxels).
+    """
+    m = (hu > BONE_HU).view(np.uint8)
+    m = ndimage.minimum_filter(ndimage.maximum_filter(m, size=(1, 3, 3)), size=(1, 3, 3))
+    bone = m.view(bool)
+    four = np.zeros((3, 3, 3), bool)
+    four[1, 1, :] = four[1, :, 1] = True  # background 4-connected within a slice
+    background, n = ndimage.label(~bone, structure=four)
+    outside = np.zeros(n + 1, bool)
+    outside[0] = True  # the bone itself
+    for edge in (background[:, 0], background[:, -1], background[:, :, 0], background[:, :, -1]):
+        outside[edge.reshape(-1)] = True
+    return bone | ~outside[background]  # + background regions enclosed by bone: the marrow
 
 
 def _two_bone_slices(bone: np.ndarray, grid: _Grid, inplane: np.ndarray
@@ -237,7 +262,7 @@ def _two_bone_slices(bone: np.ndarray, grid: _Grid, inplane: np.ndarray
                              (b[2].start + b[2].stop) * grid.pitch[2]]) / 2 for b in boxes]
         if (TIBIA_MM2[0] <= area[big] <= TIBIA_MM2[1]
                 and FIBULA_MM2[0] <= area[small] <= FIBULA_MM2[1]
-                and area[small] <= MAX_AREA_RATIO * area[big]
+                and AREA_RATIO[0] <= area[small] / area[big] <= AREA_RATIO[1]
                 and np.linalg.norm(centres[0] - centres[1]) <= MAX_CENTRE_DISTANCE_MM):
             pairs.append((k, big + 1, small + 1))
     pairs.sort()
@@ -288,34 +313,44 @@ def _bone_pieces(bone: np.ndarray, sections: np.ndarray, inplane: np.ndarray
     return piece, parts
 
 
-def _leg_slices(pairs: np.ndarray, piece: np.ndarray, grid: _Grid
+def _leg_slices(pairs: np.ndarray, piece: np.ndarray, n_slices: int, grid: _Grid
                 ) -> Tuple[np.ndarray, int]:
-    """The two-bone slices that cut the leg's tibia and fibula, not the talus.
+    """The two-bone slices that cut the leg's tibia and fibula, not the talus or the foot.
 
-    Below the plafond a slice through the talus and the lateral malleolus (which reaches
-    about 10 mm lower than the medial one) also shows two cross-sections, the larger one the
-    talus. Such slices are dropped twice over: only the run of two-bone slices from the top of
-    the scan down to the first gap longer than :data:`MAX_GAP_MM` counts (the malleolar slices
-    in between show three sections), and the larger section must lie in the 3D bone piece
-    that holds most of the run's larger sections, the tibia (a joint space separates the
-    talus). The fibula may change pieces: a fracture splits it.
+    Runs of two-bone slices are split where they are more than :data:`MAX_GAP_MM` apart (the
+    malleolar slices show three sections). The longest run is the leg when it is at least
+    :data:`LONG_RUN_MM` long or reaches the top of the scan (within :data:`TOP_MM`): an ankle
+    CT's leg goes on above the field of view, while a foot's talus over the calcaneus lies
+    below the malleoli, which show three sections (the Visible Human feet). Below
+    the plafond a slice through the talus and the lateral malleolus (which reaches ~10 mm
+    lower than the medial one) also shows two sections, the larger one the talus: within the
+    run, the larger section must lie in the 3D bone piece that holds most of the run's larger
+    sections, the tibia (a joint space separates the talus). The fibula may change pieces:
+    a fracture splits it.
 
     Args:
         pairs: (m, 3) rows (slice, tibia section, fibula section), sorted by slice.
         piece: 3D bone piece of each section id (:func:`_bone_pieces`).
+        n_slices: Slices of the working grid.
         grid: The working grid (slice pitch and direction).
 
     Returns:
-        (the kept rows, sorted by slice, possibly none; the tibia's piece id).
+        (the kept rows sorted by slice, possibly none; the tibia's piece id or -1).
     """
     height = pairs[:, 0] * grid.pitch[0] * grid.up
     order = np.argsort(-height)  # from the top of the leg down
-    gaps = np.flatnonzero(-np.diff(height[order]) > MAX_GAP_MM)
-    run = np.sort(order[:gaps[0] + 1] if len(gaps) else order)
+    runs = np.split(order, np.flatnonzero(-np.diff(height[order]) > MAX_GAP_MM) + 1)
+    run = np.sort(max(runs, key=lambda r: np.ptp(height[r])))
     votes = np.bincount(piece[pairs[run, 1]])
     votes[0] = 0  # no piece: the section vanished in the erosion
-    tibia = int(np.argmax(votes)) if votes.any() else -1
-    return pairs[run[piece[pairs[run, 1]] == tibia]], tibia
+    if not votes.any():
+        return pairs[:0], -1
+    tibia = int(np.argmax(votes))
+    run = run[piece[pairs[run, 1]] == tibia]
+    top = (n_slices - 1) * grid.pitch[0] if grid.up > 0 else 0.0  # the scan's top
+    if len(run) and np.ptp(height[run]) < LONG_RUN_MM and top - height[run].max() > TOP_MM:
+        return pairs[:0], tibia
+    return pairs[run], tibia
 
 
 def _judge(out: Dict[str, Any]) -> None:
@@ -325,9 +360,10 @@ def _judge(out: Dict[str, Any]) -> None:
     if off is not None and off > MAX_OFF_BONE:
         problems.append(f"{off:.0%} of the labelled voxels lie on no bone")
     if out["slices"] < MIN_SLICES or out["span_mm"] < MIN_SPAN_MM:
-        out["reason"] = (f"only {out['slices']} slice(s) over {out['span_mm']:.0f} mm show the "
-                         "tibia and fibula as two separate cross-sections (no leg above the "
-                         "ankle in view, or both legs)")
+        found = (f"only {out['slices']} slice(s) over {out['span_mm']:.0f} mm show"
+                 if out["slices"] else "no run of slices shows")
+        out["reason"] = (f"{found} the leg's tibia and fibula as two separate cross-sections "
+                         "(no leg above the ankle in view, or both legs)")
         for key in ("dice_tibia_mean", "dice_tibia_median", "dice_fibula_mean",
                     "dice_fibula_median", "dice_tibia_distal", "dice_fibula_distal",
                     "poor_slice_fraction"):
