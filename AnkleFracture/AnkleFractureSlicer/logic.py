@@ -158,7 +158,8 @@ def describeResult(result: Optional[Dict[str, Any]]) -> Dict[str, str]:
     """The panel's texts for a result.json dict, in plain words.
 
     Returns:
-        {"prediction": ..., "uncertainty": ..., "warnings": ...}.
+        {"prediction": ..., "uncertainty": ..., "warnings": ...}; "warnings" ends with the
+        label-free segmentation check's line when the run made one.
 
     Example:
         >>> describeResult({"prediction": "B", "probabilities": {"none": 0.02, "A": 0.03,
@@ -175,7 +176,7 @@ def describeResult(result: Optional[Dict[str, Any]]) -> Dict[str, str]:
         return {"prediction": "No Weber class: this scan cannot support one.",
                 "uncertainty": "",
                 "warnings": "\n".join(f"Refused: {r}" for r in reasons)
-                + "".join(f"\nWarning: {w}" for w in warnings)}
+                + "".join(f"\nWarning: {w}" for w in warnings) + _agreementLine(result)}
     probabilities = result.get("probabilities") or {}
     prediction = result.get("prediction")
     titles = dict(N.CLASS_NAMES)
@@ -185,7 +186,8 @@ def describeResult(result: Optional[Dict[str, Any]]) -> Dict[str, str]:
         why = result.get("withheld_reason")
         text = f"{done}; no Weber class yet" + (f": {why}" if why else " (click Classify).")
         return {"prediction": text, "uncertainty": "",
-                "warnings": "\n".join(f"Warning: {w}" for w in warnings) or "No warnings."}
+                "warnings": ("\n".join(f"Warning: {w}" for w in warnings) or "No warnings.")
+                + _agreementLine(result)}
     headline = f"{titles.get(prediction, prediction)} ({probabilities[prediction]:.0%})"
     headline = headline.replace("%)", " %)")
     unc = result.get("uncertainty") or {}
@@ -196,7 +198,19 @@ def describeResult(result: Optional[Dict[str, Any]]) -> Dict[str, str]:
         entropy = unc.get("entropy")
         uncertainty = "confident" + (f" (entropy {entropy:.2f})" if entropy is not None else "")
     return {"prediction": headline, "uncertainty": uncertainty,
-            "warnings": "\n".join(f"Warning: {w}" for w in warnings) or "No warnings."}
+            "warnings": ("\n".join(f"Warning: {w}" for w in warnings) or "No warnings.")
+            + _agreementLine(result)}
+
+
+def _agreementLine(result: Dict[str, Any]) -> str:
+    """A newline and the label-free segmentation check's line (the finding
+    ``segmentation_agreement``), or "" when the run has none."""
+    for finding in result.get("findings") or []:
+        if isinstance(finding, dict) and finding.get("code") == "segmentation_agreement":
+            from AnkleFractureLib.segmentation.quality import describe_agreement
+
+            return "\n" + describe_agreement(finding.get("details") or {})
+    return ""
 
 
 def saveReport(result: Dict[str, Any], path: PathLike) -> Path:

@@ -3,8 +3,9 @@
 Layout (landscape, 12 x 6.5 in): an axial and a coronal CT slice through the fibula in a bone
 window with the tibia (orange) and fibula (cyan) outlines and the Grad-CAM heatmap; the four
 Danis-Weber probabilities as bars (or a "No classification" box when the answer was withheld or
-refused); a text panel with the side, the registration error, the uncertainty, every warning and
-the run time; the footer "Research software - not for clinical use".
+refused); a text panel with the side, the registration error, the segmentation's label-free
+agreement with the CT's bone, the uncertainty, every warning and the run time; the footer
+"Research software - not for clinical use".
 
 Orientation (radiological convention, derived from the direction matrix, never from the array
 axes): the index axes are matched to the LPS physical axes as
@@ -42,6 +43,7 @@ import numpy as np
 
 from AnkleFractureLib.geometry.volume import Volume
 from AnkleFractureLib.io.atomic import atomic_output
+from AnkleFractureLib.segmentation.quality import describe_agreement
 
 #: Bone window (HU) of the CT panels: W 1500 / L 550.
 BONE_WINDOW_HU = (-200.0, 1300.0)
@@ -393,6 +395,14 @@ def _draw_probabilities(ax: Any, result: Dict[str, Any]) -> None:
     ax.set_title(head, fontsize=11, fontweight="bold", color=highlight)
 
 
+def _agreement_line(result: Dict[str, Any]) -> Optional[str]:
+    """The label-free segmentation check's line (``segmentation_agreement``), or None."""
+    for f in result.get("findings") or []:
+        if isinstance(f, dict) and f.get("code") == "segmentation_agreement":
+            return describe_agreement(f.get("details") or {})
+    return None
+
+
 def _info_lines(result: Dict[str, Any], notes: Sequence[str], width: int,
                 heatmap_shown: bool = True) -> List[str]:
     lines: List[str] = []
@@ -409,6 +419,9 @@ def _info_lines(result: Dict[str, Any], notes: Sequence[str], width: int,
     reg = result.get("registration") or {}
     rms = reg.get("rms_mm") if isinstance(reg, dict) else None
     add("Registration RMS: " + (f"{float(rms):.2f} mm" if rms is not None else "n/a"))
+    agreement = _agreement_line(result)
+    if agreement:
+        add(agreement)
     unc = result.get("uncertainty") or {}
     if result.get("probabilities") and not result.get("refused"):
         conf = unc.get("confidence")
