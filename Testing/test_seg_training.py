@@ -311,3 +311,21 @@ def test_interrupt_saves_a_checkpoint_that_resumes(phantoms, cache, tmp_path):
                                  resume=True, **FAST)
     assert summary["status"] == "completed" and summary["steps_run"] == 6
     assert [int(r["epoch"]) for r in _rows(out)] == [1, 2]
+
+
+def test_init_weights_fine_tunes_from_a_model(trained, phantoms, cache, tmp_path):
+    """--init-from: the run starts at the given model's weights (its first loss is the
+    trained model's, far below a fresh run's) and records them with their sha256."""
+    model_dir, _ = trained
+    fresh = train_segmentation(phantoms, tmp_path / "fresh", epochs=1, steps_per_epoch=1,
+                               seed=3, cache_dir=cache, **FAST)
+    tuned = train_segmentation(phantoms, tmp_path / "tuned", epochs=1, steps_per_epoch=1,
+                               seed=3, cache_dir=cache, init_weights=model_dir, **FAST)
+    assert tuned["first_step_loss"] < fresh["first_step_loss"] - 0.05
+    init = json.loads((tmp_path / "tuned" / "training.json").read_text())["hparams"]["init_weights"]
+    assert init["path"].endswith("model.pt") and len(init["sha256"]) == 64
+    bad = dict(FAST, plans=SegPlans(model_spacing_mm=(2.0, 2.0, 2.0), patch_size=(32, 32, 32),
+                                    network=dict(TINY_NET, channels=[8, 16, 32])))
+    with pytest.raises(InputError, match="do not fit the network"):
+        train_segmentation(phantoms, tmp_path / "bad", epochs=1, steps_per_epoch=1,
+                           cache_dir=cache, init_weights=model_dir, **bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from AnkleFractureLib.cli.progress import ProgressBar
 
@@ -70,6 +71,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                    help="seed of the split, the initial weights and the patches (default 0)")
     p.add_argument("--max-minutes", type=float, default=None, metavar="M",
                    help="stop cleanly after M minutes of wall time (resume later)")
+    p.add_argument("--init-from", metavar="MODEL_DIR",
+                   help="start from this model's weights (fine-tuning, e.g. the shipped model "
+                        "on your own cases); its plans.json is used unless --plans is given")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in MODEL_DIR from its checkpoint.pt")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -95,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     from AnkleFractureLib.training.seg_train import train_segmentation
 
     plans = SegPlans.load(args.plans) if args.plans else None
+    if args.init_from and plans is None and not args.resume:
+        plans = SegPlans.load(Path(args.init_from) / "plans.json")
     if args.patch_size:
         if any(v < 16 or v % 16 for v in args.patch_size):
             raise InputError(None, f"--patch-size must be multiples of 16, got {args.patch_size}")
@@ -108,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume, device=args.device, num_workers=args.num_workers,
         cache_dir=args.cache_dir, optimizer=args.optimizer, num_threads=args.threads,
         keep_checkpoint=args.keep_checkpoint, randomise=args.randomise,
+        init_weights=args.init_from,
         progress=ProgressBar("train-seg", enabled=main_rank and not args.quiet),
         log=print if main_rank else None)
     if main_rank:

@@ -271,7 +271,8 @@ def train_segmentation(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathL
                        augment: Optional[AugmentConfig] = None,
                        randomise: "str | RandomiseConfig | None" = None,
                        num_threads: Optional[int] = None,
-                       command: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+                       command: Optional[Sequence[str]] = None,
+                       init_weights: "os.PathLike[str] | str | None" = None) -> Dict[str, Any]:
     """Train the tibia/fibula segmentation network on a dataset's segmented cases.
 
     Args:
@@ -311,6 +312,10 @@ def train_segmentation(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathL
             checkpoint's setting on resume. Recorded in training.json ``hparams.randomise``.
         num_threads: torch CPU threads per process (None: cores // number of processes).
         command: Command line recorded in training.json (default ``sys.argv``).
+        init_weights: Start from these weights (a model folder or its ``model.pt``) instead of
+            a random initialisation: fine-tuning, e.g. the shipped model on a hospital's own
+            cases. The network in ``plans`` must match them. Ignored on resume. Recorded in
+            training.json ``hparams.init_weights`` with the file's sha256.
 
     Returns:
         The summary written to ``training.json`` (status, split, best Dice, first step loss,
@@ -336,11 +341,30 @@ def train_segmentation(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathL
                           log=(log or (lambda _m: None)) if ctx.is_main else (lambda _m: None),
                           optimizer=optimizer, weight_decay=weight_decay,
                           keep_checkpoint=keep_checkpoint, augment=augment,
-                          randomise=randomise,
+                          randomise=randomise, init_weights=init_weights,
                           command=list(sys.argv if command is None else command),
                           t_start=t_start, started=started)
     finally:
         cleanup_distributed(ctx)
+
+
+def _load_initial_weights(network: torch.nn.Module, path: Path) -> Dict[str, str]:
+    """Load a model.pt (or a model folder's) weights into ``network``; {path, sha256}."""
+    import hashlib
+
+    from AnkleFractureLib.segmentation.model_io import read_weights
+
+    file = path / "model.pt" if path.is_dir() else path
+    payload = read_weights(file)
+    state = {k: v.float() for k, v in payload["state_dict"].items()}
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise InputError(file, "these weights do not fit the network of the plans (train with "
+                               f"the plans.json beside them): {first}") from None
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    return {"path": str(file), "sha256": digest}
 
 
 def _check_args(epochs: int, steps_per_epoch: int, batch_size: int, lr: float,
@@ -406,7 +430,8 @@ def _train(ctx: DistContext, dataset_dir: Path, out: Path, *, plans: Optional[Se
            log: LogCallback, optimizer: str, weight_decay: Optional[float],
            keep_checkpoint: bool, augment: Optional[AugmentConfig],
            randomise: "str | RandomiseConfig | None", command: List[str],
-           t_start: float, started: str) -> Dict[str, Any]:
+           t_start: float, started: str,
+           init_weights: "os.PathLike[str] | str | None" = None) -> Dict[str, Any]:
     from monai.losses import DiceCELoss
 
     dataset = Dataset.load(dataset_dir)
@@ -460,6 +485,10 @@ def _train(ctx: DistContext, dataset_dir: Path, out: Path, *, plans: Optional[Se
     # Same initial weights on every rank (DDP also broadcasts rank 0's), then per-rank streams.
     seed_everything(seed, 0)
     network = build_network(plans.network).to(ctx.device)
+    init_info = None
+    if init_weights is not None and ckpt is None:
+        init_info = _load_initial_weights(network, Path(init_weights))
+        log(f"starting from the weights of {init_info['path']}")
     seed_everything(seed, ctx.rank)
     model: torch.nn.Module = network
     if ctx.distributed:
@@ -507,7 +536,8 @@ def _train(ctx: DistContext, dataset_dir: Path, out: Path, *, plans: Optional[Se
                "patch_size": list(patch), "world_size": ctx.world_size,
                "augment": vars(augment if augment is not None else AugmentConfig()),
                # Kept in the checkpoint too, so --resume goes on with the same setting.
-               "randomise": "off" if randomise_cfg is None else randomise_cfg.to_json()}
+               "randomise": "off" if randomise_cfg is None else randomise_cfg.to_json(),
+               "init_weights": init_info}
     # epoch_losses: losses of the epoch in progress, kept in the checkpoint so that an epoch
     # interrupted by Ctrl-C is logged whole after --resume.
     state = {"status": "running", "global_step": global_step, "best": best,
