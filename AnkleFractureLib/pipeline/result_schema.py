@@ -54,7 +54,7 @@ _FINDING: Dict[str, Any] = {
     "type": "object",
     "required": ["level", "code", "message", "details"],
     "properties": {
-        "level": {"enum": ["warning", "refusal"]},
+        "level": {"enum": ["warning", "refusal", "info"]},  # info: a measurement only
         "code": {"type": "string", "pattern": "^[a-z0-9_]+$"},
         "message": {"type": "string"},
         "details": {"type": "object"},
