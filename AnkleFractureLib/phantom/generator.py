@@ -205,8 +205,20 @@ def _generate_vh(seed: int, weber: str, side: str, spacing: str,
         "anatomy_to_patient": [[round(float(v), 9) for v in row] for row in a2p],
         "plafond_lps": [round(float(v), 4) for v in a2p[:3, 3]],
         "fracture": fracture.to_dict(a2p),
-        "anatomy": anatomy.p.to_dict(),
+        "anatomy": _vh_landmarks(anatomy),
         "grid": imaging.spacing_summary(grid),
     }
     info.update(extra)
     return PhantomCase(ct, label, info)
+
+
+def _vh_landmarks(anatomy: Any) -> Dict[str, float]:
+    """Landmarks of a vh anatomy under the analytic family's names (previews read them):
+    fibular axis at the plafond (``fib_x0``, ``fib_y0``), medial malleolus (``tib_meta_rx``,
+    ``mm_rx``, ``mm_cy``) and the lateral malleolus tip depth, mm in the anatomical frame."""
+    from dataclasses import asdict
+
+    out = {k: round(float(v), 4) for k, v in asdict(anatomy.fracture_anchors()).items()}
+    fx, fy, _ = anatomy.fib_centre_at(0.0)
+    out.update(fib_x0=round(float(fx), 4), fib_y0=round(float(fy), 4))
+    return out
