@@ -47,6 +47,17 @@ if _root not in sys.path:
     sys.path.insert(0, _root)
 
 
+def loadTerminology() -> None:
+    """Load the Tibia / Fibula terminology (Resources/Terminology/AnkleFracture.term.json) into
+    Slicer's Terminologies module: its context name is the one the segments' tags use, so
+    their category and type resolve (also in a scene reopened before this panel is shown)."""
+    path = resourcesDir() / "Terminology" / "AnkleFracture.term.json"
+    try:
+        slicer.modules.terminologies.logic().LoadTerminologyFromFile(str(path))
+    except Exception as exc:  # noqa: BLE001 - colours and names still work without it
+        logging.warning(f"AnkleFracture: terminology {path} not loaded: {exc}")
+
+
 #
 # AnkleFracture
 #
@@ -71,6 +82,8 @@ class AnkleFracture(ScriptedLoadableModule):
         self.parent.acknowledgementText = (
             "Built on 3D Slicer, MONAI, PyTorch and SimpleITK.")
         self.parent.icon = qt.QIcon(str(resourcesDir() / "Icons" / "AnkleFracture.png"))
+        # The segments' terminology resolves from start-up on, not only once the panel is shown.
+        slicer.app.connect("startupCompleted()", loadTerminology)
 
 
 #
@@ -176,11 +189,7 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                           else "Python packages not installed yet")
 
     def _loadTerminology(self) -> None:
-        path = resourcesDir() / "Terminology" / "AnkleFracture.term.json"
-        try:
-            slicer.modules.terminologies.logic().LoadTerminologyFromFile(str(path))
-        except Exception as exc:  # noqa: BLE001 - colours and names still work without it
-            logging.warning(f"AnkleFracture: terminology {path} not loaded: {exc}")
+        loadTerminology()  # again: harmless, and covers a module loaded after start-up
 
     # ------------------------------------------------------------------ parameter node
     def cleanup(self) -> None:

@@ -307,9 +307,11 @@ def test_top_cmake_adds_module_and_installs_library() -> None:
 
 
 def test_terminology_has_tibia_and_fibula() -> None:
-    """The terminology parses, is named AnkleFracture and codes tibia/fibula in SNOMED CT."""
+    """The terminology parses, is named as Slicer names its contexts (the name the segments'
+    tags use: Testing/test_slicer_terminology.py) and codes tibia/fibula in SNOMED CT."""
     doc = json.loads(TERMINOLOGY.read_text(encoding="utf-8"))
-    assert doc["SegmentationCategoryTypeContextName"] == "AnkleFracture"
+    assert doc["SegmentationCategoryTypeContextName"] == (
+        "Segmentation category and type - AnkleFracture")
     categories = doc["SegmentationCodes"]["Category"]
     anatomical = [c for c in categories if c["CodeValue"] == SCT_ANATOMICAL_STRUCTURE]
     assert len(anatomical) == 1 and anatomical[0]["CodingSchemeDesignator"] == "SCT"

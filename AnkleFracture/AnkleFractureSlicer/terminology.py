@@ -3,6 +3,12 @@
 The terminology comes from ``Resources/Terminology/AnkleFracture.term.json`` (Slicer's
 segmentation category-and-type format); Slicer's Terminologies module loads that file so the
 segments show "Tibia" / "Fibula" with their codes (SNOMED CT 12611008 / 87342007).
+
+The segments' ``TerminologyEntry`` tag names that file's context,
+:data:`CONTEXT_NAME` (the file's ``SegmentationCategoryTypeContextName``: the two must be equal,
+or the tag resolves to nothing; ``Testing/test_slicer_terminology.py`` checks it). Slicer's
+built-in "3D Slicer General Anatomy list" is not used: the versions of it we could read have
+no tibia or fibula.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 TERMINOLOGY_FILE = ("Terminology", "AnkleFracture.term.json")
-CONTEXT_NAME = "AnkleFracture"
+#: The term.json's SegmentationCategoryTypeContextName, as Slicer names its own contexts.
+CONTEXT_NAME = "Segmentation category and type - AnkleFracture"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 #: Category of both bones: SNOMED CT "Anatomical structure".
 CATEGORY = ("SCT", "123037004", "Anatomical Structure")
@@ -39,8 +46,7 @@ class Bone:
         """Slicer's terminology entry string (the segment's ``TerminologyEntry`` tag)."""
         cat = "^".join(CATEGORY)
         typ = f"SCT^{self.code}^{self.name}"
-        return (f"Segmentation category and type - {CONTEXT_NAME}~{cat}~{typ}~^^~"
-                f"{ANATOMIC_CONTEXT}~^^~^^")
+        return f"{CONTEXT_NAME}~{cat}~{typ}~^^~{ANATOMIC_CONTEXT}~^^~^^"
 
 
 #: The bones, in label order. Colours as in the term.json (recommendedDisplayRGBValue).
