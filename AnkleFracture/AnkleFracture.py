@@ -568,7 +568,8 @@ class AnkleFractureLogic(ScriptedLoadableModuleLogic):
 
     def ensureDependencies(self, ask: bool = True) -> bool:
         """Install what is missing (after asking): torch through the PyTorch extension, the
-        rest with pip under constraints that keep Slicer's numpy and SimpleITK."""
+        rest with pip under constraints that keep Slicer's numpy and SimpleITK and the
+        PyTorch extension's torch (and torchvision)."""
         from AnkleFractureSlicer import dependencies as D
 
         if not D.torchAvailable():
@@ -587,8 +588,8 @@ class AnkleFractureLogic(ScriptedLoadableModuleLogic):
             return True
         if ask and not slicer.util.confirmOkCancelDisplay(
                 "AnkleFracture needs these Python packages: " + ", ".join(missing)
-                + ". Install them now? (a few minutes; Slicer's own numpy and SimpleITK are "
-                  "kept)"):
+                + ". Install them now? (a few minutes; Slicer's numpy and SimpleITK and "
+                  "the PyTorch extension's torch are kept)"):
             return False
         constraints = pathlib.Path(slicer.app.temporaryPath) / "AnkleFracture-constraints.txt"
         constraints.write_text(D.constraintsText(), encoding="utf-8")

@@ -39,3 +39,31 @@ def test_constraints_pin_what_is_installed(tmp_path):
     constraints = tmp_path / "c.txt"
     assert D.pipArguments(["monai>=1.3"], constraints) == ["-c", str(constraints), "monai>=1.3"]
     assert D.pipArguments(["monai>=1.3"], None) == ["monai>=1.3"]
+
+
+def test_constraints_pin_the_pytorch_extensions_torch_and_torchvision(monkeypatch):
+    """monai requires torch: without a pin pip could replace the PyTorch extension's build."""
+    assert {"torch", "torchvision"} <= set(D.PROTECTED)
+    pins = D.constraintsText().splitlines()
+    # The exact installed build, local version label included (e.g. 2.13.0+cpu, 2.5.1+cu121).
+    assert f"torch=={metadata.version('torch')}" in pins
+    installed = {"numpy": "1.26.4", "SimpleITK": "2.3.1", "torch": "2.5.1+cu121",
+                 "torchvision": "0.20.1+cu121"}
+
+    def version(name):
+        if name not in installed:
+            raise metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(D.metadata, "version", version)
+    assert D.constraintsText().splitlines() == [
+        "numpy==1.26.4", "SimpleITK==2.3.1", "torch==2.5.1+cu121", "torchvision==0.20.1+cu121"]
+    del installed["torchvision"]  # not installed: nothing to pin, and no error
+    assert D.constraintsText().splitlines() == [
+        "numpy==1.26.4", "SimpleITK==2.3.1", "torch==2.5.1+cu121"]
+    # Each pin is a valid pip constraint that admits only that build.
+    from packaging.requirements import Requirement
+
+    torch_pin = Requirement("torch==2.5.1+cu121")
+    assert torch_pin.specifier.contains("2.5.1+cu121")
+    assert not torch_pin.specifier.contains("2.6.0")

@@ -5,8 +5,11 @@ Three packages are never installed by pip here:
 
 * torch comes from the PyTorch extension (``EXTENSION_DEPENDS``), which picks the build that
   matches the computer's GPU;
-* numpy and SimpleITK are Slicer's own: replacing them can break the application, so pip is
-  given a constraints file pinning the versions Slicer already has.
+* numpy and SimpleITK are Slicer's own: replacing them can break the application.
+
+pip is given a constraints file pinning the installed version of each of :data:`PROTECTED`:
+Slicer's numpy and SimpleITK, and the PyTorch extension's torch and torchvision (monai
+requires torch, and pip would otherwise be free to replace that GPU build with another).
 
 The functions here only read package metadata and build command arguments; the module's
 widget runs them with ``slicer.packaging.pip_ensure`` (Slicer >= 5.11) or
@@ -23,8 +26,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-#: Packages Slicer ships (or the PyTorch extension provides) that pip must never replace.
-PROTECTED = ("numpy", "SimpleITK")
+#: Packages Slicer ships (numpy, SimpleITK) or the PyTorch extension installed (torch,
+#: torchvision) that pip must never replace; each is pinned only when it is installed.
+PROTECTED = ("numpy", "SimpleITK", "torch", "torchvision")
 TORCH = "torch"
 
 
