@@ -193,6 +193,11 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ parameter node
     def cleanup(self) -> None:
+        # The poll timer would otherwise keep calling onPoll on a widget that is gone.
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer.disconnect("timeout()", self.onPoll)
+            self._timer = None
         self.removeObservers()
         if self._job is not None:
             self._job.cancel()

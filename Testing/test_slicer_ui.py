@@ -170,3 +170,30 @@ def test_module_file_keeps_heavy_imports_inside_methods():
 def test_module_code_is_python_3_9(path: Path):
     """Slicer 5.6 ships Python 3.9: no newer syntax in the module's files."""
     ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
+
+
+def test_cleanup_stops_and_disconnects_the_poll_timer():
+    """The widget's poll QTimer must not outlive the widget (module reload, Slicer exit)."""
+    widget = next(n for n in _module_ast().body
+                  if isinstance(n, ast.ClassDef) and n.name == "AnkleFractureWidget")
+    methods = {f.name: f for f in widget.body if isinstance(f, ast.FunctionDef)}
+
+    def timer_calls(func: ast.FunctionDef) -> Dict[str, List[ast.Call]]:
+        calls: Dict[str, List[ast.Call]] = {}
+        for node in ast.walk(func):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and ast.unparse(node.func.value) == "self._timer"):
+                calls.setdefault(node.func.attr, []).append(node)
+        return calls
+
+    made = timer_calls(methods["setup"])
+    assert made.get("connect"), "setup no longer connects the poll timer: update this test"
+    signal, slot = (ast.unparse(a) for a in made["connect"][0].args)
+    cleanup = timer_calls(methods["cleanup"])
+    assert cleanup.get("stop"), "cleanup() does not stop the poll timer"
+    assert [tuple(ast.unparse(a) for a in c.args) for c in cleanup.get("disconnect", [])] == [
+        (signal, slot)], "cleanup() does not disconnect the poll timer's signal"
+    # And drops it, so nothing can start it again.
+    assert any(isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "self._timer"
+               and isinstance(n.value, ast.Constant) and n.value.value is None
+               for n in ast.walk(methods["cleanup"]))
