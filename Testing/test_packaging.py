@@ -25,6 +25,7 @@ MODULE_DIR = REPO_ROOT / "AnkleFracture"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
 TOP_CMAKE = REPO_ROOT / "CMakeLists.txt"
 S4EXT = REPO_ROOT / "ankle_fracture.s4ext"
+CATALOG_ENTRY = REPO_ROOT / "AnkleFracture.json"
 TERMINOLOGY = REPO_ROOT / "Resources" / "Terminology" / "AnkleFracture.term.json"
 REQUIREMENTS = REPO_ROOT / "Resources" / "requirements.txt"
 ICON = REPO_ROOT / "Resources" / "Icons" / "AnkleFracture.png"
@@ -382,3 +383,64 @@ def test_resource_folders_exist(name: str) -> None:
         name: Sub-folder of Resources/.
     """
     assert (REPO_ROOT / "Resources" / name).is_dir()
+
+
+# --------------------------------------------------------------------------------------------
+# (g) Extensions catalog entry (the JSON file the Slicer ExtensionsIndex has used since 2024)
+# --------------------------------------------------------------------------------------------
+
+CATALOG_SCHEMA_URL = ("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+                      "slicer-extension-catalog-entry-schema-v1.0.1.json#")
+# The fields of that schema (Slicer/Slicer Schemas/slicer-extension-catalog-entry-schema-
+# v1.0.1.json), copied here so the test needs no network and no jsonschema: the required
+# ones, each property's JSON type, and the allowed values. additionalProperties is false.
+CATALOG_REQUIRED = ("$schema", "category", "scm_url")
+CATALOG_TYPES = {
+    "$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+    "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int,
+}
+CATALOG_ENUMS = {"scm_type": {"git", "local"}, "tier": {1, 3, 5}}
+
+
+def test_catalog_entry_validates_against_the_schema_fields() -> None:
+    """AnkleFracture.json: required fields present, no unknown field, every type and value
+    allowed by the catalog-entry schema v1.0.1."""
+    entry = json.loads(CATALOG_ENTRY.read_text(encoding="utf-8"))
+    assert isinstance(entry, dict)
+    missing = [k for k in CATALOG_REQUIRED if k not in entry]
+    assert not missing, f"catalog entry lacks required fields {missing}"
+    unknown = sorted(set(entry) - set(CATALOG_TYPES))
+    assert not unknown, f"catalog entry has fields the schema does not allow: {unknown}"
+    for key, value in entry.items():
+        expected = CATALOG_TYPES[key]
+        # JSON booleans are not integers, and integers are not booleans.
+        ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
+        assert ok, f"{key}: {value!r} is not a {expected.__name__}"
+        if key in CATALOG_ENUMS:
+            assert value in CATALOG_ENUMS[key], f"{key}: {value!r} not in {CATALOG_ENUMS[key]}"
+    assert all(isinstance(d, str) and d for d in entry["build_dependencies"])
+    assert entry["$schema"] == CATALOG_SCHEMA_URL
+    # The fields the ExtensionsIndex entries carry (beyond the required ones).
+    for key in ("scm_revision", "build_dependencies", "tier"):
+        assert key in entry, f"catalog entry lacks {key}"
+    assert "PyTorch" in entry["build_dependencies"]
+    assert CATALOG_ENTRY.parent == S4EXT.parent  # beside ankle_fracture.s4ext
+
+
+def test_catalog_entry_matches_the_s4ext_and_cmake() -> None:
+    """The JSON entry says what ankle_fracture.s4ext and CMakeLists.txt say."""
+    entry = json.loads(CATALOG_ENTRY.read_text(encoding="utf-8"))
+    fields = parse_s4ext(S4EXT)
+    values = cmake_set_values(TOP_CMAKE.read_text(encoding="utf-8"))
+    assert entry["scm_url"] == fields["scmurl"]
+    assert entry["scm_revision"] == fields["scmrevision"]
+    assert entry.get("scm_type", "git") == fields["scm"]
+    assert entry["category"] == fields["category"] == " ".join(values["EXTENSION_CATEGORY"])
+    assert entry["build_dependencies"] == fields["depends"].split()
+    assert entry["build_dependencies"] == " ".join(values["EXTENSION_DEPENDS"]).split()
+    assert entry.get("build_subdirectory", ".") == fields["build_subdirectory"]
+    assert entry.get("enabled", True) == (fields["enabled"] == "1")
+    assert entry["tier"] == int(fields["tier"])
+    # The file is named after the extension (CMake's project name), as in the ExtensionsIndex.
+    project = re.search(r"^\s*project\s*\(\s*(\w+)", TOP_CMAKE.read_text(encoding="utf-8"), re.M)
+    assert project and CATALOG_ENTRY.stem == project.group(1)
