@@ -74,10 +74,13 @@ TIBIA_MM2, FIBULA_MM2, AREA_RATIO = (100.0, 2500.0), (30.0, 600.0), (0.08, 0.6)
 MAX_CENTRE_DISTANCE_MM = 60.0
 #: Two-bone slices farther apart (mm) than this along the leg are not one run (fracture
 #: fragments or tibia-fibula contact interrupt a run for a few mm; the malleoli for 15+ mm).
-MAX_GAP_MM = 10.0
+MAX_GAP_MM = 5.0
 #: A run of two-bone slices this long (mm) is a leg even when the bones end inside the scan
 #: (a knee in view); no pair of foot bones runs side by side this far.
 LONG_RUN_MM = 60.0
+#: Share of a tibia section's bone voxels (HU > :data:`BONE_HU`) that must lie in the tibia's
+#: 3D piece (marrow specks and a few bridging voxels aside).
+PURITY = 0.9
 #: A shorter run must reach this close (mm) to the top of the scan.
 TOP_MM = 5.0
 #: Fewer two-bone slices than this, or spanning less (mm), cannot be assessed.
@@ -198,16 +201,11 @@ def _measure(grid: _Grid, out: Dict[str, Any]) -> None:
     out["label_off_bone"] = round(float(off) / max(n_lab, 1), 4)
     pairs, sections = _two_bone_slices(bone, grid, inplane)
     if len(pairs):
-        piece, parts = _bone_pieces(bone, sections, inplane)
-        leg, tibia = _leg_slices(pairs, piece, bone.shape[0], grid)
+        leg = _leg_slices(pairs, sections, grid)
         if len(leg):
             _dice(leg, sections, tib, fib, grid, out)
-            # The leg's bones: the tibia's piece and that of every section beside it (the
-            # fibula below a fracture gap is still fibula).
-            keep = np.union1d([tibia], piece[pairs[piece[pairs[:, 1]] == tibia, 2]])
-            on_bone = parts[(tib | fib) & (parts > 0)]
-            other = np.count_nonzero(~np.isin(on_bone, keep[keep > 0]))
-            out["label_on_other_bone"] = round(float(other) / max(len(on_bone), 1), 4)
+            out["label_on_other_bone"] = _other_bone(bone, sections, pairs, leg, tib | fib,
+                                                     inplane)
     _judge(out)
 
 
@@ -296,61 +294,74 @@ def _dice(pairs: np.ndarray, sections: np.ndarray, tib: np.ndarray, fib: np.ndar
         swapped_slices=int(np.sum(tib_in[f] + fib_in[t] > tib_in[t] + fib_in[f])))
 
 
-def _bone_pieces(bone: np.ndarray, sections: np.ndarray, inplane: np.ndarray
-                 ) -> Tuple[np.ndarray, np.ndarray]:
-    """3D bone pieces: (piece id of each section id, 0 for none; the piece map).
-
-    The bone is eroded by one voxel first, so that a joint space bridged by partial volume
-    (the talar dome under the plafond) separates the talus from the tibia.
-    """
-    structure = inplane.copy()
-    structure[0, 1, 1] = structure[2, 1, 1] = True  # as the sections within a slice
-    parts, _ = ndimage.label(ndimage.binary_erosion(bone, border_value=1),
-                             structure=structure)
-    piece = np.zeros(int(sections.max()) + 1, parts.dtype)
-    inside = parts > 0
-    piece[sections[inside]] = parts[inside]  # a section lies in one piece (any voxel tells)
-    return piece, parts
-
-
-def _leg_slices(pairs: np.ndarray, piece: np.ndarray, n_slices: int, grid: _Grid
-                ) -> Tuple[np.ndarray, int]:
+def _leg_slices(pairs: np.ndarray, sections: np.ndarray, grid: _Grid) -> np.ndarray:
     """The two-bone slices that cut the leg's tibia and fibula, not the talus or the foot.
 
     Runs of two-bone slices are split where they are more than :data:`MAX_GAP_MM` apart (the
     malleolar slices show three sections). The longest run is the leg when it is at least
     :data:`LONG_RUN_MM` long or reaches the top of the scan (within :data:`TOP_MM`): an ankle
     CT's leg goes on above the field of view, while a foot's talus over the calcaneus lies
-    below the malleoli, which show three sections (the Visible Human feet). Below
-    the plafond a slice through the talus and the lateral malleolus (which reaches ~10 mm
-    lower than the medial one) also shows two sections, the larger one the talus: within the
-    run, the larger section must lie in the 3D bone piece that holds most of the run's larger
-    sections, the tibia (a joint space separates the talus). The fibula may change pieces:
-    a fracture splits it.
+    below the malleoli, which show three sections (the Visible Human feet). Below the plafond
+    a slice through the talus and the lateral malleolus (which reaches ~10 mm lower than the
+    medial one) also shows two sections, the larger one the talus, and near the joint the
+    filled bone can merge the talar dome with the plafond. So the larger section must lie
+    (:data:`PURITY`) in the 3D piece of unfilled bone (HU > :data:`BONE_HU`, 6-connected: the
+    joint's cartilage separates) that holds most of the run's larger sections: the tibia.
+    The fibula may change pieces: a fracture splits it.
 
     Args:
         pairs: (m, 3) rows (slice, tibia section, fibula section), sorted by slice.
-        piece: 3D bone piece of each section id (:func:`_bone_pieces`).
-        n_slices: Slices of the working grid.
-        grid: The working grid (slice pitch and direction).
+        sections: The per-slice section map of the filled bone.
+        grid: The working grid (HU, slice pitch and direction).
 
     Returns:
-        (the kept rows sorted by slice, possibly none; the tibia's piece id or -1).
+        The kept rows sorted by slice, possibly none.
     """
     height = pairs[:, 0] * grid.pitch[0] * grid.up
     order = np.argsort(-height)  # from the top of the leg down
     runs = np.split(order, np.flatnonzero(-np.diff(height[order]) > MAX_GAP_MM) + 1)
     run = np.sort(max(runs, key=lambda r: np.ptp(height[r])))
+    parts, _ = ndimage.label(grid.hu > BONE_HU)
+    inside = parts > 0
+    n = int(sections.max()) + 1
+    piece = np.zeros(n, parts.dtype)
+    piece[sections[inside]] = parts[inside]  # some piece of each section (any voxel's)
     votes = np.bincount(piece[pairs[run, 1]])
-    votes[0] = 0  # no piece: the section vanished in the erosion
+    votes[0] = 0  # a section without bone above the threshold
     if not votes.any():
-        return pairs[:0], -1
-    tibia = int(np.argmax(votes))
-    run = run[piece[pairs[run, 1]] == tibia]
-    top = (n_slices - 1) * grid.pitch[0] if grid.up > 0 else 0.0  # the scan's top
+        return pairs[:0]
+    in_tibia = np.bincount(sections[parts == int(np.argmax(votes))], minlength=n)
+    raw = np.bincount(sections[inside], minlength=n)
+    big = pairs[run, 1]
+    run = run[in_tibia[big] >= PURITY * np.maximum(raw[big], 1)]
+    top = (sections.shape[0] - 1) * grid.pitch[0] if grid.up > 0 else 0.0  # the scan's top
     if len(run) and np.ptp(height[run]) < LONG_RUN_MM and top - height[run].max() > TOP_MM:
-        return pairs[:0], tibia
-    return pairs[run], tibia
+        return pairs[:0]
+    return pairs[run]
+
+
+def _other_bone(bone: np.ndarray, sections: np.ndarray, pairs: np.ndarray, leg: np.ndarray,
+                labelled: np.ndarray, inplane: np.ndarray) -> float:
+    """Share of the labelled bone voxels that lie on bone not connected to the leg's tibia.
+
+    The pieces are those of the filled bone eroded by one voxel (a joint space narrowed by
+    partial volume still separates; marrow specks belong to their bone). The leg's bones are
+    the piece of its tibia sections and the piece of every section beside one (the fibula below
+    a fracture gap is still fibula).
+    """
+    structure = inplane.copy()
+    structure[0, 1, 1] = structure[2, 1, 1] = True  # as the sections within a slice
+    parts, _ = ndimage.label(ndimage.binary_erosion(bone, border_value=1), structure=structure)
+    inside = parts > 0
+    piece = np.zeros(int(sections.max()) + 1, parts.dtype)
+    piece[sections[inside]] = parts[inside]
+    votes = np.bincount(piece[leg[:, 1]])
+    votes[0] = 0
+    tibia = int(np.argmax(votes))
+    keep = np.union1d([tibia], piece[pairs[piece[pairs[:, 1]] == tibia, 2]])
+    on_bone = parts[labelled & inside]
+    other = np.count_nonzero(~np.isin(on_bone, keep[keep > 0]))
+    return round(float(other) / max(len(on_bone), 1), 4)
 
 
 def _judge(out: Dict[str, Any]) -> None:
