@@ -456,10 +456,30 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         result = self._ownResult() or {}
         side = p.side if p.side != "auto" else result.get("side")
+        sceneLogic = self.logic.sceneLogic
+        folder = _pathOrNone(p.datasetFolder)
+        # A case id the dataset holds may be another patient's: replace it only if the user says so.
+        caseId = sceneLogic.exportCaseId(p.inputVolume, p.caseId or None) if p.inputVolume else None
+        existing = self._attempt("Could not read the dataset.",
+                                 lambda: sceneLogic.existingCase(folder, caseId) or {})
+        if existing is None:
+            return
+        overwrite = False
+        if existing:
+            from AnkleFractureSlicer.logic import describeCase
+
+            if not slicer.util.confirmOkCancelDisplay(
+                    f"The dataset already has a case '{caseId}' ({describeCase(existing)}).\n\n"
+                    "Replace it with this CT? Its image, segmentation and Weber class are "
+                    "overwritten. Cancel, then set another case id, to keep it.",
+                    windowTitle="Case id already exported"):
+                self.ui.statusLabel.text = f"Not exported: case {caseId} already exists."
+                return
+            overwrite = True
         info = self._attempt("Could not export the case.",
-                             lambda: self.logic.sceneLogic.exportTrainingCase(
-                                 _pathOrNone(p.datasetFolder), p.inputVolume,
-                                 p.outputSegmentation, p.weberLabel, p.caseId or None, side))
+                             lambda: sceneLogic.exportTrainingCase(
+                                 folder, p.inputVolume, p.outputSegmentation, p.weberLabel,
+                                 p.caseId or None, side, overwrite=overwrite))
         if info is not None:
             self.ui.statusLabel.text = (f"{'Updated' if info['updated'] else 'Added'} case "
                                         f"{info['caseId']} in {info['dataset']}.")
@@ -678,10 +698,15 @@ class AnkleFractureTest(ScriptedLoadableModuleTest):
         again = job.finish()
         self.assertEqual(again.result["prediction"], out.result["prediction"])
 
-        self.delayDisplay("Export as a training case, twice")
+        self.delayDisplay("Export as a training case, twice (the second time overwriting)")
+        from AnkleFractureSlicer.logic import CaseExistsError
+
         dataset = tempfile.mkdtemp(prefix="AnkleFractureDataset-")
         logic.sceneLogic.exportTrainingCase(dataset, ctNode, out.nodes.segmentation, "B")
-        info = logic.sceneLogic.exportTrainingCase(dataset, ctNode, out.nodes.segmentation, "B")
+        with self.assertRaises(CaseExistsError):
+            logic.sceneLogic.exportTrainingCase(dataset, ctNode, out.nodes.segmentation, "B")
+        info = logic.sceneLogic.exportTrainingCase(dataset, ctNode, out.nodes.segmentation, "B",
+                                                   overwrite=True)
         self.assertTrue(info["updated"])
         self.assertEqual(info["counts"]["cases"], 1)
         self.assertTrue(np.isfinite(list(probabilities.values())).all())

@@ -29,8 +29,8 @@ from AnkleFractureLib.phantom import generate_case  # noqa: E402
 from AnkleFractureLib.registration.transform_io import read_transform_json  # noqa: E402
 
 from AnkleFractureSlicer import nodes as N  # noqa: E402
-from AnkleFractureSlicer.logic import (AnkleFractureSceneLogic, ResultNodes,  # noqa: E402
-                                       StageSettings)
+from AnkleFractureSlicer.logic import (AnkleFractureSceneLogic, CaseExistsError,  # noqa: E402
+                                       ResultNodes, StageSettings)
 from AnkleFractureSlicer.terminology import BONES  # noqa: E402
 
 torch.set_num_threads(2)
@@ -388,7 +388,10 @@ def test_export_training_case_twice_updates_it(run_all, logic, ct_node, tmp_path
     first = logic.exportTrainingCase(dataset, ct_node, run_all.nodes.segmentation, "B",
                                      side="left")
     assert first["caseId"] == "AnkleCT" and not first["updated"]
-    second = logic.exportTrainingCase(dataset, ct_node, run_all.nodes.segmentation, "C")
+    with pytest.raises(CaseExistsError):  # the collision test below has the details
+        logic.exportTrainingCase(dataset, ct_node, run_all.nodes.segmentation, "C")
+    second = logic.exportTrainingCase(dataset, ct_node, run_all.nodes.segmentation, "C",
+                                      overwrite=True)
     assert second["updated"] and second["counts"]["cases"] == 1
     ds = Dataset.load(dataset)
     (rec,) = list(ds)

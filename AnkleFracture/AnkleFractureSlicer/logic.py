@@ -255,6 +255,43 @@ def safeName(name: str) -> str:
     return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9._-]", "_", name or "")).strip("_.") or "ct"
 
 
+class CaseExistsError(InputError):
+    """An export would replace a case the dataset already holds (possibly another patient's).
+
+    Attributes:
+        caseId: The case id.
+        existing: What the dataset says of that case (:meth:`AnkleFractureSceneLogic.existingCase`).
+    """
+
+    def __init__(self, dataset: PathLike, caseId: str, existing: Dict[str, Any]) -> None:
+        self.caseId = caseId
+        self.existing = existing
+        super().__init__(dataset, f"case {caseId!r} already exists in this dataset "
+                                  f"({describeCase(existing)}); exporting would replace it. "
+                                  "Choose another case id, or overwrite that case explicitly "
+                                  "(overwrite=True; the panel asks first)")
+
+
+def describeCase(existing: Dict[str, Any]) -> str:
+    """A dataset case in a few words, e.g. "exported from node 'CT 7', Weber B, left side,
+    with a segmentation".
+
+    Example:
+        >>> describeCase({"node": "CT 7", "weber": "B", "side": "left", "segmented": True,
+        ...               "source": "slicer-export"})
+        "exported from node 'CT 7', Weber B, left side, with a segmentation"
+    """
+    origin = (f"exported from node {existing['node']!r}" if existing.get("node")
+              else f"source {existing.get('source') or 'unknown'}")
+    weber = existing.get("weber")
+    parts = [origin, ("no Weber class" if weber is None
+                      else "no fracture" if weber == "none" else f"Weber {weber}")]
+    if existing.get("side"):
+        parts.append(f"{existing['side']} side")
+    parts.append("with a segmentation" if existing.get("segmented") else "no segmentation")
+    return ", ".join(parts)
+
+
 class AnkleFractureSceneLogic:
     """The module's logic on one MRML scene.
 
@@ -584,15 +621,41 @@ class AnkleFractureSceneLogic:
         setattr(nodes, name, None)
 
     # ------------------------------------------------------------------ annotation refinement
+    @staticmethod
+    def exportCaseId(ctNode: Any, caseId: Optional[str] = None) -> str:
+        """The case id an export uses: ``caseId``, else the CT node's name (file-system safe)."""
+        return safeName(caseId) if caseId else safeName(ctNode.GetName())
+
+    @staticmethod
+    def existingCase(datasetFolder: PathLike, caseId: str) -> Optional[Dict[str, Any]]:
+        """What the dataset holds under ``caseId`` (None: no such case, or no dataset yet).
+
+        Returns:
+            {"caseId", "node" (the CT node it was exported from, if known), "weber", "side",
+            "source", "segmented"}.
+        """
+        from AnkleFractureLib.dataset import Dataset
+
+        if datasetFolder in (None, "", ".") or not (Path(datasetFolder) / "dataset.json").is_file():
+            return None
+        record = Dataset.load(datasetFolder).get(caseId)
+        if record is None:
+            return None
+        return {"caseId": record.id, "node": (record.meta or {}).get("node"),
+                "weber": record.weber, "side": record.side, "source": record.source,
+                "segmented": record.segmentation is not None}
+
     def exportTrainingCase(self, datasetFolder: PathLike, ctNode: Any,
                            segmentationNode: Any = None, weber: Optional[str] = None,
                            caseId: Optional[str] = None,
-                           side: Optional[str] = None) -> Dict[str, Any]:
+                           side: Optional[str] = None,
+                           overwrite: bool = False) -> Dict[str, Any]:
         """Add the CT, its (corrected) segmentation and Weber class to a training dataset.
 
         The dataset uses the project's layout (``dataset.json``, ``images/``, ``labels/``)
         that ``train-seg`` and ``train-cls`` read; ``dataset.json`` is rewritten atomically.
-        Exporting the same case id again updates it instead of adding a duplicate.
+        A case id the dataset already holds is refused (:class:`CaseExistsError`, naming
+        that case), unless ``overwrite`` says to replace it (the panel asks the user first).
 
         Args:
             datasetFolder: The dataset folder (created when missing).
@@ -602,9 +665,14 @@ class AnkleFractureSceneLogic:
             weber: "none", "A", "B", "C", or None / "unknown" (unlabelled for classification).
             caseId: Case id (default: the CT node's name, made file-system safe).
             side: "left", "right" or None.
+            overwrite: Replace a case with the same id (False: refuse).
 
         Returns:
-            {"caseId", "updated" (bool), "counts" (the dataset's counts), "dataset" (path)}.
+            {"caseId", "updated" (bool: an existing case was replaced), "counts" (the
+            dataset's counts), "dataset" (path)}.
+
+        Raises:
+            CaseExistsError: The case id exists and ``overwrite`` is False (nothing written).
         """
         from AnkleFractureLib.dataset import Dataset
         from AnkleFractureLib.dataset.layout import CLASSES
@@ -617,7 +685,10 @@ class AnkleFractureSceneLogic:
         if weber is not None and weber not in CLASSES:
             raise InputError(None, f"the Weber class must be one of {', '.join(CLASSES)} or "
                                    f"unknown, got {weber!r}")
-        caseId = safeName(caseId) if caseId else safeName(ctNode.GetName())
+        caseId = self.exportCaseId(ctNode, caseId)
+        existing = self.existingCase(datasetFolder, caseId)
+        if existing is not None and not overwrite:
+            raise CaseExistsError(datasetFolder, caseId, existing)
         ct = N.volumeFromNode(ctNode)
         label = (N.labelMapFromSegmentation(segmentationNode, ctNode, self.scene)
                  if segmentationNode is not None else None)
