@@ -323,9 +323,15 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "vtkMRMLSegmentationNode", f"{p.inputVolume.GetName()} bones")
         self.logic.sceneLogic.resultsRoot = _pathOrNone(p.resultsFolder)
         nodes = self._currentNodes()
+        mapping = None
+        if stage in ("register", "classify"):  # they use the chosen segmentation's bones
+            go, mapping = self._askSegmentMapping(nodes.segmentation)
+            if not go:
+                return
         self._job = self._attempt("Could not start the analysis.",
                                   lambda: self.logic.sceneLogic.startStage(
-                                      stage, p.inputVolume, nodes, self._settings()))
+                                      stage, p.inputVolume, nodes, self._settings(),
+                                      segmentMapping=mapping))
         if self._job is None:
             return
         self.ui.progressBar.value = 0
@@ -334,6 +340,43 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                     "all": "Running all stages..."}[stage]
         self._timer.start()
         self._updateGui()
+
+    def _askSegmentMapping(self, segmentationNode):
+        """When none of the segmentation's segments is named Tibia / Fibula, ask which one is
+        which (the segments are never renamed or changed).
+
+        Returns:
+            (go on, mapping): (True, None) when no question was needed, (True, {segment id:
+            "tibia" | "fibula"}) after the answer, (False, None) when the user cancelled.
+        """
+        from AnkleFractureSlicer import nodes as N
+
+        segments = N.unmatchedSegments(segmentationNode)
+        if not segments:
+            return True, None
+        none = "(no segment)"
+        titles = [name if name == sid else f"{name} ({sid})" for sid, name in segments]
+        mapping = {}
+        for index, bone in enumerate(("tibia", "fibula")):
+            choice = qt.QInputDialog.getItem(
+                slicer.util.mainWindow(), "Which segment is the " + bone + "?",
+                f"None of the segments of '{segmentationNode.GetName()}' is named Tibia or "
+                f"Fibula.\nWhich one is the {bone}? (Your segments are left as they are.)",
+                titles + [none], min(index, len(titles) - 1), False)
+            if not choice:
+                return False, None  # cancelled
+            if choice != none:
+                segmentId = segments[titles.index(choice)][0]
+                if segmentId in mapping:
+                    slicer.util.errorDisplay("The tibia and the fibula must be different "
+                                             "segments.")
+                    return False, None
+                mapping[segmentId] = bone
+        if not mapping:
+            slicer.util.errorDisplay("No segment was chosen: choose the tibia and fibula, or "
+                                     "no segmentation to segment the CT.")
+            return False, None
+        return True, mapping
 
     def onLoadPhantom(self) -> None:
         """The project's synthetic ankle CT, for trying the module without patient data."""
@@ -476,10 +519,14 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = f"Not exported: case {caseId} already exists."
                 return
             overwrite = True
+        go, mapping = self._askSegmentMapping(p.outputSegmentation)
+        if not go:
+            return
         info = self._attempt("Could not export the case.",
                              lambda: sceneLogic.exportTrainingCase(
                                  folder, p.inputVolume, p.outputSegmentation, p.weberLabel,
-                                 p.caseId or None, side, overwrite=overwrite))
+                                 p.caseId or None, side, overwrite=overwrite,
+                                 segmentMapping=mapping))
         if info is not None:
             self.ui.statusLabel.text = (f"{'Updated' if info['updated'] else 'Added'} case "
                                         f"{info['caseId']} in {info['dataset']}.")
@@ -556,13 +603,16 @@ class AnkleFractureLogic(ScriptedLoadableModuleLogic):
         return AnkleFractureParameterNode(super().getParameterNode())
 
     # Blocking calls for scripts
-    def run(self, stage, ctNode, segmentationNode=None, settings=None, progress=None):
+    def run(self, stage, ctNode, segmentationNode=None, settings=None, progress=None,
+            segmentMapping=None):
         """Run "segment", "register", "classify" or "all" on ``ctNode`` and return the
-        StageOutput (its ``nodes`` hold the segmentation, transform, heatmap and table)."""
+        StageOutput (its ``nodes`` hold the segmentation, transform, heatmap and table).
+        ``segmentMapping`` ({segment id: "tibia" | "fibula"}) says which segments of
+        ``segmentationNode`` are the bones when they are not named Tibia / Fibula."""
         from AnkleFractureSlicer.logic import ResultNodes
 
         return self.sceneLogic.runStage(stage, ctNode, ResultNodes(segmentation=segmentationNode),
-                                        settings, progress)
+                                        settings, progress, segmentMapping=segmentMapping)
 
     def runBatch(self, inputs, outDir, settings=None, resume=True, progress=None):
         """``ankle-fracture batch`` from the console: same per-case files and results.csv."""

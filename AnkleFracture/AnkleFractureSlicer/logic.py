@@ -292,6 +292,26 @@ def describeCase(existing: Dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+class SegmentMappingError(InputError):
+    """The user's segmentation has segments, but none named Tibia / Fibula (nor a mapping
+    saying which is which): using none of them, or segmenting over them, would be wrong.
+
+    Attributes:
+        segments: [(segment id, segment name)] of the segmentation.
+    """
+
+    def __init__(self, segmentationNode: Any, segments: Sequence[Any]) -> None:
+        self.segments = list(segments)
+        listed = ", ".join(repr(name) if name == sid else f"{name!r} (id {sid})"
+                           for sid, name in self.segments)
+        super().__init__(segmentationNode.GetName(),
+                         f"none of its segments ({listed}) is named Tibia or Fibula (or "
+                         "'Tibia ...' / 'Fibula ...' for fragments). Say which segment is the "
+                         "tibia and which the fibula (segmentMapping={segment id: 'tibia' or "
+                         "'fibula'}; the panel asks), rename them, or choose no segmentation "
+                         "to segment the CT. The segments were left as they are")
+
+
 class AnkleFractureSceneLogic:
     """The module's logic on one MRML scene.
 
@@ -385,21 +405,49 @@ class AnkleFractureSceneLogic:
         return node
 
     # ------------------------------------------------------------------ stages
-    def _inputs(self, stage: str, ctNode: Any, nodes: ResultNodes) -> Any:
+    def _inputs(self, stage: str, ctNode: Any, nodes: ResultNodes,
+                segmentMapping: Optional[Dict[str, Any]] = None) -> Any:
         if stage not in STAGES:
             raise InputError(None, f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
         if ctNode is None:
             raise InputError(None, "select a CT volume first")
-        ct = N.volumeFromNode(ctNode)
         label = None
         if stage in ("register", "classify") and nodes.segmentation is not None:
-            label = N.labelMapFromSegmentation(nodes.segmentation, ctNode, self.scene)
+            label = self.userLabelMap(nodes.segmentation, ctNode, segmentMapping)
+        ct = N.volumeFromNode(ctNode)
         return ct, label
+
+    def userLabelMap(self, segmentationNode: Any, ctNode: Any,
+                     segmentMapping: Optional[Dict[str, Any]] = None) -> Any:
+        """The tibia/fibula label map of a segmentation (None: no segmentation, or one without
+        segments or voxels), by the segments' names or the user's mapping.
+
+        Args:
+            segmentationNode: The segmentation (the user's or a run's).
+            ctNode: The CT (the label map is on its grid).
+            segmentMapping: {segment id: "tibia" | "fibula"} for segments not named after the
+                bones; it is remembered on the node (attribute
+                :data:`~AnkleFractureSlicer.nodes.SEGMENT_MAPPING_ATTRIBUTE`) for the next
+                clicks. The segments themselves are never changed.
+
+        Raises:
+            SegmentMappingError: The segmentation has segments, none is a bone by name and no
+                mapping says which is which (the message names the segments).
+        """
+        if segmentationNode is None:
+            return None
+        if segmentMapping:
+            N.setSegmentMapping(segmentationNode, segmentMapping)
+        unmatched = N.unmatchedSegments(segmentationNode)
+        if unmatched:
+            raise SegmentMappingError(segmentationNode, unmatched)
+        return N.labelMapFromSegmentation(segmentationNode, ctNode, self.scene)
 
     def runStage(self, stage: str, ctNode: Any, nodes: Optional[ResultNodes] = None,
                  settings: Optional[StageSettings] = None,
                  progress: Optional[ProgressCallback] = None,
-                 shouldCancel: Optional[Callable[[], bool]] = None) -> StageOutput:
+                 shouldCancel: Optional[Callable[[], bool]] = None,
+                 segmentMapping: Optional[Dict[str, Any]] = None) -> StageOutput:
         """Run one stage in this process and put its results into nodes (blocking).
 
         Args:
@@ -412,15 +460,21 @@ class AnkleFractureSceneLogic:
             progress: Called with (fraction, message).
             shouldCancel: Polled; True stops the run
                 (:class:`~AnkleFractureLib.errors.CancelledError`).
+            segmentMapping: Which of the user's segments are the tibia and the fibula when
+                they are not named so (see :meth:`userLabelMap`).
 
         Returns:
             The :class:`StageOutput` (``result`` is the result.json dict).
+
+        Raises:
+            SegmentMappingError: Register / Classify on a segmentation whose segments are not
+                named after the bones, without a mapping.
         """
         from AnkleFractureLib.pipeline.job import run_stage_result
 
         nodes = nodes or ResultNodes()
         settings = settings or StageSettings()
-        ct, label = self._inputs(stage, ctNode, nodes)
+        ct, label = self._inputs(stage, ctNode, nodes, segmentMapping)
         folder = self.resultsFolder(ctNode)
         result, _ = run_stage_result(stage, ct, folder, label, self.pipeline(settings),
                                      progress, shouldCancel, settings.reportPdf)
@@ -432,7 +486,8 @@ class AnkleFractureSceneLogic:
 
     def startStage(self, stage: str, ctNode: Any, nodes: Optional[ResultNodes] = None,
                    settings: Optional[StageSettings] = None, python: Optional[str] = None,
-                   warm: bool = True) -> BackgroundStage:
+                   warm: bool = True,
+                   segmentMapping: Optional[Dict[str, Any]] = None) -> BackgroundStage:
         """Start one stage in a background process (see :class:`BackgroundStage`).
 
         With ``warm`` (the panel's way) the stage goes to this logic's
@@ -441,14 +496,15 @@ class AnkleFractureSceneLogic:
 
         The CT (and the current segmentation for Register / Classify) are written to the
         output folder's ``inputs/`` (removed by :meth:`BackgroundStage.finish`); the process runs
-        :mod:`AnkleFractureLib.pipeline.job`.
+        :mod:`AnkleFractureLib.pipeline.job`. ``segmentMapping`` and the errors are as for
+        :meth:`runStage`.
         """
         from AnkleFractureLib.io import write_image
         from AnkleFractureLib.pipeline.job import JobRequest
 
         nodes = nodes or ResultNodes()
         settings = settings or StageSettings()
-        ct, label = self._inputs(stage, ctNode, nodes)
+        ct, label = self._inputs(stage, ctNode, nodes, segmentMapping)
         folder = self.resultsFolder(ctNode)
         inputs = folder / "inputs"
         inputs.mkdir(parents=True, exist_ok=True)
@@ -501,7 +557,9 @@ class AnkleFractureSceneLogic:
         """Put the files of a finished run (``run``'s output folder) into nodes.
 
         * segmentation.nii.gz -> ``Tibia`` / ``Fibula`` segments (unless the run started from
-          the user's segmentation, which is then left exactly as it is);
+          the user's segmentation, which is then left exactly as it is). They go into
+          ``nodes.segmentation`` only when a run made it or it is empty: a segmentation of the
+          user's with segments is never written into, a new node takes the run's segments;
         * transform.json -> a linear transform node (template -> patient, in RAS), the healthy
           template as a segmentation under it, and the syndesmosis box as an ROI under it;
         * gradcam.nii.gz -> a scalar volume on the CT's grid with the heatmap colours;
@@ -537,6 +595,9 @@ class AnkleFractureSceneLogic:
             return read_image(folder / fileName)
 
         if updateSegmentation and (folder / "segmentation.nii.gz").is_file():
+            own = nodes.segmentation
+            if own is not None and not N.isModuleSegmentation(own) and N.segmentList(own):
+                nodes.segmentation = None  # the user's segments stay as they are
             if nodes.segmentation is None:
                 nodes.segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                                              f"{base} bones")
@@ -649,7 +710,8 @@ class AnkleFractureSceneLogic:
                            segmentationNode: Any = None, weber: Optional[str] = None,
                            caseId: Optional[str] = None,
                            side: Optional[str] = None,
-                           overwrite: bool = False) -> Dict[str, Any]:
+                           overwrite: bool = False,
+                           segmentMapping: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """Add the CT, its (corrected) segmentation and Weber class to a training dataset.
 
         The dataset uses the project's layout (``dataset.json``, ``images/``, ``labels/``)
@@ -660,12 +722,15 @@ class AnkleFractureSceneLogic:
         Args:
             datasetFolder: The dataset folder (created when missing).
             ctNode: The CT volume node.
-            segmentationNode: Segmentation whose Tibia / Fibula segments (fragments included)
-                become the label map; None or no bone segments: unlabelled for segmentation.
+            segmentationNode: Segmentation whose Tibia / Fibula segments (fragments included,
+                or the segments ``segmentMapping`` names) become the label map; None, or no
+                segments: unlabelled for segmentation.
             weber: "none", "A", "B", "C", or None / "unknown" (unlabelled for classification).
             caseId: Case id (default: the CT node's name, made file-system safe).
             side: "left", "right" or None.
             overwrite: Replace a case with the same id (False: refuse).
+            segmentMapping: {segment id: "tibia" | "fibula"} when the segments are not named
+                after the bones (see :meth:`userLabelMap`).
 
         Returns:
             {"caseId", "updated" (bool: an existing case was replaced), "counts" (the
@@ -673,6 +738,8 @@ class AnkleFractureSceneLogic:
 
         Raises:
             CaseExistsError: The case id exists and ``overwrite`` is False (nothing written).
+            SegmentMappingError: The segments are not named after the bones and no mapping
+                says which is which (nothing written).
         """
         from AnkleFractureLib.dataset import Dataset
         from AnkleFractureLib.dataset.layout import CLASSES
@@ -690,8 +757,7 @@ class AnkleFractureSceneLogic:
         if existing is not None and not overwrite:
             raise CaseExistsError(datasetFolder, caseId, existing)
         ct = N.volumeFromNode(ctNode)
-        label = (N.labelMapFromSegmentation(segmentationNode, ctNode, self.scene)
-                 if segmentationNode is not None else None)
+        label = self.userLabelMap(segmentationNode, ctNode, segmentMapping)
         dataset = Dataset.create(datasetFolder)
         updated = dataset.get(caseId) is not None
         dataset.add_case(caseId, ct, label, weber=weber,

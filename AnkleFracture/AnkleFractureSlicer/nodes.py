@@ -163,16 +163,125 @@ def addVolumeNode(scene: Any, volume: Volume, name: str,
 
 
 # ---------------------------------------------------------------------- segmentations
-def boneSegmentIds(segmentationNode: Any) -> Dict[int, List[str]]:
-    """Segment ids per bone label (1 tibia, 2 fibula), fragments included, by segment name."""
-    out: Dict[int, List[str]] = {b.label: [] for b in BONES}
+#: Attribute of a segmentation node keeping the user's choice of which segments are the tibia
+#: and the fibula (JSON {segment id: 1 | 2}), for segments not named after the bones.
+SEGMENT_MAPPING_ATTRIBUTE = "AnkleFracture.SegmentMapping"
+_BONE_BY_WORD = {**{b.name.lower(): b.label for b in BONES},
+                 **{str(b.label): b.label for b in BONES}}
+_IGNORE_WORDS = ("", "none", "ignore", "0")
+
+
+def segmentList(segmentationNode: Any) -> List[Any]:
+    """[(segment id, segment name)] of a segmentation node, in its order."""
     segmentation = segmentationNode.GetSegmentation()
-    for i in range(segmentation.GetNumberOfSegments()):
-        segment = segmentation.GetNthSegment(i)
-        bone = boneForSegmentName(segment.GetName() or "")
-        if bone is not None:
-            out[bone.label].append(segmentation.GetNthSegmentID(i))
+    return [(segmentation.GetNthSegmentID(i), segmentation.GetNthSegment(i).GetName() or "")
+            for i in range(segmentation.GetNumberOfSegments())]
+
+
+def normalizeSegmentMapping(segmentationNode: Any, mapping: Dict[str, Any]) -> Dict[str, int]:
+    """A user's mapping as {segment id: bone label (1 tibia, 2 fibula)}.
+
+    Args:
+        segmentationNode: The segmentation the ids belong to.
+        mapping: {segment id: "tibia" | "fibula" | 1 | 2}; None, "none" or "ignore" leave a
+            segment out. Several segments may map to one bone (fracture fragments).
+
+    Raises:
+        InputError: An id the segmentation does not have, or a value that is not a bone; the
+            message names them and the segmentation's segments.
+    """
+    present = dict(segmentList(segmentationNode))
+    out: Dict[str, int] = {}
+    unknown, bad = [], []
+    for segmentId, value in dict(mapping).items():
+        if segmentId not in present:
+            unknown.append(segmentId)
+            continue
+        word = "" if value is None else str(value).strip().lower()
+        if word in _IGNORE_WORDS:
+            continue
+        if word not in _BONE_BY_WORD:
+            bad.append(f"{segmentId!r}: {value!r}")
+            continue
+        out[segmentId] = _BONE_BY_WORD[word]
+    name = segmentationNode.GetName()
+    if unknown:
+        raise InputError(name, f"no segment with id {', '.join(map(repr, unknown))}; its "
+                               f"segments are {_describeSegments(list(present.items()))}")
+    if bad:
+        raise InputError(name, f"a segment maps to 'tibia' or 'fibula' (or None to leave it "
+                               f"out), got {', '.join(bad)}")
     return out
+
+
+def setSegmentMapping(segmentationNode: Any, mapping: Optional[Dict[str, Any]]) -> Dict[str, int]:
+    """Remember which segments are the tibia and fibula on the node (saved with the scene);
+    None or {} forgets it. The segments themselves are not touched."""
+    normalized = normalizeSegmentMapping(segmentationNode, mapping or {})
+    segmentationNode.SetAttribute(SEGMENT_MAPPING_ATTRIBUTE,
+                                  json.dumps(normalized) if normalized else None)
+    return normalized
+
+
+def segmentMapping(segmentationNode: Any) -> Dict[str, int]:
+    """The remembered mapping ({} when none), limited to segments the node still has."""
+    text = segmentationNode.GetAttribute(SEGMENT_MAPPING_ATTRIBUTE)
+    if not text:
+        return {}
+    try:
+        stored = json.loads(text)
+    except ValueError:
+        return {}
+    present = {sid for sid, _ in segmentList(segmentationNode)}
+    labels = {b.label for b in BONES}
+    return {str(k): int(v) for k, v in (stored.items() if isinstance(stored, dict) else [])
+            if str(k) in present and v in labels}
+
+
+def boneSegmentIds(segmentationNode: Any,
+                   mapping: Optional[Dict[str, Any]] = None) -> Dict[int, List[str]]:
+    """Segment ids per bone label (1 tibia, 2 fibula), fragments included.
+
+    With a mapping (given, else the one remembered on the node by :func:`setSegmentMapping`)
+    exactly the mapped segments count; without one, segments count by name
+    (:func:`boneForSegmentName`).
+    """
+    out: Dict[int, List[str]] = {b.label: [] for b in BONES}
+    chosen = (normalizeSegmentMapping(segmentationNode, mapping) if mapping
+              else segmentMapping(segmentationNode))
+    for segmentId, name in segmentList(segmentationNode):
+        if chosen:
+            label = chosen.get(segmentId)
+        else:
+            bone = boneForSegmentName(name)
+            label = bone.label if bone is not None else None
+        if label is not None:
+            out[label].append(segmentId)
+    return out
+
+
+def unmatchedSegments(segmentationNode: Any,
+                      mapping: Optional[Dict[str, Any]] = None) -> List[Any]:
+    """The node's segments [(id, name)] when none of them is a bone (by name, or by the given
+    or remembered mapping): the user must say which is which. [] when some segment is a bone,
+    or when the node has no segments (nothing to use, nothing to lose)."""
+    if segmentationNode is None:
+        return []
+    segments = segmentList(segmentationNode)
+    if not segments or any(boneSegmentIds(segmentationNode, mapping).values()):
+        return []
+    return segments
+
+
+def _describeSegments(segments: Sequence[Any]) -> str:
+    return ", ".join(repr(name) if name == sid else f"{name!r} (id {sid})"
+                     for sid, name in segments) or "none"
+
+
+def isModuleSegmentation(segmentationNode: Any) -> bool:
+    """True for a segmentation a run of this module made (its segments may be rewritten by the
+    next Segment); False for the user's own."""
+    return segmentationNode.GetAttribute(ROLE_ATTRIBUTE) == "segmentation"
 
 
 def segmentTag(segment: Any, name: str) -> str:
@@ -241,13 +350,15 @@ def updateSegmentationFromLabelMap(segmentationNode: Any, label: Volume, ctNode:
 
 
 def labelMapFromSegmentation(segmentationNode: Any, ctNode: Any, scene: Any,
-                             direct: bool = True) -> Optional[Volume]:
+                             direct: bool = True,
+                             mapping: Optional[Dict[str, Any]] = None) -> Optional[Volume]:
     """The tibia/fibula label map of a (possibly corrected) segmentation, on the CT's grid.
 
-    Segments are assigned to a bone by name (:func:`boneForSegmentName`): "Tibia",
-    "Fibula", and fragments such as "Fibula fragment" keep their parent bone's label. Other
-    segments (e.g. a talus) are ignored. Where segments overlap, the fibula wins (it is the
-    bone the Weber class is read from).
+    Segments are assigned to a bone by the user's mapping (``mapping``, else the one remembered
+    on the node), else by name (:func:`boneForSegmentName`): "Tibia", "Fibula", and fragments
+    such as "Fibula fragment" keep their parent bone's label. Other segments (e.g. a talus)
+    are ignored. Where segments overlap, the fibula wins (it is the bone the Weber class is
+    read from).
 
     Args:
         segmentationNode: The segmentation (None: no label map).
@@ -255,6 +366,7 @@ def labelMapFromSegmentation(segmentationNode: Any, ctNode: Any, scene: Any,
         scene: The MRML scene.
         direct: Read segments that lie on the CT's grid straight from their labelmaps (exact,
             fast); False always uses Slicer's export (the reference the tests compare with).
+        mapping: {segment id: "tibia" | "fibula"} (see :func:`normalizeSegmentMapping`).
 
     Returns:
         uint8 Volume (0 background, 1 tibia, 2 fibula) with exactly the CT's geometry, or None
@@ -264,7 +376,7 @@ def labelMapFromSegmentation(segmentationNode: Any, ctNode: Any, scene: Any,
 
     if segmentationNode is None:
         return None
-    groups = boneSegmentIds(segmentationNode)
+    groups = boneSegmentIds(segmentationNode, mapping)
     ordered = [(bone.label, sid) for bone in BONES for sid in groups[bone.label]]
     if not ordered:
         return None
