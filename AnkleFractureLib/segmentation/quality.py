@@ -6,24 +6,40 @@ that the marrow inside the cortex counts as bone) shows exactly two cross-sectio
 the tibia, and a small one, the fibula. On every such slice the label map's tibia (1) and fibula
 (2) are compared with these two cross-sections (Dice per bone and slice). Slices that show
 anything else (the talus and malleoli, foot bones, both legs, a fracture fragment, tibia and
-fibula touching) are skipped rather than guessed at. Two whole-scan measures add what the
-two-bone slices cannot see:
+fibula touching) are skipped rather than guessed at, and only slices of the leg count: the
+longest run of such slices (a foot's talus beside the lateral malleolus, or talus over
+calcaneus, also shows two sections), whose larger section lies in the tibia's 3D piece of bone
+(see :func:`_leg_slices`). Two whole-scan measures add what the two-bone slices cannot see:
 
 * ``label_off_bone``: the share of labelled voxels that lie on no bone at all (a label shifted
   off the bone, or spread into soft tissue);
-* ``label_on_other_bone``: the share of labelled voxels that lie on bone *not connected* (in
-  3D, on the working grid) to the tibia and fibula cross-sections of the two-bone slices: foot
-  bones, the talus or the other leg labelled as tibia or fibula. Joint spaces (2-4 mm) separate
-  the talus from the tibia; where a joint is narrower than the working grid resolves, the talus
-  is taken for tibia, which can hide such a mistake but never raises a false alarm.
+* ``label_on_other_bone``: the share of labelled bone voxels that lie on bone *not connected*
+  (in 3D, on the working grid, after a one-voxel erosion) to the leg's tibia and the sections
+  beside it: foot bones, the talus or the other leg labelled as tibia or fibula. Joint spaces
+  (2-4 mm) separate the talus from the tibia; where a joint is narrower than the working grid
+  resolves, the talus is taken for tibia, which can hide such a mistake but never raises a
+  false alarm.
+
+The level is "low" when a bone's mean Dice (whole scan or distal part) is below
+:data:`MIN_DICE_TIBIA` / :data:`MIN_DICE_FIBULA`, more than :data:`MAX_POOR_FRACTION` of the
+slices disagree, or too many labels lie on no bone / other bone; "not_assessable" when fewer
+than :data:`MIN_SLICES` leg slices are found (then only labels on no bone can make it "low").
+Measured on fast phantoms: correct labels of 80 (16 seeds, all classes and sides) score
+0.95-0.97 (tibia) and 0.91-0.95 (fibula) mean Dice, none low. Of 24 corrupted per kind
+(``Testing/test_seg_quality.py``'s corruptions, 12 seeds), all are low when shifted 5 mm
+(0.74-0.82 / 0.52-0.62), eroded to a core (0.50-0.74 / 0.58-0.75), swapped on 30 % of the
+slices (29-32 % poor slices) or grown 3 voxels (20-33 % on no bone); with the foot bones
+labelled 21 are low (10-34 % on other bone) and 3 pass, where the talus joins the tibia at the
+working grid's resolution. A 3 mm shift is at the edge (fibula 0.72-0.78), 2 mm passes.
 
 Geometry: the slices are those of the CT's grid across the index axis closest to the patient's
 superior-inferior axis (LPS z); numpy arrays are (z, y, x). A leg tilted by 20-30 degrees
 still cuts each slice in two cross-sections, and the label map is compared on the very same
 slices, so nothing is resampled. The work is done on a subsampled grid (at most
-:data:`PITCH_MM` in-plane and :data:`AXIAL_PITCH_MM` between slices) restricted to the
-labelled leg's in-plane bounding box plus :data:`MARGIN_MM` (which also keeps the other leg out
-of view) over the whole length of the scan: a clinical 512 x 512 x 300 CT takes about 0.3 s.
+:data:`PITCH_MM` in-plane and :data:`AXIAL_PITCH_MM` between slices, coarser in-plane beyond
+:data:`MAX_WORK_VOXELS`) restricted to the labelled leg's in-plane bounding box plus
+:data:`MARGIN_MM` (which also keeps the other leg out of view) over the whole length of the
+scan: a clinical 512 x 512 x 380 CT (0.33 x 0.33 x 0.66 mm) takes about 0.2 s.
 
 The distal part, :data:`DISTAL_MM` above the lowest two-bone slice, is reported on its own: the
 lowest slice with two separate cross-sections lies just above the tibiofibular contact at the
@@ -72,8 +88,9 @@ MIN_SECTION_MM2 = 15.0
 TIBIA_MM2, FIBULA_MM2, AREA_RATIO = (100.0, 2500.0), (30.0, 600.0), (0.08, 0.6)
 #: Centres of the two cross-sections farther apart (mm) than this are not one leg's bones.
 MAX_CENTRE_DISTANCE_MM = 60.0
-#: Two-bone slices farther apart (mm) than this along the leg are not one run (fracture
-#: fragments or tibia-fibula contact interrupt a run for a few mm; the malleoli for 15+ mm).
+#: Two-bone slices farther apart (mm) than this along the leg are not one run: the malleolar
+#: slices between the leg and a talus-beside-malleolus run span 7-10 mm on the phantoms and
+#: 15+ mm in patients. (A fracture that interrupts the leg's run costs its shorter part.)
 MAX_GAP_MM = 5.0
 #: A run of two-bone slices this long (mm) is a leg even when the bones end inside the scan
 #: (a knee in view); no pair of foot bones runs side by side this far.
@@ -88,8 +105,8 @@ MIN_SLICES, MIN_SPAN_MM = 8, 10.0
 #: Length (mm) of the distal part above the lowest two-bone slice (see the module docstring).
 DISTAL_MM = 60.0
 #: Agreement below these mean Dice values (tibia, fibula; whole scan or distal part) is low.
-#: Correct phantom labels score >= 0.95 / 0.93 (the fibula is small, so its thresholded outline
-#: costs more Dice); a label shifted by 3 mm or eroded to a core drops below.
+#: Correct phantom labels score >= 0.95 / 0.90 (the fibula is small, so its thresholded outline
+#: costs more Dice); a label shifted by 5 mm or eroded to a core drops below.
 MIN_DICE_TIBIA, MIN_DICE_FIBULA = 0.85, 0.75
 #: A slice is poor when either bone's Dice is below this; low above this share of poor slices.
 POOR_SLICE_DICE, MAX_POOR_FRACTION = 0.5, 0.15
