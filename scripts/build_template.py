@@ -6,6 +6,9 @@ Examples::
     # the shipped template (healthy phantom, seed 186 = the most typical anatomy of seeds 0-299)
     python scripts/build_template.py --out Resources/Templates/healthy_right_ankle \
         --preview docs/template/template.png
+    # the mean of the real-shape (vh) phantom family (Visible Human bone surfaces, CC BY 4.0)
+    python scripts/build_template.py --source vh --out Resources/Templates/healthy_right_ankle_vh \
+        --preview docs/template/template_vh.png
     # a hospital's own template from the healthy cases of a dataset in the project layout
     python scripts/build_template.py --dataset data/hospital --out my_template
 
@@ -28,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from AnkleFractureLib.errors import AnkleFractureError  # noqa: E402
 from AnkleFractureLib.registration.template import (  # noqa: E402
-    TEMPLATE_SEED, Template, build_template_from_cases, build_template_from_phantom,
-    load_template, save_template)
+    TEMPLATE_SEED, VH_TEMPLATE_CASES, Template, build_template_from_cases,
+    build_template_from_phantom, build_template_from_vh, load_template, save_template)
 
 
 def typical_seeds(n: int = 300, top: int = 5) -> List[int]:
@@ -115,8 +118,9 @@ def write_preview(template: Template, path: Path) -> None:
     ax.set_title(f"axial z = {z_cut:.0f} mm (y: posterior +)")
     ax.set_xlabel("x mm")
     ax.set_ylabel("y mm")
-    src = (f"phantom seed {template.meta.get('phantom_seed')}"
-           if template.meta.get("built_from") == "phantom"
+    built = template.meta.get("built_from")
+    src = (f"phantom seed {template.meta.get('phantom_seed')}" if built == "phantom"
+           else f"mean of {template.meta.get('n_cases')} vh anatomies" if built == "vh_mean"
            else f"{template.meta.get('n_cases')} cases")
     fig.suptitle(f"Healthy right-ankle template ({src}); red: syndesmosis box; dashed lines: "
                  "Weber A (-20..-3), B (0..25), C (35..100 mm)", fontsize=9)
@@ -133,6 +137,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="output template folder")
     ap.add_argument("--seed", type=int, default=TEMPLATE_SEED,
                     help=f"phantom seed (default {TEMPLATE_SEED}, the most typical anatomy)")
+    ap.add_argument("--source", choices=("phantom", "vh"), default="phantom",
+                    help="phantom: one analytic phantom (--seed); vh: the mean of "
+                         "--n-cases healthy anatomies of the real-shape family")
+    ap.add_argument("--n-cases", type=int, default=VH_TEMPLATE_CASES,
+                    help=f"anatomies averaged with --source vh (default {VH_TEMPLATE_CASES})")
     ap.add_argument("--dataset", type=Path, default=None,
                     help="build from the healthy segmented cases of this dataset instead")
     ap.add_argument("--reference", type=Path, default=None,
@@ -149,6 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.dataset is not None:
             reference = load_template(args.reference)
             template = build_from_dataset(args.dataset, reference)
+        elif args.source == "vh":
+            template = build_template_from_vh(args.n_cases)
         else:
             template = build_template_from_phantom(args.seed)
         save_template(template, args.out)

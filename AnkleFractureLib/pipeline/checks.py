@@ -101,6 +101,12 @@ MALLEOLUS_BELOW_PLAFOND_MM = 12.0
 #: The scan must reach this far (mm) above the ankle joint: below it the syndesmosis (0-60 mm)
 #: is not in view and Weber B (0-25 mm) cannot be told from C (35-100 mm).
 REFUSE_ABOVE_MM = 40.0
+#: Allowance (mm) for the error of the joint level when that extent is measured: a scan that
+#: truly reaches 40 mm above the joint must not be refused because the plafond was placed 1-3 mm
+#: too high (label-only estimate: within ~2 mm on real-shape phantoms; registration: within
+#: ~2 mm), or because a 3 mm slice ends the scan half a slice early. Between 37 and 40 mm the
+#: scan gets the short-scan warning instead.
+FOV_TOLERANCE_MM = 3.0
 #: Below this extent (mm) above the joint, high Weber C fractures (up to 100 mm) may be missed.
 WARN_ABOVE_MM = 80.0
 #: Below this extent (mm) below the joint the Weber A level (3-20 mm below, malleolar tip to
@@ -491,7 +497,7 @@ def _joint_findings(above: float, below: float, source: str) -> List[Finding]:
     """Findings on the scan's extent above/below the ankle joint (mm along the leg)."""
     out: List[Finding] = []
     details = {"above_joint_mm": above, "below_joint_mm": below, "joint_from": source}
-    if above < REFUSE_ABOVE_MM:
+    if above < REFUSE_ABOVE_MM - FOV_TOLERANCE_MM:
         out.append(Finding(REFUSAL, "fov_short_above",
                            f"the syndesmosis is not in the field of view: the scan ends "
                            f"{max(above, 0.0):.0f} mm above the ankle joint (at least "

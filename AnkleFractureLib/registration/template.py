@@ -47,6 +47,8 @@ TEMPLATE_NAME = "healthy_right_ankle"
 #: parameters are the closest to the population mean (RMS z-score 0.71; seed 0 scores 1.18), so
 #: the template is a typical ankle rather than an extreme one (see scripts/build_template.py).
 TEMPLATE_SEED = 186
+#: Folder name of the template built as the mean of the real-shape ("vh") phantom family.
+TEMPLATE_NAME_VH = "healthy_right_ankle_vh"
 #: Voxel spacing (mm) of the template label map.
 TEMPLATE_SPACING_MM = 1.0
 #: Anatomical z range (mm) covered by the phantom-built template (the phantom's whole extent).
@@ -198,7 +200,7 @@ def _template_json(t: Template) -> Dict[str, Any]:
     counts = {str(k): int(np.count_nonzero(t.point_labels == k)) for k in (1, 2)}
     return {
         "format_version": FORMAT_VERSION,
-        "name": TEMPLATE_NAME,
+        "name": str(t.meta.get("name", TEMPLATE_NAME)),
         "frame": ("canonical right-ankle anatomical frame: LPS mm axes (x = medial for a right "
                   "ankle, y posterior, z superior), tibial plafond centre at the origin, "
                   "fibula at -x; left ankles are mirrored (x -> -x) onto it"),
@@ -260,8 +262,9 @@ def load_template(path: Optional[PathLike] = None) -> Template:
     """Load a template folder.
 
     Args:
-        path: The folder (or its ``template.json``); default: the shipped
-            ``Resources/Templates/healthy_right_ankle``.
+        path: The folder (or its ``template.json``), or the bare name of a shipped template
+            (``healthy_right_ankle_vh``: the mean of the real-shape family); default: the
+            shipped ``Resources/Templates/healthy_right_ankle``.
 
     Returns:
         The template.
@@ -274,6 +277,11 @@ def load_template(path: Optional[PathLike] = None) -> Template:
 
         path = resource_path("Templates", TEMPLATE_NAME)
     folder = Path(path)
+    if not folder.exists() and len(folder.parts) == 1 and folder.name != "template.json":
+        from AnkleFractureLib.resources import resource_path
+
+        shipped = Path(resource_path("Templates", folder.name))
+        folder = shipped if shipped.is_dir() else folder
     if folder.name == "template.json":
         folder = folder.parent
     if not folder.is_dir():
@@ -551,6 +559,158 @@ def build_template_from_phantom(seed: int = TEMPLATE_SEED) -> Template:
         "resampling": "per-bone linear interpolation of the binary masks, threshold 0.5",
         "spacing_mm": sp,
         "surface_points": f"boundary voxels, <= {POINTS_PER_BONE} per bone, seed 0",
+    }
+    return _finish(labels, default_box(), meta)
+
+
+#: Anatomies averaged into the vh-mean template, and the first anatomy seed tried. The seeds
+#: 5000+ are far from the test and sweep seeds (0-999), so every tested case is held out.
+VH_TEMPLATE_CASES = 32
+VH_TEMPLATE_SEED0 = 5000
+#: Anatomical z range (mm) of the vh-mean template: the fibular tip (to about 35 mm below the
+#: plafond) up to 160 mm, so a long scan's shaft fixes the rotation.
+VH_TEMPLATE_Z_RANGE_MM = (-50.0, 160.0)
+#: x / y range (mm) rendered for the vh-mean template before cropping to the bones.
+VH_TEMPLATE_XY_MM = ((-60.0, 45.0), (-40.0, 55.0))
+
+
+def vh_template_seeds(n_cases: int = VH_TEMPLATE_CASES, seed0: int = VH_TEMPLATE_SEED0
+                      ) -> List[int]:
+    """Anatomy seeds of the vh-mean template: half on each real base shape.
+
+    Seeds ``seed0, seed0 + 1, ...`` are taken in order while their base shape still has room,
+    so the mean weighs the two Visible Human legs equally.
+    """
+    from AnkleFractureLib.phantom.real_generator import plan_real
+    from AnkleFractureLib.phantom.shapes import shipped_library
+
+    n_bases = len(shipped_library())
+    quota = {b: n_cases // n_bases + (1 if b < n_cases % n_bases else 0) for b in range(n_bases)}
+    seeds: List[int] = []
+    seed = int(seed0)
+    while len(seeds) < n_cases:
+        base = int(plan_real(seed, "right", "fast")[0].p.base)
+        if quota[base] > 0:
+            quota[base] -= 1
+            seeds.append(seed)
+        seed += 1
+    return seeds
+
+
+def _occupancy(sdf: Callable[..., np.ndarray], x: np.ndarray, y: np.ndarray,
+               z: np.ndarray, shape: Tuple[int, int, int], voxel_mm: float) -> np.ndarray:
+    """Partial-volume occupancy (shape (z, y, x), float32 in [0, 1]) of a signed distance
+    function (mm, negative inside) at the grid's voxel centres: 0.5 - d / voxel, clipped."""
+    d = sdf(x, y, z).reshape(shape)
+    return np.clip(0.5 - d / voxel_mm, 0.0, 1.0).astype(np.float32)
+
+
+#: Smoothing (mm, Gaussian sigma along z) of the fibular centrelines of the vh-mean template.
+VH_CENTRELINE_SIGMA_MM = 5.0
+
+
+def _slice_centroids(occ: np.ndarray, sp: float) -> np.ndarray:
+    """Per-slice centroid (nz, 2) (x, y in voxels) of an occupancy (z, y, x), smoothed along z
+    (:data:`VH_CENTRELINE_SIGMA_MM`); slices without bone take the nearest slice's value."""
+    from scipy import ndimage
+
+    w = occ.reshape(occ.shape[0], -1).sum(axis=1).astype(float)
+    jj, ii = np.mgrid[0:occ.shape[1], 0:occ.shape[2]]
+    cx = np.tensordot(occ, ii, axes=([1, 2], [0, 1])) / np.maximum(w, 1e-9)
+    cy = np.tensordot(occ, jj, axes=([1, 2], [0, 1])) / np.maximum(w, 1e-9)
+    ok = w > 0.05 * w.max()
+    k = np.arange(len(w))
+    c = np.stack([np.interp(k, k[ok], cx[ok]), np.interp(k, k[ok], cy[ok])], axis=1)
+    return ndimage.gaussian_filter1d(c, VH_CENTRELINE_SIGMA_MM / sp, axis=0, mode="nearest")
+
+
+def _mean_on_centreline(occupancies: List[np.ndarray], sp: float) -> np.ndarray:
+    """Mean occupancy (z, y, x) of thin bones whose positions differ between the base shapes.
+
+    The two Visible Human legs keep their own rotation about the shaft axis in the canonical
+    frame, so their fibulae lie up to ~10 mm apart; a plain mean of a 4 mm-radius shaft would
+    fall below 0.5 and vanish. Each case's slices are shifted in-plane from its own (smoothed)
+    centreline onto the mean centreline first, so the mean keeps the fibula's shape at its mean
+    position.
+    """
+    from scipy import ndimage
+
+    cents = [_slice_centroids(o.astype(np.float32), sp) for o in occupancies]
+    mean_c = np.mean(cents, axis=0)
+    out = np.zeros(occupancies[0].shape, np.float64)
+    for occ, c in zip(occupancies, cents):
+        d = mean_c - c  # (nz, 2) voxels (x, y)
+        for k in range(occ.shape[0]):
+            out[k] += ndimage.shift(occ[k].astype(np.float32) / 255.0, (d[k, 1], d[k, 0]),
+                                    order=1, mode="constant", cval=0.0)
+    return out / len(occupancies)
+
+def build_template_from_vh(n_cases: int = VH_TEMPLATE_CASES,
+                           seed0: int = VH_TEMPLATE_SEED0) -> Template:
+    """The mean of the real-shape ("vh") phantom family, in the anatomical frame.
+
+    Every anatomy of the family is built in the canonical right-ankle frame (the template
+    frame, plafond centre at the origin), so the correspondence between cases is exact and no
+    registration is needed: each anatomy's tibia and fibula signed distance functions are
+    evaluated at the voxel centres of one 1 mm grid (x, y: :data:`VH_TEMPLATE_XY_MM`, z:
+    :data:`VH_TEMPLATE_Z_RANGE_MM`), turned into partial-volume occupancies, averaged over the
+    ``n_cases`` healthy anatomies (half on each Visible Human leg, see
+    :func:`vh_template_seeds`; the fibulae on their mean centreline, see
+    :func:`_mean_on_centreline`) and thresholded at 0.5; the grid is then cropped to the bones
+    (x, y) + :data:`TEMPLATE_MARGIN_MM`. The syndesmosis box is the default one (template mm).
+
+    Args:
+        n_cases: Anatomies averaged.
+        seed0: First anatomy seed tried.
+
+    Returns:
+        The template (plafond (0, 0, 0)); ``meta`` records the seeds and credits the surfaces.
+    """
+    from AnkleFractureLib.phantom.real_generator import plan_real
+    from AnkleFractureLib.phantom.shapes import VH_CREDIT
+
+    sp = TEMPLATE_SPACING_MM
+    (x0, x1), (y0, y1) = VH_TEMPLATE_XY_MM
+    z0, z1 = VH_TEMPLATE_Z_RANGE_MM
+    axes = [np.arange(lo, hi + 0.5 * sp, sp, dtype=np.float32)
+            for lo, hi in ((x0, x1), (y0, y1), (z0, z1))]
+    shape = (len(axes[2]), len(axes[1]), len(axes[0]))
+    zz, yy, xx = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+    x, y, z = xx.ravel(), yy.ravel(), zz.ravel()
+    del xx, yy, zz
+    seeds = vh_template_seeds(n_cases, seed0)
+    prob = np.zeros((2,) + shape, np.float64)
+    bases, fibulae = [], []
+    for seed in seeds:
+        anatomy = plan_real(seed, "right", "fast")[0]
+        bases.append(int(anatomy.p.base))
+        prob[0] += _occupancy(anatomy.tibia, x, y, z, shape, sp)
+        # uint8 keeps 32 fibulae in ~70 MB; 1/255 steps are far below the 0.5 threshold's needs
+        fibulae.append(np.round(255.0 * _occupancy(anatomy.fibula, x, y, z, shape, sp))
+                       .astype(np.uint8))
+    prob[1] = _mean_on_centreline(fibulae, sp)
+    prob[0] /= len(seeds)
+    origin = np.array([x0, y0, z0])
+    full = Volume(_labels_from_prob(prob), (sp, sp, sp), origin, np.eye(3))
+    labels = _crop_to_bones(full, TEMPLATE_MARGIN_MM, keep_z=True)
+    meta = {
+        "built_from": "vh_mean",
+        "name": TEMPLATE_NAME_VH,
+        "phantom_family": "vh",
+        "n_cases": len(seeds),
+        "anatomy_seeds": seeds,
+        "base_shapes": {str(b): bases.count(b) for b in sorted(set(bases))},
+        "weber": "none",
+        "averaging": ("per-bone mean of partial-volume occupancies (0.5 - signed distance / "
+                      "1 mm, clipped to [0, 1]) of the healthy anatomies in the canonical "
+                      "frame (exact correspondence, no registration; each fibula shifted "
+                      "slice by slice onto the mean fibular centreline, since the two legs "
+                      "differ in their rotation about the shaft), threshold 0.5"),
+        "z_range_mm": list(VH_TEMPLATE_Z_RANGE_MM),
+        "spacing_mm": sp,
+        "surface_points": f"boundary voxels, <= {POINTS_PER_BONE} per bone, seed 0",
+        "credit": VH_CREDIT,
+        "license": "CC BY 4.0 (derived from the Visible Human bone surfaces; credit required)",
     }
     return _finish(labels, default_box(), meta)
 
