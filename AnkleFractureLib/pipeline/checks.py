@@ -103,8 +103,8 @@ MALLEOLUS_BELOW_PLAFOND_MM = 12.0
 REFUSE_ABOVE_MM = 40.0
 #: Allowance (mm) for the error of the joint level when that extent is measured: a scan that
 #: truly reaches 40 mm above the joint must not be refused because the plafond was placed 1-3 mm
-#: too high (label-only estimate: within ~2 mm on real-shape phantoms; registration: within
-#: ~2 mm), or because a 3 mm slice ends the scan half a slice early. Between 37 and 40 mm the
+#: too high (label-only estimate: within 3.3 mm on real-shape phantoms; registration: within
+#: ~2.5 mm), or because a 3 mm slice ends the scan half a slice early. Between 37 and 40 mm the
 #: scan gets the short-scan warning instead.
 FOV_TOLERANCE_MM = 3.0
 #: Below this extent (mm) above the joint, high Weber C fractures (up to 100 mm) may be missed.
