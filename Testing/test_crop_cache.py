@@ -1,20 +1,28 @@
-"""The classifier's crop cache: computed once, keyed by the files, the template and, for cases
-without a label map, the segmentation model that will make their masks."""
+"""The classifier's crop cache: computed once, keyed by everything a crop depends on (the case
+files, the segmentation model for model masks, the template's content, the crop code version,
+the side policy): changing any one recomputes, unchanged ones hit the cache. Evaluation crops
+detect the side as `run` does."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
+from pathlib import Path
 
-import numpy as np
+import pytest
 
-from AnkleFractureLib.classification.crops import cache_key, load_crops
+from AnkleFractureLib.classification import crops as crops_mod
+from AnkleFractureLib.classification.crops import cache_key, load_crops, template_content_key
 from AnkleFractureLib.dataset import Dataset
 from AnkleFractureLib.phantom import generate_case
+from AnkleFractureLib.registration.template import load_template
+from AnkleFractureLib.resources import resource_path
 from AnkleFractureLib.segmentation.inference import default_model_dir
 from conftest import REPO_ROOT
 
 
-def test_crops_are_cached_and_keyed_by_the_segmentation_model(tmp_path):
+def test_cache_key_covers_model_template_code_version_and_side(tmp_path, monkeypatch):
     case = generate_case(3, "B", "right", spacing="fast")
     ds = Dataset.create(tmp_path / "ds")
     ds.add_case("seg", case.ct, case.label, weber="B", side="right")
@@ -23,24 +31,121 @@ def test_crops_are_cached_and_keyed_by_the_segmentation_model(tmp_path):
 
     # A case with a label map never depends on a segmentation model; one without does.
     assert cache_key(ds, seg, "registered", "t") == cache_key(ds, seg, "registered", "t", "m1")
-    assert cache_key(ds, noseg, "registered", "t") != cache_key(ds, noseg, "registered", "t",
-                                                                "m1")
-    # The shipped model named explicitly, or a copy of it, gives the default's crops (same key).
+    assert cache_key(ds, noseg, "registered", "t", "m1") != cache_key(ds, noseg, "registered",
+                                                                      "t", "m2")
+    base = cache_key(ds, seg, "registered", "t")
+    assert cache_key(ds, seg, "registered", "t2") != base  # template content / box
+    assert cache_key(ds, seg, "registered", "t", side="dataset") != base  # side policy
+    monkeypatch.setattr(crops_mod, "CROP_CODE_VERSION", crops_mod.CROP_CODE_VERSION + 1)
+    assert cache_key(ds, seg, "registered", "t") != base  # crop / registration code
+    monkeypatch.undo()
+    assert cache_key(ds, seg, "registered", "t") == base
+    # Under "detect" the dataset's side is not used, so it is not in the key; under "dataset"
+    # it is.
+    other_side = dataclasses.replace(seg, side="left")
+    assert cache_key(ds, other_side, "registered", "t") == base
+    assert (cache_key(ds, other_side, "registered", "t", side="dataset")
+            != cache_key(ds, seg, "registered", "t", side="dataset"))
+    with pytest.raises(ValueError):
+        cache_key(ds, seg, "registered", "t", side="given")
+
+
+def test_template_key_hashes_the_files_of_the_template_in_use(tmp_path):
+    shipped = Path(load_template().meta["path"])
+    copy = tmp_path / "tpl"
+    shutil.copytree(shipped, copy)
+    # Same bytes elsewhere: same key (content, not path); one byte more: another key.
+    assert template_content_key(copy) == template_content_key(None)
+    index = copy / "template.json"
+    data = json.loads(index.read_text())
+    data.setdefault("meta", {})["edited"] = True
+    index.write_text(json.dumps(data))
+    assert template_content_key(copy) != template_content_key(None)
+    for name in ("healthy_right_ankle", "healthy_right_ankle_vh"):
+        if Path(resource_path("Templates", name)).is_dir():  # whatever templates are shipped
+            folder = Path(resource_path("Templates", name))
+            assert template_content_key(folder) == template_content_key(folder)
+
+
+def _messages(ds, cache, **kwargs):
+    """load_crops' progress messages and the crops."""
+    messages = []
+    out = load_crops(ds, cache, progress=lambda f, m: messages.append(m), **kwargs)
+    return messages[0], out
+
+
+def test_changing_any_key_part_recomputes_and_the_others_hit(tmp_path, monkeypatch):
+    # The phantom is a LEFT ankle whose dataset record wrongly says right.
+    case = generate_case(3, "B", "left", spacing="fast")
+    ds = Dataset.create(tmp_path / "ds")
+    ds.add_case("c", case.ct, case.label, weber="B", side="right")
+    cache = tmp_path / "cache"
+
+    first, crops = _messages(ds, cache)
+    assert first == "0/1 crops cached"
+    info = crops.info[0]
+    # Detected as run does: left, and the mismatch with the dataset is recorded.
+    assert info["side"] == "left" and info["side_policy"] == "detect"
+    assert info["side_dataset"] == "right" and info["side_match"] is False
+    assert crops.meta["side_policy"] == "detect"
+    assert crops.meta["crop_code_version"] == crops_mod.CROP_CODE_VERSION
+    assert _messages(ds, cache)[0] == "1/1 crops cached"
+
+    # The dataset's side (training policy): another crop, mirrored the other way.
+    msg, by_dataset = _messages(ds, cache, side="dataset")
+    assert msg == "0/1 crops cached" and by_dataset.info[0]["side"] == "right"
+    assert by_dataset.info[0]["side_match"] is True
+    assert _messages(ds, cache, side="dataset")[0] == "1/1 crops cached"
+
+    # A copy of the template hits; an edited template recomputes.
+    tpl = tmp_path / "tpl"
+    shutil.copytree(Path(load_template().meta["path"]), tpl)
+    assert _messages(ds, cache, template_dir=tpl)[0] == "1/1 crops cached"
+    data = json.loads((tpl / "template.json").read_text())
+    data.setdefault("meta", {})["edited"] = True
+    (tpl / "template.json").write_text(json.dumps(data))
+    assert _messages(ds, cache, template_dir=tpl)[0] == "0/1 crops cached"
+    assert _messages(ds, cache)[0] == "1/1 crops cached"  # the shipped one still hits
+
+    # A new crop code version recomputes.
+    monkeypatch.setattr(crops_mod, "CROP_CODE_VERSION", crops_mod.CROP_CODE_VERSION + 1)
+    assert _messages(ds, cache)[0] == "0/1 crops cached"
+    assert _messages(ds, cache)[0] == "1/1 crops cached"
+
+
+def test_segmentation_model_hash_keys_model_mask_crops(tmp_path, monkeypatch):
+    case = generate_case(4, "C", "right", spacing="fast")
+    ds = Dataset.create(tmp_path / "ds")
+    ds.add_case("c", case.ct, case.label, weber="C", side="right")
+    calls = []
+
+    def fake_segment(ct, model_dir=None, *args, **kwargs):
+        calls.append(model_dir)
+        return case.label
+
+    import AnkleFractureLib.segmentation.inference as inference
+    monkeypatch.setattr(inference, "segment_ct", fake_segment)
+    model = tmp_path / "seg_model"
+    model.mkdir()
+    (model / "model.pt").write_bytes(b"weights one")
+    (model / "plans.json").write_text("{}")
+    cache = tmp_path / "cache"
+    kwargs = {"seg_model_dir": model, "model_masks": True}
+    msg, crops = _messages(ds, cache, **kwargs)
+    assert msg == "0/1 crops cached" and crops.info[0]["masks"] == "model" and len(calls) == 1
+    assert _messages(ds, cache, **kwargs)[0] == "1/1 crops cached" and len(calls) == 1
+    # The label-map crop is another entry, and does not depend on the model.
+    assert _messages(ds, cache, seg_model_dir=model)[0] == "0/1 crops cached"
+    (model / "model.pt").write_bytes(b"weights two")  # retrained: new weights
+    assert _messages(ds, cache, **kwargs)[0] == "0/1 crops cached" and len(calls) == 2
+    assert _messages(ds, cache, seg_model_dir=model)[0] == "1/1 crops cached"
+    (model / "plans.json").write_text('{"changed": 1}')  # other post-processing settings
+    assert _messages(ds, cache, **kwargs)[0] == "0/1 crops cached" and len(calls) == 3
+    # The shipped model, named or a copy of it, has its own key (its sha256), same for both.
     copy = tmp_path / "seg_copy"
     shutil.copytree(default_model_dir(), copy)
-    messages = []
-    first = load_crops(ds, tmp_path / "cache", ids=["seg"], seg_model_dir=copy,
-                       progress=lambda f, m: messages.append(m))
-    assert first.ids == ["seg"] and first.x.shape[1:] == (3, 96, 48, 64)
-    assert messages[0] == "0/1 crops cached"
-    files = sorted((tmp_path / "cache" / "registered").glob("*.npz"))
-    assert len(files) == 1
-    mtime = files[0].stat().st_mtime_ns
-    messages.clear()
-    again = load_crops(ds, tmp_path / "cache", ids=["seg"],
-                       progress=lambda f, m: messages.append(m))
-    assert messages == ["1/1 crops cached"] and files[0].stat().st_mtime_ns == mtime
-    np.testing.assert_array_equal(again.x, first.x)
+    assert _messages(ds, cache, model_masks=True)[0] == "0/1 crops cached"
+    assert _messages(ds, cache, model_masks=True, seg_model_dir=copy)[0] == "1/1 crops cached"
 
 
 def test_parallel_crops_after_torch_ran_do_not_hang(tmp_path):

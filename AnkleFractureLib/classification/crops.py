@@ -2,16 +2,34 @@
 
 Training and evaluation need the syndesmosis crop of every case. A crop costs a registration
 (~0.3-1 s) plus reading the CT, so crops are computed once per case and cached as
-``CACHE_DIR/<kind>/<id>-<key>.npz`` (float16 channels (3, nz, ny, nx) + JSON info), the key
-hashing the case's files (path, size, mtime), the crop kind and the template's box, so an
-edited case or another template recomputes.
+``CACHE_DIR/<kind>/<id>-<key>.npz`` (float16 channels (3, nz, ny, nx) + JSON info). The key
+(:func:`cache_key`) hashes everything the crop depends on, so a change to any of them
+recomputes instead of silently serving an old crop:
+
+* the case's files (path, size, mtime of the CT and, when used, its label map);
+* the crop kind and the template's syndesmosis box;
+* the template's content (sha256 of every file in the template folder in use, see
+  :func:`template_content_key`), whichever template that is;
+* for masks made by a segmentation model: that model's sha256 (weights + plans.json), the
+  shipped model's too;
+* the side policy (``"detect"`` or ``"dataset"``, and the dataset's side under ``"dataset"``);
+* :data:`CROP_CODE_VERSION`, the version of the crop/registration code.
+
+**Bump** :data:`CROP_CODE_VERSION` **by hand** in the same commit as any change that alters a
+crop: ``crop/`` (syndesmosis crop), ``registration/`` (ICP, side detection, template loading),
+:func:`crop_case`, or the segmentation post-processing that makes the model's masks.
 
 Which bone masks: the case's own segmentation when the dataset has one (ground truth or a
 clinician's corrected one), otherwise the segmentation model's prediction; with
 ``model_masks=True`` the model's prediction for every case (training adds these crops of the
 labelled cases, because the pipeline classifies the model's masks: a classifier trained on
-reference masks alone scored 82.5 % on the model's masks against 99.5 % on its own). The side
-comes from the record when known, else from automatic side detection.
+reference masks alone scored lower on the model's masks than on its own).
+
+Which side (``side`` of :func:`load_crops`): ``"detect"`` (default; evaluation) registers with
+automatic side detection exactly as ``ankle-fracture run`` does, never the dataset's side, so a
+wrongly detected side gives the crop a user would get; ``"dataset"`` (training) uses the
+dataset's side when the record has one (labelled training data legitimately knows it), else
+detection. Every crop's info records the side used, the dataset's side and whether they match.
 
 Kinds: ``"registered"`` (the pipeline's input: mirrored + ICP-registered syndesmosis crop,
 CT + tibia + fibula) and ``"raw"`` (the control: an axis-aligned same-size box centred on the
@@ -33,7 +51,14 @@ from AnkleFractureLib.dataset.layout import CLASSES, CaseRecord, Dataset
 from AnkleFractureLib.errors import AnkleFractureError, CancelledError, InputError
 from AnkleFractureLib.geometry.volume import Volume
 
-CACHE_VERSION = 1
+#: Version of the cache file layout and key scheme.
+CACHE_VERSION = 2
+#: Version of the code that makes a crop (crop/, registration/, crop_case, the segmentation
+#: post-processing). Bump it by hand whenever that code changes what a crop holds: every cached
+#: crop is then recomputed (it is part of :func:`cache_key`).
+CROP_CODE_VERSION = 3
+#: Side policies of :func:`load_crops`: automatic detection as ``run`` does, or the dataset's.
+SIDE_POLICIES = ("detect", "dataset")
 ProgressCallback = Callable[[float, str], None]
 
 
@@ -47,6 +72,8 @@ class CropSet:
         y: int64 (N,) class index into :data:`CLASSES`, -1 = unlabelled.
         info: Per case: side, registration RMS (mm), coverage, mask source.
         failed: {case id: reason} of cases that could not be cropped (skipped).
+        meta: What the crops depend on (:func:`crop_key_parts`: code version, template and
+            segmentation model sha256, side policy).
     """
 
     ids: List[str]
@@ -54,6 +81,7 @@ class CropSet:
     y: np.ndarray
     info: List[Dict[str, Any]] = field(default_factory=list)
     failed: Dict[str, str] = field(default_factory=dict)
+    meta: Dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -61,7 +89,8 @@ class CropSet:
     def subset(self, index: Sequence[int]) -> "CropSet":
         idx = np.asarray(index, dtype=np.int64)
         return CropSet([self.ids[i] for i in idx], self.x[idx], self.y[idx],
-                       [self.info[i] for i in idx] if self.info else [], dict(self.failed))
+                       [self.info[i] for i in idx] if self.info else [], dict(self.failed),
+                       dict(self.meta))
 
     def concat(self, other: "CropSet", suffix: str = "") -> "CropSet":
         """This set followed by ``other`` (whose ids get ``suffix``)."""
@@ -69,7 +98,8 @@ class CropSet:
             return self
         return CropSet(self.ids + [i + suffix for i in other.ids],
                        np.concatenate([self.x, other.x]), np.concatenate([self.y, other.y]),
-                       list(self.info) + list(other.info), {**self.failed, **other.failed})
+                       list(self.info) + list(other.info), {**self.failed, **other.failed},
+                       dict(self.meta))
 
     @property
     def labelled(self) -> np.ndarray:
@@ -109,9 +139,10 @@ def crop_case(ct: Volume, label: Optional[Volume], kind: str = "registered",
     template = load_template() if template is None else template
     reg = register_to_template(label, template, side=side, ct=ct)
     crop = crop_syndesmosis(ct, label, reg.patient_to_template, template)
-    return crop.channels.astype(np.float32), {"kind": "registered", "side": reg.side,
-                                              "rms_mm": round(float(reg.rms_mm), 4),
-                                              "coverage": float(crop.coverage)}
+    return crop.channels.astype(np.float32), {
+        "kind": "registered", "side": reg.side, "rms_mm": round(float(reg.rms_mm), 4),
+        "coverage": float(crop.coverage),
+        "side_confidence": round(float(reg.side_confidence), 4)}
 
 
 def _file_key(path: Path) -> str:
@@ -119,43 +150,98 @@ def _file_key(path: Path) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
+def _sha256_files(files: Sequence[Path], root: Path) -> str:
+    """sha256 over the relative names and bytes of ``files`` (in the order given)."""
+    from AnkleFractureLib.segmentation.model_io import sha256_file
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(sha256_file(f).encode() + b"\0")
+    return h.hexdigest()
+
+
 def _model_key(model_dir: Path) -> str:
-    """A segmentation model folder's identity: its weights' sha256 (the path when missing)."""
-    from AnkleFractureLib.segmentation.model_io import WEIGHTS_FILE, sha256_file
+    """A segmentation model folder's identity: sha256 of its weights and plans.json (the
+    resolved path when the weights are missing)."""
+    from AnkleFractureLib.segmentation.model_io import WEIGHTS_FILE
 
-    weights = model_dir / WEIGHTS_FILE
-    return sha256_file(weights) if weights.is_file() else str(model_dir)
+    files = [model_dir / WEIGHTS_FILE, model_dir / "plans.json"]
+    if not files[0].is_file():
+        return str(model_dir.resolve())
+    return _sha256_files([f for f in files if f.is_file()], model_dir)
 
 
-def _shipped_seg_key() -> Optional[str]:
-    from AnkleFractureLib.errors import AnkleFractureError
+def _shipped_seg_dir() -> Optional[Path]:
+    """The shipped segmentation model folder, None when it cannot be found."""
     from AnkleFractureLib.segmentation.inference import default_model_dir
 
     try:
-        return _model_key(Path(default_model_dir()))
+        return Path(default_model_dir()).resolve()
     except AnkleFractureError:
         return None
 
 
-def _template_key(template: Any) -> str:
-    if template is None:
-        from AnkleFractureLib.registration.template import load_template
+def template_content_key(template_dir: "os.PathLike[str] | str | None" = None) -> str:
+    """sha256 of the template in use: every file of its folder, names and bytes.
 
-        template = load_template()
-    return json.dumps(template.box.to_json(), sort_keys=True)
+    Args:
+        template_dir: Template folder (or a name :func:`load_template` resolves); the shipped
+            default when None. The folder is the one :func:`load_template` actually loads, so
+            a changed default or edited template files give another key.
+
+    Returns:
+        64 hex digits.
+
+    Raises:
+        InputError: The template cannot be loaded.
+    """
+    from AnkleFractureLib.registration.template import load_template
+
+    folder = Path(load_template(template_dir).meta["path"])
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    return _sha256_files(files, folder)
+
+
+def _template_key(template_dir: "os.PathLike[str] | str | None",
+                  content: Optional[str] = None) -> str:
+    """The template part of the cache key: its content hash (``content``, computed when None)
+    and its syndesmosis box."""
+    from AnkleFractureLib.registration.template import load_template
+
+    box = load_template(template_dir).box.to_json()
+    content = template_content_key(template_dir) if content is None else content
+    return json.dumps({"content": content, "box": box}, sort_keys=True)
 
 
 def cache_key(dataset: Dataset, record: CaseRecord, kind: str, template_key: str,
-              seg_model_key: Optional[str] = None) -> str:
-    """Hex key of a case's crop: its files, the kind, the template box and, for a case whose
-    masks come from a segmentation model, that model (``seg_model_key``)."""
+              seg_model_key: Optional[str] = None, side: str = "detect") -> str:
+    """Hex key of a case's crop.
+
+    Args:
+        dataset: The dataset.
+        record: The case (``segmentation`` None: masks from the segmentation model).
+        kind: "registered" or "raw".
+        template_key: The template's content + box (:func:`_template_key`).
+        seg_model_key: The segmentation model's sha256 (used for a case without a label map).
+        side: Side policy, one of :data:`SIDE_POLICIES`.
+
+    Returns:
+        20 hex digits over the case's files, the kind, the template, the model (for model
+        masks), the side policy (with the dataset's side under "dataset") and
+        :data:`CACHE_VERSION` / :data:`CROP_CODE_VERSION`.
+    """
+    if side not in SIDE_POLICIES:
+        raise ValueError(f"side policy must be one of {SIDE_POLICIES}, got {side!r}")
     seg = dataset.path(record.segmentation)
-    parts = {"version": CACHE_VERSION, "kind": kind,
+    registered = kind == "registered"
+    parts = {"version": CACHE_VERSION, "code": CROP_CODE_VERSION, "kind": kind,
              "image": _file_key(dataset.path(record.image)),
-             "label": _file_key(seg) if seg is not None and kind == "registered" else None,
-             "side": record.side, "template": template_key}
-    if seg is None and kind == "registered" and seg_model_key is not None:
-        parts["seg_model"] = seg_model_key  # absent for the shipped model: old keys stay valid
+             "label": _file_key(seg) if seg is not None and registered else None,
+             "template": template_key,
+             "seg_model": seg_model_key if seg is None and registered else None,
+             "side": ([side, record.side if side == "dataset" else None] if registered
+                      else None)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -177,19 +263,34 @@ def _load_npz(path: Path) -> Optional[Tuple[np.ndarray, Dict[str, Any]]]:
         return None
 
 
-def _compute(args: Tuple[str, Dict[str, Any], str, Optional[str], str, Optional[str]]
-             ) -> Tuple[str, Optional[str]]:
-    """Worker: compute one case's crop and write its cache file; (id, error or None)."""
-    root, rec_json, kind, template_dir, out, seg_model_dir = args
+def _side_info(info: Dict[str, Any], policy: str, dataset_side: Optional[str]) -> None:
+    """Add the side policy, the dataset's side and whether the side used matches it."""
+    info["side_policy"] = policy
+    info["side_dataset"] = dataset_side
+    used = info.get("side")
+    info["side_match"] = None if used is None or dataset_side is None else used == dataset_side
+
+
+def _compute(job: Dict[str, Any]) -> Tuple[str, Optional[str]]:
+    """Worker: compute one case's crop and write its cache file.
+
+    Args:
+        job: {"root", "id", "model_masks", "kind", "template_dir", "out", "seg_model_dir",
+            "side"} (see :func:`load_crops`).
+
+    Returns:
+        (case id, error message or None).
+    """
     import dataclasses
 
     from AnkleFractureLib.io import read_image
     from AnkleFractureLib.registration.template import load_template
 
-    ds = Dataset.load(root)
-    record = ds.get(rec_json["id"])
-    if rec_json.get("model_masks"):
+    ds = Dataset.load(job["root"])
+    record = ds.get(job["id"])
+    if job.get("model_masks"):
         record = dataclasses.replace(record, segmentation=None)
+    kind = job["kind"]
     try:
         ct = read_image(ds.path(record.image))
         label = None
@@ -201,15 +302,75 @@ def _compute(args: Tuple[str, Dict[str, Any], str, Optional[str], str, Optional[
             else:
                 from AnkleFractureLib.segmentation.inference import segment_ct
 
-                label = segment_ct(ct, seg_model_dir)
+                label = segment_ct(ct, job["seg_model_dir"])
                 source = "model"
-        template = load_template(template_dir) if template_dir else None
-        channels, info = crop_case(ct, label, kind, template, side=record.side or "auto")
+        template = load_template(job["template_dir"]) if job["template_dir"] else None
+        # "detect": as `ankle-fracture run` (side auto), never the dataset's side.
+        side = (record.side or "auto") if job["side"] == "dataset" else "auto"
+        channels, info = crop_case(ct, label, kind, template, side=side)
         info["masks"] = source
-        _save_npz(Path(out), channels, info)
+        if kind == "registered":
+            _side_info(info, job["side"], record.side)
+        _save_npz(Path(job["out"]), channels, info)
         return record.id, None
     except AnkleFractureError as exc:
         return record.id, str(exc)
+
+
+def _run_jobs(jobs: List[Dict[str, Any]], workers: int, failed: Dict[str, str],
+              report: Callable[[str], None],
+              should_cancel: Optional[Callable[[], bool]]) -> None:
+    """Compute the missing crops (in ``workers`` spawned processes when > 1); errors go to
+    ``failed``, ``report`` is called after each case."""
+    if jobs and workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # "spawn", not the Linux default "fork": a process that already ran torch (e.g.
+        # evaluate-cls, which loads the classifier first) holds OpenMP thread-pool locks that a
+        # forked child inherits locked, and the child's segmentation then hangs for ever.
+        with ProcessPoolExecutor(max_workers=workers,
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            for case_id, err in pool.map(_compute, jobs, chunksize=2):
+                if err:
+                    failed[case_id] = err
+                report(f"cropped {case_id}")
+                if should_cancel is not None and should_cancel():
+                    pool.shutdown(cancel_futures=True)
+                    raise CancelledError("cropping cancelled")
+        return
+    for job in jobs:
+        if should_cancel is not None and should_cancel():
+            raise CancelledError("cropping cancelled")
+        case_id, err = _compute(job)
+        if err:
+            failed[case_id] = err
+        report(f"cropped {case_id}")
+
+
+def crop_key_parts(kind: str = "registered",
+                   template_dir: "os.PathLike[str] | str | None" = None,
+                   seg_model_dir: "os.PathLike[str] | str | None" = None,
+                   side: str = "detect") -> Dict[str, Any]:
+    """What the crops of :func:`load_crops` depend on besides each case's files.
+
+    Args:
+        kind: "registered" or "raw".
+        template_dir: Template folder (the shipped one when None).
+        seg_model_dir: Segmentation model folder (the shipped one when None).
+        side: Side policy (:data:`SIDE_POLICIES`).
+
+    Returns:
+        {"crop_code_version", "template_sha256", "seg_model_sha256" (None when no model can
+        be found), "side_policy"}: recorded beside metrics so that a reader can tell which
+        code, template and model made them.
+    """
+    seg_dir = Path(seg_model_dir).resolve() if seg_model_dir is not None else _shipped_seg_dir()
+    return {"crop_code_version": CROP_CODE_VERSION,
+            "template_sha256": template_content_key(template_dir),
+            "seg_model_sha256": (_model_key(seg_dir) if seg_dir is not None and kind ==
+                                 "registered" else None),
+            "side_policy": side if kind == "registered" else None}
 
 
 def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str = "registered",
@@ -218,7 +379,7 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
                should_cancel: Optional[Callable[[], bool]] = None,
                ids: Optional[Sequence[str]] = None,
                seg_model_dir: "os.PathLike[str] | str | None" = None,
-               model_masks: bool = False) -> CropSet:
+               model_masks: bool = False, side: str = "detect") -> CropSet:
     """Crops of every case of a dataset, computed once and cached.
 
     Args:
@@ -234,80 +395,67 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
             shipped one when None); use the model the pipeline will run with.
         model_masks: Use the segmentation model's masks for every case, also those with a
             label map ("registered" crops only; cached like an unlabelled case's crop).
+        side: "detect" (default: automatic side detection exactly as ``ankle-fracture run``,
+            the dataset's side is only compared with it; for evaluation) or "dataset" (the
+            record's side when known, else detection; for training on labelled data).
 
     Returns:
-        The :class:`CropSet` (cases that failed are listed in ``failed`` and left out).
+        The :class:`CropSet` (cases that failed are listed in ``failed`` and left out); its
+        ``meta`` is :func:`crop_key_parts`.
     """
-    from AnkleFractureLib.registration.template import load_template
-
     if kind not in ("registered", "raw"):
         raise ValueError(f"crop kind must be 'registered' or 'raw', got {kind!r}")
+    if side not in SIDE_POLICIES:
+        raise ValueError(f"side policy must be one of {SIDE_POLICIES}, got {side!r}")
     records = [r for r in dataset if ids is None or r.id in set(ids)]
     if not records:
         raise InputError(dataset.root, "the dataset has no cases")
-    if model_masks and kind == "registered":
+    forced = bool(model_masks and kind == "registered")
+    if forced:
         import dataclasses
 
         # Keys and jobs as for a case without a label map: the same crop, cached once.
         records = [dataclasses.replace(r, segmentation=None) for r in records]
-    forced = bool(model_masks and kind == "registered")
-    tkey = _template_key(load_template(template_dir) if template_dir else None)
+    meta = crop_key_parts(kind, template_dir, seg_model_dir, side)
+    tkey = _template_key(template_dir, meta["template_sha256"])
     folder = Path(cache_dir) / kind
     seg_dir = None if seg_model_dir is None else str(Path(seg_model_dir).resolve())
-    mkey = None if seg_dir is None else _model_key(Path(seg_dir))
-    if mkey is not None and mkey == _shipped_seg_key():
-        mkey = None  # the shipped model named explicitly: the same crops as the default
-    paths = {r.id: folder / f"{r.id}-{cache_key(dataset, r, kind, tkey, mkey)}.npz"
+    paths = {r.id: folder / f"{r.id}-"
+             f"{cache_key(dataset, r, kind, tkey, meta['seg_model_sha256'], side)}.npz"
              for r in records}
-    missing = [r for r in records if not paths[r.id].is_file()]
+    jobs = {r.id: {"root": str(dataset.root), "id": r.id, "model_masks": forced, "kind": kind,
+                   "template_dir": None if template_dir is None else str(template_dir),
+                   "out": str(paths[r.id]), "seg_model_dir": seg_dir, "side": side}
+            for r in records}
+    missing = [jobs[r.id] for r in records if not paths[r.id].is_file()]
     failed: Dict[str, str] = {}
-    done = len(records) - len(missing)
+    done = [len(records) - len(missing)]
 
-    def report(message: str) -> None:
+    def report(message: str, step: int = 1) -> None:
+        done[0] += step
         if progress is not None:
-            progress(done / len(records), message)
+            progress(done[0] / len(records), message)
 
-    report(f"{done}/{len(records)} crops cached")
-    jobs = [(str(dataset.root), {"id": r.id, "model_masks": forced}, kind,
-             None if template_dir is None else str(template_dir), str(paths[r.id]), seg_dir)
-            for r in missing]
-    if jobs and workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    report(f"{done[0]}/{len(records)} crops cached", 0)
+    _run_jobs(missing, workers, failed, report, should_cancel)
+    out = _collect(records, paths, jobs, failed)
+    if not len(out):
+        raise InputError(dataset.root, "no case could be cropped: "
+                         + "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:3]))
+    out.meta = meta
+    return out
 
-        # "spawn", not the Linux default "fork": a process that already ran torch (e.g.
-        # evaluate-cls, which loads the classifier first) holds OpenMP thread-pool locks that a
-        # forked child inherits locked, and the child's segmentation then hangs for ever.
-        with ProcessPoolExecutor(max_workers=workers,
-                                 mp_context=multiprocessing.get_context("spawn")) as pool:
-            for case_id, err in pool.map(_compute, jobs, chunksize=2):
-                if err:
-                    failed[case_id] = err
-                done += 1
-                report(f"cropped {case_id}")
-                if should_cancel is not None and should_cancel():
-                    pool.shutdown(cancel_futures=True)
-                    raise CancelledError("cropping cancelled")
-    else:
-        for job in jobs:
-            if should_cancel is not None and should_cancel():
-                raise CancelledError("cropping cancelled")
-            case_id, err = _compute(job)
-            if err:
-                failed[case_id] = err
-            done += 1
-            report(f"cropped {case_id}")
 
+def _collect(records: Sequence[CaseRecord], paths: Dict[str, Path],
+             jobs: Dict[str, Dict[str, Any]], failed: Dict[str, str]) -> CropSet:
+    """Read the cached crops of ``records`` (a damaged entry is recomputed in process)."""
     out_ids, xs, ys, infos = [], [], [], []
     for r in records:
         if r.id in failed:
             continue
         loaded = _load_npz(paths[r.id])
         if loaded is None:  # damaged entry: recompute in process
-            case_id, err = _compute((str(dataset.root), {"id": r.id, "model_masks": forced},
-                                     kind,
-                                     None if template_dir is None else str(template_dir),
-                                     str(paths[r.id]), seg_dir))
+            _, err = _compute(jobs[r.id])
             loaded = None if err else _load_npz(paths[r.id])
             if loaded is None:
                 failed[r.id] = err or "unreadable crop cache entry"
@@ -318,7 +466,6 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
         ys.append(CLASSES.index(r.weber) if r.weber is not None else -1)
         infos.append(info)
     if not xs:
-        raise InputError(dataset.root, "no case could be cropped: "
-                         + "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:3]))
+        return CropSet([], np.zeros((0,), np.float16), np.zeros((0,), np.int64), [], failed)
     return CropSet(out_ids, np.stack(xs).astype(np.float16), np.asarray(ys, np.int64), infos,
                    failed)

@@ -13,16 +13,23 @@ precision, F1 and one-vs-rest AUROC, the confusion matrix (rows true, columns pr
 expected calibration error, Brier score and log loss. Prints a table and writes everything,
 with every case's probabilities, as JSON (undefined values are null).
 
-Each case's syndesmosis crop (registration to the template + crop) is computed once and cached
-in DATASET/.crop_cache (or --cache-dir). With --tta N every case is classified N times under
-random augmentations: the mean probabilities are scored, and the cases the uncertainty flags
-as unsure are counted, with the accuracy among the confident and the unsure cases."""
+Each case's syndesmosis crop is cut as 'ankle-fracture run' cuts it: the side is detected
+automatically from the anatomy, never taken from dataset.json, so a wrongly detected side
+counts against the result as it would for a user; every case records the side detected, the
+dataset's side and whether they match. Cases whose masks come from a label map use it; with
+--predicted-masks every case is segmented by the segmentation model first (--seg-model, the
+pipeline's path). The crops are cached in DATASET/.crop_cache (or --cache-dir), keyed by the
+case files, the template's content, the segmentation model's sha256, the side policy and the
+crop code version. With --tta N every case is classified N times under random augmentations:
+the mean probabilities are scored, and the cases the uncertainty flags as unsure are counted,
+with the accuracy among the confident and the unsure cases."""
 
 EXAMPLES = """\
 examples:
   ankle-fracture evaluate-cls data/phantoms
   ankle-fracture evaluate-cls data/test_set --model models/cls --out results/cls.json
-  ankle-fracture evaluate-cls data/test_set --model models/cls --tta 8 --workers 2"""
+  ankle-fracture evaluate-cls data/test_set --model models/cls --tta 8 --workers 2
+  ankle-fracture evaluate-cls data/test_set --predicted-masks --tta 8 --out cls_pipeline.json"""
 
 DEFAULT_OUT = "cls_metrics.json"
 
@@ -44,6 +51,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--seg-model", metavar="DIR",
                    help="segmentation model for the cases without a label map (default: the "
                         "shipped one; use the model 'run' will use)")
+    p.add_argument("--predicted-masks", action="store_true",
+                   help="crop every case with the segmentation model's masks (as 'run' does), "
+                        "not the dataset's label maps")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes computing missing crops (default 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -71,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     bar = ProgressBar("evaluate-cls", enabled=not args.quiet)
     result = evaluate_classifier(args.dataset, args.model, device=args.device,
                                  cache_dir=args.cache_dir, workers=args.workers, tta=args.tta,
-                                 progress=bar, seg_model_dir=args.seg_model)
+                                 progress=bar, seg_model_dir=args.seg_model,
+                                 predicted_masks=args.predicted_masks)
     atomic_write_json(args.out, result)
     print(format_report(result))
     print(f"metrics written to {args.out}")

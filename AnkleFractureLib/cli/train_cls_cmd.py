@@ -25,7 +25,11 @@ Each case's crop (registration to the template + syndesmosis crop, or the raw-CT
 --crop raw) is computed once and cached in DATASET/.crop_cache (or --cache-dir); later runs
 start at once. The labelled training cases that have a label map are also cropped with the
 segmentation model's masks (--seg-model, default the shipped one) and trained on both, since
-the pipeline classifies the model's masks (--no-model-masks: label maps only). A share
+the pipeline classifies the model's masks (--no-model-masks: label maps only). Training crops
+are registered with the side given in dataset.json when a case has one (labelled training data
+knows it; detected otherwise), whereas 'evaluate-cls' detects the side as 'run' does; the policy,
+the crop code version and the template's and segmentation model's sha256 go to training.json.
+A share
 --val-fraction of the labelled cases is held out to report the validation accuracy and to fit
 the calibration temperature.
 

@@ -7,6 +7,12 @@ the calibrated probabilities. With test-time augmentation (``tta`` > 1) each cas
 ``tta`` times under random augmentations; the mean probabilities are scored and the cases the
 uncertainty summary flags as unsure are counted, with the accuracy among the confident and the
 unsure cases (a useful flag makes more mistakes on the unsure ones).
+
+The crops are cut as ``ankle-fracture run`` cuts them: the side is detected automatically
+(never taken from the dataset), so a wrongly detected side gives the crop, and the answer, a
+user would get, and counts against the result. Each case records the side detected, the
+dataset's side and whether they match; ``side`` summarises them. With ``predicted_masks`` every
+case is cropped with the segmentation model's masks (the pipeline's path), not its label map.
 """
 
 from __future__ import annotations
@@ -65,6 +71,43 @@ def _reasons(uncertainty: Dict[str, Any]) -> List[str]:
     return []
 
 
+def side_summary(infos: List[Dict[str, Any]], failed: Dict[str, str]) -> Dict[str, Any]:
+    """How often automatic side detection agreed with the dataset's side.
+
+    Args:
+        infos: Crop infos of the scored cases (``side``, ``side_dataset``, ``side_match``).
+        failed: {case id: reason} of the cases that could not be cropped.
+
+    Returns:
+        {"policy" ("detect" in evaluation), "n_checked" (cases with a dataset side),
+        "n_wrong" (detected side differs from the dataset's), "n_unknown" (no dataset side),
+        "n_not_cropped" (e.g. the side could not be told: ``run`` refuses those)}.
+
+    Example:
+        >>> side_summary([{"side_match": True}, {"side_match": False}, {}], {})["n_wrong"]
+        1
+    """
+    matches = [i.get("side_match") for i in infos]
+    policies = sorted({str(i.get("side_policy")) for i in infos if i.get("side_policy")})
+    return {"policy": policies[0] if len(policies) == 1 else policies,
+            "n_checked": sum(m is not None for m in matches),
+            "n_wrong": sum(m is False for m in matches),
+            "n_unknown": sum(m is None for m in matches),
+            "n_not_cropped": len(failed)}
+
+
+def _add_side(result: Dict[str, Any], infos: List[Dict[str, Any]]) -> None:
+    """Copy each case's side fields into ``per_case`` and add the ``side`` summary."""
+    for entry, info in zip(result["per_case"], infos):
+        entry["side_detected"] = info.get("side")
+        entry["side_dataset"] = info.get("side_dataset")
+        entry["side_match"] = info.get("side_match")
+        entry["masks"] = info.get("masks")
+    result["side"] = side_summary(infos, result.get("failed") or {})
+    result["side"]["wrong"] = [e["id"] for e in result["per_case"]
+                               if e.get("side_match") is False]
+
+
 def evaluate_classifier(dataset_dir: "os.PathLike[str] | str",
                         model_dir: "os.PathLike[str] | str | None" = None,
                         device: str = "auto",
@@ -72,7 +115,8 @@ def evaluate_classifier(dataset_dir: "os.PathLike[str] | str",
                         workers: int = 1, tta: int = 0,
                         progress: Optional[ProgressCallback] = None,
                         classifier: Any = None, crops: Any = None,
-                        seg_model_dir: "os.PathLike[str] | str | None" = None) -> Dict[str, Any]:
+                        seg_model_dir: "os.PathLike[str] | str | None" = None,
+                        predicted_masks: bool = False) -> Dict[str, Any]:
     """Classify every labelled case of a dataset and score the predictions.
 
     Args:
@@ -90,11 +134,17 @@ def evaluate_classifier(dataset_dir: "os.PathLike[str] | str",
             dataset, of the classifier's crop kind (skips loading).
         seg_model_dir: Segmentation model for the cases without a label map (the shipped
             one when None).
+        predicted_masks: Crop every case with the segmentation model's masks, as the pipeline
+            does, ignoring the dataset's label maps.
 
     Returns:
         The :func:`~AnkleFractureLib.evaluation.cls_metrics.classification_report` dict (with
-        ``per_case``) plus ``model`` (folder), ``dataset``, ``crop`` (kind), ``tta``,
-        ``failed`` ({case id: reason} of cases that could not be cropped) and, when tta > 1,
+        ``per_case``, each with ``side_detected``, ``side_dataset``, ``side_match`` and
+        ``masks``) plus ``model`` (folder), ``dataset``, ``crop`` (kind), ``tta``, ``failed``
+        ({case id: reason} of cases that could not be cropped), ``side``
+        (:func:`side_summary` + ``wrong`` ids), ``masks`` ("dataset" or "predicted"),
+        ``crop_key`` (code version, template and segmentation model sha256, side policy;
+        :func:`~AnkleFractureLib.classification.crops.crop_key_parts`) and, when tta > 1,
         ``unsure`` (:func:`unsure_summary`); with tta every ``per_case`` entry also carries
         ``unsure`` and ``unsure_reasons``.
 
@@ -120,9 +170,11 @@ def evaluate_classifier(dataset_dir: "os.PathLike[str] | str",
     plans = classifier.plans
     if crops is None:
         cache = Path(cache_dir) if cache_dir is not None else ds.root / ".crop_cache"
+        # side="detect": as `ankle-fracture run`, never the dataset's side.
         crops = load_crops(ds, cache, kind=plans.crop, workers=workers,
                            progress=lambda f, m: report(_CROP_SHARE * f, m),
-                           seg_model_dir=seg_model_dir)
+                           seg_model_dir=seg_model_dir, model_masks=predicted_masks,
+                           side="detect")
     idx = crops.labelled
     if idx.size == 0:
         raise InputError(ds.root, "no case of this dataset has a Weber class ('weber' in "
@@ -151,7 +203,11 @@ def evaluate_classifier(dataset_dir: "os.PathLike[str] | str",
     result = classification_report(y, probs, class_names=plans.classes, ids=ids)
     result.update({"model": None if classifier.model_dir is None else str(classifier.model_dir),
                    "dataset": str(ds.root), "crop": plans.crop, "tta": tta,
-                   "failed": dict(crops.failed)})
+                   "failed": dict(crops.failed),
+                   "masks": "predicted" if predicted_masks else "dataset",
+                   "crop_key": dict(getattr(crops, "meta", {}) or {})})
+    if crops.info:
+        _add_side(result, [crops.info[i] for i in idx])
     if tta > 1:
         correct = probs.argmax(axis=1) == y
         result["unsure"] = unsure_summary(correct, np.asarray(unsure_flags, dtype=bool))
@@ -181,6 +237,13 @@ def format_report(result: Dict[str, Any]) -> str:
         lines.append(f"unsure: {unsure['n_unsure']} of {result['n']} cases; accuracy "
                      f"{pct(unsure['accuracy_confident'])} on the confident, "
                      f"{pct(unsure['accuracy_unsure'])} on the unsure ones")
+    side = result.get("side")
+    if side:
+        wrong = side.get("wrong") or []
+        lines.append(f"side detected automatically (as 'run' does): wrong on {side['n_wrong']} "
+                     f"of {side['n_checked']} cases with a dataset side"
+                     + (f" ({', '.join(wrong[:10])}{', ...' if len(wrong) > 10 else ''})"
+                        if wrong else ""))
     failed = result.get("failed") or {}
     if failed:
         lines.append(f"{len(failed)} case(s) could not be cropped and were left out:")

@@ -312,7 +312,9 @@ def train_classifier(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathLik
             resolution, network); default ``ClsPlans()`` (registered crop, full resolution).
         cache_dir: Crop cache folder (default ``dataset_dir/.crop_cache``).
         crops: A preloaded :class:`~AnkleFractureLib.classification.crops.CropSet` of this
-            dataset (skips loading; used by the experiment script).
+            dataset (skips loading; used by the experiment script). Crops loaded here use the
+            dataset's side when a case has one (side policy "dataset"; detection otherwise),
+            recorded with the crop code version and hashes under ``crops`` in training.json.
         workers: Processes computing missing crops.
         device: "auto", "cpu" or "cuda".
         seg_model_dir: Segmentation model for the cases without a label map (the shipped
@@ -378,9 +380,11 @@ def _train(ctx: Any, dataset_dir: Path, out: Path, cfg: ClsTrainConfig, plans: A
     cache = Path(cache_dir) if cache_dir is not None else dataset_dir / ".crop_cache"
     if crops is None:
         ds = Dataset.load(dataset_dir)
+        # Training crops use the dataset's side when it has one (labelled training data knows
+        # it; evaluation detects it as `run` does), else detection: recorded in training.json.
         crops = load_crops(ds, cache, plans.crop, workers=workers,
                            progress=(lambda f, m: progress(0.1 * f, m)) if progress else None,
-                           seg_model_dir=seg_model_dir)
+                           seg_model_dir=seg_model_dir, side="dataset")
     for cid, reason in crops.failed.items():
         log(f"skipped case {cid}: {reason}")
     y_all = crops.y
@@ -404,7 +408,7 @@ def _train(ctx: Any, dataset_dir: Path, out: Path, cfg: ClsTrainConfig, plans: A
         if own:
             twins = load_crops(Dataset.load(dataset_dir), cache, plans.crop, workers=workers,
                                ids=own, seg_model_dir=seg_model_dir, model_masks=True,
-                               progress=(lambda f, m: progress(0.1 * f, f"model masks: {m}"))
+                               side="dataset", progress=(lambda f, m: progress(0.1 * f, f"model masks: {m}"))
                                if progress else None)
             for cid, reason in twins.failed.items():
                 log(f"no model-mask crop of case {cid}: {reason}")
@@ -589,6 +593,7 @@ def _train(ctx: Any, dataset_dir: Path, out: Path, cfg: ClsTrainConfig, plans: A
             "cases": {"labelled_train": [crops.ids[i] for i in train_l],
                       "validation": [crops.ids[i] for i in val_idx],
                       "unlabelled": int(unlabelled.size), "failed": crops.failed},
+            "crops": dict(getattr(crops, "meta", {}) or {}),  # code version, hashes, side
             "validation": val, "started": started,
             "minutes": round((time.monotonic() - t0) / 60.0, 2),
             "world_size": ctx.world_size, "device": str(dev), "versions": _versions(),
