@@ -166,22 +166,34 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
     ct_arr, lab_arr = imaging.rasterise(renderer, grid, p2a, noise_sd, 
                                           noise_key=(int(seed), STREAM["noise"], 1))
     meta = {"source": "AnkleFractureLib.phantom", "seed": int(seed), "weber": weber, "side": side}
+    info = _case_info(seed, anatomy_seed, weber, side, spacing, a2p, a2p[:3, 3], grid)
+    info.update(fracture=fracture.to_dict(a2p), anatomy=anatomy.p.to_dict(),
+                noise_sd_hu=round(noise_sd, 3))
+    return _case(ct_arr, lab_arr, grid, meta, info)
+
+
+def _case(ct_arr: np.ndarray, lab_arr: np.ndarray, grid: Any, meta: Dict[str, Any],
+          info: Dict[str, Any]) -> PhantomCase:
+    """A PhantomCase of rendered CT (int16) and label (uint8) arrays (z, y, x) on ``grid``."""
     ct = Volume(ct_arr, grid.spacing, grid.origin, grid.direction.copy(), dict(meta, modality="CT"))
-    label = Volume(lab_arr, grid.spacing, grid.origin, grid.direction.copy(), dict(meta, modality="label"))
-    info: Dict[str, Any] = {
+    label = Volume(lab_arr, grid.spacing, grid.origin, grid.direction.copy(),
+                   dict(meta, modality="label"))
+    return PhantomCase(ct, label, info)
+
+
+def _case_info(seed: int, anatomy_seed: Optional[int], weber: str, side: str, spacing: str,
+               a2p: np.ndarray, plafond_lps: np.ndarray, grid: Any) -> Dict[str, Any]:
+    """The ground-truth fields both families share (see :func:`generate_case`)."""
+    return {
         "seed": int(seed),
         "anatomy_seed": int(seed if anatomy_seed is None else anatomy_seed),
         "weber": weber,
         "side": side,
         "spacing_mode": spacing,
         "anatomy_to_patient": [[round(float(v), 9) for v in row] for row in a2p],
-        "plafond_lps": [round(float(v), 4) for v in a2p[:3, 3]],
-        "fracture": fracture.to_dict(a2p),
-        "anatomy": anatomy.p.to_dict(),
-        "noise_sd_hu": round(noise_sd, 3),
+        "plafond_lps": [round(float(v), 4) for v in plafond_lps],
         "grid": imaging.spacing_summary(grid),
     }
-    return PhantomCase(ct, label, info)
 
 
 def _generate_vh(seed: int, weber: str, side: str, spacing: str,
@@ -193,23 +205,15 @@ def _generate_vh(seed: int, weber: str, side: str, spacing: str,
         seed, weber, side, spacing, anatomy_seed)
     meta = {"source": "AnkleFractureLib.phantom", "family": "vh", "seed": int(seed),
             "weber": weber, "side": side}
-    ct = Volume(ct_arr, grid.spacing, grid.origin, grid.direction.copy(), dict(meta, modality="CT"))
-    label = Volume(lab_arr, grid.spacing, grid.origin, grid.direction.copy(),
-                   dict(meta, modality="label"))
-    info: Dict[str, Any] = {
-        "seed": int(seed),
-        "anatomy_seed": int(seed if anatomy_seed is None else anatomy_seed),
-        "weber": weber,
-        "side": side,
-        "spacing_mode": spacing,
-        "anatomy_to_patient": [[round(float(v), 9) for v in row] for row in a2p],
-        "plafond_lps": [round(float(v), 4) for v in a2p[:3, 3]],
-        "fracture": fracture.to_dict(a2p),
-        "anatomy": _vh_landmarks(anatomy),
-        "grid": imaging.spacing_summary(grid),
-    }
+    # The smooth displacement field moves the joint off the frame's origin (up to ~5 mm):
+    # the true plafond is where the warped bone's plafond lies.
+    plafond = anatomy.plafond()
+    info = _case_info(seed, anatomy_seed, weber, side, spacing, a2p,
+                      a2p[:3, :3] @ plafond + a2p[:3, 3], grid)
+    info.update(plafond_anatomical=[round(float(v), 4) for v in plafond],
+                fracture=fracture.to_dict(a2p), anatomy=_vh_landmarks(anatomy))
     info.update(extra)
-    return PhantomCase(ct, label, info)
+    return _case(ct_arr, lab_arr, grid, meta, info)
 
 
 def _vh_landmarks(anatomy: Any) -> Dict[str, float]:

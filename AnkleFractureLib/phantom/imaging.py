@@ -14,7 +14,7 @@ bounded for 512 x 512 x 400 clinical grids.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -229,16 +229,7 @@ class Renderer:
         h += self._occ(d_deep) * (deep - h)
         # Fracture haematoma around the fibular fracture.
         if f.fibula is not None:
-            cut = f.fibula
-            sel = np.nonzero(np.abs(cut.side(x, y, z)) < cut.gap_mm + 6.0)[0]
-            if sel.size:
-                xs, ys, zs = x[sel], y[sel], z[sel]
-                qx, qy, qz = cut.inverse_points(xs, ys, zs)
-                near = np.minimum(a.fibula(xs, ys, zs), a.fibula(qx, qy, qz)) - 2.0
-                near = np.maximum(near, np.abs(cut.side(xs, ys, zs)) - (0.5 * cut.gap_mm + 2.5))
-                hs = h[sel]
-                hs += self._occ(near) * (HAEMATOMA_HU + 8.0 * soft[sel] - hs)
-                h[sel] = hs
+            paint_haematoma(h, x, y, z, f.fibula, a.fibula, self._occ, 8.0 * soft)
         # Tendons and vessels.
         for tube in self.tubes:
             sel = np.nonzero(self._in_box(x, y, z, tube.box))[0]
@@ -292,6 +283,31 @@ class Renderer:
             ls[(d < 0) if keep is None else ((d < 0) & keep)] = label
         h[sel] = hs
         lab[sel] = ls
+
+
+def paint_haematoma(h: np.ndarray, x, y, z, cut: "Any", fibula: "Any", occ: "Any",
+                    texture: "np.ndarray | float") -> None:
+    """Paint the haematoma (HU) that fills and surrounds a fibular fracture gap, in place.
+
+    Args:
+        h: HU at the points (1-D float32), modified in place.
+        x, y, z: Anatomical points (mm).
+        cut: The fibular :class:`~AnkleFractureLib.phantom.fractures.PlaneCut`.
+        fibula: Signed distance function of the intact fibula (mm).
+        occ: Distance (mm) -> partial-volume coverage in [0, 1].
+        texture: HU variation added to :data:`HAEMATOMA_HU` (per point, or a constant).
+    """
+    sel = np.nonzero(np.abs(cut.side(x, y, z)) < cut.gap_mm + 6.0)[0]
+    if not sel.size:
+        return
+    xs, ys, zs = x[sel], y[sel], z[sel]
+    qx, qy, qz = cut.inverse_points(xs, ys, zs)
+    near = np.minimum(fibula(xs, ys, zs), fibula(qx, qy, qz)) - 2.0
+    near = np.maximum(near, np.abs(cut.side(xs, ys, zs)) - (0.5 * cut.gap_mm + 2.5))
+    tex = texture[sel] if isinstance(texture, np.ndarray) else texture
+    hs = h[sel]
+    hs += occ(near) * (HAEMATOMA_HU + tex - hs)
+    h[sel] = hs
 
 
 # ---------------------------------------------------------------------- rasterisation

@@ -287,6 +287,15 @@ class RealAnatomy:
         u = self.field(*[pts[:, i].astype(np.float32) for i in range(3)])
         return pts + np.stack(u, axis=1)
 
+    def plafond(self) -> np.ndarray:
+        """The plafond centre (3,) mm in the anatomy frame: the base shapes' origin moved by the
+        scaling and the smooth displacement field (so the true joint, not the frame origin)."""
+        p = np.zeros(3)
+        for _ in range(20):  # fixed point of p = u(p): the inverse warp maps p to the origin
+            u = self.field(*[np.array([v], np.float32) for v in p])
+            p = np.array([float(c[0]) for c in u])
+        return p
+
     def fib_centre_at(self, z: float) -> np.ndarray:
         """Fibular axis point (3,) mm at anatomical height ``z``."""
         t = self.fib_tab

@@ -31,14 +31,10 @@ from scipy import ndimage
 
 from AnkleFractureLib.phantom.anatomy import ellipse_sdf, smoothstep
 from AnkleFractureLib.phantom.fractures import FractureModel
-from AnkleFractureLib.phantom.imaging import AIR_HU, HAEMATOMA_HU, HU_MAX, HU_MIN, NoiseField
-from AnkleFractureLib.phantom.real_anatomy import RealAnatomy
+from AnkleFractureLib.phantom.imaging import AIR_HU, HU_MAX, HU_MIN, NoiseField, paint_haematoma
+from AnkleFractureLib.phantom.real_anatomy import RealAnatomy, _u
 
 METAL_HU = 3071.0
-
-
-def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
-    return float(rng.uniform(lo, hi))
 
 
 @dataclass
@@ -202,20 +198,8 @@ class RealRenderer:
         hu += self._occ(d) * (lk.cast_hu - hu)
 
     def _paint_haematoma(self, h, x, y, z) -> None:
-        cut = self.f.fibula
-        if cut is None:
-            return
-        sel = np.nonzero(np.abs(cut.side(x, y, z)) < cut.gap_mm + 6.0)[0]
-        if not sel.size:
-            return
-        xs, ys, zs = x[sel], y[sel], z[sel]
-        qx, qy, qz = cut.inverse_points(xs, ys, zs)
-        fib = self.anatomy.fibula
-        near = np.minimum(fib(xs, ys, zs), fib(qx, qy, qz)) - 2.0
-        near = np.maximum(near, np.abs(cut.side(xs, ys, zs)) - (0.5 * cut.gap_mm + 2.5))
-        hs = h[sel]
-        hs += self._occ(near) * (HAEMATOMA_HU - hs)
-        h[sel] = hs
+        if self.f.fibula is not None:
+            paint_haematoma(h, x, y, z, self.f.fibula, self.anatomy.fibula, self._occ, 0.0)
 
     # ------------------------------------------------------------------ bones
     def _boxes(self) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
