@@ -195,7 +195,8 @@ def test_registration_and_crop_checks(case, pipe):
             (expected, "registration_joint")]
     # Coverage and the bones at the syndesmosis level.
     for cov, expected in ((0.8, [("warning", "fov_coverage")]),
-                          (0.5, [("refusal", "fov_coverage")])):
+                          (0.5, [("warning", "fov_coverage")]),
+                          (0.25, [("refusal", "fov_coverage")])):
         fake = SimpleNamespace(coverage=cov, channels=crop.channels, grid=crop.grid)
         assert codes(C.check_field_of_view(case.ct, None, reg, fake, pipe.template)) == expected
     no_fib = crop.channels.copy()

@@ -30,7 +30,7 @@ check                      rule (thresholds are the module constants)           
                                                                                         warning
                            scan ends < 25 mm below the joint (Weber A level)            warning
                            fibula beside the tibia over < 20 mm above the joint         refusal
-                           crop coverage < 0.6 / < 0.9                                  refusal /
+                           crop coverage < 0.3 / < 0.9                                  refusal /
                                                                                         warning
                            tibia or fibula in the crop 0-60 mm above the plafond        refusal /
                            < 0.3 / < 0.6 of the template's                              warning
@@ -124,8 +124,12 @@ NEED_FIBULA_BESIDE_MM = 20.0
 SLAB_MIN_TIBIA_MM3, SLAB_MIN_FIBULA_MM3 = 300.0, 100.0
 #: A fibula voxel farther (mm) from the tibia's axis than this belongs to something else.
 FIBULA_MAX_DISTANCE_MM = 60.0
-#: Crop coverage (fraction of the box inside the CT): refusal / warning below.
-REFUSE_COVERAGE, WARN_COVERAGE = 0.6, 0.9
+#: Crop coverage (fraction of the box inside the CT): refusal / warning below. The box runs
+#: from 35 mm below to 109 mm above the plafond, so a scan that shows the joint and the 40 mm of
+#: shaft the syndesmosis needs covers only about half of it: such a scan is warned about (high
+#: Weber C fractures may lie above it), not refused. Whether the syndesmosis itself is in view
+#: is judged by the specific checks (extent above the joint, bone at the syndesmosis level).
+REFUSE_COVERAGE, WARN_COVERAGE = 0.3, 0.9
 #: Height range (template mm above the plafond) of the syndesmosis level in the crop.
 SYNDESMOSIS_Z_MM = (0.0, 60.0)
 #: Bone volume in that range relative to the template's: refusal / warning below.
