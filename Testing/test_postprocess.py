@@ -164,3 +164,18 @@ def test_many_specks_take_the_whole_array_path_with_the_same_result(monkeypatch)
     expected = {name: round(int(np.count_nonzero(fast_out == v)) * float(np.prod(SPACING))
                             / 1000, 4) for v, name in ((1, "tibia"), (2, "fibula"))}
     assert fast_rep["volumes_ml"] == expected
+
+
+def test_both_legs_keep_their_labels():
+    """Both legs in view: the second leg's tibia lies next to the larger fibula (its own leg's),
+    yet it stays tibia, and both fibulae stay fibula."""
+    from AnkleFractureLib.segmentation.postprocess import clean_labels
+
+    lab = np.zeros((30, 60, 140), np.uint8)
+    lab[:, 10:40, 10:40] = 1   # leg A tibia
+    lab[:, 42:48, 44:50] = 2   # leg A fibula (small)
+    lab[:, 12:40, 80:108] = 1  # leg B tibia (a little smaller than A's)
+    lab[:, 40:50, 110:120] = 2  # leg B fibula (the largest fibula: the main one)
+    out, rep = clean_labels(lab, (1.0, 1.0, 1.0))
+    assert np.array_equal(out, lab), rep["notes"]
+    assert rep["relabelled_fragments"] == 0 and rep["removed_fragments"] == 0

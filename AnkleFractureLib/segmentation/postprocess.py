@@ -12,6 +12,8 @@
    (``max(spacing)``), so that a fragment lying between the bones, such as a Tillaux fragment
    at the incisura, is not flipped by a sub-voxel difference. When the two distances are this
    close and ``probabilities`` are given, the bone with the higher mean probability wins.
+   With both legs in view (two tibiae of similar size), each leg is cleaned on its own side
+   of the plane midway between the tibiae, with its own main tibia and fibula.
 3. **No isolated specks.** A component smaller than ``min_fragment_mm3`` whose nearest main
    component is farther than ``attach_distance_mm`` is removed; a component farther than
    ``2 * attach_distance_mm`` from both main components is removed unless it is large
@@ -138,7 +140,7 @@ def _components(work: np.ndarray, value: int) -> List[_Component]:
 def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
                  min_fragment_mm3: float = 30.0, attach_distance_mm: float = 6.0,
                  large_fragment_mm3: float = 500.0,
-                 probabilities: Optional[np.ndarray] = None
+                 probabilities: Optional[np.ndarray] = None, split_legs: bool = True
                  ) -> Tuple[np.ndarray, Dict[str, Any]]:
     """Remove specks, give fragments their parent bone's label and undo tibia/fibula swaps.
 
@@ -156,6 +158,9 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
         probabilities: Optional softmax output (C >= 3, z, y, x) on the labels' grid, channel 1
             tibia and 2 fibula; only used to decide fragments that are about equally near both
             bones (within one voxel).
+        split_legs: With two tibiae of similar size (both legs in view), clean each leg on its
+            own side of the plane midway between them (its own main tibia and fibula), so the
+            second leg's tibia is not taken for a fragment of the nearer, larger fibula.
 
     Returns:
         ``(cleaned, report)``: ``cleaned`` is a new uint8 (z, y, x) array (the input is never
@@ -207,6 +212,12 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
     notes: List[str] = report["notes"]
 
     comps = {value: _components(work, value) for value in (TIBIA, FIBULA)}
+    halves = _leg_halves(work.shape, comps[TIBIA], sp_zyx, voxel_mm3, large_fragment_mm3)
+    if halves is not None and split_legs:
+        return _clean_per_leg(out, box, halves, spacing_xyz, probabilities,
+                              dict(min_fragment_mm3=min_fragment_mm3,
+                                   attach_distance_mm=attach_distance_mm,
+                                   large_fragment_mm3=large_fragment_mm3))
     main: Dict[int, Optional[_Component]] = {v: (c[0] if c else None) for v, c in comps.items()}
     fragments = comps[TIBIA][1:] + comps[FIBULA][1:]
 
@@ -276,6 +287,62 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
     for value, name in _NAMES.items():
         report["volumes_ml"][name] = round(final[value] * voxel_mm3 / 1000.0, 4)
     return out, report
+
+
+#: A second tibia at least this share of the largest one (and large) means both legs are in
+#: view: each leg is then cleaned on its own.
+SECOND_LEG_FRACTION = 0.4
+
+
+def _centroid(comp: _Component, sp_zyx: np.ndarray) -> np.ndarray:
+    """Centroid (z, y, x) mm of a component in working-crop coordinates."""
+    idx = np.argwhere(comp.mask()) + [s.start for s in comp.box]
+    return idx.mean(axis=0) * sp_zyx
+
+
+def _leg_halves(shape: Sequence[int], tibiae: List[_Component], sp_zyx: np.ndarray,
+                voxel_mm3: float, large_mm3: float) -> Optional[List[np.ndarray]]:
+    """The two legs' halves (boolean arrays of ``shape``) when two tibiae are in view, else None.
+
+    The halves are split by the plane midway between the two largest tibiae's centroids.
+    """
+    if len(tibiae) < 2:
+        return None
+    a, b = tibiae[0], tibiae[1]
+    if b.voxels * voxel_mm3 < large_mm3 or b.voxels < SECOND_LEG_FRACTION * a.voxels:
+        return None
+    ca, cb = _centroid(a, sp_zyx), _centroid(b, sp_zyx)
+    normal = cb - ca
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    dist = sum((g * s - m) * n for g, s, m, n in zip(grids, sp_zyx, 0.5 * (ca + cb), normal))
+    near_b = dist > 0
+    return [~near_b, near_b]
+
+
+def _clean_per_leg(out: np.ndarray, box: Slices, halves: List[np.ndarray],
+                   spacing_xyz: Sequence[float], probabilities: Optional[np.ndarray],
+                   options: Dict[str, float]) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Clean each leg's half on its own and merge the maps and the reports."""
+    merged = np.zeros_like(out)
+    report: Dict[str, Any] = {"swapped": False, "removed_voxels": 0, "removed_fragments": 0,
+                              "relabelled_fragments": 0, "relabelled_voxels": 0,
+                              "kept_fragments": 0, "volumes_ml": {"tibia": 0.0, "fibula": 0.0},
+                              "notes": ["both legs in view: each leg cleaned on its own"],
+                              "legs": 2}
+    for k, half in enumerate(halves, start=1):
+        sub = np.zeros_like(out)
+        sub[box] = np.where(half, out[box], 0)
+        cleaned, rep = clean_labels(sub, spacing_xyz, probabilities=probabilities,
+                                    split_legs=False, **options)
+        merged[box][half] = cleaned[box][half]
+        report["swapped"] |= rep["swapped"]
+        for key in ("removed_voxels", "removed_fragments", "relabelled_fragments",
+                    "relabelled_voxels", "kept_fragments"):
+            report[key] += rep[key]
+        for bone in ("tibia", "fibula"):
+            report["volumes_ml"][bone] = round(report["volumes_ml"][bone] + rep["volumes_ml"][bone], 4)
+        report["notes"] += [f"leg {k}: {n}" for n in rep["notes"]]
+    return merged, report
 
 
 def _apply(work: np.ndarray, comps: Dict[int, List[_Component]],
