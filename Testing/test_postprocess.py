@@ -77,19 +77,22 @@ def test_swapped_bones_with_a_fracture_fragment():
 
 
 def test_isolated_fragments_small_removed_large_kept():
-    lab = np.zeros((40, 90, 60), np.uint8)
+    lab = np.zeros((40, 120, 60), np.uint8)
     lab[:, 30:60, 5:35] = 1
     lab[:, 42:48, 40:46] = 2
     small = np.zeros_like(lab, bool)
     small[2:6, 2:6, 2:6] = True         # 64 voxels = 41 mm^3 >= 30: not a speck, but far
+    foot = np.zeros_like(lab, bool)
+    foot[0:8, 100:120, 50:60] = True    # 1600 voxels = 1.0 ml, far: a foot bone labelled tibia
     large = np.zeros_like(lab, bool)
-    large[20:30, 75:85, 10:20] = True   # 1000 voxels = 640 mm^3, 15 voxels (12 mm) away
+    large[10:30, 85:105, 10:30] = True  # 8000 voxels = 5.1 ml, 25 voxels (20 mm) away
     lab[small] = 2
-    lab[large] = 2
+    lab[foot] = 1
+    lab[large] = 1
     out, rep = clean_labels(lab, SPACING)
-    assert not out[small].any()
-    assert np.all(out[large] == 2)
-    assert rep["removed_fragments"] == 1 and rep["kept_fragments"] == 1
+    assert not out[small].any() and not out[foot].any()
+    assert np.all(out[large] == 1)
+    assert rep["removed_fragments"] == 2 and rep["kept_fragments"] == 1
 
 
 def test_small_speck_near_its_bone_is_kept():
