@@ -932,30 +932,59 @@ def similarity_icp(source: np.ndarray, target: np.ndarray, *,
     source, target, source_labels, target_labels, bounds = _validate(
         source, target, source_labels, target_labels, max_iterations, tolerance, trim_fraction,
         scale_bounds)
-    max_iterations = int(max_iterations)
     n_src = len(source)
     weights = _label_weights(source_labels, label_weights)
     trim = _trim_groups(n_src, source_labels, trim_fraction, label_trim)
     overlap = (None if long_axis is None else
                _overlap(source_labels, n_src, target, target_labels, long_axis))
-    up = None
-    if source_axis is not None:
-        if overlap is None:
-            raise GeometryError("source_axis needs long_axis")
-        up = _unit(source_axis, "source_axis")
+    if source_axis is not None and overlap is None:
+        raise GeometryError("source_axis needs long_axis")
+    up = None if source_axis is None else _unit(source_axis, "source_axis")
+    normals = _unit_normals(target_normals, target)
+    starts = _starts(source, target, source_labels, target_labels, init, n_starts, overlap, up,
+                     bounds if with_scale else (1.0, 1.0))
+    fit = _Fit(source, source_labels, _Matcher(target, target_labels, source_labels),
+               int(max_iterations), tolerance, with_scale, bounds, weights, overlap, up)
+    # Coarse to fine: short runs of every start on a subsample, then the best on all points.
+    candidates: Dict[int, np.ndarray] = dict(enumerate(starts))
+    if len(starts) > 1:
+        candidates = _coarse_search(fit, candidates, trim_fraction, label_trim)
+    winner, run = _refine(fit, candidates, trim, normals, trim_fraction)
+    inliers = _inlier_fraction(run.matrix, source, source_labels, fit.matcher, weights, overlap,
+                               float(inlier_distance_mm))
+    return IcpResult(matrix=run.matrix, rms_mm=run.rms, inlier_fraction=inliers,
+                     iterations=run.iterations, converged=run.converged,
+                     scale=matrix_scale(run.matrix), start=int(winner))
 
-    def implausible(matrix: np.ndarray) -> bool:
-        """Upside down against ``long_axis`` (only with ``source_axis``)."""
-        return up is not None and overlap is not None and not _upright(matrix, up, overlap.axis)
 
-    normals = None
-    if target_normals is not None:
-        normals = np.asarray(target_normals, dtype=float)
-        if normals.shape != target.shape or not np.all(np.isfinite(normals)):
-            raise GeometryError(f"target_normals must be finite and shaped like the target "
-                                f"{target.shape}, got {normals.shape}")
-        norms = np.linalg.norm(normals, axis=1, keepdims=True)
-        normals = normals / np.maximum(norms, 1e-12)
+def _unit_normals(target_normals: Optional[np.ndarray], target: np.ndarray
+                  ) -> Optional[np.ndarray]:
+    """``target_normals`` (M, 3) scaled to unit length, checked against ``target`` (M, 3).
+
+    Raises:
+        GeometryError: Non-finite or not shaped like the target.
+    """
+    if target_normals is None:
+        return None
+    normals = np.asarray(target_normals, dtype=float)
+    if normals.shape != target.shape or not np.all(np.isfinite(normals)):
+        raise GeometryError(f"target_normals must be finite and shaped like the target "
+                            f"{target.shape}, got {normals.shape}")
+    norms = np.linalg.norm(normals, axis=1, keepdims=True)
+    return normals / np.maximum(norms, 1e-12)
+
+
+def _starts(source: np.ndarray, target: np.ndarray, source_labels: Optional[np.ndarray],
+            target_labels: Optional[np.ndarray], init: Optional[np.ndarray],
+            n_starts: Optional[int], overlap: Optional[_Overlap], up: Optional[np.ndarray],
+            bounds: Tuple[float, float]) -> List[np.ndarray]:
+    """The 4x4 starts of :func:`similarity_icp`: ``init`` alone when given, else the first
+    ``n_starts`` of :func:`initial_guesses` (all when None), each with its scale clamped to
+    ``bounds`` (rigid ICP: (1, 1)).
+
+    Raises:
+        GeometryError: ``init`` not a finite 4x4 matrix, or ``n_starts`` < 1.
+    """
     if init is not None:
         m = np.asarray(init, dtype=float)
         if m.shape != (4, 4) or not np.all(np.isfinite(m)):
@@ -969,54 +998,110 @@ def similarity_icp(source: np.ndarray, target: np.ndarray, *,
             if int(n_starts) < 1:
                 raise GeometryError(f"n_starts must be >= 1, got {n_starts}")
             starts = starts[:int(n_starts)]
-    # A start's scale must be admissible: clamp it (rigid: set it to 1), keeping the image of
-    # the source centroid so the start stays centred on the target.
+    # A start's scale must be admissible: clamp it, keeping the image of the source centroid
+    # so the start stays centred on the target.
     centroid = source.mean(axis=0)
-    starts = [_rescale_start(m, centroid, bounds if with_scale else (1.0, 1.0)) for m in starts]
-    matcher = _Matcher(target, target_labels, source_labels)
+    return [_rescale_start(m, centroid, bounds) for m in starts]
 
-    # Coarse to fine, because each full-resolution iteration queries every source point:
-    # every start runs a few iterations on a small label-stratified subsample, the most
-    # promising ones continue there, and only the best one or two are refined on all points
-    # with the caller's iteration cap and tolerance. Starts are compared on the error the fit
-    # minimises (label-weighted, trimmed as the fit trims).
-    candidates: Dict[int, np.ndarray] = dict(enumerate(starts))
-    if len(starts) > 1:
-        sub = _coarse_subset(n_src, source_labels, COARSE_POINTS)
-        sub_src = source[sub]
-        sub_labels = None if source_labels is None else source_labels[sub]
-        sub_trim = _trim_groups(len(sub), sub_labels, trim_fraction, label_trim)
-        sub_weights = None if weights is None else weights[sub]
-        sub_overlap = None if overlap is None else _Overlap(overlap.axis, overlap.top[sub])
-        for iters, keep_n, same_mm in ((COARSE_FIRST_ITERATIONS, 3, 0.5),
-                                       (COARSE_ITERATIONS, 2, FINAL_DISTINCT_MM)):
-            stage = {i: _run_icp(sub_src, sub_labels, matcher, m, min(iters, max_iterations),
-                                 max(tolerance, 1e-6), sub_trim, with_scale, bounds, None,
-                                 sub_weights, sub_overlap)
-                     for i, m in candidates.items()}
-            # Prefer fits whose scale stayed inside the bounds (a clamped fit is not trusted);
-            # keep runners-up only while they are close to the best, since the subsample may
-            # not separate them.
-            order = sorted(stage, key=lambda i: (stage[i].at_bound,
-                                                 implausible(stage[i].matrix), stage[i].score, i))
-            best = float(np.sqrt(stage[order[0]].score))
-            kept = [order[0]] + [i for i in order[1:keep_n]
-                                 if not stage[i].at_bound and not implausible(stage[i].matrix)
-                                 and np.sqrt(stage[i].score) <= 1.2 * best + 0.05]
-            candidates = _distinct({i: stage[i].matrix for i in kept}, sub_src, same_mm)
-    runs = {i: _run_icp(source, source_labels, matcher, m, max_iterations, tolerance, trim,
-                        with_scale, bounds, normals, weights, overlap, trim_fraction)
+
+@dataclass
+class _Fit:
+    """What every ICP run of one :func:`similarity_icp` call shares.
+
+    Attributes:
+        source: (N, 3) source points, mm.
+        labels: (N,) source labels or None.
+        matcher: Nearest-neighbour search in the target.
+        max_iterations: The caller's iteration cap.
+        tolerance: The caller's convergence threshold, mm^2.
+        with_scale: Estimate an isotropic scale.
+        bounds: (low, high) allowed scale.
+        weights: (N,) per-point weights or None.
+        overlap: The target's extent along its long axis, or None.
+        up: (3,) source-frame direction that must stay upright against ``overlap.axis``,
+            or None.
+    """
+
+    source: np.ndarray
+    labels: Optional[np.ndarray]
+    matcher: _Matcher
+    max_iterations: int
+    tolerance: float
+    with_scale: bool
+    bounds: Tuple[float, float]
+    weights: Optional[np.ndarray]
+    overlap: Optional[_Overlap]
+    up: Optional[np.ndarray]
+
+    def implausible(self, matrix: np.ndarray) -> bool:
+        """Upside down against the long axis (only with ``up``)."""
+        return (self.up is not None and self.overlap is not None
+                and not _upright(matrix, self.up, self.overlap.axis))
+
+    def rank(self, run: _Run, start: int) -> Tuple[bool, bool, float, int]:
+        """Sort key of competing runs: fits whose scale stayed inside the bounds first (a
+        clamped fit is not trusted), then upright ones, then the lowest score."""
+        return run.at_bound, self.implausible(run.matrix), run.score, start
+
+
+def _coarse_search(fit: _Fit, candidates: Dict[int, np.ndarray], trim_fraction: float,
+                   label_trim: Optional[Dict[int, float]]) -> Dict[int, np.ndarray]:
+    """The one or two most promising starts, after short runs on a subsample.
+
+    Coarse to fine, because each full-resolution iteration queries every source point: every
+    start runs a few iterations on a small label-stratified subsample, the most promising ones
+    continue there, and only the best one or two are refined on all points. Starts are
+    compared on the error the fit minimises (label-weighted, trimmed as the fit trims).
+
+    Args:
+        fit: The shared settings.
+        candidates: {start index: 4x4 start}.
+        trim_fraction, label_trim: As in :func:`similarity_icp`.
+
+    Returns:
+        {start index: 4x4 matrix after the coarse runs} of the survivors.
+    """
+    sub = _coarse_subset(len(fit.source), fit.labels, COARSE_POINTS)
+    sub_src = fit.source[sub]
+    sub_labels = None if fit.labels is None else fit.labels[sub]
+    sub_trim = _trim_groups(len(sub), sub_labels, trim_fraction, label_trim)
+    sub_weights = None if fit.weights is None else fit.weights[sub]
+    sub_overlap = None if fit.overlap is None else _Overlap(fit.overlap.axis,
+                                                            fit.overlap.top[sub])
+    for iters, keep_n, same_mm in ((COARSE_FIRST_ITERATIONS, 3, 0.5),
+                                   (COARSE_ITERATIONS, 2, FINAL_DISTINCT_MM)):
+        stage = {i: _run_icp(sub_src, sub_labels, fit.matcher, m,
+                             min(iters, fit.max_iterations), max(fit.tolerance, 1e-6), sub_trim,
+                             fit.with_scale, fit.bounds, None, sub_weights, sub_overlap)
+                 for i, m in candidates.items()}
+        # Keep runners-up only while they are close to the best, since the subsample may not
+        # separate them.
+        order = sorted(stage, key=lambda i: fit.rank(stage[i], i))
+        best = float(np.sqrt(stage[order[0]].score))
+        kept = [order[0]] + [i for i in order[1:keep_n]
+                             if not stage[i].at_bound and not fit.implausible(stage[i].matrix)
+                             and np.sqrt(stage[i].score) <= 1.2 * best + 0.05]
+        candidates = _distinct({i: stage[i].matrix for i in kept}, sub_src, same_mm)
+    return candidates
+
+
+def _refine(fit: _Fit, candidates: Dict[int, np.ndarray], trim: TrimGroups,
+            normals: Optional[np.ndarray], report_fraction: float) -> Tuple[int, _Run]:
+    """Run every candidate on all points, with the caller's iteration cap and tolerance
+    (point-to-plane steps when there are ``normals``); (start index, run) of the best.
+
+    Raises:
+        GeometryError: The best fit's scale is stuck at a bound.
+    """
+    runs = {i: _run_icp(fit.source, fit.labels, fit.matcher, m, fit.max_iterations,
+                        fit.tolerance, trim, fit.with_scale, fit.bounds, normals, fit.weights,
+                        fit.overlap, report_fraction)
             for i, m in candidates.items()}
-    winner = min(runs, key=lambda i: (runs[i].at_bound, implausible(runs[i].matrix),
-                                      runs[i].score, i))
+    winner = min(runs, key=lambda i: fit.rank(runs[i], i))
     run = runs[winner]
     if run.at_bound:
         raise GeometryError(
-            f"the registration scale ran into its bounds {bounds} (final scale {run.scale:.3f}): "
-            f"the source and target surfaces do not look like the same anatomy at the same size "
-            f"(wrong bones, wrong units, or a very different field of view)")
-    inliers = _inlier_fraction(run.matrix, source, source_labels, matcher, weights, overlap,
-                               float(inlier_distance_mm))
-    return IcpResult(matrix=run.matrix, rms_mm=run.rms, inlier_fraction=inliers,
-                     iterations=run.iterations, converged=run.converged,
-                     scale=matrix_scale(run.matrix), start=int(winner))
+            f"the registration scale ran into its bounds {fit.bounds} (final scale "
+            f"{run.scale:.3f}): the source and target surfaces do not look like the same anatomy "
+            f"at the same size (wrong bones, wrong units, or a very different field of view)")
+    return winner, run

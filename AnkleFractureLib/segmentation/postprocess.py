@@ -180,24 +180,8 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
         ValueError: For a non-3D or non-integer array, values other than 0/1/2, a bad spacing,
             or ``probabilities`` that do not match the labels.
     """
-    labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise ValueError(f"labels must be a 3D (z, y, x) array, got shape {labels.shape}")
-    if labels.dtype.kind not in "iub":
-        raise ValueError(f"labels must have an integer dtype, got {labels.dtype}")
-    sp = np.asarray(spacing_xyz, dtype=float).reshape(-1)
-    if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-        raise ValueError(f"spacing must be 3 positive values (x, y, z) in mm, got {spacing_xyz}")
-    if probabilities is not None:
-        probabilities = np.asarray(probabilities)
-        if probabilities.ndim != 4 or probabilities.shape[1:] != labels.shape \
-                or probabilities.shape[0] < 3:
-            raise ValueError(f"probabilities must be (C >= 3, z, y, x) with (z, y, x) = "
-                             f"{labels.shape}, got {probabilities.shape}")
-    report: Dict[str, Any] = {"swapped": False, "removed_voxels": 0, "removed_fragments": 0,
-                              "relabelled_fragments": 0, "relabelled_voxels": 0,
-                              "kept_fragments": 0, "volumes_ml": {"tibia": 0.0, "fibula": 0.0},
-                              "notes": []}
+    labels, sp, probabilities = _checked_inputs(labels, spacing_xyz, probabilities)
+    report = _empty_report()
     if labels.size == 0:
         return labels.astype(np.uint8), report
     # min/max instead of np.unique: two linear passes, not a sort of 90 M voxels.
@@ -212,7 +196,6 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
     work = out[box]  # a view: every change below lands in ``out``
     sp_zyx = sp[::-1].copy()
     voxel_mm3 = float(np.prod(sp))
-    notes: List[str] = report["notes"]
 
     comps = {value: _components(work, value) for value in (TIBIA, FIBULA)}
     halves = _leg_halves(work.shape, comps[TIBIA], sp_zyx, voxel_mm3, large_fragment_mm3)
@@ -223,73 +206,153 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
                                    large_fragment_mm3=large_fragment_mm3))
     main: Dict[int, Optional[_Component]] = {v: (c[0] if c else None) for v, c in comps.items()}
     fragments = comps[TIBIA][1:] + comps[FIBULA][1:]
-
-    # ------------------------------------------------ rule 1: the tibia is the larger bone
-    mt, mf = main[TIBIA], main[FIBULA]
-    if mt is not None and mf is not None and mt.voxels < mf.voxels:
-        work[mt.box][mt.mask()] = FIBULA
-        work[mf.box][mf.mask()] = TIBIA
-        mt.label, mf.label = FIBULA, TIBIA
-        main = {TIBIA: mf, FIBULA: mt}
-        report["swapped"] = True
-        notes.append(f"swapped tibia and fibula: the largest 'tibia' component "
-                     f"({mt.voxels * voxel_mm3 / 1000:.1f} ml) was smaller than the largest "
-                     f"'fibula' component ({mf.voxels * voxel_mm3 / 1000:.1f} ml)")
-
-    # ------------------------------------------------ rules 2 and 3: fragments and specks
+    # Rule 1: the tibia is the larger bone.
+    main = _tibia_is_the_larger_bone(work, main, voxel_mm3, report)
+    # Rules 2 and 3: fragments go to the nearer bone, specks far from both are removed.
+    changes: List[Tuple[_Component, int]] = []
     if fragments:
         cap = 2.0 * attach_distance_mm
-        margin_mm = float(sp.max())
         distances = _fragment_distances(work.shape, fragments, main, sp_zyx, cap)
-        moved: Dict[Tuple[int, int], int] = {}
-        removed_mm3 = 0.0
-        changes: List[Tuple[_Component, int]] = []
-        for k, frag in enumerate(fragments):
-            d_own = distances[frag.label][k]
-            other = FIBULA if frag.label == TIBIA else TIBIA
-            d_other = distances[other][k]
-            d_near = min(d_own, d_other)
-            size_mm3 = frag.voxels * voxel_mm3
-            target: int = frag.label
-            if d_near > cap:
-                # Far from both bones: noise unless big enough to be a real (displaced) piece.
-                if size_mm3 < large_fragment_mm3:
-                    target = 0
-            elif d_near > attach_distance_mm and size_mm3 < min_fragment_mm3:
-                target = 0
-            elif d_other + margin_mm < d_own:
-                target = other
-            elif abs(d_other - d_own) <= margin_mm and probabilities is not None:
-                target = _more_probable(probabilities, box, frag, frag.label, other)
-            if target == frag.label:
-                report["kept_fragments"] += 1
-                continue
-            changes.append((frag, target))
-            if target == 0:
-                report["removed_fragments"] += 1
-                report["removed_voxels"] += frag.voxels
-                removed_mm3 += size_mm3
-            else:
-                report["relabelled_fragments"] += 1
-                report["relabelled_voxels"] += frag.voxels
-                key = (frag.label, target)
-                moved[key] = moved.get(key, 0) + frag.voxels
+        targets = [_fragment_target(frag, distances[frag.label][k],
+                                    distances[_other(frag.label)][k], frag.voxels * voxel_mm3,
+                                    cap=cap, margin_mm=float(sp.max()),
+                                    attach_distance_mm=attach_distance_mm,
+                                    min_fragment_mm3=min_fragment_mm3,
+                                    large_fragment_mm3=large_fragment_mm3,
+                                    probabilities=probabilities, box=box)
+                   for k, frag in enumerate(fragments)]
+        changes = _record_fragment_changes(fragments, targets, voxel_mm3, report)
         _apply(work, comps, changes)
-        if report["removed_fragments"]:
-            notes.append(f"removed {report['removed_fragments']} isolated component(s) "
-                         f"({removed_mm3:.1f} mm^3 in all)")
-        for (src, dst), n in sorted(moved.items()):
-            notes.append(f"relabelled {n * voxel_mm3:.1f} mm^3 from {_NAMES[src]} to "
-                         f"{_NAMES[dst]} (fragments nearest the {_NAMES[dst]})")
+    _final_volumes(comps, changes, voxel_mm3, report)
+    return out, report
 
-    # Final volumes from the component sizes: no further pass over the crop.
+
+def _checked_inputs(labels: np.ndarray, spacing_xyz: Sequence[float],
+                    probabilities: Optional[np.ndarray]
+                    ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """(labels, spacing (x, y, z) mm as a float array, probabilities) as arrays, checked.
+
+    Raises:
+        ValueError: See :func:`clean_labels`.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be a 3D (z, y, x) array, got shape {labels.shape}")
+    if labels.dtype.kind not in "iub":
+        raise ValueError(f"labels must have an integer dtype, got {labels.dtype}")
+    sp = np.asarray(spacing_xyz, dtype=float).reshape(-1)
+    if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+        raise ValueError(f"spacing must be 3 positive values (x, y, z) in mm, got {spacing_xyz}")
+    if probabilities is not None:
+        probabilities = np.asarray(probabilities)
+        if probabilities.ndim != 4 or probabilities.shape[1:] != labels.shape \
+                or probabilities.shape[0] < 3:
+            raise ValueError(f"probabilities must be (C >= 3, z, y, x) with (z, y, x) = "
+                             f"{labels.shape}, got {probabilities.shape}")
+    return labels, sp, probabilities
+
+
+def _empty_report() -> Dict[str, Any]:
+    """The report of :func:`clean_labels` before anything was changed."""
+    return {"swapped": False, "removed_voxels": 0, "removed_fragments": 0,
+            "relabelled_fragments": 0, "relabelled_voxels": 0, "kept_fragments": 0,
+            "volumes_ml": {"tibia": 0.0, "fibula": 0.0}, "notes": []}
+
+
+def _other(label: int) -> int:
+    """The other bone's label."""
+    return FIBULA if label == TIBIA else TIBIA
+
+
+def _tibia_is_the_larger_bone(work: np.ndarray, main: Dict[int, Optional[_Component]],
+                              voxel_mm3: float, report: Dict[str, Any]
+                              ) -> Dict[int, Optional[_Component]]:
+    """Swap the two main components (in ``work`` and their labels) when the largest 'tibia'
+    is smaller than the largest 'fibula'; the main components by label afterwards."""
+    mt, mf = main[TIBIA], main[FIBULA]
+    if mt is None or mf is None or mt.voxels >= mf.voxels:
+        return main
+    work[mt.box][mt.mask()] = FIBULA
+    work[mf.box][mf.mask()] = TIBIA
+    mt.label, mf.label = FIBULA, TIBIA
+    report["swapped"] = True
+    report["notes"].append(f"swapped tibia and fibula: the largest 'tibia' component "
+                           f"({mt.voxels * voxel_mm3 / 1000:.1f} ml) was smaller than the "
+                           f"largest 'fibula' component ({mf.voxels * voxel_mm3 / 1000:.1f} ml)")
+    return {TIBIA: mf, FIBULA: mt}
+
+
+def _fragment_target(frag: _Component, d_own: float, d_other: float, size_mm3: float, *,
+                     cap: float, margin_mm: float, attach_distance_mm: float,
+                     min_fragment_mm3: float, large_fragment_mm3: float,
+                     probabilities: Optional[np.ndarray], box: Slices) -> int:
+    """The label a fragment should have: its own, the other bone's, or 0 (removed).
+
+    Args:
+        frag: The fragment (a non-main component).
+        d_own: Distance (mm) to the main component of its own label (inf beyond ``cap``).
+        d_other: Distance (mm) to the other bone's main component (inf beyond ``cap``).
+        size_mm3: Its volume (mm^3).
+        cap: Distance (mm) beyond which it is isolated (twice ``attach_distance_mm``).
+        margin_mm: Distance difference (mm, one voxel) below which both bones are equally near.
+        attach_distance_mm, min_fragment_mm3, large_fragment_mm3: See :func:`clean_labels`.
+        probabilities: Optional softmax (C, z, y, x) deciding ties.
+        box: The working crop in the full array.
+    """
+    other = _other(frag.label)
+    d_near = min(d_own, d_other)
+    if d_near > cap:
+        # Far from both bones: noise unless big enough to be a real (displaced) piece.
+        return 0 if size_mm3 < large_fragment_mm3 else frag.label
+    if d_near > attach_distance_mm and size_mm3 < min_fragment_mm3:
+        return 0
+    if d_other + margin_mm < d_own:
+        return other
+    if abs(d_other - d_own) <= margin_mm and probabilities is not None:
+        return _more_probable(probabilities, box, frag, frag.label, other)
+    return frag.label
+
+
+def _record_fragment_changes(fragments: List[_Component], targets: List[int], voxel_mm3: float,
+                             report: Dict[str, Any]) -> List[Tuple[_Component, int]]:
+    """Count the kept, removed and relabelled fragments in ``report`` (with notes in words);
+    the (fragment, new label) of those that change."""
+    moved: Dict[Tuple[int, int], int] = {}
+    removed_mm3 = 0.0
+    changes: List[Tuple[_Component, int]] = []
+    for frag, target in zip(fragments, targets):
+        if target == frag.label:
+            report["kept_fragments"] += 1
+            continue
+        changes.append((frag, target))
+        if target == 0:
+            report["removed_fragments"] += 1
+            report["removed_voxels"] += frag.voxels
+            removed_mm3 += frag.voxels * voxel_mm3
+        else:
+            report["relabelled_fragments"] += 1
+            report["relabelled_voxels"] += frag.voxels
+            key = (frag.label, target)
+            moved[key] = moved.get(key, 0) + frag.voxels
+    if report["removed_fragments"]:
+        report["notes"].append(f"removed {report['removed_fragments']} isolated component(s) "
+                               f"({removed_mm3:.1f} mm^3 in all)")
+    for (src, dst), n in sorted(moved.items()):
+        report["notes"].append(f"relabelled {n * voxel_mm3:.1f} mm^3 from {_NAMES[src]} to "
+                               f"{_NAMES[dst]} (fragments nearest the {_NAMES[dst]})")
+    return changes
+
+
+def _final_volumes(comps: Dict[int, List[_Component]], changes: List[Tuple[_Component, int]],
+                   voxel_mm3: float, report: Dict[str, Any]) -> None:
+    """Final volumes (ml) into ``report`` from the component sizes: no further pass over the
+    crop."""
     final = {TIBIA: 0, FIBULA: 0, 0: 0}
-    changed = {id(c): t for c, t in (changes if fragments else [])}
+    changed = {id(c): t for c, t in changes}
     for comp in comps[TIBIA] + comps[FIBULA]:
         final[changed.get(id(comp), comp.label)] += comp.voxels
     for value, name in _NAMES.items():
         report["volumes_ml"][name] = round(final[value] * voxel_mm3 / 1000.0, 4)
-    return out, report
 
 
 #: A second tibia at least this share of the largest one (and large) means both legs are in
