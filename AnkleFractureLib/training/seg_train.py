@@ -10,7 +10,8 @@ validation Dice kept in the model folder::
     MODEL_DIR/plans.json         # SegPlans (what inference needs besides the weights)
     MODEL_DIR/model.pt           # best weights, float16 (see segmentation.model_io)
     MODEL_DIR/training_log.csv   # one row per epoch
-    MODEL_DIR/training.json      # command, split, seed, versions, best Dice, status, wall time
+    MODEL_DIR/training.json      # command, split, seed, versions, best Dice, status, wall time,
+                                 # determinism settings (training.determinism)
     MODEL_DIR/checkpoint.pt      # latest full state for --resume (float32 weights, optimizer,
                                  # scheduler, step, RNG); not needed for inference
 
@@ -29,6 +30,7 @@ writes the files). Arrays are (z, y, x); spacings (x, y, z) in mm.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -39,6 +41,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -53,6 +56,7 @@ from AnkleFractureLib.io import atomic_output, atomic_write_json, atomic_write_t
 from AnkleFractureLib.segmentation.model_io import save_model, sha256_file
 from AnkleFractureLib.segmentation.network import build_network
 from AnkleFractureLib.segmentation.plans import SegPlans
+from AnkleFractureLib.training.determinism import deterministic_training
 from AnkleFractureLib.training.distributed import (DistContext, all_reduce_max, all_reduce_sum,
                                                    barrier, cleanup_distributed, init_distributed,
                                                    seed_everything)
@@ -288,7 +292,10 @@ def train_segmentation(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathL
         lr: Initial learning rate (decays polynomially to 0 over epochs * steps_per_epoch).
         val_fraction: Share of cases held out for validation, split by case from ``seed``
             (>= 1 case when there are >= 2 cases).
-        seed: Seed of the split, the initial weights and every batch.
+        seed: Seed of the split, the initial weights and every batch; training also runs
+            with deterministic GPU kernels where torch has them
+            (:func:`~AnkleFractureLib.training.determinism.deterministic_training`, recorded in
+            training.json ``determinism``).
         max_minutes: Wall-clock budget (minutes, from the call); training stops after the
             step that exceeds it, validates, saves and records status "max_minutes".
         resume: Continue from ``out_dir/checkpoint.pt`` (same split, settings, step, RNG).
@@ -330,22 +337,27 @@ def train_segmentation(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathL
     started = _now()
     _check_args(epochs, steps_per_epoch, batch_size, lr, val_fraction, max_minutes, optimizer,
                 num_workers, randomise)
-    ctx = init_distributed(device, num_threads)
-    try:
-        with _sigterm_as_interrupt():
-            return _train(ctx, Path(dataset_dir), Path(out_dir), plans=plans, epochs=epochs,
-                          steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr,
-                          val_fraction=val_fraction, seed=seed, max_minutes=max_minutes,
-                          resume=resume, num_workers=num_workers, cache_dir=cache_dir,
-                          progress=progress if ctx.is_main else None,
-                          log=(log or (lambda _m: None)) if ctx.is_main else (lambda _m: None),
-                          optimizer=optimizer, weight_decay=weight_decay,
-                          keep_checkpoint=keep_checkpoint, augment=augment,
-                          randomise=randomise, init_weights=init_weights,
-                          command=list(sys.argv if command is None else command),
-                          t_start=t_start, started=started)
-    finally:
-        cleanup_distributed(ctx)
+    # Deterministic kernels before the device is set up: cuBLAS reads its workspace setting
+    # when it first starts (see training.determinism).
+    with deterministic_training(seed) as determinism:
+        ctx = init_distributed(device, num_threads)
+        try:
+            with _sigterm_as_interrupt():
+                return _train(ctx, Path(dataset_dir), Path(out_dir), plans=plans,
+                              epochs=epochs, steps_per_epoch=steps_per_epoch,
+                              batch_size=batch_size, lr=lr, val_fraction=val_fraction,
+                              seed=seed, max_minutes=max_minutes, resume=resume,
+                              num_workers=num_workers, cache_dir=cache_dir,
+                              progress=progress if ctx.is_main else None,
+                              log=((log or (lambda _m: None)) if ctx.is_main
+                                   else (lambda _m: None)),
+                              optimizer=optimizer, weight_decay=weight_decay,
+                              keep_checkpoint=keep_checkpoint, augment=augment,
+                              randomise=randomise, init_weights=init_weights,
+                              command=list(sys.argv if command is None else command),
+                              t_start=t_start, started=started, determinism=determinism)
+        finally:
+            cleanup_distributed(ctx)
 
 
 def _load_initial_weights(network: torch.nn.Module, path: Path) -> Dict[str, str]:
@@ -423,6 +435,85 @@ def _load_split_cases(ctx: DistContext, dataset: Dataset, train_ids: List[str],
     return train, val
 
 
+@dataclass
+class _Settings:
+    """The settings a run trains with: the caller's, or on resume the checkpoint's.
+
+    Attributes:
+        plans: Model plans (None until resolved).
+        train_ids: Training case ids.
+        val_ids: Validation case ids.
+        epochs, steps_per_epoch, batch_size, lr, optimizer, seed, weight_decay, val_fraction,
+            randomise: As in :func:`train_segmentation` (``weight_decay`` resolved from the
+            optimiser when None).
+    """
+
+    plans: Optional[SegPlans]
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int
+    lr: float
+    optimizer: str
+    seed: int
+    weight_decay: Optional[float]
+    val_fraction: float
+    randomise: "str | RandomiseConfig | Dict[str, Any] | None"
+    train_ids: List[str] = field(default_factory=list)
+    val_ids: List[str] = field(default_factory=list)
+
+
+def _settings_from_checkpoint(given: _Settings, ckpt: Dict[str, Any], dataset: Dataset,
+                              log: LogCallback) -> _Settings:
+    """The checkpoint's plans, split and settings (a note for each that ``given`` changes).
+
+    Raises:
+        InputError: A case of the checkpoint's split is not a segmented case of ``dataset``.
+    """
+    hp = ckpt["hparams"]
+    plans = SegPlans.from_json(ckpt["plans"])
+    if given.plans is not None and given.plans != plans:
+        log("note: resuming with the checkpoint's plans (the plans given now differ)")
+    train_ids, val_ids = list(ckpt["train_ids"]), list(ckpt["val_ids"])
+    changed = {k: v for k, v in (("steps_per_epoch", given.steps_per_epoch),
+                                 ("batch_size", given.batch_size), ("lr", given.lr),
+                                 ("optimizer", given.optimizer), ("seed", given.seed))
+               if hp.get(k) != v}
+    if changed:
+        log("note: resuming with the checkpoint's settings "
+            + ", ".join(f"{k}={hp[k]}" for k in changed) + " (not "
+            + ", ".join(f"{k}={v}" for k, v in changed.items()) + ")")
+    # Checkpoints of earlier versions have no "randomise": they trained without it.
+    randomise = _resumed_randomise(hp.get("randomise", "off"), given.randomise, plans, log)
+    missing = [c for c in train_ids + val_ids
+               if dataset.get(c) is None or not dataset.get(c).segmentation]
+    if missing:
+        raise InputError(dataset.index_path, "cannot resume: cases of the checkpoint's split "
+                                             f"are not segmented cases here: {missing[:5]}")
+    return _Settings(plans, given.epochs, hp["steps_per_epoch"], hp["batch_size"], hp["lr"],
+                     hp["optimizer"], hp["seed"], hp["weight_decay"], hp["val_fraction"],
+                     randomise, train_ids, val_ids)
+
+
+def _fresh_settings(given: _Settings, out: Path, dataset: Dataset) -> _Settings:
+    """``given`` with default plans and weight decay and a new split by case.
+
+    Raises:
+        InputError: ``out`` already holds a training run.
+    """
+    for name in (CHECKPOINT_FILE, "model.pt", SUMMARY_FILE):
+        if (out / name).exists():
+            raise InputError(out, f"the model folder already holds a training run ({name}); "
+                                  "use --resume to continue it or choose another folder")
+    plans = given.plans if given.plans is not None else SegPlans()
+    cases = segmented_cases(dataset)
+    train_ids, val_ids = split_cases([c.id for c in cases], given.val_fraction, given.seed)
+    weight_decay = given.weight_decay
+    if weight_decay is None:
+        weight_decay = 1e-5 if given.optimizer == "adamw" else 3e-5
+    return dataclasses.replace(given, plans=plans, weight_decay=weight_decay,
+                               train_ids=train_ids, val_ids=val_ids)
+
+
 def _train(ctx: DistContext, dataset_dir: Path, out: Path, *, plans: Optional[SegPlans],
            epochs: int, steps_per_epoch: int, batch_size: int, lr: float, val_fraction: float,
            seed: int, max_minutes: Optional[float], resume: bool, num_workers: int,
@@ -431,286 +522,359 @@ def _train(ctx: DistContext, dataset_dir: Path, out: Path, *, plans: Optional[Se
            keep_checkpoint: bool, augment: Optional[AugmentConfig],
            randomise: "str | RandomiseConfig | None", command: List[str],
            t_start: float, started: str,
-           init_weights: "os.PathLike[str] | str | None" = None) -> Dict[str, Any]:
-    from monai.losses import DiceCELoss
-
+           init_weights: "os.PathLike[str] | str | None" = None,
+           determinism: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Resolve the settings (fresh or resumed), load the cases, build the run and train it."""
     dataset = Dataset.load(dataset_dir)
-    ckpt_path = out / CHECKPOINT_FILE
+    given = _Settings(plans, epochs, steps_per_epoch, batch_size, lr, optimizer, seed,
+                      weight_decay, val_fraction, randomise)
     ckpt: Optional[Dict[str, Any]] = None
     if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        hp = ckpt["hparams"]
-        plans_ckpt = SegPlans.from_json(ckpt["plans"])
-        if plans is not None and plans != plans_ckpt:
-            log("note: resuming with the checkpoint's plans (the plans given now differ)")
-        plans = plans_ckpt
-        train_ids, val_ids = list(ckpt["train_ids"]), list(ckpt["val_ids"])
-        changed = {k: v for k, v in (("steps_per_epoch", steps_per_epoch),
-                                     ("batch_size", batch_size), ("lr", lr),
-                                     ("optimizer", optimizer), ("seed", seed))
-                   if hp.get(k) != v}
-        if changed:
-            log("note: resuming with the checkpoint's settings "
-                + ", ".join(f"{k}={hp[k]}" for k in changed) + " (not "
-                + ", ".join(f"{k}={v}" for k, v in changed.items()) + ")")
-        steps_per_epoch, batch_size, lr = hp["steps_per_epoch"], hp["batch_size"], hp["lr"]
-        optimizer, seed, weight_decay = hp["optimizer"], hp["seed"], hp["weight_decay"]
-        val_fraction = hp["val_fraction"]
-        # Checkpoints of earlier versions have no "randomise": they trained without it.
-        randomise = _resumed_randomise(hp.get("randomise", "off"), randomise, plans, log)
-        missing = [c for c in train_ids + val_ids
-                   if dataset.get(c) is None or not dataset.get(c).segmentation]
-        if missing:
-            raise InputError(dataset.index_path, "cannot resume: cases of the checkpoint's split "
-                                                 f"are not segmented cases here: {missing[:5]}")
+        ckpt = load_checkpoint(out / CHECKPOINT_FILE)
+        settings = _settings_from_checkpoint(given, ckpt, dataset, log)
     else:
-        for name in (CHECKPOINT_FILE, "model.pt", SUMMARY_FILE):
-            if (out / name).exists():
-                raise InputError(out, f"the model folder already holds a training run ({name}); "
-                                      "use --resume to continue it or choose another folder")
-        plans = plans if plans is not None else SegPlans()
-        cases = segmented_cases(dataset)
-        train_ids, val_ids = split_cases([c.id for c in cases], val_fraction, seed)
-        if weight_decay is None:
-            weight_decay = 1e-5 if optimizer == "adamw" else 3e-5
+        settings = _fresh_settings(given, out, dataset)
     barrier(ctx)  # every rank has checked the folder before rank 0 writes into it
-    patch = tuple(int(v) for v in plans.patch_size)
-    cache = Path(cache_dir) if cache_dir is not None else None
-    if not val_ids:
+    if not settings.val_ids:
         log("note: no validation case (one segmented case or val_fraction 0): the model of the "
             "last epoch is kept")
-    train_cases, val_cases = _load_split_cases(ctx, dataset, train_ids, val_ids, plans, cache,
-                                               progress)
+    assert settings.plans is not None
+    train_cases, val_cases = _load_split_cases(
+        ctx, dataset, settings.train_ids, settings.val_ids, settings.plans,
+        Path(cache_dir) if cache_dir is not None else None, progress)
+    run = _SegRun(ctx, dataset, out, settings, ckpt, train_cases, val_cases,
+                  _RunOptions(max_minutes, num_workers, progress, log, keep_checkpoint, augment,
+                              init_weights, command, t_start, started, determinism))
+    return run.train()
 
-    # Same initial weights on every rank (DDP also broadcasts rank 0's), then per-rank streams.
-    seed_everything(seed, 0)
-    network = build_network(plans.network).to(ctx.device)
-    init_info = None
-    if init_weights is not None and ckpt is None:
-        init_info = _load_initial_weights(network, Path(init_weights))
-        log(f"starting from the weights of {init_info['path']}")
-    seed_everything(seed, ctx.rank)
-    model: torch.nn.Module = network
-    if ctx.distributed:
-        from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(
-            network, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = _make_optimizer(optimizer, network.parameters(), lr, weight_decay)
-    total_steps = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: max(0.0, 1.0 - min(s, total_steps) / total_steps) ** POLY_EXPONENT)
-    amp_dtype = _amp_dtype(ctx.device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+@dataclass
+class _RunOptions:
+    """How a run behaves besides its training settings (see :func:`train_segmentation`)."""
 
-    global_step = 0
-    best: Optional[float] = None
-    best_epoch: Optional[int] = None
-    first_step_loss: Optional[float] = None
-    wall_before = 0.0
-    rows: List[Dict[str, Any]] = []
-    if ckpt is not None:
-        network.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
+    max_minutes: Optional[float]
+    num_workers: int
+    progress: Optional[ProgressCallback]
+    log: LogCallback
+    keep_checkpoint: bool
+    augment: Optional[AugmentConfig]
+    init_weights: "os.PathLike[str] | str | None"
+    command: List[str]
+    t_start: float
+    started: str
+    determinism: Optional[Dict[str, Any]] = None
+
+
+class _SegRun:
+    """One training run: the network, optimiser and scheduler, the progress state, and the
+    steps of the run (train an epoch, close it with validation and files, stop, finish).
+
+    The state (``global_step``, ``best``, ``epoch_losses``, ...) is what a checkpoint keeps,
+    so that ``--resume`` goes on exactly where the run stopped.
+    """
+
+    def __init__(self, ctx: DistContext, dataset: Dataset, out: Path, settings: _Settings,
+                 ckpt: Optional[Dict[str, Any]], train_cases: List[PreparedCase],
+                 val_cases: List[PreparedCase], options: _RunOptions) -> None:
+        from monai.losses import DiceCELoss
+
+        assert settings.plans is not None
+        self.ctx, self.dataset, self.out, self.s, self.o = ctx, dataset, out, settings, options
+        self.plans: SegPlans = settings.plans
+        self.log = options.log
+        self.ckpt_path = out / CHECKPOINT_FILE
+        self.val_cases = val_cases
+        self.patch = tuple(int(v) for v in self.plans.patch_size)
+        self.network, self.model, init_info = self._build_model(ckpt is None)
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.opt = _make_optimizer(settings.optimizer, self.network.parameters(), settings.lr,
+                                   settings.weight_decay)
+        self.total_steps = settings.epochs * settings.steps_per_epoch
+        total = self.total_steps
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: max(0.0, 1.0 - min(s, total) / total) ** POLY_EXPONENT)
+        self.amp_dtype = _amp_dtype(ctx.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        # epoch_losses: losses of the epoch in progress, kept in the checkpoint so that an
+        # epoch interrupted by Ctrl-C is logged whole after --resume.
+        self.status = "running"
+        self.global_step = 0
+        self.best: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.first_step_loss: Optional[float] = None
+        self.last_val: Optional[Dict[str, float]] = None
+        self.saved_step = -1
+        self.epoch_losses: List[float] = []
+        self.wall_before = 0.0
+        self.rows: List[Dict[str, Any]] = []
+        if ckpt is not None:
+            self._restore(ckpt)
+        randomise_cfg = randomise_config(settings.randomise, self.plans)
+        self.sampler = PatchSampler(train_cases, self.patch, seed=settings.seed, rank=ctx.rank,
+                                    augment=options.augment, randomise=randomise_cfg)
+        self.hparams = self._hparams(randomise_cfg, init_info)
+
+    # ------------------------------------------------------------------------------- set-up
+    def _build_model(self, fresh: bool
+                     ) -> Tuple[torch.nn.Module, torch.nn.Module, Optional[Dict[str, str]]]:
+        """(bare network, the module to train (DDP-wrapped under torchrun), init weights info).
+
+        Same initial weights on every rank (DDP also broadcasts rank 0's), then per-rank
+        random streams.
+        """
+        ctx, seed = self.ctx, self.s.seed
+        seed_everything(seed, 0)
+        network = build_network(self.plans.network).to(ctx.device)
+        init_info = None
+        if self.o.init_weights is not None and fresh:
+            init_info = _load_initial_weights(network, Path(self.o.init_weights))
+            self.log(f"starting from the weights of {init_info['path']}")
+        seed_everything(seed, ctx.rank)
+        model: torch.nn.Module = network
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(
+                network, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        return network, model, init_info
+
+    def _restore(self, ckpt: Dict[str, Any]) -> None:
+        """Weights, optimiser, scheduler, scaler, progress and RNG from a checkpoint."""
+        self.network.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        global_step = int(ckpt["global_step"])
-        best, best_epoch = ckpt.get("best_metric"), ckpt.get("best_epoch")
-        first_step_loss = ckpt.get("first_step_loss")
-        wall_before = float(ckpt.get("wall_seconds_total", 0.0))
-        if ctx.is_main:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.global_step = int(ckpt["global_step"])
+        self.best, self.best_epoch = ckpt.get("best_metric"), ckpt.get("best_epoch")
+        self.first_step_loss = ckpt.get("first_step_loss")
+        self.wall_before = float(ckpt.get("wall_seconds_total", 0.0))
+        if self.ctx.is_main:
             _set_rng_state(ckpt["rng"])
-        rows = [r for r in read_log(out / LOG_FILE) if int(r["step"]) <= global_step]
-        log(f"resuming {out} at step {global_step} (epoch {global_step / steps_per_epoch:g} "
-            f"of {epochs})")
+        self.rows = [r for r in read_log(self.out / LOG_FILE)
+                     if int(r["step"]) <= self.global_step]
+        self.saved_step = self.global_step
+        self.epoch_losses = list(ckpt.get("epoch_losses", []))
+        self.log(f"resuming {self.out} at step {self.global_step} (epoch "
+                 f"{self.global_step / self.s.steps_per_epoch:g} of {self.s.epochs})")
 
-    randomise_cfg = randomise_config(randomise, plans)
-    sampler = PatchSampler(train_cases, patch, seed=seed, rank=ctx.rank, augment=augment,
-                           randomise=randomise_cfg)
-    hparams = {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "batch_size": batch_size,
-               "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
-               "val_fraction": val_fraction, "seed": seed, "grad_clip": GRAD_CLIP,
-               "lr_schedule": f"poly {POLY_EXPONENT}", "loss": "DiceCE (softmax)",
-               "patch_size": list(patch), "world_size": ctx.world_size,
-               "augment": vars(augment if augment is not None else AugmentConfig()),
-               # Kept in the checkpoint too, so --resume goes on with the same setting.
-               "randomise": "off" if randomise_cfg is None else randomise_cfg.to_json(),
-               "init_weights": init_info}
-    # epoch_losses: losses of the epoch in progress, kept in the checkpoint so that an epoch
-    # interrupted by Ctrl-C is logged whole after --resume.
-    state = {"status": "running", "global_step": global_step, "best": best,
-             "best_epoch": best_epoch, "first_step_loss": first_step_loss,
-             "last_val": None, "saved_step": global_step if ckpt is not None else -1,
-             "epoch_losses": [] if ckpt is None else list(ckpt.get("epoch_losses", []))}
+    def _hparams(self, randomise_cfg: Optional[RandomiseConfig],
+                 init_info: Optional[Dict[str, str]]) -> Dict[str, Any]:
+        s, augment = self.s, self.o.augment
+        return {"epochs": s.epochs, "steps_per_epoch": s.steps_per_epoch,
+                "batch_size": s.batch_size, "lr": s.lr, "optimizer": s.optimizer,
+                "weight_decay": s.weight_decay, "val_fraction": s.val_fraction, "seed": s.seed,
+                "grad_clip": GRAD_CLIP, "lr_schedule": f"poly {POLY_EXPONENT}",
+                "loss": "DiceCE (softmax)", "patch_size": list(self.patch),
+                "world_size": self.ctx.world_size,
+                "augment": vars(augment if augment is not None else AugmentConfig()),
+                # Kept in the checkpoint too, so --resume goes on with the same setting.
+                "randomise": "off" if randomise_cfg is None else randomise_cfg.to_json(),
+                "init_weights": init_info}
 
-    def summary() -> Dict[str, Any]:
-        weights = out / "model.pt"
-        gs = state["global_step"]
-        wall = time.monotonic() - t_start
-        return {
+    # ------------------------------------------------------------------------------- records
+    def summary(self) -> Dict[str, Any]:
+        """What training.json holds now."""
+        weights = self.out / "model.pt"
+        gs, spe = self.global_step, self.s.steps_per_epoch
+        wall = time.monotonic() - self.o.t_start
+        out = {
             "format_version": 1,
-            "status": state["status"],
-            "command": command,
-            "dataset": str(dataset.root.resolve()),
-            "model_dir": str(out.resolve()),
-            "train_cases": train_ids,
-            "val_cases": val_ids,
-            "seed": seed,
-            "epochs_planned": epochs,
-            "epochs_run": math.ceil(gs / steps_per_epoch),
-            "epochs_completed": gs // steps_per_epoch,
+            "status": self.status,
+            "command": self.o.command,
+            "dataset": str(self.dataset.root.resolve()),
+            "model_dir": str(self.out.resolve()),
+            "train_cases": self.s.train_ids,
+            "val_cases": self.s.val_ids,
+            "seed": self.s.seed,
+            "epochs_planned": self.s.epochs,
+            "epochs_run": math.ceil(gs / spe),
+            "epochs_completed": gs // spe,
             "steps_run": gs,
-            "best_val_dice": state["best"],
-            "best_epoch": state["best_epoch"],
-            "last_val_dice": state["last_val"],
-            "first_step_loss": state["first_step_loss"],
-            "hparams": hparams,
-            "plans": plans.to_json(),
-            "device": str(ctx.device),
-            "amp": None if amp_dtype is None else str(amp_dtype).replace("torch.", ""),
-            "world_size": ctx.world_size,
+            "best_val_dice": self.best,
+            "best_epoch": self.best_epoch,
+            "last_val_dice": self.last_val,
+            "first_step_loss": self.first_step_loss,
+            "hparams": self.hparams,
+            "plans": self.plans.to_json(),
+            "device": str(self.ctx.device),
+            "amp": None if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", ""),
+            "world_size": self.ctx.world_size,
             "versions": _versions(),
-            "started": started,
+            "started": self.o.started,
             "finished": _now(),
             "wall_seconds": round(wall, 2),
-            "wall_seconds_total": round(wall_before + wall, 2),
+            "wall_seconds_total": round(self.wall_before + wall, 2),
             "model_sha256": sha256_file(weights) if weights.is_file() else None,
-            "checkpoint": str(ckpt_path.resolve()) if ckpt_path.is_file() else None,
+            "checkpoint": (str(self.ckpt_path.resolve()) if self.ckpt_path.is_file()
+                           else None),
         }
+        if self.o.determinism is not None:
+            out["determinism"] = self.o.determinism
+        return out
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(self) -> None:
+        """Write checkpoint.pt: everything --resume needs (float32 weights, optimiser, RNG)."""
         payload = {
             "checkpoint_version": CHECKPOINT_VERSION,
-            "model": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "global_step": state["global_step"],
-            "epoch": state["global_step"] // steps_per_epoch,
-            "best_metric": state["best"],
-            "best_epoch": state["best_epoch"],
-            "first_step_loss": state["first_step_loss"],
-            "epoch_losses": list(state["epoch_losses"]),
-            "train_ids": train_ids,
-            "val_ids": val_ids,
-            "plans": plans.to_json(),
-            "hparams": {k: v for k, v in hparams.items() if k != "augment"},
+            "model": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "global_step": self.global_step,
+            "epoch": self.global_step // self.s.steps_per_epoch,
+            "best_metric": self.best,
+            "best_epoch": self.best_epoch,
+            "first_step_loss": self.first_step_loss,
+            "epoch_losses": list(self.epoch_losses),
+            "train_ids": self.s.train_ids,
+            "val_ids": self.s.val_ids,
+            "plans": self.plans.to_json(),
+            "hparams": {k: v for k, v in self.hparams.items() if k != "augment"},
             "rng": _rng_state(),
-            "wall_seconds_total": wall_before + time.monotonic() - t_start,
+            "wall_seconds_total": self.wall_before + time.monotonic() - self.o.t_start,
         }
-        with atomic_output(ckpt_path) as tmp:
+        with atomic_output(self.ckpt_path) as tmp:
             torch.save(payload, tmp)
-        state["saved_step"] = state["global_step"]
+        self.saved_step = self.global_step
 
-    def end_of_epoch(epoch: int, t_epoch: float) -> None:
-        losses = state["epoch_losses"]
-        loss_sum, n = all_reduce_sum([sum(losses), len(losses)], ctx)
-        state["epoch_losses"] = []
+    # ------------------------------------------------------------------------------- training
+    def train(self) -> Dict[str, Any]:
+        """Train epoch after epoch until done, out of time or interrupted; the summary."""
+        s, ctx = self.s, self.ctx
+        self.log(f"training on {len(s.train_ids)} cases, validating on {len(s.val_ids)}; "
+                 f"patch {self.patch}, batch {s.batch_size} x {ctx.world_size} process(es), "
+                 f"{s.steps_per_epoch} steps/epoch, device {ctx.device}"
+                 + (f", amp {self.amp_dtype}" if self.amp_dtype else ""))
+        self.model.train()
+        try:
+            while ((self.global_step < self.total_steps or self.epoch_losses)
+                   and self.status == "running"):
+                first = self.global_step
+                # An epoch whose steps all ran but which was not closed (interrupted before
+                # its validation) is closed first, with no new steps.
+                epoch = (-(-first // s.steps_per_epoch) if self.epoch_losses
+                         else first // s.steps_per_epoch + 1)
+                t_epoch = time.monotonic()
+                self._train_one_epoch(epoch, epoch * s.steps_per_epoch - first)
+                self._end_of_epoch(epoch, t_epoch)
+            if self.status == "running":
+                self.status = "completed"
+            if self.status == "max_minutes":
+                self.log(f"stopped after {self.o.max_minutes:g} minutes (--max-minutes) at "
+                         f"step {self.global_step}; continue with --resume")
+        except KeyboardInterrupt:
+            self._save_on_interrupt()
+            raise
+        return self._finish()
+
+    def _train_one_epoch(self, epoch: int, n_steps: int) -> None:
+        """Run ``n_steps`` optimiser steps (fewer when --max-minutes runs out)."""
+        ctx, s = self.ctx, self.s
+        for img, lab in iterate_batches(self.sampler, self.global_step, n_steps, s.batch_size,
+                                        self.o.num_workers):
+            value = self._step(img.to(ctx.device, non_blocking=True),
+                               lab.to(ctx.device, non_blocking=True))
+            self.epoch_losses.append(value)
+            self.global_step += 1
+            if self.first_step_loss is None:
+                self.first_step_loss = value
+            if self.o.progress is not None:
+                self.o.progress(self.global_step / self.total_steps,
+                                f"epoch {epoch}/{s.epochs} step {self.global_step} "
+                                f"loss {value:.4f}")
+            if self.o.max_minutes is not None:
+                over = (time.monotonic() - self.o.t_start) / 60.0 >= self.o.max_minutes
+                # Every rank must stop at the same step, or DDP would wait forever.
+                if all_reduce_max([float(over)], ctx)[0] > 0:
+                    self.status = "max_minutes"
+                    break
+
+    def _step(self, img: torch.Tensor, lab: torch.Tensor) -> float:
+        """One optimiser step on a batch (N, 1, z, y, x); the loss (Dice + CE)."""
+        opt, scaler = self.opt, self.scaler
+        opt.zero_grad(set_to_none=True)
+        with _autocast(self.ctx.device, self.amp_dtype):
+            logits = self.model(img)
+        # The loss in float32: softmax/log of half-precision logits loses the small
+        # probabilities the Dice term of thin fibula voxels depends on.
+        loss = self.loss_fn(logits.float(), lab)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), GRAD_CLIP)
+        scaler.step(opt)
+        scaler.update()
+        self.sched.step()
+        return float(loss.detach())
+
+    def _validate(self) -> Optional[List[float]]:
+        """Mean validation Dice [tibia, fibula] over all ranks' cases (None: no validation)."""
+        if not self.s.val_ids:
+            return None
+        sums = all_reduce_sum(validate(self.network, self.val_cases, self.patch,
+                                       self.ctx.device, self.amp_dtype), self.ctx)
+        return [sums[0] / sums[2], sums[1] / sums[2]] if sums[2] > 0 else None
+
+    def _end_of_epoch(self, epoch: int, t_epoch: float) -> None:
+        """Validate, keep the best model, and write the log row, checkpoint and summary."""
+        loss_sum, n = all_reduce_sum([sum(self.epoch_losses), len(self.epoch_losses)], self.ctx)
+        self.epoch_losses = []
         train_loss = loss_sum / n if n else float("nan")
-        dice: Optional[List[float]] = None
-        if val_ids:
-            sums = all_reduce_sum(validate(network, val_cases, patch, ctx.device, amp_dtype), ctx)
-            if sums[2] > 0:
-                dice = [sums[0] / sums[2], sums[1] / sums[2]]
+        dice = self._validate()
         mean = None if dice is None else (dice[0] + dice[1]) / 2.0
-        state["last_val"] = None if dice is None else {"tibia": dice[0], "fibula": dice[1],
-                                                       "mean": mean}
-        improved = mean is None or state["best"] is None or mean > state["best"]
+        self.last_val = None if dice is None else {"tibia": dice[0], "fibula": dice[1],
+                                                   "mean": mean}
+        improved = mean is None or self.best is None or mean > self.best
         if improved:
-            state["best"], state["best_epoch"] = mean, epoch
+            self.best, self.best_epoch = mean, epoch
         seconds = time.monotonic() - t_epoch
-        lr_now = opt.param_groups[0]["lr"]
-        if ctx.is_main:
+        lr_now = self.opt.param_groups[0]["lr"]
+        if self.ctx.is_main:
             if improved:
-                save_model(out, network, plans, {"epoch": epoch, "val_dice": mean,
-                                                 "step": state["global_step"]})
-            rows.append({"epoch": epoch, "step": state["global_step"],
-                         "train_loss": _fmt(train_loss, 5),
-                         "val_dice_tibia": _fmt(None if dice is None else dice[0]),
-                         "val_dice_fibula": _fmt(None if dice is None else dice[1]),
-                         "val_dice_mean": _fmt(mean), "lr": f"{lr_now:.3e}",
-                         "seconds": f"{seconds:.1f}"})
-            _write_log(out / LOG_FILE, rows)
-            save_checkpoint()
-            atomic_write_json(out / SUMMARY_FILE, summary())
+                save_model(self.out, self.network, self.plans,
+                           {"epoch": epoch, "val_dice": mean, "step": self.global_step})
+            self.rows.append({"epoch": epoch, "step": self.global_step,
+                              "train_loss": _fmt(train_loss, 5),
+                              "val_dice_tibia": _fmt(None if dice is None else dice[0]),
+                              "val_dice_fibula": _fmt(None if dice is None else dice[1]),
+                              "val_dice_mean": _fmt(mean), "lr": f"{lr_now:.3e}",
+                              "seconds": f"{seconds:.1f}"})
+            _write_log(self.out / LOG_FILE, self.rows)
+            self.save_checkpoint()
+            atomic_write_json(self.out / SUMMARY_FILE, self.summary())
         val_text = ("no validation" if dice is None else
                     f"val Dice tibia {dice[0]:.3f} fibula {dice[1]:.3f} mean {mean:.3f}")
-        log(f"epoch {epoch:3d}/{epochs}  step {state['global_step']:6d}  loss {train_loss:.4f}  "
-            f"{val_text}  lr {lr_now:.2e}  {seconds:5.1f}s" + ("  *" if improved and dice else ""))
+        self.log(f"epoch {epoch:3d}/{self.s.epochs}  step {self.global_step:6d}  loss "
+                 f"{train_loss:.4f}  {val_text}  lr {lr_now:.2e}  {seconds:5.1f}s"
+                 + ("  *" if improved and dice else ""))
 
-    log(f"training on {len(train_ids)} cases, validating on {len(val_ids)}; patch {patch}, "
-        f"batch {batch_size} x {ctx.world_size} process(es), {steps_per_epoch} steps/epoch, "
-        f"device {ctx.device}" + (f", amp {amp_dtype}" if amp_dtype else ""))
-    model.train()
-    try:
-        while ((state["global_step"] < total_steps or state["epoch_losses"])
-               and state["status"] == "running"):
-            first = state["global_step"]
-            # An epoch whose steps all ran but which was not closed (interrupted before its
-            # validation) is closed first, with no new steps.
-            epoch = (-(-first // steps_per_epoch) if state["epoch_losses"]
-                     else first // steps_per_epoch + 1)
-            t_epoch = time.monotonic()
-            losses = state["epoch_losses"]
-            n_steps = epoch * steps_per_epoch - first
-            for img, lab in iterate_batches(sampler, first, n_steps, batch_size, num_workers):
-                img = img.to(ctx.device, non_blocking=True)
-                lab = lab.to(ctx.device, non_blocking=True)
-                opt.zero_grad(set_to_none=True)
-                with _autocast(ctx.device, amp_dtype):
-                    logits = model(img)
-                # The loss in float32: softmax/log of half-precision logits loses the small
-                # probabilities the Dice term of thin fibula voxels depends on.
-                loss = loss_fn(logits.float(), lab)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(network.parameters(), GRAD_CLIP)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                value = float(loss.detach())
-                losses.append(value)
-                state["global_step"] += 1
-                if state["first_step_loss"] is None:
-                    state["first_step_loss"] = value
-                if progress is not None:
-                    progress(state["global_step"] / total_steps,
-                             f"epoch {epoch}/{epochs} step {state['global_step']} "
-                             f"loss {value:.4f}")
-                if max_minutes is not None:
-                    over = (time.monotonic() - t_start) / 60.0 >= max_minutes
-                    # Every rank must stop at the same step, or DDP would wait forever.
-                    if all_reduce_max([float(over)], ctx)[0] > 0:
-                        state["status"] = "max_minutes"
-                        break
-            end_of_epoch(epoch, t_epoch)
-        if state["status"] == "running":
-            state["status"] = "completed"
-        if state["status"] == "max_minutes":
-            log(f"stopped after {max_minutes:g} minutes (--max-minutes) at step "
-                f"{state['global_step']}; continue with --resume")
-    except KeyboardInterrupt:
-        state["status"] = "interrupted"
-        if ctx.is_main:
-            if state["saved_step"] != state["global_step"]:
-                save_checkpoint()
-            atomic_write_json(out / SUMMARY_FILE, summary())
-            log(f"interrupted at step {state['global_step']}: checkpoint saved to {ckpt_path}; "
-                "continue with --resume")
-        raise
-    if ctx.is_main:
-        if state["status"] == "completed" and not keep_checkpoint and ckpt_path.exists():
-            ckpt_path.unlink()
-        if not (out / "model.pt").exists():  # nothing ran (resumed a finished run): still a model
-            save_model(out, network, plans, {"epoch": state["global_step"] // steps_per_epoch})
-        result = summary()
-        atomic_write_json(out / SUMMARY_FILE, result)
-        best_text = "n/a" if state["best"] is None else f"{state['best']:.4f}"
-        log(f"{state['status']}: {state['global_step']} steps, best mean val Dice {best_text} "
-            f"(epoch {state['best_epoch']}); model in {out}")
-    else:
-        result = summary()
-    barrier(ctx)
-    return result
+    # ------------------------------------------------------------------------------- endings
+    def _save_on_interrupt(self) -> None:
+        """Ctrl-C / SIGTERM: record the status and save what --resume needs (rank 0)."""
+        self.status = "interrupted"
+        if self.ctx.is_main:
+            if self.saved_step != self.global_step:
+                self.save_checkpoint()
+            atomic_write_json(self.out / SUMMARY_FILE, self.summary())
+            self.log(f"interrupted at step {self.global_step}: checkpoint saved to "
+                     f"{self.ckpt_path}; continue with --resume")
+
+    def _finish(self) -> Dict[str, Any]:
+        """Final files (rank 0): drop the checkpoint if asked, make sure there is a model,
+        write training.json; the summary after every rank got here."""
+        if self.ctx.is_main:
+            if (self.status == "completed" and not self.o.keep_checkpoint
+                    and self.ckpt_path.exists()):
+                self.ckpt_path.unlink()
+            if not (self.out / "model.pt").exists():  # nothing ran (resumed a finished run)
+                save_model(self.out, self.network, self.plans,
+                           {"epoch": self.global_step // self.s.steps_per_epoch})
+            result = self.summary()
+            atomic_write_json(self.out / SUMMARY_FILE, result)
+            best_text = "n/a" if self.best is None else f"{self.best:.4f}"
+            self.log(f"{self.status}: {self.global_step} steps, best mean val Dice {best_text} "
+                     f"(epoch {self.best_epoch}); model in {self.out}")
+        else:
+            result = self.summary()
+        barrier(self.ctx)
+        return result
