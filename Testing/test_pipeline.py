@@ -13,6 +13,7 @@ import torch
 
 from AnkleFractureLib.classification.plans import CLASSES
 from AnkleFractureLib.cli.main import main
+from AnkleFractureLib.crop.syndesmosis import box_on_grid
 from AnkleFractureLib.errors import CancelledError
 from AnkleFractureLib.geometry.volume import Volume
 from AnkleFractureLib.io import read_image, write_image
@@ -265,15 +266,18 @@ def test_run_command_writes_every_output(cli_run, case, capsys):
         assert len(res["models"][model]["sha256"]) == 64 and res["models"][model]["used"]
     assert Path(res["input"]["ct"]) == cli_run.ct_path.resolve()
     assert "not for clinical use" in res["disclaimer"]
-    # Segmentation and heatmap carry exactly the CT's geometry.
+    # The segmentation carries exactly the CT's geometry; the heatmap lies on the CT's voxel
+    # lattice, covering only the crop's box.
     ct = read_image(cli_run.ct_path)
-    for name, dtype in (("segmentation.nii.gz", np.uint8), ("gradcam.nii.gz", np.float32)):
-        vol = read_image(out / name)
-        assert vol.shape == ct.shape and vol.array.dtype == dtype, name
-        np.testing.assert_allclose(vol.spacing, ct.spacing, atol=1e-5)
-        np.testing.assert_allclose(vol.origin, ct.origin, atol=1e-4)
-        np.testing.assert_allclose(vol.direction, ct.direction, atol=1e-5)
-    heat = read_image(out / "gradcam.nii.gz").array
+    vol = read_image(out / "segmentation.nii.gz")
+    assert vol.shape == ct.shape and vol.array.dtype == np.uint8
+    np.testing.assert_allclose(vol.spacing, ct.spacing, atol=1e-5)
+    np.testing.assert_allclose(vol.origin, ct.origin, atol=1e-4)
+    np.testing.assert_allclose(vol.direction, ct.direction, atol=1e-5)
+    heat_vol = read_image(out / "gradcam.nii.gz")
+    assert heat_vol.array.dtype == np.float32 and box_on_grid(heat_vol, ct, atol=1e-4)
+    assert heat_vol.array.size < ct.array.size
+    heat = heat_vol.array
     assert heat.min() >= 0.0 and heat.max() <= 1.0 and heat.max() > 0
     seg = read_image(out / "segmentation.nii.gz").array
     dice = [2 * np.sum((seg == v) & (case.label.array == v))
@@ -305,7 +309,7 @@ def test_rerun_registration_and_classification_on_a_corrected_label(cli_run, pip
     # Stage by stage, as the Slicer module calls them.
     reg = pipe.register(ct, label, side="left")
     out = pipe.classify(ct, label, reg)
-    assert out.gradcam.same_geometry(ct) and out.result.prediction in CLASSES
+    assert box_on_grid(out.gradcam, ct) is not None and out.result.prediction in CLASSES
 
 
 def test_cancel_raises_and_writes_nothing(case, pipe, tmp_path):

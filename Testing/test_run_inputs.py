@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from AnkleFractureLib.crop.syndesmosis import box_on_grid
 from AnkleFractureLib.cli.main import main
 from AnkleFractureLib.io import read_image, write_image
 from AnkleFractureLib.io.dicom_write import write_dicom_series
@@ -51,9 +52,9 @@ def test_every_output_on_the_ct_geometry(runs, kind):
     assert set(data["files"]) | {"result.json"} == EVERY_FILE
     assert data["input"]["format"] == ("dicom" if kind == "dicom" else "nifti")
     assert data["input"]["size_xyz"] == list(ct.size)
-    for name in ("segmentation.nii.gz", "gradcam.nii.gz"):
-        vol = read_image(out / name)
-        assert vol.same_geometry(ct, atol=1e-4), name
+    assert read_image(out / "segmentation.nii.gz").same_geometry(ct, atol=1e-4)
+    # The heatmap covers the crop's box on the CT's voxel lattice.
+    assert box_on_grid(read_image(out / "gradcam.nii.gz"), ct, atol=1e-4) is not None
     seg = read_image(out / "segmentation.nii.gz")
     assert seg.array.dtype == np.uint8 and set(np.unique(seg.array)) == {0, 1, 2}
     heat = read_image(out / "gradcam.nii.gz")

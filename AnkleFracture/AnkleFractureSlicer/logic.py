@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from AnkleFractureLib.errors import InputError
+from AnkleFractureLib.geometry.volume import Volume
 
 from AnkleFractureSlicer import nodes as N
 from AnkleFractureSlicer.background import BackgroundProcess, WorkerProcess, pythonExecutable
@@ -478,9 +479,13 @@ class AnkleFractureSceneLogic:
         folder = self.resultsFolder(ctNode)
         result, _ = run_stage_result(stage, ct, folder, label, self.pipeline(settings),
                                      progress, shouldCancel, settings.reportPdf)
-        # The volumes are in memory already: no file is read back.
-        arrays = {key: getattr(result, key).array for key in ("label", "gradcam")
-                  if getattr(result, key) is not None}
+        # The volumes are in memory already: no file is read back. The heatmap goes as a
+        # Volume: it covers only the crop's box, with its own origin.
+        arrays: Dict[str, Any] = {}
+        if result.label is not None:
+            arrays["label"] = result.label.array
+        if result.gradcam is not None:
+            arrays["gradcam"] = result.gradcam
         return self.loadResults(folder, ctNode, nodes, stage, updateSegmentation=label is None,
                                 arrays=arrays)
 
@@ -553,7 +558,7 @@ class AnkleFractureSceneLogic:
     def loadResults(self, folder: PathLike, ctNode: Any, nodes: Optional[ResultNodes] = None,
                     stage: str = "all", updateSegmentation: bool = True,
                     handoff: Optional[PathLike] = None,
-                    arrays: Optional[Dict[str, np.ndarray]] = None) -> StageOutput:
+                    arrays: Optional[Dict[str, Any]] = None) -> StageOutput:
         """Put the files of a finished run (``run``'s output folder) into nodes.
 
         * segmentation.nii.gz -> ``Tibia`` / ``Fibula`` segments (unless the run started from
@@ -562,13 +567,16 @@ class AnkleFractureSceneLogic:
           user's with segments is never written into, a new node takes the run's segments;
         * transform.json -> a linear transform node (template -> patient, in RAS), the healthy
           template as a segmentation under it, and the syndesmosis box as an ROI under it;
-        * gradcam.nii.gz -> a scalar volume on the CT's grid with the heatmap colours;
+        * gradcam.nii.gz -> a scalar volume with the heatmap colours, with its own geometry:
+          the crop's box on the CT's voxel lattice (a few percent of the CT's voxels), which
+          Slicer overlays on the CT as the foreground layer;
         * result.json -> a table with the four probabilities (the whole result is kept as
           an attribute, so a saved scene restores the panel).
 
         Nodes of outputs the run did not produce (e.g. a heatmap after a new Segment) are
         removed, so the scene never shows results of an older run beside newer ones. With
-        ``arrays`` ({"label", "gradcam"} -> arrays on the CT's grid, from an in-process run) or
+        ``arrays`` ("label" -> the array on the CT's grid, "gradcam" -> the heatmap Volume,
+        from an in-process run) or
         ``handoff`` (the folder of the job's raw arrays,
         :func:`AnkleFractureLib.pipeline.job.save_handoff`) the voxels come from there instead
         of decompressing the NIfTI files (seconds on a clinical CT).
@@ -586,6 +594,8 @@ class AnkleFractureSceneLogic:
             from AnkleFractureLib.pipeline.job import load_handoff
 
             array = (arrays or {}).get(key)
+            if isinstance(array, Volume):  # a volume with its own geometry (the heatmap's box)
+                return array
             if array is None and handoff is not None:
                 array = load_handoff(handoff, key)
             if array is not None:

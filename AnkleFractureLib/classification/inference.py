@@ -5,7 +5,8 @@
 none / A / B / C (softmax of logits / T, T fitted on validation data at training time), the
 prediction, a test-time-augmentation uncertainty and the Grad-CAM heatmap on the crop grid.
 :func:`classify_ct` runs registration + crop + classification on a CT and its bone label map
-and maps the heatmap onto the CT's own grid (exact CT geometry) through the crop inverse.
+and maps the heatmap onto the CT's voxel lattice through the crop inverse, kept to the box the
+crop covers (:func:`~AnkleFractureLib.crop.syndesmosis.crop_to_ct_box`).
 """
 
 from __future__ import annotations
@@ -184,10 +185,11 @@ def classify_ct(ct: Volume, label: Volume, classifier: Optional[WeberClassifier]
         progress: Callback (fraction, message).
 
     Returns:
-        {"result": ClassificationResult, "gradcam": float32 Volume with the CT's geometry,
-        "crop": SyndesmosisCrop, "registration": Registration}.
+        {"result": ClassificationResult, "gradcam": float32 Volume on the CT's lattice
+        covering the crop's box (``paste_on_grid`` expands it), "crop": SyndesmosisCrop,
+        "registration": Registration}.
     """
-    from AnkleFractureLib.crop.syndesmosis import crop_raw_ct, crop_syndesmosis, crop_to_ct
+    from AnkleFractureLib.crop.syndesmosis import crop_raw_ct, crop_syndesmosis, crop_to_ct_box
     from AnkleFractureLib.registration.register import register_to_template
     from AnkleFractureLib.registration.template import load_template
 
@@ -211,9 +213,10 @@ def classify_ct(ct: Volume, label: Volume, classifier: Optional[WeberClassifier]
     report(0.5, "classifying")
     result = classifier.classify(crop, tta=tta, gradcam=True, gradcam_class=gradcam_class)
     t = time.perf_counter()
-    # Clipped on the box only: no extra copy of a CT-sized float32 array (~370 MB clinically).
-    heat = crop_to_ct(result.gradcam, crop, ct, interpolation="linear", default_value=0.0,
-                      clip=(0.0, 1.0))
+    # Only the crop's box on the CT's lattice: a whole-grid float32 copy is ~370 MB for a
+    # clinical CT (1.6 GB for 512 x 512 x 1500), almost all zeros.
+    heat = crop_to_ct_box(result.gradcam, crop, ct, interpolation="linear", default_value=0.0,
+                          clip=(0.0, 1.0))
     heat = heat.with_array(heat.array, meta={"source": "gradcam", "class": result.gradcam_class})
     timings["gradcam_to_ct"] = time.perf_counter() - t
     result.timings.update(timings)

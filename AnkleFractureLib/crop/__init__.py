@@ -5,12 +5,15 @@ from __future__ import annotations
 from AnkleFractureLib.crop.syndesmosis import (
     CHANNELS,
     SyndesmosisCrop,
+    box_on_grid,
     crop_raw_ct,
     crop_syndesmosis,
     crop_to_ct,
+    crop_to_ct_box,
+    paste_on_grid,
     read_crop,
     write_crop,
 )
 
-__all__ = ["CHANNELS", "SyndesmosisCrop", "crop_raw_ct", "crop_syndesmosis", "crop_to_ct",
-           "read_crop", "write_crop"]
+__all__ = ["CHANNELS", "SyndesmosisCrop", "box_on_grid", "crop_raw_ct", "crop_syndesmosis",
+           "crop_to_ct", "crop_to_ct_box", "paste_on_grid", "read_crop", "write_crop"]

@@ -8,9 +8,11 @@ the x-mirror of a left ankle), so every crop shows a right ankle in the same ana
   window [-1000, 1000] HU mapped to [0, 1];
 * channel 1 ``tibia`` and 2 ``fibula``: the binary masks, linearly interpolated, in [0, 1].
 
-:func:`crop_to_ct` maps any array on the crop grid (e.g. a Grad-CAM heatmap) back onto the
-CT's own grid (exact CT geometry). :func:`write_crop` stores a crop as one 3-component vector
-NIfTI (``.nii.gz``) that 3D Slicer loads as a vector volume with the crop grid's geometry.
+:func:`crop_to_ct_box` maps any array on the crop grid (e.g. a Grad-CAM heatmap) back onto the
+CT's lattice, kept to the box the crop covers (how a heatmap is stored); :func:`paste_on_grid`
+expands such a box onto the whole CT grid for display, and :func:`crop_to_ct` does both.
+:func:`write_crop` stores a crop as one 3-component vector NIfTI (``.nii.gz``) that 3D Slicer
+loads as a vector volume with the crop grid's geometry.
 
 Speed: only the part of the CT under the mapped box (plus a 2-voxel halo) is handed to ITK,
 so a clinical 512 x 512 x 350 CT costs about as much as a small one.
@@ -228,14 +230,127 @@ def crop_raw_ct(ct: Volume, size_mm: Sequence[float] = (96.0, 72.0, 144.0),
                            {"kind": "raw", "centre": centre, "centre_lps": [float(v) for v in c]})
 
 
+def crop_to_ct_box(array: np.ndarray, crop: SyndesmosisCrop, ct: Volume,
+                   interpolation: str = "linear", default_value: float = 0.0,
+                   clip: Optional[Tuple[float, float]] = None) -> Volume:
+    """Map an array on the crop grid onto the CT's grid, kept to the box the crop covers.
+
+    The result lies on the CT's voxel lattice (same spacing and direction, origin moved to the
+    box's first voxel, see :meth:`Volume.region`) and covers only the CT voxels under the
+    mapped crop box plus one voxel: a few percent of a clinical grid. This is how a Grad-CAM
+    heatmap is stored; :func:`paste_on_grid` expands it onto the whole CT grid for display.
+
+    Args:
+        array: (nz, ny, nx) values on ``crop.grid``.
+        crop: The crop it belongs to (grid + patient_to_template).
+        ct: The CT whose lattice the output takes (only its geometry is used).
+        interpolation: "linear" or "nearest" (or "bspline").
+        default_value: Value where the box's voxels fall outside the crop.
+        clip: Optional (low, high) the mapped values are clipped to.
+
+    Returns:
+        float32 Volume on a sub-box of the CT's grid; meta ``ct_box`` = [[z0, z1], [y0, y1],
+        [x0, x1]] (numpy index ranges on the CT). When the crop box misses the CT entirely, a
+        single voxel at the CT's index (0, 0, 0) holding ``default_value``.
+
+    Raises:
+        GeometryError: ``array`` does not have the crop grid's shape.
+    """
+    arr = np.asarray(array)
+    if arr.shape != crop.grid.shape:
+        raise GeometryError(f"array shape {arr.shape} does not match the crop grid "
+                            f"{crop.grid.shape} (nz, ny, nx)")
+    src = crop.grid.with_array(arr.astype(np.float32, copy=False), meta={})
+    p2t = _check_matrix(crop.patient_to_template)
+    t2p = np.linalg.inv(p2t)
+    corners = _box_corner_points(src.size, np.asarray(src.spacing), np.asarray(src.origin),
+                                 src.direction)
+    sub = _sub_box(ct, corners @ t2p[:3, :3].T + t2p[:3, 3], halo=1)
+    if sub is None:
+        sub = (slice(0, 1),) * 3
+        values = np.full((1, 1, 1), default_value, np.float32)
+    else:
+        target = ct.region(sub)
+        res = resample_to_grid(src, target.size, target.spacing, target.origin,
+                               target.direction, interpolation, default_value, transform=p2t)
+        values = np.ascontiguousarray(res.array, dtype=np.float32)
+        if clip is not None:
+            np.clip(values, clip[0], clip[1], out=values)
+    # A view of the CT's array would be wrong here: only the geometry of the region is used.
+    box = ct.region(sub)
+    return Volume(values, box.spacing, box.origin, box.direction,
+                  {"source": "crop_to_ct", "frame": "patient",
+                   "ct_box": [[int(s.start), int(s.stop)] for s in sub]})
+
+
+def box_on_grid(box: Volume, ct: Volume, atol: float = 1e-3
+                ) -> Optional[Tuple[slice, slice, slice]]:
+    """Where a sub-box volume lies on a CT's grid, or None when it is not on its lattice.
+
+    Args:
+        box: A volume such as :func:`crop_to_ct_box` returns.
+        ct: The CT.
+        atol: Tolerance (mm for spacing, voxel fraction for the origin's index).
+
+    Returns:
+        Numpy index slices (z, y, x) of the CT that ``box`` covers exactly, or None when the
+        spacing or direction differ, the origin is not on a CT voxel centre, or the box does
+        not fit inside the CT.
+    """
+    if not (np.allclose(box.spacing, ct.spacing, atol=atol)
+            and np.allclose(box.direction, ct.direction, atol=atol)):
+        return None
+    start = ct.physical_to_index(np.asarray(box.origin, float)[None, :])[0]  # (i, j, k)
+    first = np.rint(start).astype(int)
+    if not np.allclose(start, first, atol=atol):
+        return None
+    stop = first + np.asarray(box.size)
+    if np.any(first < 0) or np.any(stop > np.asarray(ct.size)):
+        return None
+    return (slice(int(first[2]), int(stop[2])), slice(int(first[1]), int(stop[1])),
+            slice(int(first[0]), int(stop[0])))
+
+
+def paste_on_grid(box: Volume, ct: Volume, default_value: float = 0.0,
+                  scale: Optional[float] = None) -> Volume:
+    """Expand a sub-box volume onto the whole CT grid (for display only).
+
+    Args:
+        box: A volume on a sub-box of the CT's lattice (:func:`box_on_grid`).
+        ct: The CT (only its geometry is used).
+        default_value: Value outside the box. For 0 the output is freshly zeroed memory that
+            costs nothing until written, so only the box's pages are resident.
+        scale: Optional factor applied to the box's values (e.g. 1/255 for a uint8 map).
+
+    Returns:
+        float32 Volume with exactly the CT's shape, spacing, origin and direction.
+
+    Raises:
+        GeometryError: ``box`` is not on the CT's lattice.
+    """
+    sub = box_on_grid(box, ct)
+    if sub is None:
+        raise GeometryError("the volume does not lie on the CT's voxel grid")
+    if default_value == 0.0:
+        out = np.zeros(ct.shape, np.float32)  # lazily zeroed pages: only the box is touched
+    else:
+        out = np.full(ct.shape, default_value, np.float32)
+    out[sub] = box.array
+    if scale is not None:
+        out[sub] *= np.float32(scale)
+    return Volume(out, ct.spacing, ct.origin, ct.direction.copy(), dict(box.meta))
+
+
 def crop_to_ct(array: np.ndarray, crop: SyndesmosisCrop, ct: Volume,
                interpolation: str = "linear", default_value: float = 0.0,
                clip: Optional[Tuple[float, float]] = None) -> Volume:
-    """Map an array on the crop grid (e.g. a Grad-CAM heatmap) onto the CT's own grid.
+    """Map an array on the crop grid (e.g. a Grad-CAM heatmap) onto the CT's whole grid.
 
-    Only the CT voxels under the mapped box are resampled and touched; the rest of the output
-    is ``default_value`` (for 0, freshly zeroed memory that costs nothing until it is read or
-    written), so a 512 x 512 x 350 CT costs about as much as a small one.
+    :func:`crop_to_ct_box` expanded by :func:`paste_on_grid`. Only the CT voxels under the
+    mapped box are resampled and touched; the rest of the output is ``default_value`` (for 0,
+    freshly zeroed memory that costs nothing until it is read or written). Prefer
+    :func:`crop_to_ct_box` to keep a result: the full grid is ~1.6 GB of float32 for a
+    512 x 512 x 1500 CT.
 
     Args:
         array: (nz, ny, nx) values on ``crop.grid``.
@@ -252,33 +367,14 @@ def crop_to_ct(array: np.ndarray, crop: SyndesmosisCrop, ct: Volume,
     Raises:
         GeometryError: ``array`` does not have the crop grid's shape.
     """
-    arr = np.asarray(array)
-    if arr.shape != crop.grid.shape:
-        raise GeometryError(f"array shape {arr.shape} does not match the crop grid "
-                            f"{crop.grid.shape} (nz, ny, nx)")
-    src = crop.grid.with_array(arr.astype(np.float32, copy=False), meta={})
-    if default_value == 0.0:
-        out = np.zeros(ct.shape, np.float32)  # lazily zeroed pages: only the box is touched
-    else:
-        out = np.full(ct.shape, default_value, np.float32)
-    p2t = _check_matrix(crop.patient_to_template)
-    t2p = np.linalg.inv(p2t)
-    corners = _box_corner_points(src.size, np.asarray(src.spacing), np.asarray(src.origin),
-                                 src.direction)
-    sub = _sub_box(ct, corners @ t2p[:3, :3].T + t2p[:3, 3], halo=1)
-    if sub is not None:
-        # Only the CT voxels under the box are resampled (a clinical CT is ~90 M voxels).
-        target = ct.region(sub)
-        res = resample_to_grid(src, target.size, target.spacing, target.origin,
-                               target.direction, interpolation, default_value, transform=p2t)
-        values = res.array.astype(np.float32, copy=False)
-        if clip is not None:
-            np.clip(values, clip[0], clip[1], out=values)
-        out[sub] = values
+    box = crop_to_ct_box(array, crop, ct, interpolation, default_value, clip)
+    if box_on_grid(box, ct) is None:  # pragma: no cover - crop_to_ct_box builds it on the grid
+        raise GeometryError("internal: the mapped box is not on the CT's grid")
     if clip is not None and not clip[0] <= default_value <= clip[1]:
-        np.clip(out, clip[0], clip[1], out=out)
-    return Volume(out, ct.spacing, ct.origin, ct.direction.copy(),
-                  {"source": "crop_to_ct", "frame": "patient"})
+        default_value = float(np.clip(default_value, clip[0], clip[1]))
+    out = paste_on_grid(box, ct, default_value)
+    out.meta = {"source": "crop_to_ct", "frame": "patient"}
+    return out
 
 
 def write_crop(crop: SyndesmosisCrop, path: PathLike) -> None:
@@ -343,5 +439,6 @@ def read_crop(path: PathLike) -> Tuple[np.ndarray, Volume]:
     return channels, grid
 
 
-__all__ = ["CHANNELS", "SyndesmosisCrop", "crop_raw_ct", "crop_syndesmosis", "crop_to_ct",
+__all__ = ["CHANNELS", "SyndesmosisCrop", "box_on_grid", "crop_raw_ct", "crop_syndesmosis",
+           "crop_to_ct", "crop_to_ct_box", "paste_on_grid",
            "default_box", "read_crop", "write_crop"]

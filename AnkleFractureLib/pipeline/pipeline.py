@@ -93,7 +93,9 @@ class ClassificationOutput:
     Attributes:
         result: The classifier's answer (probabilities, prediction, uncertainty, heatmap on
             the crop grid, timings), before any gating by the checks.
-        gradcam: float32 heatmap in [0, 1] with exactly the CT's geometry.
+        gradcam: float32 heatmap in [0, 1] on the CT's voxel lattice, kept to the box the
+            crop covers (origin moved; :func:`~AnkleFractureLib.crop.syndesmosis.paste_on_grid`
+            expands it onto the whole grid for display).
         crop: The crop that was classified.
     """
 
@@ -113,7 +115,7 @@ class PipelineResult:
         crop: The syndesmosis crop, or None.
         classification: The classifier's raw answer, or None (see :attr:`gated` for what may
             be shown).
-        gradcam: Grad-CAM heatmap on the CT's grid, or None.
+        gradcam: Grad-CAM heatmap on the CT's lattice (the crop's box only), or None.
         findings: Every sanity-check finding, in order.
         refused_stage: The stage whose checks refused ("input", "segment", "register",
             "crop"), or None.
@@ -403,7 +405,7 @@ class Pipeline:
         Returns:
             A :class:`ClassificationOutput`; ``result.timings`` has "classify", "gradcam".
         """
-        from AnkleFractureLib.crop.syndesmosis import crop_raw_ct, crop_to_ct
+        from AnkleFractureLib.crop.syndesmosis import crop_raw_ct, crop_to_ct_box
 
         clf = self.classifier
         if clf.plans.crop == "raw":
@@ -413,9 +415,10 @@ class Pipeline:
         result = clf.classify(crop, tta=self.options.tta, gradcam=True,
                               gradcam_class=gradcam_class or self.options.gradcam_class)
         t = time.perf_counter()
-        # Clipped inside the box only: no extra full-size copies of a 512^2 x 350 grid.
-        heat = crop_to_ct(result.gradcam, crop, ct, interpolation="linear", default_value=0.0,
-                          clip=(0.0, 1.0))
+        # Kept to the crop's box on the CT's lattice: the whole grid would be 1.6 GB of float32
+        # for a 512 x 512 x 1500 CT, almost all of it zeros.
+        heat = crop_to_ct_box(result.gradcam, crop, ct, interpolation="linear",
+                              default_value=0.0, clip=(0.0, 1.0))
         heat = heat.with_array(heat.array, meta={"source": "gradcam",
                                                  "class": result.gradcam_class})
         result.timings["gradcam"] = result.timings.get("gradcam", 0.0) + time.perf_counter() - t
@@ -599,7 +602,9 @@ def write_outputs(result: PipelineResult, out_dir: PathLike, ct: Optional[Volume
     * ``segmentation.nii.gz``: uint8 labels on the CT's grid;
     * ``transform.json`` / ``transform.tfm``: as ``ankle-fracture register`` writes them;
     * ``syndesmosis_crop.nii.gz``: the 3-channel crop on the template's box grid;
-    * ``gradcam.nii.gz``: float32 heatmap in [0, 1] on the CT's grid;
+    * ``gradcam.nii.gz``: float32 heatmap in [0, 1] on the CT's voxel lattice, covering only
+      the box of the syndesmosis crop (its origin is that box's first voxel; a viewer overlays
+      it on the CT by its geometry);
     * ``report.png``: a one-page summary (needs ``ct``), and with ``report_pdf`` the same page
       as ``report.pdf``;
     * ``result.json``: :meth:`PipelineResult.to_json` plus ``files``.
@@ -613,7 +618,7 @@ def write_outputs(result: PipelineResult, out_dir: PathLike, ct: Optional[Volume
     Returns:
         The dict written as ``result.json``.
     """
-    from AnkleFractureLib.crop.syndesmosis import write_crop
+    from AnkleFractureLib.crop.syndesmosis import box_on_grid, paste_on_grid, write_crop
     from AnkleFractureLib.io import atomic_write_json, write_image
     from AnkleFractureLib.registration.transform_io import (write_itk_transform,
                                                             write_transform_json)
@@ -621,8 +626,8 @@ def write_outputs(result: PipelineResult, out_dir: PathLike, ct: Optional[Volume
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(out, "the output must be a folder, but a file of that name exists")
-    if ct is not None and result.gradcam is not None and not result.gradcam.same_geometry(
-            ct, atol=1e-4):
+    if ct is not None and result.gradcam is not None and box_on_grid(result.gradcam, ct,
+                                                                     atol=1e-4) is None:
         raise RuntimeError("the Grad-CAM volume is not on the CT's grid")  # never misplace it
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -658,9 +663,12 @@ def write_outputs(result: PipelineResult, out_dir: PathLike, ct: Optional[Volume
         reports = [("report.png", write_report_png)]
         if report_pdf:
             reports.append(("report.pdf", write_report_pdf))
+        # The report draws on the CT's grid: the box is expanded for it only (lazily zeroed,
+        # so only the box's pages are resident).
+        heat = None if result.gradcam is None else paste_on_grid(result.gradcam, ct)
         for name, writer in reports:
             try:
-                writer(out / name, ct, result.label, result.gradcam, data)
+                writer(out / name, ct, result.label, heat, data)
                 written.append(name)
             except Exception as exc:  # noqa: BLE001 - a figure must not lose the result
                 data["warnings"].append(f"{name} could not be drawn: "
