@@ -7,7 +7,9 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -289,8 +291,44 @@ def test_batch_help_lists_the_options(capsys):
     out = capsys.readouterr().out
     for key in ("--out", "--workers", "--side", "--device", "--tta", "--seg-model",
                 "--cls-model", "--template", "--no-resume", "--pdf", "--quiet", "results.csv",
-                "refused", "example"):
+                "refused", "example", "--engine", "--ray-address", "--gpus-per-worker",
+                "--cpus-per-worker", "--max-retries", "--shard", "--collect",
+                "AnkleFractureLib[distributed]", "results.shard-K-of-N.csv"):
         assert key in out, key
+
+
+def test_ray_engine_without_ray_says_how_to_install_it(options, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # "import ray" now fails as if not installed
+    hint = 'pip install "AnkleFractureLib[distributed]"'
+    assert main(["batch", str(tmp_path), "--out", str(tmp_path / "o"), "--engine", "ray"]) == 2
+    assert hint in capsys.readouterr().err
+    with pytest.raises(InputError, match=re.escape(hint)):
+        run_batch(discover_inputs([tmp_path / "gone.nrrd"]), tmp_path / "o", options,
+                  engine="ray")
+    assert not (tmp_path / "o").exists()  # nothing written
+    # The local engine does not need Ray.
+    summary = run_batch(discover_inputs([tmp_path / "gone.nrrd"]), tmp_path / "o", options)
+    assert [r["status"] for r in summary.rows] == ["error"] and summary.engine == "local"
+
+
+def test_engine_and_shard_option_errors(options, tmp_path, capsys):
+    (tmp_path / "a.nii.gz").write_text("x")
+    base = ["batch", str(tmp_path / "a.nii.gz"), "--out", str(tmp_path / "o")]
+    for extra, message in ((["--gpus-per-worker", "1"], "--gpus-per-worker: only with --engine "
+                                                         "ray"),
+                           (["--ray-address", "auto"], "--ray-address: only with --engine ray"),
+                           (["--shard", "3/2"], "shard 3/2: K must lie in 1..N"),
+                           (["--shard", "1-2"], "--shard must be K/N"),
+                           (["--shard", "1/2", "--collect"], "--collect gathers every shard")):
+        assert main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    with pytest.raises(SystemExit):
+        main(base + ["--engine", "spark"])
+    capsys.readouterr()
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(InputError, match="unknown batch engine 'spark'"):
+        run_batch(discover_inputs([tmp_path / "a.nii.gz"]), tmp_path / "o", options,
+                  engine="spark")
 
 
 # ------------------------------------------------------------------------------ workers

@@ -14,6 +14,7 @@
 # for CUDA 12.6); TORCH_INDEX_URL=default uses the configured index directly.
 #
 # Usage: scripts/install.sh [extra]        e.g. scripts/install.sh test
+#        (the test extra brings the distributed extra (Ray) too, so that its tests run)
 #        scripts/install.sh --torch-plan   print which torch install would run, change nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -89,6 +90,9 @@ else
   torch_args=()
   while IFS= read -r arg; do torch_args+=("$arg"); done < <(torch_plan)
   "$PY" -m pip install --quiet "${torch_args[@]}"
+fi
+if [ "$extra" = "test" ]; then
+  extra="test,distributed"
 fi
 if [ -n "$extra" ]; then
   "$PY" -m pip install --quiet -e ".[$extra]"

@@ -30,6 +30,13 @@ case, so an interrupted batch leaves a valid table of what finished. A second ru
 case whose ``result.json`` exists, parses, names the same input and is newer than it, made with
 the same model weights, is not run again (a changed ``side`` or ``tta`` is not noticed: pass
 ``resume=False``).
+
+Engines: ``engine="local"`` (default) runs the cases in this process or in ``workers`` processes
+of this machine; ``engine="ray"`` runs them on Ray actors, locally or on a cluster, with the
+same folders and rows (:mod:`~AnkleFractureLib.pipeline.ray_engine`; the ``distributed``
+extra). ``shard=(K, N)`` runs the K-th of N parts of the cases, for a Slurm array or any other
+scheduler, into ``results.shard-K-of-N.csv``; a later run without a shard collects them
+(:mod:`~AnkleFractureLib.pipeline.shards`).
 """
 
 from __future__ import annotations
@@ -153,6 +160,13 @@ def _scan_folder(folder: str, found: List[Tuple[str, str]], visited: Set[str]) -
             continue
 
 
+def _is_reserved(cid: str) -> bool:
+    """True for an id that would clash with the batch's own tables."""
+    from AnkleFractureLib.pipeline.shards import SHARD_CSV_RE
+
+    return cid.lower() in _RESERVED_IDS or SHARD_CSV_RE.fullmatch(cid) is not None
+
+
 def _base_id(path: str, kind: str) -> str:
     name = os.path.basename(os.path.normpath(path))
     stem = name if kind == "dicom" or os.path.isdir(path) else split_extension(name)[0]
@@ -162,12 +176,12 @@ def _base_id(path: str, kind: str) -> str:
 
 def _unique_ids(items: Sequence[Tuple[str, str]]) -> List[str]:
     """Ids in discovery order; duplicates (case-insensitively) get "_2", "_3", ..."""
-    used: Set[str] = set(_RESERVED_IDS)
+    used: Set[str] = set()
     ids = []
     for path, kind in items:
         base = _base_id(path, kind)
         cid, n = base, 1
-        while cid.lower() in used:
+        while cid.lower() in used or _is_reserved(cid):
             n += 1
             cid = f"{base}_{n}"
         used.add(cid.lower())
@@ -248,9 +262,13 @@ class BatchSummary:
         n_ok: Cases classified (this run or resumed).
         n_refused: Cases the safety checks refused (no class).
         n_error: Cases that failed (unreadable, missing, or an unexpected exception).
-        n_skipped: Cases not run again because a previous run finished them (resume).
+        n_skipped: Cases not run again because a previous run (or another shard) finished
+            them: their folders were reused as they were, nothing was recomputed.
         seconds: Wall-clock time of the whole batch (s).
         warnings: Notes about the batch as a whole.
+        engine: "local" or "ray".
+        shard: (K, N) when the batch ran one shard, else None.
+        retried: Case attempts run again because their Ray worker died.
     """
 
     rows: List[Dict[str, str]]
@@ -261,6 +279,9 @@ class BatchSummary:
     n_skipped: int = 0
     seconds: float = 0.0
     warnings: List[str] = field(default_factory=list)
+    engine: str = "local"
+    shard: Optional[Tuple[int, int]] = None
+    retried: int = 0
 
 
 def _status_of(data: Dict[str, Any]) -> Optional[str]:
@@ -452,61 +473,32 @@ def _check_models(options: PipelineOptions) -> None:
     _ = (probe.segmentation_model, probe.classifier, probe.template)
 
 
-def run_batch(cases: Sequence[BatchCase], out_dir: PathLike,
-              options: Optional[PipelineOptions] = None, *, workers: int = 1,
-              resume: bool = True, report_pdf: bool = False,
-              progress: Optional[ProgressCallback] = None,
-              should_cancel: Optional[CancelCheck] = None) -> BatchSummary:
-    """Analyse every case into ``out_dir/<id>/`` and tabulate them in ``out_dir/results.csv``.
+#: Engines of :func:`run_batch`.
+ENGINES = ("local", "ray")
 
-    Args:
-        cases: From :func:`discover_inputs` (ids unique, made of ``[A-Za-z0-9._-]``).
-        out_dir: Output folder (created).
-        options: Pipeline settings, the same for every case (default: :class:`PipelineOptions`).
-        workers: 1: in this process with one :class:`Pipeline` for every case. N > 1: N
-            ``spawn`` worker processes, each with its own Pipeline and ``cpu_count // N``
-            torch threads (not inside 3D Slicer).
-        resume: Skip cases a previous run finished (see the module docstring); False runs
-            every case again.
-        report_pdf: Also write ``report.pdf`` per case.
-        progress: Called with (fraction of the whole batch in [0, 1], message naming the case).
-        should_cancel: Polled between cases and, within a case, between the stages and the
-            segmentation patches; True cancels.
 
-    Returns:
-        The :class:`BatchSummary`; the CSV holds the same rows.
-
-    Raises:
-        InputError: ``out_dir`` is a file, ``workers`` < 1, bad ids, or the device or a
-            model folder cannot be used (checked before the first case runs).
-        CancelledError: Cancelled (``should_cancel`` or Ctrl+C); the CSV then holds the rows
-            finished so far.
-    """
-    t0 = time.perf_counter()
-    options = options or PipelineOptions()
-    if int(workers) < 1:
-        raise InputError(None, f"workers must be >= 1, got {workers}")
-    cases = list(cases)
+def _check_cases(cases: Sequence[BatchCase]) -> None:
+    """InputError unless the ids are unique and can name output folders."""
     ids = [c.id.lower() for c in cases]
     if len(set(ids)) != len(ids):
         raise InputError(None, "case ids are not unique")
     for c in cases:
-        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", c.id) or c.id.lower() in \
-                _RESERVED_IDS:
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", c.id) or _is_reserved(c.id):
             raise InputError(c.path, f"case id {c.id!r} cannot name an output folder")
+
+
+def _output_folder(out_dir: PathLike) -> Path:
+    """The absolute output folder, created (InputError when a file has its name)."""
     out = Path(os.path.abspath(os.fspath(out_dir)))
     if out.exists() and not out.is_dir():
         raise InputError(out, "the output must be a folder, but a file of that name exists")
     out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / CSV_NAME
-    summary = BatchSummary(rows=[], csv_path=csv_path)
+    return out
 
-    def report(fraction: float, message: str) -> None:
-        if progress is not None:
-            progress(min(max(float(fraction), 0.0), 1.0), message)
 
-    n = max(len(cases), 1)
-    rows: List[Optional[Dict[str, str]]] = [None] * len(cases)
+def _reuse_finished(cases: Sequence[BatchCase], out: Path, options: PipelineOptions,
+                    resume: bool, rows: List[Optional[Dict[str, str]]]) -> List[int]:
+    """Fill ``rows`` for the cases a previous run finished; returns the indices left to run."""
     todo: List[int] = []
     hashes: Dict[str, Optional[str]] = {}
     if resume and any((out / c.id / "result.json").is_file() for c in cases):
@@ -516,25 +508,22 @@ def run_batch(cases: Sequence[BatchCase], out_dir: PathLike,
         if data is not None:
             seconds = float((data.get("timings_s") or {}).get("total", 0.0))
             rows[i] = _row(case, data, None, seconds)
-            summary.n_skipped += 1
         else:
             todo.append(i)
-    _write_csv(csv_path, rows)
-    report(summary.n_skipped / n, f"{summary.n_skipped} of {len(cases)} cases already done"
-           if summary.n_skipped else f"{len(cases)} cases")
+    return todo
 
-    def finish(i: int, outcome: Dict[str, Any]) -> None:
-        rows[i] = _row(cases[i], outcome.get("data"), outcome.get("error"),
-                       outcome.get("seconds", 0.0))
-        _write_csv(csv_path, rows)
 
-    if todo:
-        if int(workers) == 1 or len(todo) == 1:
-            _run_here(cases, todo, out, options, report_pdf, finish, report, n,
-                      summary.n_skipped, should_cancel)
-        else:
-            _run_pool(cases, todo, out, options, int(workers), report_pdf, finish, report, n,
-                      summary.n_skipped, should_cancel)
+def _collected_row(case: BatchCase, shard_rows: Dict[str, Dict[str, str]]) -> Dict[str, str]:
+    """The row of a case that ``collect_only`` does not run: its shard's error row, or one
+    saying that it has not run."""
+    old = shard_rows.get(case.id.lower())
+    if old is not None and old.get("status") == "error" and old.get("error"):
+        return _row(case, None, old["error"], float(old.get("seconds") or 0.0))
+    return _row(case, None, f"{case.path}: not analysed yet (no finished result in its "
+                            f"folder {case.id}/); run the batch or its shard again", 0.0)
+
+
+def _tally(summary: BatchSummary, rows: Sequence[Optional[Dict[str, str]]]) -> None:
     summary.rows = [r for r in rows if r is not None]
     for r in summary.rows:
         if r["status"] == "ok":
@@ -543,10 +532,142 @@ def run_batch(cases: Sequence[BatchCase], out_dir: PathLike,
             summary.n_refused += 1
         else:
             summary.n_error += 1
+
+
+def run_batch(cases: Sequence[BatchCase], out_dir: PathLike,
+              options: Optional[PipelineOptions] = None, *, workers: Optional[int] = None,
+              resume: bool = True, report_pdf: bool = False,
+              progress: Optional[ProgressCallback] = None,
+              should_cancel: Optional[CancelCheck] = None, engine: str = "local",
+              shard: Optional[Tuple[int, int]] = None, collect_only: bool = False,
+              ray_address: Optional[str] = None, cpus_per_worker: float = 1.0,
+              gpus_per_worker: float = 0.0, max_retries: int = 2) -> BatchSummary:
+    """Analyse every case into ``out_dir/<id>/`` and tabulate them in ``out_dir/results.csv``.
+
+    Args:
+        cases: From :func:`discover_inputs` (ids unique, made of ``[A-Za-z0-9._-]``).
+        out_dir: Output folder (created).
+        options: Pipeline settings, the same for every case (default: :class:`PipelineOptions`).
+        workers: Local engine: None or 1: in this process with one :class:`Pipeline` for every
+            case; N > 1: N ``spawn`` worker processes, each with its own Pipeline and
+            ``cpu_count // N`` torch threads (not inside 3D Slicer). Ray engine: the number of
+            Ray actors (None: as many as the cluster holds).
+        resume: Skip cases a previous run finished (see the module docstring); False runs
+            every case again.
+        report_pdf: Also write ``report.pdf`` per case.
+        progress: Called with (fraction of the whole batch in [0, 1], message naming the case).
+        should_cancel: Polled between cases and, within a case, between the stages and the
+            segmentation patches (Ray: about 4 times a second); True cancels.
+        engine: "local" (this machine) or "ray" (Ray actors: see
+            :mod:`~AnkleFractureLib.pipeline.ray_engine`; needs the ``distributed`` extra).
+        shard: (K, N): only the K-th of N parts of ``cases`` (1-based; see
+            :mod:`~AnkleFractureLib.pipeline.shards`), tabulated in
+            ``results.shard-K-of-N.csv`` instead of ``results.csv``.
+        collect_only: Run nothing: tabulate the finished cases (e.g. of every shard); the
+            others get error rows (a shard's error, or "not analysed yet").
+        ray_address: Ray engine: the cluster to join ("auto", "ray://head:10001"); None: the
+            Ray already initialised in this process, else a local runtime for this batch.
+        cpus_per_worker: Ray engine: CPUs (and torch threads) of each actor.
+        gpus_per_worker: Ray engine: GPUs of each actor (0: CPU-only workers).
+        max_retries: Ray engine: times a case is run again after its worker died.
+
+    Returns:
+        The :class:`BatchSummary`; the CSV holds the same rows.
+
+    Raises:
+        InputError: ``out_dir`` is a file, ``workers`` < 1, bad ids, an unknown engine or
+            shard, Ray is not installed (engine "ray"), or the device or a model folder
+            cannot be used (checked before the first case runs).
+        CancelledError: Cancelled (``should_cancel`` or Ctrl+C); the CSV then holds the rows
+            finished so far.
+    """
+    from AnkleFractureLib.pipeline.shards import check_shard, read_shard_rows, select_shard
+    from AnkleFractureLib.pipeline.shards import shard_csv_name
+
+    t0 = time.perf_counter()
+    options = options or PipelineOptions()
+    if engine not in ENGINES:
+        raise InputError(None, f"unknown batch engine {engine!r}: use local or ray")
+    if workers is not None and int(workers) < 1:
+        raise InputError(None, f"workers must be >= 1, got {workers}")
+    settings = _ray_settings(engine, ray_address, workers, cpus_per_worker, gpus_per_worker,
+                             max_retries)
+    shard = None if shard is None else check_shard(shard)
+    all_cases = list(cases)
+    _check_cases(all_cases)
+    cases = select_shard(all_cases, shard)
+    out = _output_folder(out_dir)
+    summary = BatchSummary(rows=[], csv_path=out / shard_csv_name(shard), engine=engine,
+                           shard=shard)
+
+    def report(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(min(max(float(fraction), 0.0), 1.0), message)
+
+    n = max(len(cases), 1)
+    rows: List[Optional[Dict[str, str]]] = [None] * len(cases)
+    todo = _reuse_finished(cases, out, options, resume or collect_only, rows)
+    summary.n_skipped = len(cases) - len(todo)
+    if collect_only:
+        shard_rows = read_shard_rows(out)
+        for i in todo:
+            rows[i] = _collected_row(cases[i], shard_rows)
+        todo = []
+    _write_csv(summary.csv_path, rows)
+    head = f"shard {shard[0]}/{shard[1]}: " if shard else ""
+    report(summary.n_skipped / n, f"{head}{summary.n_skipped} of {len(cases)} cases already "
+           f"done" if summary.n_skipped else f"{head}{len(cases)} cases")
+
+    def finish(i: int, outcome: Dict[str, Any]) -> None:
+        rows[i] = _row(cases[i], outcome.get("data"), outcome.get("error"),
+                       outcome.get("seconds", 0.0))
+        _write_csv(summary.csv_path, rows)
+
+    if todo:
+        _run_todo(cases, todo, out, options, workers, report_pdf, finish, report, n,
+                  summary, should_cancel, settings)
+    _tally(summary, rows)
     summary.seconds = time.perf_counter() - t0
     report(1.0, f"done: {summary.n_ok} classified, {summary.n_refused} refused, "
                 f"{summary.n_error} failed")
     return summary
+
+
+def _ray_settings(engine: str, address: Optional[str], workers: Optional[int],
+                  cpus_per_worker: float, gpus_per_worker: float, max_retries: int) -> Any:
+    """The Ray engine's checked settings (None for the local engine)."""
+    if engine != "ray":
+        return None
+    from AnkleFractureLib.pipeline.ray_engine import RaySettings, import_ray
+
+    import_ray()  # not installed: say how to install it before anything is written
+    settings = RaySettings(address=address, workers=workers,
+                           cpus_per_worker=float(cpus_per_worker),
+                           gpus_per_worker=float(gpus_per_worker), max_retries=int(max_retries))
+    settings.check()
+    return settings
+
+
+def _run_todo(cases: Sequence[BatchCase], todo: Sequence[int], out: Path,
+              options: PipelineOptions, workers: Optional[int], report_pdf: bool,
+              finish: Callable[[int, Dict[str, Any]], None], report: ProgressCallback,
+              n: int, summary: BatchSummary, should_cancel: Optional[CancelCheck],
+              settings: Any) -> None:
+    """Run the cases of ``todo`` with the summary's engine."""
+    done = summary.n_skipped
+    if summary.engine == "ray":
+        from AnkleFractureLib.pipeline.ray_engine import run_on_ray
+
+        info = run_on_ray(cases, todo, out, options, report_pdf, finish, report, n, done,
+                          should_cancel, settings)
+        summary.retried = info.retried
+        summary.warnings.extend(info.warnings)
+    elif not workers or int(workers) == 1 or len(todo) == 1:
+        _run_here(cases, todo, out, options, report_pdf, finish, report, n, done,
+                  should_cancel)
+    else:
+        _run_pool(cases, todo, out, options, int(workers), report_pdf, finish, report, n,
+                  done, should_cancel)
 
 
 def _run_here(cases: Sequence[BatchCase], todo: Sequence[int], out: Path,
