@@ -31,6 +31,12 @@ wrongly detected side gives the crop a user would get; ``"dataset"`` (training) 
 dataset's side when the record has one (labelled training data legitimately knows it), else
 detection. Every crop's info records the side used, the dataset's side and whether they match.
 
+Who computes: missing crops are computed in ``workers`` spawned processes. Registration and
+cropping run on the CPU; only a case without a label map needs the segmentation model, which
+each worker runs on its own device (:func:`worker_devices`: GPUs dealt out round-robin, the CPU
+without one), so N workers do not all load the model on GPU 0. Under ``torchrun``,
+:func:`load_crops_once` has rank 0 build the cache behind a barrier and the other ranks read it.
+
 Kinds: ``"registered"`` (the pipeline's input: mirrored + ICP-registered syndesmosis crop,
 CT + tibia + fibula) and ``"raw"`` (the control: an axis-aligned same-size box centred on the
 bone, CT only, no segmentation, registration or mirroring).
@@ -302,7 +308,7 @@ def _compute(job: Dict[str, Any]) -> Tuple[str, Optional[str]]:
             else:
                 from AnkleFractureLib.segmentation.inference import segment_ct
 
-                label = segment_ct(ct, job["seg_model_dir"])
+                label = segment_ct(ct, job["seg_model_dir"], device=_worker_device())
                 source = "model"
         template = load_template(job["template_dir"]) if job["template_dir"] else None
         # "detect": as `ankle-fracture run` (side auto), never the dataset's side.
@@ -317,11 +323,52 @@ def _compute(job: Dict[str, Any]) -> Tuple[str, Optional[str]]:
         return record.id, str(exc)
 
 
+#: Device of this crop worker process (set by :func:`_init_worker`); None: "auto".
+_WORKER_DEVICE: Optional[str] = None
+
+
+def _worker_device() -> str:
+    """The device this process segments on: its worker's share of the GPUs, else "auto"."""
+    return _WORKER_DEVICE or "auto"
+
+
+def _init_worker(devices: Any) -> None:
+    """ProcessPoolExecutor initializer: take the next device off the shared queue."""
+    global _WORKER_DEVICE
+    _WORKER_DEVICE = devices.get()
+
+
+def _gpu_count() -> int:
+    """CUDA devices visible to this process (0 without torch or CUDA)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def worker_devices(workers: int, gpu_count: int) -> List[str]:
+    """The device of each of ``workers`` crop worker processes.
+
+    Only the segmentation of a case without a label map uses a device (registration and
+    cropping run on the CPU). Without a GPU every worker segments on the CPU; with GPUs the
+    workers are dealt out round-robin, so N workers do not all load the model on GPU 0.
+
+    Example:
+        >>> worker_devices(3, 2), worker_devices(2, 0)
+        (['cuda:0', 'cuda:1', 'cuda:0'], ['cpu', 'cpu'])
+    """
+    if gpu_count <= 0:
+        return ["cpu"] * workers
+    return [f"cuda:{i % gpu_count}" for i in range(workers)]
+
+
 def _run_jobs(jobs: List[Dict[str, Any]], workers: int, failed: Dict[str, str],
               report: Callable[[str], None],
               should_cancel: Optional[Callable[[], bool]]) -> None:
-    """Compute the missing crops (in ``workers`` spawned processes when > 1); errors go to
-    ``failed``, ``report`` is called after each case."""
+    """Compute the missing crops (in ``workers`` spawned processes when > 1, each on its own
+    device from :func:`worker_devices`); errors go to ``failed``, ``report`` is called after
+    each case."""
     if jobs and workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -329,8 +376,12 @@ def _run_jobs(jobs: List[Dict[str, Any]], workers: int, failed: Dict[str, str],
         # "spawn", not the Linux default "fork": a process that already ran torch (e.g.
         # evaluate-cls, which loads the classifier first) holds OpenMP thread-pool locks that a
         # forked child inherits locked, and the child's segmentation then hangs for ever.
-        with ProcessPoolExecutor(max_workers=workers,
-                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+        mp = multiprocessing.get_context("spawn")
+        devices = mp.Queue()
+        for device in worker_devices(workers, _gpu_count()):
+            devices.put(device)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp, initializer=_init_worker,
+                                 initargs=(devices,)) as pool:
             for case_id, err in pool.map(_compute, jobs, chunksize=2):
                 if err:
                     failed[case_id] = err
@@ -379,7 +430,8 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
                should_cancel: Optional[Callable[[], bool]] = None,
                ids: Optional[Sequence[str]] = None,
                seg_model_dir: "os.PathLike[str] | str | None" = None,
-               model_masks: bool = False, side: str = "detect") -> CropSet:
+               model_masks: bool = False, side: str = "detect",
+               cached_only: Optional[Dict[str, str]] = None) -> CropSet:
     """Crops of every case of a dataset, computed once and cached.
 
     Args:
@@ -398,6 +450,9 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
         side: "detect" (default: automatic side detection exactly as ``ankle-fracture run``,
             the dataset's side is only compared with it; for evaluation) or "dataset" (the
             record's side when known, else detection; for training on labelled data).
+        cached_only: None: compute the missing crops. A dict (the ranks other than 0 in
+            :func:`load_crops_once`): compute nothing; a case whose crop is not in the cache
+            fails with the reason given here for it (rank 0's), else "not in the crop cache".
 
     Returns:
         The :class:`CropSet` (cases that failed are listed in ``failed`` and left out); its
@@ -437,8 +492,12 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
             progress(done[0] / len(records), message)
 
     report(f"{done[0]}/{len(records)} crops cached", 0)
-    _run_jobs(missing, workers, failed, report, should_cancel)
-    out = _collect(records, paths, jobs, failed)
+    if cached_only is None:
+        _run_jobs(missing, workers, failed, report, should_cancel)
+    else:
+        failed.update({job["id"]: cached_only.get(job["id"], "not in the crop cache")
+                       for job in missing})
+    out = _collect(records, paths, jobs, failed, compute=cached_only is None)
     if not len(out):
         raise InputError(dataset.root, "no case could be cropped: "
                          + "; ".join(f"{k}: {v}" for k, v in list(failed.items())[:3]))
@@ -447,15 +506,17 @@ def load_crops(dataset: Dataset, cache_dir: "os.PathLike[str] | str", kind: str 
 
 
 def _collect(records: Sequence[CaseRecord], paths: Dict[str, Path],
-             jobs: Dict[str, Dict[str, Any]], failed: Dict[str, str]) -> CropSet:
-    """Read the cached crops of ``records`` (a damaged entry is recomputed in process)."""
+             jobs: Dict[str, Dict[str, Any]], failed: Dict[str, str],
+             compute: bool = True) -> CropSet:
+    """Read the cached crops of ``records`` (a damaged entry is recomputed in process, or
+    fails when ``compute`` is False)."""
     out_ids, xs, ys, infos = [], [], [], []
     for r in records:
         if r.id in failed:
             continue
         loaded = _load_npz(paths[r.id])
         if loaded is None:  # damaged entry: recompute in process
-            _, err = _compute(jobs[r.id])
+            _, err = _compute(jobs[r.id]) if compute else (None, "unreadable crop cache entry")
             loaded = None if err else _load_npz(paths[r.id])
             if loaded is None:
                 failed[r.id] = err or "unreadable crop cache entry"
@@ -469,3 +530,71 @@ def _collect(records: Sequence[CaseRecord], paths: Dict[str, Path],
         return CropSet([], np.zeros((0,), np.float16), np.zeros((0,), np.int64), [], failed)
     return CropSet(out_ids, np.stack(xs).astype(np.float16), np.asarray(ys, np.int64), infos,
                    failed)
+
+
+#: How long the other ranks wait for rank 0 to build the crop cache. Longer than the training
+#: backend's default (10 min for NCCL): segmenting hundreds of unlabelled cases takes longer.
+CACHE_BARRIER_TIMEOUT_S = 6 * 3600.0
+
+
+def load_crops_once(dataset: Dataset, cache_dir: "os.PathLike[str] | str",
+                    kind: str = "registered", *, rank: int = 0, world_size: int = 1,
+                    **kwargs: Any) -> CropSet:
+    """:func:`load_crops` in every process of a ``torchrun`` job, computing each crop once.
+
+    Rank 0 loads the crops, computing the missing ones (with ``workers`` processes), while the
+    other ranks wait at a barrier; then every other rank reads the crops rank 0 cached and
+    computes none (a case rank 0 could not crop fails with rank 0's reason). Without a process
+    group (one process) this is :func:`load_crops`.
+
+    The barrier runs on a Gloo group of its own: on the CPU whatever the training backend, and
+    with :data:`CACHE_BARRIER_TIMEOUT_S` instead of the backend's timeout. An error on rank 0
+    is re-raised there and reported as an InputError on the other ranks, so none waits for
+    ever.
+
+    Args:
+        dataset: The dataset.
+        cache_dir: Cache folder (shared by the ranks: one machine, or a shared file system).
+        kind: "registered" or "raw".
+        rank: This process's global rank.
+        world_size: Number of processes.
+        **kwargs: The other arguments of :func:`load_crops` (``progress`` only matters on
+            rank 0).
+
+    Returns:
+        The :class:`CropSet`, the same on every rank.
+
+    Raises:
+        InputError: As :func:`load_crops` (on rank 0), or rank 0 failed (on the others).
+    """
+    import torch.distributed as dist
+
+    if world_size <= 1 or not dist.is_initialized():
+        return load_crops(dataset, cache_dir, kind, **kwargs)
+    from datetime import timedelta
+
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=CACHE_BARRIER_TIMEOUT_S))
+    try:
+        built: Optional[CropSet] = None
+        error: Optional[BaseException] = None
+        if rank == 0:
+            try:
+                built = load_crops(dataset, cache_dir, kind, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the others
+                error = exc
+        dist.barrier(group=group)
+        # Rank 0's outcome: its error in words, or the reasons of the cases it could not crop.
+        status: List[Any] = [None if error is None else f"{type(error).__name__}: {error}",
+                             None if built is None else dict(built.failed)]
+        dist.broadcast_object_list(status, src=0, group=group)
+        if rank == 0:
+            if error is not None:
+                raise error
+            assert built is not None
+            return built
+        if status[0] is not None:
+            raise InputError(dataset.root, f"rank 0 could not build the crop cache: {status[0]}")
+        kwargs.pop("workers", None)
+        return load_crops(dataset, cache_dir, kind, cached_only=status[1], **kwargs)
+    finally:
+        dist.destroy_process_group(group)

@@ -37,6 +37,7 @@ averaged across ranks, and rank 0 writes the files.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import sys
@@ -335,6 +336,7 @@ def train_classifier(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathLik
         InputError: Bad settings, no labelled case, or a non-empty output folder.
     """
     from AnkleFractureLib.classification.plans import ClsPlans
+    from AnkleFractureLib.training.determinism import deterministic_training
     from AnkleFractureLib.training.distributed import cleanup_distributed, init_distributed
 
     config = config or ClsTrainConfig()
@@ -343,48 +345,108 @@ def train_classifier(dataset_dir: "os.PathLike[str] | str", out_dir: "os.PathLik
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise InputError(out, "the output model folder is not empty (choose a new folder)")
-    ctx = init_distributed(device, num_threads)
-    try:
-        return _train(ctx, Path(dataset_dir), out, config, plans, cache_dir, crops, workers,
-                      max_minutes, progress if ctx.is_main else None,
-                      (log or (lambda _m: None)) if ctx.is_main else (lambda _m: None),
-                      should_cancel, list(sys.argv if command is None else command),
-                      seg_model_dir)
-    finally:
-        cleanup_distributed(ctx)
+    # Deterministic kernels before the device is set up: cuBLAS reads its workspace setting
+    # when it first starts (see training.determinism).
+    with deterministic_training(config.seed) as determinism:
+        ctx = init_distributed(device, num_threads)
+        try:
+            return _train(ctx, Path(dataset_dir), out, config, plans, cache_dir, crops, workers,
+                          max_minutes, progress if ctx.is_main else None,
+                          (log or (lambda _m: None)) if ctx.is_main else (lambda _m: None),
+                          should_cancel, list(sys.argv if command is None else command),
+                          seg_model_dir, determinism)
+        finally:
+            cleanup_distributed(ctx)
 
 
 def _train(ctx: Any, dataset_dir: Path, out: Path, cfg: ClsTrainConfig, plans: Any,
            cache_dir: Any, crops: Any, workers: int, max_minutes: Optional[float],
            progress: Optional[ProgressCallback], log: LogCallback,
            should_cancel: Optional[Callable[[], bool]], command: List[str],
-           seg_model_dir: Any = None) -> Dict[str, Any]:
-    import torch
-    import torch.nn.functional as F
-
-    from AnkleFractureLib.classification.crops import load_crops
-    from AnkleFractureLib.classification.model_io import save_classifier
-    from AnkleFractureLib.classification.network import build_classifier
-    from AnkleFractureLib.classification.plans import CLASSES
-    from AnkleFractureLib.classification.relation import RelationWeightNetwork
-    from AnkleFractureLib.dataset.layout import Dataset
-    from AnkleFractureLib.errors import CancelledError
-    from AnkleFractureLib.io import atomic_write_json, atomic_write_text
-    from AnkleFractureLib.training import semi_losses as sl
-    from AnkleFractureLib.training.cls_augment import (augment_batch, strong_config,
-                                                       weak_config)
-    from AnkleFractureLib.training.distributed import all_reduce_max, seed_everything
-
+           seg_model_dir: Any = None, determinism: Optional[Dict[str, Any]] = None
+           ) -> Dict[str, Any]:
+    """Load and split the crops, train, and write the model folder (rank 0)."""
     t0 = time.monotonic()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     cache = Path(cache_dir) if cache_dir is not None else dataset_dir / ".crop_cache"
+    loader = _CropLoader(ctx, dataset_dir, cache, plans, workers, progress, seg_model_dir)
     if crops is None:
-        ds = Dataset.load(dataset_dir)
         # Training crops use the dataset's side when it has one (labelled training data knows
         # it; evaluation detects it as `run` does), else detection: recorded in training.json.
-        crops = load_crops(ds, cache, plans.crop, workers=workers,
-                           progress=(lambda f, m: progress(0.1 * f, m)) if progress else None,
-                           seg_model_dir=seg_model_dir, side="dataset")
+        crops = loader.load(None, model_masks=False)
+    data = _split_data(crops, cfg, log, dataset_dir)
+    if cfg.model_masks and plans.crop == "registered":
+        data = _add_model_mask_twins(data, loader, log)
+    if cfg.method != "supervised" and data.unlabelled.size == 0:
+        log("note: no unlabelled case: the unlabelled terms are skipped")
+    # Prepared network inputs for every case, once (channels, resolution), kept as float16.
+    data.x = np.stack([plans.prepare(data.crops.x[i])
+                       for i in range(len(data.crops))]).astype(np.float16)
+    run = _ClsRun(ctx, cfg, plans, data, log)
+    run.train(t0, max_minutes, progress, should_cancel)
+    if not ctx.is_main:
+        return {}
+    return _write_model_folder(run, out, dataset_dir, command, started, t0, progress,
+                               determinism)
+
+
+@dataclass
+class _CropLoader:
+    """Loads this dataset's crops: on rank 0 behind a barrier under torchrun (computed once)."""
+
+    ctx: Any
+    dataset_dir: Path
+    cache: Path
+    plans: Any
+    workers: int
+    progress: Optional[ProgressCallback]
+    seg_model_dir: Any
+
+    def load(self, ids: Optional[List[str]], model_masks: bool, what: str = "") -> Any:
+        """The crops of ``ids`` (all cases when None), side policy "dataset"; progress 0-0.1."""
+        from AnkleFractureLib.classification.crops import load_crops_once
+        from AnkleFractureLib.dataset.layout import Dataset
+
+        progress = self.progress
+        return load_crops_once(
+            Dataset.load(self.dataset_dir), self.cache, self.plans.crop,
+            rank=self.ctx.rank, world_size=self.ctx.world_size, workers=self.workers,
+            progress=(lambda f, m: progress(0.1 * f, what + m)) if progress else None,
+            seg_model_dir=self.seg_model_dir, side="dataset", model_masks=model_masks,
+            **({} if ids is None else {"ids": ids}))
+
+
+@dataclass
+class _Data:
+    """The crops and how they are used.
+
+    Attributes:
+        crops: The :class:`~AnkleFractureLib.classification.crops.CropSet`.
+        y: (N,) class index of every crop, -1 = unlabelled (hidden labels included).
+        train_l: Indices of the labelled training crops.
+        val_idx: Indices of the validation crops.
+        unlabelled: Indices of the unlabelled crops (hidden labels included).
+        n_twins: Crops added with the segmentation model's masks.
+        x: float16 (N, C, z, y, x) prepared network inputs (set after the split).
+    """
+
+    crops: Any
+    y: np.ndarray
+    train_l: np.ndarray
+    val_idx: np.ndarray
+    unlabelled: np.ndarray
+    n_twins: int = 0
+    x: Optional[np.ndarray] = None
+
+
+def _split_data(crops: Any, cfg: ClsTrainConfig, log: LogCallback, dataset_dir: Path) -> _Data:
+    """Kept labels (``label_fraction``), the validation split and the unlabelled pool.
+
+    Raises:
+        InputError: No labelled crop.
+    """
+    from AnkleFractureLib.classification.plans import CLASSES
+
     for cid, reason in crops.failed.items():
         log(f"skipped case {cid}: {reason}")
     y_all = crops.y
@@ -399,215 +461,304 @@ def _train(ctx: Any, dataset_dir: Path, out: Path, cfg: ClsTrainConfig, plans: A
         select_labelled(y_all[labelled_all], cfg.label_fraction, cfg.seed)])]
     train_l, val_idx = split_validation(kept, y_all, cfg.val_fraction, cfg.seed)
     unlabelled = np.setdiff1d(np.arange(len(y_all)), np.concatenate([kept]))
-    n_twins = 0
-    if cfg.model_masks and plans.crop == "registered":
-        # The same labelled training cases once more, with the segmentation model's masks
-        # (validation and unlabelled cases are left as they are: no leak across the split).
-        own = [crops.ids[i] for i in train_l if crops.info and
-               (crops.info[i] or {}).get("masks") == "dataset"]
-        if own:
-            twins = load_crops(Dataset.load(dataset_dir), cache, plans.crop, workers=workers,
-                               ids=own, seg_model_dir=seg_model_dir, model_masks=True,
-                               side="dataset", progress=(lambda f, m: progress(0.1 * f, f"model masks: {m}"))
-                               if progress else None)
-            for cid, reason in twins.failed.items():
-                log(f"no model-mask crop of case {cid}: {reason}")
-            twins.failed = {}
-            base = len(crops)
-            crops = crops.concat(twins, suffix=MODEL_MASK_SUFFIX)
-            train_l = np.concatenate([train_l, base + np.arange(len(twins), dtype=np.int64)])
-            y_all = crops.y
-            n_twins = len(twins)
-    uses_unlabelled = cfg.method != "supervised"
-    if uses_unlabelled and unlabelled.size == 0:
-        log("note: no unlabelled case: the unlabelled terms are skipped")
-    # Prepared network inputs for every case, once (channels, resolution), kept as float16.
-    x_all = np.stack([plans.prepare(crops.x[i]) for i in range(len(crops))]).astype(np.float16)
+    return _Data(crops, y_all, train_l, val_idx, unlabelled)
 
-    seed_everything(cfg.seed, ctx.rank)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    dev = ctx.device
-    backbone = build_classifier(plans.network).to(dev)
-    model = _forward_module(backbone)
-    if ctx.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    rwn = RelationWeightNetwork(backbone.feature_dim).to(dev)
-    def make_opt(params: Any) -> Any:
+def _add_model_mask_twins(data: _Data, loader: _CropLoader, log: LogCallback) -> _Data:
+    """The same labelled training cases once more, with the segmentation model's masks.
+
+    Validation and unlabelled cases are left as they are: no leak across the split.
+    """
+    crops = data.crops
+    own = [crops.ids[i] for i in data.train_l if crops.info and
+           (crops.info[i] or {}).get("masks") == "dataset"]
+    if not own:
+        return data
+    twins = loader.load(own, model_masks=True, what="model masks: ")
+    for cid, reason in twins.failed.items():
+        log(f"no model-mask crop of case {cid}: {reason}")
+    twins.failed = {}
+    base = len(crops)
+    crops = crops.concat(twins, suffix=MODEL_MASK_SUFFIX)
+    train_l = np.concatenate([data.train_l, base + np.arange(len(twins), dtype=np.int64)])
+    return _Data(crops, crops.y, train_l, data.val_idx, data.unlabelled, len(twins))
+
+
+@dataclass
+class _Batch:
+    """One step's forward pass: labelled (l) and unlabelled weak (u) / strong (s) views."""
+
+    yl: Any
+    f_l: Any
+    lg_l: Any
+    f_u: Any = None
+    lg_u: Any = None
+    lg_s: Any = None
+
+
+class _ClsRun:
+    """The networks, optimisers, random streams and semi-supervised state of one run, and its
+    steps (forward, method losses, update, log)."""
+
+    def __init__(self, ctx: Any, cfg: ClsTrainConfig, plans: Any, data: _Data,
+                 log: LogCallback) -> None:
+        import torch
+
+        from AnkleFractureLib.classification.network import build_classifier
+        from AnkleFractureLib.classification.plans import CLASSES
+        from AnkleFractureLib.classification.relation import RelationWeightNetwork
+        from AnkleFractureLib.training import semi_losses as sl
+        from AnkleFractureLib.training.cls_augment import strong_config, weak_config
+        from AnkleFractureLib.training.distributed import seed_everything
+
+        self.ctx, self.cfg, self.plans, self.data, self.log = ctx, cfg, plans, data, log
+        seed_everything(cfg.seed, ctx.rank)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.dev = dev = ctx.device
+        self.backbone = build_classifier(plans.network).to(dev)
+        self.model = _forward_module(self.backbone)
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.rwn = RelationWeightNetwork(self.backbone.feature_dim).to(dev)
+        self.opt = self._make_opt(self.model.parameters())
+        self.opt_rwn = self._make_opt(self.rwn.parameters())
+        self.gen = torch.Generator().manual_seed(int(cfg.seed) * 1000 + ctx.rank)
+        self.rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), 31, ctx.rank]))
+        flips = (2,) if plans.crop == "raw" else ()
+        self.weak, self.strong = weak_config(flips), strong_config(flips)
+        if cfg.affine_prob is not None:
+            import dataclasses
+
+            self.weak = dataclasses.replace(self.weak, affine_prob=float(cfg.affine_prob))
+        self.k = len(CLASSES)
+        self.prototypes = torch.zeros(self.k, self.backbone.feature_dim, device=dev)
+        self.buf_l = sl.FeatureBuffer(cfg.buffer_size, self.backbone.feature_dim)
+        self.buf_u = sl.FeatureBuffer(cfg.buffer_size, self.backbone.feature_dim)
+        self.warmup = int(round(cfg.warmup_fraction * cfg.steps))
+        self.log_rows: List[Dict[str, Any]] = []
+        self.first_loss: Optional[float] = None
+        self.status = "completed"
+        self.step = 0
+
+    def _make_opt(self, params: Any) -> Any:
+        import torch
+
+        cfg = self.cfg
         if cfg.optimizer == "sgd":
             return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    opt = make_opt(model.parameters())
-    opt_rwn = make_opt(rwn.parameters())
-    gen = torch.Generator().manual_seed(int(cfg.seed) * 1000 + ctx.rank)
-    rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), 31, ctx.rank]))
-    flips = (2,) if plans.crop == "raw" else ()
-    weak, strong = weak_config(flips), strong_config(flips)
-    if cfg.affine_prob is not None:
-        import dataclasses
+    def _batch(self, idx: np.ndarray, size: int) -> np.ndarray:
+        return self.rng.choice(idx, size=size, replace=idx.size < size)
 
-        weak = dataclasses.replace(weak, affine_prob=float(cfg.affine_prob))
-    k = len(CLASSES)
-    prototypes = torch.zeros(k, backbone.feature_dim, device=dev)
-    buf_l = sl.FeatureBuffer(cfg.buffer_size, backbone.feature_dim)
-    buf_u = sl.FeatureBuffer(cfg.buffer_size, backbone.feature_dim)
-    warmup = int(round(cfg.warmup_fraction * cfg.steps))
-    log_rows: List[Dict[str, Any]] = []
-    first_loss: Optional[float] = None
-    status = "completed"
-    step = 0
+    def _to_dev(self, index: np.ndarray) -> Any:
+        import torch
 
-    def batch(idx: np.ndarray, size: int) -> np.ndarray:
-        return rng.choice(idx, size=size, replace=idx.size < size)
+        assert self.data.x is not None
+        return torch.from_numpy(self.data.x[index].astype(np.float32)).to(self.dev)
 
-    def to_dev(index: np.ndarray) -> "torch.Tensor":
-        return torch.from_numpy(x_all[index].astype(np.float32)).to(dev)
+    def train(self, t0: float, max_minutes: Optional[float],
+              progress: Optional[ProgressCallback],
+              should_cancel: Optional[Callable[[], bool]]) -> None:
+        """Run the steps (until ``cfg.steps``, the time budget or a cancel)."""
+        from AnkleFractureLib.errors import CancelledError
+        from AnkleFractureLib.training.distributed import all_reduce_max
 
-    twins_note = f" (of them {n_twins} with the model's masks)" if n_twins else ""
-    log(f"{cfg.method}: {train_l.size} labelled training crops{twins_note}, {val_idx.size} "
-        f"validation, {unlabelled.size} unlabelled; {cfg.steps} steps; device {dev}")
-    model.train()
-    rwn.train()
-    window: Dict[str, List[float]] = {}
-    for step in range(1, cfg.steps + 1):
-        if should_cancel is not None and should_cancel():
-            raise CancelledError(f"training cancelled at step {step}")
-        lr = _cosine_lr(cfg.lr, step - 1, cfg.steps)
-        for group in list(opt.param_groups) + list(opt_rwn.param_groups):
-            group["lr"] = lr
-        il = batch(train_l, cfg.batch_size)
-        yl = torch.from_numpy(y_all[il]).to(dev)
-        xl = augment_batch(to_dev(il), weak, gen)
-        unl_on = uses_unlabelled and unlabelled.size > 0 and step > warmup
+        cfg, data = self.cfg, self.data
+        twins_note = f" (of them {data.n_twins} with the model's masks)" if data.n_twins else ""
+        self.log(f"{cfg.method}: {data.train_l.size} labelled training crops{twins_note}, "
+                 f"{data.val_idx.size} validation, {data.unlabelled.size} unlabelled; "
+                 f"{cfg.steps} steps; device {self.dev}")
+        self.model.train()
+        self.rwn.train()
+        window: Dict[str, List[float]] = {}
+        for step in range(1, cfg.steps + 1):
+            self.step = step
+            if should_cancel is not None and should_cancel():
+                raise CancelledError(f"training cancelled at step {step}")
+            lr = _cosine_lr(cfg.lr, step - 1, cfg.steps)
+            for group in list(self.opt.param_groups) + list(self.opt_rwn.param_groups):
+                group["lr"] = lr
+            stats = self._train_step(step)
+            if self.first_loss is None:
+                self.first_loss = stats["loss"]
+            for key, v in stats.items():
+                window.setdefault(key, []).append(v)
+            window = self._log_window(step, lr, window, t0)
+            if progress is not None:
+                progress(0.1 + 0.85 * step / cfg.steps, f"step {step}/{cfg.steps}")
+            over = max_minutes is not None and (time.monotonic() - t0) / 60.0 > max_minutes
+            if all_reduce_max([1.0 if over else 0.0], self.ctx)[0] > 0:
+                self.status = "max_minutes"
+                self.log(f"stopping at step {step}: --max-minutes {max_minutes} reached")
+                break
+
+    def _log_window(self, step: int, lr: float, window: Dict[str, List[float]], t0: float
+                    ) -> Dict[str, List[float]]:
+        """Every ``steps // 20`` steps (1-25) and at the end, a log row of the window's means;
+        the window to go on with."""
+        every = max(1, min(25, self.cfg.steps // 20))
+        if not (step % every == 0 or step == self.cfg.steps):
+            return window
+        row = {"step": step, "lr": round(lr, 6), "minutes": round((time.monotonic() - t0) / 60, 3)}
+        row.update({key: round(float(np.mean(v)), 5) for key, v in window.items()})
+        self.log_rows.append(row)
+        self.log(" ".join(f"{key} {val}" for key, val in row.items()))
+        return {}
+
+    def _train_step(self, step: int) -> Dict[str, float]:
+        """One optimiser step of the backbone (and of the RWN for "semi"); the step's stats."""
+        import torch.nn.functional as F
+
+        from AnkleFractureLib.training import semi_losses as sl
+
+        cfg, data = self.cfg, self.data
+        unl_on = (cfg.method != "supervised" and data.unlabelled.size > 0
+                  and step > self.warmup)
         stats: Dict[str, float] = {}
-        if unl_on:
-            iu = batch(unlabelled, cfg.unlabelled_batch_size)
-            xu_raw = to_dev(iu)
-            xu = augment_batch(xu_raw, weak, gen)
-            parts = [xl, xu]
-            if cfg.method == "fixmatch":
-                parts.append(augment_batch(xu_raw, strong, gen))
-            feats, logits = model(torch.cat(parts))
-            nl, nu = xl.shape[0], xu.shape[0]
-            f_l, f_u = feats[:nl], feats[nl:nl + nu]
-            lg_l, lg_u = logits[:nl], logits[nl:nl + nu]
-            # Diagnostic only: the hidden class of an unlabelled case, when it has one.
-            hidden = y_all[iu]
-            known = hidden >= 0
-            if known.any():
-                stats["pseudo_acc"] = float((lg_u.argmax(1).cpu().numpy()[known]
-                                             == hidden[known]).mean())
-        else:
-            f_l, lg_l = model(xl)
-        loss_l = F.cross_entropy(lg_l, yl)
+        b = self._forward(unl_on, stats)
+        loss_l = F.cross_entropy(b.lg_l, b.yl)
         loss = loss_l
         stats["loss_l"] = float(loss_l.detach())
-
         if cfg.method == "semi":
-            # (a) prototypes and the relation weight network (backbone features detached).
-            batch_protos = sl.class_prototypes(f_l.detach(), yl, k, previous=prototypes,
-                                               momentum=cfg.prototype_momentum if step > 1 else 0.0)
-            prototypes = _all_reduce_mean_tensor(batch_protos, ctx)
-            opt_rwn.zero_grad(set_to_none=True)
-            loss_rwn = sl.relation_loss(rwn, f_l.detach(), yl, prototypes)
-            loss_rwn.backward()
-            _average_gradients(rwn, ctx)
-            opt_rwn.step()
-            stats["loss_rwn"] = float(loss_rwn.detach())
-            if unl_on:
-                # (b) backbone: weighted pseudo-labels + MMD between confident sets.
-                with torch.no_grad():
-                    probs_u = torch.softmax(lg_u, 1)
-                    pseudo = probs_u.argmax(1)
-                    rwn.eval()
-                    w = sl.relation_weights(rwn, f_u.detach(), pseudo, prototypes)
-                    rwn.train()
-                    probs_l = torch.softmax(lg_l, 1)
-                    conf_l = (probs_l.argmax(1) == yl) & (probs_l.max(1).values > cfg.select_threshold)
-                conf_u = sl.select_confident(probs_u, w, cfg.select_threshold)
-                loss_u = sl.weighted_pseudo_label_loss(lg_u, pseudo, w)
-                set_l = torch.cat([f_l[conf_l], buf_l.get().to(dev)])
-                set_u = torch.cat([f_u[conf_u], buf_u.get().to(dev)])
-                loss_mmd = sl.gaussian_mmd(set_l, set_u)
-                buf_l.push(f_l[conf_l].detach())
-                buf_u.push(f_u[conf_u].detach())
-                loss = loss + loss_u + cfg.lambda_mmd * loss_mmd
-                stats.update(loss_u=float(loss_u.detach()), loss_mmd=float(loss_mmd.detach()),
-                             mask=float(conf_u.float().mean()), weight=float(w.mean()))
+            terms = self._semi_terms(step, b, unl_on, stats)
+            if terms is not None:
+                loss = loss + terms[0] + cfg.lambda_mmd * terms[1]
         elif cfg.method == "pseudolabel" and unl_on:
-            loss_u, mask = sl.pseudo_label_loss(lg_u, cfg.pl_threshold)
+            loss_u, mask = sl.pseudo_label_loss(b.lg_u, cfg.pl_threshold)
             loss = loss + loss_u
             stats.update(loss_u=float(loss_u.detach()), mask=float(mask.float().mean()))
         elif cfg.method == "fixmatch" and unl_on:
-            lg_s = logits[nl + nu:]
-            loss_u, mask = sl.fixmatch_loss(lg_u, lg_s, cfg.fixmatch_threshold)
+            loss_u, mask = sl.fixmatch_loss(b.lg_u, b.lg_s, cfg.fixmatch_threshold)
             loss = loss + loss_u
             stats.update(loss_u=float(loss_u.detach()), mask=float(mask.float().mean()))
-
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
         stats["loss"] = float(loss.detach())
-        if first_loss is None:
-            first_loss = stats["loss"]
-        for key, v in stats.items():
-            window.setdefault(key, []).append(v)
-        every = max(1, min(25, cfg.steps // 20))
-        if step % every == 0 or step == cfg.steps:
-            row = {"step": step, "lr": round(lr, 6),
-                   "minutes": round((time.monotonic() - t0) / 60, 3)}
-            row.update({key: round(float(np.mean(v)), 5) for key, v in window.items()})
-            log_rows.append(row)
-            window = {}
-            log(" ".join(f"{key} {val}" for key, val in row.items()))
-        if progress is not None:
-            progress(0.1 + 0.85 * step / cfg.steps, f"step {step}/{cfg.steps}")
-        over = max_minutes is not None and (time.monotonic() - t0) / 60.0 > max_minutes
-        if all_reduce_max([1.0 if over else 0.0], ctx)[0] > 0:
-            status = "max_minutes"
-            log(f"stopping at step {step}: --max-minutes {max_minutes} reached")
-            break
+        return stats
 
-    summary: Dict[str, Any] = {}
-    if ctx.is_main:
-        net = backbone
-        temperature = 1.0
-        val: Dict[str, Any] = {}
-        if val_idx.size:
-            logits = predict_logits(net, x_all[val_idx], dev)
-            temperature = fit_temperature(logits, y_all[val_idx])
-            pred = logits.argmax(1)
-            val = {"n": int(val_idx.size),
-                   "accuracy": round(float((pred == y_all[val_idx]).mean()), 4),
-                   "temperature": temperature}
-        plans.temperature = temperature
-        save_classifier(out, net, plans, {"epoch": step, "method": cfg.method})
-        summary = {
-            "status": status, "method": cfg.method, "config": cfg.__dict__.copy(),
-            "plans": plans.to_json(), "dataset": str(dataset_dir), "command": command,
-            "steps_done": step, "first_loss": first_loss,
-            "last_loss": log_rows[-1]["loss"] if log_rows else None,
-            "cases": {"labelled_train": [crops.ids[i] for i in train_l],
-                      "validation": [crops.ids[i] for i in val_idx],
-                      "unlabelled": int(unlabelled.size), "failed": crops.failed},
-            "crops": dict(getattr(crops, "meta", {}) or {}),  # code version, hashes, side
-            "validation": val, "started": started,
-            "minutes": round((time.monotonic() - t0) / 60.0, 2),
-            "world_size": ctx.world_size, "device": str(dev), "versions": _versions(),
-        }
-        atomic_write_json(out / "training.json", summary)
-        if log_rows:
-            keys: List[str] = []
-            for r in log_rows:
-                keys += [key for key in r if key not in keys]
-            buf = __import__("io").StringIO()
-            writer = csv.DictWriter(buf, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(log_rows)
-            atomic_write_text(out / "training_log.csv", buf.getvalue())
-        if progress is not None:
-            progress(1.0, f"saved {out}")
+    def _forward(self, unl_on: bool, stats: Dict[str, float]) -> _Batch:
+        """Draw and augment the step's batches and run them through the backbone together."""
+        import torch
+
+        from AnkleFractureLib.training.cls_augment import augment_batch
+
+        cfg, data = self.cfg, self.data
+        il = self._batch(data.train_l, cfg.batch_size)
+        yl = torch.from_numpy(data.y[il]).to(self.dev)
+        xl = augment_batch(self._to_dev(il), self.weak, self.gen)
+        if not unl_on:
+            f_l, lg_l = self.model(xl)
+            return _Batch(yl, f_l, lg_l)
+        iu = self._batch(data.unlabelled, cfg.unlabelled_batch_size)
+        xu_raw = self._to_dev(iu)
+        xu = augment_batch(xu_raw, self.weak, self.gen)
+        parts = [xl, xu]
+        if cfg.method == "fixmatch":
+            parts.append(augment_batch(xu_raw, self.strong, self.gen))
+        feats, logits = self.model(torch.cat(parts))
+        nl, nu = xl.shape[0], xu.shape[0]
+        # Diagnostic only: the hidden class of an unlabelled case, when it has one.
+        hidden = data.y[iu]
+        known = hidden >= 0
+        if known.any():
+            stats["pseudo_acc"] = float((logits[nl:nl + nu].argmax(1).cpu().numpy()[known]
+                                         == hidden[known]).mean())
+        return _Batch(yl, feats[:nl], logits[:nl], feats[nl:nl + nu], logits[nl:nl + nu],
+                      logits[nl + nu:])
+
+    def _semi_terms(self, step: int, b: _Batch, unl_on: bool, stats: Dict[str, float]
+                    ) -> Optional[Tuple[Any, Any]]:
+        """The reference method's step: (a) prototypes and an RWN update on detached
+        features; (b) with unlabelled data, (weighted pseudo-label loss, MMD) of the backbone.
+        """
+        import torch
+
+        from AnkleFractureLib.training import semi_losses as sl
+
+        cfg, ctx = self.cfg, self.ctx
+        batch_protos = sl.class_prototypes(b.f_l.detach(), b.yl, self.k, previous=self.prototypes,
+                                           momentum=cfg.prototype_momentum if step > 1 else 0.0)
+        self.prototypes = _all_reduce_mean_tensor(batch_protos, ctx)
+        self.opt_rwn.zero_grad(set_to_none=True)
+        loss_rwn = sl.relation_loss(self.rwn, b.f_l.detach(), b.yl, self.prototypes)
+        loss_rwn.backward()
+        _average_gradients(self.rwn, ctx)
+        self.opt_rwn.step()
+        stats["loss_rwn"] = float(loss_rwn.detach())
+        if not unl_on:
+            return None
+        with torch.no_grad():
+            probs_u = torch.softmax(b.lg_u, 1)
+            pseudo = probs_u.argmax(1)
+            self.rwn.eval()
+            w = sl.relation_weights(self.rwn, b.f_u.detach(), pseudo, self.prototypes)
+            self.rwn.train()
+            probs_l = torch.softmax(b.lg_l, 1)
+            conf_l = (probs_l.argmax(1) == b.yl) & (probs_l.max(1).values > cfg.select_threshold)
+        conf_u = sl.select_confident(probs_u, w, cfg.select_threshold)
+        loss_u = sl.weighted_pseudo_label_loss(b.lg_u, pseudo, w)
+        set_l = torch.cat([b.f_l[conf_l], self.buf_l.get().to(self.dev)])
+        set_u = torch.cat([b.f_u[conf_u], self.buf_u.get().to(self.dev)])
+        loss_mmd = sl.gaussian_mmd(set_l, set_u)
+        self.buf_l.push(b.f_l[conf_l].detach())
+        self.buf_u.push(b.f_u[conf_u].detach())
+        stats.update(loss_u=float(loss_u.detach()), loss_mmd=float(loss_mmd.detach()),
+                     mask=float(conf_u.float().mean()), weight=float(w.mean()))
+        return loss_u, loss_mmd
+
+
+def _write_model_folder(run: _ClsRun, out: Path, dataset_dir: Path, command: List[str],
+                        started: str, t0: float, progress: Optional[ProgressCallback],
+                        determinism: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Fit the temperature on the validation crops, save the backbone, training.json and
+    training_log.csv (rank 0); the summary."""
+    from AnkleFractureLib.classification.model_io import save_classifier
+    from AnkleFractureLib.io import atomic_write_json, atomic_write_text
+
+    cfg, plans, data = run.cfg, run.plans, run.data
+    temperature = 1.0
+    val: Dict[str, Any] = {}
+    if data.val_idx.size:
+        assert data.x is not None
+        logits = predict_logits(run.backbone, data.x[data.val_idx], run.dev)
+        temperature = fit_temperature(logits, data.y[data.val_idx])
+        pred = logits.argmax(1)
+        val = {"n": int(data.val_idx.size),
+               "accuracy": round(float((pred == data.y[data.val_idx]).mean()), 4),
+               "temperature": temperature}
+    plans.temperature = temperature
+    save_classifier(out, run.backbone, plans, {"epoch": run.step, "method": cfg.method})
+    crops, log_rows = data.crops, run.log_rows
+    summary: Dict[str, Any] = {
+        "status": run.status, "method": cfg.method, "config": cfg.__dict__.copy(),
+        "plans": plans.to_json(), "dataset": str(dataset_dir), "command": command,
+        "steps_done": run.step, "first_loss": run.first_loss,
+        "last_loss": log_rows[-1]["loss"] if log_rows else None,
+        "cases": {"labelled_train": [crops.ids[i] for i in data.train_l],
+                  "validation": [crops.ids[i] for i in data.val_idx],
+                  "unlabelled": int(data.unlabelled.size), "failed": crops.failed},
+        "crops": dict(getattr(crops, "meta", {}) or {}),  # code version, hashes, side
+        "validation": val, "started": started,
+        "minutes": round((time.monotonic() - t0) / 60.0, 2),
+        "world_size": run.ctx.world_size, "device": str(run.dev), "versions": _versions(),
+    }
+    if determinism is not None:
+        summary["determinism"] = determinism
+    atomic_write_json(out / "training.json", summary)
+    if log_rows:
+        keys: List[str] = []
+        for r in log_rows:
+            keys += [key for key in r if key not in keys]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(log_rows)
+        atomic_write_text(out / "training_log.csv", buf.getvalue())
+    if progress is not None:
+        progress(1.0, f"saved {out}")
     return summary
