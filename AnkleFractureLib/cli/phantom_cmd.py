@@ -39,6 +39,11 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                    help="anatomy: analytic (the original implicit phantom), vh (real Visible "
                         "Human bone shapes, deformed, realistic appearance, varied field of "
                         "view) or mixed (blocks of four cases alternate); default analytic")
+    p.add_argument("--fractures", choices=["classic", "varied", "heldout"], default="classic",
+                   help="fracture morphology: classic (0.5-2 mm gaps, 1-4 mm displacement), "
+                        "varied (hairline to 6 mm displaced, curved lines, with or without "
+                        "widening; for training) or heldout (a differently parameterised "
+                        "family: test only); default classic")
     p.add_argument("--preview", action="store_true", help="also write one PNG preview per case")
     p.add_argument("--dicom", action="store_true",
                    help="also write each CT as a DICOM series in DIR/dicom/<id>/")
@@ -53,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("ankle-fracture phantom: error: --n must be at least 1")
     ds = write_phantom_dataset(args.out, n=args.n, seed=args.seed, weber=args.weber,
                                side=args.side, spacing=args.spacing, preview=args.preview,
-                               dicom=args.dicom, family=args.family,
+                               dicom=args.dicom, family=args.family, fractures=args.fractures,
                                progress=ProgressBar("phantom", enabled=not args.quiet))
     counts = ds.counts()
     print(f"{ds.root}: {counts['cases']} cases "

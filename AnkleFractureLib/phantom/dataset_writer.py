@@ -81,7 +81,7 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
                           spacing: str = "fast", preview: bool = False, dicom: bool = False,
                           progress: Optional[ProgressCallback] = None,
                           should_cancel: Optional[Callable[[], bool]] = None,
-                          family: str = "analytic") -> Dataset:
+                          family: str = "analytic", fractures: str = "classic") -> Dataset:
     """Generate ``n`` phantom cases into a dataset folder (added to it if it exists).
 
     Args:
@@ -98,6 +98,8 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
         should_cancel: Polled between cases; returning True raises CancelledError (the cases
             written so far stay in the index).
         family: Phantom family: "analytic", "vh" or "mixed" (see :func:`case_plan`).
+        fractures: Fracture morphology: "classic", "varied" or "heldout"
+            (:mod:`AnkleFractureLib.phantom.fracture_styles`).
 
     Returns:
         The Dataset.
@@ -116,7 +118,8 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
         if progress is not None:
             progress(k / n, f"case {item['id']} ({item['weber']}, {item['side']}, {item['spacing']})")
         case = generate_case(item["seed"], weber=item["weber"], side=item["side"],
-                             spacing=item["spacing"], family=item["family"])
+                             spacing=item["spacing"], family=item["family"],
+                             fractures=fractures)
         info = dict(case.info)
         info.setdefault("family", item["family"])
         info["dataset_seed"] = seed

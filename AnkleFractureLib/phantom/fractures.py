@@ -33,6 +33,9 @@ WEBER_CLASSES = ("none", "A", "B", "C")
 #: Height range (mm, relative to the plafond) of the fibular fracture centre per class.
 WEBER_HEIGHT_MM = {"A": (-20.0, -3.0), "B": (0.0, 25.0), "C": (35.0, 100.0)}
 
+#: Reach (mm, along ``bend_dir``) of a curved fracture surface's bend (see :class:`PlaneCut`).
+BEND_REACH_MM = 10.0
+
 Sdf = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -61,6 +64,10 @@ class PlaneCut:
         translation: Fragment translation (mm).
         wedge_x: If not None, the fragment is also limited to ``x > wedge_x`` (used for the
             medial malleolus, so that the cut does not reach the lateral plafond).
+        bend: Curvature (1/mm) of the fracture surface along ``bend_dir``: the surface is
+            ``n . d + bend / 2 * clip(u . d, +-BEND_REACH_MM)^2 = 0`` with ``d = p - c``, a
+            gently curved (spiral-like) line instead of a plane. 0 = plane.
+        bend_dir: Unit vector ``u`` in the plane (None = no bend).
     """
 
     centre: np.ndarray
@@ -69,11 +76,20 @@ class PlaneCut:
     rotation: np.ndarray
     translation: np.ndarray
     wedge_x: Optional[float] = None
+    bend: float = 0.0
+    bend_dir: Optional[np.ndarray] = None
 
     def side(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Signed distance (mm) to the fragment boundary: negative on the fragment side."""
         c, n = self.centre, self.normal
         s = (x - c[0]) * n[0] + (y - c[1]) * n[1] + (z - c[2]) * n[2]
+        if self.bend and self.bend_dir is not None:
+            u = self.bend_dir
+            t = (x - c[0]) * u[0] + (y - c[1]) * u[1] + (z - c[2]) * u[2]
+            # Clipped at BEND_REACH_MM (about the fibula's half width): an unbounded parabola
+            # would come back and cut the shaft a second time a few cm away.
+            t = np.clip(t, -BEND_REACH_MM, BEND_REACH_MM)
+            s = s + np.float32(0.5 * self.bend) * t * t
         if self.wedge_x is not None:
             s = np.maximum(s, self.wedge_x - x)
         return s.astype(np.float32)
@@ -112,7 +128,24 @@ class PlaneCut:
             "displacement_mm": round(float(np.linalg.norm(self.translation)), 3),
             "translation_anatomical": [round(float(v), 3) for v in self.translation],
             "rotation_deg": round(ang, 3),
+            "rotation_anatomical": [round(float(v), 6) for v in self.rotation.reshape(-1)],
+            "bend_per_mm": round(float(self.bend), 5),
+            "bend_dir_anatomical": (None if self.bend_dir is None
+                                    else [round(float(v), 4) for v in self.bend_dir]),
         }
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "PlaneCut":
+        """The cut back from :meth:`to_dict` (anatomical frame; older entries: no rotation
+        matrix -> identity, which is within the <= 10 degree fragment rotation)."""
+        rot = d.get("rotation_anatomical")
+        bend_dir = d.get("bend_dir_anatomical")
+        return cls(np.asarray(d["centre_anatomical"], float), _unit(d["normal_anatomical"]),
+                   float(d.get("gap_mm", 0.0)),
+                   np.eye(3) if rot is None else np.asarray(rot, float).reshape(3, 3),
+                   np.asarray(d.get("translation_anatomical", [0.0, 0.0, 0.0]), float),
+                   bend=float(d.get("bend_per_mm", 0.0) or 0.0),
+                   bend_dir=None if bend_dir is None else np.asarray(bend_dir, float))
 
 
 @dataclass
@@ -141,20 +174,28 @@ class FractureModel:
 
 
 def sample_fracture(rng: np.random.Generator, weber: str, p: AnatomyParams,
-                    fib_centre_at: Callable[[float], np.ndarray]) -> FractureModel:
+                    fib_centre_at: Callable[[float], np.ndarray],
+                    style: str = "classic") -> FractureModel:
     """Draw a fracture of Danis-Weber class ``weber``.
 
     Args:
-        rng: Random generator (always consumed the same way for a given class).
+        rng: Random generator (always consumed the same way for a given class and style).
         weber: One of :data:`WEBER_CLASSES`.
         p: Anatomy parameters (malleolus tip depth limits a Weber A height).
         fib_centre_at: Function z (mm) -> fibular axis point (3,) at that height.
+        style: "classic" (the original draws, below), or a morphology family of
+            :mod:`AnkleFractureLib.phantom.fracture_styles` ("varied" for training, "heldout",
+            differently parameterised, for testing only).
 
     Returns:
         The fracture model; ``fibula`` is None for "none".
     """
     if weber == "none":
         return FractureModel("none", None, None)
+    if style != "classic":
+        from AnkleFractureLib.phantom.fracture_styles import sample_styled
+
+        return sample_styled(rng, weber, p, fib_centre_at, style)
     lo, hi = WEBER_HEIGHT_MM[weber]
     if weber == "A":
         lo = max(lo, -(p.fib_tip_depth - 6.0))  # keep a fragment of at least ~6 mm
@@ -196,17 +237,24 @@ def sample_fracture(rng: np.random.Generator, weber: str, p: AnatomyParams,
         widening = float(rng.uniform(2.0, 5.0))
         translation = translation + np.array([-widening, 0.0, 0.0])
     fib = PlaneCut(centre, normal, gap, rotation, translation)
-    medial = None
-    has_medial = weber in ("B", "C") and rng.uniform() < 0.3
-    # Always draw the medial parameters so the stream of random numbers does not depend on it.
+    medial = sample_medial(rng, p, weber in ("B", "C") and rng.uniform() < 0.3)
+    return FractureModel(weber, fib, medial, widening)
+
+
+def sample_medial(rng: np.random.Generator, p: Any, has_medial: bool) -> Optional[PlaneCut]:
+    """A medial malleolus fracture (or None), in the anatomy frame.
+
+    The parameters are always drawn so that the stream of random numbers does not depend on
+    ``has_medial``.
+    """
     m_phi = np.deg2rad(rng.uniform(0.0, 35.0))
     m_gap = float(rng.uniform(0.5, 1.5))
     m_t = np.array([rng.uniform(0.3, 1.5), rng.uniform(-0.8, 0.8), -rng.uniform(0.5, 2.0)])
     m_rot = float(rng.uniform(-6.0, 6.0))
-    if has_medial:
-        mx_in = p.tib_meta_rx - 2.0 * p.mm_rx + 0.5  # articular (inner) face of the malleolus
-        m_centre = np.array([mx_in, p.mm_cy, rng.uniform(-1.0, 2.0)])
-        m_normal = _unit(np.array([-np.sin(m_phi), 0.0, np.cos(m_phi)]))
-        medial = PlaneCut(m_centre, m_normal, m_gap, rotation_matrix(np.array([0.0, 1.0, 0.0]), m_rot),
-                          m_t, wedge_x=mx_in - 1.0)
-    return FractureModel(weber, fib, medial, widening)
+    if not has_medial:
+        return None
+    mx_in = p.tib_meta_rx - 2.0 * p.mm_rx + 0.5  # articular (inner) face of the malleolus
+    m_centre = np.array([mx_in, p.mm_cy, rng.uniform(-1.0, 2.0)])
+    m_normal = _unit(np.array([-np.sin(m_phi), 0.0, np.cos(m_phi)]))
+    return PlaneCut(m_centre, m_normal, m_gap, rotation_matrix(np.array([0.0, 1.0, 0.0]), m_rot),
+                    m_t, wedge_x=mx_in - 1.0)

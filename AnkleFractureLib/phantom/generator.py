@@ -121,7 +121,7 @@ def plan_grid(seed: int, side: str, spacing: str, anatomy_seed: Optional[int] = 
 
 def generate_case(seed: int, weber: str = "none", side: str = "right",
                   spacing: str = "fast", anatomy_seed: Optional[int] = None,
-                  family: str = "analytic") -> PhantomCase:
+                  family: str = "analytic", fractures: str = "classic") -> PhantomCase:
     """Generate one synthetic ankle CT, fully determined by the arguments.
 
     Args:
@@ -135,6 +135,8 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
         family: "analytic" (default) or "vh" (:data:`FAMILIES`). A "vh" case's ``info`` also
             holds ``family``, ``base_shape``, ``shape``, ``appearance``, ``fov_mm``,
             ``both_legs``, ``foot_in_view`` and the shapes' ``credit``.
+        fractures: Fracture morphology family: "classic" (default), "varied" or "heldout"
+            (:mod:`AnkleFractureLib.phantom.fracture_styles`); ``info["fracture_style"]``.
 
     Returns:
         The case. ``info`` holds: seed, weber, side, spacing_mode, ``anatomy_to_patient``
@@ -147,17 +149,22 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
         ValueError: For an unknown class, side or spacing mode, or a bad seed.
     """
     _validate(seed, weber, side, spacing)
+    from AnkleFractureLib.phantom.fracture_styles import STYLE_NAMES
+
+    if fractures not in STYLE_NAMES:
+        raise ValueError(f"fractures must be one of {STYLE_NAMES}, got {fractures!r}")
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if family == "vh":
-        return _generate_vh(seed, weber, side, spacing, anatomy_seed)
+        return _generate_vh(seed, weber, side, spacing, anatomy_seed, fractures)
     anatomy, a2p, grid = plan_grid(seed, side, spacing, anatomy_seed)
     prof = anatomy.prof
 
     def fib_centre_at(z: float) -> np.ndarray:
         return np.array([np.interp(z, prof.z, prof.fib_cx), np.interp(z, prof.z, prof.fib_cy), z])
 
-    fracture = sample_fracture(_rng(seed, "fracture"), weber, anatomy.p, fib_centre_at)
+    fracture = sample_fracture(_rng(seed, "fracture"), weber, anatomy.p, fib_centre_at,
+                               style=fractures)
     voxel = float(np.prod(grid.spacing) ** (1.0 / 3.0))
     renderer = imaging.Renderer(anatomy, fracture, _rng(seed, "texture"), voxel,
                                 label_band_mm=1.05 * max(grid.spacing))
@@ -168,7 +175,7 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
     meta = {"source": "AnkleFractureLib.phantom", "seed": int(seed), "weber": weber, "side": side}
     info = _case_info(seed, anatomy_seed, weber, side, spacing, a2p, a2p[:3, 3], grid)
     info.update(fracture=fracture.to_dict(a2p), anatomy=anatomy.p.to_dict(),
-                noise_sd_hu=round(noise_sd, 3))
+                noise_sd_hu=round(noise_sd, 3), fracture_style=fractures)
     return _case(ct_arr, lab_arr, grid, meta, info)
 
 
@@ -197,12 +204,12 @@ def _case_info(seed: int, anatomy_seed: Optional[int], weber: str, side: str, sp
 
 
 def _generate_vh(seed: int, weber: str, side: str, spacing: str,
-                 anatomy_seed: Optional[int]) -> PhantomCase:
+                 anatomy_seed: Optional[int], fractures: str = "classic") -> PhantomCase:
     """A case of the real-shape family (see :mod:`AnkleFractureLib.phantom.real_generator`)."""
     from AnkleFractureLib.phantom.real_generator import render_real
 
     ct_arr, lab_arr, (anatomy, a2p, grid, fracture), extra = render_real(
-        seed, weber, side, spacing, anatomy_seed)
+        seed, weber, side, spacing, anatomy_seed, fractures)
     meta = {"source": "AnkleFractureLib.phantom", "family": "vh", "seed": int(seed),
             "weber": weber, "side": side}
     # The smooth displacement field moves the joint off the frame's origin (up to ~5 mm):
@@ -211,7 +218,8 @@ def _generate_vh(seed: int, weber: str, side: str, spacing: str,
     info = _case_info(seed, anatomy_seed, weber, side, spacing, a2p,
                       a2p[:3, :3] @ plafond + a2p[:3, 3], grid)
     info.update(plafond_anatomical=[round(float(v), 4) for v in plafond],
-                fracture=fracture.to_dict(a2p), anatomy=_vh_landmarks(anatomy))
+                fracture=fracture.to_dict(a2p), anatomy=_vh_landmarks(anatomy),
+                fracture_style=fractures)
     info.update(extra)
     return _case(ct_arr, lab_arr, grid, meta, info)
 

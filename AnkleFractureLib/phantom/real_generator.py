@@ -104,12 +104,12 @@ def _thin_grid(grid: imaging.GridSpec) -> Tuple[imaging.GridSpec, int]:
 
 
 def render_real(seed: int, weber: str, side: str, spacing: str,
-                anatomy_seed: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, Any, Dict[str, Any]]:
+                anatomy_seed: Optional[int] = None, fractures: str = "classic") -> Tuple[np.ndarray, np.ndarray, Any, Dict[str, Any]]:
     """Render a vh case: (ct int16 (z, y, x), label uint8 (z, y, x), (anatomy, anatomy to
     patient 4x4, grid, fracture model), family-specific info dict)."""
     anatomy, a2p, grid, fov = plan_real(seed, side, spacing, anatomy_seed)
     fracture = sample_fracture(_rng(seed, "fracture"), weber, anatomy.fracture_anchors(),
-                               anatomy.fib_centre_at)
+                               anatomy.fib_centre_at, style=fractures)
     look = sample_appearance(_rng(seed, "look"), weber != "none")
     thin, n = _thin_grid(grid)
     voxel = float(np.prod(grid.spacing) ** (1.0 / 3.0))

@@ -1,0 +1,89 @@
+"""Save and load a fracture localiser folder (``plans.json`` + ``model.pt``).
+
+The weight format (float16, weights-only unpickling) is the project's; see
+:mod:`AnkleFractureLib.segmentation.model_io`.
+
+Example:
+    >>> import tempfile
+    >>> plans = default_plans(features=[4, 4, 8, 8, 8, 4])
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = save_localiser(folder, build_localiser(plans["network"]), plans)
+    >>> net, loaded = load_localiser(folder)
+    >>> loaded["network"]["features"], net.training
+    ([4, 4, 8, 8, 8, 4], False)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+from AnkleFractureLib.errors import InputError, PathLike
+from AnkleFractureLib.fracture.network import DEFAULT_NETWORK, build_localiser
+from AnkleFractureLib.fracture.window import WINDOW_YX
+from AnkleFractureLib.io import atomic_output, atomic_write_json
+from AnkleFractureLib.segmentation.model_io import (FORMAT_VERSION, PLANS_FILE, WEIGHTS_FILE,
+                                                    _half_state_dict, build_with_weights,
+                                                    read_weights, unwrap)
+
+KIND = "fracture_localiser"
+
+
+def default_plans(features: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """plans.json of a new localiser: network, window (y, x voxels), decision thresholds."""
+    from AnkleFractureLib.fracture.localise import DEFAULT_DECISION
+
+    net = dict(DEFAULT_NETWORK)
+    if features is not None:
+        net["features"] = [int(f) for f in features]
+    return {"kind": KIND, "format_version": 1, "network": net, "window_yx": list(WINDOW_YX),
+            "crop": "registered", "channels": ["ct", "tibia", "fibula"],
+            "decision": dict(DEFAULT_DECISION)}
+
+
+def save_localiser(model_dir: PathLike, network: torch.nn.Module, plans: Dict[str, Any],
+                   extra: Optional[Dict[str, Any]] = None) -> Path:
+    """Write ``plans.json`` and ``model.pt`` atomically; returns the weights' path."""
+    folder = Path(model_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    payload: Dict[str, Any] = dict(extra or {})
+    payload["state_dict"] = _half_state_dict(unwrap(network))
+    payload["format_version"] = FORMAT_VERSION
+    payload["kind"] = KIND
+    atomic_write_json(folder / PLANS_FILE, {k: v for k, v in plans.items()
+                                            if not k.startswith("_")})
+    weights = folder / WEIGHTS_FILE
+    with atomic_output(weights) as tmp:
+        torch.save(payload, tmp)
+    return weights
+
+
+def load_localiser(model_dir: PathLike, device: Union[str, torch.device] = "cpu"
+                   ) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """Network (eval mode) and plans (with ``_sha256`` of model.pt) from a folder.
+
+    Raises:
+        InputError: The folder or a file is missing or damaged, or not a localiser.
+    """
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise InputError(folder, "fracture localiser folder does not exist")
+    plans_path = folder / PLANS_FILE
+    try:
+        plans = json.loads(plans_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(plans_path, f"cannot read the localiser plans: {exc}") from None
+    if not isinstance(plans, dict) or plans.get("kind") != KIND:
+        raise InputError(plans_path, "not a fracture localiser's plans.json")
+    weights_path = folder / WEIGHTS_FILE
+    payload = read_weights(weights_path)
+    if payload.get("kind") != KIND:
+        raise InputError(weights_path, f"not a fracture localiser (kind {payload.get('kind')!r})")
+    network = build_with_weights(build_localiser, plans["network"], payload, plans_path,
+                                 weights_path, device)
+    plans["_sha256"] = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    return network, plans

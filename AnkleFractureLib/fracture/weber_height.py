@@ -1,0 +1,155 @@
+"""The Danis-Weber class from the measured fracture height, and its agreement with the classifier.
+
+Danis-Weber is defined by the level of the fibular fracture relative to the syndesmosis: **A**
+below it (at or below the joint line), **B** at it, **C** above it. With the height ``h`` of the
+fracture line's centre above the tibial plafond along the tibial long axis (mm, negative below):
+
+* A: ``h < A_B_MM`` (below the joint line);
+* B: ``A_B_MM <= h <= B_C_MM * s`` (the syndesmosis, about 30 mm high);
+* C: ``h > B_C_MM * s``;
+
+where ``s`` is the patient's size relative to the template (from the registration's scale), so
+the syndesmosis level follows the patient's own anatomy. Near a boundary the class is soft
+(logistic with :data:`SOFTNESS_MM`), so a line 1 mm from a boundary is honestly uncertain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+CLASSES = ("none", "A", "B", "C")
+#: Boundary (mm above the plafond) between A (below the joint line) and B.
+A_B_MM = -1.5
+#: Top of the syndesmosis (mm above the plafond, template size): boundary between B and C.
+B_C_MM = 30.0
+#: Width (mm) of the soft boundary between classes.
+SOFTNESS_MM = 2.0
+#: Probabilities below this floor are raised to it before the two opinions are combined, so
+#: that one confident opinion cannot veto the other outright.
+FLOOR = 0.02
+
+
+def _sigmoid(x: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-x)))
+
+
+def height_class_probabilities(height_mm: float, size_factor: float = 1.0) -> Dict[str, float]:
+    """P(A), P(B), P(C) of a fracture line at ``height_mm`` (soft boundaries).
+
+    Args:
+        height_mm: Height of the line's centre above the plafond (mm; negative below).
+        size_factor: Patient size / template size (1 / registration scale).
+
+    Returns:
+        {"A", "B", "C"} probabilities summing to 1.
+
+    Example:
+        >>> p = height_class_probabilities(12.0)
+        >>> max(p, key=p.get), round(sum(p.values()), 6)
+        ('B', 1.0)
+    """
+    top = B_C_MM * float(size_factor)
+    above_ab = _sigmoid((height_mm - A_B_MM) / SOFTNESS_MM * 2.0)
+    above_bc = _sigmoid((height_mm - top) / SOFTNESS_MM * 2.0)
+    p = {"A": 1.0 - above_ab, "B": above_ab * (1.0 - above_bc), "C": above_ab * above_bc}
+    total = sum(p.values())
+    return {k: v / total for k, v in p.items()}
+
+
+def height_class(height_mm: float, size_factor: float = 1.0) -> str:
+    """The class whose height range holds ``height_mm`` ("A", "B" or "C")."""
+    p = height_class_probabilities(height_mm, size_factor)
+    return max(p, key=p.get)
+
+
+@dataclass
+class WeberOpinion:
+    """The combined answer of the classifier and the measured fracture height.
+
+    Attributes:
+        probabilities: Combined probabilities per class (none, A, B, C), sum 1.
+        prediction: The combined class.
+        height_class: The class the measured height gives (None when no fracture was found).
+        classifier_class: The classifier's own class.
+        agree: Whether the two opinions name the same class.
+        reasons: Plain-language reasons, one per disagreement.
+    """
+
+    probabilities: Dict[str, float]
+    prediction: str
+    height_class: Optional[str]
+    classifier_class: str
+    agree: bool
+    reasons: List[str] = field(default_factory=list)
+
+
+def _height_opinion(found_probability: float, height_mm: Optional[float],
+                    size_factor: float) -> Dict[str, float]:
+    """P(class) from the localiser alone: P(none) = 1 - P(found); the rest by height."""
+    p_found = float(np.clip(found_probability, 0.0, 1.0)) if height_mm is not None else 0.0
+    out = {"none": 1.0 - p_found}
+    if height_mm is not None:
+        for k, v in height_class_probabilities(height_mm, size_factor).items():
+            out[k] = p_found * v
+    else:
+        out.update(A=0.0, B=0.0, C=0.0)
+    return out
+
+
+def combine(classifier: Dict[str, float], found: bool, found_probability: float,
+            height_mm: Optional[float], size_factor: float = 1.0) -> WeberOpinion:
+    """Combine the classifier's probabilities with the measured height (product of experts).
+
+    Args:
+        classifier: Classifier probabilities {"none", "A", "B", "C"}.
+        found: Whether the localiser found a fibular fracture line.
+        found_probability: The localiser's probability that there is one.
+        height_mm: The line's height above the plafond (None when not found).
+        size_factor: Patient size / template size.
+
+    Returns:
+        The opinion; ``agree`` is False (and ``reasons`` says why) when the classifier's class
+        differs from the class the measurement gives.
+
+    Example:
+        >>> o = combine({"none": 0.1, "A": 0.7, "B": 0.15, "C": 0.05}, True, 0.9, 14.0)
+        >>> o.agree, o.height_class, o.classifier_class
+        (False, 'B', 'A')
+    """
+    cls_pred = max(CLASSES, key=lambda k: classifier.get(k, 0.0))
+    measured = _height_opinion(found_probability, height_mm if found else None, size_factor)
+    prod = {k: max(classifier.get(k, 0.0), FLOOR) * max(measured[k], FLOOR) for k in CLASSES}
+    total = sum(prod.values())
+    probs = {k: v / total for k, v in prod.items()}
+    h_cls = height_class(height_mm, size_factor) if found and height_mm is not None else None
+    measured_class = h_cls or "none"
+    reasons = []
+    if measured_class != cls_pred:
+        reasons.append(_reason(cls_pred, classifier, h_cls, height_mm, size_factor))
+    return WeberOpinion(probs, max(probs, key=probs.get), h_cls, cls_pred,
+                        measured_class == cls_pred, reasons)
+
+
+def _range_text(cls: str, size_factor: float) -> str:
+    top = B_C_MM * size_factor
+    return {"A": f"below {A_B_MM:+.1f} mm, under the joint line",
+            "B": f"{A_B_MM:+.1f} to {top:.0f} mm, at the syndesmosis",
+            "C": f"above {top:.0f} mm, over the syndesmosis"}[cls]
+
+
+def _reason(cls_pred: str, classifier: Dict[str, float], h_cls: Optional[str],
+            height_mm: Optional[float], size_factor: float) -> str:
+    said = ("no fracture" if cls_pred == "none" else f"Weber {cls_pred}")
+    said = f"the classifier says {said} ({100.0 * classifier.get(cls_pred, 0.0):.0f} %)"
+    if h_cls is None:
+        return f"{said}, but no fibular fracture line was located"
+    return (f"{said}, but the fibular fracture line was located {height_mm:+.1f} mm from the "
+            f"plafond, the Weber {h_cls} level ({_range_text(h_cls, size_factor)})")
+
+
+def classes_for(heights: Sequence[Optional[float]], size_factor: float = 1.0) -> List[str]:
+    """Classes for a list of heights (None -> "none"); for evaluation tables."""
+    return ["none" if h is None else height_class(h, size_factor) for h in heights]
