@@ -1,6 +1,8 @@
 """Grad-CAM (classification/gradcam.py): localisation on a tiny trained SE-ResNet, an exact
-hand-built case, mode/grad/hook hygiene, output_shape, target_class, degenerate maps and the
-comparison with MONAI's GradCAM (whose default normaliser inverts the map)."""
+hand-built case, mode/grad/hook hygiene, output_shape, target_class, degenerate maps, the
+comparison with MONAI's GradCAM (whose default normaliser inverts the map), HiResCAM's
+exactness, several layers, and on the shipped model: the map's cell size (<= 6 mm) and the
+weight-randomisation sanity check (Adebayo et al. 2018)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,18 @@ import pytest
 import torch
 from torch import nn
 
-from AnkleFractureLib.classification.gradcam import GradCamResult, grad_cam, upsample_to
+from AnkleFractureLib.classification.gradcam import (SHIPPED_LAYERS, SHIPPED_METHOD, GradCamResult,
+                                                     grad_cam, randomised_copy,
+                                                     rank_correlation, upsample_to)
 from AnkleFractureLib.classification.network import build_classifier
 
 SHAPE = (32, 16, 16)  # (z, y, x) of the synthetic volumes
 CUBE = 8              # edge of the bright cube (voxels)
 NOISE = 0.2           # background: zero-mean noise, so zero padding looks like background
+#: Largest Spearman rank correlation allowed between the shipped map and the map of a network
+#: with randomised weights (Adebayo et al. 2018 show correlations near 1 for methods that do
+#: not depend on the model).
+RANDOMISED_MAX_SPEARMAN = 0.5
 
 
 def _batch(n: int, g: torch.Generator):
@@ -250,3 +258,109 @@ def test_matches_monai_gradcam_and_documents_its_inverting_normaliser(trained):
     flipped = 1.0 - (raw - raw.min()) / (raw.max() - raw.min())
     np.testing.assert_allclose(default, flipped, atol=1e-5)
     assert default.flat[int(ours.heatmap.argmax())] == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------- HiResCAM, several layers
+def test_hirescam_is_exact_for_the_last_stage_of_a_pooled_linear_head():
+    """With global average pooling and a linear head, the logit is sum_cells (w . A) / N + b:
+    HiResCAM's map (gradient x activation, summed over channels) adds up to logit - bias."""
+    torch.manual_seed(0)
+    net = build_classifier({"widths": [4, 8, 8, 16], "num_classes": 2, "in_channels": 1,
+                            "dropout": 0.0})
+    with torch.no_grad():  # a head whose class-1 weights are positive: no ReLU clipping below
+        net.fc.weight.abs_()
+    x = torch.rand(1, 1, *SHAPE)
+    res = grad_cam(net.eval(), x, target_class=1, method="hirescam")
+    with torch.no_grad():
+        act = net.feature_maps(x)[0]                                    # (16, z', y', x')
+        logit = float(net(x)[0, 1])
+        raw = (net.fc.weight[1][:, None, None, None] * act).sum(0) / act[0].numel()
+    assert float(raw.min()) >= 0.0  # the ReLU of the map changes nothing
+    assert float(raw.sum()) == pytest.approx(logit - float(net.fc.bias[1].detach()), rel=1e-5)
+    np.testing.assert_allclose(res.low_res, (raw / raw.max()).numpy(), atol=1e-5)
+    assert res.layers == ("layer4",) and res.method == "hirescam"
+
+
+def test_several_layers_give_the_geometric_mean_of_their_maps(trained):
+    x = _cube_input(True, 0)
+    one = grad_cam(trained, x, target_class=1, layer="layer1")
+    four = grad_cam(trained, x, target_class=1, layer="layer4")
+    both = grad_cam(trained, x, target_class=1, layer=("layer1", "layer4"))
+    expected = np.sqrt(one.heatmap * four.heatmap)
+    np.testing.assert_allclose(both.heatmap, expected / expected.max(), atol=1e-5)
+    assert both.layers == ("layer1", "layer4")
+    assert both.low_res.shape == one.low_res.shape  # the finest layer's grid
+    assert both.cell_voxels == one.cell_voxels
+    with pytest.raises(ValueError, match="method"):
+        grad_cam(trained, x, method="gradcam++")
+    with pytest.raises(ValueError, match="no submodule"):
+        grad_cam(trained, x, layer=("layer1", "layer9"))
+
+
+def test_rank_correlation():
+    a = np.arange(24.0).reshape(2, 3, 4)
+    assert rank_correlation(a, a ** 3) == pytest.approx(1.0)
+    assert rank_correlation(a, -a) == pytest.approx(-1.0)
+    assert rank_correlation(a, np.zeros_like(a)) == 0.0
+    with pytest.raises(ValueError):
+        rank_correlation(a, a[0])
+
+
+# ---------------------------------------------------------------------- the shipped model
+@pytest.fixture(scope="module")
+def shipped_crop():
+    """The shipped classifier and the registered syndesmosis crop of a Weber B phantom (true
+    masks), as the pipeline crops it."""
+    from AnkleFractureLib.classification.inference import WeberClassifier
+    from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis
+    from AnkleFractureLib.phantom import generate_case
+    from AnkleFractureLib.registration.register import register_to_template
+    from AnkleFractureLib.registration.template import load_template
+
+    template = load_template()
+    case = generate_case(8112, "B", "right", spacing="fast")
+    reg = register_to_template(case.label, template, side="right", ct=case.ct)
+    crop = crop_syndesmosis(case.ct, case.label, reg.patient_to_template, template)
+    return WeberClassifier.load(None, "cpu"), crop
+
+
+def _shipped_map(network, clf, crop) -> np.ndarray:
+    x = clf.plans.prepare(crop.channels)[None]
+    return grad_cam(network, x, target_class=2, layer=SHIPPED_LAYERS, method=SHIPPED_METHOD,
+                    output_shape=crop.channels.shape[1:]).heatmap
+
+
+def test_shipped_map_cells_are_at_most_6_mm_on_the_shipped_crop(shipped_crop):
+    clf, crop = shipped_crop
+    spacing_zyx = tuple(float(s) for s in crop.grid.spacing[::-1])
+    assert crop.channels.shape[1:] == (96, 48, 64) and spacing_zyx == pytest.approx((1.5,) * 3)
+    x = clf.plans.prepare(crop.channels)[None]
+    res = grad_cam(clf.network, x, layer=SHIPPED_LAYERS, method=SHIPPED_METHOD,
+                   output_shape=crop.channels.shape[1:])
+    pooled = np.asarray(crop.channels.shape[1:], float) / np.asarray(x.shape[2:], float)
+    cell_mm = np.asarray(res.cell_mm(spacing_zyx)) * pooled
+    assert np.all(cell_mm <= 6.0 + 1e-9), cell_mm
+    # What result.json records is the same.
+    out = clf.classify(crop, tta=0)
+    assert out.gradcam_info == {"method": SHIPPED_METHOD, "layers": list(SHIPPED_LAYERS),
+                                "cell_mm": [round(float(v), 3) for v in cell_mm]}
+    # The previous map (layer4) had 24 mm cells: the check would catch a return to it.
+    old = grad_cam(clf.network, x, layer="layer4", output_shape=crop.channels.shape[1:])
+    assert max(old.cell_mm(spacing_zyx)) == pytest.approx(24.0)
+
+
+@pytest.mark.parametrize("cascade", [("fc",), ("fc", "layer4", "layer3"), None],
+                         ids=["head", "head-layer3", "all"])
+def test_shipped_map_changes_when_the_weights_are_randomised(shipped_crop, cascade):
+    """Adebayo et al. 2018, model-parameter randomisation: re-drawing the weights (cascading
+    from the head, or all of them) must change the map, or it does not explain the model.
+    The trained map itself is stable (a different seed of nothing: the same map twice)."""
+    clf, crop = shipped_crop
+    trained_map = _shipped_map(clf.network, clf, crop)
+    assert rank_correlation(trained_map, _shipped_map(clf.network, clf, crop)) == 1.0
+    rhos = [rank_correlation(trained_map, _shipped_map(randomised_copy(clf.network, seed,
+                                                                        cascade), clf, crop))
+            for seed in (0, 1)]
+    assert max(rhos) < RANDOMISED_MAX_SPEARMAN, rhos
+    # The network itself is untouched by the randomisation.
+    assert rank_correlation(trained_map, _shipped_map(clf.network, clf, crop)) == 1.0

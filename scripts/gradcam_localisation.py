@@ -194,11 +194,19 @@ def _table(data: Dict[str, Any], suffix: str) -> List[str]:
     return lines
 
 
+def best_fine_variant(data: Dict[str, Any]) -> Any:
+    """The map with cells <= :data:`MAX_CELL_MM` whose maximum lies nearest the fracture
+    (smallest median peak distance over all cases; ties: the higher hit rate), or None."""
+    s = data["summary"]
+    fine = [v for v in data["variants"] if max(data["cell_mm"][v]) <= MAX_CELL_MM]
+    return min(fine, key=lambda v: (s[f"{v}/all"]["peak_mm_median"], -s[f"{v}/all"]["hit15"]),
+               default=None)
+
+
 def _findings(data: Dict[str, Any]) -> List[str]:
     """The page's conclusions, worded from the numbers in the JSON."""
     s, shipped = data["summary"], data["shipped"]
-    fine = [v for v in data["variants"] if max(data["cell_mm"][v]) <= MAX_CELL_MM]
-    best = min(fine, key=lambda v: s[f"{v}/all"]["peak_mm_median"]) if fine else None
+    best = best_fine_variant(data)
     old = "layer4" if "layer4" in data["variants"] else data["variants"][0]
     out = [f"- Shipped map: `{shipped}`, cells of {max(data['cell_mm'][shipped]):g} mm "
            f"(limit {MAX_CELL_MM:g} mm). Its maximum lies a median "
@@ -208,8 +216,15 @@ def _findings(data: Dict[str, Any]) -> List[str]:
            f"{100 * s[f'{shipped}/all']['hit15']:.0f} % of the cases "
            f"(`{old}`: {100 * s[f'{old}/all']['hit15']:.0f} %)."]
     if best is not None:
-        out.append(f"- Of the maps with cells <= {MAX_CELL_MM:g} mm, `{best}` has the smallest "
-                   f"median peak distance ({s[f'{best}/all']['peak_mm_median']:.0f} mm).")
+        out.append(f"- Choice: of the maps with cells <= {MAX_CELL_MM:g} mm, `{best}` has the "
+                   f"smallest median peak distance ({s[f'{best}/all']['peak_mm_median']:.0f} mm)"
+                   + (", and it is the shipped map." if best == shipped else
+                      f"; the shipped map `{shipped}` is not it."))
+    if "layer4" in data["variants"] and "hirescam:layer4" in data["variants"] and all(
+            s[f"layer4/{w}"] == s[f"hirescam:layer4/{w}"] for w in ("A", "B", "C", "all")):
+        out.append("- At `layer4` Grad-CAM and HiResCAM give the same numbers: before global "
+                   "average pooling and a linear head the gradient is the same in every cell, "
+                   "so the channel-mean weights of Grad-CAM are the exact ones.")
     rho = s[f"{shipped}/all"].get("randomised_spearman_median")
     if rho is not None:
         out.append(f"- Sanity check (Adebayo et al. 2018): with every weight randomised, the "

@@ -66,8 +66,10 @@ __all__ = ["METHODS", "SHIPPED_LAYERS", "SHIPPED_METHOD", "GradCamResult", "grad
 METHODS = ("gradcam", "hirescam")
 #: The map the pipeline shows (``WeberClassifier.classify_channels``), chosen by measurement
 #: (``docs/gradcam_localisation.md``); its finest layer's cells must be <= 6 mm on the crop.
-SHIPPED_LAYERS: Tuple[str, ...] = ("layer1",)
-SHIPPED_METHOD = "gradcam"
+#: HiResCAM of layer4 (exact for its pooled linear head: the cells add up to the logit) gives
+#: *where* the evidence is; layer1's HiResCAM (6 mm cells) sharpens it.
+SHIPPED_LAYERS: Tuple[str, ...] = ("layer1", "layer4")
+SHIPPED_METHOD = "hirescam"
 
 
 @dataclass

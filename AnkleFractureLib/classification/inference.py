@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -48,6 +48,9 @@ class ClassificationResult:
             ``gradcam_class``; None when not computed.
         gradcam_class: Class the heatmap explains.
         timings: Seconds per step.
+        gradcam_info: How the heatmap was made: {"method", "layers", "cell_mm" ((z, y, x) mm
+            of the finest layer's cells, None when the crop's spacing was not given)}; None
+            when not computed.
     """
 
     probabilities: Dict[str, float]
@@ -56,11 +59,12 @@ class ClassificationResult:
     gradcam: Optional[np.ndarray] = None
     gradcam_class: Optional[str] = None
     timings: Dict[str, float] = field(default_factory=dict)
+    gradcam_info: Optional[Dict[str, Any]] = None
 
     def to_json(self) -> Dict[str, Any]:
         return {"probabilities": {k: round(float(v), 6) for k, v in self.probabilities.items()},
                 "prediction": self.prediction, "uncertainty": self.uncertainty,
-                "gradcam_class": self.gradcam_class,
+                "gradcam_class": self.gradcam_class, "gradcam": self.gradcam_info,
                 "timings_s": {k: round(float(v), 4) for k, v in self.timings.items()}}
 
 
@@ -120,18 +124,21 @@ class WeberClassifier:
     # ------------------------------------------------------------------ one case
     def classify_channels(self, channels: np.ndarray, tta: Optional[int] = None,
                           gradcam: bool = True, gradcam_class: Optional[str] = None,
-                          seed: int = 0) -> ClassificationResult:
+                          seed: int = 0, spacing_zyx: Optional[Sequence[float]] = None
+                          ) -> ClassificationResult:
         """Classify one crop given as channels (3, nz, ny, nx).
 
         Args:
             channels: Crop channels (CT [0, 1], tibia, fibula).
             tta: Test-time augmentations (None: the plans' default; 0 or 1: none).
-            gradcam: Also compute the Grad-CAM heatmap (on the crop grid).
+            gradcam: Also compute the Grad-CAM heatmap (on the crop grid), with the layers and
+                method of :data:`~.gradcam.SHIPPED_LAYERS` / :data:`~.gradcam.SHIPPED_METHOD`.
             gradcam_class: Class to explain (default: the prediction).
             seed: TTA seed (results are deterministic).
+            spacing_zyx: The crop's voxel size (z, y, x) in mm, for the heatmap's cell size.
         """
-        from AnkleFractureLib.classification.gradcam import grad_cam
-        from AnkleFractureLib.classification.network import GRADCAM_LAYER
+        from AnkleFractureLib.classification.gradcam import (SHIPPED_LAYERS, SHIPPED_METHOD,
+                                                             grad_cam)
         from AnkleFractureLib.classification.uncertainty import summarize_probabilities, tta_batch
 
         timings: Dict[str, float] = {}
@@ -148,21 +155,30 @@ class WeberClassifier:
         prediction = CLASSES[int(np.argmax(mean))]
         heat = None
         target = None
+        info = None
         if gradcam:
             t = time.perf_counter()
             target = gradcam_class or prediction
             if target not in CLASSES:
                 raise ValueError(f"gradcam_class must be one of {CLASSES}, got {target!r}")
             res = grad_cam(self.network, x[None], target_class=CLASSES.index(target),
-                           layer=GRADCAM_LAYER, output_shape=tuple(np.shape(channels)[1:]))
+                           layer=SHIPPED_LAYERS, output_shape=tuple(np.shape(channels)[1:]),
+                           method=SHIPPED_METHOD)
             heat = res.heatmap.astype(np.float32)
+            # Cells in crop voxels: the network may see a pooled crop (plans.downsample).
+            scale = np.asarray(np.shape(channels)[1:], float) / np.asarray(x.shape[1:], float)
+            cell = None if spacing_zyx is None else [
+                round(float(c * f * s), 3)
+                for c, f, s in zip(res.cell_voxels, scale, spacing_zyx)]
+            info = {"method": res.method, "layers": list(res.layers), "cell_mm": cell}
             timings["gradcam"] = time.perf_counter() - t
         return ClassificationResult(probabilities, prediction, summary.to_json(), heat, target,
-                                    timings)
+                                    timings, info)
 
     def classify(self, crop: Any, **kwargs: Any) -> ClassificationResult:
         """Classify a :class:`~AnkleFractureLib.crop.syndesmosis.SyndesmosisCrop` (keyword
         arguments as :meth:`classify_channels`)."""
+        kwargs.setdefault("spacing_zyx", tuple(float(v) for v in crop.grid.spacing[::-1]))
         return self.classify_channels(crop.channels, **kwargs)
 
 

@@ -162,6 +162,15 @@ class PipelineResult:
         """The classification as it may be shown (:func:`~.checks.gate_classification`)."""
         return C.gate_classification(self.findings, self.classification)
 
+    def _gradcam_json(self) -> Optional[Dict[str, Any]]:
+        """How the heatmap was made (method, layers, cell size in mm) and where its box lies
+        on the CT (``ct_box``: numpy index ranges [[z0, z1], [y0, y1], [x0, x1]]), or None."""
+        if self.gradcam is None:
+            return None
+        info = dict(getattr(self.classification, "gradcam_info", None) or {})
+        info["ct_box"] = self.gradcam.meta.get("ct_box")
+        return info
+
     def to_json(self) -> Dict[str, Any]:
         """The ``result.json`` dict (plain JSON types)."""
         gated = self.gated
@@ -171,6 +180,7 @@ class PipelineResult:
             "prediction": gated["prediction"],
             "uncertainty": gated["uncertainty"],
             "gradcam_class": gated["gradcam_class"] if self.gradcam is not None else None,
+            "gradcam": self._gradcam_json(),
             "withheld_reason": gated["withheld_reason"],
             "side": self.side,
             "refused": self.refused,

@@ -99,6 +99,21 @@ _INPUT: Dict[str, Any] = {
     "additionalProperties": False,
 }
 
+#: How the heatmap was made and where its box lies on the CT (optional: older results lack it).
+_GRADCAM: Dict[str, Any] = {
+    "type": ["object", "null"],
+    "required": ["method", "layers", "cell_mm", "ct_box"],
+    "properties": {
+        "method": {"enum": ["gradcam", "hirescam"]},
+        "layers": _STRINGS,
+        "cell_mm": {"type": ["array", "null"], "items": _NUMBER, "minItems": 3, "maxItems": 3},
+        "ct_box": {"type": ["array", "null"], "minItems": 3, "maxItems": 3,
+                   "items": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                             "minItems": 2, "maxItems": 2}},
+    },
+    "additionalProperties": False,
+}
+
 #: JSON Schema of ``result.json`` (what :func:`~.pipeline.write_outputs` writes).
 RESULT_SCHEMA: Dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -117,6 +132,7 @@ RESULT_SCHEMA: Dict[str, Any] = {
         "uncertainty": {"type": "object", "required": ["unsure", "reasons"],
                         "properties": {"unsure": {"type": "boolean"}, "reasons": _STRINGS}},
         "gradcam_class": {"enum": _CLASSES + [None]},
+        "gradcam": _GRADCAM,
         "withheld_reason": {"type": ["string", "null"]},
         "side": {"enum": ["left", "right", None]},
         "refused": {"type": "boolean"},
