@@ -431,12 +431,15 @@ def _info_lines(result: Dict[str, Any], notes: Sequence[str], width: int,
         add(text)
         for r in unc.get("reasons") or []:
             add(f"- {r}", "  ")
-    cam = result.get("gradcam_class")
-    if cam and heatmap_shown:
+    fracture = _fracture_line(result)
+    if fracture:
+        add(fracture)
+    if result.get("gradcam_class") and heatmap_shown:
         # Measured (docs/gradcam_localisation.md): the map shows where the network's evidence
-        # lies, in ~24 mm cells, and does not mark the fracture line; say so where it is seen.
-        add(f"Heatmap: Grad-CAM of class {cam}")
-        add("- coarse (~24 mm): where the network's evidence lies, not the fracture line", "  ")
+        # lies, in cells of the size it names; the located fracture is the X, not the map.
+        head, note = _heatmap_lines(result)
+        add(head)
+        add(f"- {note}", "  ")
     warns = list(result.get("warnings") or []) + list(notes)
     add(f"Warnings ({len(warns)}):" if warns else "Warnings: none")
     for w in warns:
@@ -448,35 +451,91 @@ def _info_lines(result: Dict[str, Any], notes: Sequence[str], width: int,
     return lines
 
 
-def report_figure(ct: Volume, label: Optional[Volume], gradcam: Optional[Volume],
-                  result: Dict[str, Any]) -> Any:
-    """Draw the one-page report (a ``matplotlib.figure.Figure``, not registered with pyplot).
+def _fracture_index(ct: Volume, frame: _Canonical, result: Dict[str, Any]
+                    ) -> Optional[Tuple[int, int, int]]:
+    """Canonical (z, y, x) index of the located fracture's centre, or None (not found, or
+    outside the CT)."""
+    frac = result.get("fracture") or {}
+    if not frac.get("found") or not frac.get("center_lps"):
+        return None
+    ijk = np.rint(ct.physical_to_index(np.asarray(frac["center_lps"], float))[0]).astype(int)
+    zyx = (int(ijk[2]), int(ijk[1]), int(ijk[0]))
+    if any(v < 0 or v >= n for v, n in zip(zyx, ct.array.shape)):
+        return None
+    return frame.index(zyx)
 
-    Args:
-        ct: The CT (HU), any direction matrix.
-        label: Segmentation on the CT's grid (uint8: 1 tibia, 2 fibula), or None.
-        gradcam: Grad-CAM heatmap on the CT's grid (float, 0..1), or None.
-        result: The ``result.json`` dict (probabilities, prediction, uncertainty, side,
-            registration, warnings, refused, refusal, timings_s; missing keys are tolerated).
 
-    Returns:
-        The Figure (12 x 6.5 in) with an Agg canvas. Its axes are, in order: axial, coronal,
-        probabilities, text, then the heatmap's colour bar (when there is a heatmap).
-    """
+def _fracture_line(result: Dict[str, Any]) -> Optional[str]:
+    """The report's line about the located fibular fracture, or None (localiser not run)."""
+    frac = result.get("fracture")
+    if not frac or result.get("refused"):
+        return None
+    p = frac.get("probability")
+    prob = "" if p is None else f", probability {_fmt_pct(float(p))}"
+    if not frac.get("found"):
+        return f"Fibula fracture: none located{prob}"
+    h = float(frac["height_mm"])
+    where = "above" if h >= 0 else "below"
+    level = (result.get("weber_from_height") or {}).get("height_class")
+    level = f" (Weber {level} level)" if level else ""
+    return f"Fibula fracture: {abs(h):.1f} mm {where} the plafond{level}{prob} (marker X)"
+
+
+def _heatmap_lines(result: Dict[str, Any]) -> List[str]:
+    cam = result.get("gradcam_class")
+    info = result.get("gradcam") or {}
+    cell = info.get("cell_mm") if isinstance(info, dict) else None
+    size = f"~{max(float(c) for c in cell):.0f} mm cells" if cell else "coarse cells"
+    return [f"Heatmap: Grad-CAM of class {cam} ({size})",
+            "where the network's evidence lies; the X marks the located fracture line"]
+
+
+def _figure_layout(withheld: bool) -> Tuple[Any, Dict[str, Any]]:
+    """The empty figure and its axes: axial, coronal, probabilities, text; ``gs`` for the
+    colour bar."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    notes: List[str] = []
-    if label is not None and not _on_grid(label, ct):
-        notes.append("the segmentation is not on the CT's grid and is not shown")
-        label = None
-    if gradcam is not None and not _on_grid(gradcam, ct):
-        notes.append("the Grad-CAM heatmap is not on the CT's grid and is not shown")
-        gradcam = None
-    frame = _canonical(ct)
-    planes = _choose_planes(ct, label, gradcam, frame)
+    fig = Figure(figsize=FIGSIZE_IN, facecolor="white")
+    FigureCanvasAgg(fig)
+    # Columns: axial | coronal | heatmap colour bar | probabilities over the text panel.
+    gs = fig.add_gridspec(1, 4, width_ratios=[1.0, 1.0, 0.07, 0.95], left=0.012, right=0.99,
+                          top=0.9, bottom=0.07, wspace=0.06)
+    right = gs[0, 3].subgridspec(2, 2, width_ratios=[0.24, 1.0], height_ratios=[0.8, 1.2],
+                                 hspace=0.2, wspace=0.0)
+    # Bars leave the cell on their left to the class names; a "No classification" box spans both.
+    axes = {"axial": fig.add_subplot(gs[0, 0]), "coronal": fig.add_subplot(gs[0, 1]),
+            "probabilities": fig.add_subplot(right[0, :] if withheld else right[0, 1]),
+            "text": fig.add_subplot(right[1, :]), "gs": gs}
+    return fig, axes
+
+
+def _zoom(ax_ax: Any, ax_co: Any, planes: _Planes, frame: _Canonical) -> None:
+    """Zoom both CT panels onto the bones (axis limits only, no data touched)."""
+    if planes.bones is None:
+        return
+    sz, sy, sx = frame.spacing_zyx
+    (zlo, zhi), (ylo, yhi), (xlo, xhi) = planes.bones
+    m = ZOOM_MARGIN_MM
+    x0, x1 = max(-sx / 2, xlo * sx - m), min((frame.shape[2] - 0.5) * sx, xhi * sx + m)
+    y0, y1 = max(-sy / 2, ylo * sy - m), min((frame.shape[1] - 0.5) * sy, yhi * sy + m)
+    ax_ax.set_xlim(x0, x1)
+    ax_ax.set_ylim(y1, y0)
+    ax_co.set_xlim(x0, x1)
+    z_mm = planes.k * sz
+    z0 = max(-sz / 2, zlo * sz - 1.6 * m)  # more below: the talus is not labelled
+    z1 = min((frame.shape[0] - 0.5) * sz, max(z0 + CORONAL_HEIGHT_MM, z_mm + m))
+    ax_co.set_ylim(z0, min(z1, zhi * sz + m))
+
+
+def _draw_ct_panels(axes: Dict[str, Any], ct: Volume, label: Optional[Volume],
+                    gradcam: Optional[Volume], frame: _Canonical, planes: _Planes,
+                    fracture: Optional[Tuple[int, int, int]]) -> Any:
+    """Axial and coronal panels with the cross-reference lines and the fracture marker;
+    returns the heatmap image (None without one)."""
     sz, sy, sx = frame.spacing_zyx
     k, j = planes.k, planes.j
+    ax_ax, ax_co = axes["axial"], axes["coronal"]
 
     def axial(v: Optional[Volume], dtype: Any) -> Optional[np.ndarray]:
         return None if v is None else np.asarray(frame.view(v.array)[k], dtype=dtype)
@@ -484,21 +543,6 @@ def report_figure(ct: Volume, label: Optional[Volume], gradcam: Optional[Volume]
     def coronal(v: Optional[Volume], dtype: Any) -> Optional[np.ndarray]:
         return None if v is None else np.asarray(frame.view(v.array)[::-1, j, :], dtype=dtype)
 
-    fig = Figure(figsize=FIGSIZE_IN, facecolor="white")
-    FigureCanvasAgg(fig)
-    # Columns: axial | coronal | heatmap colour bar | probabilities over the text panel.
-    gs = fig.add_gridspec(1, 4, width_ratios=[1.0, 1.0, 0.07, 0.95], left=0.012, right=0.99,
-                          top=0.9, bottom=0.07, wspace=0.06)
-    ax_ax = fig.add_subplot(gs[0, 0])
-    ax_co = fig.add_subplot(gs[0, 1])
-    right = gs[0, 3].subgridspec(2, 2, width_ratios=[0.24, 1.0], height_ratios=[0.8, 1.2],
-                                 hspace=0.2, wspace=0.0)
-    # Bars leave the cell on their left to the class names; a "No classification" box spans both.
-    withheld = _withheld_reason(result) is not None
-    ax_pr = fig.add_subplot(right[0, :] if withheld else right[0, 1])
-    ax_tx = fig.add_subplot(right[1, :])
-
-    z_mm = k * sz
     heat_img = _draw_panel(ax_ax, axial(ct, np.float32), axial(label, np.uint8),
                            axial(gradcam, np.float32), (sy, sx), False, ("R", "L", "A", "P"),
                            f"Axial ({planes.axial_reason}), slice {k + 1}/{frame.shape[0]}")
@@ -507,51 +551,44 @@ def report_figure(ct: Volume, label: Optional[Volume], gradcam: Optional[Volume]
                 planes.coronal_reason)
     # Cross-reference lines: where each panel cuts the other.
     ax_ax.axhline(j * sy, color="yellow", linestyle="--", linewidth=0.7, alpha=0.7)
-    ax_co.axhline(z_mm, color="yellow", linestyle="--", linewidth=0.7, alpha=0.7)
-    if planes.bones is not None:  # zoom onto the bones (axis limits only, no data touched)
-        (zlo, zhi), (ylo, yhi), (xlo, xhi) = planes.bones
-        m = ZOOM_MARGIN_MM
-        x0, x1 = max(-sx / 2, xlo * sx - m), min((frame.shape[2] - 0.5) * sx, xhi * sx + m)
-        y0, y1 = max(-sy / 2, ylo * sy - m), min((frame.shape[1] - 0.5) * sy, yhi * sy + m)
-        ax_ax.set_xlim(x0, x1)
-        ax_ax.set_ylim(y1, y0)
-        ax_co.set_xlim(x0, x1)
-        z0 = max(-sz / 2, zlo * sz - 1.6 * m)  # more below: the talus is not labelled
-        z1 = min((frame.shape[0] - 0.5) * sz, max(z0 + CORONAL_HEIGHT_MM, z_mm + m))
-        ax_co.set_ylim(z0, min(z1, zhi * sz + m))
+    ax_co.axhline(k * sz, color="yellow", linestyle="--", linewidth=0.7, alpha=0.7)
+    if fracture is not None:
+        fz, fy, fx = fracture
+        style = dict(marker="x", color="white", markersize=11, markeredgewidth=2.2, zorder=5)
+        ax_ax.plot([fx * sx], [fy * sy], **style)
+        ax_co.plot([fx * sx], [fz * sz], **style)
+    _zoom(ax_ax, ax_co, planes, frame)
     _scale_bar(ax_ax)
     _scale_bar(ax_co)
-    if heat_img is not None:
-        from matplotlib import colormaps
-        from matplotlib.cm import ScalarMappable
-        from matplotlib.colors import Normalize
+    return heat_img
 
-        sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colormaps["jet"])
-        cax = fig.add_subplot(gs[0, 2])
-        pos = cax.get_position()  # a short bar beside the coronal panel; its ticks on the right
-        cax.set_position([pos.x0 + pos.width * 0.05, pos.y0 + pos.height * 0.3,
-                          pos.width * 0.3, pos.height * 0.4])
-        cb = fig.colorbar(sm, cax=cax)
-        cb.ax.set_title("Grad-CAM", fontsize=8, loc="left")
-        cb.ax.tick_params(labelsize=7)
-        cb.ax.axhspan(0.0, GRADCAM_THRESHOLD, color="white", alpha=0.7)
-    handles = []
-    if label is not None:
-        from matplotlib.lines import Line2D
 
-        handles = [Line2D([], [], color=c, linewidth=2, label=n) for n, c in BONE_COLOURS.values()]
-        ax_ax.legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.6)
+def _colour_bar(fig: Any, gs: Any) -> None:
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
-    _draw_probabilities(ax_pr, result)
+    sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colormaps["jet"])
+    cax = fig.add_subplot(gs[0, 2])
+    pos = cax.get_position()  # a short bar beside the coronal panel; its ticks on the right
+    cax.set_position([pos.x0 + pos.width * 0.05, pos.y0 + pos.height * 0.3,
+                      pos.width * 0.3, pos.height * 0.4])
+    cb = fig.colorbar(sm, cax=cax)
+    cb.ax.set_title("Grad-CAM", fontsize=8, loc="left")
+    cb.ax.tick_params(labelsize=7)
+    cb.ax.axhspan(0.0, GRADCAM_THRESHOLD, color="white", alpha=0.7)
+
+
+def _draw_text(ax_tx: Any, result: Dict[str, Any], notes: Sequence[str], heatmap: bool) -> None:
+    """The text panel, wrapped to its width; the font shrinks when there are many lines."""
     ax_tx.set_axis_off()
-    # Wrap to the panel's width; shrink the font when there are many warnings.
     box = ax_tx.get_position()
     width_pt = box.width * FIGSIZE_IN[0] * 72.0
     height_pt = box.height * FIGSIZE_IN[1] * 72.0
     fs = 9.0
     for _ in range(4):
         lines = _info_lines(result, notes, max(20, int(width_pt / (0.58 * fs))),
-                            heatmap_shown=gradcam is not None)
+                            heatmap_shown=heatmap)
         fit = height_pt / (1.3 * 1.2 * len(lines))  # line height ~1.2 em at linespacing 1.3
         if fit >= fs or fs <= 5.0:
             break
@@ -559,6 +596,8 @@ def report_figure(ct: Volume, label: Optional[Volume], gradcam: Optional[Volume]
     ax_tx.text(0.02, 0.98, "\n".join(lines), transform=ax_tx.transAxes, ha="left", va="top",
                fontsize=fs, family="DejaVu Sans", linespacing=1.3)
 
+
+def _titles(fig: Any, ct: Volume, result: Dict[str, Any]) -> None:
     side = result.get("side")
     title = "Ankle CT - Danis-Weber classification"
     if side:
@@ -570,6 +609,52 @@ def report_figure(ct: Volume, label: Optional[Volume], gradcam: Optional[Volume]
                  fontsize=8, color="#555555")
     fig.text(0.5, 0.018, FOOTER, ha="center", va="center", fontsize=10, fontweight="bold",
              color="#b00000")
+
+
+def report_figure(ct: Volume, label: Optional[Volume], gradcam: Optional[Volume],
+                  result: Dict[str, Any]) -> Any:
+    """Draw the one-page report (a ``matplotlib.figure.Figure``, not registered with pyplot).
+
+    Args:
+        ct: The CT (HU), any direction matrix.
+        label: Segmentation on the CT's grid (uint8: 1 tibia, 2 fibula), or None.
+        gradcam: Grad-CAM heatmap on the CT's grid (float, 0..1), or None.
+        result: The ``result.json`` dict (probabilities, prediction, uncertainty, side,
+            registration, fracture, warnings, refused, refusal, timings_s; missing keys are
+            tolerated).
+
+    Returns:
+        The Figure (12 x 6.5 in) with an Agg canvas. Its axes are, in order: axial, coronal,
+        probabilities, text, then the heatmap's colour bar (when there is a heatmap). With a
+        located fibular fracture both CT panels cut through it and mark it with an X.
+    """
+    from dataclasses import replace
+
+    notes: List[str] = []
+    if label is not None and not _on_grid(label, ct):
+        notes.append("the segmentation is not on the CT's grid and is not shown")
+        label = None
+    if gradcam is not None and not _on_grid(gradcam, ct):
+        notes.append("the Grad-CAM heatmap is not on the CT's grid and is not shown")
+        gradcam = None
+    frame = _canonical(ct)
+    planes = _choose_planes(ct, label, gradcam, frame)
+    fracture = _fracture_index(ct, frame, result)
+    if fracture is not None:
+        planes = replace(planes, k=fracture[0], j=fracture[1], axial_reason="located fracture",
+                         coronal_reason="Coronal through the located fracture")
+    fig, axes = _figure_layout(_withheld_reason(result) is not None)
+    heat_img = _draw_ct_panels(axes, ct, label, gradcam, frame, planes, fracture)
+    if heat_img is not None:
+        _colour_bar(fig, axes["gs"])
+    if label is not None:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=c, linewidth=2, label=n) for n, c in BONE_COLOURS.values()]
+        axes["axial"].legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.6)
+    _draw_probabilities(axes["probabilities"], result)
+    _draw_text(axes["text"], result, notes, gradcam is not None)
+    _titles(fig, ct, result)
     return fig
 
 
