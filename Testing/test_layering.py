@@ -17,7 +17,7 @@ LAYERS = [
     {"io", "preprocessing"},
     {"dataset"},
     {"phantom"},
-    {"segmentation", "registration", "crop", "classification", "models"},
+    {"segmentation", "registration", "crop", "classification", "fracture", "models"},
     {"training", "evaluation"},
     {"pipeline"},
     {"cli", "__main__"},

@@ -23,9 +23,10 @@ EXIT_INTERRUPTED = 130
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every sub-command."""
     from AnkleFractureLib.cli import (batch_cmd, classify_cmd, dataset_cmd, demo_cmd,
-                                      evaluate_cls_cmd, evaluate_seg_cmd, info_cmd, phantom_cmd,
+                                      evaluate_cls_cmd, evaluate_fracture_cmd, evaluate_seg_cmd,
+                                      info_cmd, phantom_cmd,
                                       register_cmd, run_cmd, segment_cmd, train_cls_cmd,
-                                      train_seg_cmd)
+                                      train_fracture_cmd, train_seg_cmd)
 
     parser = argparse.ArgumentParser(
         prog="ankle-fracture",
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     # then training on one's own data.
     for module in (demo_cmd, run_cmd, batch_cmd, phantom_cmd, info_cmd, segment_cmd,
                    register_cmd, classify_cmd, dataset_cmd, train_seg_cmd, evaluate_seg_cmd,
-                   train_cls_cmd, evaluate_cls_cmd):
+                   train_cls_cmd, evaluate_cls_cmd, train_fracture_cmd, evaluate_fracture_cmd):
         module.add_parser(sub)
     return parser
 

@@ -1,0 +1,83 @@
+"""``ankle-fracture train-fracture``: train the fracture localiser on datasets with known lines."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from AnkleFractureLib.cli.progress import ProgressBar
+
+DESCRIPTION = """\
+Train the fibular fracture localiser: a small 3D U-Net that reads the fibula window of the
+registered syndesmosis crop and marks the fracture line. Every case of each DATASET is cropped
+as 'ankle-fracture run' would (side detected, never the dataset's) with its bone masks from
+the dataset (--masks dataset), from the shipped segmentation model (--masks model) or both.
+The target line comes from the phantom's exact fracture surface (meta["fracture"] written by
+'ankle-fracture phantom'); cases without it are skipped. Crops are cached in --cache-dir.
+Writes MODEL_DIR/plans.json, model.pt, training.json (command, seed, cases, validation
+metrics) and training_log.csv. The same command with the same seed repeats the run on CPU."""
+
+EXAMPLES = """\
+examples:
+  ankle-fracture phantom --out data/frac --n 128 --seed 401 --family mixed --fractures varied
+  ankle-fracture train-fracture data/frac --out models/fracture --cache-dir cache/frac
+  ankle-fracture train-fracture data/frac data/more --masks both --steps 3000 --seed 3 \\
+      --out models/fracture2 --cache-dir cache/frac"""
+
+
+def add_parser(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser("train-fracture", help="train the fibular fracture localiser",
+                       description=DESCRIPTION, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("datasets", nargs="+", metavar="DATASET", help="dataset folder(s)")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write")
+    p.add_argument("--cache-dir", required=True, metavar="DIR", help="crop cache folder")
+    p.add_argument("--masks", choices=["dataset", "model", "both"], default="dataset",
+                   help="bone masks of the crops (default: dataset)")
+    p.add_argument("--steps", type=int, default=1500, help="optimiser steps (default 1500)")
+    p.add_argument("--batch-size", type=int, default=2, help="windows per step (default 2)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--val-fraction", type=float, default=0.15,
+                   help="cases held back for model selection (default 0.15)")
+    p.add_argument("--eval-every", type=int, default=150, help="validation interval (steps)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--max-minutes", type=float, help="stop after this many minutes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _crops(args: argparse.Namespace, bar: ProgressBar) -> list:
+    from AnkleFractureLib.training.fracture_data import build_fracture_crops
+
+    sources = ["dataset", "model"] if args.masks == "both" else [args.masks]
+    paths = []
+    for ds in args.datasets:
+        for masks in sources:
+            got, failed = build_fracture_crops(ds, Path(args.cache_dir) / Path(ds).name, masks,
+                                               progress=bar)
+            for case, why in failed.items():
+                print(f"skipped {case}: {why}", file=sys.stderr)
+            paths += got
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    from AnkleFractureLib.training.fracture_train import FractureTrainConfig, train_localiser
+
+    if args.steps < 1 or args.batch_size < 1:
+        raise SystemExit("ankle-fracture train-fracture: error: --steps and --batch-size must "
+                         "be at least 1")
+    bar = ProgressBar("crops", enabled=not args.quiet)
+    paths = _crops(args, bar)
+    cfg = FractureTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                              val_fraction=args.val_fraction, eval_every=args.eval_every,
+                              seed=args.seed, threads=args.threads, max_minutes=args.max_minutes)
+    command = "ankle-fracture " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = train_localiser(paths, args.out, cfg, command,
+                             ProgressBar("train-fracture", enabled=not args.quiet))
+    print(f"{args.out}: {report['steps_run']} steps, best step {report['best_step']}, "
+          f"validation {report['val_metrics']}")
+    return 0

@@ -1,0 +1,98 @@
+"""Scores of the Weber answer and the located fracture, from ``result.json`` contents.
+
+:func:`AnkleFractureLib.pipeline.evaluate.evaluate_fracture` runs every case of a dataset through
+exactly what a user runs (the shipped segmentation, automatic side detection, the checks,
+registration, crop, classifier, localiser); this module scores what it returns. A case's
+``result.json`` content is compared with the phantom's truth
+(``meta["fracture"]``): the Weber class, the fracture's height above the plafond and its
+centre. A refused case counts as wrong (its probabilities are taken as uniform) and is listed.
+
+Metrics: accuracy, per-class AUROC, ECE and the confusion matrix of the combined answer, of
+the classifier alone and of the measured height alone; fracture found rate on fractured cases,
+"found" on intact cases, median |height error| (mm) and median centre distance (mm).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+CLASSES = ("none", "A", "B", "C")
+
+
+def case_row(case_id: str, truth: Dict[str, Any], result: Dict[str, Any]) -> Dict[str, Any]:
+    """One evaluation row from a case's truth and its ``result.json`` dict.
+
+    Args:
+        case_id: Case id.
+        truth: {"weber", "height_mm" (None for none), "center_lps" (None for none)}.
+        result: The pipeline's ``result.json`` content.
+
+    Returns:
+        The row (JSON-ready).
+    """
+    frac = result.get("fracture") or {}
+    probs = result.get("probabilities")
+    uniform = {c: 0.25 for c in CLASSES}
+    found = bool(frac.get("found"))
+    h, h_true = frac.get("height_mm"), truth.get("height_mm")
+    err = None if (not found or h is None or h_true is None) else abs(float(h) - float(h_true))
+    dist = None
+    if found and frac.get("center_lps") and truth.get("center_lps"):
+        dist = float(np.linalg.norm(np.subtract(frac["center_lps"], truth["center_lps"])))
+    weber = result.get("weber_from_height") or {}
+    return {"id": case_id, "true": truth["weber"], "refused": bool(result.get("refused")),
+            "refusal": result.get("refusal"), "predicted": result.get("prediction"),
+            "probabilities": probs or uniform,
+            "classifier_probabilities": result.get("classifier_probabilities") or uniform,
+            "height_class": weber.get("height_class") or ("none" if not found else None),
+            "unsure": bool((result.get("uncertainty") or {}).get("unsure")),
+            "found": found, "found_probability": frac.get("probability"),
+            "height_mm": h, "height_true_mm": h_true,
+            "abs_height_error_mm": None if err is None else round(err, 2),
+            "center_distance_mm": None if dist is None else round(dist, 2)}
+
+
+def _class_report(rows: Sequence[Dict[str, Any]], key: str) -> Dict[str, Any]:
+    from AnkleFractureLib.evaluation.cls_metrics import classification_report
+
+    y = [CLASSES.index(r["true"]) for r in rows]
+    p = np.array([[float(r[key][c]) for c in CLASSES] for r in rows])
+    p = p / p.sum(axis=1, keepdims=True)
+    rep = classification_report(y, p, CLASSES)
+    return {k: rep[k] for k in ("n", "accuracy", "macro", "per_class", "confusion_matrix", "ece")}
+
+
+def _median(values: List[float]) -> Optional[float]:
+    return round(float(np.median(values)), 2) if values else None
+
+
+def summarise_rows(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The evaluation summary of :func:`case_row` rows."""
+    frac = [r for r in rows if r["true"] != "none"]
+    none = [r for r in rows if r["true"] == "none"]
+    answered = [r for r in rows if not r["refused"]]
+    height_acc = [r["height_class"] == r["true"] for r in answered if r["height_class"]]
+    return {
+        "n": len(rows), "refused": sum(r["refused"] for r in rows),
+        "combined": _class_report(rows, "probabilities"),
+        "classifier_only": _class_report(rows, "classifier_probabilities"),
+        "height_only_accuracy": round(float(np.mean(height_acc)), 4) if height_acc else None,
+        "unsure_rate": round(float(np.mean([r["unsure"] for r in answered])), 4) if answered else None,
+        "fracture": {
+            "n_fractured": len(frac), "n_none": len(none),
+            "found_rate": round(float(np.mean([r["found"] for r in frac])), 4) if frac else None,
+            "found_on_none_rate": round(float(np.mean([r["found"] for r in none])), 4) if none else None,
+            "median_abs_height_error_mm": _median([r["abs_height_error_mm"] for r in frac
+                                                   if r["abs_height_error_mm"] is not None]),
+            "median_center_distance_mm": _median([r["center_distance_mm"] for r in frac
+                                                  if r["center_distance_mm"] is not None])},
+    }
+
+
+def truth_of(record: Any) -> Dict[str, Any]:
+    """The truth of a dataset case (Weber class, fracture height and centre from the meta)."""
+    frac = (record.meta or {}).get("fracture") or {}
+    return {"weber": record.weber, "height_mm": frac.get("height_mm"),
+            "center_lps": frac.get("centre_lps")}

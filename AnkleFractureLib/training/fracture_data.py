@@ -1,0 +1,146 @@
+"""Training and evaluation crops of the fracture localiser, built as a user's scan is.
+
+For every case of a dataset: read the CT, take its bone masks (the dataset's, or the shipped
+segmentation model's as ``ankle-fracture run`` does), register to the template with the side
+detected (never the dataset's side), crop the syndesmosis box, and draw the phantom's fracture
+line on the crop grid (:func:`AnkleFractureLib.fracture.targets.fracture_line_target`).
+One ``<id>.<masks>.npz`` per case in a cache folder:
+
+* ``channels``: float16 (3, nz, ny, nx), the crop (CT [0, 1], tibia, fibula), numpy (z, y, x);
+* ``target``: uint8 (nz, ny, nx), the fracture line (all zero for "none");
+* ``patient_to_template``: 4x4 float64; ``info``: JSON text (weber, true height, side, ...).
+
+A case without ``meta["fracture"]`` information (not a phantom) gets no target and is kept
+only for evaluation of the classes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from AnkleFractureLib.dataset.layout import CaseRecord, Dataset
+from AnkleFractureLib.errors import AnkleFractureError
+
+#: Version of the crop + target code; part of every cache file name's key.
+FRACTURE_DATA_VERSION = 1
+MASK_SOURCES = ("dataset", "model")
+
+
+def _true_height(meta: Dict[str, Any]) -> Optional[float]:
+    frac = (meta or {}).get("fracture")
+    return None if not frac else float(frac["height_mm"])
+
+
+def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
+             seg_model: Any = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Dict[str, Any]]:
+    """Crop one case and draw its target.
+
+    Args:
+        ds: The dataset.
+        record: The case.
+        masks: "dataset" (the dataset's label map) or "model" (``seg_model`` predicts it).
+        template: The registration template.
+        seg_model: A loaded :class:`~AnkleFractureLib.segmentation.inference.SegmentationModel`
+            (masks="model").
+
+    Returns:
+        (channels float16 (3, z, y, x), target uint8 (z, y, x), patient_to_template 4x4, info).
+
+    Raises:
+        AnkleFractureError: Unreadable CT, no masks, registration impossible.
+    """
+    from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis
+    from AnkleFractureLib.fracture.targets import fracture_line_target
+    from AnkleFractureLib.io import read_image
+    from AnkleFractureLib.registration.register import register_to_template
+
+    ct = read_image(ds.path(record.image))
+    if masks == "dataset":
+        if record.segmentation is None:
+            raise AnkleFractureError(f"{record.id}: no segmentation in the dataset")
+        label = read_image(ds.path(record.segmentation))
+    else:
+        label = seg_model.predict(ct)
+    reg = register_to_template(label, template, side="auto", ct=ct)
+    crop = crop_syndesmosis(ct, label, reg.patient_to_template, template)
+    meta = record.meta or {}
+    target = np.zeros(crop.grid.shape, np.uint8)
+    if meta.get("anatomy_to_patient") is not None:
+        target = fracture_line_target(meta.get("fracture"), meta["anatomy_to_patient"],
+                                      crop.grid, reg.patient_to_template, crop.channels[2])
+    info = {"id": record.id, "weber": record.weber, "masks": masks, "side": reg.side,
+            "side_dataset": record.side, "rms_mm": round(float(reg.rms_mm), 3),
+            "scale": round(float(reg.scale), 4), "coverage": round(float(crop.coverage), 4),
+            "height_true_mm": _true_height(meta), "family": meta.get("family", "analytic"),
+            "fracture_style": meta.get("fracture_style", "classic"),
+            "fracture_lps": ((meta.get("fracture") or {}).get("centre_lps")),
+            "target_voxels": int(target.sum()), "version": FRACTURE_DATA_VERSION}
+    return crop.channels.astype(np.float16), target, reg.patient_to_template, info
+
+
+def _save(path: Path, channels: np.ndarray, target: np.ndarray, p2t: np.ndarray,
+          info: Dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, channels=channels, target=target, patient_to_template=p2t,
+                        info=np.array(json.dumps(info)))
+    os.replace(tmp, path)
+
+
+def load_crop_file(path: "os.PathLike[str] | str") -> Dict[str, Any]:
+    """One cache file as {"channels", "target", "patient_to_template", "info"}."""
+    with np.load(path) as z:
+        return {"channels": z["channels"], "target": z["target"],
+                "patient_to_template": z["patient_to_template"],
+                "info": json.loads(str(z["info"]))}
+
+
+def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathLike[str] | str",
+                         masks: str = "dataset", template: Any = None,
+                         seg_model_dir: Optional[str] = None,
+                         progress: Optional[Callable[[float, str], None]] = None
+                         ) -> Tuple[List[Path], Dict[str, str]]:
+    """Crop every case of a dataset into ``cache_dir`` (existing files are reused).
+
+    Args:
+        dataset: Dataset folder.
+        cache_dir: Cache folder (created).
+        masks: "dataset" or "model" (:data:`MASK_SOURCES`).
+        template: Template (the shipped default when None).
+        seg_model_dir: Segmentation model for masks="model" (shipped when None).
+        progress: Called with (fraction, message).
+
+    Returns:
+        (paths of the cache files, {case id: error} for the cases that could not be cropped).
+    """
+    from AnkleFractureLib.registration.template import load_template
+
+    if masks not in MASK_SOURCES:
+        raise ValueError(f"masks must be one of {MASK_SOURCES}, got {masks!r}")
+    ds = Dataset.load(dataset)
+    template = load_template() if template is None else template
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    seg = None
+    paths, failed = [], {}
+    records = list(ds.cases)
+    for k, record in enumerate(records):
+        path = cache / f"{record.id}.{masks}.v{FRACTURE_DATA_VERSION}.npz"
+        if progress is not None:
+            progress(k / len(records), f"crop {record.id} ({masks} masks)")
+        if not path.exists():
+            if masks == "model" and seg is None:
+                from AnkleFractureLib.segmentation.inference import SegmentationModel
+
+                seg = SegmentationModel.load(seg_model_dir)
+            try:
+                _save(path, *crop_one(ds, record, masks, template, seg))
+            except AnkleFractureError as exc:
+                failed[record.id] = str(exc)
+                continue
+        paths.append(path)
+    return paths, failed

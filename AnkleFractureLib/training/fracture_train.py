@@ -1,0 +1,334 @@
+"""Train the fracture localiser on crops with known fracture lines (one command, one seed).
+
+Data: cache files of :mod:`AnkleFractureLib.training.fracture_data` (crop channels and the
+phantom's exact fracture line). Each step takes ``batch_size`` fibula windows with:
+
+* a random shift of the window (+-``shift`` voxels in y and x), as registration errs;
+* CT intensity randomisation (gamma, contrast, offset, noise), as scanners and kernels differ;
+* mask randomisation: the fibula mask closed across the fracture gap (as a segmentation that
+  bridges the line does), dilated or eroded, or the tibia mask dropped, so that the network
+  reads the fracture in the CT, not in a hole of the mask.
+
+Loss: binary cross-entropy (positives weighted) + soft Dice of the line. The validation split
+(``val_fraction`` of the cases, by case) is scored every ``eval_every`` steps on what a surgeon
+checks: line found on fractured cases, nothing found on intact ones, |height error|; the best
+checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from AnkleFractureLib.fracture.window import WINDOW_YX, Window, fibula_window
+
+
+@dataclass
+class FractureTrainConfig:
+    """Hyper-parameters (written to training.json)."""
+
+    steps: int = 1500
+    batch_size: int = 2
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    pos_weight: float = 8.0
+    shift: int = 4
+    patch_z: int = 48
+    val_fraction: float = 0.15
+    eval_every: int = 150
+    seed: int = 0
+    threads: int = 2
+    max_minutes: Optional[float] = None
+    features: Tuple[int, ...] = (6, 12, 24, 48, 48, 6)
+
+
+@dataclass
+class Sample:
+    """One case in memory: full crop channels (3, z, y, x) float16, target (z, y, x) uint8."""
+
+    channels: np.ndarray
+    target: np.ndarray
+    p2t: np.ndarray
+    info: Dict[str, Any]
+
+
+def load_samples(paths: Sequence[Path]) -> List[Sample]:
+    """Read cache files (those with a fracture target or a "none" class)."""
+    from AnkleFractureLib.training.fracture_data import load_crop_file
+
+    out = []
+    for p in paths:
+        d = load_crop_file(p)
+        info = d["info"]
+        if info.get("weber") is None:
+            continue
+        if info["weber"] != "none" and int(d["target"].sum()) == 0:
+            continue  # a fracture whose line is outside the crop: nothing to learn from
+        out.append(Sample(d["channels"], d["target"], d["patient_to_template"], info))
+    return out
+
+
+def split_cases(samples: Sequence[Sample], val_fraction: float, seed: int
+                ) -> Tuple[List[int], List[int]]:
+    """Train / validation indices, by case id (the same case with other masks stays together)."""
+    ids = sorted({s.info["id"] for s in samples})
+    rng = np.random.default_rng(seed)
+    n_val = int(round(val_fraction * len(ids))) if val_fraction > 0 else 0
+    val_ids = set(rng.permutation(ids)[:n_val].tolist())
+    train = [i for i, s in enumerate(samples) if s.info["id"] not in val_ids]
+    val = [i for i, s in enumerate(samples) if s.info["id"] in val_ids]
+    return train, val
+
+
+def _augment_masks(ch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    from scipy import ndimage
+
+    fib = ch[2] > 0.5
+    u = rng.uniform()
+    if u < 0.4:  # a segmentation that bridges the fracture gap
+        fib = ndimage.binary_closing(fib, iterations=int(rng.integers(1, 4)))
+    elif u < 0.55:
+        fib = ndimage.binary_dilation(fib, iterations=1)
+    elif u < 0.65:
+        fib = ndimage.binary_erosion(fib, iterations=1)
+    ch[2] = fib
+    if rng.uniform() < 0.1:
+        ch[1] = 0.0
+    return ch
+
+
+def _augment_ct(ct: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    x = np.clip(ct, 0.0, 1.0) ** rng.uniform(0.7, 1.4)
+    x = x * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
+    return x + rng.normal(0.0, rng.uniform(0.0, 0.03), size=x.shape).astype(np.float32)
+
+
+def _z_range(target: np.ndarray, patch_z: int, rng: np.random.Generator) -> slice:
+    """Slices of a training patch: over the fracture line 70 % of the time (when there is one),
+    anywhere otherwise, so both lines and intact bone are seen."""
+    nz = target.shape[0]
+    if patch_z <= 0 or patch_z >= nz:
+        return slice(0, nz)
+    zs = np.flatnonzero(target.reshape(nz, -1).any(axis=1))
+    if zs.size and rng.uniform() < 0.7:
+        centre = int(rng.choice(zs)) + int(rng.integers(-patch_z // 3, patch_z // 3 + 1))
+        z0 = centre - patch_z // 2
+    else:
+        z0 = int(rng.integers(0, nz - patch_z + 1))
+    z0 = int(np.clip(z0, 0, nz - patch_z))
+    return slice(z0, z0 + patch_z)
+
+
+def training_pair(sample: Sample, rng: np.random.Generator, shift: int,
+                  window_yx: Tuple[int, int] = WINDOW_YX, patch_z: int = 0
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+    """One augmented (input (3, pz, wy, wx), target (1, pz, wy, wx)) pair (pz = patch_z, or
+    every slice when 0)."""
+    zr = _z_range(sample.target, patch_z, rng)
+    ch = sample.channels.astype(np.float32)
+    win = fibula_window(ch[2], window_yx)
+    dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, size=2))
+    win = Window(win.y0 + dy, win.x0 + dx, win.size)
+    x = win.extract(ch)[:, zr]
+    x = _augment_masks(x, rng)
+    x[0] = _augment_ct(x[0], rng)
+    y = win.extract(sample.target[None].astype(np.float32))[:, zr]
+    return x, y
+
+
+def _loss(logits: Any, target: Any, pos_weight: float) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    bce = F.binary_cross_entropy_with_logits(
+        logits, target, pos_weight=torch.tensor(pos_weight, device=logits.device))
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum(dim=(1, 2, 3, 4))
+    denom = p.sum(dim=(1, 2, 3, 4)) + target.sum(dim=(1, 2, 3, 4))
+    has = target.sum(dim=(1, 2, 3, 4)) > 0
+    dice = 1.0 - (2.0 * inter + 1.0) / (denom + 1.0)
+    dice = dice[has].mean() if bool(has.any()) else logits.sum() * 0.0
+    return bce + dice
+
+
+def _batch(samples: List[Sample], idx: Sequence[int], rng: np.random.Generator,
+           cfg: FractureTrainConfig) -> Tuple[Any, Any]:
+    import torch
+
+    pairs = [training_pair(samples[i], rng, cfg.shift, patch_z=cfg.patch_z) for i in idx]
+    x = torch.from_numpy(np.stack([p[0] for p in pairs]).astype(np.float32))
+    y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.float32))
+    return x, y
+
+
+def crop_grid(template: Any) -> Any:
+    """The template's crop grid as an empty Volume (template mm)."""
+    from AnkleFractureLib.geometry.volume import Volume
+
+    size, spacing, origin, direction = template.box.grid()
+    return Volume(np.zeros(tuple(int(s) for s in size[::-1]), np.float32), spacing, origin,
+                  direction)
+
+
+@dataclass
+class _Crop:
+    """The parts of a SyndesmosisCrop the localiser reads."""
+
+    channels: np.ndarray
+    grid: Any
+    patient_to_template: np.ndarray
+
+
+def score_samples(localiser: Any, samples: Sequence[Sample], template: Any
+                  ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """What a surgeon checks, over cases: found on fractured, found on intact, |height error|.
+
+    Returns:
+        (summary {"found_rate", "found_on_none_rate", "median_abs_height_error_mm",
+        "height_class_accuracy", "n_fractured", "n_none"}, one row per case).
+    """
+    from AnkleFractureLib.fracture.weber_height import height_class
+
+    grid = crop_grid(template)
+    rows = []
+    for s in samples:
+        f = localiser.locate(_Crop(s.channels.astype(np.float32), grid, s.p2t), template.plafond)
+        truth = s.info.get("height_true_mm")
+        err = None if (truth is None or f.height_mm is None) else abs(f.height_mm - truth)
+        pred_cls = height_class(f.height_mm, f.size_factor) if f.found else "none"
+        rows.append({"id": s.info["id"], "weber": s.info["weber"], "masks": s.info.get("masks"),
+                     "found": f.found, "probability": round(f.probability, 4),
+                     "height_mm": f.height_mm, "height_true_mm": truth,
+                     "abs_height_error_mm": None if err is None else round(err, 2),
+                     "height_class": pred_cls})
+    return summarise(rows), rows
+
+
+def summarise(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Summary of :func:`score_samples` rows."""
+    frac = [r for r in rows if r["weber"] != "none"]
+    none = [r for r in rows if r["weber"] == "none"]
+    errs = [r["abs_height_error_mm"] for r in frac if r["found"] and r["abs_height_error_mm"] is not None]
+    return {"n_fractured": len(frac), "n_none": len(none),
+            "found_rate": round(float(np.mean([r["found"] for r in frac])), 4) if frac else None,
+            "found_on_none_rate": round(float(np.mean([r["found"] for r in none])), 4) if none else None,
+            "median_abs_height_error_mm": round(float(np.median(errs)), 2) if errs else None,
+            "height_class_accuracy": round(float(np.mean([r["height_class"] == r["weber"]
+                                                          for r in rows])), 4) if rows else None}
+
+
+def _val_score(summary: Dict[str, Any]) -> float:
+    found = summary["found_rate"] or 0.0
+    false = summary["found_on_none_rate"] or 0.0
+    err = summary["median_abs_height_error_mm"]
+    return found - false + summary["height_class_accuracy"] - (0.0 if err is None else err / 50.0)
+
+
+def _lr_at(step: int, cfg: FractureTrainConfig) -> float:
+    warm = max(1, cfg.steps // 20)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * 0.5 * (1.0 + np.cos(np.pi * min(1.0, t)))
+
+
+def _write_log(path: Path, rows: List[Dict[str, Any]]) -> None:
+    from AnkleFractureLib.io import atomic_output
+
+    keys = sorted({k for r in rows for k in r})
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+
+
+def train_localiser(paths: Sequence[Path], out: "Path | str", cfg: FractureTrainConfig,
+                    command: str = "", progress: Optional[Callable[[float, str], None]] = None
+                    ) -> Dict[str, Any]:
+    """Train and write the model folder ``out`` (plans.json, model.pt, training.json, log).
+
+    Args:
+        paths: Crop cache files.
+        out: Model folder.
+        cfg: Hyper-parameters (``seed`` makes the run repeatable on CPU).
+        command: The command line, recorded in training.json.
+        progress: Called with (fraction, message).
+
+    Returns:
+        training.json content.
+    """
+    import torch
+
+    from AnkleFractureLib.fracture.localise import FractureLocaliser
+    from AnkleFractureLib.fracture.model_io import default_plans, save_localiser
+    from AnkleFractureLib.fracture.network import build_localiser
+    from AnkleFractureLib.registration.template import load_template
+
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, cfg.threads))
+    rng = np.random.default_rng(cfg.seed)
+    samples = load_samples(paths)
+    if not samples:
+        raise ValueError("no training crops with a Weber class and a fracture line")
+    train_idx, val_idx = split_cases(samples, cfg.val_fraction, cfg.seed)
+    plans = default_plans(cfg.features)
+    net = build_localiser(plans["network"])
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"best": -np.inf, "best_step": None, "best_val": None, "log": [], "t0": time.time()}
+    template = load_template()
+    out = Path(out)
+    for step in range(cfg.steps):
+        if cfg.max_minutes and time.time() - state["t0"] > 60.0 * cfg.max_minutes:
+            break
+        loss = _train_step(net, opt, samples, train_idx, rng, cfg, step)
+        row = {"step": step + 1, "loss": round(loss, 5), "lr": round(_lr_at(step, cfg), 6)}
+        if val_idx and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            net.eval()
+            summary, _ = score_samples(FractureLocaliser(net, plans, "cpu"),
+                                       [samples[i] for i in val_idx], template)
+            net.train()
+            row.update({f"val_{k}": v for k, v in summary.items()})
+            if _val_score(summary) > state["best"]:
+                state.update(best=_val_score(summary), best_step=step + 1, best_val=summary)
+                save_localiser(out, net, plans, {"step": step + 1})
+        state["log"].append(row)
+        if progress is not None:
+            progress((step + 1) / cfg.steps, f"step {step + 1}/{cfg.steps} loss {loss:.4f}")
+    if not val_idx:
+        save_localiser(out, net, plans, {"step": len(state["log"])})
+    return _finish(out, cfg, command, samples, train_idx, val_idx, state)
+
+
+def _train_step(net: Any, opt: Any, samples: List[Sample], train_idx: List[int],
+                rng: np.random.Generator, cfg: FractureTrainConfig, step: int) -> float:
+    for g in opt.param_groups:
+        g["lr"] = _lr_at(step, cfg)
+    idx = rng.choice(train_idx, size=cfg.batch_size, replace=len(train_idx) < cfg.batch_size)
+    x, y = _batch(samples, idx, rng, cfg)
+    net.train()
+    opt.zero_grad()
+    loss = _loss(net(x), y, cfg.pos_weight)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _finish(out: Path, cfg: FractureTrainConfig, command: str, samples: List[Sample],
+            train_idx: List[int], val_idx: List[int], state: Dict[str, Any]) -> Dict[str, Any]:
+    from AnkleFractureLib.io import atomic_write_json
+
+    _write_log(out / "training_log.csv", state["log"])
+    report = {"kind": "fracture_localiser", "command": command, "config": asdict(cfg),
+              "steps_run": len(state["log"]), "minutes": round((time.time() - state["t0"]) / 60, 2),
+              "train_cases": sorted({samples[i].info["id"] for i in train_idx}),
+              "val_cases": sorted({samples[i].info["id"] for i in val_idx}),
+              "best_step": state["best_step"], "val_metrics": state["best_val"]}
+    atomic_write_json(out / "training.json", report)
+    return report

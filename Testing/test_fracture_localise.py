@@ -1,0 +1,109 @@
+"""Fracture localisation: line extraction, height measurement, Weber from height, training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from AnkleFractureLib.fracture.localise import measure_line, strongest_line
+from AnkleFractureLib.fracture.weber_height import (combine, height_class,
+                                                    height_class_probabilities)
+from AnkleFractureLib.geometry.volume import Volume
+
+
+def _grid(shape=(60, 20, 20), spacing=1.5, origin=(-15.0, -15.0, -30.0)) -> Volume:
+    return Volume(np.zeros(shape, np.float32), (spacing,) * 3, origin, np.eye(3))
+
+
+def test_strongest_line_picks_the_largest_evidence() -> None:
+    p = np.zeros((30, 10, 10), np.float32)
+    p[5, 2:5, 2:5] = 0.9          # small, strong
+    p[20, :, :] = 0.7             # large line
+    mask, peak = strongest_line(p, 0.5)
+    assert mask[20].all() and not mask[5].any()
+    assert peak == pytest.approx(0.7)
+    empty, peak0 = strongest_line(np.full((4, 4, 4), 0.2, np.float32), 0.5)
+    assert not empty.any() and peak0 == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("scale", [0.9, 1.0, 1.15])
+def test_height_is_measured_in_patient_mm_above_the_plafond(scale: float) -> None:
+    """A line at template z = 12 mm, template 'scale' x the patient: the patient height is
+    12 / scale mm above the plafond whatever the pose."""
+    grid = _grid()
+    k = int(round((12.0 - grid.origin[2]) / 1.5))
+    mask = np.zeros(grid.shape, bool)
+    mask[k, 5:15, 5:15] = True
+    # patient -> template: rotation about y by 20 degrees, scale, translation.
+    a = np.deg2rad(20.0)
+    rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    p2t = np.eye(4)
+    p2t[:3, :3] = scale * rot
+    p2t[:3, 3] = [5.0, -3.0, 40.0]
+    centre, height, extent, size_factor = measure_line(mask, mask.astype(float), grid, p2t,
+                                                       np.zeros(3))
+    z_t = grid.origin[2] + 1.5 * k
+    assert height == pytest.approx(z_t / scale, abs=1e-6)
+    assert size_factor == pytest.approx(1.0 / scale)
+    back = p2t[:3, :3] @ centre + p2t[:3, 3]
+    assert back[2] == pytest.approx(z_t, abs=1e-6)
+    assert extent["height_max_mm"] - extent["height_min_mm"] < 1e-6
+    assert extent["voxels"] == 100
+
+
+def test_weber_class_from_height_and_soft_boundaries() -> None:
+    assert [height_class(h) for h in (-10.0, 5.0, 20.0, 60.0)] == ["A", "B", "B", "C"]
+    p = height_class_probabilities(30.0)
+    assert p["B"] == pytest.approx(p["C"], abs=1e-6)   # on the boundary: even
+    assert height_class(33.0, size_factor=1.2) == "B"   # a tall patient's syndesmosis is higher
+    assert sum(height_class_probabilities(7.0).values()) == pytest.approx(1.0)
+
+
+def test_combination_agrees_or_says_why_not() -> None:
+    cls = {"none": 0.05, "A": 0.05, "B": 0.85, "C": 0.05}
+    ok = combine(cls, True, 0.95, 12.0)
+    assert ok.agree and ok.prediction == "B" and not ok.reasons
+    assert sum(ok.probabilities.values()) == pytest.approx(1.0)
+    miss = combine(cls, False, 0.1, None)
+    assert not miss.agree and "no fibular fracture line" in miss.reasons[0]
+    high = combine(cls, True, 0.95, 60.0)
+    assert not high.agree and high.height_class == "C" and "+60.0 mm" in high.reasons[0]
+    intact = combine({"none": 0.9, "A": 0.04, "B": 0.03, "C": 0.03}, False, 0.05, None)
+    assert intact.agree and intact.prediction == "none"
+
+
+def test_training_pair_shapes_and_patch_over_the_line() -> None:
+    from AnkleFractureLib.training.fracture_train import Sample, training_pair
+
+    ch = np.zeros((3, 96, 48, 64), np.float16)
+    ch[2, :, 20:30, 15:25] = 1.0
+    target = np.zeros((96, 48, 64), np.uint8)
+    target[70, 20:30, 15:25] = 1
+    s = Sample(ch, target, np.eye(4), {"id": "x", "weber": "C"})
+    rng = np.random.default_rng(0)
+    hits = 0
+    for _ in range(20):
+        x, y = training_pair(s, rng, shift=4, patch_z=48)
+        assert x.shape == (3, 48, 40, 40) and y.shape == (1, 48, 40, 40)
+        hits += int(y.sum() > 0)
+    assert hits >= 8  # most patches hold the line (70 % aimed at it)
+
+
+def test_localiser_round_trip_and_errors(tmp_path) -> None:
+    from AnkleFractureLib.errors import InputError
+    from AnkleFractureLib.fracture.localise import FractureLocaliser
+    from AnkleFractureLib.fracture.model_io import default_plans, save_localiser
+    from AnkleFractureLib.fracture.network import build_localiser
+
+    plans = default_plans([4, 4, 8, 8, 8, 4])
+    save_localiser(tmp_path / "m", build_localiser(plans["network"]), plans)
+    loc = FractureLocaliser.load(tmp_path / "m", device="cpu")
+    heat, win = loc.heatmap(np.zeros((3, 32, 48, 64), np.float32))
+    assert heat.shape == (32, 48, 64) and 0.0 <= heat.min() and heat.max() <= 1.0
+    with pytest.raises(InputError, match="crop channels"):
+        loc.heatmap(np.zeros((2, 8, 8, 8), np.float32))
+    (tmp_path / "m" / "model.pt").write_bytes(b"broken")
+    with pytest.raises(InputError, match="model.pt"):
+        FractureLocaliser.load(tmp_path / "m")
+    with pytest.raises(InputError, match="does not exist"):
+        FractureLocaliser.load(tmp_path / "missing")
