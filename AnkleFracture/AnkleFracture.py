@@ -289,6 +289,8 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         text = self.logic.describe(result)
         self.ui.predictionLabel.text = text["prediction"]
         self.ui.uncertaintyLabel.text = text["uncertainty"]
+        self.ui.fractureLabel.text = text["fracture"]
+        self.ui.fractureLabel.visible = bool(text["fracture"])
         self.ui.warningsLabel.text = text["warnings"]
         self.ui.saveReportButton.enabled = bool(result and result.get("folder") and (
             pathlib.Path(result["folder"]) / "report.png").is_file())
@@ -621,7 +623,8 @@ class AnkleFractureLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def describe(result):
-        """The panel's texts for a result: prediction, uncertainty, warnings (plain words)."""
+        """The panel's texts for a result: prediction, uncertainty, fracture, warnings (plain
+        words)."""
         from AnkleFractureSlicer.logic import describeResult
 
         return describeResult(result)

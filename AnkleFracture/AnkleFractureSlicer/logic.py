@@ -93,6 +93,8 @@ class ResultNodes:
     roi: Any = None
     gradcam: Any = None
     table: Any = None
+    fracture: Any = None  # the located fibular fracture line (a segmentation node)
+    fractureMarker: Any = None  # its centre (a markups fiducial node)
 
 
 @dataclass
@@ -159,8 +161,9 @@ def describeResult(result: Optional[Dict[str, Any]]) -> Dict[str, str]:
     """The panel's texts for a result.json dict, in plain words.
 
     Returns:
-        {"prediction": ..., "uncertainty": ..., "warnings": ...}; "warnings" ends with the
-        label-free segmentation check's line when the run made one.
+        {"prediction": ..., "uncertainty": ..., "warnings": ..., "fracture": ...}; "warnings"
+        ends with the label-free segmentation check's line when the run made one; "fracture"
+        is the located fibular fracture line (:func:`describeFracture`).
 
     Example:
         >>> describeResult({"prediction": "B", "probabilities": {"none": 0.02, "A": 0.03,
@@ -170,7 +173,11 @@ def describeResult(result: Optional[Dict[str, Any]]) -> Dict[str, str]:
     """
     if not result:
         return {"prediction": "No result yet: click Run all (or Segment, Register, Classify).",
-                "uncertainty": "", "warnings": ""}
+                "uncertainty": "", "warnings": "", "fracture": ""}
+    return dict(_describeClass(result), fracture=describeFracture(result))
+
+
+def _describeClass(result: Dict[str, Any]) -> Dict[str, str]:
     warnings = list(result.get("warnings") or [])
     if result.get("refused"):
         reasons = result.get("refusals") or [result.get("refusal") or "no reason given"]
@@ -201,6 +208,40 @@ def describeResult(result: Optional[Dict[str, Any]]) -> Dict[str, str]:
     return {"prediction": headline, "uncertainty": uncertainty,
             "warnings": ("\n".join(f"Warning: {w}" for w in warnings) or "No warnings.")
             + _agreementLine(result)}
+
+
+def describeFracture(result: Optional[Dict[str, Any]]) -> str:
+    """The located fibular fracture line in words, for the panel ("" when the localiser did
+    not run: ``result["fracture"]`` is null or absent).
+
+    A disagreement between the height's Weber level and the classifier is not repeated here:
+    the pipeline already gives its reasons as a warning and in the uncertainty.
+
+    Example:
+        >>> describeFracture({"fracture": {"found": True, "probability": 0.93,
+        ...     "height_mm": 14.23}, "weber_from_height": {"height_class": "B"}})
+        'Fibula fracture: 14.2 mm above the plafond (Weber B level), probability 93 %'
+        >>> describeFracture({"fracture": {"found": False, "probability": 0.12}})
+        'Fibula fracture: none located (probability 12 %)'
+    """
+    fracture = (result or {}).get("fracture")
+    if not isinstance(fracture, dict):
+        return ""
+    probability = fracture.get("probability")
+    percent = f"{100 * float(probability):.0f} %" if probability is not None else None
+    if not fracture.get("found"):
+        return "Fibula fracture: none located" + (f" (probability {percent})" if percent else "")
+    height = fracture.get("height_mm")
+    if height is None:
+        where = "located (height not measured)"
+    elif abs(float(height)) < 0.05:
+        where = "at the level of the plafond"
+    else:
+        where = f"{abs(float(height)):.1f} mm {'above' if height > 0 else 'below'} the plafond"
+    level = ((result or {}).get("weber_from_height") or {}).get("height_class")
+    if level:
+        where += f" (Weber {level} level)"
+    return f"Fibula fracture: {where}" + (f", probability {percent}" if percent else "")
 
 
 def _agreementLine(result: Dict[str, Any]) -> str:
@@ -437,6 +478,10 @@ class AnkleFractureSceneLogic:
         """
         if segmentationNode is None:
             return None
+        if segmentationNode.GetAttribute(N.ROLE_ATTRIBUTE) == "fracture":
+            raise InputError(segmentationNode.GetName(),
+                             "this is the located fracture line, not the bones: choose the "
+                             "bones segmentation (or none, to segment the CT)")
         if segmentMapping:
             N.setSegmentMapping(segmentationNode, segmentMapping)
         unmatched = N.unmatchedSegments(segmentationNode)
@@ -486,6 +531,8 @@ class AnkleFractureSceneLogic:
             arrays["label"] = result.label.array
         if result.gradcam is not None:
             arrays["gradcam"] = result.gradcam
+        if getattr(result, "fracture_line", None) is not None:  # a Volume on a sub-box, too
+            arrays["fracture_line"] = result.fracture_line
         return self.loadResults(folder, ctNode, nodes, stage, updateSegmentation=label is None,
                                 arrays=arrays)
 
@@ -570,13 +617,19 @@ class AnkleFractureSceneLogic:
         * gradcam.nii.gz -> a scalar volume with the heatmap colours, with its own geometry:
           the crop's box on the CT's voxel lattice (a few percent of the CT's voxels), which
           Slicer overlays on the CT as the foreground layer;
+        * fracture_line.nii.gz -> a segmentation "<CT> fibula fracture" with one segment,
+          ``Fibula fracture`` (never among the bones: training export reads segments named
+          "Fibula ..." as fibula), from the line's own box on the CT's lattice, with the CT as
+          source geometry; result.json's ``fracture.center_lps`` (when found) -> a markups
+          point "<CT> fracture" at the line's centre, labelled with its height above (+) or
+          below (-) the plafond;
         * result.json -> a table with the four probabilities (the whole result is kept as
           an attribute, so a saved scene restores the panel).
 
         Nodes of outputs the run did not produce (e.g. a heatmap after a new Segment) are
         removed, so the scene never shows results of an older run beside newer ones. With
         ``arrays`` ("label" -> the array on the CT's grid, "gradcam" -> the heatmap Volume,
-        from an in-process run) or
+        "fracture_line" -> the line's Volume, from an in-process run) or
         ``handoff`` (the folder of the job's raw arrays,
         :func:`AnkleFractureLib.pipeline.job.save_handoff`) the voxels come from there instead
         of decompressing the NIfTI files (seconds on a clinical CT).
@@ -653,13 +706,15 @@ class AnkleFractureSceneLogic:
         else:
             self._removeNode(nodes, "gradcam")
 
+        self._loadFracture(folder, result, ctNode, nodes, arrays)
+
         if nodes.table is None:
             nodes.table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{base} Weber class")
             nodes.table.SetAttribute(N.ROLE_ATTRIBUTE, "table")
         result = dict(result, stage=stage, folder=str(folder))
         N.updateTableFromResult(nodes.table, result)
         for node in (nodes.segmentation, nodes.transform, nodes.template, nodes.roi,
-                     nodes.gradcam, nodes.table):
+                     nodes.gradcam, nodes.table, nodes.fracture, nodes.fractureMarker):
             if node is not None:
                 node.SetAttribute(N.CT_ATTRIBUTE, ctNode.GetID())
         return StageOutput(stage, folder, result, nodes)
@@ -678,7 +733,55 @@ class AnkleFractureSceneLogic:
         if segmentation is not None and segmentation.GetAttribute(N.CT_ATTRIBUTE) is not None:
             segmentation = mine(segmentation)
         return ResultNodes(segmentation, mine(nodes.transform), mine(nodes.template),
-                           mine(nodes.roi), mine(nodes.gradcam), mine(nodes.table))
+                           mine(nodes.roi), mine(nodes.gradcam), mine(nodes.table),
+                           mine(nodes.fracture), mine(nodes.fractureMarker))
+
+    def _loadFracture(self, folder: Path, result: Dict[str, Any], ctNode: Any,
+                      nodes: ResultNodes, arrays: Optional[Dict[str, Any]]) -> None:
+        """The located fracture line's segmentation and centre marker (see
+        :meth:`loadResults`); both are removed when this run located none."""
+        from AnkleFractureLib.io import read_image
+
+        base = ctNode.GetName()
+        # Callers that do not keep these nodes (the panel's parameter node holds the others)
+        # get this CT's existing ones back: a new run never leaves a stale line beside its own.
+        for name, role in (("fracture", "fracture"), ("fractureMarker", "fracture_marker")):
+            if getattr(nodes, name) is None:
+                setattr(nodes, name, self._ownNode(role, ctNode))
+        path = folder / "fracture_line.nii.gz"
+        if path.is_file():
+            given = (arrays or {}).get("fracture_line")
+            line = given if isinstance(given, Volume) else read_image(path)
+            if nodes.fracture is None:
+                nodes.fracture = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                              f"{base} fibula fracture")
+                nodes.fracture.SetAttribute(N.ROLE_ATTRIBUTE, "fracture")
+            N.updateFractureSegmentation(nodes.fracture, line, ctNode, self.scene)
+        else:
+            self._removeNode(nodes, "fracture")
+
+        fracture = result.get("fracture") or {}
+        centre = fracture.get("center_lps") if fracture.get("found") else None
+        if centre is not None:
+            if nodes.fractureMarker is None:
+                nodes.fractureMarker = self.scene.AddNewNodeByClass(
+                    "vtkMRMLMarkupsFiducialNode", f"{base} fracture")
+                nodes.fractureMarker.SetAttribute(N.ROLE_ATTRIBUTE, "fracture_marker")
+            N.setFractureMarker(nodes.fractureMarker, centre,
+                                N.fractureMarkerLabel(fracture.get("height_mm")), ctNode,
+                                describeFracture(result))
+        else:
+            self._removeNode(nodes, "fractureMarker")
+
+    def _ownNode(self, role: str, ctNode: Any) -> Any:
+        """The scene's last node with this ROLE made for ``ctNode`` (None when there is none)."""
+        found = None
+        for i in range(self.scene.GetNumberOfNodes()):
+            node = self.scene.GetNthNode(i)
+            if (node.GetAttribute(N.ROLE_ATTRIBUTE) == role
+                    and node.GetAttribute(N.CT_ATTRIBUTE) == ctNode.GetID()):
+                found = node
+        return found
 
     @staticmethod
     def resultOf(tableNode: Any) -> Optional[Dict[str, Any]]:

@@ -315,14 +315,9 @@ def updateSegmentationFromLabelMap(segmentationNode: Any, label: Volume, ctNode:
     Returns:
         {"Tibia": segment id, "Fibula": segment id}.
     """
-    import vtk
-
-    logic = segmentationsLogic(scene)  # first: it registers the representation converters
+    segmentationsLogic(scene)  # first: it registers the representation converters
     segmentation = segmentationNode.GetSegmentation()
-    segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(ctNode)
-    segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(),
-                                        ctNode.GetID())
-    _copyParentTransform(segmentationNode, ctNode)
+    _referenceCt(segmentationNode, ctNode)
     ids: Dict[str, str] = {}
     for bone in BONES:
         segmentId = segmentation.GetSegmentIdBySegmentName(bone.name)
@@ -330,6 +325,24 @@ def updateSegmentationFromLabelMap(segmentationNode: Any, label: Volume, ctNode:
             segmentId = segmentation.AddEmptySegment("", bone.name, list(bone.color))
         _styleSegment(segmentation.GetSegment(segmentId), bone)
         ids[bone.name] = segmentId
+    _importLabels(segmentationNode, label, [ids[bone.name] for bone in BONES], scene)
+    return ids
+
+
+def _referenceCt(segmentationNode: Any, ctNode: Any) -> None:
+    """Make ``ctNode`` the segmentation's source geometry and copy its parent transform."""
+    segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(ctNode)
+    segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(),
+                                        ctNode.GetID())
+    _copyParentTransform(segmentationNode, ctNode)
+
+
+def _importLabels(segmentationNode: Any, label: Volume, segmentIds: Sequence[str],
+                  scene: Any) -> None:
+    """Import a label map into existing segments: value v updates ``segmentIds[v - 1]`` in
+    place. The label map keeps its own geometry (e.g. a sub-box of the CT's lattice)."""
+    import vtk
+
     labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AnkleFracture temp labels")
     try:
         values = np.asarray(label.array)
@@ -337,16 +350,95 @@ def updateSegmentationFromLabelMap(segmentationNode: Any, label: Volume, ctNode:
             values = values.astype(np.uint8)
         updateNodeFromVolume(labelNode, label.with_array(values))
         updated = vtk.vtkStringArray()
-        for bone in BONES:  # label value v -> the (v-1)-th id: updates those segments in place
-            updated.InsertNextValue(ids[bone.name])
-        if not logic.ImportLabelmapToSegmentationNode(
+        for segmentId in segmentIds:
+            updated.InsertNextValue(segmentId)
+        if not segmentationsLogic(scene).ImportLabelmapToSegmentationNode(
                 labelNode, segmentationNode, updated):
             raise RuntimeError("Slicer could not import the label map into the segmentation")
     finally:
         scene.RemoveNode(labelNode)
     if segmentationNode.GetDisplayNode() is None:
         segmentationNode.CreateDefaultDisplayNodes()
-    return ids
+
+
+# ---------------------------------------------------------------------- located fracture
+#: The located fibular fracture line's segment (in its own segmentation node, never among the
+#: bones: a segment named "Fibula ..." counts as fibula there, see :func:`boneForSegmentName`).
+FRACTURE_SEGMENT_NAME = "Fibula fracture"
+#: Its colour: bright green, apart from the bones' beige and the heatmap's red-to-yellow ramp.
+#: No terminology: neither the shipped term.json nor Slicer's general anatomy list has a code
+#: for a fracture line, and none is made up here.
+FRACTURE_COLOR = (0.1, 1.0, 0.3)
+
+
+def updateFractureSegmentation(segmentationNode: Any, line: Volume, ctNode: Any,
+                               scene: Any) -> str:
+    """Write the located fracture line into the node's one ``Fibula fracture`` segment.
+
+    Args:
+        segmentationNode: The fracture segmentation node (other segments are removed).
+        line: uint8 mask, non-zero on the line, on the CT's voxel lattice (any sub-box of it,
+            with its own origin, like ``fracture_line.nii.gz``).
+        ctNode: The CT volume node (the segmentation's source geometry).
+        scene: The MRML scene.
+
+    Returns:
+        The segment's id (kept across updates).
+    """
+    segmentationsLogic(scene)
+    segmentation = segmentationNode.GetSegmentation()
+    _referenceCt(segmentationNode, ctNode)
+    segmentId = segmentation.GetSegmentIdBySegmentName(FRACTURE_SEGMENT_NAME)
+    for otherId, _ in segmentList(segmentationNode):
+        if otherId != segmentId:
+            segmentation.RemoveSegment(otherId)
+    if not segmentId:
+        segmentId = segmentation.AddEmptySegment("", FRACTURE_SEGMENT_NAME, list(FRACTURE_COLOR))
+    segment = segmentation.GetSegment(segmentId)
+    segment.SetName(FRACTURE_SEGMENT_NAME)
+    segment.SetColor(*FRACTURE_COLOR)
+    mask = (np.asarray(line.array) > 0).astype(np.uint8)
+    _importLabels(segmentationNode, line.with_array(mask), [segmentId], scene)
+    return segmentId
+
+
+def fractureMarkerLabel(heightMm: Optional[float]) -> str:
+    """The marker's label: "Fibula fracture +14.2 mm" (above the plafond; "-" below), or
+    "Fibula fracture" when no height was measured.
+
+    Example:
+        >>> fractureMarkerLabel(14.23), fractureMarkerLabel(-3.0), fractureMarkerLabel(None)
+        ('Fibula fracture +14.2 mm', 'Fibula fracture -3.0 mm', 'Fibula fracture')
+    """
+    if heightMm is None:
+        return FRACTURE_SEGMENT_NAME
+    return f"{FRACTURE_SEGMENT_NAME} {float(heightMm):+.1f} mm"
+
+
+def setFractureMarker(markupsNode: Any, centerLps: Sequence[float], label: str,
+                      parentReference: Any = None, description: str = "") -> Any:
+    """One locked control point at the fracture's centre (patient LPS -> RAS), labelled.
+
+    Args:
+        markupsNode: A ``vtkMRMLMarkupsFiducialNode`` (its other points are removed).
+        centerLps: The centre (x, y, z) in the CT's patient LPS mm (``result.json``).
+        label: The point's label (see :func:`fractureMarkerLabel`).
+        parentReference: The CT node: the marker goes under its parent transform.
+        description: The point's description (e.g. the probability).
+    """
+    centre = lps_points_to_ras(np.asarray(centerLps, dtype=float)[None])[0]
+    markupsNode.RemoveAllControlPoints()
+    index = markupsNode.AddControlPoint([float(v) for v in centre], label)
+    markupsNode.SetNthControlPointDescription(index, description)
+    markupsNode.SetLocked(True)  # measured on the CT: moving it means nothing
+    _copyParentTransform(markupsNode, parentReference)
+    if markupsNode.GetDisplayNode() is None:
+        markupsNode.CreateDefaultDisplayNodes()
+    display = markupsNode.GetDisplayNode()
+    if display is not None:
+        display.SetSelectedColor(*FRACTURE_COLOR)
+        display.SetColor(*FRACTURE_COLOR)
+    return markupsNode
 
 
 def labelMapFromSegmentation(segmentationNode: Any, ctNode: Any, scene: Any,
