@@ -1,17 +1,26 @@
 """Grad-CAM for the 3D classifier: which part of the crop drove the decision.
 
-Selvaraju et al.'s Grad-CAM, written out with hooks instead of ``monai.visualize.GradCAM``:
+Selvaraju et al.'s Grad-CAM, written out with hooks instead of ``monai.visualize.GradCAM``,
+with HiResCAM (Draelos & Carin 2020) and several layers as options. What the pipeline shows is
+:data:`SHIPPED_METHOD` on :data:`SHIPPED_LAYERS`: HiResCAM of ``layer1`` (cells of 4 crop
+voxels, 6 mm) and of ``layer4`` (16 voxels, 24 mm; exact there, since the head is global
+average pooling + linear), combined by their geometric mean. It was chosen among seven maps by
+``scripts/gradcam_localisation.py`` (``docs/gradcam_localisation.md``), and
+:func:`randomised_copy` / :func:`rank_correlation` serve the weight-randomisation sanity check
+of Adebayo et al. 2018 (``Testing/test_gradcam.py``).
 
-1. A forward hook on the named stage (``"layer4"``, :data:`.network.GRADCAM_LAYER`) captures
-   its activation ``A`` (1, W, z', y', x').
+1. A forward hook on each named stage (default ``"layer4"``, :data:`.network.GRADCAM_LAYER`)
+   captures its activation ``A`` (1, W, z', y', x').
 2. The class score is the *logit* (pre-softmax) of ``target_class`` (default: the argmax).
    ``torch.autograd.grad(score, A)`` gives dScore/dA without touching any parameter's
    ``.grad`` (``.backward()`` would accumulate into them, and a caller that is training would
    silently get the Grad-CAM's gradients added to its own).
-3. ``w_k = mean over (z', y', x') of dScore/dA_k``; ``cam = ReLU(sum_k w_k A_k)``.
+3. Grad-CAM: ``w_k = mean over (z', y', x') of dScore/dA_k``; ``cam = ReLU(sum_k w_k A_k)``.
+   HiResCAM: ``cam = ReLU(sum_k dScore/dA_k * A_k)``, voxel by voxel.
 4. The map is upsampled trilinearly (``align_corners=False``) to the input's spatial size (or
    ``output_shape``) and divided by its maximum, so **1 = most important**, 0 = no positive
-   evidence. A map with no positive value (e.g. all-zero head weights) is returned as zeros
+   evidence; with several layers the normalised maps are multiplied and the product's
+   n-th root normalised again. A map with no positive value (e.g. all-zero head weights) is returned as zeros
    with ``degenerate=True`` instead of dividing by zero.
 
 The network runs in eval mode (deterministic BatchNorm and dropout); every submodule's previous
