@@ -513,6 +513,18 @@ def _reuse_finished(cases: Sequence[BatchCase], out: Path, options: PipelineOpti
     return todo
 
 
+def _collect_unfinished(cases: Sequence[BatchCase], todo: Sequence[int], out: Path,
+                        rows: List[Optional[Dict[str, str]]]) -> List[int]:
+    """``collect_only``: fill the rows of the unfinished cases of ``todo`` without running
+    them; returns the cases left to run (none)."""
+    from AnkleFractureLib.pipeline.shards import read_shard_rows
+
+    shard_rows = read_shard_rows(out)
+    for i in todo:
+        rows[i] = _collected_row(cases[i], shard_rows)
+    return []
+
+
 def _collected_row(case: BatchCase, shard_rows: Dict[str, Dict[str, str]]) -> Dict[str, str]:
     """The row of a case that ``collect_only`` does not run: its shard's error row, or one
     saying that it has not run."""
@@ -581,21 +593,16 @@ def run_batch(cases: Sequence[BatchCase], out_dir: PathLike,
         CancelledError: Cancelled (``should_cancel`` or Ctrl+C); the CSV then holds the rows
             finished so far.
     """
-    from AnkleFractureLib.pipeline.shards import check_shard, read_shard_rows, select_shard
-    from AnkleFractureLib.pipeline.shards import shard_csv_name
+    from AnkleFractureLib.pipeline.shards import check_shard, select_shard, shard_csv_name
 
     t0 = time.perf_counter()
     options = options or PipelineOptions()
-    if engine not in ENGINES:
-        raise InputError(None, f"unknown batch engine {engine!r}: use local or ray")
-    if workers is not None and int(workers) < 1:
-        raise InputError(None, f"workers must be >= 1, got {workers}")
-    settings = _ray_settings(engine, ray_address, workers, cpus_per_worker, gpus_per_worker,
-                             max_retries)
+    settings = _engine_settings(engine, ray_address, workers, cpus_per_worker,
+                                gpus_per_worker, max_retries)
     shard = None if shard is None else check_shard(shard)
-    all_cases = list(cases)
-    _check_cases(all_cases)
-    cases = select_shard(all_cases, shard)
+    cases = list(cases)
+    _check_cases(cases)
+    cases = select_shard(cases, shard)
     out = _output_folder(out_dir)
     summary = BatchSummary(rows=[], csv_path=out / shard_csv_name(shard), engine=engine,
                            shard=shard)
@@ -609,10 +616,7 @@ def run_batch(cases: Sequence[BatchCase], out_dir: PathLike,
     todo = _reuse_finished(cases, out, options, resume or collect_only, rows)
     summary.n_skipped = len(cases) - len(todo)
     if collect_only:
-        shard_rows = read_shard_rows(out)
-        for i in todo:
-            rows[i] = _collected_row(cases[i], shard_rows)
-        todo = []
+        todo = _collect_unfinished(cases, todo, out, rows)
     _write_csv(summary.csv_path, rows)
     head = f"shard {shard[0]}/{shard[1]}: " if shard else ""
     report(summary.n_skipped / n, f"{head}{summary.n_skipped} of {len(cases)} cases already "
@@ -633,9 +637,13 @@ def run_batch(cases: Sequence[BatchCase], out_dir: PathLike,
     return summary
 
 
-def _ray_settings(engine: str, address: Optional[str], workers: Optional[int],
-                  cpus_per_worker: float, gpus_per_worker: float, max_retries: int) -> Any:
-    """The Ray engine's checked settings (None for the local engine)."""
+def _engine_settings(engine: str, address: Optional[str], workers: Optional[int],
+                     cpus_per_worker: float, gpus_per_worker: float, max_retries: int) -> Any:
+    """Check the engine and its settings; the Ray engine's settings (None for local)."""
+    if engine not in ENGINES:
+        raise InputError(None, f"unknown batch engine {engine!r}: use local or ray")
+    if workers is not None and int(workers) < 1:
+        raise InputError(None, f"workers must be >= 1, got {workers}")
     if engine != "ray":
         return None
     from AnkleFractureLib.pipeline.ray_engine import RaySettings, import_ray
