@@ -46,10 +46,14 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["nifti", "dicom"])
 def test_every_output_on_the_ct_geometry(runs, kind):
     out: Path = runs["out"][kind]
-    assert {p.name for p in out.iterdir()} == EVERY_FILE
-    ct = read_image(runs["inputs"][kind])
     data = json.loads((out / "result.json").read_text())
-    assert set(data["files"]) | {"result.json"} == EVERY_FILE
+    # The fracture line is written when the localiser found one; then it is on the CT lattice.
+    every = EVERY_FILE | ({"fracture_line.nii.gz"} if data["fracture"]["found"] else set())
+    assert {p.name for p in out.iterdir()} == every
+    ct = read_image(runs["inputs"][kind])
+    assert set(data["files"]) | {"result.json"} == every
+    if data["fracture"]["found"]:
+        assert box_on_grid(read_image(out / "fracture_line.nii.gz"), ct, atol=1e-4) is not None
     assert data["input"]["format"] == ("dicom" if kind == "dicom" else "nifti")
     assert data["input"]["size_xyz"] == list(ct.size)
     assert read_image(out / "segmentation.nii.gz").same_geometry(ct, atol=1e-4)

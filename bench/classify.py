@@ -1,6 +1,7 @@
-"""Benchmark: syndesmosis crop + classification + Grad-CAM (+ mapping back onto the CT) on CPU.
+"""Benchmark: syndesmosis crop + classification + Grad-CAM + fracture localisation on CPU.
 
 Usage: .venv/bin/python bench/classify.py [--runs 5] [--seed 4242] [--model DIR] [--tta N]
+[--fracture-model DIR]
 
 Generates one clinical-size phantom (512 x 512 x 300-400, ~0.35-0.45 mm, Weber C, left ankle;
 not timed) and registers it once (registration has its own benchmark, bench/register.py), then
@@ -8,10 +9,11 @@ times, with the classifier loaded once (as in batch use and in Slicer):
 
 * crop: the registered syndesmosis crop (3 x 96 x 48 x 64 at 1.5 mm);
 * classify: the network on the crop, with the model's test-time augmentation (TTA) copies;
-* gradcam: Grad-CAM of the predicted class on the last stage;
-* to_ct: the heatmap mapped onto the CT's own grid.
+* gradcam: the heatmap of the predicted class (the shipped HiResCAM layers);
+* to_ct: the heatmap mapped onto the CT's own grid;
+* localise: the fracture localiser on the fibula window, the line measured (height in mm).
 
-Goal: crop + classification + Grad-CAM <= 2 s on 2 CPU cores. Prints the median of several
+Goal: crop + classification + Grad-CAM + localisation <= 2 s on 2 CPU cores. Prints the median of several
 runs per step, the total and the peak memory.
 """
 
@@ -34,6 +36,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="classifier folder (default: shipped)")
     parser.add_argument("--tta", type=int, default=None,
                         help="TTA copies (default: the model's plans)")
+    parser.add_argument("--fracture-model", default=None,
+                        help="fracture localiser folder (default: shipped)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -42,6 +46,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from AnkleFractureLib.classification.inference import WeberClassifier
     from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis, crop_to_ct
+    from AnkleFractureLib.fracture.localise import FractureLocaliser
     from AnkleFractureLib.phantom import generate_case
     from AnkleFractureLib.registration import load_template, register_to_template
 
@@ -56,6 +61,7 @@ def main() -> None:
     clf = WeberClassifier.load(args.model, device="cpu")
     print(f"model: {clf.model_dir} loaded in {time.perf_counter() - t0:.2f} s (not timed); "
           f"TTA copies {clf.plans.tta if args.tta is None else args.tta}")
+    loc = FractureLocaliser.load(args.fracture_model, device="cpu")
     state = {}
 
     def crop():
@@ -70,17 +76,21 @@ def main() -> None:
     def to_ct():
         crop_to_ct(state["cam"].gradcam, state["crop"], case.ct)
 
+    def localise():
+        state["fracture"] = loc.locate(state["crop"], template.plafond)
+
     def whole():
         crop()
         res = clf.classify(state["crop"], tta=args.tta, gradcam=True)
         crop_to_ct(res.gradcam, state["crop"], case.ct)
+        loc.locate(state["crop"], template.plafond)
 
     crop()
     classify()
     gradcam()
     one = {}
     for name, fn in (("crop", crop), ("classify", classify), ("gradcam (+1 forward)", gradcam),
-                     ("to_ct", to_ct), ("whole", whole)):
+                     ("to_ct", to_ct), ("localise", localise), ("whole", whole)):
         r = time_runs(fn, runs=args.runs)
         one[name] = r["median_s"]
         print(f"{name:22s} median {r['median_s']:.3f} s (min {r['min_s']:.3f}, max "
@@ -88,8 +98,12 @@ def main() -> None:
     res = state["res"]
     print("prediction:", res.prediction, {k: round(v, 3) for k, v in res.probabilities.items()},
           "unsure" if res.uncertainty.get("unsure") else "confident")
+    f = state["fracture"]
+    print("fracture:", "found" if f.found else "not found", f"p={f.probability:.3f}",
+          "" if f.height_mm is None else f"height {f.height_mm:+.1f} mm",
+          f"(true {case.info['fracture']['height_mm']:+.1f} mm)")
     verdict = "met" if one["whole"] <= 2.0 else "NOT met"
-    print(f"crop + classification + Grad-CAM + to CT: {one['whole']:.2f} s "
+    print(f"crop + classification + Grad-CAM + to CT + localisation: {one['whole']:.2f} s "
           f"(goal <= 2 s: {verdict}); peak RSS {peak_rss_mb():.0f} MB")
 
 

@@ -13,7 +13,9 @@ from AnkleFractureLib.cli.progress import ProgressBar
 DESCRIPTION = """\
 Analyse one ankle CT end to end: segment the tibia and fibula, register them to the healthy
 template (a left ankle is mirrored first), crop the syndesmosis, classify Danis-Weber
-none / A / B / C with an uncertainty and a Grad-CAM heatmap. Sanity checks run between the
+none / A / B / C with an uncertainty and a Grad-CAM heatmap, and locate the fibular fracture
+line and its height above the plafond (the class that height gives is combined with the
+classifier's; a disagreement makes the answer unsure). Sanity checks run between the
 stages; when the scan cannot support an answer (the syndesmosis outside the field of view, no
 fibula, both legs and no --side, a failed registration, voxels over 5 mm) the run stops and
 says why: that is a result (exit status 0), not an error, and no Weber class is given.
@@ -23,10 +25,13 @@ a DICOM folder. Writes into DIR, each file atomically, result.json last:
   transform.json           the registration (as 'ankle-fracture register'), and
   transform.tfm            the ITK transform (template -> patient, LPS) for 3D Slicer
   syndesmosis_crop.nii.gz  the classifier's input on the template's box grid
-  gradcam.nii.gz           Grad-CAM heatmap (float32, 0..1) on the CT's grid
-  report.png               a one-page summary: slices with bone outlines and Grad-CAM,
-                           the four probabilities, warnings (and report.pdf with --pdf)
-  result.json              probabilities, prediction, uncertainty, side, registration quality,
+  gradcam.nii.gz           heatmap (float32, 0..1) on the CT's voxel lattice, the crop's box
+  fracture_line.nii.gz     the located fibular fracture line (uint8), same lattice and box
+  report.png               a one-page summary: slices through the located fracture (X) with
+                           bone outlines and the heatmap, the four probabilities, the fracture
+                           height, warnings (and report.pdf with --pdf)
+  result.json              probabilities, prediction, uncertainty, fracture (found, height_mm,
+                           center_lps, extent), side, registration quality,
                            findings and warnings, refusal, timings, model versions, input
 Files of stages that did not run are not written. Research software, not for clinical use."""
 

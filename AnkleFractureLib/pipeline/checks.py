@@ -162,6 +162,7 @@ MAX_VOXELS = 2_000_000
 #: upstream may have misled the classifier. (``reader_note`` and ``one_leg_selected`` are
 #: information only.)
 UNSURE_CODES = frozenset({
+    "weber_disagreement",  # the classifier and the measured fracture height name other classes
     "coarse_spacing", "metal", "small_tibia", "small_fibula", "fibula_large",
     "side_conflict", "side_unsure", "fov_short_above", "fov_short_below", "fov_coverage",
     "fov_bone_at_syndesmosis", "registration_rms", "registration_inliers", "registration_scale",

@@ -6,7 +6,9 @@
     result = pipe.run(ct, progress=cb, should_cancel=stop)
     write_outputs(result, "out/", ct)                    # result.json is written last
 
-Stages: segment -> register -> crop -> classify (+ Grad-CAM on the CT's grid). Each is a method
+Stages: segment -> register -> crop -> classify (+ Grad-CAM on the CT's grid) -> localise (the
+fibular fracture line, its height above the plafond, and the Weber class that height gives,
+combined with the classifier's; a disagreement makes the answer *unsure*). Each is a method
 that takes the previous stage's output, so a clinician can correct the segmentation and re-run
 only the rest (``pipe.run(ct, label=corrected)``, or ``register`` / ``crop`` / ``classify``
 one by one). :meth:`Pipeline.run` runs the sanity checks of :mod:`.checks` between the stages
@@ -43,7 +45,8 @@ DISCLAIMER = "research software, not for clinical use"
 
 #: Output files of :func:`write_outputs`, in the order they are written (result.json last).
 OUTPUT_FILES = ("segmentation.nii.gz", "transform.json", "transform.tfm",
-                "syndesmosis_crop.nii.gz", "gradcam.nii.gz", "report.png", "report.pdf",
+                "syndesmosis_crop.nii.gz", "gradcam.nii.gz", "fracture_line.nii.gz",
+                "report.png", "report.pdf",
                 "result.json")
 
 #: Stages after which :meth:`Pipeline.run` can stop (None: run them all).
@@ -51,7 +54,7 @@ STOP_AFTER = (None, "segment", "crop")
 
 #: Share of the overall progress of each stage (segmentation dominates on a CPU).
 STAGE_SPAN = {"segment": (0.0, 0.65), "register": (0.65, 0.8), "crop": (0.8, 0.85),
-              "classify": (0.85, 1.0)}
+              "classify": (0.85, 0.97), "localise": (0.97, 1.0)}
 
 @dataclass
 class PipelineOptions:
@@ -66,6 +69,8 @@ class PipelineOptions:
         cls_model_dir: Classifier folder (None: the shipped one).
         template_dir: Template folder (None: the shipped healthy right ankle).
         gradcam_class: Class the Grad-CAM heatmap explains (None: the prediction).
+        fracture_model_dir: Fracture localiser folder (None: the shipped one).
+        localise: Locate and measure the fibular fracture line after the classification.
     """
 
     side: str = "auto"
@@ -75,6 +80,8 @@ class PipelineOptions:
     cls_model_dir: Optional[PathLike] = None
     template_dir: Optional[PathLike] = None
     gradcam_class: Optional[str] = None
+    fracture_model_dir: Optional[PathLike] = None
+    localise: bool = True
 
     def __post_init__(self) -> None:
         if self.side not in ("auto", "left", "right"):
@@ -105,6 +112,20 @@ class ClassificationOutput:
 
 
 @dataclass
+class LocalisationOutput:
+    """What :meth:`Pipeline.localise` returns.
+
+    Attributes:
+        finding: The :class:`~AnkleFractureLib.fracture.localise.FractureFinding`.
+        line: uint8 fracture line (1) on the CT's voxel lattice, kept to the crop's box (as the
+            heatmap), or None when no line was found.
+    """
+
+    finding: Any
+    line: Optional[Volume]
+
+
+@dataclass
 class PipelineResult:
     """Everything one run produced; ``to_json()`` is ``result.json``.
 
@@ -123,6 +144,11 @@ class PipelineResult:
         timings: Seconds per stage and "total".
         models: Model folders and SHA-256 of their weights.
         bones_ml: Labelled tibia and fibula volumes (ml).
+        fracture: The located fibular fracture
+            (:class:`~AnkleFractureLib.fracture.localise.FractureFinding`), or None.
+        fracture_line: The found line on the CT's lattice (crop box), or None.
+        weber: The combined opinion of the classifier and the measured height
+            (:class:`~AnkleFractureLib.fracture.weber_height.WeberOpinion`), or None.
     """
 
     input: Dict[str, Any]
@@ -137,6 +163,9 @@ class PipelineResult:
     timings: Dict[str, float] = field(default_factory=dict)
     models: Dict[str, Any] = field(default_factory=dict)
     bones_ml: Optional[Dict[str, float]] = None
+    fracture: Any = None
+    fracture_line: Optional[Volume] = None
+    weber: Any = None
 
     @property
     def refusals(self) -> List[C.Finding]:
@@ -159,8 +188,29 @@ class PipelineResult:
 
     @property
     def gated(self) -> Dict[str, Any]:
-        """The classification as it may be shown (:func:`~.checks.gate_classification`)."""
-        return C.gate_classification(self.findings, self.classification)
+        """The classification as it may be shown (:func:`~.checks.gate_classification`): the
+        combined answer of the classifier and the measured fracture height when the localiser
+        ran, the classifier's alone otherwise."""
+        result = self.classification
+        if self.weber is not None and result is not None:
+            result = {"probabilities": self.weber.probabilities,
+                      "prediction": self.weber.prediction, "uncertainty": result.uncertainty,
+                      "gradcam_class": result.gradcam_class}
+        return C.gate_classification(self.findings, result)
+
+    def _fracture_json(self) -> Dict[str, Any]:
+        """``fracture``, ``weber_from_height`` and ``classifier_probabilities`` (None when the
+        stages did not run or the run was refused)."""
+        if self.refused or self.classification is None:
+            return {"fracture": None, "weber_from_height": None, "classifier_probabilities": None}
+        probs = self.classification.probabilities
+        total = float(sum(probs.values()))
+        w = self.weber
+        return {"fracture": None if self.fracture is None else self.fracture.to_json(),
+                "weber_from_height": None if w is None else {
+                    "height_class": w.height_class, "classifier_prediction": w.classifier_class,
+                    "agree": bool(w.agree), "reasons": list(w.reasons)},
+                "classifier_probabilities": {k: float(v) / total for k, v in probs.items()}}
 
     def _gradcam_json(self) -> Optional[Dict[str, Any]]:
         """How the heatmap was made (method, layers, cell size in mm) and where its box lies
@@ -181,6 +231,7 @@ class PipelineResult:
             "uncertainty": gated["uncertainty"],
             "gradcam_class": gated["gradcam_class"] if self.gradcam is not None else None,
             "gradcam": self._gradcam_json(),
+            **self._fracture_json(),
             "withheld_reason": gated["withheld_reason"],
             "side": self.side,
             "refused": self.refused,
@@ -290,6 +341,37 @@ class _Stages:
             raise CancelledError(f"cancelled {where}")
 
 
+class _Run:
+    """The state of one :meth:`Pipeline.run`: its result, timings, models used, progress."""
+
+    def __init__(self, pipe: "Pipeline", ct: Volume, progress: Optional[ProgressCallback],
+                 should_cancel: Optional[CancelCheck]) -> None:
+        self.pipe = pipe
+        self.stages = _Stages(progress, should_cancel)
+        self.t_run = time.perf_counter()
+        self.res = PipelineResult(input=describe_ct(ct))
+        self.res.side = None if pipe.options.side == "auto" else pipe.options.side
+        self.used = {"segmentation": False, "classification": False, "fracture": False}
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.res.timings[name] = self.res.timings.get(name, 0.0) + time.perf_counter() - t
+
+    def finish(self, stage: Optional[str] = None) -> PipelineResult:
+        """Close the run: the refusing stage (when refused), models, total time."""
+        res = self.res
+        if stage is not None and res.refused:
+            res.refused_stage = stage
+        res.models = self.pipe.model_info(self.used)
+        res.timings["total"] = time.perf_counter() - self.t_run
+        self.stages.report(1.0, "refused" if res.refused else "done")
+        return res
+
+
 class Pipeline:
     """The analysis pipeline with its models, loaded lazily and kept for the next case.
 
@@ -303,6 +385,7 @@ class Pipeline:
         self.options = options or PipelineOptions()
         self._seg_model: Any = None
         self._classifier: Any = None
+        self._localiser: Any = None
         self._template: Any = None
         self._hashes: Dict[str, Optional[str]] = {}
 
@@ -328,6 +411,16 @@ class Pipeline:
         return self._classifier
 
     @property
+    def localiser(self) -> Any:
+        """The loaded :class:`~AnkleFractureLib.fracture.localise.FractureLocaliser`."""
+        if self._localiser is None:
+            from AnkleFractureLib.fracture.localise import FractureLocaliser
+
+            self._localiser = FractureLocaliser.load(self.options.fracture_model_dir,
+                                                     self.options.device)
+        return self._localiser
+
+    @property
     def template(self) -> Any:
         """The healthy template (:func:`~AnkleFractureLib.registration.template.load_template`)."""
         if self._template is None:
@@ -351,8 +444,9 @@ class Pipeline:
         return {"dir": str(path), "sha256": self._hashes[key], "used": loaded}
 
     def model_info(self, used: Optional[Dict[str, bool]] = None) -> Dict[str, Any]:
-        """{"segmentation": {dir, sha256, used}, "classification": {dir, sha256, used}}."""
+        """{"segmentation" | "classification" | "fracture": {dir, sha256, used}}."""
         from AnkleFractureLib.classification.inference import default_model_dir as cls_default
+        from AnkleFractureLib.fracture.localise import default_model_dir as frac_default
         from AnkleFractureLib.segmentation.inference import default_model_dir as seg_default
 
         used = used or {}
@@ -363,7 +457,11 @@ class Pipeline:
         return {"segmentation": self._model_entry(seg_dir, seg_default,
                                                   used.get("segmentation", False)),
                 "classification": self._model_entry(cls_dir, cls_default,
-                                                    used.get("classification", False))}
+                                                    used.get("classification", False)),
+                "fracture": self._model_entry(
+                    self._localiser.model_dir if self._localiser is not None
+                    else self.options.fracture_model_dir, frac_default,
+                    used.get("fracture", False))}
 
     # ------------------------------------------------------------------ stages
     def segment(self, ct: Volume, progress: Optional[ProgressCallback] = None,
@@ -434,6 +532,27 @@ class Pipeline:
         result.timings["gradcam"] = result.timings.get("gradcam", 0.0) + time.perf_counter() - t
         return ClassificationOutput(result, heat, crop)
 
+    def localise(self, ct: Volume, crop: Any) -> LocalisationOutput:
+        """Locate and measure the fibular fracture line on a crop.
+
+        Args:
+            ct: The CT (the line is mapped onto its voxel lattice).
+            crop: The syndesmosis crop of :meth:`crop`.
+
+        Returns:
+            A :class:`LocalisationOutput` (finding + the line on the CT's lattice, crop box).
+        """
+        from AnkleFractureLib.crop.syndesmosis import crop_to_ct_box
+
+        finding = self.localiser.locate(crop, self.template.plafond)
+        line = None
+        if finding.found:
+            box = crop_to_ct_box(finding.line.astype(np.float32), crop, ct,
+                                 interpolation="nearest", default_value=0.0)
+            line = box.with_array((box.array > 0.5).astype(np.uint8),
+                                  meta={"source": "fracture_line", "ct_box": box.meta.get("ct_box")})
+        return LocalisationOutput(finding, line)
+
     # ------------------------------------------------------------------ the whole run
     def run(self, ct: Volume, progress: Optional[ProgressCallback] = None,
             should_cancel: Optional[CancelCheck] = None, label: Optional[Volume] = None,
@@ -459,132 +578,152 @@ class Pipeline:
         """
         if stop_after not in STOP_AFTER:
             raise InputError(None, f"stop_after must be one of {STOP_AFTER}, got {stop_after!r}")
-        stages = _Stages(progress, should_cancel)
-        t_run = time.perf_counter()
-        res = PipelineResult(input=describe_ct(ct))
-        res.side = None if self.options.side == "auto" else self.options.side
-        timings = res.timings
-        used = {"segmentation": False, "classification": False}
-
-        @contextlib.contextmanager
-        def timed(name: str) -> Iterator[None]:
-            t = time.perf_counter()
-            try:
-                yield
-            finally:
-                timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
-
-        def finish(stage: Optional[str] = None) -> PipelineResult:
-            if stage is not None and res.refused:
-                res.refused_stage = stage
-            res.models = self.model_info(used)
-            timings["total"] = time.perf_counter() - t_run
-            stages.report(1.0, "refused" if res.refused else "done")
-            return res
-
-        stages.check("before the start")
-        with timed("checks"):
+        run = _Run(self, ct, progress, should_cancel)
+        res = run.res
+        run.stages.check("before the start")
+        with run.timed("checks"):
             res.findings.extend(C.check_ct(ct))
         if res.refused:
-            return finish("input")
+            return run.finish("input")
+        leg_label, plafond = self._run_segment(run, ct, label)
+        if res.refused or stop_after == "segment":
+            return run.finish("segment")
+        registration = self._run_register(run, ct, leg_label, registration, plafond)
+        if registration is None or res.refused:
+            return run.finish("register")
+        crop = self._run_crop(run, ct, leg_label, registration)
+        if crop is None or res.refused or stop_after == "crop":
+            return run.finish("crop")
+        self._run_classify(run, ct, leg_label, registration, crop)
+        if self.options.localise:
+            self._run_localise(run, ct, crop)
+        return run.finish()
 
-        # --- segment
+    def _run_segment(self, run: "_Run", ct: Volume, label: Optional[Volume]
+                     ) -> Tuple[Volume, Any]:
+        """Segment (unless given a label map) and check; returns (the analysed leg's label map,
+        the plafond estimate for the registration check)."""
+        res = run.res
         if label is None:
             if self._seg_model is None:
-                with timed("load_models"):
+                with run.timed("load_models"):
                     _ = self.segmentation_model
-            with timed("segment"):
-                label = self.segment(ct, stages.callback("segment", "segmentation"),
-                                     should_cancel)
-            used["segmentation"] = True
+            with run.timed("segment"):
+                label = self.segment(ct, run.stages.callback("segment", "segmentation"),
+                                     run.stages.should_cancel)
+            run.used["segmentation"] = True
         else:
             label = self._label_on_ct(label, ct, res)
         res.label = label
-        stages.check("after the segmentation")
-        with timed("checks"):
-            from AnkleFractureLib.registration.side import detect_side
-
-            res.bones_ml = C.bone_volumes_ml(label)
-            found = C.check_segmentation(label, res.bones_ml)
-            plafond: Any = C.ESTIMATE
-            if not any(f.code in ("no_tibia", "bad_labels") for f in found):
-                plafond = C.estimate_plafond(label)  # once: the registration check needs it too
-                found += C.check_field_of_view(ct, label, plafond=plafond)
-            leg_label = label
-            # The side is told even when the field of view is refused, so that a scan with both
-            # legs says so too; not without both bones (detect_side would only repeat that).
-            if not any(f.code.startswith("no_") or f.code == "bad_labels" for f in found):
-                detection = detect_side(label, ct)
-                found += C.check_side(detection, self.options.side)
-                if detection.legs >= 2 and self.options.side in ("left", "right"):
-                    leg_label, _ = select_leg(label, self.options.side)
-                    found += [f for f in C.check_side(detect_side(leg_label), self.options.side)
-                              if f.code == "side_conflict"]
-            found += C.check_agreement(ct, leg_label)  # do the labels match the CT's bone?
+        run.stages.check("after the segmentation")
+        with run.timed("checks"):
+            leg_label, plafond, found = self._segmentation_checks(ct, label, res)
             res.findings.extend(found)
-        if res.refused:
-            return finish("segment")
-        if stop_after == "segment":
-            return finish()
+        return leg_label, plafond
 
-        # --- register
-        stages.check("before the registration")
+    def _segmentation_checks(self, ct: Volume, label: Volume, res: PipelineResult
+                             ) -> Tuple[Volume, Any, List[C.Finding]]:
+        from AnkleFractureLib.registration.side import detect_side
+
+        res.bones_ml = C.bone_volumes_ml(label)
+        found = C.check_segmentation(label, res.bones_ml)
+        plafond: Any = C.ESTIMATE
+        if not any(f.code in ("no_tibia", "bad_labels") for f in found):
+            plafond = C.estimate_plafond(label)  # once: the registration check needs it too
+            found += C.check_field_of_view(ct, label, plafond=plafond)
+        leg_label = label
+        # The side is told even when the field of view is refused, so that a scan with both
+        # legs says so too; not without both bones (detect_side would only repeat that).
+        if not any(f.code.startswith("no_") or f.code == "bad_labels" for f in found):
+            detection = detect_side(label, ct)
+            found += C.check_side(detection, self.options.side)
+            if detection.legs >= 2 and self.options.side in ("left", "right"):
+                leg_label, _ = select_leg(label, self.options.side)
+                found += [f for f in C.check_side(detect_side(leg_label), self.options.side)
+                          if f.code == "side_conflict"]
+        found += C.check_agreement(ct, leg_label)  # do the labels match the CT's bone?
+        return leg_label, (plafond if leg_label is label else C.ESTIMATE), found
+
+    def _run_register(self, run: "_Run", ct: Volume, leg_label: Volume, registration: Any,
+                      plafond: Any) -> Any:
+        """Register (unless given) and check; None when the registration failed."""
+        res = run.res
+        run.stages.check("before the registration")
         if registration is None:
             try:
-                with timed("register"):
+                with run.timed("register"):
                     registration = self.register(ct, leg_label, self.options.side,
-                                                 stages.callback("register", "registration"))
+                                                 run.stages.callback("register", "registration"))
             except CancelledError:
                 raise
             except AnkleFractureError as exc:
                 res.findings.append(C.Finding(C.REFUSAL, "registration_failed",
                                               f"the registration to the template failed: "
                                               f"{getattr(exc, 'reason', exc)}"))
-                return finish("register")
+                return None
         res.registration = registration
         res.side = registration.side
-        with timed("checks"):
-            res.findings.extend(C.check_registration(
-                registration, leg_label, self.template,
-                plafond=plafond if leg_label is label else C.ESTIMATE))
-        if res.refused:
-            return finish("register")
+        with run.timed("checks"):
+            res.findings.extend(C.check_registration(registration, leg_label, self.template,
+                                                     plafond=plafond))
+        return registration
 
-        # --- crop
-        stages.check("before the crop")
-        stages.report(STAGE_SPAN["crop"][0], "cropping the syndesmosis")
+    def _run_crop(self, run: "_Run", ct: Volume, leg_label: Volume, registration: Any) -> Any:
+        """Crop and check; None when the syndesmosis is out of the field of view."""
+        res = run.res
+        run.stages.check("before the crop")
+        run.stages.report(STAGE_SPAN["crop"][0], "cropping the syndesmosis")
         try:
-            with timed("crop"):
+            with run.timed("crop"):
                 crop = self.crop(ct, leg_label, registration)
         except CancelledError:
             raise
         except AnkleFractureError as exc:
             res.findings.append(C.Finding(C.REFUSAL, "fov_coverage",
                                           f"the syndesmosis is not in the field of view: {exc}"))
-            return finish("crop")
+            return None
         res.crop = crop
-        with timed("checks"):
+        with run.timed("checks"):
             res.findings.extend(C.check_field_of_view(ct, leg_label, registration, crop,
                                                       self.template))
-        if res.refused:
-            return finish("crop")
-        if stop_after == "crop":
-            return finish()
+        return crop
 
-        # --- classify + Grad-CAM
-        stages.check("before the classification")
-        stages.report(STAGE_SPAN["classify"][0], "classifying")
+    def _run_classify(self, run: "_Run", ct: Volume, leg_label: Volume, registration: Any,
+                      crop: Any) -> None:
+        run.stages.check("before the classification")
+        run.stages.report(STAGE_SPAN["classify"][0], "classifying")
         if self._classifier is None:
-            with timed("load_models"):
+            with run.timed("load_models"):
                 _ = self.classifier
         out = self.classify(ct, leg_label, registration, crop)
-        used["classification"] = True
+        run.used["classification"] = True
         for name in ("classify", "gradcam"):
-            timings[name] = float(out.result.timings.get(name, 0.0))
-        res.classification = out.result
-        res.gradcam = out.gradcam
-        stages.check("after the classification")
-        return finish()
+            run.res.timings[name] = float(out.result.timings.get(name, 0.0))
+        run.res.classification = out.result
+        run.res.gradcam = out.gradcam
+        run.stages.check("after the classification")
+
+    def _run_localise(self, run: "_Run", ct: Volume, crop: Any) -> None:
+        """Locate the fibular fracture; combine the class its height gives with the
+        classifier's (a disagreement is an unsure-making warning with the reason)."""
+        from AnkleFractureLib.fracture.weber_height import combine
+
+        res = run.res
+        if self.classifier.plans.crop != "registered":
+            return  # a raw-CT classifier has no registered crop to read
+        run.stages.report(STAGE_SPAN["localise"][0], "locating the fracture")
+        if self._localiser is None:
+            with run.timed("load_models"):
+                _ = self.localiser
+        with run.timed("localise"):
+            out = self.localise(ct, crop)
+        run.used["fracture"] = True
+        f = out.finding
+        res.fracture, res.fracture_line = f, out.line
+        res.weber = combine(res.classification.probabilities, f.found, f.probability,
+                            f.height_mm, f.size_factor)
+        for reason in res.weber.reasons:
+            res.findings.append(C.Finding(C.WARNING, "weber_disagreement", reason))
 
     @staticmethod
     def _label_on_ct(label: Volume, ct: Volume, res: PipelineResult) -> Volume:
@@ -615,6 +754,8 @@ def write_outputs(result: PipelineResult, out_dir: PathLike, ct: Optional[Volume
     * ``gradcam.nii.gz``: float32 heatmap in [0, 1] on the CT's voxel lattice, covering only
       the box of the syndesmosis crop (its origin is that box's first voxel; a viewer overlays
       it on the CT by its geometry);
+    * ``fracture_line.nii.gz``: uint8, 1 on the located fibular fracture line, on the CT's
+      voxel lattice kept to the crop's box (only when a line was found);
     * ``report.png``: a one-page summary (needs ``ct``), and with ``report_pdf`` the same page
       as ``report.pdf``;
     * ``result.json``: :meth:`PipelineResult.to_json` plus ``files``.
@@ -663,6 +804,9 @@ def write_outputs(result: PipelineResult, out_dir: PathLike, ct: Optional[Volume
                                                                           copy=False)),
                     out / "gradcam.nii.gz")
         written.append("gradcam.nii.gz")
+    if result.fracture_line is not None:
+        write_image(result.fracture_line, out / "fracture_line.nii.gz")
+        written.append("fracture_line.nii.gz")
     for name in OUTPUT_FILES:
         if name not in written and name != "result.json":
             with contextlib.suppress(FileNotFoundError):

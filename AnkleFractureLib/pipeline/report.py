@@ -429,8 +429,10 @@ def _info_lines(result: Dict[str, Any], notes: Sequence[str], width: int,
         if conf is not None:
             text += f" (confidence {_fmt_pct(float(conf))})"
         add(text)
+        shown = set(result.get("warnings") or [])  # listed below: not twice
         for r in unc.get("reasons") or []:
-            add(f"- {r}", "  ")
+            if r not in shown:
+                add(f"- {r}", "  ")
     fracture = _fracture_line(result)
     if fracture:
         add(fracture)

@@ -114,6 +114,37 @@ _GRADCAM: Dict[str, Any] = {
     "additionalProperties": False,
 }
 
+#: The located fibular fracture (``fracture``; null when the localiser did not run).
+_FRACTURE: Dict[str, Any] = {
+    "type": ["object", "null"],
+    "required": ["found", "probability", "height_mm", "center_lps", "extent"],
+    "properties": {
+        "found": {"type": "boolean"},
+        "probability": _FRACTION,
+        "height_mm": {"type": ["number", "null"]},
+        "center_lps": {"type": ["array", "null"], "items": _NUMBER, "minItems": 3, "maxItems": 3},
+        "extent": {"type": ["object", "null"],
+                   "required": ["length_mm", "height_min_mm", "height_max_mm", "voxels"],
+                   "additionalProperties": _NUMBER},
+        "size_factor": {"type": "number", "minimum": 0},
+        "model": {"type": "object"},
+    },
+    "additionalProperties": False,
+}
+
+#: The class the measured height gives and whether it agrees with the classifier.
+_WEBER_FROM_HEIGHT: Dict[str, Any] = {
+    "type": ["object", "null"],
+    "required": ["height_class", "classifier_prediction", "agree", "reasons"],
+    "properties": {
+        "height_class": {"enum": ["A", "B", "C", None]},
+        "classifier_prediction": {"enum": _CLASSES},
+        "agree": {"type": "boolean"},
+        "reasons": _STRINGS,
+    },
+    "additionalProperties": False,
+}
+
 #: JSON Schema of ``result.json`` (what :func:`~.pipeline.write_outputs` writes).
 RESULT_SCHEMA: Dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -133,6 +164,11 @@ RESULT_SCHEMA: Dict[str, Any] = {
                         "properties": {"unsure": {"type": "boolean"}, "reasons": _STRINGS}},
         "gradcam_class": {"enum": _CLASSES + [None]},
         "gradcam": _GRADCAM,
+        "fracture": _FRACTURE,
+        "weber_from_height": _WEBER_FROM_HEIGHT,
+        "classifier_probabilities": {"type": ["object", "null"], "required": _CLASSES,
+                                     "properties": {c: _FRACTION for c in _CLASSES},
+                                     "additionalProperties": False},
         "withheld_reason": {"type": ["string", "null"]},
         "side": {"enum": ["left", "right", None]},
         "refused": {"type": "boolean"},
@@ -147,7 +183,8 @@ RESULT_SCHEMA: Dict[str, Any] = {
         "timings_s": {"type": "object", "required": ["total"],
                       "additionalProperties": {"type": "number", "minimum": 0}},
         "models": {"type": "object", "required": ["segmentation", "classification"],
-                   "properties": {"segmentation": _MODEL, "classification": _MODEL},
+                   "properties": {"segmentation": _MODEL, "classification": _MODEL,
+                                  "fracture": _MODEL},
                    "additionalProperties": False},
         "input": _INPUT,
         "version": {"type": "string"},

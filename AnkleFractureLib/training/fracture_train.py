@@ -37,9 +37,10 @@ class FractureTrainConfig:
     batch_size: int = 2
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    pos_weight: float = 8.0
+    pos_weight: float = 3.0
     shift: int = 4
-    patch_z: int = 48
+    patch_z: int = 32
+    patch_yx: int = 32
     val_fraction: float = 0.15
     eval_every: int = 150
     seed: int = 0
@@ -109,16 +110,27 @@ def _augment_ct(ct: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return x + rng.normal(0.0, rng.uniform(0.0, 0.03), size=x.shape).astype(np.float32)
 
 
-def _z_range(target: np.ndarray, patch_z: int, rng: np.random.Generator) -> slice:
-    """Slices of a training patch: over the fracture line 70 % of the time (when there is one),
-    anywhere otherwise, so both lines and intact bone are seen."""
+def _fibula_tip_z(fibula: np.ndarray) -> Optional[int]:
+    """Lowest slice of the fibula mask (the lateral malleolus tip), or None."""
+    zs = np.flatnonzero(np.asarray(fibula).reshape(fibula.shape[0], -1).max(axis=1) > 0.5)
+    return int(zs[0]) if zs.size else None
+
+
+def _z_range(target: np.ndarray, patch_z: int, rng: np.random.Generator,
+             tip_z: Optional[int] = None) -> slice:
+    """Slices of a training patch: over the fracture line 60 % of the time (when there is one),
+    over the malleolus tip 25 % (hard negatives: the end of the bone and the talofibular joint
+    look like a transverse line), anywhere otherwise."""
     nz = target.shape[0]
     if patch_z <= 0 or patch_z >= nz:
         return slice(0, nz)
     zs = np.flatnonzero(target.reshape(nz, -1).any(axis=1))
-    if zs.size and rng.uniform() < 0.7:
-        centre = int(rng.choice(zs)) + int(rng.integers(-patch_z // 3, patch_z // 3 + 1))
-        z0 = centre - patch_z // 2
+    u = rng.uniform()
+    jitter = int(rng.integers(-patch_z // 3, patch_z // 3 + 1))
+    if zs.size and u < 0.6:
+        z0 = int(rng.choice(zs)) + jitter - patch_z // 2
+    elif tip_z is not None and u < 0.85:
+        z0 = tip_z + jitter - patch_z // 4
     else:
         z0 = int(rng.integers(0, nz - patch_z + 1))
     z0 = int(np.clip(z0, 0, nz - patch_z))
@@ -130,7 +142,7 @@ def training_pair(sample: Sample, rng: np.random.Generator, shift: int,
                   ) -> Tuple[np.ndarray, np.ndarray]:
     """One augmented (input (3, pz, wy, wx), target (1, pz, wy, wx)) pair (pz = patch_z, or
     every slice when 0)."""
-    zr = _z_range(sample.target, patch_z, rng)
+    zr = _z_range(sample.target, patch_z, rng, _fibula_tip_z(sample.channels[2]))
     ch = sample.channels.astype(np.float32)
     win = fibula_window(ch[2], window_yx)
     dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, size=2))
@@ -161,7 +173,8 @@ def _batch(samples: List[Sample], idx: Sequence[int], rng: np.random.Generator,
            cfg: FractureTrainConfig) -> Tuple[Any, Any]:
     import torch
 
-    pairs = [training_pair(samples[i], rng, cfg.shift, patch_z=cfg.patch_z) for i in idx]
+    pairs = [training_pair(samples[i], rng, cfg.shift, (cfg.patch_yx, cfg.patch_yx), cfg.patch_z)
+             for i in idx]
     x = torch.from_numpy(np.stack([p[0] for p in pairs]).astype(np.float32))
     y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.float32))
     return x, y
@@ -303,7 +316,56 @@ def train_localiser(paths: Sequence[Path], out: "Path | str", cfg: FractureTrain
             progress((step + 1) / cfg.steps, f"step {step + 1}/{cfg.steps} loss {loss:.4f}")
     if not val_idx:
         save_localiser(out, net, plans, {"step": len(state["log"])})
+    state["decision"] = fit_decision(out, samples)
     return _finish(out, cfg, command, samples, train_idx, val_idx, state)
+
+
+#: Candidate "found" rules: peak probability and the strongest line's size (voxels).
+DECISION_GRID = {"found_threshold": (0.5, 0.7, 0.9),
+                 "min_voxels": (6, 50, 100, 200, 300, 400, 600, 800, 1200)}
+
+
+def _line_stats(localiser: Any, samples: Sequence[Sample]) -> List[Tuple[bool, float, int]]:
+    """(fractured, peak probability, strongest line's voxels) per sample."""
+    rows = []
+    for s in samples:
+        prob, _ = localiser.heatmap(s.channels.astype(np.float32))
+        from AnkleFractureLib.fracture.localise import strongest_line
+
+        mask, peak = strongest_line(prob, localiser.decision["threshold"])
+        rows.append((s.info["weber"] != "none", float(peak), int(mask.sum())))
+    return rows
+
+
+def fit_decision(model_dir: Path, samples: Sequence[Sample]) -> Dict[str, Any]:
+    """Choose the "found" rule on the training and validation cases and write it into
+    plans.json: the (peak, size) pair of :data:`DECISION_GRID` with the largest found rate on
+    fractured cases minus the found rate on intact ones (ties: the most permissive rule).
+
+    Returns:
+        {"found_threshold", "min_voxels", "found_rate", "found_on_none_rate", "cases"}.
+    """
+    from AnkleFractureLib.fracture.localise import FractureLocaliser
+    from AnkleFractureLib.io import atomic_write_json
+
+    loc = FractureLocaliser.load(model_dir, device="cpu")
+    stats = _line_stats(loc, samples)
+    frac = [r for r in stats if r[0]]
+    none = [r for r in stats if not r[0]]
+    best: Optional[Dict[str, Any]] = None
+    for t in DECISION_GRID["found_threshold"]:
+        for v in DECISION_GRID["min_voxels"]:
+            fr = float(np.mean([p >= t and n >= v for _, p, n in frac])) if frac else 0.0
+            fn = float(np.mean([p >= t and n >= v for _, p, n in none])) if none else 0.0
+            if best is None or fr - fn > best["found_rate"] - best["found_on_none_rate"] + 1e-9:
+                best = {"found_threshold": t, "min_voxels": v, "found_rate": round(fr, 4),
+                        "found_on_none_rate": round(fn, 4)}
+    best["cases"] = len(stats)
+    plans = {k: v for k, v in loc.plans.items() if not k.startswith("_")}
+    plans["decision"] = {**plans.get("decision", {}), "found_threshold": best["found_threshold"],
+                         "min_voxels": best["min_voxels"]}
+    atomic_write_json(Path(model_dir) / "plans.json", plans)
+    return best
 
 
 def _train_step(net: Any, opt: Any, samples: List[Sample], train_idx: List[int],
@@ -329,6 +391,7 @@ def _finish(out: Path, cfg: FractureTrainConfig, command: str, samples: List[Sam
               "steps_run": len(state["log"]), "minutes": round((time.time() - state["t0"]) / 60, 2),
               "train_cases": sorted({samples[i].info["id"] for i in train_idx}),
               "val_cases": sorted({samples[i].info["id"] for i in val_idx}),
-              "best_step": state["best_step"], "val_metrics": state["best_val"]}
+              "best_step": state["best_step"], "val_metrics": state["best_val"],
+              "decision_fit": state.get("decision")}
     atomic_write_json(out / "training.json", report)
     return report

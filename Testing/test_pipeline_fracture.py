@@ -1,0 +1,87 @@
+"""The located fracture through the whole pipeline: result.json, outputs, the combined answer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from AnkleFractureLib.pipeline import checks as C
+
+
+@pytest.fixture(scope="module")
+def displaced_c():
+    from AnkleFractureLib.phantom import generate_case
+
+    return generate_case(21, "C", "right", "fast", fractures="varied")
+
+
+@pytest.fixture(scope="module")
+def run_c(displaced_c, tmp_path_factory):
+    from AnkleFractureLib.pipeline.pipeline import Pipeline, PipelineOptions, write_outputs
+
+    res = Pipeline(PipelineOptions(device="cpu")).run(displaced_c.ct)
+    out = tmp_path_factory.mktemp("run_c")
+    data = write_outputs(res, out, displaced_c.ct)
+    return res, data, out
+
+
+def test_result_holds_the_fracture_and_validates(run_c) -> None:
+    from AnkleFractureLib.pipeline.result_schema import result_problems
+
+    res, data, out = run_c
+    assert not data["refused"]
+    assert result_problems(json.loads((out / "result.json").read_text())) == []
+    frac = data["fracture"]
+    assert set(frac) >= {"found", "probability", "height_mm", "center_lps", "extent"}
+    assert data["models"]["fracture"]["used"] is True
+    assert len(data["models"]["fracture"]["sha256"]) == 64
+    assert sum(data["classifier_probabilities"].values()) == pytest.approx(1.0)
+    assert sum(data["probabilities"].values()) == pytest.approx(1.0)
+    assert data["weber_from_height"]["classifier_prediction"] in ("none", "A", "B", "C")
+    assert ("fracture_line.nii.gz" in data["files"]) == frac["found"]
+
+
+def test_fracture_line_lies_on_the_ct_lattice_at_the_centre(run_c, displaced_c) -> None:
+    from AnkleFractureLib.crop.syndesmosis import box_on_grid
+    from AnkleFractureLib.io import read_image
+
+    res, data, out = run_c
+    if not data["fracture"]["found"]:
+        pytest.skip("the shipped localiser found no line on this phantom")
+    line = read_image(out / "fracture_line.nii.gz")
+    assert box_on_grid(line, displaced_c.ct, atol=1e-4) is not None
+    kji = np.argwhere(line.array > 0)
+    pts = line.index_to_physical(kji[:, ::-1].astype(float))
+    centre = np.asarray(data["fracture"]["center_lps"])
+    assert np.linalg.norm(pts.mean(axis=0) - centre) < 10.0
+
+
+def test_without_localisation_nothing_is_claimed(displaced_c, tmp_path) -> None:
+    from AnkleFractureLib.pipeline.pipeline import Pipeline, PipelineOptions, write_outputs
+
+    res = Pipeline(PipelineOptions(device="cpu", localise=False)).run(displaced_c.ct)
+    data = write_outputs(res, tmp_path, None)
+    assert data["fracture"] is None and data["weber_from_height"] is None
+    assert data["probabilities"] == pytest.approx(data["classifier_probabilities"])
+    assert "fracture_line.nii.gz" not in data["files"]
+
+
+def test_disagreement_makes_the_answer_unsure_with_the_reason() -> None:
+    from AnkleFractureLib.classification.inference import ClassificationResult
+    from AnkleFractureLib.fracture.weber_height import combine
+    from AnkleFractureLib.pipeline.pipeline import PipelineResult
+
+    cls = ClassificationResult({"none": 0.05, "A": 0.8, "B": 0.1, "C": 0.05}, "A",
+                               {"unsure": False, "reasons": []})
+    res = PipelineResult(input={}, classification=cls)
+    res.weber = combine(cls.probabilities, True, 0.97, 15.0)
+    res.findings += [C.Finding(C.WARNING, "weber_disagreement", r) for r in res.weber.reasons]
+    gated = res.gated
+    assert gated["uncertainty"]["unsure"] is True
+    assert any("+15.0 mm" in r for r in gated["uncertainty"]["reasons"])
+    assert gated["probabilities"] == pytest.approx(res.weber.probabilities)
+    refused = PipelineResult(input={}, classification=cls, weber=res.weber)
+    refused.findings.append(C.Finding(C.REFUSAL, "no_fibula", "no fibula"))
+    assert refused.to_json()["fracture"] is None and refused.gated["prediction"] is None

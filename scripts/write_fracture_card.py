@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Write MODEL_DIR/model_card.md and model_card.json of the fracture localiser.
+
+Usage:
+    python scripts/write_fracture_card.py MODEL_DIR \
+        --data-command "ankle-fracture phantom --out ... --fractures varied ..." \
+        --heldout NAME METRICS_JSON COMMAND [--heldout ...] [--credit TEXT] [--note TEXT]
+
+Every figure comes from the files named: training.json (command, seed, validation), the
+``evaluate-fracture`` JSON of each held-out set (through the whole pipeline) and the sha256 of
+model.pt, so anyone can check that the shipped file is the one that was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+from AnkleFractureLib.io import atomic_write_json
+from AnkleFractureLib.segmentation.model_io import sha256_file
+
+
+def _f(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "n/a"
+    return f"{100 * v:.1f} %" if pct else (f"{v:.2f}" if isinstance(v, float) else str(v))
+
+
+def _heldout(name: str, metrics: Dict[str, Any], command: str) -> List[str]:
+    s = metrics["summary"]
+    fr, comb, clf = s["fracture"], s["combined"], s["classifier_only"]
+    auroc = comb["per_class"]
+    lines = ["", f"## Held-out: {name}", "", f"Command: `{command}`", "",
+             f"{s['n']} cases through the whole pipeline (shipped segmentation, side detected, "
+             f"checks); {s['refused']} refused (counted as wrong).", "",
+             "| measure | value |", "|---|---|",
+             f"| fracture found (fractured cases, n={fr['n_fractured']}) | {_f(fr['found_rate'], True)} |",
+             f"| 'found' on intact cases (n={fr['n_none']}) | {_f(fr['found_on_none_rate'], True)} |",
+             f"| median abs height error | {_f(fr['median_abs_height_error_mm'])} mm |",
+             f"| median centre distance | {_f(fr['median_center_distance_mm'])} mm |",
+             f"| Weber accuracy, combined answer | {_f(comb['accuracy'], True)} |",
+             f"| Weber accuracy, classifier alone | {_f(clf['accuracy'], True)} |",
+             f"| Weber accuracy, measured height alone (answered cases) | {_f(s['height_only_accuracy'], True)} |",
+             f"| ECE, combined | {_f(comb['ece'])} |",
+             "| AUROC none / A / B / C, combined | " + " / ".join(
+                 _f(auroc[c]["auroc"]) for c in ("none", "A", "B", "C")) + " |",
+             "", "Confusion matrix of the combined answer (rows true none, A, B, C):", "",
+             "```"] + [" ".join(f"{v:3d}" for v in row) for row in comb["confusion_matrix"]] + ["```"]
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model_dir")
+    ap.add_argument("--data-command", action="append", default=[])
+    ap.add_argument("--heldout", nargs=3, action="append", default=[],
+                    metavar=("NAME", "METRICS_JSON", "COMMAND"))
+    ap.add_argument("--credit", action="append", default=[])
+    ap.add_argument("--note", action="append", default=[])
+    args = ap.parse_args()
+    folder = Path(args.model_dir)
+    training = json.loads((folder / "training.json").read_text())
+    sha = sha256_file(folder / "model.pt")
+    heldout = {name: json.loads(Path(path).read_text()) for name, path, _ in args.heldout}
+    md = ["# Fracture localiser: model card", "",
+          "Locates the fibular fracture line on the registered syndesmosis crop (fibula window, "
+          "1.5 mm voxels) and measures its height above the tibial plafond. A demonstration "
+          "trained on the project's synthetic phantoms only, not on patient data; it is not a "
+          "medical device.", "",
+          f"- weights: `model.pt`, sha256 `{sha}`",
+          f"- training command: `{training['command']}`",
+          f"- seed {training['config']['seed']}, {training['steps_run']} steps "
+          f"({training['minutes']} min on CPU), best validation step {training['best_step']}",
+          f"- training cases: {len(training['train_cases'])}; validation cases: "
+          f"{len(training['val_cases'])}"]
+    md += [f"- data: `{c}`" for c in args.data_command]
+    md += ["", "Validation (cases held back from training, dataset masks): `"
+           + json.dumps(training.get("val_metrics")) + "`"]
+    for name, path, command in args.heldout:
+        md += _heldout(name, heldout[name], command)
+    if args.credit:
+        md += ["", "## Credit", ""] + [f"- {c}" for c in args.credit]
+    if args.note:
+        md += ["", "## Notes", ""] + [f"- {n}" for n in args.note]
+    (folder / "model_card.md").write_text("\n".join(md) + "\n")
+    atomic_write_json(folder / "model_card.json", {
+        "name": "fracture", "weights": {"file": "model.pt", "sha256": sha},
+        "training": {k: training[k] for k in ("command", "config", "steps_run", "best_step",
+                                              "val_metrics")},
+        "data_commands": args.data_command,
+        "heldout": {name: {"command": cmd, "summary": heldout[name]["summary"]}
+                    for name, _, cmd in args.heldout},
+        "credit": args.credit, "notes": args.note})
+    print(f"written {folder / 'model_card.md'}")
+
+
+if __name__ == "__main__":
+    main()
