@@ -76,8 +76,10 @@ def main() -> None:
           f"- training cases: {len(training['train_cases'])}; validation cases: "
           f"{len(training['val_cases'])}"]
     md += [f"- data: `{c}`" for c in args.data_command]
-    md += ["", "Validation (cases held back from training, dataset masks): `"
-           + json.dumps(training.get("val_metrics")) + "`"]
+    md += ["", "Validation (cases held back from training, dataset masks, default found rule): `"
+           + json.dumps(training.get("val_metrics")) + "`", "",
+           "Found rule fitted after training on the training and validation cases (plans.json "
+           "`decision`): `" + json.dumps(training.get("decision_fit")) + "`"]
     for name, path, command in args.heldout:
         md += _heldout(name, heldout[name], command)
     if args.credit:
@@ -87,8 +89,8 @@ def main() -> None:
     (folder / "model_card.md").write_text("\n".join(md) + "\n")
     atomic_write_json(folder / "model_card.json", {
         "name": "fracture", "weights": {"file": "model.pt", "sha256": sha},
-        "training": {k: training[k] for k in ("command", "config", "steps_run", "best_step",
-                                              "val_metrics")},
+        "training": {k: training.get(k) for k in ("command", "config", "steps_run", "best_step",
+                                                  "val_metrics", "decision_fit")},
         "data_commands": args.data_command,
         "heldout": {name: {"command": cmd, "summary": heldout[name]["summary"]}
                     for name, _, cmd in args.heldout},
