@@ -154,7 +154,7 @@ def sample_styled(rng: np.random.Generator, weber: str, p: Any,
         >>> p = SimpleNamespace(fib_tip_depth=25.0, tib_meta_rx=20.0, mm_rx=6.0, mm_cy=0.0)
         >>> f = sample_styled(np.random.default_rng(0), "B", p,
         ...                   lambda z: np.array([-20.0, 5.0, z]), "varied")
-        >>> 0.0 <= f.fibula.centre[2] <= 25.0
+        >>> bool(0.0 <= f.fibula.centre[2] <= 25.0)
         True
     """
     if style not in STYLES:
