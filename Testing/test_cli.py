@@ -80,3 +80,15 @@ def test_phantom_command_writes_a_dataset_deterministically(tmp_path, capsys):
         assert (tmp_path / "a" / "previews" / f"{c['id']}.png").is_file()
     # Same seed, same bytes (images, labels, previews and the index).
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+
+
+def test_preload_thread_imports_the_model_code():
+    """`run` overlaps the torch / MONAI / matplotlib imports with reading the CT."""
+    import sys
+
+    from AnkleFractureLib.cli.common import preload_models_code
+
+    thread = preload_models_code()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert {"torch", "monai.networks.nets", "matplotlib.figure"} <= set(sys.modules)

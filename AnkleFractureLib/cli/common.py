@@ -7,6 +7,36 @@ import argparse
 from typing import Any, Dict, List, Optional
 
 
+def preload_models_code() -> Any:
+    """Import torch, MONAI and matplotlib in a background thread while the caller works.
+
+    A fresh ``ankle-fracture run`` spends about 1.1 s importing torch and 1.7 s importing MONAI
+    (whose package imports every submodule); reading a compressed CT spends most of its time in
+    ITK's C++ code with the GIL released, so the two overlap. Python's per-module import locks
+    make a later import of the same modules in the main thread wait for this one, never run it
+    twice.
+
+    Returns:
+        The started (daemon) thread.
+    """
+    import threading
+
+    def _load() -> None:
+        try:
+            import torch  # noqa: F401
+            from monai.networks import nets  # noqa: F401
+            # The report's plotting library, needed only at the end: imported while the
+            # networks run (torch releases the GIL in its kernels).
+            from matplotlib.backends import backend_agg  # noqa: F401
+            from matplotlib import figure  # noqa: F401
+        except Exception:  # noqa: BLE001 - the main thread's own import reports any problem
+            pass
+
+    thread = threading.Thread(target=_load, name="preload-models-code", daemon=True)
+    thread.start()
+    return thread
+
+
 def check_out_dir(path: str) -> Path:
     """``--out`` as a Path; refuses a path that is an existing file (InputError)."""
     from AnkleFractureLib.errors import InputError

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from AnkleFractureLib.cli.common import (add_pipeline_options, bar_chart, check_out_dir,
-                                         check_tta, pipeline_options, prediction_line)
+                                         check_tta, pipeline_options, prediction_line,
+                                         preload_models_code)
 from AnkleFractureLib.cli.progress import ProgressBar
 
 DESCRIPTION = """\
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_tta(args.tta)
     out = check_out_dir(args.out)
+    preload_models_code()  # overlaps the torch/MONAI imports with reading the CT
     bar = ProgressBar("run", enabled=not args.quiet)
     bar(0.0, "reading the CT")
     ct = read_image(args.ct)
