@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import json
 import os
@@ -170,6 +171,26 @@ def test_sampler_is_seeded_per_step_and_oversamples_bone():
     centres = np.array([plain.batch(s, 1)[1][0, 0, 8, 8, 8] for s in range(300)])
     assert 0.55 < np.mean(centres > 0) < 0.85
     assert 0.6 < np.sum(centres == 2) / max(1, np.sum(centres == 1)) < 1.6
+
+
+def test_hard_negative_patches_centre_on_unlabelled_bone():
+    case = _toy_case()
+    # An unlabelled bright block: a talus or foot bone the labels leave out.
+    case.image[30:36, 24:29, 2:8] = 0.6
+    plain = PatchSampler([case], (16, 16, 16), seed=0, augment=AugmentConfig.none())
+    hard = PatchSampler([case], (16, 16, 16), seed=0, bone_level=0.4,
+                        augment=dataclasses.replace(AugmentConfig.none(), p_unlabelled_bone=0.5))
+    on_block = []
+    for sampler in (plain, hard):
+        centres = [sampler.batch(s, 1) for s in range(200)]
+        on_block.append(np.mean([(img[0, 0, 8, 8, 8] > 0.4) and lab[0, 0, 8, 8, 8] == 0
+                                 for img, lab in centres]))
+    assert on_block[0] < 0.05 and 0.35 < on_block[1] < 0.65
+    # A case without unlabelled bone falls back to the usual centres.
+    bare = _toy_case()
+    img, lab = PatchSampler([bare], (16, 16, 16), seed=0, bone_level=0.4, augment=dataclasses
+                            .replace(AugmentConfig.none(), p_unlabelled_bone=1.0)).batch(0, 1)
+    assert img.shape == (1, 1, 16, 16, 16)
 
 
 def test_augmented_patches_keep_labels_aligned_with_the_image():

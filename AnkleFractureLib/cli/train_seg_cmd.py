@@ -65,6 +65,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                         "metal, field-of-view cuts) so that a phantom-trained model relies on "
                         "shape rather than the phantoms' exact HU; default off for a new run "
                         "(as the shipped model was trained), the checkpoint's on --resume")
+    p.add_argument("--hard-negatives", type=float, default=0.0, metavar="P",
+                   help="share of training patches centred on bone that carries no label "
+                        "(talus, foot bones, the other leg), so that the model learns they "
+                        "are not tibia or fibula; 0 to 1 (default 0, as earlier versions)")
     p.add_argument("--val-fraction", type=float, default=0.15, metavar="F",
                    help="share of cases held out for validation (default 0.15, >= 1 case)")
     p.add_argument("--seed", type=int, default=0,
@@ -105,6 +109,13 @@ def run(args: argparse.Namespace) -> int:
         if any(v < 16 or v % 16 for v in args.patch_size):
             raise InputError(None, f"--patch-size must be multiples of 16, got {args.patch_size}")
         plans = dataclasses.replace(plans or SegPlans(), patch_size=tuple(args.patch_size))
+    if not 0.0 <= args.hard_negatives <= 1.0:
+        raise InputError(None, f"--hard-negatives must be in [0, 1], got {args.hard_negatives}")
+    augment = None
+    if args.hard_negatives > 0:
+        from AnkleFractureLib.training.seg_data import AugmentConfig
+
+        augment = AugmentConfig(p_unlabelled_bone=args.hard_negatives)
     lr = args.lr if args.lr is not None else (1e-2 if args.optimizer == "sgd" else 1e-3)
     main_rank = env_ranks()[0] == 0
     summary = train_segmentation(
@@ -114,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume, device=args.device, num_workers=args.num_workers,
         cache_dir=args.cache_dir, optimizer=args.optimizer, num_threads=args.threads,
         keep_checkpoint=args.keep_checkpoint, randomise=args.randomise,
-        init_weights=args.init_from,
+        init_weights=args.init_from, augment=augment,
         progress=ProgressBar("train-seg", enabled=main_rank and not args.quiet),
         log=print if main_rank else None)
     if main_rank:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -181,6 +181,30 @@ def evaluate_classifier(dataset_dir: "os.PathLike[str] | str",
                                   "dataset.json) to evaluate against")
     ids = [crops.ids[i] for i in idx]
     y = crops.y[idx]
+    probs, unsure_flags, reasons = _predict(classifier, crops, idx, tta, report)
+    result = classification_report(y, probs, class_names=plans.classes, ids=ids)
+    result.update({"model": None if classifier.model_dir is None else str(classifier.model_dir),
+                   "dataset": str(ds.root), "crop": plans.crop, "tta": tta,
+                   "failed": dict(crops.failed),
+                   "masks": "predicted" if predicted_masks else "dataset",
+                   "crop_key": dict(getattr(crops, "meta", {}) or {})})
+    if crops.info:
+        _add_side(result, [crops.info[i] for i in idx])
+    if tta > 1:
+        correct = probs.argmax(axis=1) == y
+        result["unsure"] = unsure_summary(correct, np.asarray(unsure_flags, dtype=bool))
+        for entry, flag, why in zip(result["per_case"], unsure_flags, reasons):
+            entry["unsure"] = flag
+            entry["unsure_reasons"] = why
+    report(1.0, f"{idx.size} cases evaluated")
+    return result
+
+
+def _predict(classifier: Any, crops: Any, idx: np.ndarray, tta: int,
+             report: ProgressCallback) -> Tuple[np.ndarray, List[bool], List[List[str]]]:
+    """Class probabilities (N, C) of the crops ``idx``, exactly normalised, and with tta > 1
+    each case's unsure flag and reasons (empty lists without TTA)."""
+    plans = classifier.plans
     unsure_flags: List[bool] = []
     reasons: List[List[str]] = []
     if tta > 1:
@@ -199,23 +223,7 @@ def evaluate_classifier(dataset_dir: "os.PathLike[str] | str",
         probs = np.asarray(classifier.predict_crops(crops.x[idx]), dtype=np.float64)
     # Float32 softmax / TTA means sum to 1 only to ~1e-7; renormalise so the report's check
     # (1e-4) and downstream consumers see exact probability vectors.
-    probs = probs / probs.sum(axis=1, keepdims=True)
-    result = classification_report(y, probs, class_names=plans.classes, ids=ids)
-    result.update({"model": None if classifier.model_dir is None else str(classifier.model_dir),
-                   "dataset": str(ds.root), "crop": plans.crop, "tta": tta,
-                   "failed": dict(crops.failed),
-                   "masks": "predicted" if predicted_masks else "dataset",
-                   "crop_key": dict(getattr(crops, "meta", {}) or {})})
-    if crops.info:
-        _add_side(result, [crops.info[i] for i in idx])
-    if tta > 1:
-        correct = probs.argmax(axis=1) == y
-        result["unsure"] = unsure_summary(correct, np.asarray(unsure_flags, dtype=bool))
-        for entry, flag, why in zip(result["per_case"], unsure_flags, reasons):
-            entry["unsure"] = flag
-            entry["unsure_reasons"] = why
-    report(1.0, f"{idx.size} cases evaluated")
-    return result
+    return probs / probs.sum(axis=1, keepdims=True), unsure_flags, reasons
 
 
 def format_report(result: Dict[str, Any]) -> str:

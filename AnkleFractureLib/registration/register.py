@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -217,8 +217,6 @@ def register_to_template(label: Volume, template: Any = None, side: str = "auto"
             (with the reason; pass ``side`` explicitly), or an absurd scale.
     """
     from AnkleFractureLib.registration.icp import similarity_icp
-    from AnkleFractureLib.registration.side import detect_side
-    from AnkleFractureLib.registration.surface import labelled_surface_points, main_pieces
     from AnkleFractureLib.registration.template import load_template
 
     def report(fraction: float, message: str) -> None:
@@ -235,27 +233,11 @@ def register_to_template(label: Volume, template: Any = None, side: str = "auto"
         template = load_template()
 
     report(0.05, "detecting the side")
-    if side == "auto":
-        detection = detect_side(label, ct)
-        if detection.side is None:
-            raise InputError(where, f"cannot tell left from right: {detection.reason}; "
-                                    "give the side explicitly (side='left' or 'right')")
-        side_, confidence, reason = detection.side, float(detection.confidence), detection.reason
-    else:
-        side_, confidence, reason = side, 1.0, "given by the caller"
-    mirrored = side_ == "left"
-    mirror = MIRROR_X if mirrored else np.eye(4)
+    side_, confidence, reason = _resolve_side(label, ct, side, where)
+    mirror = MIRROR_X if side_ == "left" else np.eye(4)
 
     report(0.2, "extracting bone surfaces")
-    # The faces where the field of view cut the bones are no bone surface: left out, they
-    # neither pull the fit nor count as outliers.
-    points, point_labels = labelled_surface_points(label, max_points_per_bone=max_points, seed=seed,
-                                                   exclude_edges=True)
-    # Only each bone's largest piece (fragments within LINK_MM included): a stray blob far away
-    # would pull the fit along the shaft.
-    main = main_pieces(points, point_labels)
-    points, point_labels = points[main], point_labels[main]
-    points = points @ mirror[:3, :3].T  # MIRROR_X has no translation
+    points, point_labels = _fit_points(label, mirror, max_points, seed)
 
     report(0.4, "ICP registration to the template")
     try:
@@ -268,8 +250,48 @@ def register_to_template(label: Volume, template: Any = None, side: str = "auto"
                              inlier_distance_mm=INLIER_DISTANCE_MM)
     except GeometryError as exc:
         raise InputError(where, f"registration failed: {exc}") from None
-    matrix = icp.matrix @ mirror
+    warnings = _fit_warnings(icp, confidence, reason)
+    report(1.0, "registered")
+    return Registration(icp.matrix @ mirror, side_, side_ == "left", float(icp.rms_mm),
+                        float(icp.inlier_fraction), int(icp.iterations), bool(icp.converged),
+                        float(icp.scale), confidence, reason, warnings)
 
+
+def _resolve_side(label: Volume, ct: Optional[Volume], side: str, where: Any
+                  ) -> Tuple[str, float, str]:
+    """(side, confidence in [0, 1], reason): detected when ``side`` is "auto", else given.
+
+    Raises:
+        InputError: The side cannot be told from the anatomy.
+    """
+    from AnkleFractureLib.registration.side import detect_side
+
+    if side != "auto":
+        return side, 1.0, "given by the caller"
+    detection = detect_side(label, ct)
+    if detection.side is None:
+        raise InputError(where, f"cannot tell left from right: {detection.reason}; "
+                                "give the side explicitly (side='left' or 'right')")
+    return detection.side, float(detection.confidence), detection.reason
+
+
+def _fit_points(label: Volume, mirror: np.ndarray, max_points: int, seed: int
+                ) -> Tuple[np.ndarray, np.ndarray]:
+    """Bone surface points (N, 3) LPS mm, mirrored to the template's side, and their labels."""
+    from AnkleFractureLib.registration.surface import labelled_surface_points, main_pieces
+
+    # The faces where the field of view cut the bones are no bone surface: left out, they
+    # neither pull the fit nor count as outliers.
+    points, point_labels = labelled_surface_points(label, max_points_per_bone=max_points, seed=seed,
+                                                   exclude_edges=True)
+    # Only each bone's largest piece (fragments within LINK_MM included): a stray blob far away
+    # would pull the fit along the shaft.
+    main = main_pieces(points, point_labels)
+    return points[main] @ mirror[:3, :3].T, point_labels[main]  # MIRROR_X has no translation
+
+
+def _fit_warnings(icp: Any, confidence: float, reason: str) -> List[str]:
+    """Plain-words warnings about a finished fit (poor surface match, odd scale, unsure side)."""
     warnings: List[str] = []
     if icp.rms_mm > POOR_FIT_RMS_MM:
         warnings.append(f"poor registration: surface RMS distance {icp.rms_mm:.2f} mm exceeds "
@@ -286,10 +308,7 @@ def register_to_template(label: Volume, template: Any = None, side: str = "auto"
     # fit, caught above, deserves a warning.
     if confidence < 0.8:
         warnings.append(f"side detection is unsure ({confidence:.0%}): {reason}")
-    report(1.0, "registered")
-    return Registration(matrix, side_, mirrored, float(icp.rms_mm), float(icp.inlier_fraction),
-                        int(icp.iterations), bool(icp.converged), float(icp.scale), confidence,
-                        reason, warnings)
+    return warnings
 
 
 def template_normals(template: Any) -> np.ndarray:

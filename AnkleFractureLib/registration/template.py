@@ -743,6 +743,86 @@ def _strip_scale(matrix: np.ndarray, pivot: np.ndarray) -> np.ndarray:
     return out
 
 
+def _check_case_inputs(labels: List[Volume], sides: List[str]) -> None:
+    """Raise InputError for no case, mismatched lengths or a side other than left/right."""
+    n = len(labels)
+    if n == 0:
+        raise InputError(None, "build_template_from_cases needs at least one healthy case")
+    if len(sides) != n:
+        raise InputError(None, f"{n} label maps but {len(sides)} sides")
+    for k, side in enumerate(sides):
+        if side not in ("left", "right"):
+            raise InputError(None, f"case {k}: side must be 'left' or 'right', got {side!r}")
+
+
+def _cases_to_first(labels: List[Volume], sides: List[str], register: Callable[..., np.ndarray]
+                    ) -> Tuple[List[np.ndarray], np.ndarray]:
+    """(4x4 per case: its patient mm -> the first case's mirrored patient mm, the first case's
+    surface points (N, 3) mm), left ankles mirrored (x -> -x) first.
+
+    Raises:
+        InputError: A case without both bones.
+        AnkleFractureError: ``register`` returned an invalid matrix.
+    """
+    mirror = np.diag([-1.0, 1.0, 1.0, 1.0])
+    pre = [mirror if s == "left" else np.eye(4) for s in sides]
+    pts, plab = [], []
+    for k, lab in enumerate(labels):
+        p, l_ = surface_points(lab, POINTS_PER_BONE, seed=0)
+        if not {1, 2} <= set(np.unique(l_).tolist()):
+            raise InputError(lab.meta.get("source"),
+                             f"case {k} needs both tibia (1) and fibula (2)")
+        pts.append(_apply(pre[k], p))
+        plab.append(l_)
+    to_ref = [pre[0]]
+    for k in range(1, len(labels)):
+        t = np.asarray(register(pts[k], plab[k], pts[0], plab[0]), dtype=float)
+        if t.shape != (4, 4) or not np.all(np.isfinite(t)):
+            raise AnkleFractureError(f"registration of case {k} returned an invalid matrix")
+        to_ref.append(t @ pre[k])
+    return to_ref, pts[0]
+
+
+def _mean_labels(labels: List[Volume], to_ref: List[np.ndarray], frame: np.ndarray, size,
+                 origin, sp: float) -> Volume:
+    """Per-bone mean of the cases' masks on an isotropic grid (``sp`` mm) in ``frame``."""
+    from AnkleFractureLib.preprocessing.resample import resample_to_grid
+
+    n = len(labels)
+    shape = tuple(int(s) for s in size[::-1])
+    prob = np.zeros((2,) + shape, np.float32)
+    seen = np.zeros(shape, np.float32)
+    for k in range(n):
+        m = frame @ to_ref[k]
+        prob += _resample_masks(labels[k], m, size, (sp, sp, sp), origin)
+        # Field of view of case k: a voxel outside a scan is unknown, not background, so
+        # the mean is over the cases that saw it (the scans end at different heights).
+        fov = labels[k].with_array(np.ones(labels[k].shape, np.uint8))
+        seen += resample_to_grid(fov, size, (sp, sp, sp), origin, np.eye(3), "nearest", 0,
+                                 transform=np.linalg.inv(m)).array
+    prob /= np.maximum(seen, 1.0)[None]
+    prob[:, seen < 0.5 * n] = 0.0  # fewer than half of the cases: no reliable mean
+    return Volume(_labels_from_prob(prob), (sp, sp, sp), origin, np.eye(3))
+
+
+def _template_frame(mean1: Volume, register: Callable[..., np.ndarray],
+                    reference: Optional[Template]) -> Tuple[np.ndarray, "SyndesmosisBox"]:
+    """(4x4 rotation frame, box) of the template: the reference's axes and box, or the tibial
+    axis with patient x made orthogonal to it and the default box."""
+    if reference is not None:
+        mp, ml = surface_points(mean1, POINTS_PER_BONE, seed=0)
+        t = np.asarray(register(mp, ml, reference.points, reference.point_labels), dtype=float)
+        box = SyndesmosisBox(reference.box.centre, reference.box.axes, reference.box.size_mm,
+                             reference.box.spacing_mm)
+        return _strip_scale(t, mp.mean(axis=0)), box
+    z = _tibial_axis(mean1)
+    x = np.array([1.0, 0.0, 0.0]) - z[0] * z
+    x /= np.linalg.norm(x)
+    frame = np.eye(4)
+    frame[:3, :3] = np.stack([x, np.cross(z, x), z])  # rows: template axes in ref mm
+    return frame, default_box()
+
+
 def build_template_from_cases(labels: List[Volume], sides: List[str],
                               register: Optional[Callable[..., np.ndarray]] = None, *,
                               reference: Optional[Template] = None,
@@ -774,75 +854,23 @@ def build_template_from_cases(labels: List[Volume], sides: List[str],
     Raises:
         InputError: Empty input, mismatched lengths, a bad side or a case without both bones.
     """
+    _check_case_inputs(labels, sides)
     n = len(labels)
-    if n == 0:
-        raise InputError(None, "build_template_from_cases needs at least one healthy case")
-    if len(sides) != n:
-        raise InputError(None, f"{n} label maps but {len(sides)} sides")
-    for k, side in enumerate(sides):
-        if side not in ("left", "right"):
-            raise InputError(None, f"case {k}: side must be 'left' or 'right', got {side!r}")
     if register is None:
         register = _default_register()
-    mirror = np.diag([-1.0, 1.0, 1.0, 1.0])
-    pre = [mirror if s == "left" else np.eye(4) for s in sides]
-    pts, plab = [], []
-    for k, lab in enumerate(labels):
-        p, l_ = surface_points(lab, POINTS_PER_BONE, seed=0)
-        if not {1, 2} <= set(np.unique(l_).tolist()):
-            raise InputError(lab.meta.get("source"),
-                             f"case {k} needs both tibia (1) and fibula (2)")
-        pts.append(_apply(pre[k], p))
-        plab.append(l_)
-    # Case k's patient mm -> the first case's (mirrored) patient mm.
-    to_ref = [pre[0]]
-    for k in range(1, n):
-        t = np.asarray(register(pts[k], plab[k], pts[0], plab[0]), dtype=float)
-        if t.shape != (4, 4) or not np.all(np.isfinite(t)):
-            raise AnkleFractureError(f"registration of case {k} returned an invalid matrix")
-        to_ref.append(t @ pre[k])
-
-    def mean_labels(frame: np.ndarray, size, origin, sp: float) -> Volume:
-        from AnkleFractureLib.preprocessing.resample import resample_to_grid
-
-        shape = tuple(int(s) for s in size[::-1])
-        prob = np.zeros((2,) + shape, np.float32)
-        seen = np.zeros(shape, np.float32)
-        for k in range(n):
-            m = frame @ to_ref[k]
-            prob += _resample_masks(labels[k], m, size, (sp, sp, sp), origin)
-            # Field of view of case k: a voxel outside a scan is unknown, not background, so
-            # the mean is over the cases that saw it (the scans end at different heights).
-            fov = labels[k].with_array(np.ones(labels[k].shape, np.uint8))
-            seen += resample_to_grid(fov, size, (sp, sp, sp), origin, np.eye(3), "nearest", 0,
-                                     transform=np.linalg.inv(m)).array
-        prob /= np.maximum(seen, 1.0)[None]
-        prob[:, seen < 0.5 * n] = 0.0  # fewer than half of the cases: no reliable mean
-        return Volume(_labels_from_prob(prob), (sp, sp, sp), origin, np.eye(3))
+    to_ref, pts0 = _cases_to_first(labels, sides, register)
 
     # Pass 1: mean in the first case's frame (1.5 mm, enough to orient and find the plafond).
-    size1, origin1 = _tight_grid(pts[0], 1.5, 15.0)
-    mean1 = mean_labels(np.eye(4), size1, origin1, 1.5)
-    if reference is not None:
-        mp, ml = surface_points(mean1, POINTS_PER_BONE, seed=0)
-        t = np.asarray(register(mp, ml, reference.points, reference.point_labels), dtype=float)
-        frame = _strip_scale(t, mp.mean(axis=0))
-        box = SyndesmosisBox(reference.box.centre, reference.box.axes, reference.box.size_mm,
-                             reference.box.spacing_mm)
-    else:
-        z = _tibial_axis(mean1)
-        x = np.array([1.0, 0.0, 0.0]) - z[0] * z
-        x /= np.linalg.norm(x)
-        frame = np.eye(4)
-        frame[:3, :3] = np.stack([x, np.cross(z, x), z])  # rows: template axes in ref mm
-        box = default_box()
+    size1, origin1 = _tight_grid(pts0, 1.5, 15.0)
+    mean1 = _mean_labels(labels, to_ref, np.eye(4), size1, origin1, 1.5)
+    frame, box = _template_frame(mean1, register, reference)
     plafond1 = _apply(frame, find_plafond(mean1)[None, :])[0]
     frame[:3, 3] -= plafond1
     # Pass 2: every case straight into the final frame at the template spacing.
     sp = TEMPLATE_SPACING_MM
     bone = _apply(frame, mean1.index_to_physical(np.argwhere(mean1.array > 0)[:, ::-1]))
     size2, origin2 = _tight_grid(bone, sp, TEMPLATE_MARGIN_MM)
-    final = mean_labels(frame, size2, origin2, sp)
+    final = _mean_labels(labels, to_ref, frame, size2, origin2, sp)
     # Re-centre exactly on the plafond of the final mean.
     plafond2 = find_plafond(final)
     final = Volume(final.array, final.spacing, np.asarray(final.origin) - plafond2, np.eye(3))

@@ -74,6 +74,21 @@ class PreparedCase:
             dtype = np.int32 if flat.size < 2 ** 31 else np.int64
             self.foreground = {c: np.flatnonzero(flat == c).astype(dtype) for c in (1, 2)}
 
+    def unlabelled_bone(self, level: float, limit: int = 200_000) -> np.ndarray:
+        """Flat indices of voxels at or above ``level`` (windowed units) with label 0.
+
+        Computed once per case and level; at most ``limit`` of them (an even subsample), so
+        a case with much unlabelled bone costs at most ~1 MB.
+        """
+        cached = getattr(self, "_unlabelled", None)
+        if cached is None or cached[0] != level:
+            idx = np.flatnonzero((self.image.ravel() >= level) & (self.label.ravel() == 0))
+            if idx.size > limit:
+                idx = idx[np.linspace(0, idx.size - 1, limit).astype(np.int64)]
+            cached = (level, idx.astype(np.int32 if self.label.size < 2 ** 31 else np.int64))
+            self._unlabelled = cached
+        return cached[1]
+
 
 def segmented_cases(dataset: Dataset) -> List[CaseRecord]:
     """The cases of ``dataset`` that have a segmentation, sorted by id.
@@ -228,6 +243,10 @@ class AugmentConfig:
         noise_sd: Maximum noise standard deviation (windowed units).
         p_blur: Probability of a Gaussian blur with sigma U(blur_sigma) voxels.
         blur_sigma: (min, max) blur sigma in voxels.
+        p_unlabelled_bone: Probability that a patch is centred on bone that carries no label
+            (the talus, foot bones, the other leg): hard negatives, the bones a model trained
+            on tibia-centred patches mistakes for tibia. 0 (default) draws the patches of
+            earlier versions exactly.
     """
 
     p_affine: float = 0.5
@@ -242,6 +261,7 @@ class AugmentConfig:
     noise_sd: float = 0.02
     p_blur: float = 0.1
     blur_sigma: Tuple[float, float] = (0.5, 1.0)
+    p_unlabelled_bone: float = 0.0
 
     @classmethod
     def none(cls) -> "AugmentConfig":
@@ -344,6 +364,9 @@ class PatchSampler:
             (:class:`~AnkleFractureLib.training.seg_randomise.RandomiseConfig`; its
             ``hu_window`` must be the cases' window). None (default): none, and the patches
             are exactly those of earlier versions.
+        bone_level: Windowed intensity from which a voxel is bone, for the patches centred on
+            unlabelled bone (``augment.p_unlabelled_bone``); 0.4 is 200 HU in the default
+            window [-1000, 2000] HU.
 
     Example:
         >>> lab = np.zeros((20, 20, 20), np.uint8)
@@ -358,7 +381,8 @@ class PatchSampler:
     def __init__(self, cases: Sequence[PreparedCase], patch_size: Sequence[int], seed: int,
                  rank: int = 0, foreground_fraction: float = 2.0 / 3.0,
                  augment: Optional[AugmentConfig] = None,
-                 randomise: Optional["RandomiseConfig"] = None) -> None:
+                 randomise: Optional["RandomiseConfig"] = None,
+                 bone_level: float = 0.4) -> None:
         if not cases:
             raise InputError(None, "no training cases")
         self.cases = list(cases)
@@ -368,6 +392,7 @@ class PatchSampler:
         self.foreground_fraction = float(foreground_fraction)
         self.augment = augment if augment is not None else AugmentConfig()
         self.randomise = randomise
+        self.bone_level = float(bone_level)
 
     def rng(self, step: int) -> np.random.Generator:
         """The generator of training step ``step``."""
@@ -375,6 +400,13 @@ class PatchSampler:
 
     def _center(self, case: PreparedCase, rng: np.random.Generator) -> np.ndarray:
         shape = case.label.shape
+        # Drawn only when asked for, so that the default keeps earlier versions' patches.
+        p_hard = self.augment.p_unlabelled_bone
+        if p_hard > 0 and rng.random() < p_hard:
+            hard = case.unlabelled_bone(self.bone_level)
+            if hard.size:
+                flat = hard[int(rng.integers(hard.size))]
+                return np.asarray(np.unravel_index(int(flat), shape), dtype=float)
         if rng.random() < self.foreground_fraction:
             present = [c for c in (1, 2) if case.foreground[c].size]
             if present:

@@ -72,6 +72,8 @@ CHECKPOINT_VERSION = 1
 CSV_COLUMNS = ("epoch", "step", "train_loss", "val_dice_tibia", "val_dice_fibula",
                "val_dice_mean", "lr", "seconds")
 OPTIMIZERS = ("adamw", "sgd")
+#: Bone threshold (HU) of the patches centred on unlabelled bone (``--hard-negatives``).
+BONE_HU = 200.0
 #: Gradient-norm clip (nnU-Net's value): keeps the early, large Dice gradients from diverging.
 GRAD_CLIP = 12.0
 #: Exponent of the polynomial learning-rate decay lr * (1 - step / total) ** 0.9 (nnU-Net).
@@ -532,6 +534,10 @@ def _train(ctx: DistContext, dataset_dir: Path, out: Path, *, plans: Optional[Se
     if resume:
         ckpt = load_checkpoint(out / CHECKPOINT_FILE)
         settings = _settings_from_checkpoint(given, ckpt, dataset, log)
+        hard = float(ckpt["hparams"].get("hard_negatives", 0.0))
+        if augment is None and hard > 0:
+            # The checkpoint keeps the share of hard-negative patches; go on with it.
+            augment = AugmentConfig(p_unlabelled_bone=hard)
     else:
         settings = _fresh_settings(given, out, dataset)
     barrier(ctx)  # every rank has checked the folder before rank 0 writes into it
@@ -610,8 +616,10 @@ class _SegRun:
         if ckpt is not None:
             self._restore(ckpt)
         randomise_cfg = randomise_config(settings.randomise, self.plans)
+        lo, hi = self.plans.hu_window
         self.sampler = PatchSampler(train_cases, self.patch, seed=settings.seed, rank=ctx.rank,
-                                    augment=options.augment, randomise=randomise_cfg)
+                                    augment=options.augment, randomise=randomise_cfg,
+                                    bone_level=(BONE_HU - lo) / (hi - lo))
         self.hparams = self._hparams(randomise_cfg, init_info)
 
     # ------------------------------------------------------------------------------- set-up
@@ -668,6 +676,7 @@ class _SegRun:
                 "loss": "DiceCE (softmax)", "patch_size": list(self.patch),
                 "world_size": self.ctx.world_size,
                 "augment": vars(augment if augment is not None else AugmentConfig()),
+                "hard_negatives": (augment or AugmentConfig()).p_unlabelled_bone,
                 # Kept in the checkpoint too, so --resume goes on with the same setting.
                 "randomise": "off" if randomise_cfg is None else randomise_cfg.to_json(),
                 "init_weights": init_info}
