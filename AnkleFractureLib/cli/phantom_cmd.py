@@ -44,6 +44,13 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                         "varied (hairline to 6 mm displaced, curved lines, with or without "
                         "widening; for training) or heldout (a differently parameterised "
                         "family: test only); default classic")
+    p.add_argument("--confounders", type=float, default=0.0, metavar="P",
+                   help="probability (0-1) that a case carries fracture mimics on intact bone: "
+                        "an os subfibulare (accessory ossicle below the lateral malleolus, "
+                        "unlabelled), a healed fibular fracture (sclerotic band with callus), "
+                        "a nutrient canal (thin lucent channel through the cortex) or a physeal "
+                        "scar; they look like fractures but are not (recorded in the case "
+                        "meta). Default 0: none, cases as before")
     p.add_argument("--preview", action="store_true", help="also write one PNG preview per case")
     p.add_argument("--dicom", action="store_true",
                    help="also write each CT as a DICOM series in DIR/dicom/<id>/")
@@ -56,9 +63,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise SystemExit("ankle-fracture phantom: error: --n must be at least 1")
+    if not 0.0 <= args.confounders <= 1.0:
+        raise SystemExit("ankle-fracture phantom: error: --confounders must be in [0, 1]")
     ds = write_phantom_dataset(args.out, n=args.n, seed=args.seed, weber=args.weber,
                                side=args.side, spacing=args.spacing, preview=args.preview,
                                dicom=args.dicom, family=args.family, fractures=args.fractures,
+                               confounders=args.confounders,
                                progress=ProgressBar("phantom", enabled=not args.quiet))
     counts = ds.counts()
     print(f"{ds.root}: {counts['cases']} cases "

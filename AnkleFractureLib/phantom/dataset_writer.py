@@ -81,7 +81,8 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
                           spacing: str = "fast", preview: bool = False, dicom: bool = False,
                           progress: Optional[ProgressCallback] = None,
                           should_cancel: Optional[Callable[[], bool]] = None,
-                          family: str = "analytic", fractures: str = "classic") -> Dataset:
+                          family: str = "analytic", fractures: str = "classic",
+                          confounders: float = 0.0) -> Dataset:
     """Generate ``n`` phantom cases into a dataset folder (added to it if it exists).
 
     Args:
@@ -100,13 +101,20 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
         family: Phantom family: "analytic", "vh" or "mixed" (see :func:`case_plan`).
         fractures: Fracture morphology: "classic", "varied" or "heldout"
             (:mod:`AnkleFractureLib.phantom.fracture_styles`).
+        confounders: Probability (0-1) that a case carries fracture mimics on intact bone (os
+            subfibulare, healed fracture, nutrient canal, physeal scar;
+            :mod:`AnkleFractureLib.phantom.confounders`), "none" and fractured cases alike.
+            The case meta then lists them (``confounders``); 0 (default) leaves every case as
+            before.
 
     Returns:
         The Dataset.
     """
+    from AnkleFractureLib.phantom.confounders import check_probability
     from AnkleFractureLib.phantom.generator import generate_case
     from AnkleFractureLib.phantom.preview import write_preview
 
+    confounders = check_probability(confounders)  # before any case is written
     plan = case_plan(n, seed, weber, side, spacing, family)
     ds = Dataset.create(out, name="AnkleFracture phantom",
                         description="Synthetic ankle CT phantoms (AnkleFractureLib.phantom); "
@@ -119,7 +127,7 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
             progress(k / n, f"case {item['id']} ({item['weber']}, {item['side']}, {item['spacing']})")
         case = generate_case(item["seed"], weber=item["weber"], side=item["side"],
                              spacing=item["spacing"], family=item["family"],
-                             fractures=fractures)
+                             fractures=fractures, confounders=confounders)
         info = dict(case.info)
         info.setdefault("family", item["family"])
         info["dataset_seed"] = seed

@@ -8,16 +8,22 @@ translation), pick a voxel grid that covers the leg, then rasterise (see
 Every random draw comes from generators seeded by ``seed`` (one independent stream per
 concern: anatomy, fracture, pose, grid, texture, noise), so a case depends only on its
 arguments, and changing, say, the spacing mode does not change the anatomy of a seed.
+
+``confounders=P`` adds fracture mimics on intact bone to a share P of the cases (os
+subfibulare, healed fracture, nutrient canal, physeal scar; see
+:mod:`AnkleFractureLib.phantom.confounders`), drawn from their own stream: with P = 0 (the
+default) nothing is drawn and every case is bit-identical to one made before they existed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
 from AnkleFractureLib.geometry.volume import Volume
+from AnkleFractureLib.phantom import confounders as conf_mod
 from AnkleFractureLib.phantom import imaging
 from AnkleFractureLib.phantom.anatomy import Anatomy, sample_anatomy
 from AnkleFractureLib.phantom.fractures import WEBER_CLASSES, sample_fracture
@@ -29,7 +35,8 @@ SPACING_MODES = ("fast", "clinical")
 FAMILIES = ("analytic", "vh")
 
 #: Independent random streams per concern: np.random.default_rng([seed, STREAM[...]]).
-STREAM = {"anatomy": 1, "fracture": 2, "pose": 3, "grid": 4, "texture": 5, "noise": 6}
+STREAM = {"anatomy": 1, "fracture": 2, "pose": 3, "grid": 4, "texture": 5, "noise": 6,
+          "confounder": 7}
 
 
 @dataclass
@@ -121,7 +128,9 @@ def plan_grid(seed: int, side: str, spacing: str, anatomy_seed: Optional[int] = 
 
 def generate_case(seed: int, weber: str = "none", side: str = "right",
                   spacing: str = "fast", anatomy_seed: Optional[int] = None,
-                  family: str = "analytic", fractures: str = "classic") -> PhantomCase:
+                  family: str = "analytic", fractures: str = "classic",
+                  confounders: float = 0.0,
+                  confounder_kinds: Optional[Sequence[str]] = None) -> PhantomCase:
     """Generate one synthetic ankle CT, fully determined by the arguments.
 
     Args:
@@ -137,18 +146,32 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
             ``both_legs``, ``foot_in_view`` and the shapes' ``credit``.
         fractures: Fracture morphology family: "classic" (default), "varied" or "heldout"
             (:mod:`AnkleFractureLib.phantom.fracture_styles`); ``info["fracture_style"]``.
+        confounders: Probability (0-1) that the case carries fracture mimics on intact bone
+            (os subfibulare, healed fracture, nutrient canal, physeal scar; each kind
+            independently, at least one), whatever its class. 0 (default): none, and no
+            random number is drawn for them.
+        confounder_kinds: Kinds allowed (default all of
+            :data:`~AnkleFractureLib.phantom.confounders.KINDS`); one kind alone is always
+            present in a case that carries confounders.
 
     Returns:
         The case. ``info`` holds: seed, weber, side, spacing_mode, ``anatomy_to_patient``
         (4x4 row-major list mapping canonical right-ankle anatomical mm to patient LPS mm; it
         includes the x mirror for a left ankle, so its determinant is negative),
         ``plafond_lps`` (LPS mm of the plafond centre), ``fracture`` (None for "none"),
-        ``anatomy`` (sampled parameters), ``noise_sd_hu`` and ``grid``.
+        ``anatomy`` (sampled parameters), ``noise_sd_hu`` and ``grid``; with
+        ``confounders`` > 0 also ``confounders`` (a list, empty when the case drew none:
+        ``kind``, ``bone``, ``center_lps`` in patient LPS mm, ``center_anatomical`` and the
+        kind's sizes, see :mod:`~AnkleFractureLib.phantom.confounders`) and
+        ``confounder_probability``.
 
     Raises:
-        ValueError: For an unknown class, side or spacing mode, or a bad seed.
+        ValueError: For an unknown class, side or spacing mode, or a bad seed, a probability
+            outside [0, 1] or an unknown confounder kind.
     """
     _validate(seed, weber, side, spacing)
+    confounders = conf_mod.check_probability(confounders)
+    conf_mod.check_kinds(confounder_kinds)
     from AnkleFractureLib.phantom.fracture_styles import STYLE_NAMES
 
     if fractures not in STYLE_NAMES:
@@ -156,7 +179,8 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if family == "vh":
-        return _generate_vh(seed, weber, side, spacing, anatomy_seed, fractures)
+        return _generate_vh(seed, weber, side, spacing, anatomy_seed, fractures,
+                            confounders, confounder_kinds)
     anatomy, a2p, grid = plan_grid(seed, side, spacing, anatomy_seed)
     prof = anatomy.prof
 
@@ -165,9 +189,14 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
 
     fracture = sample_fracture(_rng(seed, "fracture"), weber, anatomy.p, fib_centre_at,
                                style=fractures)
+    conf = conf_mod.Confounders([])
+    if confounders > 0:  # no draw at all otherwise: earlier cases stay bit-identical
+        conf = conf_mod.draw_confounders(_rng(seed, "confounder"), confounders,
+                                         conf_mod.analytic_anchors(anatomy, imaging.Z_COVER),
+                                         confounder_kinds)
     voxel = float(np.prod(grid.spacing) ** (1.0 / 3.0))
     renderer = imaging.Renderer(anatomy, fracture, _rng(seed, "texture"), voxel,
-                                label_band_mm=1.05 * max(grid.spacing))
+                                label_band_mm=1.05 * max(grid.spacing), confounders=conf)
     noise_sd = float(_rng(seed, "noise").uniform(15.0, 40.0))
     p2a = np.linalg.inv(a2p)
     ct_arr, lab_arr = imaging.rasterise(renderer, grid, p2a, noise_sd, 
@@ -176,6 +205,8 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
     info = _case_info(seed, anatomy_seed, weber, side, spacing, a2p, a2p[:3, 3], grid)
     info.update(fracture=fracture.to_dict(a2p), anatomy=anatomy.p.to_dict(),
                 noise_sd_hu=round(noise_sd, 3), fracture_style=fractures)
+    if confounders > 0:
+        info.update(confounders=conf.to_list(a2p), confounder_probability=confounders)
     return _case(ct_arr, lab_arr, grid, meta, info)
 
 
@@ -204,12 +235,14 @@ def _case_info(seed: int, anatomy_seed: Optional[int], weber: str, side: str, sp
 
 
 def _generate_vh(seed: int, weber: str, side: str, spacing: str,
-                 anatomy_seed: Optional[int], fractures: str = "classic") -> PhantomCase:
+                 anatomy_seed: Optional[int], fractures: str = "classic",
+                 confounders: float = 0.0,
+                 confounder_kinds: Optional[Sequence[str]] = None) -> PhantomCase:
     """A case of the real-shape family (see :mod:`AnkleFractureLib.phantom.real_generator`)."""
     from AnkleFractureLib.phantom.real_generator import render_real
 
     ct_arr, lab_arr, (anatomy, a2p, grid, fracture), extra = render_real(
-        seed, weber, side, spacing, anatomy_seed, fractures)
+        seed, weber, side, spacing, anatomy_seed, fractures, confounders, confounder_kinds)
     meta = {"source": "AnkleFractureLib.phantom", "family": "vh", "seed": int(seed),
             "weber": weber, "side": side}
     # The smooth displacement field moves the joint off the frame's origin (up to ~5 mm):

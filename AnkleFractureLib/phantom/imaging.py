@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from AnkleFractureLib.phantom.anatomy import Anatomy, smoothstep
+from AnkleFractureLib.phantom.confounders import Confounders
 from AnkleFractureLib.phantom.fractures import FractureModel
 
 HU_MIN, HU_MAX = -1024, 3071
@@ -165,11 +166,15 @@ class Renderer:
             does not disconnect the fragments; with a band wider than the largest voxel step,
             fracture fragments are separate 6-connected label components (as in manual
             fragment-wise ground truth).
+        confounders: Fracture mimics on intact bone (:mod:`~AnkleFractureLib.phantom.confounders`);
+            None or an empty set renders exactly as without.
     """
 
     def __init__(self, anatomy: Anatomy, fracture: FractureModel, rng: np.random.Generator,
-                 voxel_mm: float, label_band_mm: float = 0.0) -> None:
+                 voxel_mm: float, label_band_mm: float = 0.0,
+                 confounders: Optional[Confounders] = None) -> None:
         self.a = anatomy
+        self.conf = confounders if confounders is not None else Confounders([])
         self.label_band = float(label_band_mm)
         self.f = fracture
         self.h = float(voxel_mm)
@@ -246,6 +251,9 @@ class Renderer:
             d = np.minimum(a.talus(xs, ys, zs), a.hindfoot(xs, ys, zs))
             self._paint_bone(hs, d, (xs, ys, zs), 1.0, 1.0, p.cortex_hu - 150.0)
             h[sel] = hs
+        # Accessory ossicles: unlabelled bone, as dense as the foot bones.
+        self.conf.paint_ossicles(h, x, y, z, lambda hs, d, src, cortex: self._paint_bone(
+            hs, d, src, cortex, 1.0, p.cortex_hu - 150.0))
         lab_in = lab[inside]
         self._paint_labelled(h, lab_in, x, y, z, self.box_tib, 1)
         self._paint_labelled(h, lab_in, x, y, z, self.box_fib, 2)
@@ -265,7 +273,8 @@ class Renderer:
             return
         xs, ys, zs = x[sel], y[sel], z[sel]
         hs, ls = h[sel], lab[sel]
-        sdf = a.tibia if label == 1 else a.fibula
+        bone = "tibia" if label == 1 else "fibula"
+        sdf = self.conf.wrap_sdf(a.tibia if label == 1 else a.fibula, bone)
         prefix = "tib" if label == 1 else "fib"
         parts = []
         if cut is None:
@@ -280,6 +289,7 @@ class Renderer:
             zz = src[2]
             cortex, trab = a.prof.lookup(zz, prefix + "_cortex", prefix + "_trab")
             self._paint_bone(hs, d, src, cortex, trab, p.cortex_hu)
+            self.conf.paint_inside(hs, d, src, bone, self._occ)
             ls[(d < 0) if keep is None else ((d < 0) & keep)] = label
         h[sel] = hs
         lab[sel] = ls

@@ -12,19 +12,21 @@ the central thin slice's.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from AnkleFractureLib.phantom import confounders as conf_mod
 from AnkleFractureLib.phantom import imaging
 from AnkleFractureLib.phantom.fractures import sample_fracture
 from AnkleFractureLib.phantom.real_anatomy import RealAnatomy, sample_real_params
 from AnkleFractureLib.phantom.real_render import RealRenderer, finish_image, sample_appearance
 from AnkleFractureLib.phantom.shapes import VH_CREDIT, shipped_library
 
-#: Streams of the vh family (distinct from the analytic family's, so seeds do not alias).
+#: Streams of the vh family (distinct from the analytic family's, so seeds do not alias);
+#: "confounder" is 20 because 17 is the noise's.
 STREAM = {"anatomy": 11, "field": 12, "fracture": 13, "pose": 14, "grid": 15, "texture": 16,
-          "noise": 17, "look": 18, "metal": 19}
+          "noise": 17, "look": 18, "metal": 19, "confounder": 20}
 
 
 def _rng(seed: int, stream: str) -> np.random.Generator:
@@ -104,17 +106,30 @@ def _thin_grid(grid: imaging.GridSpec) -> Tuple[imaging.GridSpec, int]:
 
 
 def render_real(seed: int, weber: str, side: str, spacing: str,
-                anatomy_seed: Optional[int] = None, fractures: str = "classic") -> Tuple[np.ndarray, np.ndarray, Any, Dict[str, Any]]:
+                anatomy_seed: Optional[int] = None, fractures: str = "classic",
+                confounders: float = 0.0, confounder_kinds: Optional[Sequence[str]] = None,
+                ) -> Tuple[np.ndarray, np.ndarray, Any, Dict[str, Any]]:
     """Render a vh case: (ct int16 (z, y, x), label uint8 (z, y, x), (anatomy, anatomy to
-    patient 4x4, grid, fracture model), family-specific info dict)."""
+    patient 4x4, grid, fracture model), family-specific info dict).
+
+    ``confounders`` (probability) and ``confounder_kinds``: see
+    :func:`AnkleFractureLib.phantom.generator.generate_case`; the info dict then holds
+    ``confounders`` and ``confounder_probability``.
+    """
     anatomy, a2p, grid, fov = plan_real(seed, side, spacing, anatomy_seed)
-    fracture = sample_fracture(_rng(seed, "fracture"), weber, anatomy.fracture_anchors(),
+    anchors = anatomy.fracture_anchors()
+    fracture = sample_fracture(_rng(seed, "fracture"), weber, anchors,
                                anatomy.fib_centre_at, style=fractures)
+    conf = conf_mod.Confounders([])
+    if confounders > 0:  # no draw at all otherwise: earlier cases stay bit-identical
+        conf = conf_mod.draw_confounders(
+            _rng(seed, "confounder"), confounders,
+            conf_mod.vh_anchors(anatomy, anchors.fib_tip_depth, fov), confounder_kinds)
     look = sample_appearance(_rng(seed, "look"), weber != "none")
     thin, n = _thin_grid(grid)
     voxel = float(np.prod(grid.spacing) ** (1.0 / 3.0))
     renderer = RealRenderer(anatomy, fracture, look, _rng(seed, "texture"), voxel,
-                            label_band_mm=1.05 * max(thin.spacing))
+                            label_band_mm=1.05 * max(thin.spacing), confounders=conf)
     ct, lab = imaging.rasterise(renderer, thin, np.linalg.inv(a2p), look.noise_sd,
                                 noise_key=(int(seed), STREAM["noise"], 1),
                                 psf_sigma_vox=look.psf_sigma_vox)
@@ -134,4 +149,6 @@ def render_real(seed: int, weber: str, side: str, spacing: str,
         "credit": VH_CREDIT,
         "noise_sd_hu": round(look.noise_sd, 3),
     }
+    if confounders > 0:
+        info.update(confounders=conf.to_list(a2p), confounder_probability=float(confounders))
     return ct, lab, (anatomy, a2p, grid, fracture), info

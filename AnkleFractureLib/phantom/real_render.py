@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from AnkleFractureLib.phantom.anatomy import ellipse_sdf, smoothstep
+from AnkleFractureLib.phantom.confounders import Confounders
 from AnkleFractureLib.phantom.fractures import FractureModel
 from AnkleFractureLib.phantom.imaging import AIR_HU, HU_MAX, HU_MIN, NoiseField, paint_haematoma
 from AnkleFractureLib.phantom.real_anatomy import RealAnatomy, _u
@@ -116,11 +117,15 @@ class RealRenderer:
         rng: Random generator (texture lattices, metal placement).
         voxel_mm: Nominal voxel size (partial-volume ramp).
         label_band_mm: Unlabelled band across a fracture (see the old renderer).
+        confounders: Fracture mimics on intact bone (:mod:`~AnkleFractureLib.phantom.confounders`);
+            None or an empty set renders exactly as without.
     """
 
     def __init__(self, anatomy: RealAnatomy, fracture: FractureModel, look: Appearance,
-                 rng: np.random.Generator, voxel_mm: float, label_band_mm: float = 0.0) -> None:
+                 rng: np.random.Generator, voxel_mm: float, label_band_mm: float = 0.0,
+                 confounders: Optional[Confounders] = None) -> None:
         self.anatomy, self.f, self.look = anatomy, fracture, look
+        self.conf = confounders if confounders is not None else Confounders([])
         self.h, self.label_band = float(voxel_mm), float(label_band_mm)
         lo, hi = anatomy._extent()
         if anatomy.other is not None:
@@ -150,10 +155,14 @@ class RealRenderer:
             return c, 1.0 - smoothstep(z, 10.0, 50.0)
         return np.full(z.shape, 1.1, np.float32), np.ones(z.shape, np.float32)
 
-    def _paint_bone(self, hu: np.ndarray, d: np.ndarray, src, bone: str) -> None:
-        """Cortex, then trabecular bone or fatty marrow inside, in place."""
+    def _paint_bone(self, hu: np.ndarray, d: np.ndarray, src, bone: str,
+                    cortex_mm: Optional[float] = None) -> None:
+        """Cortex (``cortex_mm`` thick, default the bone's profile), then trabecular bone or
+        fatty marrow inside, in place."""
         lk = self.look
         cortex, trab_frac = self._profile(bone, src[2])
+        if cortex_mm is not None:
+            cortex = np.float32(cortex_mm)
         tex = self.trab.sample(*src)
         trab = lk.trab_hu + lk.trab_amp * (tex + 0.35 * tex * tex - 0.35)
         inner = trab_frac * trab + (1.0 - trab_frac) * (lk.marrow_hu + 10.0 * tex)
@@ -235,6 +244,9 @@ class RealRenderer:
             d = np.minimum(a.talus(xs, ys, zs), a.foot(xs, ys, zs))
             self._paint_bone(hs, d, (xs, ys, zs), "foot")
             h[sel] = hs
+        # Accessory ossicles: unlabelled cancellous bone with their own rim thickness.
+        self.conf.paint_ossicles(h, x, y, z, lambda hs, d, src, cortex: self._paint_bone(
+            hs, d, src, "foot", cortex))
         if "other" not in boxes:
             return
         sel = self._in(x, y, z, boxes["other"])
@@ -259,8 +271,8 @@ class RealRenderer:
             return
         xs, ys, zs = x[sel], y[sel], z[sel]
         hs, ls = h[sel], lab[sel]
-        sdf = a.tibia if label == 1 else a.fibula
         bone = "tibia" if label == 1 else "fibula"
+        sdf = self.conf.wrap_sdf(a.tibia if label == 1 else a.fibula, bone)
         if cut is None:
             parts = [(sdf(xs, ys, zs), (xs, ys, zs), None)]
         else:
@@ -270,6 +282,7 @@ class RealRenderer:
             parts = [(cut.parent(sdf, xs, ys, zs), (xs, ys, zs), side > band), (d, src, side < -band)]
         for d, src, keep in parts:
             self._paint_bone(hs, d, src, bone)
+            self.conf.paint_inside(hs, d, src, bone, self._occ)
             ls[(d < 0) if keep is None else ((d < 0) & keep)] = label
         h[sel] = hs
         lab[sel] = ls
