@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Merge dataset folders into one by symbolic links (no copies), for training on several.
+
+Usage:
+    python scripts/merge_datasets.py DATASET [DATASET ...] --out MERGED
+
+Every case of every input keeps its id (ids must be unique across the inputs), its files are
+linked as MERGED/images/<file> and MERGED/labels/<file> to the originals, and its record
+(class, side, phantom meta) is copied into MERGED/dataset.json. The training caches key cases by
+the resolved file path, so a merged dataset reuses the inputs' cached preparations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from AnkleFractureLib.io.atomic import atomic_write_json  # noqa: E402
+
+
+def merge(inputs: list, out: Path) -> int:
+    """Write ``out``; returns the number of cases. Raises SystemExit on a clash."""
+    index, cases, seen = None, [], {}
+    for folder in map(Path, inputs):
+        data = json.loads((folder / "dataset.json").read_text())
+        index = index or {k: v for k, v in data.items() if k != "cases"}
+        for case in data["cases"]:
+            if case["id"] in seen:
+                raise SystemExit(f"case id {case['id']} is in both {seen[case['id']]} and {folder}")
+            seen[case["id"]] = folder
+            for key in ("image", "segmentation"):
+                if not case.get(key):
+                    continue
+                link = out / case[key]
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not os.path.lexists(link):
+                    os.symlink((folder / case[key]).resolve(), link)
+            cases.append(case)
+    index["description"] = (index.get("description", "") + " Merged from "
+                            + ", ".join(str(Path(p)) for p in inputs) + " (files linked).")
+    index["cases"] = cases
+    atomic_write_json(out / "dataset.json", index)
+    return len(cases)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("datasets", nargs="+")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{out}: {merge(args.datasets, out)} cases")
+
+
+if __name__ == "__main__":
+    main()
