@@ -51,6 +51,13 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                         "a nutrient canal (thin lucent channel through the cortex) or a physeal "
                         "scar; they look like fractures but are not (recorded in the case "
                         "meta). Default 0: none, cases as before")
+    p.add_argument("--forefoot", type=float, default=0.0, metavar="P",
+                   help="probability (0-1) that a vh case whose foot is in view carries the "
+                        "forefoot as unlabelled distractors (cuneiforms, metatarsals I-V, "
+                        "proximal phalanges), 40 %% of them in strong plantarflexion (40-68 "
+                        "degrees: axial slices then cut the metatarsals as rows of rings); "
+                        "recorded in the case meta. The analytic family ignores it. Default "
+                        "0: none, cases as before")
     p.add_argument("--preview", action="store_true", help="also write one PNG preview per case")
     p.add_argument("--dicom", action="store_true",
                    help="also write each CT as a DICOM series in DIR/dicom/<id>/")
@@ -65,10 +72,12 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("ankle-fracture phantom: error: --n must be at least 1")
     if not 0.0 <= args.confounders <= 1.0:
         raise SystemExit("ankle-fracture phantom: error: --confounders must be in [0, 1]")
+    if not 0.0 <= args.forefoot <= 1.0:
+        raise SystemExit("ankle-fracture phantom: error: --forefoot must be in [0, 1]")
     ds = write_phantom_dataset(args.out, n=args.n, seed=args.seed, weber=args.weber,
                                side=args.side, spacing=args.spacing, preview=args.preview,
                                dicom=args.dicom, family=args.family, fractures=args.fractures,
-                               confounders=args.confounders,
+                               confounders=args.confounders, forefoot=args.forefoot,
                                progress=ProgressBar("phantom", enabled=not args.quiet))
     counts = ds.counts()
     print(f"{ds.root}: {counts['cases']} cases "

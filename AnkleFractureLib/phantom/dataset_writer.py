@@ -82,7 +82,7 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
                           progress: Optional[ProgressCallback] = None,
                           should_cancel: Optional[Callable[[], bool]] = None,
                           family: str = "analytic", fractures: str = "classic",
-                          confounders: float = 0.0) -> Dataset:
+                          confounders: float = 0.0, forefoot: float = 0.0) -> Dataset:
     """Generate ``n`` phantom cases into a dataset folder (added to it if it exists).
 
     Args:
@@ -106,6 +106,9 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
             :mod:`AnkleFractureLib.phantom.confounders`), "none" and fractured cases alike.
             The case meta then lists them (``confounders``); 0 (default) leaves every case as
             before.
+        forefoot: Probability (0-1) that a "vh" case whose foot is in view carries the
+            forefoot bones (unlabelled; :mod:`AnkleFractureLib.phantom.forefoot`), recorded in
+            the case meta (``forefoot``); analytic cases ignore it; 0 (default): as before.
 
     Returns:
         The Dataset.
@@ -114,7 +117,10 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
     from AnkleFractureLib.phantom.generator import generate_case
     from AnkleFractureLib.phantom.preview import write_preview
 
+    from AnkleFractureLib.phantom.forefoot import check_probability as check_forefoot
+
     confounders = check_probability(confounders)  # before any case is written
+    forefoot = check_forefoot(forefoot)
     plan = case_plan(n, seed, weber, side, spacing, family)
     ds = Dataset.create(out, name="AnkleFracture phantom",
                         description="Synthetic ankle CT phantoms (AnkleFractureLib.phantom); "
@@ -127,7 +133,7 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
             progress(k / n, f"case {item['id']} ({item['weber']}, {item['side']}, {item['spacing']})")
         case = generate_case(item["seed"], weber=item["weber"], side=item["side"],
                              spacing=item["spacing"], family=item["family"],
-                             fractures=fractures, confounders=confounders)
+                             fractures=fractures, confounders=confounders, forefoot=forefoot)
         info = dict(case.info)
         info.setdefault("family", item["family"])
         info["dataset_seed"] = seed

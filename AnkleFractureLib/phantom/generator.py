@@ -13,6 +13,11 @@ arguments, and changing, say, the spacing mode does not change the anatomy of a 
 subfibulare, healed fracture, nutrient canal, physeal scar; see
 :mod:`AnkleFractureLib.phantom.confounders`), drawn from their own stream: with P = 0 (the
 default) nothing is drawn and every case is bit-identical to one made before they existed.
+
+``forefoot=P`` (real-shape family only; the analytic family ignores it) gives a share P of the
+cases whose foot is in view the cuneiforms, metatarsals and proximal phalanges as unlabelled
+distractors, 40 % of them in strong plantarflexion (:mod:`AnkleFractureLib.phantom.forefoot`);
+own stream, nothing drawn at P = 0.
 """
 
 from __future__ import annotations
@@ -130,7 +135,8 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
                   spacing: str = "fast", anatomy_seed: Optional[int] = None,
                   family: str = "analytic", fractures: str = "classic",
                   confounders: float = 0.0,
-                  confounder_kinds: Optional[Sequence[str]] = None) -> PhantomCase:
+                  confounder_kinds: Optional[Sequence[str]] = None,
+                  forefoot: float = 0.0) -> PhantomCase:
     """Generate one synthetic ankle CT, fully determined by the arguments.
 
     Args:
@@ -153,6 +159,12 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
         confounder_kinds: Kinds allowed (default all of
             :data:`~AnkleFractureLib.phantom.confounders.KINDS`); one kind alone is always
             present in a case that carries confounders.
+        forefoot: Probability (0-1) that a "vh" case whose foot is in view carries the
+            forefoot (cuneiforms, metatarsals I-V, proximal phalanges; unlabelled), in strong
+            plantarflexion (40-68 degrees) in 40 % of those. 0 (default): none and nothing
+            drawn; with P > 0 ``info["forefoot"]`` holds ``present``,
+            ``plantarflexion_deg`` and, when present, the bones' sizes. The "analytic"
+            family ignores it (it has no forefoot).
 
     Returns:
         The case. ``info`` holds: seed, weber, side, spacing_mode, ``anatomy_to_patient``
@@ -172,6 +184,9 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
     _validate(seed, weber, side, spacing)
     confounders = conf_mod.check_probability(confounders)
     conf_mod.check_kinds(confounder_kinds)
+    from AnkleFractureLib.phantom.forefoot import check_probability as check_forefoot
+
+    forefoot = check_forefoot(forefoot)
     from AnkleFractureLib.phantom.fracture_styles import STYLE_NAMES
 
     if fractures not in STYLE_NAMES:
@@ -180,7 +195,7 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if family == "vh":
         return _generate_vh(seed, weber, side, spacing, anatomy_seed, fractures,
-                            confounders, confounder_kinds)
+                            confounders, confounder_kinds, forefoot)
     anatomy, a2p, grid = plan_grid(seed, side, spacing, anatomy_seed)
     prof = anatomy.prof
 
@@ -237,12 +252,14 @@ def _case_info(seed: int, anatomy_seed: Optional[int], weber: str, side: str, sp
 def _generate_vh(seed: int, weber: str, side: str, spacing: str,
                  anatomy_seed: Optional[int], fractures: str = "classic",
                  confounders: float = 0.0,
-                 confounder_kinds: Optional[Sequence[str]] = None) -> PhantomCase:
+                 confounder_kinds: Optional[Sequence[str]] = None,
+                 forefoot: float = 0.0) -> PhantomCase:
     """A case of the real-shape family (see :mod:`AnkleFractureLib.phantom.real_generator`)."""
     from AnkleFractureLib.phantom.real_generator import render_real
 
     ct_arr, lab_arr, (anatomy, a2p, grid, fracture), extra = render_real(
-        seed, weber, side, spacing, anatomy_seed, fractures, confounders, confounder_kinds)
+        seed, weber, side, spacing, anatomy_seed, fractures, confounders, confounder_kinds,
+        forefoot)
     meta = {"source": "AnkleFractureLib.phantom", "family": "vh", "seed": int(seed),
             "weber": weber, "side": side}
     # The smooth displacement field moves the joint off the frame's origin (up to ~5 mm):

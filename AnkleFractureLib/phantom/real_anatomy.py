@@ -10,8 +10,10 @@ share a shape, then completed with what a real ankle CT holds around it:
   malleolus length (x0.88-1.15), fibular twist (-8 to +8 degrees at the tip), and the foot's
   pose (talus and foot bones rotated -15 to +20 degrees about the ankle's axis);
 * **distractor bones**: calcaneus, navicular and cuboid (smooth implicit shapes placed around
-  the real talus; unlabelled), and in some cases the other leg (a real leg of the other side,
-  labelled like the main one);
+  the real talus; unlabelled), on request the forefoot (cuneiforms, metatarsals, proximal
+  phalanges; :mod:`~AnkleFractureLib.phantom.forefoot`, attached by
+  :meth:`RealAnatomy.attach_forefoot`), and in some cases the other leg (a real leg of the
+  other side, labelled like the main one);
 * the **leg outline** (skin) around all of it: ankle-sized at the malleoli, calf-sized above.
 
 All coordinates are the canonical right-ankle frame (mm, LPS axes, plafond centre at the origin,
@@ -28,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 from scipy import ndimage
 
+from AnkleFractureLib.phantom import forefoot as ff_mod
 from AnkleFractureLib.phantom.anatomy import ellipse_sdf, ellipsoid_sdf, smin, smoothstep
 from AnkleFractureLib.phantom.shapes import BaseShape, ShapeGrid
 
@@ -189,6 +192,36 @@ class RealAnatomy:
         lo, hi = self._extent()
         self.field = SmoothField(rng, lo - 20.0, hi + 20.0, p.field_mm)
         self.fib_tab = self._forward_fibula()
+        self.forefoot: Optional[ff_mod.Forefoot] = None
+
+    # ------------------------------------------------------------------ forefoot (opt-in)
+    def attach_forefoot(self, forefoot: ff_mod.Forefoot) -> None:
+        """Add the forefoot bones: the foot takes the forefoot's pose (its plantarflexion)
+        and the cuboid the shape fitted to the forefoot."""
+        self.forefoot = forefoot
+        self.p.foot_deg = float(forefoot.plantarflexion_deg)
+        self.foot_rot = _rot_x(self.p.foot_deg)
+        if forefoot.cuboid is not None:
+            self.foot_parts[2] = forefoot.cuboid
+
+    def forefoot_bones(self, x, y, z) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(signed distance mm, cortex mm, trabecular fraction) of the forefoot bones."""
+        q = self._foot_base(*self._common(x, y, z))
+        d, cortex, trab = ff_mod.bones_sdf(self.forefoot, *q, neighbours=self.foot_parts[1:])
+        return d * self.scale, cortex, trab
+
+    def foot_to_anatomy(self, pts: np.ndarray) -> np.ndarray:
+        """Base talus frame points (m, 3) mm -> anatomy frame (pose, joint, scaling; not the
+        smooth field, a few mm)."""
+        q = (pts - self.ankle_centre) @ self.foot_rot.T + self.ankle_centre
+        q[:, 2] -= self.p.joint_extra_mm
+        return q * np.array([self.sw, self.sw, self.sl])
+
+    def forefoot_corners(self) -> np.ndarray:
+        """Points (m, 3) mm around the forefoot's soft tissue, anatomy frame (none: empty)."""
+        if self.forefoot is None:
+            return np.zeros((0, 3))
+        return self.foot_to_anatomy(ff_mod.outline_points(self.forefoot))
 
     # ------------------------------------------------------------------ warps
     def _common(self, x, y, z) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -319,6 +352,8 @@ class RealAnatomy:
         for centre, radii in self.foot_parts:
             r = tuple(np.asarray(radii) + 11.0 * self.p.habitus)
             d = np.minimum(d, ellipsoid_sdf(q[0] - centre[0], q[1] - centre[1], q[2] - centre[2], r))
+        if self.forefoot is not None:
+            d = smin(d, ff_mod.envelope_sdf(self.forefoot, *q), 8.0)
         return d * self.scale
 
     def leg(self, x, y, z) -> np.ndarray:
@@ -358,6 +393,7 @@ class RealAnatomy:
                 pts += [(ex - rx, ey, z), (ex + rx, ey, z), (ex, ey - ra, z), (ex, ey + rp, z)]
         if z_lo < 25.0:
             pts += [tuple(q) for q in self._foot_corners() if z_lo - 5 <= q[2]]
+            pts += [tuple(q) for q in self.forefoot_corners() if z_lo - 5 <= q[2] <= z_hi + 5]
         out = np.asarray(pts, float)
         out[:, 2] = np.clip(out[:, 2], z_lo, z_hi)
         return out

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from AnkleFractureLib.phantom import confounders as conf_mod
+from AnkleFractureLib.phantom import forefoot as ff_mod
 from AnkleFractureLib.phantom import imaging
 from AnkleFractureLib.phantom.fractures import sample_fracture
 from AnkleFractureLib.phantom.real_anatomy import RealAnatomy, sample_real_params
@@ -24,9 +25,10 @@ from AnkleFractureLib.phantom.real_render import RealRenderer, finish_image, sam
 from AnkleFractureLib.phantom.shapes import VH_CREDIT, shipped_library
 
 #: Streams of the vh family (distinct from the analytic family's, so seeds do not alias);
-#: "confounder" is 20 because 17 is the noise's.
+#: "confounder" is 20 because 17 is the noise's; "forefoot" (21) is only drawn from when a
+#: forefoot probability above 0 is asked for.
 STREAM = {"anatomy": 11, "field": 12, "fracture": 13, "pose": 14, "grid": 15, "texture": 16,
-          "noise": 17, "look": 18, "metal": 19, "confounder": 20}
+          "noise": 17, "look": 18, "metal": 19, "confounder": 20, "forefoot": 21}
 
 
 def _rng(seed: int, stream: str) -> np.random.Generator:
@@ -71,9 +73,26 @@ def choose_real_grid(rng: np.random.Generator, mode: str, points_lps: np.ndarray
                             tuple(float(o) for o in direction @ start), direction, kind)
 
 
-def plan_real(seed: int, side: str, spacing: str, anatomy_seed: Optional[int] = None):
+def add_forefoot(rng: np.random.Generator, anatomy: RealAnatomy, bottom: float,
+                 probability: float) -> float:
+    """With ``probability``, give a foot-in-view anatomy its forefoot (drawn from ``rng``),
+    and return the scan's bottom moved with the new foot pose (same distance below the
+    hindfoot; the forefoot may reach below it, as a plantarflexed forefoot does)."""
+    if bottom >= -45.0 or rng.uniform() >= probability:
+        return bottom
+    lowest = float(anatomy._foot_corners()[:, 2].min())
+    calc, nav, cub = anatomy.foot_parts
+    forefoot = ff_mod.sample_forefoot(rng, nav, cub, float(calc[0][2] - calc[1][2]),
+                                      anatomy.p.foot_deg, anatomy.p.habitus)
+    anatomy.attach_forefoot(forefoot)
+    return float(anatomy._foot_corners()[:, 2].min()) + (bottom - lowest)
+
+
+def plan_real(seed: int, side: str, spacing: str, anatomy_seed: Optional[int] = None,
+              forefoot: float = 0.0):
     """Anatomy, pose, grid and field of view of a vh case (no rendering; ``anatomy_seed``
-    defaults to ``seed``)."""
+    defaults to ``seed``; ``forefoot``: probability of the forefoot bones in a case whose
+    foot is in view, drawn from the "forefoot" stream only when above 0)."""
     from AnkleFractureLib.phantom.generator import sample_pose
 
     lib = shipped_library()
@@ -83,6 +102,8 @@ def plan_real(seed: int, side: str, spacing: str, anatomy_seed: Optional[int] = 
     a2p = sample_pose(_rng(seed, "pose"), side)
     rng = _rng(seed, "grid")
     bottom, top = sample_fov(rng, anatomy)
+    if forefoot > 0:  # no draw at all otherwise: earlier cases stay bit-identical
+        bottom = add_forefoot(_rng(seed, "forefoot"), anatomy, bottom, forefoot)
     direction, kind = imaging.sample_direction(rng)
     pts = anatomy.leg_bounds(bottom, top)
     centre = pts[:, :2].mean(axis=0)
@@ -108,15 +129,16 @@ def _thin_grid(grid: imaging.GridSpec) -> Tuple[imaging.GridSpec, int]:
 def render_real(seed: int, weber: str, side: str, spacing: str,
                 anatomy_seed: Optional[int] = None, fractures: str = "classic",
                 confounders: float = 0.0, confounder_kinds: Optional[Sequence[str]] = None,
-                ) -> Tuple[np.ndarray, np.ndarray, Any, Dict[str, Any]]:
+                forefoot: float = 0.0) -> Tuple[np.ndarray, np.ndarray, Any, Dict[str, Any]]:
     """Render a vh case: (ct int16 (z, y, x), label uint8 (z, y, x), (anatomy, anatomy to
     patient 4x4, grid, fracture model), family-specific info dict).
 
     ``confounders`` (probability) and ``confounder_kinds``: see
     :func:`AnkleFractureLib.phantom.generator.generate_case`; the info dict then holds
-    ``confounders`` and ``confounder_probability``.
+    ``confounders`` and ``confounder_probability``. ``forefoot`` (probability, foot in view):
+    see :func:`plan_real`; with ``forefoot`` > 0 the info dict holds ``forefoot``.
     """
-    anatomy, a2p, grid, fov = plan_real(seed, side, spacing, anatomy_seed)
+    anatomy, a2p, grid, fov = plan_real(seed, side, spacing, anatomy_seed, forefoot)
     anchors = anatomy.fracture_anchors()
     fracture = sample_fracture(_rng(seed, "fracture"), weber, anchors,
                                anatomy.fib_centre_at, style=fractures)
@@ -151,4 +173,18 @@ def render_real(seed: int, weber: str, side: str, spacing: str,
     }
     if confounders > 0:
         info.update(confounders=conf.to_list(a2p), confounder_probability=float(confounders))
+    if forefoot > 0:
+        info["forefoot"] = forefoot_info(anatomy, forefoot)
     return ct, lab, (anatomy, a2p, grid, fracture), info
+
+
+def forefoot_info(anatomy: RealAnatomy, probability: float) -> Dict[str, Any]:
+    """``info["forefoot"]``: the forefoot's summary (:meth:`~AnkleFractureLib.phantom.forefoot.
+    Forefoot.to_info`) or ``present`` False, with the foot pose (degrees, plantarflexion
+    positive) and the probability asked for."""
+    if anatomy.forefoot is not None:
+        out = anatomy.forefoot.to_info()
+    else:
+        out = {"present": False, "plantarflexion_deg": round(float(anatomy.p.foot_deg), 2)}
+    out["probability"] = float(probability)
+    return out

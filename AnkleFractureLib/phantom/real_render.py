@@ -18,7 +18,9 @@ Point-wise rendering in the canonical anatomical frame (mm), like
 
 Labels: 1 tibia, 2 fibula (both legs; fracture fragments keep their bone's label, with the
 unlabelled band of :class:`~AnkleFractureLib.phantom.imaging.Renderer`); a label covers the
-whole bone cross-section (cortex and marrow). Talus, foot bones, metal and cast are 0.
+whole bone cross-section (cortex and marrow). Talus, foot bones (the forefoot's too: thin
+cortex, fatty marrow in the metatarsal shafts; :mod:`~AnkleFractureLib.phantom.forefoot`),
+metal and cast are 0.
 """
 
 from __future__ import annotations
@@ -138,6 +140,13 @@ class RealRenderer:
         grow = look.cast_gap_mm + look.cast_mm + 1.0 if look.cast != "none" else 0.0
         self.a = _Envelope(anatomy, grow)
         self.metal = self._place_metal(rng)
+        self.ff_box, self.ff_trab = None, None
+        if anatomy.forefoot is not None:  # its own lattice and seed: nothing else changes
+            pts = anatomy.forefoot_corners()
+            pad = 8.0 + 3.0 * anatomy.p.field_mm
+            self.ff_box = (pts.min(axis=0) - pad, pts.max(axis=0) + pad)
+            self.ff_trab = NoiseField(np.random.default_rng(anatomy.forefoot.texture_seed),
+                                      self.ff_box[0], self.ff_box[1], step, 0.55, 2.0)
 
     def _occ(self, d: np.ndarray) -> np.ndarray:
         return np.clip(0.5 - d / self.h, 0.0, 1.0).astype(np.float32)
@@ -156,14 +165,15 @@ class RealRenderer:
         return np.full(z.shape, 1.1, np.float32), np.ones(z.shape, np.float32)
 
     def _paint_bone(self, hu: np.ndarray, d: np.ndarray, src, bone: str,
-                    cortex_mm: Optional[float] = None) -> None:
+                    cortex_mm: Optional[float] = None, profile=None, field=None) -> None:
         """Cortex (``cortex_mm`` thick, default the bone's profile), then trabecular bone or
-        fatty marrow inside, in place."""
+        fatty marrow inside, in place. ``profile``: per-point (cortex mm, trabecular
+        fraction) instead of the bone's; ``field``: texture lattice instead of ``self.trab``."""
         lk = self.look
-        cortex, trab_frac = self._profile(bone, src[2])
+        cortex, trab_frac = self._profile(bone, src[2]) if profile is None else profile
         if cortex_mm is not None:
             cortex = np.float32(cortex_mm)
-        tex = self.trab.sample(*src)
+        tex = (self.trab if field is None else field).sample(*src)
         trab = lk.trab_hu + lk.trab_amp * (tex + 0.35 * tex * tex - 0.35)
         inner = trab_frac * trab + (1.0 - trab_frac) * (lk.marrow_hu + 10.0 * tex)
         hu += self._occ(d) * (lk.cortex_hu - hu)
@@ -244,6 +254,8 @@ class RealRenderer:
             d = np.minimum(a.talus(xs, ys, zs), a.foot(xs, ys, zs))
             self._paint_bone(hs, d, (xs, ys, zs), "foot")
             h[sel] = hs
+        if self.ff_box is not None:
+            self._paint_forefoot(h, x, y, z)
         # Accessory ossicles: unlabelled cancellous bone with their own rim thickness.
         self.conf.paint_ossicles(h, x, y, z, lambda hs, d, src, cortex: self._paint_bone(
             hs, d, src, "foot", cortex))
@@ -258,6 +270,17 @@ class RealRenderer:
                 if bone in ("tibia", "fibula"):
                     ls[d < 0] = 1 if bone == "tibia" else 2
             h[sel], lab[sel] = hs, ls
+
+    def _paint_forefoot(self, h, x, y, z) -> None:
+        """Cuneiforms, metatarsals and phalanges (unlabelled), inside their box, in place."""
+        sel = self._in(x, y, z, self.ff_box)
+        if sel.size:
+            xs, ys, zs = x[sel], y[sel], z[sel]
+            hs = h[sel]
+            d, cortex, trab = self.anatomy.forefoot_bones(xs, ys, zs)
+            self._paint_bone(hs, d, (xs, ys, zs), "foot", profile=(cortex, trab),
+                             field=self.ff_trab)
+            h[sel] = hs
 
     def _paint_labelled(self, h, lab, x, y, z, box, label: int) -> None:
         """Tibia (label 1) or fibula (label 2) with their fracture fragments, in place."""
