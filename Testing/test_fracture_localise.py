@@ -107,3 +107,20 @@ def test_localiser_round_trip_and_errors(tmp_path) -> None:
         FractureLocaliser.load(tmp_path / "m")
     with pytest.raises(InputError, match="does not exist"):
         FractureLocaliser.load(tmp_path / "missing")
+
+
+def test_model_mask_crops_are_cached_per_segmentation_model(tmp_path):
+    """Crops made with a segmentation model's masks are keyed by its weights: a new model never
+    gets the old model's crops."""
+    import hashlib
+
+    from AnkleFractureLib.training.fracture_data import _seg_model_tag
+
+    tags = []
+    for k, payload in enumerate((b"weights one", b"weights two")):
+        folder = tmp_path / f"model{k}"
+        folder.mkdir()
+        (folder / "model.pt").write_bytes(payload)
+        tags.append(_seg_model_tag(str(folder)))
+        assert tags[-1] == hashlib.sha256(payload).hexdigest()[:12]
+    assert tags[0] != tags[1]

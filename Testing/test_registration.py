@@ -164,6 +164,37 @@ def test_a_stray_blob_far_from_the_bone_does_not_pull_the_fit(template):
     assert main_pieces(points, labels).all()
 
 
+def test_a_fit_that_slid_along_the_shaft_is_re_anchored_on_the_joint(template):
+    # A real-shape (vh) ankle of the held-out fracture set (vh_9301_0020) whose segmentation
+    # also labelled ~2 ml of bone just below the lateral malleolus tip as fibula: the fit slid
+    # 48 mm up the shaft (the pipeline refused the scan). The plafond found on the labels
+    # themselves is right, and the fit re-anchored on it lands within 2-3 mm.
+    from AnkleFractureLib.pipeline.checks import estimate_plafond
+
+    case = generate_case(2156419734, "none", "left", "fast", family="vh", fractures="heldout")
+    a2p = np.asarray(case.info["anatomy_to_patient"])
+    arr = case.label.array.copy()
+    fib = case.label.index_to_physical(np.argwhere(arr == 2)[:, ::-1])
+    tip = fib[np.argmin((fib - a2p[:3, 3]) @ a2p[:3, 2])]
+    kji = np.argwhere(np.ones(arr.shape, bool))
+    centre = tip - 12.0 * a2p[:3, 2]
+    blob = kji[np.linalg.norm(case.label.index_to_physical(kji[:, ::-1]) - centre, axis=1) <= 9.0]
+    arr[tuple(blob.T)] = 2
+    label = case.label.with_array(arr)
+    hint = estimate_plafond(label)
+    assert np.linalg.norm(hint - np.asarray(case.info["plafond_lps"])) <= 3.0
+    slid = register_to_template(label, template, ct=case.ct)
+    assert _plafond_error(slid, case, template) > 20.0  # the failure this guards against
+    reg = register_to_template(label, template, ct=case.ct, plafond_hint=hint)
+    assert _plafond_error(reg, case, template) <= 3.0
+    assert any(w.startswith("re-anchored at the ankle joint") for w in reg.warnings)
+    # A fit that already agrees with the hint is left alone.
+    clean = register_to_template(case.label, template, ct=case.ct)
+    again = register_to_template(case.label, template, ct=case.ct,
+                                 plafond_hint=estimate_plafond(case.label))
+    assert np.allclose(clean.patient_to_template, again.patient_to_template)
+
+
 def test_scan_reaching_past_the_template_does_not_shrink_the_fit(template):
     # A template that ends 80 mm above the plafond (its labels cut there, as a hospital's
     # template built from short scans would be) and scans reaching 130 mm: the shafts above the

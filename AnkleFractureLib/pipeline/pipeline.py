@@ -470,7 +470,8 @@ class Pipeline:
         return self.segmentation_model.predict(ct, progress, should_cancel)
 
     def register(self, ct: Volume, label: Volume, side: Optional[str] = None,
-                 progress: Optional[ProgressCallback] = None) -> Any:
+                 progress: Optional[ProgressCallback] = None,
+                 plafond_hint: Optional[np.ndarray] = None) -> Any:
         """Mirror + ICP-register ``label`` to the template.
 
         Args:
@@ -478,6 +479,9 @@ class Pipeline:
             label: Label map on the CT's grid (one leg; see :func:`select_leg`).
             side: "auto", "left", "right" (None: the options' side).
             progress: Callback (fraction, message).
+            plafond_hint: The plafond (LPS mm) found on ``label``: a fit that slid along the
+                shaft is tried again anchored on it (see
+                :func:`~AnkleFractureLib.registration.register.register_to_template`).
 
         Returns:
             The :class:`~AnkleFractureLib.registration.register.Registration`.
@@ -489,7 +493,7 @@ class Pipeline:
         from AnkleFractureLib.registration.register import register_to_template
 
         return register_to_template(label, self.template, side=side or self.options.side,
-                                    ct=ct, progress=progress)
+                                    ct=ct, progress=progress, plafond_hint=plafond_hint)
 
     def crop(self, ct: Volume, label: Optional[Volume], registration: Any) -> Any:
         """The syndesmosis crop (CT, tibia, fibula on the template's box grid)."""
@@ -649,11 +653,15 @@ class Pipeline:
         """Register (unless given) and check; None when the registration failed."""
         res = run.res
         run.stages.check("before the registration")
+        if registration is None and plafond is C.ESTIMATE:
+            plafond = C.estimate_plafond(leg_label)  # the same the registration check uses
         if registration is None:
             try:
                 with run.timed("register"):
+                    hint = plafond if isinstance(plafond, np.ndarray) else None
                     registration = self.register(ct, leg_label, self.options.side,
-                                                 run.stages.callback("register", "registration"))
+                                                 run.stages.callback("register", "registration"),
+                                                 plafond_hint=hint)
             except CancelledError:
                 raise
             except AnkleFractureError as exc:

@@ -74,6 +74,15 @@ PATIENT_SUPERIOR = np.array([0.0, 0.0, 1.0])
 #: Surface distance (mm) within which a point counts as an inlier (see
 #: :data:`~AnkleFractureLib.registration.icp.INLIER_DISTANCE_MM` for the choice).
 INLIER_DISTANCE_MM = 2.5
+#: With a plafond hint (the plafond found on the label map itself), a fit that puts the
+#: template's plafond farther than this from it (mm) is tried again anchored on the hint.
+JOINT_RETRY_MM = 8.0
+#: On that retry, surface points more than this far (mm) below the hint are left out: the
+#: malleolar tips end 10-30 mm below the plafond, so lower labels are foot bones or specks.
+BELOW_JOINT_MM = 40.0
+#: The anchored refit is kept when its surface RMS is at most this much (mm) worse than the
+#: first fit's (or than POOR_FIT_RMS_MM); the poor-fit checks still judge it afterwards.
+RETRY_RMS_SLACK_MM = 1.0
 #: Below this inlier fraction the fit is reported as poor. The fraction is weighted like the
 #: fit (:data:`LABEL_WEIGHTS`), so the fibula a fracture displaced does not make a poor fit
 #: (unweighted, good Weber C fits score 0.59). Measured (weighted, 2.5 mm): good fits 0.87-1.00
@@ -189,7 +198,8 @@ def register_to_template(label: Volume, template: Any = None, side: str = "auto"
                          ct: Optional[Volume] = None, *, max_iterations: int = 50,
                          tolerance: float = 1e-8, trim_fraction: float = 0.85,
                          max_points: int = 4000, seed: int = 0,
-                         progress: Optional[ProgressCallback] = None) -> Registration:
+                         progress: Optional[ProgressCallback] = None,
+                         plafond_hint: Optional[np.ndarray] = None) -> Registration:
     """Mirror (left ankles) and ICP-register a tibia/fibula label map onto the template.
 
     Args:
@@ -208,6 +218,12 @@ def register_to_template(label: Volume, template: Any = None, side: str = "auto"
         max_points: Surface points sampled per bone.
         seed: Seed of the surface point subsampling (results are deterministic).
         progress: Optional callback (fraction in [0, 1], message).
+        plafond_hint: Optional tibial plafond (3,) LPS mm found on ``label`` itself (e.g.
+            :func:`AnkleFractureLib.pipeline.checks.estimate_plafond`). A fit that lands the
+            template's plafond more than :data:`JOINT_RETRY_MM` from it (a fit that slid
+            along the shaft, e.g. pulled by a mislabelled piece of foot) is run again from a
+            start anchored on the hint, without the points far below it, and the fit that
+            places the joint better is kept (noted in ``warnings``).
 
     Returns:
         The :class:`Registration`.
@@ -240,17 +256,25 @@ def register_to_template(label: Volume, template: Any = None, side: str = "auto"
     points, point_labels = _fit_points(label, mirror, max_points, seed)
 
     report(0.4, "ICP registration to the template")
+
+    def fit(pts: np.ndarray, labs: np.ndarray, init: Optional[np.ndarray] = None) -> Any:
+        return similarity_icp(pts, template.points, source_labels=labs,
+                              target_labels=template.point_labels, max_iterations=max_iterations,
+                              tolerance=tolerance, trim_fraction=trim_fraction, with_scale=True,
+                              target_normals=template_normals(template),
+                              label_weights=LABEL_WEIGHTS, label_trim=LABEL_TRIM,
+                              long_axis=LONG_AXIS, source_axis=PATIENT_SUPERIOR,
+                              inlier_distance_mm=INLIER_DISTANCE_MM, init=init)
+
+    notes: List[str] = []
     try:
-        icp = similarity_icp(points, template.points, source_labels=point_labels,
-                             target_labels=template.point_labels, max_iterations=max_iterations,
-                             tolerance=tolerance, trim_fraction=trim_fraction, with_scale=True,
-                             target_normals=template_normals(template),
-                             label_weights=LABEL_WEIGHTS, label_trim=LABEL_TRIM,
-                             long_axis=LONG_AXIS, source_axis=PATIENT_SUPERIOR,
-                             inlier_distance_mm=INLIER_DISTANCE_MM)
+        icp = fit(points, point_labels)
+        if plafond_hint is not None:
+            hint = mirror[:3, :3] @ np.asarray(plafond_hint, dtype=float).reshape(3)
+            icp = _anchor_on_joint(icp, fit, points, point_labels, template, hint, notes)
     except GeometryError as exc:
         raise InputError(where, f"registration failed: {exc}") from None
-    warnings = _fit_warnings(icp, confidence, reason)
+    warnings = notes + _fit_warnings(icp, confidence, reason)
     report(1.0, "registered")
     return Registration(icp.matrix @ mirror, side_, side_ == "left", float(icp.rms_mm),
                         float(icp.inlier_fraction), int(icp.iterations), bool(icp.converged),
@@ -288,6 +312,48 @@ def _fit_points(label: Volume, mirror: np.ndarray, max_points: int, seed: int
     # would pull the fit along the shaft.
     main = main_pieces(points, point_labels)
     return points[main] @ mirror[:3, :3].T, point_labels[main]  # MIRROR_X has no translation
+
+
+def _joint_miss(matrix: np.ndarray, template: Any, hint: np.ndarray) -> float:
+    """Distance (mm) from ``hint`` (mirrored patient mm) to where ``matrix`` (mirrored patient
+    -> template) puts the template's plafond."""
+    inv = np.linalg.inv(matrix)
+    plafond = np.asarray(template.plafond, dtype=float).reshape(3)
+    return float(np.linalg.norm(inv[:3, :3] @ plafond + inv[:3, 3] - hint))
+
+
+def _anchor_on_joint(icp: Any, fit: Callable[..., Any], points: np.ndarray,
+                     labels: np.ndarray, template: Any, hint: np.ndarray,
+                     notes: List[str]) -> Any:
+    """``icp``, or a refit anchored on the plafond ``hint`` when that places the joint better.
+
+    The refit starts from ``icp`` shifted so that the template's plafond lands on the hint,
+    and leaves out the points more than :data:`BELOW_JOINT_MM` below it. It is kept when it
+    moves the joint closer to the hint and its surface RMS is at most
+    :data:`RETRY_RMS_SLACK_MM` worse.
+    """
+    miss = _joint_miss(icp.matrix, template, hint)
+    if miss <= JOINT_RETRY_MM:
+        return icp
+    keep = points[:, 2] >= hint[2] - BELOW_JOINT_MM  # LPS z is superior (mirroring keeps it)
+    if len(np.unique(labels[keep])) < 2:
+        return icp
+    start = np.array(icp.matrix, dtype=float)
+    at = start[:3, :3] @ hint + start[:3, 3]
+    start[:3, 3] += np.asarray(template.plafond, dtype=float).reshape(3) - at
+    try:
+        refit = fit(points[keep], labels[keep], init=start)
+    except GeometryError:
+        return icp
+    miss2 = _joint_miss(refit.matrix, template, hint)
+    # A fit that slid along the shaft can match the surface as well as the right one (a
+    # cylinder fits anywhere along itself): the joint decides, within RETRY_RMS_SLACK_MM.
+    if miss2 < miss and refit.rms_mm <= max(icp.rms_mm, POOR_FIT_RMS_MM) + RETRY_RMS_SLACK_MM:
+        notes.append(f"re-anchored at the ankle joint: the first fit placed the template's "
+                     f"plafond {miss:.0f} mm from the plafond of the labels, the kept fit "
+                     f"{miss2:.0f} mm")
+        return refit
+    return icp
 
 
 def _fit_warnings(icp: Any, confidence: float, reason: str) -> List[str]:

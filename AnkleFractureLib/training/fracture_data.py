@@ -4,7 +4,9 @@ For every case of a dataset: read the CT, take its bone masks (the dataset's, or
 segmentation model's as ``ankle-fracture run`` does), register to the template with the side
 detected (never the dataset's side), crop the syndesmosis box, and draw the phantom's fracture
 line on the crop grid (:func:`AnkleFractureLib.fracture.targets.fracture_line_target`).
-One ``<id>.<masks>.npz`` per case in a cache folder:
+One ``<id>.<masks>.v<version>.npz`` per case in a cache folder (``<masks>`` is "dataset", or
+"model-<the first 12 hex digits of the segmentation weights' sha256>", so that a new
+segmentation model never gets crops made with the old one's masks):
 
 * ``channels``: float16 (3, nz, ny, nx), the crop (CT [0, 1], tibia, fibula), numpy (z, y, x);
 * ``target``: uint8 (nz, ny, nx), the fracture line (all zero for "none");
@@ -99,6 +101,16 @@ def load_crop_file(path: "os.PathLike[str] | str") -> Dict[str, Any]:
                 "info": json.loads(str(z["info"]))}
 
 
+def _seg_model_tag(seg_model_dir: Optional[str]) -> str:
+    """First 12 hex digits of the segmentation weights' sha256: crops made with model masks are
+    cached per model, so a new model never gets the old model's crops."""
+    from AnkleFractureLib.segmentation.inference import default_model_dir
+    from AnkleFractureLib.segmentation.model_io import sha256_file
+
+    folder = Path(seg_model_dir) if seg_model_dir is not None else default_model_dir()
+    return sha256_file(folder / "model.pt")[:12]
+
+
 def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathLike[str] | str",
                          masks: str = "dataset", template: Any = None,
                          seg_model_dir: Optional[str] = None,
@@ -128,8 +140,9 @@ def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathL
     seg = None
     paths, failed = [], {}
     records = list(ds.cases)
+    tag = masks if masks == "dataset" else f"model-{_seg_model_tag(seg_model_dir)}"
     for k, record in enumerate(records):
-        path = cache / f"{record.id}.{masks}.v{FRACTURE_DATA_VERSION}.npz"
+        path = cache / f"{record.id}.{tag}.v{FRACTURE_DATA_VERSION}.npz"
         if progress is not None:
             progress(k / len(records), f"crop {record.id} ({masks} masks)")
         if not path.exists():
