@@ -303,6 +303,13 @@ def test_ddp_two_processes_with_torchrun(phantoms, cache, tmp_path):
     assert (out / "model.pt").is_file() and len(_rows(out)) == 1
     net, _ = load_model(out)
     assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+    # Resume the two-process run with one process (e.g. the next job got fewer GPUs): same
+    # split and step count, one more epoch, one more log row.
+    resumed = train_segmentation(phantoms, out, epochs=2, resume=True, device="cpu",
+                                 num_threads=1, cache_dir=cache, log=None)
+    assert resumed["status"] == "completed" and resumed["world_size"] == 1
+    assert resumed["steps_run"] == 4 and len(_rows(out)) == 2
+    assert resumed["train_cases"] == summary["train_cases"]
 
 
 def test_loader_workers_make_the_same_batches_in_order():
