@@ -73,6 +73,13 @@ def _lps(a2p: np.ndarray, p: np.ndarray) -> List[float]:
     return _r(a[:3, :3] @ np.asarray(p, float) + a[:3, 3])
 
 
+def _placement(item: Any, a2p: np.ndarray) -> Dict[str, Any]:
+    """The ``info["confounders"]`` fields every kind shares: kind, bone, centre (LPS mm and
+    anatomical mm) and height above the plafond (mm)."""
+    return {"kind": item.kind, "bone": item.bone, "center_lps": _lps(a2p, item.centre),
+            "center_anatomical": _r(item.centre), "height_mm": round(float(item.centre[2]), 3)}
+
+
 def _dir_lps(a2p: np.ndarray, v: np.ndarray) -> List[float]:
     return _r(np.asarray(a2p, float)[:3, :3] @ np.asarray(v, float), 4)
 
@@ -107,8 +114,7 @@ class OsSubfibulare:
 
     def to_dict(self, a2p: np.ndarray) -> Dict[str, Any]:
         """``info["confounders"]`` entry (LPS mm and anatomical mm)."""
-        return {"kind": self.kind, "bone": self.bone, "center_lps": _lps(a2p, self.centre),
-                "center_anatomical": _r(self.centre), "height_mm": round(float(self.centre[2]), 3),
+        return {**_placement(self, a2p),
                 "radii_mm": _r(self.radii), "size_mm": _r(2.0 * self.radii),
                 "axes_anatomical": _r(self.axes, 6), "cortex_mm": round(self.cortex_mm, 3),
                 "gap_mm": round(self.gap_mm, 3)}
@@ -151,8 +157,7 @@ class DenseBand:
 
     def to_dict(self, a2p: np.ndarray) -> Dict[str, Any]:
         """``info["confounders"]`` entry (LPS mm and anatomical mm)."""
-        return {"kind": self.kind, "bone": self.bone, "center_lps": _lps(a2p, self.centre),
-                "center_anatomical": _r(self.centre), "height_mm": round(float(self.centre[2]), 3),
+        return {**_placement(self, a2p),
                 "normal_anatomical": _r(self.normal, 4), "normal_lps": _dir_lps(a2p, self.normal),
                 "thickness_mm": round(self.thickness_mm, 3), "band_hu": round(self.band_hu, 1),
                 "callus_mm": round(self.callus_mm, 3)}
