@@ -653,12 +653,12 @@ class Pipeline:
         """Register (unless given) and check; None when the registration failed."""
         res = run.res
         run.stages.check("before the registration")
-        if registration is None and plafond is C.ESTIMATE:
-            plafond = C.estimate_plafond(leg_label)  # the same the registration check uses
         if registration is None:
+            if plafond is C.ESTIMATE:
+                plafond = C.estimate_plafond(leg_label)  # the same the registration check uses
+            hint = plafond if isinstance(plafond, np.ndarray) else None
             try:
                 with run.timed("register"):
-                    hint = plafond if isinstance(plafond, np.ndarray) else None
                     registration = self.register(ct, leg_label, self.options.side,
                                                  run.stages.callback("register", "registration"),
                                                  plafond_hint=hint)

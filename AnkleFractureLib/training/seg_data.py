@@ -66,6 +66,8 @@ class PreparedCase:
     label: np.ndarray
     spacing: Tuple[float, float, float]
     foreground: Dict[int, np.ndarray] = field(default_factory=dict)
+    #: (level, flat indices) of :meth:`unlabelled_bone`, computed on first use.
+    _unlabelled: Optional[Tuple[float, np.ndarray]] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.foreground:
@@ -80,7 +82,7 @@ class PreparedCase:
         Computed once per case and level; at most ``limit`` of them (an even subsample), so
         a case with much unlabelled bone costs at most ~1 MB.
         """
-        cached = getattr(self, "_unlabelled", None)
+        cached = self._unlabelled
         if cached is None or cached[0] != level:
             idx = np.flatnonzero((self.image.ravel() >= level) & (self.label.ravel() == 0))
             if idx.size > limit:
