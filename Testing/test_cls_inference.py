@@ -107,3 +107,41 @@ def test_the_default_network_fits_the_budget_and_keeps_a_useful_gradcam_grid():
     from monai.networks.blocks import ChannelSELayer
 
     assert sum(isinstance(m, ChannelSELayer) for m in net.modules()) == 8  # one per block
+
+
+def test_deterministic_pools_match_torch_values_and_gradients():
+    """The classifier's own pools (deterministic backward on CUDA) give torch's max-pool and
+    adaptive average pool values, and the same gradients where the maximum is unique."""
+    from AnkleFractureLib.classification.network import GlobalAvgPool, MaxPool3x3Stride2
+
+    torch.manual_seed(0)
+    for shape in ((2, 3, 9, 8, 7), (1, 2, 6, 5)):
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        ref_pool = torch.nn.MaxPool3d(3, 2, 1) if x.ndim == 5 else torch.nn.MaxPool2d(3, 2, 1)
+        ref = ref_pool(x)
+        ours = MaxPool3x3Stride2()(x)
+        assert torch.equal(ours, ref)
+        w = torch.randn_like(ref)
+        g_ref, = torch.autograd.grad((ref * w).sum(), x)
+        g_ours, = torch.autograd.grad((ours * w).sum(), x)
+        assert torch.allclose(g_ours, g_ref)
+    y = torch.randn(2, 4, 3, 5, 6)
+    avg = torch.nn.AdaptiveAvgPool3d(1)(y)
+    assert torch.allclose(GlobalAvgPool()(y), avg, atol=1e-6) and avg.shape == (2, 4, 1, 1, 1)
+
+
+def test_shipped_classifier_outputs_are_unchanged_by_the_deterministic_pools():
+    """Swapping torch's pools back in gives the same logits for the shipped weights."""
+    from AnkleFractureLib.classification.model_io import load_classifier as load
+    from AnkleFractureLib.resources import resource_path
+
+    net, _ = load(resource_path("Models", "classification"), "cpu")
+    x = torch.rand(2, 3, 96, 48, 64)
+    with torch.no_grad():
+        ours = net(x)
+        net.stem[1] = torch.nn.MaxPool3d(3, 2, 1)
+        net.pool = torch.nn.AdaptiveAvgPool3d(1)
+        for m in net.modules():
+            if hasattr(m, "avg_pool"):
+                m.avg_pool = torch.nn.AdaptiveAvgPool3d(1)
+        assert torch.allclose(net(x), ours, atol=1e-4)

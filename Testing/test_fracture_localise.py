@@ -124,3 +124,56 @@ def test_model_mask_crops_are_cached_per_segmentation_model(tmp_path):
         tags.append(_seg_model_tag(str(folder)))
         assert tags[-1] == hashlib.sha256(payload).hexdigest()[:12]
     assert tags[0] != tags[1]
+
+
+def _line_samples(n: int) -> list:
+    """Synthetic crop samples on the template grid (96, 48, 64): a bright fibula column with a
+    dark transverse line at a case-dependent level (the target), and intact columns."""
+    from AnkleFractureLib.training.fracture_train import Sample
+
+    rng = np.random.default_rng(3)
+    out = []
+    for k in range(n):
+        ch = np.zeros((3, 96, 48, 64), np.float16)
+        ch[0] = rng.normal(0.0, 0.05, (96, 48, 64))
+        ch[0, :, 20:30, 15:25] += 1.0
+        ch[2, :, 20:30, 15:25] = 1.0
+        target = np.zeros((96, 48, 64), np.uint8)
+        weber = "none" if k % 3 == 0 else "B"
+        if weber == "B":
+            z = 40 + 4 * k
+            ch[0, z:z + 2, 20:30, 15:25] = 0.0
+            target[z:z + 2, 20:30, 15:25] = 1
+        out.append(Sample(ch, target, np.eye(4), {"id": f"c{k}", "weber": weber,
+                                                  "height_true_mm": None}))
+    return out
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="no CUDA device"))])
+def test_localiser_training_writes_a_model_and_repeats_with_its_seed(tmp_path, monkeypatch,
+                                                                     device) -> None:
+    """train-fracture's loop on synthetic crops: the model folder is complete, the device and
+    the determinism settings are recorded, and the same seed gives the same weights."""
+    import json
+
+    import torch
+
+    from AnkleFractureLib.training import fracture_train as ft
+
+    monkeypatch.setattr(ft, "load_samples", lambda paths: _line_samples(6))
+    cfg = ft.FractureTrainConfig(steps=6, batch_size=2, eval_every=3, val_fraction=0.34,
+                                 seed=5, threads=1, device=device, features=(4, 4, 8, 8, 8, 4))
+    weights = []
+    for run in ("a", "b"):
+        report = ft.train_localiser([], tmp_path / run, cfg, command="test")
+        assert {p.name for p in (tmp_path / run).iterdir()} >= {
+            "plans.json", "model.pt", "training.json", "training_log.csv"}
+        assert report["device"].startswith(device) and report["determinism"]["enabled"]
+        assert report["steps_run"] == 6 and len(report["val_cases"]) == 2
+        plans = json.loads((tmp_path / run / "plans.json").read_text())
+        assert set(plans["decision"]) >= {"found_threshold", "min_voxels"}
+        weights.append(torch.load(tmp_path / run / "model.pt", map_location="cpu")["state_dict"])
+    assert torch.are_deterministic_algorithms_enabled() is False  # restored after the run
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name

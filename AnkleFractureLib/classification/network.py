@@ -21,6 +21,56 @@ from torch import nn
 GRADCAM_LAYER = "layer4"
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over the spatial axes, keeping them as size 1: ``AdaptiveAvgPool(1)`` without its
+    CUDA backward pass, which sums with atomic adds and so differs between runs with the same
+    seed (a mean's backward is a broadcast: deterministic). Same forward values.
+
+    Example:
+        >>> GlobalAvgPool()(torch.ones(2, 3, 4, 5, 6)).shape
+        torch.Size([2, 3, 1, 1, 1])
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
+
+
+class MaxPool3x3Stride2(nn.Module):
+    """Max-pooling, kernel 3, stride 2, padding 1, in any number of spatial axes, done one axis
+    at a time with strided slices and ``torch.maximum``.
+
+    The forward values are those of ``MaxPool3d(3, 2, 1)``; the backward pass is made of slice
+    and maximum gradients that autograd adds in a fixed order, whereas the CUDA backward of
+    ``max_pool3d`` scatters with atomic adds (it differs between runs with the same seed, and
+    PyTorch has no deterministic kernel for it). Ties share the gradient instead of giving it to
+    one voxel; training does not care.
+
+    Example:
+        >>> x = torch.randn(1, 2, 7, 6, 5)
+        >>> torch.equal(MaxPool3x3Stride2()(x), torch.nn.MaxPool3d(3, 2, 1)(x))
+        True
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for dim in range(2, x.ndim):
+            x = self._along(x, dim)
+        return x
+
+    @staticmethod
+    def _along(x: torch.Tensor, dim: int) -> torch.Tensor:
+        n_out = (x.shape[dim] - 1) // 2 + 1
+        pad = [0, 0] * (x.ndim - 2)
+        pad[2 * (x.ndim - 1 - dim):2 * (x.ndim - 1 - dim) + 2] = [1, 1]
+        x = nn.functional.pad(x, pad, value=float("-inf"))
+
+        every_other = (slice(None),) * dim + (slice(None, None, 2),)
+
+        def taps(start: int) -> torch.Tensor:  # window element `start` of each output voxel
+            return x.narrow(dim, start, 2 * n_out - 1)[every_other]
+
+        return torch.maximum(torch.maximum(taps(0), taps(1)), taps(2))
+
+
 class SEBasicBlock(nn.Module):
     """Basic residual block (two 3^d convs) with a squeeze-and-excitation layer.
 
@@ -50,6 +100,7 @@ class SEBasicBlock(nn.Module):
         # MONAI needs r < channels: tiny test networks get a smaller ratio.
         self.se = ChannelSELayer(spatial_dims, out_channels,
                                  r=max(1, min(se_reduction, out_channels // 2)))
+        self.se.avg_pool = GlobalAvgPool()  # same values, deterministic on CUDA (no weights)
         if stride != 1 or in_channels != out_channels:
             self.shortcut: nn.Module = Convolution(spatial_dims, in_channels, out_channels,
                                                    strides=stride, kernel_size=1, act=None,
@@ -92,7 +143,6 @@ class SEResNet(nn.Module):
                  stem_kernel: int = 3, stage_strides: Sequence[int] = (1, 2, 2, 1)) -> None:
         super().__init__()
         from monai.networks.blocks import Convolution
-        from monai.networks.layers.factories import Pool
 
         if len(widths) != 4 or len(blocks) != 4:
             raise ValueError(f"widths and blocks need 4 stages, got {widths} and {blocks}")
@@ -105,7 +155,7 @@ class SEResNet(nn.Module):
         self.stem = nn.Sequential(
             Convolution(spatial_dims, in_channels, widths[0], strides=2, kernel_size=stem_kernel,
                         act="relu", norm=norm, bias=False),
-            Pool[Pool.MAX, spatial_dims](kernel_size=3, stride=2, padding=1),
+            MaxPool3x3Stride2(),  # = MaxPool(3, 2, 1), deterministic on CUDA (no weights)
         )
         stages = []
         cin = widths[0]
@@ -116,7 +166,7 @@ class SEResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
             cin = w
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
+        self.pool = GlobalAvgPool()
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(widths[-1], num_classes)
         self.feature_dim = int(widths[-1])

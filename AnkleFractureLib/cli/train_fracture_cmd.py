@@ -44,6 +44,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--eval-every", type=int, default=150, help="validation interval (steps)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto uses CUDA when available (default); crops are made on the CPU")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     paths = _crops(args, bar)
     cfg = FractureTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               val_fraction=args.val_fraction, eval_every=args.eval_every,
-                              seed=args.seed, threads=args.threads, max_minutes=args.max_minutes)
+                              seed=args.seed, threads=args.threads, max_minutes=args.max_minutes,
+                              device=args.device)
     command = "ankle-fracture " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = train_localiser(paths, args.out, cfg, command,
                              ProgressBar("train-fracture", enabled=not args.quiet))

@@ -46,6 +46,8 @@ class FractureTrainConfig:
     seed: int = 0
     threads: int = 2
     max_minutes: Optional[float] = None
+    #: "auto" (CUDA when there is one), "cpu" or "cuda"; the crops are prepared on the CPU.
+    device: str = "auto"
     features: Tuple[int, ...] = (6, 12, 24, 48, 48, 6)
 
 
@@ -270,12 +272,31 @@ def train_localiser(paths: Sequence[Path], out: "Path | str", cfg: FractureTrain
     Args:
         paths: Crop cache files.
         out: Model folder.
-        cfg: Hyper-parameters (``seed`` makes the run repeatable on CPU).
+        cfg: Hyper-parameters (``seed`` makes the run repeatable on CPU; on a GPU it also
+            switches on the deterministic kernels, see
+            :func:`~AnkleFractureLib.training.determinism.deterministic_training`).
         command: The command line, recorded in training.json.
         progress: Called with (fraction, message).
 
     Returns:
         training.json content.
+    """
+    from AnkleFractureLib.training.determinism import deterministic_training
+
+    # Entered before the first CUDA use, so that cuBLAS reads the deterministic workspace.
+    with deterministic_training(cfg.seed) as determinism:
+        state = _train_loop(paths, Path(out), cfg, progress)
+    state["determinism"] = determinism
+    state["decision"] = fit_decision(Path(out), state.pop("samples"), state["device"])
+    return _finish(Path(out), cfg, command, state)
+
+
+def _train_loop(paths: Sequence[Path], out: Path, cfg: FractureTrainConfig,
+                progress: Optional[Callable[[float, str], None]]) -> Dict[str, Any]:
+    """The optimiser loop with periodic validation; the best model is saved to ``out``.
+
+    Returns:
+        The run's state: best score/step/metrics, log rows, samples, split, device, start time.
     """
     import torch
 
@@ -283,20 +304,24 @@ def train_localiser(paths: Sequence[Path], out: "Path | str", cfg: FractureTrain
     from AnkleFractureLib.fracture.model_io import default_plans, save_localiser
     from AnkleFractureLib.fracture.network import build_localiser
     from AnkleFractureLib.registration.template import load_template
+    from AnkleFractureLib.segmentation.inference import resolve_device
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, cfg.threads))
+    device = resolve_device(cfg.device)
     rng = np.random.default_rng(cfg.seed)
     samples = load_samples(paths)
     if not samples:
         raise ValueError("no training crops with a Weber class and a fracture line")
     train_idx, val_idx = split_cases(samples, cfg.val_fraction, cfg.seed)
     plans = default_plans(cfg.features)
-    net = build_localiser(plans["network"])
+    net = build_localiser(plans["network"]).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = {"best": -np.inf, "best_step": None, "best_val": None, "log": [], "t0": time.time()}
+    state = {"best": -np.inf, "best_step": None, "best_val": None, "log": [], "t0": time.time(),
+             "samples": samples, "device": str(device),
+             "train_cases": sorted({samples[i].info["id"] for i in train_idx}),
+             "val_cases": sorted({samples[i].info["id"] for i in val_idx})}
     template = load_template()
-    out = Path(out)
     for step in range(cfg.steps):
         if cfg.max_minutes and time.time() - state["t0"] > 60.0 * cfg.max_minutes:
             break
@@ -304,7 +329,7 @@ def train_localiser(paths: Sequence[Path], out: "Path | str", cfg: FractureTrain
         row = {"step": step + 1, "loss": round(loss, 5), "lr": round(_lr_at(step, cfg), 6)}
         if val_idx and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             net.eval()
-            summary, _ = score_samples(FractureLocaliser(net, plans, "cpu"),
+            summary, _ = score_samples(FractureLocaliser(net, plans, device),
                                        [samples[i] for i in val_idx], template)
             net.train()
             row.update({f"val_{k}": v for k, v in summary.items()})
@@ -316,8 +341,7 @@ def train_localiser(paths: Sequence[Path], out: "Path | str", cfg: FractureTrain
             progress((step + 1) / cfg.steps, f"step {step + 1}/{cfg.steps} loss {loss:.4f}")
     if not val_idx:
         save_localiser(out, net, plans, {"step": len(state["log"])})
-    state["decision"] = fit_decision(out, samples)
-    return _finish(out, cfg, command, samples, train_idx, val_idx, state)
+    return state
 
 
 #: Candidate "found" rules: peak probability and the strongest line's size (voxels).
@@ -337,7 +361,8 @@ def _line_stats(localiser: Any, samples: Sequence[Sample]) -> List[Tuple[bool, f
     return rows
 
 
-def fit_decision(model_dir: Path, samples: Sequence[Sample]) -> Dict[str, Any]:
+def fit_decision(model_dir: Path, samples: Sequence[Sample], device: str = "cpu"
+                 ) -> Dict[str, Any]:
     """Choose the "found" rule on the training and validation cases and write it into
     plans.json: the (peak, size) pair of :data:`DECISION_GRID` with the largest found rate on
     fractured cases minus the found rate on intact ones (ties: the most permissive rule).
@@ -348,7 +373,7 @@ def fit_decision(model_dir: Path, samples: Sequence[Sample]) -> Dict[str, Any]:
     from AnkleFractureLib.fracture.localise import FractureLocaliser
     from AnkleFractureLib.io import atomic_write_json
 
-    loc = FractureLocaliser.load(model_dir, device="cpu")
+    loc = FractureLocaliser.load(model_dir, device=device)
     stats = _line_stats(loc, samples)
     frac = [r for r in stats if r[0]]
     none = [r for r in stats if not r[0]]
@@ -374,6 +399,8 @@ def _train_step(net: Any, opt: Any, samples: List[Sample], train_idx: List[int],
         g["lr"] = _lr_at(step, cfg)
     idx = rng.choice(train_idx, size=cfg.batch_size, replace=len(train_idx) < cfg.batch_size)
     x, y = _batch(samples, idx, rng, cfg)
+    device = next(net.parameters()).device
+    x, y = x.to(device), y.to(device)
     net.train()
     opt.zero_grad()
     loss = _loss(net(x), y, cfg.pos_weight)
@@ -382,15 +409,15 @@ def _train_step(net: Any, opt: Any, samples: List[Sample], train_idx: List[int],
     return float(loss.detach())
 
 
-def _finish(out: Path, cfg: FractureTrainConfig, command: str, samples: List[Sample],
-            train_idx: List[int], val_idx: List[int], state: Dict[str, Any]) -> Dict[str, Any]:
+def _finish(out: Path, cfg: FractureTrainConfig, command: str, state: Dict[str, Any]
+            ) -> Dict[str, Any]:
     from AnkleFractureLib.io import atomic_write_json
 
     _write_log(out / "training_log.csv", state["log"])
     report = {"kind": "fracture_localiser", "command": command, "config": asdict(cfg),
               "steps_run": len(state["log"]), "minutes": round((time.time() - state["t0"]) / 60, 2),
-              "train_cases": sorted({samples[i].info["id"] for i in train_idx}),
-              "val_cases": sorted({samples[i].info["id"] for i in val_idx}),
+              "device": state["device"], "determinism": state.get("determinism"),
+              "train_cases": state["train_cases"], "val_cases": state["val_cases"],
               "best_step": state["best_step"], "val_metrics": state["best_val"],
               "decision_fit": state.get("decision")}
     atomic_write_json(out / "training.json", report)
