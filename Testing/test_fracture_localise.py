@@ -177,3 +177,34 @@ def test_localiser_training_writes_a_model_and_repeats_with_its_seed(tmp_path, m
     assert torch.are_deterministic_algorithms_enabled() is False  # restored after the run
     for name, value in weights[0].items():
         assert torch.equal(value, weights[1][name]), name
+
+
+def test_training_crops_are_registered_as_run_does_with_both_legs_in_view():
+    """A both-legs scan is refused by side detection; the training crops then register the
+    dataset's leg alone, as a user who gives the side after that refusal gets."""
+    from AnkleFractureLib.errors import AnkleFractureError
+    from AnkleFractureLib.geometry.volume import Volume
+    from AnkleFractureLib.phantom import generate_case
+    from AnkleFractureLib.registration.template import load_template
+    from AnkleFractureLib.training.fracture_data import register_as_run
+
+    case = generate_case(10, "B", "left", spacing="fast")
+    ct, lab = case.ct, case.label
+    two_ct = Volume(np.concatenate([np.flip(ct.array, axis=2), ct.array], axis=2), ct.spacing,
+                    ct.origin)
+    two_lab = Volume(np.concatenate([np.flip(lab.array, axis=2), lab.array], axis=2),
+                     lab.spacing, lab.origin)
+    template = load_template()
+    one, reg = register_as_run(ct, lab, template, "left")
+    assert one is lab and reg.side == "left" and reg.rms_mm < 3.0
+    with pytest.raises(AnkleFractureError, match="both legs"):
+        register_as_run(two_ct, two_lab, template, None)
+    leg, reg2 = register_as_run(two_ct, two_lab, template, "left")
+    assert reg2.side == "left" and reg2.rms_mm < 3.0
+    assert 0 < int((leg.array > 0).sum()) < int((two_lab.array > 0).sum())
+    # The same leg, the same pose: the left leg sits in the second half of the x axis.
+    shift = np.eye(4)
+    shift[0, 3] = ct.shape[2] * ct.spacing[0]
+    moved = reg2.patient_to_template @ shift
+    assert np.allclose(moved[:3, :3], reg.patient_to_template[:3, :3], atol=0.02)
+    assert np.allclose(moved[:3, 3], reg.patient_to_template[:3, 3], atol=2.0)  # mm
