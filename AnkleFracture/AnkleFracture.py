@@ -528,7 +528,8 @@ class AnkleFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              lambda: sceneLogic.exportTrainingCase(
                                  folder, p.inputVolume, p.outputSegmentation, p.weberLabel,
                                  p.caseId or None, side, overwrite=overwrite,
-                                 segmentMapping=mapping))
+                                 segmentMapping=mapping,
+                                 fractureNode=sceneLogic.fractureNodeFor(p.inputVolume)))
         if info is not None:
             self.ui.statusLabel.text = (f"{'Updated' if info['updated'] else 'Added'} case "
                                         f"{info['caseId']} in {info['dataset']}.")

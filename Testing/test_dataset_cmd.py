@@ -59,3 +59,27 @@ def test_add_show_update_and_refuse(files, capsys):
                  "--seg", str(root / "ct_a_seg.nii.gz")]) == 2
     assert "ct_a_seg.nii.gz" in capsys.readouterr().err
     assert len(Dataset.load(ds_dir)) == 2
+
+
+def test_add_an_annotated_fracture_line(files, capsys):
+    """--fracture-line stores a 0/1 mask on the CT's grid; updating the case without it drops
+    the file; a mask on another grid is refused, naming it."""
+    root, ds_dir = files["root"], files["root"] / "ds"
+    line = files["ct"].with_array(np.zeros(files["ct"].shape, np.uint8))
+    line.array[3, 2:6, 4:8] = 7  # any non-zero value marks the line
+    write_image(line, root / "line.nii.gz")
+    write_image(line.region((slice(0, 5), slice(None), slice(None))), root / "line_short.nii.gz")
+    assert main(["dataset", "add", str(ds_dir), str(root / "ct_a.nii.gz"), "--weber", "B",
+                 "--fracture-line", str(root / "line.nii.gz")]) == 0
+    assert "with a fracture line" in capsys.readouterr().out
+    rec = Dataset.load(ds_dir).get("ct_a")
+    stored = read_image(ds_dir / rec.fracture_line)
+    np.testing.assert_array_equal(stored.array, (line.array > 0).astype(np.uint8))
+    assert main(["dataset", "show", str(ds_dir)]) == 0
+    assert "1 with an annotated fracture line" in capsys.readouterr().out
+    assert main(["dataset", "add", str(ds_dir), str(root / "ct_a.nii.gz"), "--weber", "B"]) == 0
+    assert Dataset.load(ds_dir).get("ct_a").fracture_line is None
+    assert not (ds_dir / rec.fracture_line).exists()
+    assert main(["dataset", "add", str(ds_dir), str(root / "ct_a.nii.gz"),
+                 "--fracture-line", str(root / "line_short.nii.gz")]) == 2
+    assert "line_short.nii.gz" in capsys.readouterr().err

@@ -208,3 +208,37 @@ def test_training_crops_are_registered_as_run_does_with_both_legs_in_view():
     moved = reg2.patient_to_template @ shift
     assert np.allclose(moved[:3, :3], reg.patient_to_template[:3, :3], atol=0.02)
     assert np.allclose(moved[:3, 3], reg.patient_to_template[:3, 3], atol=2.0)  # mm
+
+
+def test_an_annotated_fracture_line_trains_like_the_phantoms_exact_surface(tmp_path):
+    """A reader's line (a mask on the CT, stored in the dataset as ``fracture_line``) gives
+    the localiser nearly the target that the phantom's exact fracture surface gives."""
+    from AnkleFractureLib.dataset import Dataset
+    from AnkleFractureLib.errors import InputError
+    from AnkleFractureLib.fracture.targets import fracture_line_target
+    from AnkleFractureLib.phantom import generate_case
+    from AnkleFractureLib.registration.template import load_template
+    from AnkleFractureLib.training.fracture_data import crop_one
+
+    case = generate_case(21, "B", "right", spacing="fast")
+    ct, lab = case.ct, case.label
+    meta = case.info
+    # The line a reader would draw: the exact band, 1 mm wide, on the CT's own grid.
+    drawn = fracture_line_target(meta["fracture"], meta["anatomy_to_patient"], ct, np.eye(4),
+                                 lab.array == 2, half_width_mm=0.5)
+    assert drawn.sum() > 50
+    ds = Dataset.create(tmp_path / "ds")
+    ds.add_case("exact", ct, lab, weber="B", side="right", source="phantom", meta=meta)
+    ds.add_case("drawn", ct, lab, weber="B", side="right", source="reader",
+                fracture_line=ct.with_array(drawn))
+    ds = Dataset.load(tmp_path / "ds")
+    assert ds.get("drawn").fracture_line == "fracture_lines/drawn.nii.gz"
+    assert ds.counts()["fracture_lines"] == 1
+    template = load_template()
+    _, exact, _, info_e = crop_one(ds, ds.get("exact"), "dataset", template)
+    _, annotated, _, info_a = crop_one(ds, ds.get("drawn"), "dataset", template)
+    assert (info_e["line_source"], info_a["line_source"]) == ("phantom", "annotated")
+    dice = 2 * int((exact & annotated).sum()) / int(exact.sum() + annotated.sum())
+    assert dice > 0.7, dice
+    with pytest.raises(InputError, match="fracture line mask is not on the image's grid"):
+        ds.add_case("bad", ct, lab, fracture_line=ct.region((slice(0, 5),) * 3))

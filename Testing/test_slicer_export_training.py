@@ -84,6 +84,7 @@ def test_export_writes_the_dataset_layout(exported, phantoms):
     assert not any(i["updated"] for i in infos.values())
     counts = AnkleFractureSceneLogic.datasetCounts(folder)
     assert counts == {"cases": 3, "segmented": 3, "classified": 2, "unlabelled": 1,
+                      "fracture_lines": 0,
                       "weber_none": 1, "weber_A": 0, "weber_B": 1, "weber_C": 0}
     ds = Dataset.load(folder)
     for (cid, _, _, side, weber), rec in zip(CASES, ds):
@@ -217,3 +218,37 @@ def test_panel_trains_the_classifier_in_the_background(exported):
     # Without a dataset there is nothing to train on: a clear error before any process.
     with pytest.raises(Exception, match="dataset.json"):
         logic.startTraining("seg", folder / "nothing_here", out, python=sys.executable)
+
+
+def test_the_readers_fracture_line_is_exported_for_train_fracture(phantoms, tmp_path):
+    """A (corrected) "Fibula fracture" segment exported with the case becomes the dataset's
+    fracture line, voxel for voxel; a node without that segment is refused by name."""
+    from AnkleFractureLib.errors import InputError
+
+    scene = slicer.vtkMRMLScene()
+    N.segmentationsLogic(scene)
+    logic = AnkleFractureSceneLogic(scene, tmp_path / "results")
+    case = phantoms["ankle_b"]
+    ct_node = N.addVolumeNode(scene, case.ct, "CT ankle_b")
+    line = np.zeros(case.ct.shape, np.uint8)
+    fib = np.argwhere(case.label.array == 2)
+    z = int(np.median(fib[:, 0]))
+    line[z:z + 2][case.label.array[z:z + 2] == 2] = 1  # a two-slice line through the fibula
+    fracture_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ankle_b fracture")
+    fracture_node.SetAttribute(N.ROLE_ATTRIBUTE, "fracture")
+    fracture_node.SetAttribute(N.CT_ATTRIBUTE, ct_node.GetID())
+    N.updateFractureSegmentation(fracture_node, case.ct.with_array(line), ct_node, scene)
+    assert logic.fractureNodeFor(ct_node) is fracture_node  # what the panel's export passes
+    info = logic.exportTrainingCase(tmp_path / "ds", ct_node, None, "B", caseId="ankle_b",
+                                    side="left", fractureNode=logic.fractureNodeFor(ct_node))
+    assert info["counts"]["fracture_lines"] == 1
+    record = Dataset.load(tmp_path / "ds").get("ankle_b")
+    stored = read_image(tmp_path / "ds" / record.fracture_line)
+    assert stored.same_geometry(case.ct, atol=1e-4)
+    assert np.array_equal(stored.array > 0, line > 0)
+    other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "not a fracture")
+    other.GetSegmentation().AddEmptySegment("", "Talus", [0.5, 0.5, 0.5])
+    with pytest.raises(InputError, match="no 'Fibula fracture' segment.*'Talus'"):
+        logic.exportTrainingCase(tmp_path / "ds", ct_node, None, "B", caseId="ankle_c",
+                                 fractureNode=other)
+    assert Dataset.load(tmp_path / "ds").get("ankle_c") is None  # nothing written

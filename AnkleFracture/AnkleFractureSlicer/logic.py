@@ -773,6 +773,11 @@ class AnkleFractureSceneLogic:
         else:
             self._removeNode(nodes, "fractureMarker")
 
+    def fractureNodeFor(self, ctNode: Any) -> Any:
+        """The located (and possibly corrected) fracture line's segmentation of ``ctNode``,
+        which "Export as training case" stores as the case's fracture line (None: none)."""
+        return None if ctNode is None else self._ownNode("fracture", ctNode)
+
     def _ownNode(self, role: str, ctNode: Any) -> Any:
         """The scene's last node with this ROLE made for ``ctNode`` (None when there is none)."""
         found = None
@@ -824,7 +829,8 @@ class AnkleFractureSceneLogic:
                            caseId: Optional[str] = None,
                            side: Optional[str] = None,
                            overwrite: bool = False,
-                           segmentMapping: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                           segmentMapping: Optional[Dict[str, Any]] = None,
+                           fractureNode: Any = None) -> Dict[str, Any]:
         """Add the CT, its (corrected) segmentation and Weber class to a training dataset.
 
         The dataset uses the project's layout (``dataset.json``, ``images/``, ``labels/``)
@@ -844,6 +850,9 @@ class AnkleFractureSceneLogic:
             overwrite: Replace a case with the same id (False: refuse).
             segmentMapping: {segment id: "tibia" | "fibula"} when the segments are not named
                 after the bones (see :meth:`userLabelMap`).
+            fractureNode: The fracture segmentation (a run's ``Fibula fracture`` segment, as
+                corrected by the reader): stored as the case's fracture line, which
+                ``train-fracture`` learns to locate; None or an empty segment: no line.
 
         Returns:
             {"caseId", "updated" (bool: an existing case was replaced), "counts" (the
@@ -871,6 +880,7 @@ class AnkleFractureSceneLogic:
             raise CaseExistsError(datasetFolder, caseId, existing)
         ct = N.volumeFromNode(ctNode)
         label = self.userLabelMap(segmentationNode, ctNode, segmentMapping)
+        line = self.fractureLineMask(fractureNode, ctNode)
         dataset = Dataset.create(datasetFolder)
         updated = dataset.get(caseId) is not None
         dataset.add_case(caseId, ct, label, weber=weber,
@@ -878,9 +888,32 @@ class AnkleFractureSceneLogic:
                          source="slicer-export",
                          meta={"node": ctNode.GetName(),
                                "segmentation": (segmentationNode.GetName()
-                                                if segmentationNode is not None else None)})
+                                                if segmentationNode is not None else None)},
+                         fracture_line=line)
         return {"caseId": caseId, "updated": updated, "counts": dataset.counts(),
                 "dataset": str(dataset.root)}
+
+    def fractureLineMask(self, fractureNode: Any, ctNode: Any) -> Optional[Volume]:
+        """The ``Fibula fracture`` segment of a fracture segmentation as a 0/1 mask on the
+        CT's grid (None: no node, or an empty segment).
+
+        Raises:
+            InputError: The node has no ``Fibula fracture`` segment (the message names its
+                segments).
+        """
+        if fractureNode is None:
+            return None
+        segmentId = fractureNode.GetSegmentation().GetSegmentIdBySegmentName(
+            N.FRACTURE_SEGMENT_NAME)
+        if not segmentId:
+            names = ", ".join(repr(name) for _, name in N.segmentList(fractureNode)) or "none"
+            raise InputError(fractureNode.GetName(), f"no '{N.FRACTURE_SEGMENT_NAME}' segment "
+                                                     f"to export as the fracture line (its "
+                                                     f"segments: {names})")
+        # The segment read as if it were a fibula: the label map machinery gives 2 on it.
+        lines = N.labelMapFromSegmentation(fractureNode, ctNode, self.scene,
+                                           mapping={segmentId: "fibula"})
+        return None if lines is None else lines.with_array((lines.array > 0).astype(np.uint8))
 
     @staticmethod
     def datasetCounts(datasetFolder: PathLike) -> Optional[Dict[str, int]]:

@@ -13,13 +13,17 @@ and evaluate-cls read (DATASET/dataset.json, images/, labels/):
         tibia/fibula label map (0 background, 1 tibia, 2 fibula; on the CT's grid) and an
         optional Danis-Weber class. A case without --weber is unlabelled (train-cls --method
         semi uses it). Adding an existing id replaces that case, never duplicates it (give
-        --seg again to keep its label map). dataset.json is rewritten atomically.
+        --seg again to keep its label map). --fracture-line adds the fibular fracture line a
+        reader drew (a mask on the CT's grid), which train-fracture learns from.
+        dataset.json is rewritten atomically.
   show  count the cases (segmented, classified, per class, unlabelled) and list them."""
 
 EXAMPLES = """\
 examples:
   ankle-fracture dataset add data/hospital dicom/patient_017/ --id case017 --weber B --side left
   ankle-fracture dataset add data/hospital ct_018.nii.gz --seg ct_018_seg.nii.gz --weber none
+  ankle-fracture dataset add data/hospital ct_020.nii.gz --seg ct_020_seg.nii.gz --weber B \
+      --fracture-line ct_020_fracture.nii.gz
   ankle-fracture dataset add data/hospital ct_019.nrrd               # unlabelled
   ankle-fracture dataset show data/hospital"""
 
@@ -39,6 +43,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     a.add_argument("--seg", metavar="SEG",
                    help="label map on the CT's grid (0 background, 1 tibia, 2 fibula), e.g. "
                         "from 'ankle-fracture segment', corrected in 3D Slicer")
+    a.add_argument("--fracture-line", metavar="MASK",
+                   help="mask on the CT's grid, non-zero on the fibular fracture line (e.g. a "
+                        "'Fibula fracture' segment corrected in 3D Slicer); train-fracture "
+                        "learns to locate it")
     a.add_argument("--weber", choices=["none", "A", "B", "C"],
                    help="Danis-Weber class (omit for an unlabelled case)")
     a.add_argument("--side", choices=["left", "right"], help="ankle side (optional)")
@@ -77,15 +85,22 @@ def run_add(args: argparse.Namespace) -> int:
         if not label.same_geometry(ct, atol=1e-4):
             raise InputError(args.seg, "the label map is not on the CT's grid (use the one made "
                                        "for this CT, e.g. by 'ankle-fracture segment')")
+    line = None
+    if args.fracture_line:
+        line = read_image(args.fracture_line)
+        if not line.same_geometry(ct, atol=1e-4):
+            raise InputError(args.fracture_line, "the fracture line mask is not on the CT's "
+                                                 "grid (draw it on this CT)")
     case_id = args.case_id or default_case_id(args.ct)
     ds = Dataset.create(args.dataset)
     updated = ds.get(case_id) is not None
     ds.add_case(case_id, ct, label, weber=args.weber, side=args.side, source="user",
-                meta={"original": str(Path(args.ct).resolve())})
+                meta={"original": str(Path(args.ct).resolve())}, fracture_line=line)
     counts = ds.counts()
     print(f"{'updated' if updated else 'added'} case {case_id} in {ds.root} "
           f"({'class ' + args.weber if args.weber else 'unlabelled'}"
-          f"{', with segmentation' if label is not None else ''}); the dataset holds "
+          f"{', with segmentation' if label is not None else ''}"
+          f"{', with a fracture line' if line is not None else ''}); the dataset holds "
           f"{counts['cases']} cases, {counts['segmented']} segmented, "
           f"{counts['classified']} classified, {counts['unlabelled']} unlabelled")
     return 0
@@ -98,7 +113,8 @@ def run_show(args: argparse.Namespace) -> int:
     c = ds.counts()
     print(f"{ds.root}: {c['cases']} cases; {c['segmented']} with a segmentation (train-seg); "
           f"{c['classified']} with a Weber class (none {c['weber_none']}, A {c['weber_A']}, "
-          f"B {c['weber_B']}, C {c['weber_C']}); {c['unlabelled']} unlabelled")
+          f"B {c['weber_B']}, C {c['weber_C']}); {c['unlabelled']} unlabelled; "
+          f"{c['fracture_lines']} with an annotated fracture line (train-fracture)")
     print(f"{'id':<24} {'weber':<6} {'side':<6} {'segmentation':<13} source")
     for rec in ds:
         print(f"{rec.id:<24} {rec.weber or '-':<6} {rec.side or '-':<6} "

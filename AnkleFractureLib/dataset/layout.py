@@ -7,6 +7,8 @@ A dataset is a folder::
       images/<id>.nii.gz      # CT in HU, any grid (the Volume's own geometry, LPS)
       labels/<id>.nii.gz      # optional uint8 label map on the image's grid: 0 background,
                               # 1 tibia, 2 fibula (fracture fragments carry their bone's label)
+      fracture_lines/<id>.nii.gz  # optional uint8 mask on the image's grid: 1 on the fibular
+                              # fracture line a reader drew (what ``train-fracture`` learns)
 
 ``dataset.json``::
 
@@ -18,6 +20,7 @@ A dataset is a folder::
       "cases": [
         {"id": "phantom_0000", "image": "images/phantom_0000.nii.gz",
          "segmentation": "labels/phantom_0000.nii.gz" | null,
+         "fracture_line": "fracture_lines/phantom_0000.nii.gz" | null,   # optional
          "weber": "none" | "A" | "B" | "C" | null,      # null = unlabelled for classification
          "side": "left" | "right" | null,
          "source": "phantom" | "slicer-export" | ...,
@@ -27,7 +30,9 @@ A dataset is a folder::
 
 Paths are relative to the dataset folder. A case without ``segmentation`` is unlabelled for
 segmentation training; a case without ``weber`` is unlabelled for classification (semi-supervised
-training uses it).
+training uses it). ``fracture_line`` is the annotated fibular fracture line of a real case (a
+"Fibula fracture" segment exported from Slicer): phantoms carry the exact fracture surface in
+``meta["fracture"]`` instead, and the localiser's training reads whichever a case has.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class CaseRecord:
     side: Optional[str] = None
     source: str = "unknown"
     meta: Dict[str, Any] = field(default_factory=dict)
+    fracture_line: Optional[str] = None
 
     def validate(self, where: str) -> None:
         """Raise InputError (naming ``where``) when a field is not allowed."""
@@ -144,7 +150,8 @@ class Dataset:
                 raise InputError(index, f"every case needs 'id' and 'image', got {raw!r}")
             rec = CaseRecord(id=raw["id"], image=raw["image"], segmentation=raw.get("segmentation"),
                              weber=raw.get("weber"), side=raw.get("side"),
-                             source=raw.get("source", "unknown"), meta=raw.get("meta") or {})
+                             source=raw.get("source", "unknown"), meta=raw.get("meta") or {},
+                             fracture_line=raw.get("fracture_line"))
             rec.validate(str(index))
             if rec.id in known:
                 raise InputError(index, f"case id {rec.id!r} appears twice")
@@ -192,7 +199,7 @@ class Dataset:
     def add_case(self, case_id: str, image: Volume, label: Optional[Volume] = None,
                  weber: Optional[str] = None, side: Optional[str] = None,
                  source: str = "unknown", meta: Optional[Dict[str, Any]] = None,
-                 save: bool = True) -> CaseRecord:
+                 save: bool = True, fracture_line: Optional[Volume] = None) -> CaseRecord:
         """Write a case's files and add it to the index, or update it when the id exists.
 
         Args:
@@ -204,15 +211,23 @@ class Dataset:
             source: Where the case came from (e.g. "phantom", "slicer-export").
             meta: Extra JSON-serialisable information.
             save: Rewrite dataset.json now (set False when adding many, then call :meth:`save`).
+            fracture_line: Optional mask on exactly the image's grid, non-zero on the
+                annotated fibular fracture line (stored as 0/1).
 
         Returns:
             The stored record.
+
+        Raises:
+            InputError: A bad id, class or side, or a label map / fracture line off the
+                image's grid or with other values (nothing is written then).
         """
         from AnkleFractureLib.io import write_image
 
         rec = CaseRecord(id=case_id, image=f"images/{case_id}.nii.gz",
                          segmentation=None if label is None else f"labels/{case_id}.nii.gz",
-                         weber=weber, side=side, source=source, meta=dict(meta or {}))
+                         weber=weber, side=side, source=source, meta=dict(meta or {}),
+                         fracture_line=(None if fracture_line is None
+                                        else f"fracture_lines/{case_id}.nii.gz"))
         rec.validate(str(self.index_path))
         if label is not None:
             if not label.same_geometry(image, atol=1e-4):
@@ -220,15 +235,22 @@ class Dataset:
             values = np.unique(label.array)
             if not set(values.tolist()) <= set(LABELS.values()):
                 raise InputError(case_id, f"label values must be 0, 1 or 2, got {values.tolist()}")
+        if fracture_line is not None and not fracture_line.same_geometry(image, atol=1e-4):
+            raise InputError(case_id, "the fracture line mask is not on the image's grid")
+        if label is not None:
             write_image(label.with_array(label.array.astype(np.uint8)), self.root / rec.segmentation)
+        if fracture_line is not None:
+            write_image(fracture_line.with_array((np.asarray(fracture_line.array) > 0)
+                                                 .astype(np.uint8)), self.root / rec.fracture_line)
         write_image(image, self.root / rec.image)
         existing = self.get(case_id)
         if existing is not None:
             self.cases[self.cases.index(existing)] = rec
-            if existing.segmentation and rec.segmentation is None:
-                old = self.root / existing.segmentation
-                if old.exists():
-                    old.unlink()
+            for kind in ("segmentation", "fracture_line"):  # files the new record no longer has
+                if getattr(existing, kind) and getattr(rec, kind) is None:
+                    old = self.root / getattr(existing, kind)
+                    if old.exists():
+                        old.unlink()
         else:
             self.cases.append(rec)
         if save:
@@ -239,7 +261,8 @@ class Dataset:
         """Number of cases: total, with segmentation, with a Weber class, unlabelled, per class."""
         out = {"cases": len(self.cases),
                "segmented": sum(c.segmentation is not None for c in self.cases),
-               "classified": sum(c.weber is not None for c in self.cases)}
+               "classified": sum(c.weber is not None for c in self.cases),
+               "fracture_lines": sum(c.fracture_line is not None for c in self.cases)}
         out["unlabelled"] = out["cases"] - out["classified"]
         for k in CLASSES:
             out[f"weber_{k}"] = sum(c.weber == k for c in self.cases)

@@ -77,3 +77,53 @@ def fracture_line_target(fracture: Optional[Dict[str, Any]], anatomy_to_patient:
     steps = max(1, int(round(MASK_MARGIN_MM / spacing)))
     near_bone = ndimage.binary_dilation(np.asarray(fibula) > 0.5, iterations=steps)
     return (near_surface & near_bone).astype(np.uint8)
+
+
+def annotated_line_target(line: Volume, grid: Volume, patient_to_grid: np.ndarray,
+                          fibula: np.ndarray, half_width_mm: float = HALF_WIDTH_MM
+                          ) -> np.ndarray:
+    """A reader's fracture line (a mask on the CT) as the localiser's target on a crop grid.
+
+    Every annotated voxel centre is mapped into the grid's frame; the target is the band of
+    crop voxels within ``half_width_mm`` of one of them that lie in or next to the fibula,
+    the same band :func:`fracture_line_target` draws around a phantom's exact fracture surface.
+    A one-voxel-thin line on a fine CT still marks every crop voxel it passes through.
+
+    Args:
+        line: Mask on the CT's grid (numpy (z, y, x); non-zero on the line), patient LPS mm.
+        grid: The crop grid (frame of ``patient_to_grid``, e.g. template mm), shape (nz, ny, nx).
+        patient_to_grid: 4x4 patient LPS mm -> grid frame mm.
+        fibula: Fibula mask on the crop grid, float or bool (nz, ny, nx).
+        half_width_mm: Half width of the band (grid mm).
+
+    Returns:
+        uint8 (nz, ny, nx): 1 on the line's band through the fibula (all zero when the line is
+        empty or outside the crop).
+
+    Example:
+        >>> ct = Volume(np.zeros((20, 20, 20), np.uint8), spacing=(1.0, 1.0, 1.0))
+        >>> mask = np.zeros((20, 20, 20), np.uint8); mask[10, 5:15, 5:15] = 1
+        >>> fib = np.ones((20, 20, 20), bool)
+        >>> t = annotated_line_target(ct.with_array(mask), ct, np.eye(4), fib, 1.0)
+        >>> int(t[10].sum()), int(t[12].sum())   # the line's slice is marked, 2 mm away is not
+        (140, 0)
+    """
+    idx = np.argwhere(np.asarray(line.array) > 0)[:, ::-1].astype(float)  # (i, j, k)
+    target = np.zeros(grid.shape, bool)
+    if len(idx):
+        p2g = np.asarray(patient_to_grid, float)
+        pts = line.index_to_physical(idx) @ p2g[:3, :3].T + p2g[:3, 3]
+        ijk = np.rint(grid.physical_to_index(pts)).astype(int)
+        inside = np.all((ijk >= 0) & (ijk < np.array(grid.shape)[::-1]), axis=1)
+        target[ijk[inside, 2], ijk[inside, 1], ijk[inside, 0]] = True
+    if not target.any():
+        return target.astype(np.uint8)
+    radius = np.asarray(half_width_mm / np.asarray(grid.spacing, float)[::-1])  # (z, y, x) vox
+    r = np.ceil(radius).astype(int)
+    zz, yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
+    ball = (zz / max(radius[0], 1e-6)) ** 2 + (yy / max(radius[1], 1e-6)) ** 2 + \
+        (xx / max(radius[2], 1e-6)) ** 2 <= 1.0
+    band = ndimage.binary_dilation(target, structure=ball)
+    steps = max(1, int(round(MASK_MARGIN_MM / float(min(grid.spacing)))))
+    near_bone = ndimage.binary_dilation(np.asarray(fibula) > 0.5, iterations=steps)
+    return (band & near_bone).astype(np.uint8)

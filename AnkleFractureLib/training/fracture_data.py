@@ -59,7 +59,7 @@ def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
         AnkleFractureError: Unreadable CT, no masks, registration impossible.
     """
     from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis
-    from AnkleFractureLib.fracture.targets import fracture_line_target
+    from AnkleFractureLib.fracture.targets import annotated_line_target, fracture_line_target
     from AnkleFractureLib.io import read_image
 
     ct = read_image(ds.path(record.image))
@@ -73,16 +73,27 @@ def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
     crop = crop_syndesmosis(ct, label, reg.patient_to_template, template)
     meta = record.meta or {}
     target = np.zeros(crop.grid.shape, np.uint8)
-    if meta.get("anatomy_to_patient") is not None:
+    line_source = None
+    if record.fracture_line is not None:  # a reader's annotation wins over anything else
+        line = read_image(ds.path(record.fracture_line))
+        if not line.same_geometry(ct, atol=1e-4):
+            raise AnkleFractureError(f"{record.id}: the fracture line mask "
+                                     f"{record.fracture_line} is not on the CT's grid")
+        target = annotated_line_target(line, crop.grid, reg.patient_to_template,
+                                       crop.channels[2])
+        line_source = "annotated"
+    elif meta.get("anatomy_to_patient") is not None:
         target = fracture_line_target(meta.get("fracture"), meta["anatomy_to_patient"],
                                       crop.grid, reg.patient_to_template, crop.channels[2])
+        line_source = "phantom"
     info = {"id": record.id, "weber": record.weber, "masks": masks, "side": reg.side,
             "side_dataset": record.side, "rms_mm": round(float(reg.rms_mm), 3),
             "scale": round(float(reg.scale), 4), "coverage": round(float(crop.coverage), 4),
             "height_true_mm": _true_height(meta), "family": meta.get("family", "analytic"),
             "fracture_style": meta.get("fracture_style", "classic"),
             "fracture_lps": ((meta.get("fracture") or {}).get("centre_lps")),
-            "target_voxels": int(target.sum()), "version": FRACTURE_DATA_VERSION}
+            "target_voxels": int(target.sum()), "line_source": line_source,
+            "version": FRACTURE_DATA_VERSION}
     return crop.channels.astype(np.float16), target, reg.patient_to_template, info
 
 
