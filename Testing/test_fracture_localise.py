@@ -186,7 +186,7 @@ def test_training_crops_are_registered_as_run_does_with_both_legs_in_view():
     from AnkleFractureLib.geometry.volume import Volume
     from AnkleFractureLib.phantom import generate_case
     from AnkleFractureLib.registration.template import load_template
-    from AnkleFractureLib.training.fracture_data import register_as_run
+    from AnkleFractureLib.registration.leg import register_as_run
 
     case = generate_case(10, "B", "left", spacing="fast")
     ct, lab = case.ct, case.label

@@ -61,9 +61,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from scipy import ndimage
 
 from AnkleFractureLib.geometry.volume import Volume
+# estimate_plafond lives with the registration (training crops use it too); C.estimate_plafond
+# stays the pipeline's name for it.
+from AnkleFractureLib.registration.leg import estimate_plafond  # noqa: F401
+from AnkleFractureLib.registration.leg import main_tibia as _main_tibia
+from AnkleFractureLib.registration.leg import mask_points as _points
 from AnkleFractureLib.registration.register import POOR_FIT_INLIERS
 from AnkleFractureLib.segmentation.quality import describe_agreement, label_free_agreement
 
@@ -155,8 +159,6 @@ WARN_JOINT_MM, REFUSE_JOINT_MM = 5.0, 15.0
 #: DICOM tags whose absence leaves the scan's placement in the patient assumed (the reader's
 #: ``meta["missing_tags"]``): a delivered class is then marked unsure.
 GEOMETRY_TAGS = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
-#: Voxels examined per bone in the label-only checks (larger masks are strided).
-MAX_VOXELS = 2_000_000
 
 #: Warning codes that mark a delivered Weber class *unsure*: each means the scan or a stage
 #: upstream may have misled the classifier. (``reader_note`` and ``one_leg_selected`` are
@@ -425,26 +427,6 @@ def check_side(detection: Any, requested: str = "auto") -> List[Finding]:
 
 
 # ---------------------------------------------------------------------- field of view
-def _stride(shape: Sequence[int]) -> int:
-    n = float(np.prod(shape))
-    return max(1, int(np.ceil((n / MAX_VOXELS) ** (1.0 / 3.0))))
-
-
-def _points(label: Volume, mask: np.ndarray, stride: int) -> np.ndarray:
-    """LPS mm (N, 3) of the true voxels of a strided mask."""
-    kji = np.argwhere(mask) * stride
-    return label.index_to_physical(kji[:, ::-1]) if len(kji) else np.zeros((0, 3))
-
-
-def _main_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a boolean mask."""
-    comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    if n <= 1:
-        return mask
-    sizes = np.bincount(comps.reshape(-1))[1:]
-    return comps == int(np.argmax(sizes)) + 1
-
-
 def leg_axis(points: np.ndarray) -> np.ndarray:
     """Unit long axis (LPS, pointing superior) of the tibia voxels ``points`` (N, 3).
 
@@ -521,39 +503,8 @@ def _joint_findings(above: float, below: float, source: str) -> List[Finding]:
     return out
 
 
-def _main_tibia(label: Volume) -> Tuple[np.ndarray, int]:
-    """(strided mask of the largest tibia component, stride)."""
-    stride = _stride(label.shape)
-    return _main_component(label.array[::stride, ::stride, ::stride] == TIBIA), stride
-
-
 #: Default of the ``plafond`` arguments below: "estimate it from the label map here".
 ESTIMATE = object()
-
-
-def estimate_plafond(label: Volume) -> Optional[np.ndarray]:
-    """The tibial plafond (LPS mm) of the label map's largest tibia, or None when not found.
-
-    :func:`~AnkleFractureLib.registration.template.find_plafond` (within about 1 mm on the
-    phantoms, medial malleolus fractures included) on the bounding box of the largest tibia
-    component, so a second leg's tibia does not bend the axis.
-    """
-    from AnkleFractureLib.errors import AnkleFractureError
-    from AnkleFractureLib.registration.template import find_plafond
-
-    mask, stride = _main_tibia(label)
-    idx = np.argwhere(mask)
-    if len(idx) < 10:
-        return None
-    lo = np.maximum(idx.min(axis=0) * stride - stride, 0)
-    hi = np.minimum(idx.max(axis=0) * stride + 2 * stride, label.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    sub = label.region(box)  # type: ignore[arg-type]
-    tibia = sub.with_array((sub.array == TIBIA).astype(np.uint8))
-    try:
-        return np.asarray(find_plafond(tibia), dtype=float)
-    except (AnkleFractureError, ValueError, np.linalg.LinAlgError):
-        return None
 
 
 def _label_only_fov(ct: Volume, label: Volume, plafond: Any = ESTIMATE) -> List[Finding]:

@@ -36,6 +36,7 @@ import numpy as np
 from AnkleFractureLib.errors import AnkleFractureError, CancelledError, InputError
 from AnkleFractureLib.geometry.volume import Volume
 from AnkleFractureLib.pipeline import checks as C
+from AnkleFractureLib.registration.leg import select_leg  # noqa: F401 - also the API's name
 
 PathLike = Union[str, "os.PathLike[str]"]
 ProgressCallback = Callable[[float, str], None]
@@ -272,48 +273,6 @@ def describe_ct(ct: Volume) -> Dict[str, Any]:
         "direction": [[round(float(v), 8) for v in row] for row in ct.direction],
         "reader_warnings": list(ct.meta.get("warnings", []) or []),
     }
-
-
-def select_leg(label: Volume, side: str) -> Tuple[Volume, Optional[float]]:
-    """Keep the ``side`` leg's bones of a label map that holds both legs.
-
-    The labelled voxels are split in two groups by their left-right (LPS x) position (1-D
-    two-means); the patient's left leg lies at larger x. When the groups are closer than two
-    legs can be (``LEGS_MIN_DISTANCE_MM``), the map holds one leg and is returned unchanged.
-
-    Args:
-        label: Label map (1 tibia, 2 fibula), any grid.
-        side: "left" or "right".
-
-    Returns:
-        (label map with the other leg's voxels set to 0, split x in LPS mm or None).
-    """
-    from AnkleFractureLib.registration.side import LEGS_MIN_DISTANCE_MM
-
-    stride = C._stride(label.shape)
-    pts = C._points(label, label.array[::stride, ::stride, ::stride] > 0, stride)
-    if len(pts) < 20:
-        return label, None
-    x = pts[:, 0]
-    a, b = np.percentile(x, 10), np.percentile(x, 90)
-    for _ in range(30):  # 1-D two-means
-        split = 0.5 * (a + b)
-        lo, hi = x[x <= split], x[x > split]
-        if not len(lo) or not len(hi):
-            return label, None
-        a2, b2 = float(lo.mean()), float(hi.mean())
-        if abs(a2 - a) < 1e-3 and abs(b2 - b) < 1e-3:
-            break
-        a, b = a2, b2
-    if b - a < LEGS_MIN_DISTANCE_MM:
-        return label, None
-    split = 0.5 * (a + b)
-    kji = np.argwhere(label.array > 0)
-    xs = label.index_to_physical(kji[:, ::-1])[:, 0]
-    drop = kji[(xs <= split) if side == "left" else (xs > split)]
-    arr = label.array.copy()
-    arr[drop[:, 0], drop[:, 1], drop[:, 2]] = 0
-    return label.with_array(arr), float(split)
 
 
 class _Stages:

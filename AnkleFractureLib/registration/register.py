@@ -219,7 +219,7 @@ def register_to_template(label: Volume, template: Any = None, side: str = "auto"
         seed: Seed of the surface point subsampling (results are deterministic).
         progress: Optional callback (fraction in [0, 1], message).
         plafond_hint: Optional tibial plafond (3,) LPS mm found on ``label`` itself (e.g.
-            :func:`AnkleFractureLib.pipeline.checks.estimate_plafond`). A fit that lands the
+            :func:`AnkleFractureLib.registration.leg.estimate_plafond`). A fit that lands the
             template's plafond more than :data:`JOINT_RETRY_MM` from it (a fit that slid
             along the shaft, e.g. pulled by a mislabelled piece of foot) is run again from a
             start anchored on the hint, without the points far below it, and the fit that

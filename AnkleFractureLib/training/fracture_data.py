@@ -61,6 +61,7 @@ def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
     from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis
     from AnkleFractureLib.fracture.targets import annotated_line_target, fracture_line_target
     from AnkleFractureLib.io import read_image
+    from AnkleFractureLib.registration.leg import register_as_run
 
     ct = read_image(ds.path(record.image))
     if masks == "dataset":
@@ -69,7 +70,7 @@ def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
         label = read_image(ds.path(record.segmentation))
     else:
         label = seg_model.predict(ct)
-    label, reg = register_as_run(ct, label, template, record.side)
+    label, reg = register_as_run(ct, label, template, record.side)  # as `run` registers
     crop = crop_syndesmosis(ct, label, reg.patient_to_template, template)
     meta = record.meta or {}
     target = np.zeros(crop.grid.shape, np.uint8)
@@ -97,46 +98,10 @@ def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
     return crop.channels.astype(np.float16), target, reg.patient_to_template, info
 
 
-def register_as_run(ct: Any, label: Any, template: Any, dataset_side: Optional[str]
-                    ) -> Tuple[Any, Any]:
-    """Register a case's labels the way ``ankle-fracture run`` does, so that training crops
-    look like the crops the model will see.
-
-    The side is detected (never the dataset's), and the fit is anchored on the plafond found
-    on the labels. A scan refused because both legs are in view is registered again with the
-    dataset's side on that leg's labels alone, as a user answers the refusal by giving the side
-    (``evaluate-fracture`` does the same).
-
-    Args:
-        ct: The case's CT (HU).
-        label: Its label map (1 tibia, 2 fibula).
-        template: The registration template.
-        dataset_side: "left"/"right" from the dataset, used only after a both-legs refusal.
-
-    Returns:
-        (the label map that was registered (one leg), the registration).
-
-    Raises:
-        AnkleFractureError: The registration failed (the message says why).
-    """
-    from AnkleFractureLib.pipeline.checks import estimate_plafond
-    from AnkleFractureLib.pipeline.pipeline import select_leg
-    from AnkleFractureLib.registration.register import register_to_template
-
-    try:
-        return label, register_to_template(label, template, side="auto", ct=ct,
-                                           plafond_hint=estimate_plafond(label))
-    except AnkleFractureError as exc:
-        if "both legs" not in str(exc) or dataset_side not in ("left", "right"):
-            raise
-    leg, _ = select_leg(label, dataset_side)
-    return leg, register_to_template(leg, template, side=dataset_side, ct=ct,
-                                     plafond_hint=estimate_plafond(leg))
-
-
 def _save(path: Path, channels: np.ndarray, target: np.ndarray, p2t: np.ndarray,
           info: Dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
+    # One temporary name per process: two processes filling one cache never share it.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
     np.savez_compressed(tmp, channels=channels, target=target, patient_to_template=p2t,
                         info=np.array(json.dumps(info)))
     os.replace(tmp, path)
