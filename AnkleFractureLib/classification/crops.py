@@ -27,7 +27,9 @@ reference masks alone scored lower on the model's masks than on its own).
 
 Which side (``side`` of :func:`load_crops`): ``"detect"`` (default; evaluation) registers with
 automatic side detection exactly as ``ankle-fracture run`` does, never the dataset's side, so a
-wrongly detected side gives the crop a user would get; ``"dataset"`` (training) uses the
+wrongly detected side gives the crop a user would get (a scan refused because both legs are
+in view is then cropped on the dataset's side, as a user answers that refusal by giving the
+side); ``"dataset"`` (training) uses the
 dataset's side when the record has one (labelled training data legitimately knows it), else
 detection. Every crop's info records the side used, the dataset's side and whether they match.
 
@@ -62,7 +64,9 @@ CACHE_VERSION = 2
 #: Version of the code that makes a crop (crop/, registration/, crop_case, the segmentation
 #: post-processing). Bump it by hand whenever that code changes what a crop holds: every cached
 #: crop is then recomputed (it is part of :func:`cache_key`).
-CROP_CODE_VERSION = 3
+#: 4: the fit anchored on the plafond found on the labels, and a both-legs scan cropped on the
+#: dataset's leg after detection refuses it, both as ``run`` / ``evaluate-fracture`` do.
+CROP_CODE_VERSION = 4
 #: Side policies of :func:`load_crops`: automatic detection as ``run`` does, or the dataset's.
 SIDE_POLICIES = ("detect", "dataset")
 ProgressCallback = Callable[[float, str], None]
@@ -114,8 +118,12 @@ class CropSet:
 
 
 def crop_case(ct: Volume, label: Optional[Volume], kind: str = "registered",
-              template: Any = None, side: str = "auto") -> Tuple[np.ndarray, Dict[str, Any]]:
-    """The crop channels of one CT.
+              template: Any = None, side: str = "auto", both_legs_side: Optional[str] = None
+              ) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """The crop channels of one CT, registered as ``ankle-fracture run`` registers it.
+
+    The fit is anchored on the plafond found on the labels, as in the pipeline
+    (:func:`~AnkleFractureLib.registration.leg.register_as_run`).
 
     Args:
         ct: CT (HU).
@@ -123,6 +131,9 @@ def crop_case(ct: Volume, label: Optional[Volume], kind: str = "registered",
         kind: "registered" or "raw".
         template: Template (shipped one when None).
         side: "auto", "left" or "right".
+        both_legs_side: With ``side="auto"``, the side to register when detection refuses
+            the scan because both legs are in view (that leg's labels alone, as a user answers
+            the refusal); None: the refusal stands.
 
     Returns:
         (float32 (3, nz, ny, nx) channels, info {"side", "rms_mm", "coverage", "kind"}).
@@ -131,6 +142,7 @@ def crop_case(ct: Volume, label: Optional[Volume], kind: str = "registered",
         InputError: Registration impossible (no bone, side unknown, ...).
     """
     from AnkleFractureLib.crop.syndesmosis import crop_raw_ct, crop_syndesmosis
+    from AnkleFractureLib.registration.leg import estimate_plafond, register_as_run
     from AnkleFractureLib.registration.register import register_to_template
     from AnkleFractureLib.registration.template import load_template
 
@@ -143,7 +155,11 @@ def crop_case(ct: Volume, label: Optional[Volume], kind: str = "registered",
     if label is None:
         raise InputError(ct.meta.get("source"), "a registered crop needs the bone segmentation")
     template = load_template() if template is None else template
-    reg = register_to_template(label, template, side=side, ct=ct)
+    if side == "auto":
+        label, reg = register_as_run(ct, label, template, both_legs_side)
+    else:
+        reg = register_to_template(label, template, side=side, ct=ct,
+                                   plafond_hint=estimate_plafond(label))
     crop = crop_syndesmosis(ct, label, reg.patient_to_template, template)
     return crop.channels.astype(np.float32), {
         "kind": "registered", "side": reg.side, "rms_mm": round(float(reg.rms_mm), 4),
@@ -313,7 +329,8 @@ def _compute(job: Dict[str, Any]) -> Tuple[str, Optional[str]]:
         template = load_template(job["template_dir"]) if job["template_dir"] else None
         # "detect": as `ankle-fracture run` (side auto), never the dataset's side.
         side = (record.side or "auto") if job["side"] == "dataset" else "auto"
-        channels, info = crop_case(ct, label, kind, template, side=side)
+        channels, info = crop_case(ct, label, kind, template, side=side,
+                                   both_legs_side=record.side)
         info["masks"] = source
         if kind == "registered":
             _side_info(info, job["side"], record.side)
