@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import Any, Optional
 
 DESCRIPTION = """\
 Put your own cases into the project's dataset layout, which train-seg, train-cls, evaluate-seg
@@ -79,18 +80,19 @@ def run_add(args: argparse.Namespace) -> int:
     from AnkleFractureLib.io import read_image
 
     ct = read_image(args.ct)
-    label = None
-    if args.seg:
-        label = read_image(args.seg)
-        if not label.same_geometry(ct, atol=1e-4):
-            raise InputError(args.seg, "the label map is not on the CT's grid (use the one made "
-                                       "for this CT, e.g. by 'ankle-fracture segment')")
-    line = None
-    if args.fracture_line:
-        line = read_image(args.fracture_line)
-        if not line.same_geometry(ct, atol=1e-4):
-            raise InputError(args.fracture_line, "the fracture line mask is not on the CT's "
-                                                 "grid (draw it on this CT)")
+
+    def on_ct_grid(path: Optional[str], what: str, hint: str) -> Any:
+        """The image at ``path`` (None when not given), refused unless on the CT's grid."""
+        if not path:
+            return None
+        image = read_image(path)
+        if not image.same_geometry(ct, atol=1e-4):
+            raise InputError(path, f"the {what} is not on the CT's grid ({hint})")
+        return image
+
+    label = on_ct_grid(args.seg, "label map",
+                       "use the one made for this CT, e.g. by 'ankle-fracture segment'")
+    line = on_ct_grid(args.fracture_line, "fracture line mask", "draw it on this CT")
     case_id = args.case_id or default_case_id(args.ct)
     ds = Dataset.create(args.dataset)
     updated = ds.get(case_id) is not None
