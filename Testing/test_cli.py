@@ -92,3 +92,32 @@ def test_preload_thread_imports_the_model_code():
     thread.join(timeout=120)
     assert not thread.is_alive()
     assert {"torch", "monai.networks.nets", "matplotlib.figure"} <= set(sys.modules)
+
+
+def test_run_waits_for_the_preloaded_imports_before_the_pipeline(tmp_path, monkeypatch):
+    """``run`` imports torch/MONAI in a background thread while it reads the CT; the pipeline
+    (which imports MONAI in the main thread) must start only after that thread finished, or
+    MONAI's circular package imports can hand it a partially initialised module."""
+    import numpy as np
+
+    from AnkleFractureLib.cli import run_cmd
+    from AnkleFractureLib.geometry.volume import Volume
+    from AnkleFractureLib.io import write_image
+    from AnkleFractureLib.pipeline.pipeline import Pipeline
+
+    events = []
+
+    class Preload:
+        def join(self, timeout=None):
+            events.append("join")
+
+    def fake_run(self, ct, **kwargs):
+        events.append("run")
+        raise KeyboardInterrupt  # stop here: only the order matters
+
+    write_image(Volume(np.full((4, 4, 4), -1000, np.int16)), tmp_path / "ct.nii.gz")
+    monkeypatch.setattr(run_cmd, "preload_models_code", lambda: Preload())
+    monkeypatch.setattr(Pipeline, "run", fake_run)
+    assert main(["run", str(tmp_path / "ct.nii.gz"), "--out", str(tmp_path / "out"),
+                 "--quiet"]) != 0  # the CLI reports the interruption
+    assert events == ["join", "run"]

@@ -12,9 +12,11 @@ def preload_models_code() -> Any:
 
     A fresh ``ankle-fracture run`` spends about 1.1 s importing torch and 1.7 s importing MONAI
     (whose package imports every submodule); reading a compressed CT spends most of its time in
-    ITK's C++ code with the GIL released, so the two overlap. Python's per-module import locks
-    make a later import of the same modules in the main thread wait for this one, never run it
-    twice.
+    ITK's C++ code with the GIL released, so the two overlap. The caller must ``join()`` the
+    thread before it imports torch or MONAI itself: MONAI's package imports are circular, and
+    when two threads import it at once Python breaks the import-lock cycle by handing one of
+    them a partially initialised module ("cannot import name ... from partially initialized
+    module", seen once under load).
 
     Returns:
         The started (daemon) thread.
