@@ -242,3 +242,25 @@ def test_an_annotated_fracture_line_trains_like_the_phantoms_exact_surface(tmp_p
     assert dice > 0.7, dice
     with pytest.raises(InputError, match="fracture line mask is not on the image's grid"):
         ds.add_case("bad", ct, lab, fracture_line=ct.region((slice(0, 5),) * 3))
+
+
+def test_classifier_crops_of_a_both_legs_scan_show_one_leg_whichever_side_policy():
+    """crop_case on a scan with both legs: with the side detected (refused, then the dataset's
+    side, as a user answers) and with the side given, the crop is the same leg's."""
+    from AnkleFractureLib.classification.crops import crop_case
+    from AnkleFractureLib.geometry.volume import Volume
+    from AnkleFractureLib.phantom import generate_case
+
+    case = generate_case(10, "B", "left", spacing="fast")
+    ct, lab = case.ct, case.label
+    two_ct = Volume(np.concatenate([np.flip(ct.array, axis=2), ct.array], axis=2), ct.spacing,
+                    ct.origin)
+    two_lab = Volume(np.concatenate([np.flip(lab.array, axis=2), lab.array], axis=2),
+                     lab.spacing, lab.origin)
+    one, _ = crop_case(ct, lab, side="left")
+    detected, info_d = crop_case(two_ct, two_lab, side="auto", both_legs_side="left")
+    given, info_g = crop_case(two_ct, two_lab, side="left")
+    assert info_d["side"] == info_g["side"] == "left"
+    for crop in (detected, given):  # the fibula channel: that of the one-leg scan
+        inter = float(np.minimum(crop[2], one[2]).sum())
+        assert 2 * inter / float(crop[2].sum() + one[2].sum()) > 0.9

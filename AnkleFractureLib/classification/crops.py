@@ -142,7 +142,7 @@ def crop_case(ct: Volume, label: Optional[Volume], kind: str = "registered",
         InputError: Registration impossible (no bone, side unknown, ...).
     """
     from AnkleFractureLib.crop.syndesmosis import crop_raw_ct, crop_syndesmosis
-    from AnkleFractureLib.registration.leg import estimate_plafond, register_as_run
+    from AnkleFractureLib.registration.leg import estimate_plafond, register_as_run, select_leg
     from AnkleFractureLib.registration.register import register_to_template
     from AnkleFractureLib.registration.template import load_template
 
@@ -157,7 +157,8 @@ def crop_case(ct: Volume, label: Optional[Volume], kind: str = "registered",
     template = load_template() if template is None else template
     if side == "auto":
         label, reg = register_as_run(ct, label, template, both_legs_side)
-    else:
+    else:  # a given side: that leg alone when both are in view, as the pipeline does
+        label, _ = select_leg(label, side)
         reg = register_to_template(label, template, side=side, ct=ct,
                                    plafond_hint=estimate_plafond(label))
     crop = crop_syndesmosis(ct, label, reg.patient_to_template, template)
