@@ -179,14 +179,11 @@ def test_localiser_training_writes_a_model_and_repeats_with_its_seed(tmp_path, m
         assert torch.equal(value, weights[1][name]), name
 
 
-def test_training_crops_are_registered_as_run_does_with_both_legs_in_view():
-    """A both-legs scan is refused by side detection; the training crops then register the
-    dataset's leg alone, as a user who gives the side after that refusal gets."""
-    from AnkleFractureLib.errors import AnkleFractureError
+def _left_leg_and_both_legs():
+    """(CT, labels) of a fast Weber B left phantom, and the same beside its mirror image (a
+    right leg at smaller LPS x): a scan with both legs in view."""
     from AnkleFractureLib.geometry.volume import Volume
     from AnkleFractureLib.phantom import generate_case
-    from AnkleFractureLib.registration.template import load_template
-    from AnkleFractureLib.registration.leg import register_as_run
 
     case = generate_case(10, "B", "left", spacing="fast")
     ct, lab = case.ct, case.label
@@ -194,6 +191,17 @@ def test_training_crops_are_registered_as_run_does_with_both_legs_in_view():
                     ct.origin)
     two_lab = Volume(np.concatenate([np.flip(lab.array, axis=2), lab.array], axis=2),
                      lab.spacing, lab.origin)
+    return ct, lab, two_ct, two_lab
+
+
+def test_training_crops_are_registered_as_run_does_with_both_legs_in_view():
+    """A both-legs scan is refused by side detection; the training crops then register the
+    dataset's leg alone, as a user who gives the side after that refusal gets."""
+    from AnkleFractureLib.errors import AnkleFractureError
+    from AnkleFractureLib.registration.template import load_template
+    from AnkleFractureLib.registration.leg import register_as_run
+
+    ct, lab, two_ct, two_lab = _left_leg_and_both_legs()
     template = load_template()
     one, reg = register_as_run(ct, lab, template, "left")
     assert one is lab and reg.side == "left" and reg.rms_mm < 3.0
@@ -248,15 +256,8 @@ def test_classifier_crops_of_a_both_legs_scan_show_one_leg_whichever_side_policy
     """crop_case on a scan with both legs: with the side detected (refused, then the dataset's
     side, as a user answers) and with the side given, the crop is the same leg's."""
     from AnkleFractureLib.classification.crops import crop_case
-    from AnkleFractureLib.geometry.volume import Volume
-    from AnkleFractureLib.phantom import generate_case
 
-    case = generate_case(10, "B", "left", spacing="fast")
-    ct, lab = case.ct, case.label
-    two_ct = Volume(np.concatenate([np.flip(ct.array, axis=2), ct.array], axis=2), ct.spacing,
-                    ct.origin)
-    two_lab = Volume(np.concatenate([np.flip(lab.array, axis=2), lab.array], axis=2),
-                     lab.spacing, lab.origin)
+    ct, lab, two_ct, two_lab = _left_leg_and_both_legs()
     one, _ = crop_case(ct, lab, side="left")
     detected, info_d = crop_case(two_ct, two_lab, side="auto", both_legs_side="left")
     given, info_g = crop_case(two_ct, two_lab, side="left")
