@@ -149,3 +149,21 @@ def test_labels_cover_whole_cross_sections(foot_case):
     tib = lab == 1
     rim = tib & ~ndimage.binary_erosion(tib)
     assert np.median(ct[rim]) > 300
+
+
+def test_the_fibular_fracture_is_always_in_the_scan() -> None:
+    """A Weber C line high on the fibula used to fall above a short scan (5 of 8 C cases of
+    the held-out vh set): the label then named a fracture the image does not show. The scan
+    now reaches 25 mm above the line's centre; the random draws stay the same."""
+    from AnkleFractureLib.phantom.generator import generate_case
+    from AnkleFractureLib.phantom.real_generator import FRACTURE_TOP_MARGIN_MM
+
+    seed = 2580819165  # held-out vh case 3 (seed 9301): C at +94 mm, scan drawn to +50 mm
+    case = generate_case(seed, weber="C", side="left", spacing="fast", family="vh",
+                         fractures="heldout")
+    height = case.info["fracture"]["height_mm"]
+    assert case.info["fov_raised_for_fracture"] is True
+    assert case.info["fov_mm"][1] >= height + FRACTURE_TOP_MARGIN_MM - 0.01
+    # the same case planned without its fracture keeps the drawn (shorter) range
+    drawn = plan_real(seed, "left", "fast")[3]
+    assert drawn[1] < height and drawn[0] == pytest.approx(case.info["fov_mm"][0], abs=0.01)

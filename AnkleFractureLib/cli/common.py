@@ -59,7 +59,7 @@ def check_tta(tta: Optional[int]) -> None:
 
 def add_pipeline_options(p: "argparse.ArgumentParser", side_help: str) -> None:
     """The options every whole-pipeline command shares (``run``, ``batch``):
-    --side, --device, --tta, --seg-model, --cls-model, --template, --pdf."""
+    --side, --device, --tta, --seg-model, --cls-model, --fracture-model, --template, --pdf."""
     p.add_argument("--side", choices=["auto", "left", "right"], default="auto", help=side_help)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto (default: CUDA when available), cpu or cuda")
@@ -70,6 +70,8 @@ def add_pipeline_options(p: "argparse.ArgumentParser", side_help: str) -> None:
                    help="segmentation model folder (default: the shipped model)")
     p.add_argument("--cls-model", metavar="DIR",
                    help="classifier folder (default: the shipped model)")
+    p.add_argument("--fracture-model", metavar="DIR",
+                   help="fracture localiser folder (default: the shipped model)")
     p.add_argument("--template", metavar="DIR", help="template folder (default: the shipped one)")
     p.add_argument("--pdf", action="store_true", help="also write the report as report.pdf")
 
@@ -80,7 +82,7 @@ def pipeline_options(args: "argparse.Namespace") -> "Any":
 
     return PipelineOptions(side=args.side, device=args.device, tta=args.tta,
                            seg_model_dir=args.seg_model, cls_model_dir=args.cls_model,
-                           template_dir=args.template)
+                           fracture_model_dir=args.fracture_model, template_dir=args.template)
 
 
 def bar_chart(probabilities: Dict[str, float], prediction: str, width: int = 30) -> List[str]:

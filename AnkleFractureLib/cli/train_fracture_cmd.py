@@ -47,6 +47,13 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto uses CUDA when available (default); crops are made on the CPU")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes")
+    p.add_argument("--refit-decision", action="store_true",
+                   help="do not train: fit the 'found' rule of the model already in MODEL_DIR "
+                        "again on these crops (plans.json 'decision'; training.json records "
+                        "it as decision_refit)")
+    p.add_argument("--try-cut-rule", action="store_true",
+                   help="let the 'found' rule's fit also try requiring that a line cut the "
+                        "fibula in two (off by default: see docs/fracture/experiments/cut_rule)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -74,13 +81,27 @@ def run(args: argparse.Namespace) -> int:
                          "be at least 1")
     bar = ProgressBar("crops", enabled=not args.quiet)
     paths = _crops(args, bar)
+    command = "ankle-fracture " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.refit_decision:
+        return _refit(args, paths, command)
     cfg = FractureTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               val_fraction=args.val_fraction, eval_every=args.eval_every,
                               seed=args.seed, threads=args.threads, max_minutes=args.max_minutes,
-                              device=args.device)
-    command = "ankle-fracture " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+                              device=args.device, cut_rule=args.try_cut_rule)
     report = train_localiser(paths, args.out, cfg, command,
                              ProgressBar("train-fracture", enabled=not args.quiet))
     print(f"{args.out}: {report['steps_run']} steps, best step {report['best_step']}, "
           f"validation {report['val_metrics']}")
+    return 0
+
+
+def _refit(args: argparse.Namespace, paths: list, command: str) -> int:
+    from AnkleFractureLib.errors import InputError
+    from AnkleFractureLib.training.fracture_train import refit_decision
+
+    if not (Path(args.out) / "model.pt").is_file():
+        raise InputError(args.out, "--refit-decision needs a trained localiser there "
+                                   "(model.pt is missing)")
+    fit = refit_decision(args.out, paths, command, args.device, args.try_cut_rule)
+    print(f"{args.out}: found rule {fit}")
     return 0

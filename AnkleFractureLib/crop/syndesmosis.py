@@ -38,6 +38,9 @@ CHANNELS = ("ct", "tibia", "fibula")
 OUTSIDE_HU = -1024.0
 #: HU threshold of "bone" for the raw-CT control crop's centre.
 BONE_HU = 300.0
+#: HU above which a crop voxel is metal (implants: steel and titanium read 2500 HU and more,
+#: saturating at 3071; cortical bone stays below ~2000 HU).
+METAL_HU = 2500.0
 
 
 @dataclass
@@ -50,6 +53,10 @@ class SyndesmosisCrop:
             the CT channel; spacing/origin/direction (x, y, z) describe the grid.
         patient_to_template: 4x4 matrix, patient LPS mm -> the crop grid's frame (mm).
         coverage: Fraction of crop voxels whose centre maps inside the CT's field of view.
+        meta: Provenance ({"kind", "mirrored"}).
+        in_scan: bool (nz, ny, nx): voxel centre inside the CT's field of view (None: unknown,
+            e.g. a crop read back from a file).
+        metal: bool (nz, ny, nx): the CT reads at least :data:`METAL_HU` there (None: unknown).
     """
 
     channels: np.ndarray
@@ -57,6 +64,8 @@ class SyndesmosisCrop:
     patient_to_template: np.ndarray
     coverage: float = 1.0
     meta: Dict[str, Any] = field(default_factory=dict)
+    in_scan: Optional[np.ndarray] = field(default=None, repr=False)
+    metal: Optional[np.ndarray] = field(default=None, repr=False)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -78,12 +87,11 @@ def _grid_points(size: Sequence[int], spacing: np.ndarray, origin: np.ndarray,
     return ijk @ (np.asarray(direction) @ np.diag(spacing)).T + np.asarray(origin)
 
 
-def _inside_fraction(ct: Volume, points_lps: np.ndarray) -> float:
-    """Fraction of LPS points inside the CT's field of view (voxel edges included)."""
+def _inside(ct: Volume, points_lps: np.ndarray) -> np.ndarray:
+    """bool (N,): LPS points inside the CT's field of view (voxel edges included)."""
     idx = ct.physical_to_index(points_lps)
     hi = np.asarray(ct.size, dtype=float) - 0.5
-    inside = np.all((idx >= -0.5) & (idx <= hi), axis=1)
-    return float(inside.mean()) if inside.size else 0.0
+    return np.all((idx >= -0.5) & (idx <= hi), axis=1)
 
 
 def _sub_box(ct: Volume, points_lps: np.ndarray, halo: int = 2
@@ -111,11 +119,13 @@ def _box_corner_points(size: Sequence[int], spacing: np.ndarray, origin: np.ndar
 
 def _sample(ct: Volume, label: Optional[Volume], t2p: np.ndarray, size: Sequence[int],
             spacing: np.ndarray, origin: np.ndarray, direction: np.ndarray
-            ) -> Tuple[np.ndarray, float]:
-    """(channels (3, nz, ny, nx) float32, coverage) of the grid mapped into the CT by ``t2p``."""
+            ) -> Tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """(channels (3, nz, ny, nx) float32, coverage, in-scan mask, metal mask) of the grid
+    mapped into the CT by ``t2p`` (masks bool (nz, ny, nx))."""
     nx, ny, nz = (int(s) for s in size)
     centres = _grid_points(size, spacing, origin, direction)
-    coverage = _inside_fraction(ct, centres @ t2p[:3, :3].T + t2p[:3, 3])
+    in_scan = _inside(ct, centres @ t2p[:3, :3].T + t2p[:3, 3]).reshape(nz, ny, nx)
+    coverage = float(in_scan.mean()) if in_scan.size else 0.0
     if coverage <= 0.0:
         raise AnkleFractureError(
             "the syndesmosis box lies outside the CT's field of view (no crop voxel maps inside "
@@ -126,10 +136,11 @@ def _sample(ct: Volume, label: Optional[Volume], t2p: np.ndarray, size: Sequence
     channels = np.zeros((3, nz, ny, nx), np.float32)
     if sub is None:  # pragma: no cover - coverage > 0 implies overlap
         channels[0] = normalize_hu(np.full((nz, ny, nx), OUTSIDE_HU))
-        return channels, coverage
+        return channels, coverage, in_scan, np.zeros_like(in_scan)
     ct_sub = ct.region(sub)
     ct_on = resample_to_grid(ct_sub, size, spacing, origin, direction, "linear", OUTSIDE_HU,
                              transform=t2p)
+    metal = ct_on.array >= METAL_HU
     normalize_hu(ct_on.array, out=channels[0])
     if label is not None:
         lab_sub = label.array[sub]
@@ -138,7 +149,7 @@ def _sample(ct: Volume, label: Optional[Volume], t2p: np.ndarray, size: Sequence
             on = resample_to_grid(mask, size, spacing, origin, direction, "linear", 0.0,
                                   transform=t2p)
             np.clip(on.array, 0.0, 1.0, out=channels[c])
-    return channels, coverage
+    return channels, coverage, in_scan, metal
 
 
 # ---------------------------------------------------------------------- public API
@@ -171,12 +182,13 @@ def crop_syndesmosis(ct: Volume, label: Optional[Volume], patient_to_template: n
     p2t = _check_matrix(patient_to_template)
     t2p = np.linalg.inv(p2t)
     size, spacing, origin, direction = template.box.grid()
-    channels, coverage = _sample(ct, label, t2p, size, spacing, origin, direction)
+    channels, coverage, in_scan, metal = _sample(ct, label, t2p, size, spacing, origin,
+                                                 direction)
     grid = Volume(channels[0], spacing, origin, direction,
                   {"frame": "template", "channels": list(CHANNELS)})
     mirrored = bool(np.linalg.det(p2t[:3, :3]) < 0)
     return SyndesmosisCrop(channels, grid, p2t, coverage,
-                           {"kind": "syndesmosis", "mirrored": mirrored})
+                           {"kind": "syndesmosis", "mirrored": mirrored}, in_scan, metal)
 
 
 def _bone_centre(ct: Volume) -> np.ndarray:
@@ -223,11 +235,13 @@ def crop_raw_ct(ct: Volume, size_mm: Sequence[float] = (96.0, 72.0, 144.0),
         c = ct.index_to_physical(((np.asarray(ct.size) - 1) / 2.0)[None, :])[0]
     box = SyndesmosisBox(c, np.eye(3), np.asarray(size_mm, float), np.asarray(spacing_mm, float))
     size, spacing, origin, direction = box.grid()
-    channels, coverage = _sample(ct, None, np.eye(4), size, spacing, origin, direction)
+    channels, coverage, in_scan, metal = _sample(ct, None, np.eye(4), size, spacing, origin,
+                                                 direction)
     grid = Volume(channels[0], spacing, origin, direction,
                   {"frame": "patient", "channels": list(CHANNELS)})
     return SyndesmosisCrop(channels, grid, np.eye(4), coverage,
-                           {"kind": "raw", "centre": centre, "centre_lps": [float(v) for v in c]})
+                           {"kind": "raw", "centre": centre, "centre_lps": [float(v) for v in c]},
+                           in_scan, metal)
 
 
 def crop_to_ct_box(array: np.ndarray, crop: SyndesmosisCrop, ct: Volume,

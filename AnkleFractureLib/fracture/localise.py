@@ -4,7 +4,8 @@ The localiser network (:mod:`.network`) reads the fibula window of the crop (:mo
 and returns, per voxel, the probability of lying on the fibular fracture line. From it:
 
 * ``found`` / ``probability``: the strongest connected line (voxels above ``threshold``), its
-  peak probability; found when it reaches ``found_threshold`` and ``min_voxels``;
+  peak probability; found when it reaches ``found_threshold`` and ``min_voxels``. Lines that
+  reach the scan's edge and voxels next to metal are not candidates (:func:`ignored_zones`);
 * ``center_lps``: the probability-weighted centre of that line (patient LPS mm);
 * ``height_mm``: its signed distance above the tibial plafond along the tibial long axis, both
   taken from the patient's registration to the template (template z axis and plafond mapped
@@ -27,8 +28,17 @@ from AnkleFractureLib.errors import InputError, PathLike
 from AnkleFractureLib.fracture.window import WINDOW_YX, Window, fibula_window
 
 KIND = "fracture_localiser"
-#: Default thresholds (plans.json "decision").
-DEFAULT_DECISION = {"threshold": 0.5, "found_threshold": 0.5, "min_voxels": 6}
+#: Lines that come this close (mm) to the scan's edge are ignored, whole: a bone cut by the
+#: edge of the field of view ends in a flat face that looks like a transverse fracture, and a
+#: line cut by the edge could not be measured anyway.
+EDGE_MM = 4.5
+#: Line voxels this close (mm) to metal are ignored: screws cross the bone like fracture lines,
+#: and their streaks add dark bands.
+METAL_MM = 3.0
+#: Default thresholds (plans.json "decision"). ``min_cut``: the fraction of the fibula below a
+#: line that the line must cut off from the fibula above it (:func:`cut_fraction`); 0 keeps
+#: every line (the rule of models fitted before it existed).
+DEFAULT_DECISION = {"threshold": 0.5, "found_threshold": 0.5, "min_voxels": 6, "min_cut": 0.0}
 
 
 def default_model_dir() -> Path:
@@ -52,6 +62,8 @@ class FractureFinding:
         line: uint8 (z, y, x) the found line on the crop grid (not in JSON).
         size_factor: Patient size / template size (1 / registration scale).
         model: {"name", "sha256"} of the localiser.
+        ignored: Line voxels (probability above the threshold) left out: {"scan_edge": those
+            of lines that reach the scan's edge, "metal": those next to metal}.
     """
 
     found: bool
@@ -63,6 +75,7 @@ class FractureFinding:
     line: np.ndarray = field(repr=False, default=None)
     size_factor: float = 1.0
     model: Dict[str, Any] = field(default_factory=dict)
+    ignored: Dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> Dict[str, Any]:
         """The JSON-ready entry (no arrays)."""
@@ -71,7 +84,7 @@ class FractureFinding:
                 "center_lps": None if self.center_lps is None else [round(float(v), 2)
                                                                    for v in self.center_lps],
                 "extent": self.extent, "size_factor": round(float(self.size_factor), 4),
-                "model": self.model}
+                "ignored_voxels": dict(self.ignored), "model": self.model}
 
 
 def _components(prob: np.ndarray, threshold: float) -> Tuple[np.ndarray, int]:
@@ -80,12 +93,113 @@ def _components(prob: np.ndarray, threshold: float) -> Tuple[np.ndarray, int]:
     return ndimage.label(prob > threshold, structure=np.ones((3, 3, 3), bool))
 
 
-def strongest_line(prob: np.ndarray, threshold: float) -> Tuple[np.ndarray, float]:
+def ignored_zones(in_scan: Optional[np.ndarray], metal: Optional[np.ndarray],
+                  spacing_mm: float) -> Dict[str, np.ndarray]:
+    """Where a line on the crop grid is not a fracture: the scan's edge and around metal.
+
+    Args:
+        in_scan: bool (z, y, x): crop voxel inside the CT's field of view (None: unknown).
+        metal: bool (z, y, x): metal there (None: unknown).
+        spacing_mm: The crop's (isotropic) voxel size, mm.
+
+    Returns:
+        {"scan_edge": bool (z, y, x), "metal": bool (z, y, x)} for the masks given: outside
+        the scan or within :data:`EDGE_MM` of its edge (the crop's own border is not an edge);
+        within :data:`METAL_MM` of metal.
+
+    Example:
+        >>> m = np.ones((10, 4, 4), bool); m[7:] = False
+        >>> ignored_zones(m, None, 1.5)["scan_edge"][:, 0, 0].astype(int).tolist()
+        [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    """
+    from scipy import ndimage
+
+    out: Dict[str, np.ndarray] = {}
+    if in_scan is not None and not np.all(in_scan):
+        r = max(int(round(EDGE_MM / spacing_mm)), 1)
+        out["scan_edge"] = ~ndimage.binary_erosion(in_scan, iterations=r, border_value=1)
+    if metal is not None and np.any(metal):
+        r = max(int(round(METAL_MM / spacing_mm)), 1)
+        out["metal"] = ndimage.binary_dilation(metal, iterations=r)
+    return out
+
+
+def drop_touching(prob: np.ndarray, threshold: float, zone: np.ndarray) -> int:
+    """Zero, in place, every connected line (voxels above ``threshold``) that reaches ``zone``.
+
+    Returns:
+        How many line voxels were dropped.
+    """
+    lab, n = _components(prob, threshold)
+    if n == 0:
+        return 0
+    hit = np.unique(lab[zone & (lab > 0)])
+    drop = np.isin(lab, hit[hit > 0])
+    prob[drop | zone] = 0.0
+    return int(drop.sum())
+
+
+def cut_fraction(fibula: np.ndarray, line: np.ndarray, margin: int = 1, grow: int = 2) -> float:
+    """How completely a line cuts the fibula in two: the fraction of the fibula below the line
+    that is no longer connected to the fibula above it once the line (grown by ``grow``
+    voxels, which closes the narrow bridges a segmentation leaves across a fracture gap) is
+    removed.
+
+    A fracture line crosses the bone: the fragment below it is cut off (1.0). The surface of
+    the malleolus tip against the talus, a screw, or a vessel groove only shaves the bone
+    (about 0). "Below" and "above" are along the crop's z (the tibial long axis), ``margin``
+    voxels beyond the line's lowest and highest slice. A line that reaches the crop's first or
+    last slice cannot be tested (what lies beyond is not in the crop): 1.0.
+
+    Args:
+        fibula: bool (z, y, x) fibula mask on the crop grid.
+        line: bool (z, y, x) one connected line.
+        margin: Slices left out next to the line.
+        grow: Voxels by which the line is grown before it is removed.
+
+    Returns:
+        The fraction (0-1); 0 when there is no fibula below or above the line.
+
+    Example:
+        >>> fib = np.zeros((20, 5, 5), bool); fib[:, 1:4, 1:4] = True
+        >>> line = np.zeros_like(fib); line[10, :, :] = True
+        >>> cut_fraction(fib, line)
+        1.0
+        >>> groove = np.zeros_like(fib); groove[10, 0:1, 0:1] = True
+        >>> cut_fraction(fib, groove)
+        0.0
+    """
+    from scipy import ndimage
+
+    kk = np.nonzero(line)[0]
+    if kk.size == 0:
+        return 0.0
+    if kk.min() == 0 or kk.max() == line.shape[0] - 1:
+        return 1.0
+    kept = fibula & ~ndimage.binary_dilation(line, iterations=grow)
+    below, above = kept.copy(), kept.copy()
+    below[max(int(kk.min()) - margin, 0):] = False
+    above[:int(kk.max()) + margin + 1] = False
+    n_below = int(below.sum())
+    if n_below == 0 or not above.any():
+        return 0.0
+    lab, _ = ndimage.label(kept, structure=np.ones((3, 3, 3), bool))
+    up = np.unique(lab[above])
+    joined = int((np.isin(lab, up[up > 0]) & below).sum())
+    return float(1.0 - joined / n_below)
+
+
+def strongest_line(prob: np.ndarray, threshold: float, fibula: Optional[np.ndarray] = None,
+                   min_cut: float = 0.0, min_voxels: int = 30) -> Tuple[np.ndarray, float]:
     """The connected set of voxels above ``threshold`` with the largest summed probability.
 
     Args:
         prob: Probability map (z, y, x).
         threshold: Voxel threshold.
+        fibula: bool (z, y, x) fibula mask; with ``min_cut`` > 0, only lines of at least
+            ``min_voxels`` voxels whose :func:`cut_fraction` reaches ``min_cut`` compete.
+        min_cut: See ``fibula``.
+        min_voxels: See ``fibula`` (smaller pieces are never "found" lines anyway).
 
     Returns:
         (bool mask of that line (all False when none), its peak probability; the map's peak
@@ -97,6 +211,13 @@ def strongest_line(prob: np.ndarray, threshold: float) -> Tuple[np.ndarray, floa
     from scipy import ndimage
 
     sums = ndimage.sum_labels(prob, lab, index=np.arange(1, n + 1))
+    if fibula is not None and min_cut > 0:
+        sizes = ndimage.sum_labels(np.ones(prob.shape, np.int32), lab, np.arange(1, n + 1))
+        for i in np.nonzero(sums > 0)[0]:
+            if sizes[i] < min_voxels or cut_fraction(fibula, lab == i + 1) < min_cut:
+                sums[i] = 0.0
+        if not np.any(sums > 0):
+            return np.zeros(prob.shape, bool), float(prob.max())
     best = int(np.argmax(sums)) + 1
     mask = lab == best
     return mask, float(prob[mask].max())
@@ -201,13 +322,23 @@ class FractureLocaliser:
             The finding (arrays on the crop grid).
         """
         prob, _ = self.heatmap(crop.channels)
-        mask, peak = strongest_line(prob, self.decision["threshold"])
+        zones = ignored_zones(getattr(crop, "in_scan", None), getattr(crop, "metal", None),
+                              float(np.min(crop.grid.spacing)))
+        thr = self.decision["threshold"]
+        ignored = {}
+        if "metal" in zones:  # voxels next to metal only: a fixated fracture keeps its line
+            ignored["metal"] = int(((prob > thr) & zones["metal"]).sum())
+            prob[zones["metal"]] = 0.0
+        if "scan_edge" in zones:
+            ignored["scan_edge"] = drop_touching(prob, thr, zones["scan_edge"])
+        mask, peak = strongest_line(prob, thr, crop.channels[2] > 0.5,
+                                    float(self.decision["min_cut"]))
         found = bool(peak >= self.decision["found_threshold"]
                      and mask.sum() >= self.decision["min_voxels"])
         model = {"name": "fracture", "sha256": self.plans.get("_sha256")}
         scale = np.linalg.norm(np.asarray(crop.patient_to_template)[:3, 2])
         finding = FractureFinding(found, peak, None, None, None, prob, mask.astype(np.uint8),
-                                  1.0 / float(scale), model)
+                                  1.0 / float(scale), model, ignored)
         if found:
             c, h, ext, sf = measure_line(mask, prob, crop.grid, crop.patient_to_template,
                                          plafond_template)

@@ -89,10 +89,11 @@ def add_forefoot(rng: np.random.Generator, anatomy: RealAnatomy, bottom: float,
 
 
 def plan_real(seed: int, side: str, spacing: str, anatomy_seed: Optional[int] = None,
-              forefoot: float = 0.0):
+              forefoot: float = 0.0, top_at_least: Optional[float] = None):
     """Anatomy, pose, grid and field of view of a vh case (no rendering; ``anatomy_seed``
     defaults to ``seed``; ``forefoot``: probability of the forefoot bones in a case whose
-    foot is in view, drawn from the "forefoot" stream only when above 0)."""
+    foot is in view, drawn from the "forefoot" stream only when above 0; ``top_at_least``:
+    the scan reaches at least this height (anatomical z mm), with the same random draws)."""
     from AnkleFractureLib.phantom.generator import sample_pose
 
     lib = shipped_library()
@@ -102,6 +103,8 @@ def plan_real(seed: int, side: str, spacing: str, anatomy_seed: Optional[int] = 
     a2p = sample_pose(_rng(seed, "pose"), side)
     rng = _rng(seed, "grid")
     bottom, top = sample_fov(rng, anatomy)
+    if top_at_least is not None:
+        top = max(top, float(top_at_least))
     if forefoot > 0:  # no draw at all otherwise: earlier cases stay bit-identical
         bottom = add_forefoot(_rng(seed, "forefoot"), anatomy, bottom, forefoot)
     direction, kind = imaging.sample_direction(rng)
@@ -112,6 +115,19 @@ def plan_real(seed: int, side: str, spacing: str, anatomy_seed: Optional[int] = 
     pts[:, :2] = centre + v * (1.0 + margin / np.maximum(np.linalg.norm(v, axis=1), 1.0))[:, None]
     grid = choose_real_grid(rng, spacing, pts @ a2p[:3, :3].T + a2p[:3, 3], direction, kind)
     return anatomy, a2p, grid, (bottom, top)
+
+
+#: A fibular fracture's centre lies at least this far (mm) below the scan's upper end, so the
+#: whole line (oblique and spiral lines span up to ~30 mm of height) is in view.
+FRACTURE_TOP_MARGIN_MM = 25.0
+
+
+def fracture_top_needed(fracture: Any) -> Optional[float]:
+    """The lowest scan top (anatomical z mm) that shows ``fracture``'s fibular line, or None
+    for an intact fibula."""
+    if getattr(fracture, "fibula", None) is None:
+        return None
+    return float(fracture.fibula.centre[2]) + FRACTURE_TOP_MARGIN_MM
 
 
 def _thin_grid(grid: imaging.GridSpec) -> Tuple[imaging.GridSpec, int]:
@@ -142,6 +158,12 @@ def render_real(seed: int, weber: str, side: str, spacing: str,
     anchors = anatomy.fracture_anchors()
     fracture = sample_fracture(_rng(seed, "fracture"), weber, anchors,
                                anatomy.fib_centre_at, style=fractures)
+    need_top = fracture_top_needed(fracture)
+    fov_raised = need_top is not None and need_top > fov[1]
+    if fov_raised:  # the label must be visible: a class whose fracture is off the scan is noise
+        anatomy, a2p, grid, fov = plan_real(seed, side, spacing, anatomy_seed, forefoot,
+                                            top_at_least=need_top)
+        anchors = anatomy.fracture_anchors()
     conf = conf_mod.Confounders([])
     if confounders > 0:  # no draw at all otherwise: earlier cases stay bit-identical
         conf = conf_mod.draw_confounders(
@@ -166,6 +188,7 @@ def render_real(seed: int, weber: str, side: str, spacing: str,
         "shape": anatomy.p.to_dict(),
         "appearance": look.to_dict(),
         "fov_mm": [round(fov[0], 2), round(fov[1], 2)],
+        "fov_raised_for_fracture": bool(fov_raised),
         "both_legs": bool(anatomy.p.other_leg),
         "foot_in_view": bool(fov[0] < -45.0),
         "credit": VH_CREDIT,
