@@ -182,3 +182,24 @@ def test_both_legs_keep_their_labels():
     out, rep = clean_labels(lab, (1.0, 1.0, 1.0))
     assert np.array_equal(out, lab), rep["notes"]
     assert rep["relabelled_fragments"] == 0 and rep["removed_fragments"] == 0
+
+
+def test_a_large_isolated_piece_beyond_the_tibia_is_a_foot_bone_and_removed() -> None:
+    """Rule 4: a metatarsal-sized 'fibula' piece wholly beyond the tibia's distal end (and far
+    from both bones) is removed; an equally large isolated piece level with the tibia keeps its
+    label (rule 3: a bone the field of view cut in two); a fracture fragment next to the
+    fibula's tip, beyond the tibia's end, keeps its label too."""
+    from AnkleFractureLib.segmentation.postprocess import BEYOND_TIBIA_MM
+
+    lab = np.zeros((130, 60, 90), np.uint8)  # 1 mm voxels, z down the array = distal
+    lab[10:80, 20:40, 20:40] = 1             # tibia, distal end at z 79
+    lab[10:95, 24:36, 48:60] = 2             # fibula (12.2 ml), 15 mm beyond the tibia
+    lab[97:100, 24:36, 48:60] = 2            # Weber A fragment 2 mm below the fibula's tip
+    foot = (slice(80 + int(BEYOND_TIBIA_MM) + 15, 128), slice(20, 40), slice(5, 25))
+    lab[foot] = 2                            # 20 x 20 x 23 = 9.2 ml, 25 mm beyond the tibia
+    level = (slice(30, 50), slice(20, 40), slice(72, 90))
+    lab[level] = 2                           # 7.2 ml, 13 mm from the fibula, level with the tibia
+    out, rep = clean_labels(lab, (1.0, 1.0, 1.0))
+    assert not out[foot].any()
+    assert (out[level] == 2).all() and (out[97:100, 24:36, 48:60] == 2).all()
+    assert any("beyond the end of the tibia" in n for n in rep["notes"])

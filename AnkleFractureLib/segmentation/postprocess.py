@@ -1,6 +1,6 @@
 """Post-processing of predicted tibia/fibula label maps into maps a surgeon would accept.
 
-:func:`clean_labels` applies three rules to a label map (0 background, 1 tibia, 2 fibula):
+:func:`clean_labels` applies four rules to a label map (0 background, 1 tibia, 2 fibula):
 
 1. **No swap.** In any field of view that covers the ankle, the tibia is much larger than the
    fibula. When the largest "tibia" component is smaller than the largest "fibula" component, the
@@ -20,6 +20,11 @@
    (``>= large_fragment_mm3``, 5 ml), in which case it keeps its label (a bone the FOV cut in
    two); a real fracture fragment lies within a few mm of its bone, while the 1-3 ml pieces of
    talus or calcaneus a network may call tibia lie farther.
+4. **No foot bones.** A large isolated piece kept by rule 3 that lies wholly more than
+   ``BEYOND_TIBIA_MM`` (10 mm) beyond either end of the main tibia, along the tibia's long
+   axis, is removed: the malleoli are never isolated from their bone, while metatarsals,
+   cuneiforms and the calcaneus lie beyond the tibia and apart. (Applied only when the tibia
+   is elongated enough to give an axis.)
 
 Everything works on the bounding box of the bones, and distances between components are measured
 with k-d trees of surface-voxel centres (exact Euclidean distances in mm, capped at
@@ -221,6 +226,9 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
                                     large_fragment_mm3=large_fragment_mm3,
                                     probabilities=probabilities, box=box)
                    for k, frag in enumerate(fragments)]
+        # Rule 4: a large isolated piece beyond the end of the tibia is a foot bone.
+        targets = _drop_beyond_leg(fragments, targets, distances, main.get(TIBIA), sp_zyx,
+                                   cap, report)
         changes = _record_fragment_changes(fragments, targets, voxel_mm3, report)
         _apply(work, comps, changes)
     _final_volumes(comps, changes, voxel_mm3, report)
@@ -358,6 +366,62 @@ def _final_volumes(comps: Dict[int, List[_Component]], changes: List[Tuple[_Comp
 #: A second tibia at least this share of the largest one (and large) means both legs are in
 #: view: each leg is then cleaned on its own.
 SECOND_LEG_FRACTION = 0.4
+#: An isolated piece (farther than twice ``attach_distance_mm`` from both bones, and large)
+#: lying wholly this far (mm) beyond either end of the main tibia, along its long axis, is
+#: not tibia or fibula. The lateral malleolus does reach ~15-20 mm beyond the medial
+#: malleolus (the tibia's distal end), but it is part of the fibula, never isolated from it;
+#: a Weber A fragment lies within a few mm of the fibula. Metatarsals, cuneiforms and the
+#: calcaneus lie farther and apart.
+BEYOND_TIBIA_MM = 10.0
+#: The tibia's long axis is trusted when its voxel cloud is at least this elongated (ratio of
+#: the two largest standard deviations): a scan with only the plafond gives no axis.
+MIN_ELONGATION = 1.3
+
+
+def _long_axis_extent(comp: _Component, sp_zyx: np.ndarray, max_points: int = 20000
+                      ) -> Optional[Tuple[np.ndarray, float, float]]:
+    """(unit long axis (z, y, x), min, max of the projections in mm) of a component's voxel
+    centres (a subsample of ``max_points``), or None when it is not elongated."""
+    pts = (np.argwhere(comp.mask()) + [s.start for s in comp.box]) * sp_zyx
+    if len(pts) > max_points:
+        pts = pts[:: int(math.ceil(len(pts) / max_points))]
+    if len(pts) < 10:
+        return None
+    centred = pts - pts.mean(axis=0)
+    _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+    if sv[1] <= 0 or sv[0] / sv[1] < MIN_ELONGATION:
+        return None
+    proj = centred @ vt[0]
+    return vt[0], float(proj.min()), float(proj.max())
+
+
+def _drop_beyond_leg(fragments: List[_Component], targets: List[int],
+                     distances: Dict[int, np.ndarray], tibia: Optional[_Component],
+                     sp_zyx: np.ndarray, cap: float, report: Dict[str, Any]) -> List[int]:
+    """Remove the large isolated pieces (kept by rule 3) that lie wholly beyond either end of
+    the main tibia along its long axis by more than :data:`BEYOND_TIBIA_MM`: foot bones (or
+    the knee's) that the network called tibia or fibula."""
+    isolated = [k for k, frag in enumerate(fragments) if targets[k] == frag.label
+                and min(distances[TIBIA][k], distances[FIBULA][k]) > cap]
+    if not isolated or tibia is None:
+        return targets
+    axis_info = _long_axis_extent(tibia, sp_zyx)
+    if axis_info is None:
+        return targets
+    axis, lo, hi = axis_info
+    centre = ((np.argwhere(tibia.mask()) + [s.start for s in tibia.box]) * sp_zyx).mean(axis=0)
+    out = list(targets)
+    for k in isolated:
+        frag = fragments[k]
+        pts = (np.argwhere(frag.mask()) + [s.start for s in frag.box]) * sp_zyx
+        proj = (pts - centre) @ axis
+        if proj.max() < lo - BEYOND_TIBIA_MM or proj.min() > hi + BEYOND_TIBIA_MM:
+            out[k] = 0
+    n = sum(1 for a, b in zip(targets, out) if a != b)
+    if n:
+        report["notes"].append(f"removed {n} large piece(s) beyond the end of the tibia "
+                               f"(foot bones, not tibia or fibula)")
+    return out
 
 
 def _centroid(comp: _Component, sp_zyx: np.ndarray) -> np.ndarray:
