@@ -85,3 +85,20 @@ def test_disagreement_makes_the_answer_unsure_with_the_reason() -> None:
     refused = PipelineResult(input={}, classification=cls, weber=res.weber)
     refused.findings.append(C.Finding(C.REFUSAL, "no_fibula", "no fibula"))
     assert refused.to_json()["fracture"] is None and refused.gated["prediction"] is None
+
+
+def test_a_scan_that_ends_on_the_fracture_warns_instead_of_measuring(displaced_c) -> None:
+    """The scan cut 1 slice above the fracture centre: the line reaches the scan's edge, is
+    not measured (not 'found'), and a warning makes the answer unsure."""
+    from AnkleFractureLib.pipeline.pipeline import Pipeline, PipelineOptions
+
+    ct = displaced_c.ct
+    centre = np.asarray([displaced_c.info["fracture"]["centre_lps"]])
+    k = int(round(ct.physical_to_index(centre)[0][2]))
+    res = Pipeline(PipelineOptions(device="cpu")).run(ct.region((slice(0, k + 2), slice(None),
+                                                                  slice(None))))
+    assert res.fracture is not None and not res.fracture.found
+    assert res.fracture.ignored["scan_edge"] >= 300  # a line as large as a found one
+    codes = {f.code for f in res.findings}
+    assert "fracture_line_at_scan_edge" in codes
+    assert "fracture_line_at_scan_edge" in C.UNSURE_CODES

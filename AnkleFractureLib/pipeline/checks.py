@@ -169,6 +169,7 @@ UNSURE_CODES = frozenset({
     "side_conflict", "side_unsure", "fov_short_above", "fov_short_below", "fov_coverage",
     "fov_bone_at_syndesmosis", "registration_rms", "registration_inliers", "registration_scale",
     "registration_joint", "registration_note", "assumed_geometry", "segmentation_agreement",
+    "fracture_line_at_scan_edge",
 })
 
 
@@ -766,6 +767,42 @@ def _joint_agreement(registration: Any, label: Volume, template: Any,
 
 
 # ---------------------------------------------------------------------- gating
+def fracture_line_findings(ignored: Dict[str, int], min_voxels: int, spacing_mm: float
+                           ) -> List[Finding]:
+    """Findings on the localiser's lines that were left out (``FractureFinding.ignored``).
+
+    A line as large as a found one that reaches the scan's edge is a warning (the fibula may be
+    broken where the scan ends: the answer is unsure); lines next to metal are a note.
+
+    Args:
+        ignored: {"scan_edge": voxels, "metal": voxels} left out.
+        min_voxels: The localiser's "found" size (voxels).
+        spacing_mm: The crop's voxel size (mm), to give volumes.
+
+    Example:
+        >>> [f.code for f in fracture_line_findings({"scan_edge": 500, "metal": 3}, 300, 1.5)]
+        ['fracture_line_at_scan_edge', 'fracture_lines_near_metal']
+        >>> fracture_line_findings({"scan_edge": 20}, 300, 1.5)
+        []
+    """
+    out: List[Finding] = []
+    ml = spacing_mm ** 3 / 1000.0
+    edge = int(ignored.get("scan_edge", 0))
+    if edge >= max(int(min_voxels), 1):
+        out.append(Finding(WARNING, "fracture_line_at_scan_edge",
+                           f"a fracture-like line reaches the edge of the scan ({edge * ml:.2f} ml "
+                           "of line, not measured): the fibula may be broken where the scan "
+                           "ends; a scan reaching further along the leg would show it",
+                           {"voxels": edge}))
+    metal = int(ignored.get("metal", 0))
+    if metal:
+        out.append(Finding(INFO, "fracture_lines_near_metal",
+                           f"line responses next to metal were left out ({metal * ml:.2f} ml): "
+                           "screws and plates cross the bone like fracture lines",
+                           {"voxels": metal}))
+    return out
+
+
 def gate_classification(findings: Sequence[Finding], result: Any) -> Dict[str, Any]:
     """The classification as it may be shown, given the findings.
 

@@ -691,6 +691,9 @@ class Pipeline:
                             f.height_mm, f.size_factor)
         for reason in res.weber.reasons:
             res.findings.append(C.Finding(C.WARNING, "weber_disagreement", reason))
+        res.findings.extend(C.fracture_line_findings(
+            f.ignored, int(self.localiser.decision["min_voxels"]),
+            float(np.min(crop.grid.spacing))))
 
     @staticmethod
     def _label_on_ct(label: Volume, ct: Volume, res: PipelineResult) -> Volume:
