@@ -22,7 +22,8 @@ from AnkleFractureLib.phantom.generator import PhantomCase, generate_case
 BEFORE = {
     ("analytic", 2, "none"): "f917d2ff02089ac4cb53f9cd5b0590b51f161749630ce2a18bda52f9ee01c460",
     ("analytic", 5, "B"): "6252dd96d23a876957a9c5da5f17fcbc2744236d08de8988d83efe45c72dafbb",
-    ("vh", 3, "none"): "06969388d654dcae05720c355a51832869de1b7fe3c1d1ead02c367e122327b7",
+    # re-pinned when the skin began to cover the malleoli (an intended change of vh cases)
+    ("vh", 3, "none"): "353ae0156ceb8479c1f3fefe2e1d0ab7d4e4f89e828d8607547bd25ff6231ffa",
 }
 #: Seeds whose confounder draws (confounders=1) hold the kinds tested: analytic 2 has all
 #: five findings (ossicle, healed fracture, fibular canal, tibial and fibular scars), vh 3 an

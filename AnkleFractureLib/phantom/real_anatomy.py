@@ -147,6 +147,14 @@ def _rot_x(deg: float) -> np.ndarray:
 
 #: Heights (mm, base frame) at which centrelines are tabulated.
 _ZTAB = np.arange(-60.0, 420.0, 2.0)
+#: Soft tissue (mm) that always covers the tibia and fibula below :data:`COVER_TOP_MM`: the
+#: skin outline (ellipses and the hindfoot's ellipsoids) is grown around a malleolus that would
+#: reach it. Without it the outline clipped the lateral malleolus of many shapes flat (up to
+#: 3 ml of bone rendered as air): a cortical break at the tip that both networks read as a
+#: Weber A fracture on intact ankles.
+BONE_COVER_MM = 4.0
+#: Height (mm above the plafond) below which the cover is enforced (the calf is wide above).
+COVER_TOP_MM = 60.0
 
 
 def _fill_nan(a: np.ndarray) -> np.ndarray:
@@ -364,10 +372,39 @@ class RealAnatomy:
         low = z < 25.0
         if low.any():
             d[low] = smin(d[low], self._foot_outline(x[low], y[low], z[low]), 12.0)
+        d = self._cover_bones(x, y, z, d)
         if self.other is not None:
             ox, oy = self._other_centre(zb)
             d = np.minimum(d, self._leg_ellipse(x, y, z, ox, oy))
         return d.astype(np.float32)
+
+    def _cover_box(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Anatomical box (lo, hi) mm of the distal tibia and fibula, grown by the cover."""
+        if not hasattr(self, "_cover_box_cache"):
+            s = np.array([self.sw, self.sw, self.sl])
+            pad = 8.0 + 3.0 * self.p.field_mm + BONE_COVER_MM + 4.0
+            los, his = zip(*(self.g[b].bounds() for b in ("tibia", "fibula")))
+            lo = np.minimum(np.min(los, axis=0) * s, np.min(los, axis=0) * s * 1.2) - pad
+            hi = np.max(his, axis=0) * s + pad
+            hi[2] = min(hi[2], COVER_TOP_MM)
+            self._cover_box_cache = (lo.astype(np.float32), hi.astype(np.float32))
+        return self._cover_box_cache
+
+    def _cover_bones(self, x, y, z, d: np.ndarray) -> np.ndarray:
+        """``d`` with the skin grown to :data:`BONE_COVER_MM` around the distal tibia and
+        fibula wherever they come closer to it (smooth union; only points in their box)."""
+        lo, hi = self._cover_box()
+        sel = np.nonzero((x > lo[0]) & (x < hi[0]) & (y > lo[1]) & (y < hi[1])
+                         & (z > lo[2]) & (z < hi[2]))[0]
+        if sel.size == 0:
+            return d
+        xs, ys, zs = x[sel], y[sel], z[sel]
+        bone = np.minimum(self.fibula(xs, ys, zs), self.tibia(xs, ys, zs)) - BONE_COVER_MM
+        # Above the cover's top the bones fade out of it smoothly (no step in the outline).
+        bone = bone + 40.0 * smoothstep(zs, COVER_TOP_MM - 15.0, COVER_TOP_MM)
+        d = d.copy()
+        d[sel] = smin(d[sel], bone, 3.0)
+        return d
 
     def _other_centre(self, zb: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         if not hasattr(self, "_other_tib_c"):
