@@ -203,3 +203,31 @@ def test_a_large_isolated_piece_beyond_the_tibia_is_a_foot_bone_and_removed() ->
     assert not out[foot].any()
     assert (out[level] == 2).all() and (out[97:100, 24:36, 48:60] == 2).all()
     assert any("beyond the end of the tibia" in n for n in rep["notes"])
+
+
+def test_a_large_isolated_piece_without_cortex_is_a_cast_and_removed() -> None:
+    """Rule 5: a splint-like 'tibia' plate beside the leg (far from both bones, 600 HU, nearly
+    as large as the tibia, so without the CT it would pass for a second leg) is removed when
+    the CT is given; the same plate at cortical density keeps its label, and so does the plate
+    when no CT is given; the bones themselves are untouched."""
+    from AnkleFractureLib.segmentation.postprocess import CORTEX_HU
+
+    lab = np.zeros((80, 70, 90), np.uint8)
+    lab[5:75, 20:40, 20:40] = 1                # tibia
+    lab[5:75, 24:34, 48:58] = 2                # fibula
+    splint = (slice(10, 60), slice(55, 62), slice(10, 80))
+    lab[splint] = 1                            # 50 x 7 x 70 = 24.5 ml, 15 mm behind the bones
+    ct = np.full(lab.shape, 40.0, np.float32)
+    ct[lab > 0] = CORTEX_HU + 500.0
+    ct[splint] = 600.0
+    out, rep = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct)
+    assert not out[splint].any()
+    assert (out[5:75, 20:40, 20:40] == 1).all() and (out[5:75, 24:34, 48:58] == 2).all()
+    assert any("without cortical bone" in n for n in rep["notes"])
+    kept, _ = clean_labels(lab, (1.0, 1.0, 1.0))
+    assert np.count_nonzero(kept[splint]) > 0.9 * kept[splint].size  # a "second leg"
+    ct[splint] = CORTEX_HU + 500.0
+    dense, _ = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct)
+    assert np.count_nonzero(dense[splint]) > 0.9 * dense[splint].size
+    with pytest.raises(ValueError, match="ct_hu has shape"):
+        clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct[:-1])

@@ -136,6 +136,27 @@ def test_find_plafond_on_phantoms(healthy_cases):
         assert err < 3.0, (case.info["seed"], case.info["side"], err)
 
 
+def test_find_plafond_ignores_talus_pieces_labelled_tibia(healthy_cases):
+    """Pieces of talus labelled tibia below the joint (a network's typical error, connected to
+    the tibia or not) must not move the plafond: without the cross-section rule the start
+    fell below the joint and the estimate landed on the talus (26 mm off on a held-out vh
+    phantom)."""
+    case = healthy_cases[1]
+    lab = case.label.array.copy()
+    true = np.asarray(case.info["plafond_lps"])
+    sp = np.asarray(case.label.spacing)  # x, y, z mm
+    front = true - np.array([0.0, 12.0, 0.0])  # 12 mm anterior (LPS -y) of the plafond
+    k, j, i = np.rint(case.label.physical_to_index(front[None])[0]).astype(int)[::-1]
+    # a 16 x 16 mm bar of "tibia" from the joint to 35 mm below it, at the talus's front
+    # (the old start, 15 mm above its lowest voxel, put the estimate 37 mm off)
+    rj, ri = int(round(8.0 / sp[1])), int(round(8.0 / sp[0]))
+    bar = (slice(max(0, k - int(round(35.0 / sp[2]))), k), slice(j - rj, j + rj),
+           slice(i - ri, i + ri))
+    lab[bar] = np.maximum(lab[bar], 1)
+    found = find_plafond(case.label.with_array(lab))
+    assert np.linalg.norm(found - true) < 3.0
+
+
 def test_build_from_cases_matches_phantom_template(template, healthy_cases):
     mirror = np.diag([-1.0, 1.0, 1.0, 1.0])
     # anatomy mm -> mirrored patient mm (a proper rigid transform) per case.

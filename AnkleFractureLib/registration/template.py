@@ -392,6 +392,34 @@ def _lookup(labels: Volume, points: np.ndarray, value: int) -> np.ndarray:
     return out
 
 
+#: :func:`_lowest_full_section`: a level is "full" when its cross-section holds at least this
+#: fraction of the largest cross-section within :data:`FULL_SECTION_WINDOW_MM` of the lowest
+#: tibia voxel (the distal metaphysis is the widest part of the distal tibia; the malleolus
+#: and stray talus pieces are far smaller).
+FULL_SECTION_FRACTION = 0.5
+#: Only the distal this many mm are searched for the largest section: a scan that reaches the
+#: knee holds a tibial plateau about twice as wide as the metaphysis.
+FULL_SECTION_WINDOW_MM = 80.0
+
+
+def _lowest_full_section(h: np.ndarray, spacing: Sequence[float]) -> float:
+    """Lowest height (mm along the axis) of a level whose tibia cross-section holds at least
+    :data:`FULL_SECTION_FRACTION` of the largest one's voxels within
+    :data:`FULL_SECTION_WINDOW_MM` of the lowest.
+
+    Args:
+        h: Heights (N,) in mm of tibia voxel centres along the tibial axis.
+        spacing: Voxel size (x, y, z) mm; the levels are at least as thick as the coarsest
+            voxel side, so thick slices leave no empty levels between them.
+    """
+    width = max(2.0, float(max(spacing)))
+    lo = float(h.min())
+    counts = np.bincount(((h - lo) / width).astype(np.int64))
+    largest = counts[: max(1, int(FULL_SECTION_WINDOW_MM / width))].max()
+    full = np.flatnonzero(counts >= FULL_SECTION_FRACTION * largest)
+    return lo + float(full[0]) * width
+
+
 def find_plafond(labels: Volume) -> np.ndarray:
     """The tibial plafond landmark, LPS mm (x, y, z), found from the tibia label alone.
 
@@ -401,7 +429,10 @@ def find_plafond(labels: Volume) -> np.ndarray:
 
     1. ``u`` = the tibia's long (principal) axis, pointing superior.
     2. Start with the joint level ``h0`` = the most distal tibia voxel along ``u`` + 15 mm
-       (the medial malleolus reaches 10-15 mm below the plafond).
+       (the medial malleolus reaches 10-15 mm below the plafond), or the lowest level whose
+       cross-section holds at least half the largest one's voxels when that is higher (a
+       piece of talus a network labelled tibia, connected or not, lies well below the
+       plafond but is small in cross-section: it must not pull the start down).
     3. ``c`` = centroid of the tibia voxels with height in [h0 + 5, h0 + 12] mm along ``u``.
     4. March from ``c`` along ``-u`` in 0.2 mm steps until leaving the tibia: that exit is the
        articular surface, the new ``h0``. Repeat 3-4 until ``h0`` moves < 0.2 mm (<= 5 times).
@@ -420,7 +451,7 @@ def find_plafond(labels: Volume) -> np.ndarray:
     u = _tibial_axis(labels)
     pts = _bone_points(labels, 1, 400_000)
     h = pts @ u
-    h0 = float(h.min()) + 15.0
+    h0 = max(float(h.min()) + 15.0, _lowest_full_section(h, labels.spacing))
     plafond = None
     steps = np.arange(0.0, 60.0, 0.2)
     for _ in range(5):

@@ -145,7 +145,8 @@ class SegmentationModel:
             report(0.93, "post-processing")
             from AnkleFractureLib.segmentation.postprocess import clean_labels
 
-            roi_labels, post_report = clean_labels(roi_labels, model_input.roi_volume.spacing)
+            roi_labels, post_report = clean_labels(roi_labels, model_input.roi_volume.spacing,
+                                                   ct_hu=model_input.roi_volume.array)
             timings["postprocess_s"] = time.perf_counter() - t3
 
         out = np.zeros(ct.shape, dtype=np.uint8)

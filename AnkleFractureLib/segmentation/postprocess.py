@@ -1,6 +1,6 @@
 """Post-processing of predicted tibia/fibula label maps into maps a surgeon would accept.
 
-:func:`clean_labels` applies four rules to a label map (0 background, 1 tibia, 2 fibula):
+:func:`clean_labels` applies five rules to a label map (0 background, 1 tibia, 2 fibula):
 
 1. **No swap.** In any field of view that covers the ankle, the tibia is much larger than the
    fibula. When the largest "tibia" component is smaller than the largest "fibula" component, the
@@ -25,6 +25,11 @@
    axis, is removed: the malleoli are never isolated from their bone, while metatarsals,
    cuneiforms and the calcaneus lie beyond the tibia and apart. (Applied only when the tibia
    is elongated enough to give an axis.)
+5. **No label without bone.** When the CT is given, a large isolated piece kept by rule 3 in
+   which fewer than ``MIN_CORTEX_FRACTION`` (5 %) of the voxels reach ``CORTEX_HU`` (1000 HU)
+   is removed: every piece of tibia or fibula has a cortex (the shaft's is 1200-2000 HU, and
+   30-55 % of a bone piece's labelled voxels reach 1000 HU on phantoms), while a plaster cast
+   or splint (150-800 HU), which a network may call bone at its corners, has none.
 
 Everything works on the bounding box of the bones, and distances between components are measured
 with k-d trees of surface-voxel centres (exact Euclidean distances in mm, capped at
@@ -146,8 +151,8 @@ def _components(work: np.ndarray, value: int) -> List[_Component]:
 def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
                  min_fragment_mm3: float = 30.0, attach_distance_mm: float = 6.0,
                  large_fragment_mm3: float = 5000.0,
-                 probabilities: Optional[np.ndarray] = None, split_legs: bool = True
-                 ) -> Tuple[np.ndarray, Dict[str, Any]]:
+                 probabilities: Optional[np.ndarray] = None, split_legs: bool = True,
+                 ct_hu: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
     """Remove specks, give fragments their parent bone's label and undo tibia/fibula swaps.
 
     Args:
@@ -169,6 +174,8 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
         split_legs: With two tibiae of similar size (both legs in view), clean each leg on its
             own side of the plane midway between them (its own main tibia and fibula), so the
             second leg's tibia is not taken for a fragment of the nearer, larger fibula.
+        ct_hu: Optional CT (z, y, x) in HU on the labels' grid; enables rule 5 (a large
+            isolated piece without cortical bone, such as a cast, is removed).
 
     Returns:
         ``(cleaned, report)``: ``cleaned`` is a new uint8 (z, y, x) array (the input is never
@@ -194,6 +201,8 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
     if lo < 0 or hi > 2:
         raise ValueError(f"labels must hold only 0 (background), 1 (tibia) and 2 (fibula), "
                          f"got values from {lo} to {hi}")
+    if ct_hu is not None and np.shape(ct_hu) != labels.shape:
+        raise ValueError(f"ct_hu has shape {np.shape(ct_hu)}, the labels {labels.shape}")
     out = labels.astype(np.uint8, copy=True)
     box = bounding_box(out)
     if box is None:
@@ -203,12 +212,14 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
     voxel_mm3 = float(np.prod(sp))
 
     comps = {value: _components(work, value) for value in (TIBIA, FIBULA)}
-    halves = _leg_halves(work.shape, comps[TIBIA], sp_zyx, voxel_mm3, large_fragment_mm3)
+    ct_box = ct_hu[box] if ct_hu is not None else None
+    halves = _leg_halves(work.shape, comps[TIBIA], sp_zyx, voxel_mm3, large_fragment_mm3,
+                         ct_box)
     if halves is not None and split_legs:
         return _clean_per_leg(out, box, halves, spacing_xyz, probabilities,
                               dict(min_fragment_mm3=min_fragment_mm3,
                                    attach_distance_mm=attach_distance_mm,
-                                   large_fragment_mm3=large_fragment_mm3))
+                                   large_fragment_mm3=large_fragment_mm3), ct_hu)
     main: Dict[int, Optional[_Component]] = {v: (c[0] if c else None) for v, c in comps.items()}
     fragments = comps[TIBIA][1:] + comps[FIBULA][1:]
     # Rule 1: the tibia is the larger bone.
@@ -229,6 +240,9 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
         # Rule 4: a large isolated piece beyond the end of the tibia is a foot bone.
         targets = _drop_beyond_leg(fragments, targets, distances, main.get(TIBIA), sp_zyx,
                                    cap, report)
+        # Rule 5: a large isolated piece without cortical bone is a cast or splint.
+        if ct_hu is not None:
+            targets = _drop_without_cortex(fragments, targets, distances, ct_box, cap, report)
         changes = _record_fragment_changes(fragments, targets, voxel_mm3, report)
         _apply(work, comps, changes)
     _final_volumes(comps, changes, voxel_mm3, report)
@@ -424,6 +438,39 @@ def _drop_beyond_leg(fragments: List[_Component], targets: List[int],
     return out
 
 
+#: Rule 5: a voxel at or above this CT number (HU) is cortical bone.
+CORTEX_HU = 1000.0
+#: Rule 5: a large isolated piece is bone only when at least this fraction of its voxels is
+#: cortical (bone pieces: 0.3-0.55 on phantoms; a cast or splint: at most 0.01).
+MIN_CORTEX_FRACTION = 0.05
+
+
+def _has_cortex(comp: _Component, ct_box: np.ndarray) -> bool:
+    """Whether at least :data:`MIN_CORTEX_FRACTION` of a component's voxels reach
+    :data:`CORTEX_HU` in ``ct_box`` (HU, the working box)."""
+    values = ct_box[comp.box][comp.mask()]
+    return not values.size or float(np.mean(values >= CORTEX_HU)) >= MIN_CORTEX_FRACTION
+
+
+def _drop_without_cortex(fragments: List[_Component], targets: List[int],
+                         distances: Dict[int, np.ndarray], ct_box: np.ndarray, cap: float,
+                         report: Dict[str, Any]) -> List[int]:
+    """Remove the large isolated pieces (kept by rule 3) whose CT shows no cortical bone
+    (fewer than :data:`MIN_CORTEX_FRACTION` of their voxels at :data:`CORTEX_HU` or above):
+    a cast or a splint the network called bone."""
+    out = list(targets)
+    for k, frag in enumerate(fragments):
+        if targets[k] != frag.label or min(distances[TIBIA][k], distances[FIBULA][k]) <= cap:
+            continue
+        if not _has_cortex(frag, ct_box):
+            out[k] = 0
+    n = sum(1 for a, b in zip(targets, out) if a != b)
+    if n:
+        report["notes"].append(f"removed {n} large piece(s) without cortical bone "
+                               f"(a cast or splint, not tibia or fibula)")
+    return out
+
+
 def _centroid(comp: _Component, sp_zyx: np.ndarray) -> np.ndarray:
     """Centroid (z, y, x) mm of a component in working-crop coordinates."""
     idx = np.argwhere(comp.mask()) + [s.start for s in comp.box]
@@ -431,15 +478,20 @@ def _centroid(comp: _Component, sp_zyx: np.ndarray) -> np.ndarray:
 
 
 def _leg_halves(shape: Sequence[int], tibiae: List[_Component], sp_zyx: np.ndarray,
-                voxel_mm3: float, large_mm3: float) -> Optional[List[np.ndarray]]:
+                voxel_mm3: float, large_mm3: float, ct_box: Optional[np.ndarray] = None
+                ) -> Optional[List[np.ndarray]]:
     """The two legs' halves (boolean arrays of ``shape``) when two tibiae are in view, else None.
 
-    The halves are split by the plane midway between the two largest tibiae's centroids.
+    The halves are split by the plane midway between the two largest tibiae's centroids. With
+    the CT (``ct_box``, HU on the working box), a second "tibia" without cortical bone (a cast)
+    is no second leg.
     """
     if len(tibiae) < 2:
         return None
     a, b = tibiae[0], tibiae[1]
     if b.voxels * voxel_mm3 < large_mm3 or b.voxels < SECOND_LEG_FRACTION * a.voxels:
+        return None
+    if ct_box is not None and not _has_cortex(b, ct_box):
         return None
     ca, cb = _centroid(a, sp_zyx), _centroid(b, sp_zyx)
     normal = cb - ca
@@ -451,7 +503,8 @@ def _leg_halves(shape: Sequence[int], tibiae: List[_Component], sp_zyx: np.ndarr
 
 def _clean_per_leg(out: np.ndarray, box: Slices, halves: List[np.ndarray],
                    spacing_xyz: Sequence[float], probabilities: Optional[np.ndarray],
-                   options: Dict[str, float]) -> Tuple[np.ndarray, Dict[str, Any]]:
+                   options: Dict[str, float], ct_hu: Optional[np.ndarray] = None
+                   ) -> Tuple[np.ndarray, Dict[str, Any]]:
     """Clean each leg's half on its own and merge the maps and the reports."""
     merged = np.zeros_like(out)
     report: Dict[str, Any] = {"swapped": False, "removed_voxels": 0, "removed_fragments": 0,
@@ -463,7 +516,7 @@ def _clean_per_leg(out: np.ndarray, box: Slices, halves: List[np.ndarray],
         sub = np.zeros_like(out)
         sub[box] = np.where(half, out[box], 0)
         cleaned, rep = clean_labels(sub, spacing_xyz, probabilities=probabilities,
-                                    split_legs=False, **options)
+                                    split_legs=False, ct_hu=ct_hu, **options)
         merged[box][half] = cleaned[box][half]
         report["swapped"] |= rep["swapped"]
         for key in ("removed_voxels", "removed_fragments", "relabelled_fragments",
