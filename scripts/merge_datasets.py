@@ -53,7 +53,8 @@ def merge(inputs: list, out: Path, twice: tuple = ()) -> int:
                     os.symlink((folder / case[key]).resolve(), link)
             cases.append(case)
             if folder.resolve() in twice_paths:
-                cases.append(dict(case, id=case["id"] + "_predseg", segmentation=None)) = (index.get("description", "") + " Merged from "
+                cases.append(dict(case, id=case["id"] + "_predseg", segmentation=None))
+    index["description"] = (index.get("description", "") + " Merged from "
                             + ", ".join(str(Path(p)) for p in inputs) + " (files linked).")
     index["cases"] = cases
     atomic_write_json(out / "dataset.json", index)
