@@ -223,29 +223,15 @@ def test_semi_runs_on_two_nodes_with_the_readme_rendezvous(tmp_path):
     """Two torchrun launchers joined by the README's c10d rendezvous flags (two "nodes" of
     one process on this machine, sharing the output folder): one run of world size 2, rank 0
     alone returns the summary and writes the model."""
-    import socket
+    from torchrun_nodes import run_two_nodes
 
     script = tmp_path / "ddp_cls.py"
     script.write_text(DDP_SCRIPT.format(testing=str(REPO / "Testing")))
     out = tmp_path / "model"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-           "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "ankle-cls-test",
-           str(script), str(tmp_path), str(out)]
-    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env, cwd=tmp_path) for _ in range(2)]
-    try:
-        results = [node.communicate(timeout=300) for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    for node, (stdout, stderr) in zip(nodes, results):
-        assert node.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    printed = "".join(stdout for stdout, _ in results)
+    results = run_two_nodes(script, [str(tmp_path), str(out)], tmp_path, "ankle-cls-test")
+    for code, stdout, stderr in results:
+        assert code == 0, stdout[-3000:] + stderr[-3000:]
+    printed = "".join(stdout for _, stdout, _ in results)
     assert printed.count("RESULT 2 completed") == 1 and printed.count("RESULT rank worker") == 1
     summary = json.loads((out / "training.json").read_text())
     assert summary["world_size"] == 2 and summary["steps_done"] == 4

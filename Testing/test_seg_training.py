@@ -312,37 +312,20 @@ def test_ddp_two_processes_with_torchrun(phantoms, cache, tmp_path):
     assert resumed["train_cases"] == summary["train_cases"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_two_nodes_rendezvous_as_the_readme_says(phantoms, cache, tmp_path):
     """The README's multi-node command (``--nnodes 2 --rdzv_backend c10d --rdzv_endpoint
     HOST:PORT --rdzv_id ID``), run as two torchrun launchers (two "nodes" of one process each,
     on this machine, sharing ``--out`` as nodes share a file system): both join one run of
     world size 2, and only global rank 0 writes the model and the log."""
+    from torchrun_nodes import run_two_nodes
+
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "model"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-           "--nproc_per_node", "1", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", f"127.0.0.1:{_free_port()}", "--rdzv_id", "ankle-test",
-           str(script), str(phantoms), str(out), str(cache)]
-    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env, cwd=tmp_path) for _ in range(2)]
-    try:
-        results = [node.communicate(timeout=300) for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    for node, (stdout, stderr) in zip(nodes, results):
-        assert node.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    for code, stdout, stderr in run_two_nodes(script, [str(phantoms), str(out), str(cache)],
+                                              tmp_path, "ankle-test"):
+        assert code == 0, stdout[-3000:] + stderr[-3000:]
         assert stdout.count("RESULT 2 completed 2") == 1  # one rank per node, world size 2
     summary = json.loads((out / "training.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "completed"

@@ -431,11 +431,16 @@ def _drop_beyond_leg(fragments: List[_Component], targets: List[int],
         proj = (pts - centre) @ axis
         if proj.max() < lo - BEYOND_TIBIA_MM or proj.min() > hi + BEYOND_TIBIA_MM:
             out[k] = 0
-    n = sum(1 for a, b in zip(targets, out) if a != b)
-    if n:
-        report["notes"].append(f"removed {n} large piece(s) beyond the end of the tibia "
-                               f"(foot bones, not tibia or fibula)")
+    _note_removed(targets, out, report, "beyond the end of the tibia (foot bones, not tibia "
+                                        "or fibula)")
     return out
+
+
+def _note_removed(before: List[int], after: List[int], report: Dict[str, Any], why: str) -> None:
+    """Add a note counting the pieces whose target changed from ``before`` to ``after``."""
+    n = sum(1 for a, b in zip(before, after) if a != b)
+    if n:
+        report["notes"].append(f"removed {n} large piece(s) {why}")
 
 
 #: Rule 5: a voxel at or above this CT number (HU) is cortical bone.
@@ -464,10 +469,8 @@ def _drop_without_cortex(fragments: List[_Component], targets: List[int],
             continue
         if not _has_cortex(frag, ct_box):
             out[k] = 0
-    n = sum(1 for a, b in zip(targets, out) if a != b)
-    if n:
-        report["notes"].append(f"removed {n} large piece(s) without cortical bone "
-                               f"(a cast or splint, not tibia or fibula)")
+    _note_removed(targets, out, report, "without cortical bone (a cast or splint, not tibia "
+                                        "or fibula)")
     return out
 
 
