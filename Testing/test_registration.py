@@ -357,3 +357,27 @@ def test_register_command_errors_are_clear(tmp_path, capsys):
 def test_mirror_matrix_is_explicit_and_invertible():
     assert np.array_equal(MIRROR_X @ MIRROR_X, np.eye(4))
     assert np.linalg.det(MIRROR_X) == -1.0
+
+
+def test_whole_leg_scan_is_registered_on_its_distal_part(template):
+    """A scan whose shafts run 450 mm on above the ankle (the phantom's top slice repeated, as
+    bench/large_ct.py builds its 1500-slice CT): on all the surface points the scale ran into
+    its bound and the registration failed; with the plafond hint the points more than
+    ABOVE_JOINT_MM above it are left out and the plafond lands within 3 mm."""
+    from AnkleFractureLib.geometry.volume import Volume
+    from AnkleFractureLib.pipeline.checks import estimate_plafond
+
+    case = generate_case(10, "B", "left", "fast")  # identity direction
+    lab = case.label
+    d = np.asarray(lab.direction)
+    assert d[2, 2] > 0.99  # z index runs superior: the top slice is the array's last
+    arr = lab.array
+    extra = int(round(450.0 / lab.spacing[2]))
+    tall = np.concatenate([arr, np.repeat(arr[-1:], extra, axis=0)])
+    label = Volume(tall, lab.spacing, lab.origin, lab.direction.copy(), dict(lab.meta))
+    hint = estimate_plafond(label)
+    assert np.linalg.norm(hint - np.asarray(case.info["plafond_lps"])) <= 3.0
+    with pytest.raises(InputError, match="scale ran into its bounds"):
+        register_to_template(label, template, side="left")
+    reg = register_to_template(label, template, side="left", plafond_hint=hint)
+    assert _plafond_error(reg, case, template) <= 3.0

@@ -67,7 +67,8 @@ CACHE_VERSION = 2
 #: 4: the fit anchored on the plafond found on the labels, and a both-legs scan cropped on the
 #: dataset's leg after detection refuses it, both as ``run`` / ``evaluate-fracture`` do.
 #: 5: segmentation post-processing rule 5 (large isolated pieces without cortex, such as a
-#: cast, removed) and the plafond estimate started at the lowest full tibial cross-section.
+#: cast, removed), the plafond estimate started at the lowest full tibial cross-section, and
+#: the fit on the distal 200 mm above it (whole-leg scans).
 CROP_CODE_VERSION = 5
 #: Side policies of :func:`load_crops`: automatic detection as ``run`` does, or the dataset's.
 SIDE_POLICIES = ("detect", "dataset")

@@ -80,6 +80,11 @@ JOINT_RETRY_MM = 8.0
 #: On that retry, surface points more than this far (mm) below the hint are left out: the
 #: malleolar tips end 10-30 mm below the plafond, so lower labels are foot bones or specks.
 BELOW_JOINT_MM = 40.0
+#: With a plafond hint, surface points more than this far (mm) above it are left out of every
+#: fit: the template reaches 130 mm above its plafond (180 mm at the largest plausible scale),
+#: so the rest of a whole-leg scan's shafts (and the knee) has nothing to match and only
+#: pulls the scale down.
+ABOVE_JOINT_MM = 200.0
 #: The anchored refit is kept when its surface RMS is at most this much (mm) worse than the
 #: first fit's (or than POOR_FIT_RMS_MM); the poor-fit checks still judge it afterwards.
 RETRY_RMS_SLACK_MM = 1.0
@@ -223,7 +228,9 @@ def register_to_template(label: Volume, template: Any = None, side: str = "auto"
             template's plafond more than :data:`JOINT_RETRY_MM` from it (a fit that slid
             along the shaft, e.g. pulled by a mislabelled piece of foot) is run again from a
             start anchored on the hint, without the points far below it, and the fit that
-            places the joint better is kept (noted in ``warnings``).
+            places the joint better is kept (noted in ``warnings``). Points more than
+            :data:`ABOVE_JOINT_MM` above the hint are left out of every fit (a whole-leg
+            scan: the template is a distal leg).
 
     Returns:
         The :class:`Registration`.
@@ -267,10 +274,13 @@ def register_to_template(label: Volume, template: Any = None, side: str = "auto"
                               inlier_distance_mm=INLIER_DISTANCE_MM, init=init)
 
     notes: List[str] = []
+    hint = None
+    if plafond_hint is not None:
+        hint = mirror[:3, :3] @ np.asarray(plafond_hint, dtype=float).reshape(3)
+        points, point_labels = _near_the_joint(points, point_labels, hint)
     try:
         icp = fit(points, point_labels)
-        if plafond_hint is not None:
-            hint = mirror[:3, :3] @ np.asarray(plafond_hint, dtype=float).reshape(3)
+        if hint is not None:
             icp = _anchor_on_joint(icp, fit, points, point_labels, template, hint, notes)
     except GeometryError as exc:
         raise InputError(where, f"registration failed: {exc}") from None
@@ -312,6 +322,18 @@ def _fit_points(label: Volume, mirror: np.ndarray, max_points: int, seed: int
     # would pull the fit along the shaft.
     main = main_pieces(points, point_labels)
     return points[main] @ mirror[:3, :3].T, point_labels[main]  # MIRROR_X has no translation
+
+
+def _near_the_joint(points: np.ndarray, labels: np.ndarray, hint: np.ndarray
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+    """The surface points (N, 3) mirrored LPS mm, and their labels, at most
+    :data:`ABOVE_JOINT_MM` above the plafond ``hint`` (all of them when fewer than both bones
+    would remain). No warning: the template is a distal leg by design, so a scan that reaches
+    the knee is registered on its distal part as a matter of course."""
+    keep = points[:, 2] <= hint[2] + ABOVE_JOINT_MM  # LPS z is superior (mirroring keeps it)
+    if keep.all() or len(np.unique(labels[keep])) < 2:
+        return points, labels
+    return points[keep], labels[keep]
 
 
 def _joint_miss(matrix: np.ndarray, template: Any, hint: np.ndarray) -> float:

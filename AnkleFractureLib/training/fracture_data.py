@@ -31,7 +31,8 @@ from AnkleFractureLib.errors import AnkleFractureError
 #: Version of the crop + target code; part of every cache file name's key. 2: registered as
 #: ``run`` does (anchored on the plafond found on the labels; a scan with both legs cropped on
 #: the dataset's side, as a user answers that refusal). 3: segmentation post-processing rule 5
-#: (casts) and the plafond estimate from the lowest full tibial cross-section.
+#: (casts), the plafond estimate from the lowest full tibial cross-section, and the fit on the
+#: distal 200 mm above it.
 FRACTURE_DATA_VERSION = 3
 MASK_SOURCES = ("dataset", "model")
 
