@@ -112,3 +112,97 @@ def test_refit_decision_records_the_new_rule_and_keeps_the_training_record(tmp_p
     assert after["decision_refit"]["previous"]["min_voxels"] == before["decision_fit"]["min_voxels"]
     # without the cut rule the fit never turns it on
     assert ft.refit_decision(tmp_path, [], device="cpu")["min_cut"] == 0.0
+
+
+def test_candidates_list_every_line_strongest_first_with_its_cut_and_section() -> None:
+    from AnkleFractureLib.fracture.localise import line_candidates, section_ratio
+
+    fib, prob = _fibula_and_lines()
+    prob[50, 7:9, 7:9] = 0.9  # a 4-voxel speck: below the listing size
+    found = line_candidates(prob, 0.5, fib, min_voxels=30)
+    assert len(found) == 2
+    (tip_mask, tip), (line_mask, line) = found
+    assert tip["mass"] > line["mass"] and tip["voxels"] > line["voxels"]
+    assert line["voxels"] == 2 * 8 * 8 and line["probability"] == pytest.approx(0.95)
+    assert line["cut_fraction"] == pytest.approx(1.0) and tip["cut_fraction"] < 0.1
+    # 128 voxels over a 36-voxel section: a complete line about 2 voxels thick / cos(tilt)
+    assert line["section_ratio"] == pytest.approx(128 / 36, abs=1e-3)
+    assert section_ratio(fib, line_mask) == pytest.approx(line["section_ratio"], abs=1e-3)
+    assert line_candidates(prob, 0.5, fib, min_voxels=30, limit=1)[0][1] == tip
+    assert line_candidates(np.zeros_like(prob), 0.5, fib) == []
+    # without a fibula mask, only the line's own figures
+    assert set(line_candidates(prob, 0.5, None)[0][1]) == {"voxels", "mass", "probability"}
+    # no fibula where the line is: no section to compare with
+    assert section_ratio(np.zeros_like(fib), line_mask) == 0.0
+
+
+def test_mixture_of_lines_lets_the_classifier_choose_between_a_tip_line_and_a_true_one() -> None:
+    from AnkleFractureLib.fracture.weber_height import combine, combine_lines
+
+    tip = {"voxels": 900, "mass": 700.0, "probability": 0.99, "height_mm": -6.0,
+           "section_ratio": 0.6}
+    high = {"voxels": 350, "mass": 300.0, "probability": 0.97, "height_mm": 45.0,
+            "section_ratio": 2.4}
+    says_c = {"none": 0.05, "A": 0.1, "B": 0.15, "C": 0.7}
+    says_a = {"none": 0.05, "A": 0.7, "B": 0.15, "C": 0.1}
+    strongest = {"select": "strongest", "found_threshold": 0.5, "min_voxels": 30}
+    # the shipped rule: the tip line alone speaks, and A outweighs the classifier's C
+    o, line = combine_lines(says_c, [tip, high], strongest)
+    assert (o.prediction, line) == ("A", tip)
+    ref = combine(says_c, True, 0.99, -6.0)  # same answer as the one-line combination
+    assert o.probabilities == pytest.approx(ref.probabilities)
+    assert not o.agree and "Weber A level" in o.reasons[0]
+    # the mixture keeps both heights; the classifier decides, and the reported line follows
+    mixture = {**strongest, "select": "mixture"}
+    o, line = combine_lines(says_c, [tip, high], mixture)
+    assert (o.prediction, line, o.agree, o.reasons) == ("C", high, True, [])
+    o, line = combine_lines(says_a, [tip, high], mixture)
+    assert (o.prediction, line) == ("A", tip)
+    assert sum(o.probabilities.values()) == pytest.approx(1.0)
+    # a section rule drops the tip line, which shaves rather than crosses the bone
+    o, line = combine_lines(says_a, [tip, high], {**mixture, "min_section": 1.0})
+    assert line == high and o.height_class == "C" and not o.agree
+    # "qualified": the strongest line that passes; no line passes: "none" from the localiser
+    o, line = combine_lines(says_c, [tip, high], {**strongest, "select": "qualified",
+                                                  "min_section": 1.0})
+    assert (o.prediction, line) == ("C", high)
+    o, line = combine_lines(says_c, [tip, high], {**strongest, "min_voxels": 1000})
+    assert line is None and o.height_class is None and o.probabilities["none"] > 0.05
+    assert "no fibular fracture line was located" in o.reasons[0]
+
+
+def test_a_localiser_with_a_line_rule_reports_the_line_the_combination_chose() -> None:
+    from AnkleFractureLib.fracture.localise import FractureFinding, FractureLocaliser
+
+    fib, prob = _fibula_and_lines()
+    rule = {"select": "mixture", "found_threshold": 0.5, "min_voxels": 30, "min_section": 0.0}
+    loc = FractureLocaliser(None, {"decision": rule}, "cpu")
+    lines = line_candidates_with_heights(prob, fib, {0: -8.0, 1: 40.0})  # tip, crossing
+    crossing = lines[1][0]
+    says_c = {"none": 0.05, "A": 0.1, "B": 0.15, "C": 0.7}
+    mask, peak = loc._chosen_line(prob, lines, says_c, 1.0)
+    assert np.array_equal(mask, crossing) and peak == pytest.approx(0.95)
+    # without the classifier: the strongest qualifying line (the larger blob)
+    mask, peak = loc._chosen_line(prob, lines, None, 1.0)
+    assert np.array_equal(mask, lines[0][0])
+    # no line qualifies: nothing found, the map's peak
+    strict = FractureLocaliser(None, {"decision": {**rule, "min_voxels": 10 ** 6}}, "cpu")
+    mask, peak = strict._chosen_line(prob, lines, says_c, 1.0)
+    assert not mask.any() and peak == pytest.approx(float(prob.max()))
+    # the opinion uses every candidate with a rule, the found line alone without one
+    finding = FractureFinding(True, 0.99, 40.0, [0.0, 0.0, 0.0], None, candidates=[
+        st for _, st in lines])
+    assert loc.opinion(says_c, finding).prediction == "C"
+    legacy = FractureLocaliser(None, {"decision": {"min_voxels": 30}}, "cpu")
+    finding.height_mm = -8.0
+    assert legacy.opinion(says_c, finding).prediction == "A"
+
+
+def line_candidates_with_heights(prob, fib, heights):
+    """line_candidates with a made-up height per line (the crop grid is not needed here)."""
+    from AnkleFractureLib.fracture.localise import line_candidates
+
+    lines = line_candidates(prob, 0.5, fib, min_voxels=30)
+    for k, (_, st) in enumerate(lines):
+        st["height_mm"] = heights[k]
+    return lines

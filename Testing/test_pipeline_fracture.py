@@ -41,6 +41,11 @@ def test_result_holds_the_fracture_and_validates(run_c) -> None:
     assert sum(data["probabilities"].values()) == pytest.approx(1.0)
     assert data["weber_from_height"]["classifier_prediction"] in ("none", "A", "B", "C")
     assert ("fracture_line.nii.gz" in data["files"]) == frac["found"]
+    chosen = [c for c in frac["candidates"] if c["found"]]
+    assert len(chosen) == int(frac["found"])  # the found line is listed, once
+    if chosen:
+        assert chosen[0]["voxels"] == frac["extent"]["voxels"]
+        assert chosen[0]["height_mm"] == pytest.approx(frac["height_mm"], abs=0.01)
 
 
 def test_fracture_line_lies_on_the_ct_lattice_at_the_centre(run_c, displaced_c) -> None:

@@ -51,7 +51,9 @@ def case_row(case_id: str, truth: Dict[str, Any], result: Dict[str, Any]) -> Dic
             "found": found, "found_probability": frac.get("probability"),
             "height_mm": h, "height_true_mm": h_true,
             "abs_height_error_mm": None if err is None else round(err, 2),
-            "center_distance_mm": None if dist is None else round(dist, 2)}
+            "center_distance_mm": None if dist is None else round(dist, 2),
+            "size_factor": frac.get("size_factor"),
+            "candidates": list(frac.get("candidates") or [])}
 
 
 def _class_report(rows: Sequence[Dict[str, Any]], key: str) -> Dict[str, Any]:

@@ -39,6 +39,10 @@ METAL_MM = 3.0
 #: line that the line must cut off from the fibula above it (:func:`cut_fraction`); 0 keeps
 #: every line (the rule of models fitted before it existed).
 DEFAULT_DECISION = {"threshold": 0.5, "found_threshold": 0.5, "min_voxels": 6, "min_cut": 0.0}
+#: Lines listed in ``result.json["fracture"]["candidates"]``: at least this many voxels, at most
+#: this many lines (the found line among them).
+CANDIDATE_MIN_VOXELS = 30
+CANDIDATE_LIMIT = 5
 
 
 def default_model_dir() -> Path:
@@ -64,6 +68,9 @@ class FractureFinding:
         model: {"name", "sha256"} of the localiser.
         ignored: Line voxels (probability above the threshold) left out: {"scan_edge": those
             of lines that reach the scan's edge, "metal": those next to metal}.
+        candidates: Every line the localiser saw (:func:`line_candidates`, strongest first),
+            each with its ``height_mm`` and ``found`` (whether it is the found line), so that a
+            reader can check the lines that were not chosen.
     """
 
     found: bool
@@ -76,6 +83,7 @@ class FractureFinding:
     size_factor: float = 1.0
     model: Dict[str, Any] = field(default_factory=dict)
     ignored: Dict[str, int] = field(default_factory=dict)
+    candidates: List[Dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> Dict[str, Any]:
         """The JSON-ready entry (no arrays)."""
@@ -84,7 +92,8 @@ class FractureFinding:
                 "center_lps": None if self.center_lps is None else [round(float(v), 2)
                                                                    for v in self.center_lps],
                 "extent": self.extent, "size_factor": round(float(self.size_factor), 4),
-                "ignored_voxels": dict(self.ignored), "model": self.model}
+                "ignored_voxels": dict(self.ignored), "model": self.model,
+                "candidates": [dict(c) for c in self.candidates]}
 
 
 def _components(prob: np.ndarray, threshold: float) -> Tuple[np.ndarray, int]:
@@ -223,6 +232,74 @@ def strongest_line(prob: np.ndarray, threshold: float, fibula: Optional[np.ndarr
     return mask, float(prob[mask].max())
 
 
+def section_ratio(fibula: np.ndarray, line: np.ndarray) -> float:
+    """Line voxels per voxel of the fibula's cross-section where the line lies.
+
+    A line through the whole bone holds about (line thickness in voxels) / cos(tilt) times the
+    bone's cross-section, whatever the bone's width: a thin distal shaft gives a small line that
+    is still complete. A groove or a speck at the malleolus tip gives a small fraction.
+
+    Args:
+        fibula: bool (z, y, x) fibula mask on the crop grid.
+        line: bool (z, y, x) one line.
+
+    Returns:
+        voxels(line) / median fibula voxels per slice over the line's slices (0 when the
+        fibula is absent there).
+
+    Example:
+        >>> fib = np.zeros((20, 5, 5), bool); fib[:, 1:4, 1:4] = True
+        >>> line = np.zeros_like(fib); line[10:12, 1:4, 1:4] = True
+        >>> section_ratio(fib, line)
+        2.0
+    """
+    kk = np.unique(np.nonzero(line)[0])
+    if kk.size == 0:
+        return 0.0
+    areas = fibula[kk].reshape(kk.size, -1).sum(axis=1)
+    areas = areas[areas > 0]
+    return float(line.sum() / np.median(areas)) if areas.size else 0.0
+
+
+def line_candidates(prob: np.ndarray, threshold: float, fibula: Optional[np.ndarray],
+                    min_voxels: int = CANDIDATE_MIN_VOXELS, limit: int = CANDIDATE_LIMIT
+                    ) -> List[Tuple[np.ndarray, Dict[str, float]]]:
+    """Every connected line of at least ``min_voxels`` voxels, strongest first.
+
+    Args:
+        prob: Probability map (z, y, x).
+        threshold: Voxel threshold.
+        fibula: bool (z, y, x) fibula mask on the crop grid (None: no cut or section figures).
+        min_voxels: Smallest line listed.
+        limit: Most lines listed.
+
+    Returns:
+        [(bool mask, {"voxels", "mass" (summed probability), "probability" (peak),
+        "cut_fraction", "section_ratio"})], by decreasing mass.
+    """
+    from scipy import ndimage
+
+    lab, n = _components(prob, threshold)
+    if n == 0:
+        return []
+    idx = np.arange(1, n + 1)
+    sizes = ndimage.sum_labels(np.ones(prob.shape, np.int32), lab, idx)
+    sums = ndimage.sum_labels(prob, lab, idx)
+    peaks = ndimage.maximum(prob, lab, idx)
+    out = []
+    for i in np.argsort(-sums):
+        if sizes[i] < min_voxels or len(out) >= limit:
+            continue
+        mask = lab == i + 1
+        stats = {"voxels": int(sizes[i]), "mass": round(float(sums[i]), 2),
+                 "probability": round(float(peaks[i]), 4)}
+        if fibula is not None:
+            stats["cut_fraction"] = round(cut_fraction(fibula, mask), 3)
+            stats["section_ratio"] = round(section_ratio(fibula, mask), 3)
+        out.append((mask, stats))
+    return out
+
+
 def measure_line(mask: np.ndarray, prob: np.ndarray, grid: Any, patient_to_template: np.ndarray,
                  plafond_template: np.ndarray) -> Tuple[np.ndarray, float, Dict[str, float], float]:
     """Centre (LPS), height above the plafond and extent of a line on the crop grid.
@@ -311,16 +388,57 @@ class FractureLocaliser:
             prob = torch.sigmoid(self.network(x))[0, 0].float().cpu().numpy()
         return win.paste(prob, channels.shape[1:]), win
 
-    def locate(self, crop: Any, plafond_template: np.ndarray) -> FractureFinding:
+    def locate(self, crop: Any, plafond_template: np.ndarray,
+               classifier: Optional[Dict[str, float]] = None) -> FractureFinding:
         """Find and measure the fibular fracture line of a syndesmosis crop.
+
+        With a line rule in plans.json (``decision["select"]``, see
+        :func:`~AnkleFractureLib.fracture.weber_height.qualifying_lines`) every candidate line
+        is tested and, given the classifier's probabilities, the reported line is the one
+        :func:`~AnkleFractureLib.fracture.weber_height.combine_lines` reports (the strongest
+        qualifying line without them). Without one, the strongest line is tested (the rule the
+        earlier localisers were fitted with).
 
         Args:
             crop: A :class:`~AnkleFractureLib.crop.syndesmosis.SyndesmosisCrop`.
             plafond_template: (3,) template mm of the plafond (``template.plafond``).
+            classifier: The classifier's probabilities {"none", "A", "B", "C"}, or None.
 
         Returns:
             The finding (arrays on the crop grid).
         """
+        prob, ignored = self._masked_heatmap(crop)
+        model = {"name": "fracture", "sha256": self.plans.get("_sha256")}
+        scale = np.linalg.norm(np.asarray(crop.patient_to_template)[:3, 2])
+        size_factor = 1.0 / float(scale)
+        lines = line_candidates(prob, self.decision["threshold"], crop.channels[2] > 0.5)
+        for mask, stats in lines:
+            _, h, _, _ = measure_line(mask, prob, crop.grid, crop.patient_to_template,
+                                      plafond_template)
+            stats["height_mm"] = round(float(h), 2)
+        if "select" in self.decision:
+            mask, peak = self._chosen_line(prob, lines, classifier, size_factor)
+            found = bool(mask.any())
+        else:
+            mask, peak = strongest_line(prob, self.decision["threshold"], crop.channels[2] > 0.5,
+                                        float(self.decision["min_cut"]))
+            found = bool(peak >= self.decision["found_threshold"]
+                         and mask.sum() >= self.decision["min_voxels"])
+        finding = FractureFinding(found, peak, None, None, None, prob, mask.astype(np.uint8),
+                                  size_factor, model, ignored)
+        if found:
+            c, h, ext, sf = measure_line(mask, prob, crop.grid, crop.patient_to_template,
+                                         plafond_template)
+            finding.center_lps, finding.height_mm, finding.extent = c.tolist(), h, ext
+            finding.size_factor = sf
+        else:
+            finding.line = np.zeros(prob.shape, np.uint8)
+        finding.candidates = [{**stats, "found": found and bool(np.any(m & mask))}
+                              for m, stats in lines]
+        return finding
+
+    def _masked_heatmap(self, crop: Any) -> Tuple[np.ndarray, Dict[str, int]]:
+        """The line probability with the scan's edge and metal left out, and what was."""
         prob, _ = self.heatmap(crop.channels)
         zones = ignored_zones(getattr(crop, "in_scan", None), getattr(crop, "metal", None),
                               float(np.min(crop.grid.spacing)))
@@ -331,19 +449,34 @@ class FractureLocaliser:
             prob[zones["metal"]] = 0.0
         if "scan_edge" in zones:
             ignored["scan_edge"] = drop_touching(prob, thr, zones["scan_edge"])
-        mask, peak = strongest_line(prob, thr, crop.channels[2] > 0.5,
-                                    float(self.decision["min_cut"]))
-        found = bool(peak >= self.decision["found_threshold"]
-                     and mask.sum() >= self.decision["min_voxels"])
-        model = {"name": "fracture", "sha256": self.plans.get("_sha256")}
-        scale = np.linalg.norm(np.asarray(crop.patient_to_template)[:3, 2])
-        finding = FractureFinding(found, peak, None, None, None, prob, mask.astype(np.uint8),
-                                  1.0 / float(scale), model, ignored)
-        if found:
-            c, h, ext, sf = measure_line(mask, prob, crop.grid, crop.patient_to_template,
-                                         plafond_template)
-            finding.center_lps, finding.height_mm, finding.extent = c.tolist(), h, ext
-            finding.size_factor = sf
+        return prob, ignored
+
+    def _chosen_line(self, prob: np.ndarray, lines: List[Tuple[np.ndarray, Dict[str, Any]]],
+                     classifier: Optional[Dict[str, float]], size_factor: float
+                     ) -> Tuple[np.ndarray, float]:
+        """(mask, peak) of the line the rule reports (an empty mask and the map's peak when
+        no line qualifies)."""
+        from AnkleFractureLib.fracture.weber_height import combine_lines, qualifying_lines
+
+        stats = [st for _, st in lines]
+        if classifier is not None:
+            _, chosen = combine_lines(classifier, stats, self.decision, size_factor)
         else:
-            finding.line = np.zeros(prob.shape, np.uint8)
-        return finding
+            good = qualifying_lines(stats, self.decision)
+            chosen = good[0] if good else None
+        if chosen is None:
+            return np.zeros(prob.shape, bool), float(prob.max()) if prob.size else 0.0
+        k = next(i for i, st in enumerate(stats) if st is chosen)
+        return lines[k][0], float(stats[k]["probability"])
+
+    def opinion(self, classifier: Dict[str, float], finding: FractureFinding) -> Any:
+        """The Weber opinion of the classifier and this finding (:mod:`.weber_height`): with a
+        line rule, every qualifying candidate line takes part; without, the found line alone.
+        """
+        from AnkleFractureLib.fracture.weber_height import combine, combine_lines
+
+        if "select" in self.decision:
+            return combine_lines(classifier, finding.candidates, self.decision,
+                                 finding.size_factor)[0]
+        return combine(classifier, finding.found, finding.probability, finding.height_mm,
+                       finding.size_factor)

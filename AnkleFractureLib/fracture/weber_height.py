@@ -16,7 +16,7 @@ the syndesmosis level follows the patient's own anatomy. Near a boundary the cla
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -131,6 +131,96 @@ def combine(classifier: Dict[str, float], found: bool, found_probability: float,
         reasons.append(_reason(cls_pred, classifier, h_cls, height_mm, size_factor))
     return WeberOpinion(probs, max(probs, key=probs.get), h_cls, cls_pred,
                         measured_class == cls_pred, reasons)
+
+
+def qualifying_lines(candidates: Sequence[Dict[str, Any]], rule: Dict[str, Any]
+                     ) -> List[Dict[str, Any]]:
+    """The candidate lines that may be the fracture under ``rule`` (strongest first).
+
+    Args:
+        candidates: ``result.json["fracture"]["candidates"]`` entries, by decreasing "mass".
+        rule: {"select": "strongest" | "qualified" | "mixture", "found_threshold",
+            "min_voxels", "min_section"} (missing keys: 0, "strongest").
+
+    Returns:
+        "strongest": the strongest line alone, if it passes the thresholds (the rule of the
+        first localisers); "qualified": the strongest line that passes; "mixture": every line
+        that passes.
+
+    Example:
+        >>> lines = [{"voxels": 900, "mass": 700.0, "probability": 0.99, "section_ratio": 0.4},
+        ...          {"voxels": 300, "mass": 250.0, "probability": 0.97, "section_ratio": 2.5}]
+        >>> rule = {"found_threshold": 0.5, "min_voxels": 100, "min_section": 1.0}
+        >>> [len(qualifying_lines(lines, {**rule, "select": s}))
+        ...  for s in ("strongest", "qualified", "mixture")]
+        [0, 1, 1]
+    """
+    def passes(c: Dict[str, Any]) -> bool:
+        return (float(c["probability"]) >= float(rule.get("found_threshold", 0.0))
+                and int(c["voxels"]) >= int(rule.get("min_voxels", 0))
+                and float(c.get("section_ratio", np.inf)) >= float(rule.get("min_section", 0.0)))
+
+    select = rule.get("select", "strongest")
+    if select == "strongest":
+        return [candidates[0]] if candidates and passes(candidates[0]) else []
+    good = [c for c in candidates if passes(c)]
+    return good[:1] if select == "qualified" else good
+
+
+def combine_lines(classifier: Dict[str, float], candidates: Sequence[Dict[str, Any]],
+                  rule: Dict[str, Any], size_factor: float = 1.0
+                  ) -> Tuple[WeberOpinion, Optional[Dict[str, Any]]]:
+    """Combine the classifier with every qualifying line (product of experts).
+
+    The localiser's opinion: P(none) = 1 - the highest peak probability of the qualifying
+    lines; the rest is shared by the lines' height classes, each line weighted by its summed
+    probability. So a false line at the malleolus tip beside a true line higher up leaves both
+    heights in play, and the classifier decides between them. The reported line is the
+    strongest qualifying line whose height gives the combined class (else the strongest).
+
+    Args:
+        classifier: Classifier probabilities {"none", "A", "B", "C"}.
+        candidates: Candidate lines (:func:`qualifying_lines`), each with "height_mm".
+        rule: See :func:`qualifying_lines`.
+        size_factor: Patient size / template size.
+
+    Returns:
+        (the opinion, the reported line or None when no line qualifies).
+
+    Example:
+        >>> tip = {"voxels": 900, "mass": 700.0, "probability": 0.99, "height_mm": -6.0}
+        >>> high = {"voxels": 500, "mass": 350.0, "probability": 0.95, "height_mm": 48.0}
+        >>> o, line = combine_lines({"none": 0.05, "A": 0.05, "B": 0.2, "C": 0.7}, [tip, high],
+        ...                         {"select": "mixture", "found_threshold": 0.5})
+        >>> o.prediction, line["height_mm"]
+        ('C', 48.0)
+    """
+    lines = qualifying_lines(candidates, rule)
+    cls_pred = max(CLASSES, key=lambda k: classifier.get(k, 0.0))
+    measured = {"none": 1.0, "A": 0.0, "B": 0.0, "C": 0.0}
+    if lines:
+        p_found = float(np.clip(max(float(c["probability"]) for c in lines), 0.0, 1.0))
+        weights = np.array([max(float(c["mass"]), 1e-9) for c in lines])
+        weights = weights / weights.sum()
+        measured["none"] = 1.0 - p_found
+        for w, c in zip(weights, lines):
+            for k, v in height_class_probabilities(float(c["height_mm"]), size_factor).items():
+                measured[k] += p_found * float(w) * v
+    prod = {k: max(classifier.get(k, 0.0), FLOOR) * max(measured[k], FLOOR) for k in CLASSES}
+    total = sum(prod.values())
+    probs = {k: v / total for k, v in prod.items()}
+    prediction = max(probs, key=probs.get)
+    line = None
+    if lines:
+        same = [c for c in lines if height_class(float(c["height_mm"]), size_factor) == prediction]
+        line = same[0] if same else lines[0]
+    h = None if line is None else float(line["height_mm"])
+    h_cls = None if h is None else height_class(h, size_factor)
+    reasons = []
+    if (h_cls or "none") != cls_pred:
+        reasons.append(_reason(cls_pred, classifier, h_cls, h, size_factor))
+    return WeberOpinion(probs, prediction, h_cls, cls_pred, (h_cls or "none") == cls_pred,
+                        reasons), line
 
 
 def _range_text(cls: str, size_factor: float) -> str:

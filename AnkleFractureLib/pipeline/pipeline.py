@@ -495,19 +495,22 @@ class Pipeline:
         result.timings["gradcam"] = result.timings.get("gradcam", 0.0) + time.perf_counter() - t
         return ClassificationOutput(result, heat, crop)
 
-    def localise(self, ct: Volume, crop: Any) -> LocalisationOutput:
+    def localise(self, ct: Volume, crop: Any, classifier: Optional[Dict[str, float]] = None
+                 ) -> LocalisationOutput:
         """Locate and measure the fibular fracture line on a crop.
 
         Args:
             ct: The CT (the line is mapped onto its voxel lattice).
             crop: The syndesmosis crop of :meth:`crop`.
+            classifier: The classifier's probabilities, which choose between candidate lines
+                when the localiser's rule lets them (see ``FractureLocaliser.locate``).
 
         Returns:
             A :class:`LocalisationOutput` (finding + the line on the CT's lattice, crop box).
         """
         from AnkleFractureLib.crop.syndesmosis import crop_to_ct_box
 
-        finding = self.localiser.locate(crop, self.template.plafond)
+        finding = self.localiser.locate(crop, self.template.plafond, classifier)
         line = None
         if finding.found:
             box = crop_to_ct_box(finding.line.astype(np.float32), crop, ct,
@@ -673,8 +676,6 @@ class Pipeline:
     def _run_localise(self, run: "_Run", ct: Volume, crop: Any) -> None:
         """Locate the fibular fracture; combine the class its height gives with the
         classifier's (a disagreement is an unsure-making warning with the reason)."""
-        from AnkleFractureLib.fracture.weber_height import combine
-
         res = run.res
         if self.classifier.plans.crop != "registered":
             return  # a raw-CT classifier has no registered crop to read
@@ -683,12 +684,11 @@ class Pipeline:
             with run.timed("load_models"):
                 _ = self.localiser
         with run.timed("localise"):
-            out = self.localise(ct, crop)
+            out = self.localise(ct, crop, res.classification.probabilities)
         run.used["fracture"] = True
         f = out.finding
         res.fracture, res.fracture_line = f, out.line
-        res.weber = combine(res.classification.probabilities, f.found, f.probability,
-                            f.height_mm, f.size_factor)
+        res.weber = self.localiser.opinion(res.classification.probabilities, f)
         for reason in res.weber.reasons:
             res.findings.append(C.Finding(C.WARNING, "weber_disagreement", reason))
         res.findings.extend(C.fracture_line_findings(

@@ -132,6 +132,13 @@ _FRACTURE: Dict[str, Any] = {
                                           "metal": {"type": "integer", "minimum": 0}},
                            "additionalProperties": False},
         "model": {"type": "object"},
+        "candidates": {"type": "array", "items": {
+            "type": "object",
+            "required": ["voxels", "mass", "probability", "height_mm", "found"],
+            "properties": {"voxels": {"type": "integer", "minimum": 0}, "mass": _NUMBER,
+                           "probability": _FRACTION, "height_mm": _NUMBER,
+                           "found": {"type": "boolean"}},
+            "additionalProperties": _NUMBER}},
     },
     "additionalProperties": False,
 }

@@ -1,0 +1,150 @@
+"""Fit the localiser's "found" rule and line choice on a validation set, then score it elsewhere.
+
+Usage:
+    python scripts/fracture_rule_study.py --fit VAL.json [VAL2.json ...] \
+        [--score NAME=EVAL.json ...] [--out DIR]
+
+Reads ``evaluate-fracture`` outputs whose rows carry the localiser's candidate lines
+(``result.json["fracture"]["candidates"]``: voxels, peak probability, summed probability,
+section ratio, height) and the classifier's probabilities, and replays the decision offline:
+
+* which lines qualify: peak >= ``found_threshold``, at least ``min_voxels`` voxels and at least
+  ``min_section`` line voxels per voxel of the fibula's cross-section
+  (:func:`~AnkleFractureLib.fracture.localise.section_ratio`);
+* ``select="strongest"``: the strongest line (largest summed probability) is tested (the
+  shipped rule); ``"qualified"``: the strongest qualifying line; ``"mixture"``: every qualifying
+  line speaks, weighted by its summed probability (a tip line and a true line both count, and
+  the classifier breaks the tie);
+* the combination with the classifier is the pipeline's (:func:`~AnkleFractureLib.fracture.
+  weber_height.combine_lines`).
+
+The rule is fitted on ``--fit`` sets only (never on a held-out family): the grid point with the
+best combined accuracy, ties broken by found rate minus found-on-intact rate, then by the
+simplest rule (grid order). ``--score`` sets are then scored with the shipped rule and the
+fitted one. Writes ``DIR/study.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from AnkleFractureLib.evaluation.cls_metrics import classification_report  # noqa: E402
+from AnkleFractureLib.fracture.weber_height import CLASSES, combine_lines  # noqa: E402
+
+#: The grid searched (grid order: simplest first).
+GRID = {"select": ("strongest", "qualified", "mixture"),
+        "found_threshold": (0.5, 0.7, 0.9),
+        "min_voxels": (30, 100, 200, 400),
+        "min_section": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)}
+#: The shipped rule (Resources/Models/fracture/plans.json before this study).
+SHIPPED = {"select": "strongest", "found_threshold": 0.5, "min_voxels": 400, "min_section": 0.0}
+
+
+def replay(row: Dict[str, Any], rule: Dict[str, Any]) -> Dict[str, Any]:
+    """The combined answer of one evaluation row under ``rule``."""
+    opinion, line = combine_lines(row["classifier_probabilities"], row.get("candidates") or [],
+                                  rule, float(row.get("size_factor") or 1.0))
+    found = line is not None
+    err = None
+    if found and row.get("height_true_mm") is not None:
+        err = abs(float(line["height_mm"]) - float(row["height_true_mm"]))
+    return {"true": row["true"], "refused": row["refused"], "probs": opinion.probabilities,
+            "pred": opinion.prediction, "found": found, "err": err}
+
+
+def score(rows: Sequence[Dict[str, Any]], rule: Dict[str, Any]) -> Dict[str, Any]:
+    """Accuracy, macro AUROC, found rates and median |height error| of ``rule`` on ``rows``."""
+    out = []
+    for r in rows:
+        if r["refused"]:  # a refused case stays wrong (uniform), as in the evaluation
+            out.append({"true": r["true"], "probs": {c: 0.25 for c in CLASSES},
+                        "found": False, "err": None})
+        else:
+            out.append(replay(r, rule))
+    y = [CLASSES.index(o["true"]) for o in out]
+    p = np.array([[o["probs"][c] for c in CLASSES] for o in out])
+    rep = classification_report(y, p, CLASSES)
+    frac = [o for o in out if o["true"] != "none"]
+    none = [o for o in out if o["true"] == "none"]
+    errs = [o["err"] for o in frac if o["err"] is not None]
+    return {"n": len(out), "accuracy": round(float(rep["accuracy"]), 4),
+            "macro_auroc": round(float(rep["macro"]["auroc"]), 4),
+            "auroc": {c: round(float(rep["per_class"][c]["auroc"]), 4) for c in CLASSES},
+            "found_rate": round(float(np.mean([o["found"] for o in frac])), 4) if frac else None,
+            "found_on_none_rate": (round(float(np.mean([o["found"] for o in none])), 4)
+                                   if none else None),
+            "median_abs_height_error_mm": round(float(np.median(errs)), 2) if errs else None}
+
+
+def _key(s: Dict[str, Any]) -> tuple:
+    return (s["accuracy"], (s["found_rate"] or 0.0) - (s["found_on_none_rate"] or 0.0))
+
+
+def fit(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The grid point with the best :func:`_key` on ``rows`` (first in grid order on ties)."""
+    best = None
+    names = list(GRID)
+    for values in itertools.product(*(GRID[k] for k in names)):
+        rule = dict(zip(names, values))
+        s = score(rows, rule)
+        if best is None or _key(s) > _key(best[1]):
+            best = (rule, s)
+    return {"rule": best[0], "fit_scores": best[1]}
+
+
+def _rows(paths: Sequence[str]) -> List[Dict[str, Any]]:
+    rows = []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        missing = [r["id"] for r in data["cases"] if not r["refused"] and "candidates" not in r]
+        if missing:
+            raise SystemExit(f"{p}: rows without candidate lines ({missing[:3]}...): evaluate "
+                             "again with this version (evaluate-fracture)")
+        rows.extend(data["cases"])
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fit", nargs="+", required=True, help="validation evaluations")
+    parser.add_argument("--score", nargs="*", default=[], metavar="NAME=EVAL.json")
+    parser.add_argument("--out", default=None, help="folder for study.json")
+    args = parser.parse_args(argv)
+    fit_rows = _rows(args.fit)
+    fitted = fit(fit_rows)
+    result = {"command": "python scripts/fracture_rule_study.py " + " ".join(
+        sys.argv[1:] if argv is None else argv), "grid": GRID, "shipped_rule": SHIPPED,
+        "fitted_rule": fitted["rule"], "fit_sets": list(args.fit), "sets": {}}
+    sets = {"fit (validation)": fit_rows}
+    for item in args.score:
+        name, _, path = item.partition("=")
+        sets[name] = _rows([path])
+    print(f"fitted rule: {fitted['rule']}")
+    print(f"{'set':<28} {'rule':<8} {'acc':>6} {'AUROC':>6} {'AUROC C':>8} {'found':>6} "
+          f"{'f.none':>6} {'|h err|':>7}")
+    for name, rows in sets.items():
+        result["sets"][name] = {}
+        for label, rule in (("shipped", SHIPPED), ("fitted", fitted["rule"])):
+            s = score(rows, rule)
+            result["sets"][name][label] = s
+            print(f"{name:<28} {label:<8} {s['accuracy']:6.3f} {s['macro_auroc']:6.3f} "
+                  f"{s['auroc']['C']:8.3f} {s['found_rate'] or 0:6.3f} "
+                  f"{s['found_on_none_rate'] or 0:6.3f} {s['median_abs_height_error_mm'] or 0:7.2f}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        Path(args.out, "study.json").write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
