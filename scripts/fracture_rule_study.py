@@ -119,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fit", nargs="+", required=True, help="validation evaluations")
     parser.add_argument("--score", nargs="*", default=[], metavar="NAME=EVAL.json")
     parser.add_argument("--out", default=None, help="folder for study.json")
+    parser.add_argument("--write-plans", default=None, metavar="MODEL_DIR",
+                        help="write the fitted rule into MODEL_DIR/plans.json (decision) and "
+                             "record it in MODEL_DIR/training.json (decision_refit)")
     args = parser.parse_args(argv)
     fit_rows = _rows(args.fit)
     fitted = fit(fit_rows)
@@ -143,7 +146,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         Path(args.out, "study.json").write_text(json.dumps(result, indent=1) + "\n")
+    if args.write_plans:
+        write_rule(Path(args.write_plans), fitted, result["command"])
     return 0
+
+
+def write_rule(model_dir: Path, fitted: Dict[str, Any], command: str) -> None:
+    """The fitted rule into plans.json's ``decision``; training.json keeps the training record
+    and gets ``decision_refit`` (the command, the rule, its validation scores, the old rule)."""
+    from AnkleFractureLib.io import atomic_write_json
+
+    plans = json.loads((model_dir / "plans.json").read_text())
+    training = json.loads((model_dir / "training.json").read_text())
+    previous = dict(plans.get("decision", {}))
+    plans["decision"] = {"threshold": previous.get("threshold", 0.5), **fitted["rule"]}
+    training["decision_refit"] = {"command": command, "rule": fitted["rule"],
+                                  "validation": fitted["fit_scores"], "previous": previous}
+    atomic_write_json(model_dir / "training.json", training)
+    atomic_write_json(model_dir / "plans.json", plans)
+    print(f"written the rule into {model_dir / 'plans.json'}")
 
 
 if __name__ == "__main__":

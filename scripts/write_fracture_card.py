@@ -80,6 +80,14 @@ def main() -> None:
            + json.dumps(training.get("val_metrics")) + "`", "",
            "Found rule fitted after training on the training and validation cases (plans.json "
            "`decision`): `" + json.dumps(training.get("decision_fit")) + "`"]
+    refit = training.get("decision_refit")
+    if refit:
+        md += ["", "Line rule refitted afterwards on a validation set of the training family "
+               "(never on a held-out family), without retraining the weights; plans.json "
+               "`decision` holds it:", "",
+               f"- command: `{refit['command']}`",
+               f"- rule: `{json.dumps(refit['rule'])}` (before: `{json.dumps(refit['previous'])}`)",
+               f"- its validation scores: `{json.dumps(refit['validation'])}`"]
     for name, path, command in args.heldout:
         md += _heldout(name, heldout[name], command)
     if args.credit:
@@ -90,7 +98,8 @@ def main() -> None:
     atomic_write_json(folder / "model_card.json", {
         "name": "fracture", "weights": {"file": "model.pt", "sha256": sha},
         "training": {k: training.get(k) for k in ("command", "config", "steps_run", "best_step",
-                                                  "val_metrics", "decision_fit")},
+                                                  "val_metrics", "decision_fit",
+                                                  "decision_refit")},
         "data_commands": args.data_command,
         "heldout": {name: {"command": cmd, "summary": heldout[name]["summary"]}
                     for name, _, cmd in args.heldout},

@@ -1,0 +1,83 @@
+"""scripts/fracture_rule_study.py: the rule is fitted on the validation rows only, replays the
+pipeline's combination, and is written into a model folder with its record."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "fracture_rule_study.py"
+
+TIP = {"voxels": 900, "mass": 700.0, "probability": 0.99, "section_ratio": 0.5,
+       "cut_fraction": 0.0, "height_mm": -7.0, "found": True}
+
+
+def _line(height: float, voxels: int = 250, section: float = 2.5) -> dict:
+    return {"voxels": voxels, "mass": 0.8 * voxels, "probability": 0.97,
+            "section_ratio": section, "cut_fraction": 1.0, "height_mm": height, "found": False}
+
+
+def _row(i: int, true: str, cls: str, lines: list, h_true=None) -> dict:
+    probs = {c: (0.7 if c == cls else 0.1) for c in ("none", "A", "B", "C")}
+    return {"id": f"c{i}", "true": true, "refused": False, "classifier_probabilities": probs,
+            "height_true_mm": h_true, "size_factor": 1.0, "candidates": lines}
+
+
+def _evaluation(path: Path, rows: list) -> str:
+    path.write_text(json.dumps({"cases": rows, "summary": {}}))
+    return str(path)
+
+
+def _rows() -> list:
+    """C and B cases whose true line is smaller than a tip line the shipped rule picks, A cases
+    with only the tip line, intact cases with the tip line or nothing."""
+    rows = []
+    for i in range(4):
+        rows.append(_row(i, "C", "C", [dict(TIP), _line(45.0)], 45.5))
+        rows.append(_row(10 + i, "B", "B", [dict(TIP), _line(12.0)], 11.0))
+        rows.append(_row(20 + i, "A", "A", [dict(TIP, height_mm=-6.0, section_ratio=2.0)], -5.0))
+        rows.append(_row(30 + i, "none", "none", [] if i % 2 else [_line(20.0, 40, 0.3)]))
+    return rows
+
+
+def test_the_fitted_rule_beats_the_shipped_one_and_is_written_with_its_record(tmp_path) -> None:
+    val = _evaluation(tmp_path / "val.json", _rows())
+    other = _evaluation(tmp_path / "other.json", _rows()[:8])
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "plans.json").write_text(json.dumps({"decision": {"threshold": 0.5,
+                                                               "found_threshold": 0.5,
+                                                               "min_voxels": 400}}))
+    (model / "training.json").write_text(json.dumps({"command": "train it", "decision_fit": {}}))
+    done = subprocess.run([sys.executable, str(SCRIPT), "--fit", val, "--score",
+                           f"other={other}", "--out", str(tmp_path / "study"),
+                           "--write-plans", str(model)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    study = json.loads((tmp_path / "study" / "study.json").read_text())
+    fit = study["sets"]["fit (validation)"]
+    assert fit["shipped"]["accuracy"] == pytest.approx(0.5)  # B and C called A: the tip wins
+    assert fit["fitted"]["accuracy"] == 1.0 and fit["fitted"]["found_rate"] == 1.0
+    assert fit["fitted"]["found_on_none_rate"] == 0.0
+    assert study["fitted_rule"]["select"] in ("qualified", "mixture")
+    assert set(study["sets"]) == {"fit (validation)", "other"}
+    plans = json.loads((model / "plans.json").read_text())
+    assert plans["decision"] == {"threshold": 0.5, **study["fitted_rule"]}
+    record = json.loads((model / "training.json").read_text())
+    assert record["command"] == "train it"  # the training record is kept
+    assert record["decision_refit"]["previous"]["min_voxels"] == 400
+    assert record["decision_refit"]["validation"]["accuracy"] == 1.0
+
+
+def test_rows_without_candidates_are_refused_with_the_file_named(tmp_path) -> None:
+    rows = _rows()
+    del rows[0]["candidates"]
+    val = _evaluation(tmp_path / "old.json", rows)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--fit", val], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "old.json" in done.stderr and "candidate" in done.stderr
