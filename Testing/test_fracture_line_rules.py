@@ -206,3 +206,30 @@ def line_candidates_with_heights(prob, fib, heights):
     for k, (_, st) in enumerate(lines):
         st["height_mm"] = heights[k]
     return lines
+
+
+def test_a_line_model_weighs_each_line_by_its_probability_of_being_the_fracture() -> None:
+    from AnkleFractureLib.fracture.weber_height import (LINE_FEATURES, combine_lines,
+                                                        line_probability)
+
+    # weights fitted on a validation set (scripts/fracture_rule_study.py), rounded
+    model = {"features": list(LINE_FEATURES), "weights": [-9.85, 1.27, 2.21, 0.82, 0.14]}
+    rule = {"select": "scored", "line_model": model, "min_line_probability": 0.5}
+    tip = {"voxels": 250, "mass": 230.0, "probability": 0.99, "height_mm": -9.0,
+           "section_ratio": 1.1, "cut_fraction": 0.0}
+    true = {"voxels": 330, "mass": 300.0, "probability": 0.99, "height_mm": 47.0,
+            "section_ratio": 8.5, "cut_fraction": 1.0}
+    q_tip, q_true = line_probability(tip, model), line_probability(true, model)
+    assert q_tip < 0.5 < q_true
+    unsure = {"none": 0.3, "A": 0.2, "B": 0.15, "C": 0.35}
+    o, line = combine_lines(unsure, [tip, true], rule)
+    assert (o.prediction, line) == ("C", true)
+    # the intact case: only the tip-surface line, and the classifier says none
+    o, line = combine_lines({"none": 0.8, "A": 0.1, "B": 0.05, "C": 0.05}, [tip], rule)
+    assert (o.prediction, line, o.agree) == ("none", None, True)
+    # no candidate line at all: the localiser says none
+    o, line = combine_lines(unsure, [], rule)
+    assert o.prediction == "none" and line is None
+    assert sum(o.probabilities.values()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="features"):
+        line_probability(tip, {"features": ["bias"], "weights": [1.0]})

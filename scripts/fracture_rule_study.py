@@ -15,6 +15,8 @@ section ratio, height) and the classifier's probabilities, and replays the decis
   shipped rule); ``"qualified"``: the strongest qualifying line; ``"mixture"``: every qualifying
   line speaks, weighted by its summed probability (a tip line and a true line both count, and
   the classifier breaks the tie);
+* ``select="scored"``: a logistic line model (size, section ratio, cut, mean probability;
+  fitted on the ``--fit`` sets) gives each line its probability of being the fracture;
 * the combination with the classifier is the pipeline's (:func:`~AnkleFractureLib.fracture.
   weber_height.combine_lines`).
 
@@ -39,13 +41,20 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from AnkleFractureLib.evaluation.cls_metrics import classification_report  # noqa: E402
-from AnkleFractureLib.fracture.weber_height import CLASSES, combine_lines  # noqa: E402
+from AnkleFractureLib.fracture.weber_height import (CLASSES, LINE_FEATURES,  # noqa: E402
+                                                    combine_lines, line_features)
 
 #: The grid searched (grid order: simplest first).
 GRID = {"select": ("strongest", "qualified", "mixture"),
         "found_threshold": (0.5, 0.7, 0.9),
         "min_voxels": (30, 100, 200, 400),
         "min_section": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)}
+#: The line model's labels: a candidate this close (mm) to the true line's height is it.
+LINE_TOLERANCE_MM = 10.0
+#: L2 penalty of the line model's logistic regression.
+LINE_L2 = 1.0
+#: A line is reported when its probability of being the fracture reaches this.
+MIN_LINE_PROBABILITY = 0.5
 #: The shipped rule (Resources/Models/fracture/plans.json before this study).
 SHIPPED = {"select": "strongest", "found_threshold": 0.5, "min_voxels": 400, "min_section": 0.0}
 
@@ -90,12 +99,48 @@ def _key(s: Dict[str, Any]) -> tuple:
     return (s["accuracy"], (s["found_rate"] or 0.0) - (s["found_on_none_rate"] or 0.0))
 
 
+def _logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 50) -> np.ndarray:
+    """Weights of an L2-penalised logistic regression (Newton steps; the bias is not penalised)."""
+    w = np.zeros(x.shape[1])
+    pen = np.diag(np.r_[0.0, np.full(x.shape[1] - 1, l2)])
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -50, 50)))
+        grad = x.T @ (p - y) + pen @ w
+        hess = x.T @ (x * (p * (1 - p))[:, None]) + pen + 1e-9 * np.eye(len(w))
+        w -= np.linalg.solve(hess, grad)
+    return w
+
+
+def fit_line_model(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The logistic line model: a candidate line of a fractured case whose height is within
+    :data:`LINE_TOLERANCE_MM` of the true line's is a fracture line; every other candidate
+    (those of intact cases among them) is not."""
+    x, y = [], []
+    for r in rows:
+        if r["refused"]:
+            continue
+        h_true = r.get("height_true_mm")
+        for c in r.get("candidates") or []:
+            x.append(line_features(c))
+            y.append(float(r["true"] != "none" and h_true is not None
+                           and abs(float(c["height_mm"]) - float(h_true)) <= LINE_TOLERANCE_MM))
+    if not x or len(set(y)) < 2:
+        raise SystemExit("the fit sets need candidate lines that are and are not fracture lines")
+    w = _logistic(np.array(x), np.array(y), LINE_L2)
+    return {"features": list(LINE_FEATURES), "weights": [round(float(v), 4) for v in w],
+            "tolerance_mm": LINE_TOLERANCE_MM, "l2": LINE_L2, "lines": len(y),
+            "fracture_lines": int(sum(y))}
+
+
 def fit(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """The grid point with the best :func:`_key` on ``rows`` (first in grid order on ties)."""
+    """The rule with the best :func:`_key` on ``rows``: the grid points (first in grid order on
+    ties), then the line model (:func:`fit_line_model`, fitted on the same rows)."""
     best = None
     names = list(GRID)
-    for values in itertools.product(*(GRID[k] for k in names)):
-        rule = dict(zip(names, values))
+    rules = [dict(zip(names, values)) for values in itertools.product(*(GRID[k] for k in names))]
+    rules.append({"select": "scored", "line_model": fit_line_model(rows),
+                  "min_line_probability": MIN_LINE_PROBABILITY})
+    for rule in rules:
         s = score(rows, rule)
         if best is None or _key(s) > _key(best[1]):
             best = (rule, s)

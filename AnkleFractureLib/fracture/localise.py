@@ -407,6 +407,8 @@ class FractureLocaliser:
         Returns:
             The finding (arrays on the crop grid).
         """
+        from AnkleFractureLib.fracture.weber_height import line_probability
+
         prob, ignored = self._masked_heatmap(crop)
         model = {"name": "fracture", "sha256": self.plans.get("_sha256")}
         scale = np.linalg.norm(np.asarray(crop.patient_to_template)[:3, 2])
@@ -416,6 +418,9 @@ class FractureLocaliser:
             _, h, _, _ = measure_line(mask, prob, crop.grid, crop.patient_to_template,
                                       plafond_template)
             stats["height_mm"] = round(float(h), 2)
+            if "line_model" in self.decision:
+                stats["line_probability"] = round(line_probability(stats,
+                                                                   self.decision["line_model"]), 4)
         if "select" in self.decision:
             mask, peak = self._chosen_line(prob, lines, classifier, size_factor)
             found = bool(mask.any())
@@ -461,6 +466,10 @@ class FractureLocaliser:
         stats = [st for _, st in lines]
         if classifier is not None:
             _, chosen = combine_lines(classifier, stats, self.decision, size_factor)
+        elif self.decision["select"] == "scored":
+            min_q = float(self.decision.get("min_line_probability", 0.5))
+            good = [st for st in stats if st["line_probability"] >= min_q]
+            chosen = max(good, key=lambda st: st["line_probability"]) if good else None
         else:
             good = qualifying_lines(stats, self.decision)
             chosen = good[0] if good else None

@@ -167,25 +167,100 @@ def qualifying_lines(candidates: Sequence[Dict[str, Any]], rule: Dict[str, Any]
     return good[:1] if select == "qualified" else good
 
 
+#: Features of a candidate line for the line model (``rule["line_model"]``), in order.
+LINE_FEATURES = ("bias", "log_voxels", "section_ratio_over_10", "cut_fraction",
+                 "mean_probability")
+
+
+def line_features(line: Dict[str, Any]) -> np.ndarray:
+    """The :data:`LINE_FEATURES` of a candidate line (``result.json`` candidate entry).
+
+    Example:
+        >>> line_features({"voxels": 100, "mass": 80.0, "section_ratio": 4.0,
+        ...                "cut_fraction": 1.0}).round(3).tolist()
+        [1.0, 4.605, 0.4, 1.0, 0.8]
+    """
+    voxels = max(int(line["voxels"]), 1)
+    return np.array([1.0, np.log(voxels), min(float(line.get("section_ratio", 0.0)), 10.0) / 10,
+                     float(line.get("cut_fraction", 0.0)), float(line["mass"]) / voxels])
+
+
+def line_probability(line: Dict[str, Any], model: Dict[str, Any]) -> float:
+    """P(this candidate is the fibular fracture line) from a fitted logistic line model.
+
+    Args:
+        line: A candidate entry (voxels, mass, section_ratio, cut_fraction).
+        model: {"features": LINE_FEATURES, "weights": [...]} (plans.json).
+
+    Raises:
+        ValueError: The model was fitted on other features.
+    """
+    if tuple(model.get("features", ())) != LINE_FEATURES:
+        raise ValueError(f"line model features {model.get('features')} are not "
+                         f"{list(LINE_FEATURES)}")
+    z = float(line_features(line) @ np.asarray(model["weights"], float))
+    return float(1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0))))
+
+
+def _localiser_opinion(candidates: Sequence[Dict[str, Any]], rule: Dict[str, Any],
+                       size_factor: float) -> Tuple[Dict[str, float], List[Dict[str, Any]],
+                                                    List[float]]:
+    """(P(class) from the lines alone, the lines that speak, their weights)."""
+    if rule.get("select") == "scored":
+        lines = list(candidates)
+        weights = [line_probability(c, rule["line_model"]) for c in lines]
+        p_none = float(np.prod([1.0 - q for q in weights])) if lines else 1.0
+    else:
+        lines = qualifying_lines(candidates, rule)
+        weights = [max(float(c["mass"]), 1e-9) for c in lines]
+        p_none = 1.0 - float(np.clip(max((float(c["probability"]) for c in lines),
+                                         default=0.0), 0.0, 1.0))
+    measured = {"none": p_none if lines else 1.0, "A": 0.0, "B": 0.0, "C": 0.0}
+    total = sum(weights)
+    if lines and total > 0:
+        for w, c in zip(weights, lines):
+            for k, v in height_class_probabilities(float(c["height_mm"]), size_factor).items():
+                measured[k] += (1.0 - measured["none"]) * w / total * v
+    return measured, lines, weights
+
+
+def _line_of(cls: str, lines: Sequence[Dict[str, Any]], weights: Sequence[float],
+             size_factor: float, min_weight: float) -> Optional[Dict[str, Any]]:
+    """The heaviest line whose height gives ``cls`` (weight at least ``min_weight``)."""
+    same = [(w, c) for w, c in zip(weights, lines)
+            if height_class(float(c["height_mm"]), size_factor) == cls and w >= min_weight]
+    return max(same, key=lambda t: t[0])[1] if same else None
+
+
 def combine_lines(classifier: Dict[str, float], candidates: Sequence[Dict[str, Any]],
                   rule: Dict[str, Any], size_factor: float = 1.0
                   ) -> Tuple[WeberOpinion, Optional[Dict[str, Any]]]:
-    """Combine the classifier with every qualifying line (product of experts).
+    """Combine the classifier with the candidate lines (product of experts).
 
-    The localiser's opinion: P(none) = 1 - the highest peak probability of the qualifying
-    lines; the rest is shared by the lines' height classes, each line weighted by its summed
-    probability. So a false line at the malleolus tip beside a true line higher up leaves both
-    heights in play, and the classifier decides between them. The reported line is the
-    strongest qualifying line whose height gives the combined class (else the strongest).
+    The localiser's opinion depends on ``rule["select"]``:
+
+    * "strongest", "qualified", "mixture" (:func:`qualifying_lines`): P(none) = 1 - the
+      highest peak probability of the qualifying lines; the rest is shared by the lines'
+      height classes, each line weighted by its summed probability. The reported line is the
+      heaviest qualifying line whose height gives the combined class (else the heaviest).
+    * "scored": every candidate line has a probability q of being the fracture
+      (:func:`line_probability`, a logistic model of its size, section ratio, cut and mean
+      probability fitted on validation cases); P(none) = the product of (1 - q); the rest is
+      shared by the lines' height classes in proportion to q. A line is reported only when
+      the combined class is a fracture, as the most probable line of that class with q at
+      least ``rule["min_line_probability"]`` (default 0.5).
+
+    So a false line at the malleolus tip beside a true line higher up leaves both heights in
+    play, and the classifier decides between them.
 
     Args:
         classifier: Classifier probabilities {"none", "A", "B", "C"}.
-        candidates: Candidate lines (:func:`qualifying_lines`), each with "height_mm".
-        rule: See :func:`qualifying_lines`.
+        candidates: Candidate lines, strongest first, each with "height_mm".
+        rule: See above.
         size_factor: Patient size / template size.
 
     Returns:
-        (the opinion, the reported line or None when no line qualifies).
+        (the opinion, the reported line or None).
 
     Example:
         >>> tip = {"voxels": 900, "mass": 700.0, "probability": 0.99, "height_mm": -6.0}
@@ -195,26 +270,24 @@ def combine_lines(classifier: Dict[str, float], candidates: Sequence[Dict[str, A
         >>> o.prediction, line["height_mm"]
         ('C', 48.0)
     """
-    lines = qualifying_lines(candidates, rule)
+    measured, lines, weights = _localiser_opinion(candidates, rule, size_factor)
     cls_pred = max(CLASSES, key=lambda k: classifier.get(k, 0.0))
-    measured = {"none": 1.0, "A": 0.0, "B": 0.0, "C": 0.0}
-    if lines:
-        p_found = float(np.clip(max(float(c["probability"]) for c in lines), 0.0, 1.0))
-        weights = np.array([max(float(c["mass"]), 1e-9) for c in lines])
-        weights = weights / weights.sum()
-        measured["none"] = 1.0 - p_found
-        for w, c in zip(weights, lines):
-            for k, v in height_class_probabilities(float(c["height_mm"]), size_factor).items():
-                measured[k] += p_found * float(w) * v
     prod = {k: max(classifier.get(k, 0.0), FLOOR) * max(measured[k], FLOOR) for k in CLASSES}
     total = sum(prod.values())
     probs = {k: v / total for k, v in prod.items()}
     prediction = max(probs, key=probs.get)
-    line = None
-    if lines:
-        same = [c for c in lines if height_class(float(c["height_mm"]), size_factor) == prediction]
-        line = same[0] if same else lines[0]
-    h = None if line is None else float(line["height_mm"])
+    if rule.get("select") == "scored":
+        min_q = float(rule.get("min_line_probability", 0.5))
+        line = (None if prediction == "none"
+                else _line_of(prediction, lines, weights, size_factor, min_q))
+        own = max(measured, key=measured.get)  # the lines' own class, for the agreement
+        shown = None if own == "none" else _line_of(own, lines, weights, size_factor, 0.0)
+    else:
+        line = None
+        if lines:
+            line = _line_of(prediction, lines, weights, size_factor, 0.0) or lines[0]
+        shown = line
+    h = None if shown is None else float(shown["height_mm"])
     h_cls = None if h is None else height_class(h, size_factor)
     reasons = []
     if (h_cls or "none") != cls_pred:
