@@ -67,11 +67,21 @@ def test_the_fitted_rule_beats_the_shipped_one_and_is_written_with_its_record(tm
     assert study["fitted_rule"]["select"] in ("qualified", "mixture")
     assert set(study["sets"]) == {"fit (validation)", "other"}
     plans = json.loads((model / "plans.json").read_text())
-    assert plans["decision"] == {"threshold": 0.5, **study["fitted_rule"]}
+    assert plans["decision"] == {"threshold": 0.5, "found_threshold": 0.5, "min_voxels": 400,
+                                 **study["fitted_rule"]}
     record = json.loads((model / "training.json").read_text())
     assert record["command"] == "train it"  # the training record is kept
     assert record["decision_refit"]["previous"]["min_voxels"] == 400
     assert record["decision_refit"]["validation"]["accuracy"] == 1.0
+    page = (tmp_path / "study" / "README.md").read_text()
+    assert "| fit (validation) | fitted | 1.000 |" in page and "| other | shipped |" in page
+    # fitted again: the record still names the rule the model was trained with
+    again = subprocess.run([sys.executable, str(SCRIPT), "--fit", val, "--write-plans",
+                            str(model)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    record = json.loads((model / "training.json").read_text())
+    assert record["decision_refit"]["previous"] == {"threshold": 0.5, "found_threshold": 0.5,
+                                                    "min_voxels": 400}
 
 
 def test_rows_without_candidates_are_refused_with_the_file_named(tmp_path) -> None:
