@@ -5,6 +5,8 @@ Usage:
     python scripts/write_fracture_card.py MODEL_DIR \
         --data-command "ankle-fracture phantom --out ... --fractures varied ..." \
         --heldout NAME METRICS_JSON COMMAND [--heldout ...] [--credit TEXT] [--note TEXT]
+    python scripts/write_fracture_card.py Resources/Models/fracture \
+        --from-commands docs/fracture/commands.json      # the shipped card's options
 
 Every figure comes from the files named: training.json (command, seed, validation), the
 ``evaluate-fracture`` JSON of each held-out set (through the whole pipeline) and the sha256 of
@@ -59,7 +61,13 @@ def main() -> None:
                     metavar=("NAME", "METRICS_JSON", "COMMAND"))
     ap.add_argument("--credit", action="append", default=[])
     ap.add_argument("--note", action="append", default=[])
+    ap.add_argument("--from-commands", default=None, metavar="COMMANDS_JSON",
+                    help="take the other options from COMMANDS_JSON's \"card_args\" "
+                         "(docs/fracture/commands.json)")
     args = ap.parse_args()
+    if args.from_commands:
+        spec = json.loads(Path(args.from_commands).read_text())
+        args = ap.parse_args([args.model_dir] + [a for pair in spec["card_args"] for a in pair])
     folder = Path(args.model_dir)
     training = json.loads((folder / "training.json").read_text())
     sha = sha256_file(folder / "model.pt")
