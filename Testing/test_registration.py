@@ -381,3 +381,41 @@ def test_whole_leg_scan_is_registered_on_its_distal_part(template):
         register_to_template(label, template, side="left")
     reg = register_to_template(label, template, side="left", plafond_hint=hint)
     assert _plafond_error(reg, case, template) <= 3.0
+
+
+def test_foot_bone_pieces_labelled_as_leg_below_the_joint_are_left_out(template, monkeypatch):
+    # The training-family validation case vh_601_0021 (real-shape anatomy, both legs in view):
+    # the segmentation labelled ~2 ml of talus and foot bone just below the joint as tibia, in
+    # pieces apart from the tibia; the fit turned 45 degrees, shrank to 0.77 and missed the
+    # plafond by 37 mm, and re-anchoring on the joint found the same minimum. Here the foot's
+    # bone voxels 5-25 mm below the plafond are labelled tibia, as the segmentation did.
+    from AnkleFractureLib.pipeline.checks import estimate_plafond
+    from AnkleFractureLib.registration.leg import select_leg
+
+    case = generate_case(586668550, "A", "right", "fast", family="vh", fractures="varied")
+    label, _ = select_leg(case.label, "right")
+    plafond = np.asarray(case.info["plafond_lps"])
+    kji = np.argwhere((case.ct.array > 300) & (case.label.array == 0))
+    pts = case.ct.index_to_physical(kji[:, ::-1].astype(float))
+    depth = plafond[2] - pts[:, 2]
+    foot = kji[(depth > 5) & (depth < 25) & (np.linalg.norm(pts[:, :2] - plafond[:2], axis=1) < 25)]
+    arr = label.array.copy()
+    arr[tuple(foot.T)] = 1
+    mislabelled = label.with_array(arr)
+    assert reg_module.pieces_below_joint(mislabelled, plafond).sum() >= 0.9 * len(foot)
+    # the clean leg's only such piece is this Weber A case's avulsed fibular tip
+    clean = reg_module.pieces_below_joint(label, plafond)
+    assert not (clean & (label.array == 1)).any() and clean.sum() < 0.2 * len(foot)
+    hint = estimate_plafond(mislabelled)
+
+    def miss(reg: Registration) -> float:
+        inv = np.linalg.inv(np.asarray(reg.patient_to_template))
+        return float(np.linalg.norm(inv[:3, :3] @ template.plafond + inv[:3, 3] - plafond))
+
+    with monkeypatch.context() as m:
+        m.setattr(reg_module, "_without_foot_pieces", lambda icp, *a, **k: icp)
+        before = register_to_template(mislabelled, template, "right", case.ct, plafond_hint=hint)
+    assert miss(before) > 10.0  # the failure this guards against
+    reg = register_to_template(mislabelled, template, "right", case.ct, plafond_hint=hint)
+    assert miss(reg) <= 3.0 and 0.95 <= reg.scale <= 1.05
+    assert any("below the ankle joint" in w for w in reg.warnings)
