@@ -419,3 +419,47 @@ def test_foot_bone_pieces_labelled_as_leg_below_the_joint_are_left_out(template,
     reg = register_to_template(mislabelled, template, "right", case.ct, plafond_hint=hint)
     assert miss(reg) <= 3.0 and 0.95 <= reg.scale <= 1.05
     assert any("below the ankle joint" in w for w in reg.warnings)
+
+
+def test_a_poor_fit_is_redone_without_foot_pieces_only_when_that_fits_better() -> None:
+    # The acceptance rule of the refit without pieces below the joint, with a stand-in ICP:
+    # a poor fit (RMS 3.5 mm, half the surface matched) that places the joint 4 mm off is
+    # replaced by a refit that matches the surface better near the joint, not by one that
+    # slides away; a good fit is not refitted at all (validation vh_601_0014: scale 0.81 ->
+    # 0.92, inliers 50 -> 80 %, the scan no longer refused).
+    from types import SimpleNamespace
+
+    a = np.zeros((60, 20, 30), np.uint8)
+    a[30:, 5:12, 5:12] = 1  # tibia, its lowest slice at z = 30 mm
+    a[20:, 5:9, 20:24] = 2  # fibula, its malleolus lower
+    a[8:16, 5:12, 5:12] = 1  # a foot bone labelled tibia, wholly below the joint
+    label = Volume(a, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
+    hint = np.array([8.0, 8.0, 30.0])
+    template = SimpleNamespace(plafond=np.zeros(3))
+
+    def result(miss_mm: float, rms: float, inliers: float) -> SimpleNamespace:
+        m = np.eye(4)
+        m[:3, 3] = -(hint + np.array([0.0, 0.0, miss_mm]))  # the plafond lands miss_mm above
+        return SimpleNamespace(matrix=m, rms_mm=rms, inlier_fraction=inliers)
+
+    def run(first, refit):
+        calls, notes = [], []
+
+        def fit(points, labels, init=None):
+            calls.append(len(points))
+            return refit
+        kept = reg_module._without_foot_pieces(first, fit, label, np.eye(4), (500, 0), template,
+                                               hint, hint, notes)
+        return kept, calls, notes
+
+    poor = result(4.0, 3.5, 0.5)
+    better = result(2.0, 1.8, 0.8)
+    kept, calls, notes = run(poor, better)
+    assert kept is better and calls and "below the ankle joint" in notes[0]
+    slid = result(25.0, 1.0, 0.9)
+    assert run(poor, slid)[0] is poor  # a better surface match that loses the joint: no
+    worse = result(2.0, 3.9, 0.4)
+    assert run(poor, worse)[0] is poor
+    good = result(4.0, 1.2, 0.9)
+    kept, calls, _ = run(good, better)
+    assert kept is good and not calls  # a good fit near the joint is left alone
