@@ -427,17 +427,10 @@ def pieces_below_joint(label: Volume, plafond_hint: np.ndarray) -> np.ndarray:
 def _without_foot_pieces(icp: Any, fit: Callable[..., Any], label: Volume, mirror: np.ndarray,
                          sampling: Tuple[int, int], template: Any, hint: np.ndarray,
                          plafond_hint: np.ndarray, notes: List[str]) -> Any:
-    """``icp``, or a fit without :func:`pieces_below_joint` (anchored as
-    :func:`_anchor_on_joint` does) when ``icp`` still misses the joint or fits poorly.
-
-    The refit is kept when it places the joint closer (its RMS at most
-    :data:`RETRY_RMS_SLACK_MM` worse), or, for a poor fit, when it matches the surface better
-    (lower RMS, no fewer inliers) without moving the joint further than
-    :data:`JOINT_RETRY_MM` or the first fit's miss.
-    """
+    """``icp``, or, when it still misses the joint, a fit without :func:`pieces_below_joint`
+    (anchored as :func:`_anchor_on_joint` does) when that places the joint better."""
     miss = _joint_miss(icp.matrix, template, hint)
-    poor = icp.rms_mm > POOR_FIT_RMS_MM or icp.inlier_fraction < POOR_FIT_INLIERS
-    if miss <= JOINT_RETRY_MM and not poor:
+    if miss <= JOINT_RETRY_MM:
         return icp
     below = pieces_below_joint(label, np.asarray(plafond_hint, dtype=float).reshape(3))
     if not below.any():
@@ -450,11 +443,7 @@ def _without_foot_pieces(icp: Any, fit: Callable[..., Any], label: Volume, mirro
     tried: List[str] = []
     refit = _anchor_on_joint(fit(points, labels), fit, points, labels, template, hint, tried)
     miss2 = _joint_miss(refit.matrix, template, hint)
-    closer = (miss2 < miss and miss > JOINT_RETRY_MM
-              and refit.rms_mm <= max(icp.rms_mm, POOR_FIT_RMS_MM) + RETRY_RMS_SLACK_MM)
-    better = (poor and miss2 <= max(miss, JOINT_RETRY_MM) and refit.rms_mm < icp.rms_mm
-              and refit.inlier_fraction >= icp.inlier_fraction)
-    if closer or better:
+    if miss2 < miss and refit.rms_mm <= max(icp.rms_mm, POOR_FIT_RMS_MM) + RETRY_RMS_SLACK_MM:
         ml = float(below.sum()) * float(np.prod(label.spacing)) / 1000.0
         notes.append(f"registered without {ml:.1f} ml of bone labels below the ankle joint "
                      f"that are not part of the tibia or fibula (foot bones labelled as leg?): "
