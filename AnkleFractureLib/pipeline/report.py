@@ -356,9 +356,10 @@ def _draw_probabilities(ax: Any, result: Dict[str, Any]) -> None:
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         lines = textwrap.wrap(str(reason), 46)
-        if len(lines) > 9:
-            lines = lines[:8] + ["..."]
-        ax.text(0.5, 0.55, "No classification:\n" + "\n".join(lines), ha="center", va="center",
+        if len(lines) > 7:  # the whole reason is in the text panel below
+            lines = lines[:6] + ["..."]
+        # Hung from the top of its cell, so that a long reason grows down, not over the title.
+        ax.text(0.5, 0.9, "No classification:\n" + "\n".join(lines), ha="center", va="top",
                 fontsize=10.5, color="#7a0000", wrap=False,
                 bbox=dict(boxstyle="round,pad=0.8", facecolor="#fde8e8", edgecolor="#b00000",
                           linewidth=1.5))
