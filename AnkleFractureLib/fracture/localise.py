@@ -3,9 +3,15 @@
 The localiser network (:mod:`.network`) reads the fibula window of the crop (:mod:`.window`)
 and returns, per voxel, the probability of lying on the fibular fracture line. From it:
 
-* ``found`` / ``probability``: the strongest connected line (voxels above ``threshold``), its
-  peak probability; found when it reaches ``found_threshold`` and ``min_voxels``. Lines that
-  reach the scan's edge and voxels next to metal are not candidates (:func:`ignored_zones`);
+* ``candidates``: every connected line (voxels above ``threshold``) of at least
+  :data:`CANDIDATE_MIN_VOXELS` voxels, with its size, probabilities, cut and section ratio and
+  height (:func:`line_candidates`). Lines that reach the scan's edge and voxels next to metal
+  are not candidates (:func:`ignored_zones`);
+* ``found`` / ``probability``: the reported line and its peak probability. With a line rule in
+  plans.json (``decision["select"]``, e.g. the fitted line model "scored") the line that
+  :func:`~AnkleFractureLib.fracture.weber_height.combine_lines` reports given the classifier;
+  without one, the strongest line, found when it reaches ``found_threshold`` and
+  ``min_voxels``;
 * ``center_lps``: the probability-weighted centre of that line (patient LPS mm);
 * ``height_mm``: its signed distance above the tibial plafond along the tibial long axis, both
   taken from the patient's registration to the template (template z axis and plafond mapped
