@@ -312,3 +312,26 @@ def test_does_not_touch_pyplot(tmp_path) -> None:
         assert sys.modules["matplotlib.pyplot"].get_fignums() == before
     else:
         assert "matplotlib.pyplot" not in sys.modules
+
+
+def test_candidate_lines_the_answer_did_not_report_are_listed_for_the_reader() -> None:
+    ct, label, heat = _ankle()
+    lines = [{"voxels": 300, "mass": 250.0, "probability": 0.99, "height_mm": 14.2,
+              "line_probability": 0.93, "found": True},
+             {"voxels": 180, "mass": 150.0, "probability": 0.98, "height_mm": 47.1,
+              "line_probability": 0.47, "found": False},
+             {"voxels": 90, "mass": 70.0, "probability": 0.95, "height_mm": -12.0,
+              "line_probability": 0.12, "found": False},
+             {"voxels": 40, "mass": 30.0, "probability": 0.9, "height_mm": -20.0,
+              "line_probability": 0.02, "found": False}]
+    frac = {"found": True, "probability": 0.93, "height_mm": 14.2, "center_lps": None,
+            "extent": None, "candidates": lines}
+    text = " ".join(_texts(R.report_figure(ct, label, heat, _result(fracture=frac))).split())
+    assert "Fibula fracture: 14.2 mm above the plafond" in text  # (lines wrap: spaces joined)
+    assert "other candidate lines: 47.1 mm above (47.0 %), 12.0 mm below (12.0 %)" in text
+    assert "20.0 mm below" not in text  # below 10 %: not listed
+    # without the line model (no line probabilities) nothing more is said
+    plain = [{k: v for k, v in c.items() if k != "line_probability"} for c in lines]
+    text = _texts(R.report_figure(ct, label, heat, _result(fracture={**frac,
+                                                                     "candidates": plain})))
+    assert "other candidate lines" not in text

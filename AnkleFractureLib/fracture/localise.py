@@ -64,7 +64,9 @@ class FractureFinding:
 
     Attributes:
         found: Whether a fibular fracture line was found.
-        probability: Peak line probability of the strongest line (0-1).
+        probability: With the line model: the reported line's probability of being the
+            fracture (the highest among the candidates when none is reported); else the peak
+            line probability of the strongest line (0-1).
         height_mm: Height of the line's centre above the plafond (mm), None if not found.
         center_lps: [x, y, z] patient LPS mm of the line's centre, None if not found.
         extent: {"length_mm", "height_min_mm", "height_max_mm", "voxels"} or None.
@@ -465,8 +467,9 @@ class FractureLocaliser:
     def _chosen_line(self, prob: np.ndarray, lines: List[Tuple[np.ndarray, Dict[str, Any]]],
                      classifier: Optional[Dict[str, float]], size_factor: float
                      ) -> Tuple[np.ndarray, float]:
-        """(mask, peak) of the line the rule reports (an empty mask and the map's peak when
-        no line qualifies)."""
+        """(mask, probability) of the line the rule reports: its line probability with the
+        line model ("scored"), else its peak probability. When no line is reported: an empty
+        mask and the highest line probability (line model) or the map's peak."""
         from AnkleFractureLib.fracture.weber_height import combine_lines, qualifying_lines
 
         stats = [st for _, st in lines]
@@ -479,10 +482,14 @@ class FractureLocaliser:
         else:
             good = qualifying_lines(stats, self.decision)
             chosen = good[0] if good else None
+        scored = self.decision["select"] == "scored"
         if chosen is None:
+            if scored:  # the most probable line's chance of being the fracture
+                return np.zeros(prob.shape, bool), max(
+                    (float(st["line_probability"]) for st in stats), default=0.0)
             return np.zeros(prob.shape, bool), float(prob.max()) if prob.size else 0.0
         k = next(i for i, st in enumerate(stats) if st is chosen)
-        return lines[k][0], float(stats[k]["probability"])
+        return lines[k][0], float(stats[k]["line_probability" if scored else "probability"])
 
     def opinion(self, classifier: Dict[str, float], finding: FractureFinding) -> Any:
         """The Weber opinion of the classifier and this finding (:mod:`.weber_height`): with a
