@@ -328,7 +328,7 @@ def test_candidate_lines_the_answer_did_not_report_are_listed_for_the_reader() -
             "extent": None, "candidates": lines}
     text = " ".join(_texts(R.report_figure(ct, label, heat, _result(fracture=frac))).split())
     assert "Fibula fracture: 14.2 mm above the plafond" in text  # (lines wrap: spaces joined)
-    assert "other candidate lines: 47.1 mm above (47.0 %), 12.0 mm below (12.0 %)" in text
+    assert "other candidate lines: 47.1 mm above (47 %), 12.0 mm below (12 %)" in text
     assert "20.0 mm below" not in text  # below 10 %: not listed
     # without the line model (no line probabilities) nothing more is said
     plain = [{k: v for k, v in c.items() if k != "line_probability"} for c in lines]

@@ -313,6 +313,13 @@ def test_describe_found_not_found_and_null():
     assert describeResult(dict(_result(None), refused=True, refusal="no bone"))["fracture"] == ""
     withheld = dict(_result(none), prediction=None, probabilities=None)
     assert describeResult(withheld)["fracture"].startswith("Fibula fracture: none located")
+    # With the line model, candidates the answer did not report are named on a second line.
+    lines = [{"found": False, "height_mm": 52.3, "line_probability": 0.41},
+             {"found": False, "height_mm": -9.0, "line_probability": 0.03}]
+    missed = describeResult(_result({"found": False, "probability": 0.41,
+                                     "candidates": lines}, agree))["fracture"]
+    assert missed == ("Fibula fracture: none located (probability 41 %)\n"
+                      "Other candidate lines: 52.3 mm above (41 %)")
 
 
 def test_disagreement_reasons_are_not_repeated():

@@ -230,7 +230,8 @@ def describeFracture(result: Optional[Dict[str, Any]]) -> str:
     probability = fracture.get("probability")
     percent = f"{100 * float(probability):.0f} %" if probability is not None else None
     if not fracture.get("found"):
-        return "Fibula fracture: none located" + (f" (probability {percent})" if percent else "")
+        return ("Fibula fracture: none located" + (f" (probability {percent})" if percent else "")
+                + _otherLines(fracture))
     height = fracture.get("height_mm")
     if height is None:
         where = "located (height not measured)"
@@ -241,7 +242,16 @@ def describeFracture(result: Optional[Dict[str, Any]]) -> str:
     level = ((result or {}).get("weber_from_height") or {}).get("height_class")
     if level:
         where += f" (Weber {level} level)"
-    return f"Fibula fracture: {where}" + (f", probability {percent}" if percent else "")
+    return (f"Fibula fracture: {where}" + (f", probability {percent}" if percent else "")
+            + _otherLines(fracture))
+
+
+def _otherLines(fracture: Dict[str, Any]) -> str:
+    """A newline and the candidate lines the answer did not report (line model), or ""."""
+    from AnkleFractureLib.fracture.localise import describe_other_lines
+
+    text = describe_other_lines(fracture)
+    return f"\n{text[0].upper()}{text[1:]}" if text else ""
 
 
 def _agreementLine(result: Dict[str, Any]) -> str:

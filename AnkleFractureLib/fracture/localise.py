@@ -343,6 +343,38 @@ def measure_line(mask: np.ndarray, prob: np.ndarray, grid: Any, patient_to_templ
     return centre, height, extent, size_factor
 
 
+#: Candidate lines a reader is shown besides the reported one (report, Slicer panel): at
+#: most this many, with a line probability of at least :data:`OTHER_LINE_MIN`.
+OTHER_LINES = 3
+OTHER_LINE_MIN = 0.1
+
+
+def describe_other_lines(fracture: Optional[Dict[str, Any]]) -> Optional[str]:
+    """The candidate lines the answer did not report, in words, for the reader to check (only
+    with the line model, whose candidates carry a line probability), or None.
+
+    Args:
+        fracture: ``result.json["fracture"]`` (or None).
+
+    Example:
+        >>> describe_other_lines({"candidates": [
+        ...     {"found": True, "height_mm": 14.2, "line_probability": 0.93},
+        ...     {"found": False, "height_mm": 47.1, "line_probability": 0.47},
+        ...     {"found": False, "height_mm": -12.0, "line_probability": 0.12},
+        ...     {"found": False, "height_mm": -20.0, "line_probability": 0.02}]})
+        'other candidate lines: 47.1 mm above (47 %), 12.0 mm below (12 %)'
+    """
+    others = [c for c in (fracture or {}).get("candidates") or []
+              if not c.get("found") and float(c.get("line_probability", 0.0)) >= OTHER_LINE_MIN]
+    if not others:
+        return None
+    others = sorted(others, key=lambda c: -float(c["line_probability"]))[:OTHER_LINES]
+    text = ", ".join(f"{abs(float(c['height_mm'])):.1f} mm "
+                     f"{'above' if float(c['height_mm']) >= 0 else 'below'} "
+                     f"({100 * float(c['line_probability']):.0f} %)" for c in others)
+    return f"other candidate lines: {text}"
+
+
 class FractureLocaliser:
     """A loaded localiser.
 

@@ -437,7 +437,9 @@ def _info_lines(result: Dict[str, Any], notes: Sequence[str], width: int,
     fracture = _fracture_line(result)
     if fracture:
         add(fracture)
-        others = _other_lines(result)
+        from AnkleFractureLib.fracture.localise import describe_other_lines
+
+        others = describe_other_lines(result.get("fracture"))
         if others:
             add(f"- {others}", "  ")
     if result.get("gradcam_class") and heatmap_shown:
@@ -485,27 +487,6 @@ def _fracture_line(result: Dict[str, Any]) -> Optional[str]:
     level = (result.get("weber_from_height") or {}).get("height_class")
     level = f" (Weber {level} level)" if level else ""
     return f"Fibula fracture: {abs(h):.1f} mm {where} the plafond{level}{prob} (marker X)"
-
-
-#: Candidate lines listed in the report besides the reported one: at most this many, with a
-#: line probability of at least :data:`OTHER_LINE_MIN`.
-OTHER_LINES = 3
-OTHER_LINE_MIN = 0.1
-
-
-def _other_lines(result: Dict[str, Any]) -> Optional[str]:
-    """The candidate lines the answer did not report (line model only), for the reader to
-    check: "other candidate lines: 47.1 mm above (47 %), ...", or None."""
-    frac = result.get("fracture") or {}
-    others = [c for c in frac.get("candidates") or []
-              if not c.get("found") and float(c.get("line_probability", 0.0)) >= OTHER_LINE_MIN]
-    if not others:
-        return None
-    others = sorted(others, key=lambda c: -float(c["line_probability"]))[:OTHER_LINES]
-    text = ", ".join(f"{abs(float(c['height_mm'])):.1f} mm "
-                     f"{'above' if float(c['height_mm']) >= 0 else 'below'} "
-                     f"({_fmt_pct(float(c['line_probability']))})" for c in others)
-    return f"other candidate lines: {text}"
 
 
 def _heatmap_lines(result: Dict[str, Any]) -> List[str]:
