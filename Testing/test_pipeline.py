@@ -208,6 +208,44 @@ def test_registration_and_crop_checks(case, pipe):
     assert "no fibula at the syndesmosis level" in found[0].message
 
 
+def test_crop_checks_speak_once_of_the_scan_ends_and_expect_a_real_fibula(case, pipe):
+    reg = pipe.register(case.ct, case.label)
+    crop = pipe.crop(case.ct, case.label, reg)
+    pz = float(pipe.template.plafond[2])
+    z = C._z_of_voxels(crop.grid) - pz  # the box: 35 mm below to 109 mm above the plafond
+    expected = C.syndesmosis_bone_ml(pipe.template.labels, pz)
+    half = SimpleNamespace(coverage=0.5, channels=crop.channels, grid=crop.grid)
+    # Half the box in view because the scan ends 40 mm above the joint: the joint finding
+    # ("the scan ends 40 mm above ...") says it; a coverage warning would say it twice.
+    assert C._crop_findings(half, pz, expected, ends_mm=(60.0, 40.0)) == []
+    assert C._ends_fraction(z, (60.0, 40.0)) == pytest.approx(75.0 / np.ptp(z), abs=0.02)
+    # The same shortfall with the whole height in view (a box cut at the side) still warns.
+    assert codes(C._crop_findings(half, pz, expected, ends_mm=(200.0, 200.0))) == [
+        ("warning", "fov_coverage")]
+    assert codes(C._crop_findings(half, pz, expected)) == [("warning", "fov_coverage")]
+    # A real fibula is about half as thick as the analytic phantom's: 55 % of the phantom
+    # template's fibula is not "little fibula" (the real-shape template's mean is the floor) ...
+    slim = crop.channels.copy()
+    slim[2] *= 0.55
+    fake = SimpleNamespace(coverage=1.0, channels=slim, grid=crop.grid)
+    assert C.check_field_of_view(case.ct, None, reg, fake, pipe.template) == []
+    assert C.REAL_SYNDESMOSIS_ML[C.FIBULA] < 0.55 * expected[C.FIBULA]
+    # ... but a fibula at a fifth of it still is (0.2 x 11.4 ml = 2.3 ml, 39 % of 5.8 ml).
+    slim[2] = crop.channels[2] * 0.2
+    found = C.check_field_of_view(case.ct, None, reg, fake, pipe.template)
+    assert codes(found) == [("warning", "fov_bone_at_syndesmosis")]
+
+
+def test_real_syndesmosis_volumes_are_the_real_shape_templates():
+    from AnkleFractureLib.registration.template import TEMPLATE_NAME_VH, load_template
+    from AnkleFractureLib.resources import resources_dir
+
+    vh = load_template(resources_dir() / "Templates" / TEMPLATE_NAME_VH)
+    ml = C.syndesmosis_bone_ml(vh.labels, float(vh.plafond[2]))
+    for bone in (C.TIBIA, C.FIBULA):
+        assert ml[bone] == pytest.approx(C.REAL_SYNDESMOSIS_ML[bone], abs=0.1)
+
+
 @pytest.mark.parametrize("values, expected", [
     ((1.0, 0.85, 1.0, 1.0), []),
     ((4.0, 0.85, 1.0, 1.0), [("warning", "registration_rms")]),

@@ -22,6 +22,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+from AnkleFractureLib.evaluation.label_corruptions import corrupt_labels, numpy_axis  # noqa: E402,E501
+from AnkleFractureLib.evaluation.label_corruptions import lps_z as _lps_z  # noqa: E402
 from AnkleFractureLib.geometry.volume import Volume  # noqa: E402
 from AnkleFractureLib.phantom.generator import generate_case  # noqa: E402
 from AnkleFractureLib.pipeline import checks as C  # noqa: E402
@@ -41,45 +43,9 @@ def case(request):
     return generate_case(seed, weber, side, "fast")
 
 
-def _axis(vol: Volume, lps: int) -> int:
-    """The numpy axis closest to LPS axis ``lps`` (0 x, 1 y, 2 z)."""
-    return 2 - int(np.argmax(np.abs(vol.direction[lps])))
-
-
-def _lps_z(vol: Volume) -> np.ndarray:
-    """LPS z (mm) of every voxel, broadcastable to the (z, y, x) array."""
-    m = vol.direction @ np.diag(vol.spacing)
-    nz, ny, nx = vol.shape
-    return (vol.origin[2] + m[2, 0] * np.arange(nx)[None, None, :]
-            + m[2, 1] * np.arange(ny)[None, :, None] + m[2, 2] * np.arange(nz)[:, None, None])
-
-
 def corrupt(case, kind: str) -> Volume:
     """The phantom's label map spoilt in one of the ways a segmentation fails."""
-    ct, lab = case.ct, case.label.array.copy()
-    if kind == "eroded":  # a blob inside each bone
-        out = np.zeros_like(lab)
-        for value, it in ((1, 4), (2, 2)):
-            out[ndimage.binary_erosion(lab == value, iterations=it)] = value
-        lab = out
-    elif kind == "swapped":  # tibia <-> fibula on 3 slices of every 10 along the leg
-        z = _axis(ct, 2)
-        idx = np.arange(lab.shape[z]) % 10 < 3
-        view = np.moveaxis(lab, z, 0)
-        sub = view[idx]
-        view[idx] = np.where(sub == 1, 2, np.where(sub == 2, 1, sub))
-    elif kind == "shifted":  # 5 mm to the patient's left
-        x = _axis(ct, 0)
-        lab = np.roll(lab, int(round(5.0 / ct.spacing[2 - x])), axis=x)
-    elif kind == "foot":  # every bone below the tibia's lowest point labelled fibula
-        z = _lps_z(ct)
-        bottom = float(np.broadcast_to(z, lab.shape)[lab == 1].min())
-        lab[(ct.array > 250) & (z < bottom - 2.0) & (lab == 0)] = 2
-    elif kind == "grown":  # 3 voxels into the soft tissue
-        for value in (1, 2):
-            grown = ndimage.binary_dilation(case.label.array == value, iterations=3)
-            lab[grown & (lab == 0)] = value
-    return case.label.with_array(lab)
+    return corrupt_labels(case.ct, case.label, kind)
 
 
 # ------------------------------------------------------------------------------ phantoms
@@ -118,6 +84,42 @@ def test_swapped_slices_are_counted(case):
     ok = Q.label_free_agreement(case.ct, case.label)
     assert 0.2 * ok["slices"] <= q["swapped_slices"] <= 0.4 * ok["slices"]
     assert 0.2 <= q["poor_slice_fraction"] <= 0.4
+
+
+def test_both_legs_labelled_assess_one_leg(case):
+    # The other leg beside this one (the scan mirrored across the patient's left-right axis
+    # and put next to it), both labelled: without choosing a leg, every slice would show four
+    # sections and the map could not be assessed.
+    x = numpy_axis(case.ct, 0)
+
+    def wide(vol: Volume, arr: np.ndarray) -> Volume:
+        return Volume(np.concatenate([arr, np.flip(arr, x)], axis=x), vol.spacing, vol.origin,
+                      vol.direction)
+
+    ct, lab = wide(case.ct, case.ct.array), wide(case.label, case.label.array)
+    q = Q.label_free_agreement(ct, lab)
+    assert q["level"] == "ok" and q["assessable"] and q["slices"] >= 50, q
+    assert q["dice_tibia_mean"] >= 0.9 and q["dice_fibula_mean"] >= 0.88
+    # ... and a wrong map of the assessed leg is still caught.
+    lab_bad = wide(case.label, corrupt(case, "shifted").array)
+    assert Q.label_free_agreement(ct, lab_bad)["level"] == "low"
+
+
+def test_a_splint_does_not_hide_the_leg(case):
+    # A posterior splint: a 3 mm plate of 900 HU across the whole scan, 8 mm behind the
+    # bones (inside the working box's margin, cut by its sides). It is left out, not taken
+    # for a third bone on every slice.
+    y = numpy_axis(case.ct, 1)
+    lab, arr = case.label.array, case.ct.array.copy()
+    ys = np.flatnonzero(np.moveaxis(lab, y, 0).reshape(lab.shape[y], -1).any(axis=1))
+    sign = 1 if case.ct.direction[1, 2 - y] > 0 else -1  # index direction of LPS +y
+    back = ys.max() if sign > 0 else ys.min()
+    step = int(round(8.0 / case.ct.spacing[2 - y])) * sign
+    rows = [back + step + sign * k for k in range(int(round(3.0 / case.ct.spacing[2 - y])))]
+    view = np.moveaxis(arr, y, 0)
+    view[rows] = 900
+    q = Q.label_free_agreement(case.ct.with_array(arr), case.label)
+    assert q["level"] == "ok" and q["assessable"] and q["slices"] >= 50, q
 
 
 def test_no_leg_in_view_is_not_assessable(case):

@@ -48,6 +48,8 @@ def case_row(case_id: str, truth: Dict[str, Any], result: Dict[str, Any]) -> Dic
             "classifier_probabilities": result.get("classifier_probabilities") or uniform,
             "height_class": weber.get("height_class") or ("none" if not found else None),
             "unsure": bool((result.get("uncertainty") or {}).get("unsure")),
+            "warning_codes": sorted({str(f.get("code")) for f in result.get("findings") or []
+                                     if f.get("level") == "warning"}),
             "found": found, "found_probability": frac.get("probability"),
             "height_mm": h, "height_true_mm": h_true,
             "abs_height_error_mm": None if err is None else round(err, 2),
@@ -70,6 +72,14 @@ def _median(values: List[float]) -> Optional[float]:
     return round(float(np.median(values)), 2) if values else None
 
 
+def _warning_rates(answered: Sequence[Dict[str, Any]]) -> Dict[str, float]:
+    """Share of the answered cases that carry each warning code (rows without the codes, from
+    before they were recorded, count as none)."""
+    codes = sorted({c for r in answered for c in r.get("warning_codes", [])})
+    return {c: round(float(np.mean([c in r.get("warning_codes", []) for r in answered])), 4)
+            for c in codes}
+
+
 def summarise_rows(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """The evaluation summary of :func:`case_row` rows."""
     frac = [r for r in rows if r["true"] != "none"]
@@ -82,6 +92,7 @@ def summarise_rows(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         "classifier_only": _class_report(rows, "classifier_probabilities"),
         "height_only_accuracy": round(float(np.mean(height_acc)), 4) if height_acc else None,
         "unsure_rate": round(float(np.mean([r["unsure"] for r in answered])), 4) if answered else None,
+        "warning_rates": _warning_rates(answered),
         "fracture": {
             "n_fractured": len(frac), "n_none": len(none),
             "found_rate": round(float(np.mean([r["found"] for r in frac])), 4) if frac else None,
