@@ -117,16 +117,18 @@ TOP_MM = 5.0
 MIN_SLICES, MIN_SPAN_MM = 8, 10.0
 #: Length (mm) of the distal part above the lowest two-bone slice (see the module docstring).
 DISTAL_MM = 60.0
-#: Agreement below these mean Dice values (tibia, fibula; whole scan or distal part) is low.
+#: Agreement below these mean Dice values (tibia, fibula; whole scan or distal part; the means
+#: leave out the worst :data:`MAX_POOR_FRACTION` of the slices) is low.
 #: Correct phantom labels score >= 0.95 / 0.90 (the fibula is small, so its thresholded outline
 #: costs more Dice); a label shifted by 5 mm or eroded to a core drops below.
 MIN_DICE_TIBIA, MIN_DICE_FIBULA = 0.85, 0.75
 #: A slice is poor when either bone's Dice is below this; low above this share of poor slices.
 POOR_SLICE_DICE, MAX_POOR_FRACTION = 0.5, 0.15
 #: Low when more than this share of labelled voxels lies on no bone / on another bone. Correct
-#: labels put at most 2.6 % on no bone (48 validation phantoms, both families); grown 3 voxels,
-#: 16-38 %.
-MAX_OFF_BONE, MAX_OTHER_BONE = 0.1, 0.05
+#: labels put at most 2.6 % on no bone on 48 validation phantoms (grown 3 voxels: 16-38 %), but
+#: 12 % on a held-out real-shape scan from the knee to the foot (the thin cortex of the
+#: proximal tibia does not close), so 0.1, fitted on the validation set, was not kept.
+MAX_OFF_BONE, MAX_OTHER_BONE = 0.2, 0.05
 
 
 @dataclass
@@ -152,7 +154,7 @@ def label_free_agreement(ct: Volume, label: Volume) -> Dict[str, Any]:
         ``assessable``, ``problems`` (plain-language reasons for "low"), ``reason`` (why not
         assessable, else ""), ``slices`` (two-bone slices used) and ``span_mm``,
         ``dice_tibia_mean`` / ``_median``, ``dice_fibula_mean`` / ``_median``,
-        ``distal_slices``, ``dice_tibia_distal`` / ``dice_fibula_distal`` (means over the
+        ``distal_slices``, ``dice_tibia_distal`` / ``dice_fibula_distal`` (trimmed means over the
         :data:`DISTAL_MM` above the lowest two-bone slice), ``poor_slice_fraction``,
         ``swapped_slices``, ``label_off_bone``, ``label_on_other_bone`` (shares of the
         labelled voxels), ``bone_hu`` and ``seconds``. Dice values are None when not
@@ -340,16 +342,33 @@ def _dice(pairs: np.ndarray, sections: np.ndarray, tib: np.ndarray, fib: np.ndar
     distal = height <= height.min() + DISTAL_MM
     out.update(
         slices=int(len(k)), span_mm=round(float(np.ptp(height)) + grid.pitch[0], 1),
-        dice_tibia_mean=round(float(d_tib.mean()), 3),
+        dice_tibia_mean=round(_trimmed_mean(d_tib), 3),
         dice_tibia_median=round(float(np.median(d_tib)), 3),
-        dice_fibula_mean=round(float(d_fib.mean()), 3),
+        dice_fibula_mean=round(_trimmed_mean(d_fib), 3),
         dice_fibula_median=round(float(np.median(d_fib)), 3),
         distal_slices=int(distal.sum()),
-        dice_tibia_distal=round(float(d_tib[distal].mean()), 3),
-        dice_fibula_distal=round(float(d_fib[distal].mean()), 3),
+        dice_tibia_distal=round(_trimmed_mean(d_tib[distal]), 3),
+        dice_fibula_distal=round(_trimmed_mean(d_fib[distal]), 3),
         poor_slice_fraction=round(float(np.mean(np.minimum(d_tib, d_fib) < POOR_SLICE_DICE)), 3),
         # The labels fit the other bone better than their own.
         swapped_slices=int(np.sum(tib_in[f] + fib_in[t] > tib_in[t] + fib_in[f])))
+
+
+def _trimmed_mean(values: np.ndarray) -> float:
+    """Mean without the worst :data:`MAX_POOR_FRACTION` of the values.
+
+    The poor-slice rule already tolerates that share of disagreeing slices; the means must
+    too. Where the joint space closes at the scan's resolution, the lowest slices of the run
+    cut the talus beside the lateral malleolus and pass for leg slices (6 of 44 distal slices
+    of a real-shape phantom with 1.4 mm slices: a correct tibia label scored 0.80 distal
+    Dice, 0.96 without them). A map wrong everywhere (shifted, eroded) stays low.
+
+    Example:
+        >>> round(_trimmed_mean(np.array([0.0] + [1.0] * 9)), 3)
+        1.0
+    """
+    v = np.sort(np.asarray(values, float))
+    return float(v[int(np.floor(MAX_POOR_FRACTION * len(v))):].mean())
 
 
 def _leg_slices(pairs: np.ndarray, sections: np.ndarray, grid: _Grid) -> np.ndarray:
