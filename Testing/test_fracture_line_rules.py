@@ -233,3 +233,30 @@ def test_a_line_model_weighs_each_line_by_its_probability_of_being_the_fracture(
     assert sum(o.probabilities.values()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="features"):
         line_probability(tip, {"features": ["bias"], "weights": [1.0]})
+
+
+def test_expert_weights_let_a_located_line_outweigh_a_doubtful_classifier() -> None:
+    from AnkleFractureLib.fracture.weber_height import LINE_FEATURES, combine_lines
+
+    model = {"features": list(LINE_FEATURES), "weights": [-9.85, 1.27, 2.21, 0.82, 0.14]}
+    high = {"voxels": 300, "mass": 265.0, "probability": 0.99, "height_mm": 90.0,
+            "section_ratio": 10.0, "cut_fraction": 1.0}  # a thin-shaft Weber C line, q ~ 0.63
+    said_none = {"none": 0.70, "A": 0.02, "B": 0.03, "C": 0.25}
+    plain = {"select": "scored", "line_model": model, "min_line_probability": 0.5}
+    o, line = combine_lines(said_none, [high], plain)
+    assert (o.prediction, line) == ("none", None)
+    # Weights 1 / 1 are the plain product of experts.
+    same, _ = combine_lines(said_none, [high],
+                            {**plain, "classifier_weight": 1.0, "localiser_weight": 1.0})
+    assert same.probabilities == pytest.approx(o.probabilities)
+    # Trusting the lines more than the classifier, the located line decides.
+    o, line = combine_lines(said_none, [high],
+                            {**plain, "classifier_weight": 0.5, "localiser_weight": 2.0})
+    assert (o.prediction, line) == ("C", high)
+    assert sum(o.probabilities.values()) == pytest.approx(1.0)
+    # ... but not where the classifier is right and no line is convincing.
+    tip = {"voxels": 250, "mass": 230.0, "probability": 0.99, "height_mm": -9.0,
+           "section_ratio": 1.1, "cut_fraction": 0.0}
+    o, line = combine_lines(said_none, [tip],
+                            {**plain, "classifier_weight": 0.5, "localiser_weight": 2.0})
+    assert (o.prediction, line) == ("none", None)

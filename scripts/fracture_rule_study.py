@@ -56,6 +56,12 @@ LINE_TOLERANCE_MM = 10.0
 LINE_L2 = 1.0
 #: A line is reported when its probability of being the fracture reaches this.
 MIN_LINE_PROBABILITY = 0.5
+#: The line model's combination with the classifier searched (grid order: the plain product of
+#: experts and the earlier threshold first): exponents of the classifier's and the lines'
+#: probabilities, and the line probability at which a line is reported.
+EXPERT_GRID = {"classifier_weight": (1.0, 0.75, 0.5),
+               "localiser_weight": (1.0, 1.5, 2.0),
+               "min_line_probability": (MIN_LINE_PROBABILITY, 0.4, 0.3)}
 #: The shipped rule (Resources/Models/fracture/plans.json before this study).
 SHIPPED = {"select": "strongest", "found_threshold": 0.5, "min_voxels": 400, "min_section": 0.0}
 
@@ -139,8 +145,12 @@ def fit(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     best = None
     names = list(GRID)
     rules = [dict(zip(names, values)) for values in itertools.product(*(GRID[k] for k in names))]
-    rules.append({"select": "scored", "line_model": fit_line_model(rows),
-                  "min_line_probability": MIN_LINE_PROBABILITY})
+    line_model = fit_line_model(rows)
+    for a, b, q in itertools.product(*(EXPERT_GRID[k] for k in EXPERT_GRID)):
+        rule = {"select": "scored", "line_model": line_model, "min_line_probability": q}
+        if (a, b) != (1.0, 1.0):  # the plain product keeps the rule as it was
+            rule.update(classifier_weight=a, localiser_weight=b)
+        rules.append(rule)
     for rule in rules:
         s = score(rows, rule)
         if best is None or _key(s) > _key(best[1]):
@@ -167,14 +177,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="folder for study.json")
     parser.add_argument("--data-command", action="append", default=[],
                         help="how a set was made (listed on the page; repeatable)")
+    parser.add_argument("--shipped", default=None, metavar="MODEL_DIR",
+                        help="compare with the rule in MODEL_DIR/plans.json (default: the rule "
+                             "shipped before the first study, select=strongest)")
     parser.add_argument("--write-plans", default=None, metavar="MODEL_DIR",
                         help="write the fitted rule into MODEL_DIR/plans.json (decision) and "
                              "record it in MODEL_DIR/training.json (decision_refit)")
     args = parser.parse_args(argv)
     fit_rows = _rows(args.fit)
     fitted = fit(fit_rows)
+    shipped = SHIPPED
+    if args.shipped:
+        shipped = json.loads(Path(args.shipped, "plans.json").read_text())["decision"]
     result = {"command": "python scripts/fracture_rule_study.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv), "grid": GRID, "shipped_rule": SHIPPED,
+        sys.argv[1:] if argv is None else argv), "grid": GRID, "expert_grid": EXPERT_GRID,
+        "shipped_rule": shipped,
         "fitted_rule": fitted["rule"], "fit_sets": list(args.fit), "sets": {}}
     sets = {"fit (validation)": fit_rows}
     for item in args.score:
@@ -185,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{'f.none':>6} {'|h err|':>7}")
     for name, rows in sets.items():
         result["sets"][name] = {}
-        for label, rule in (("shipped", SHIPPED), ("fitted", fitted["rule"])):
+        for label, rule in (("shipped", shipped), ("fitted", fitted["rule"])):
             s = score(rows, rule)
             result["sets"][name][label] = s
             print(f"{name:<28} {label:<8} {s['accuracy']:6.3f} {s['macro_auroc']:6.3f} "

@@ -251,7 +251,10 @@ def combine_lines(classifier: Dict[str, float], candidates: Sequence[Dict[str, A
       least ``rule["min_line_probability"]`` (default 0.5).
 
     So a false line at the malleolus tip beside a true line higher up leaves both heights in
-    play, and the classifier decides between them.
+    play, and the classifier decides between them. The two opinions are multiplied with the
+    exponents ``rule["classifier_weight"]`` and ``rule["localiser_weight"]`` (default 1 each:
+    a plain product of experts; fitted on validation cases, they say how far each expert's
+    probabilities are to be trusted).
 
     Args:
         classifier: Classifier probabilities {"none", "A", "B", "C"}.
@@ -272,7 +275,10 @@ def combine_lines(classifier: Dict[str, float], candidates: Sequence[Dict[str, A
     """
     measured, lines, weights = _localiser_opinion(candidates, rule, size_factor)
     cls_pred = max(CLASSES, key=lambda k: classifier.get(k, 0.0))
-    prod = {k: max(classifier.get(k, 0.0), FLOOR) * max(measured[k], FLOOR) for k in CLASSES}
+    a = float(rule.get("classifier_weight", 1.0))
+    b = float(rule.get("localiser_weight", 1.0))
+    prod = {k: max(classifier.get(k, 0.0), FLOOR) ** a * max(measured[k], FLOOR) ** b
+            for k in CLASSES}
     total = sum(prod.values())
     probs = {k: v / total for k, v in prod.items()}
     prediction = max(probs, key=probs.get)
