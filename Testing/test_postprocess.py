@@ -231,3 +231,28 @@ def test_a_large_isolated_piece_without_cortex_is_a_cast_and_removed() -> None:
     assert np.count_nonzero(dense[splint]) > 0.9 * dense[splint].size
     with pytest.raises(ValueError, match="ct_hu has shape"):
         clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct[:-1])
+
+
+def test_metal_is_taken_out_of_the_labels() -> None:
+    """Rule 0: a plate on the fibula (3000 HU, 2 voxels thick, labelled fibula as a network
+    does) and a screw through the tibia leave the labels with their 1-voxel rim; the bone
+    beside them keeps its label; without the CT nothing changes."""
+    from AnkleFractureLib.segmentation.postprocess import METAL_HU
+
+    lab = np.zeros((60, 60, 80), np.uint8)
+    lab[5:55, 15:40, 10:35] = 1                # tibia
+    lab[5:55, 20:30, 45:55] = 2                # fibula
+    plate = (slice(15, 45), slice(20, 30), slice(55, 57))
+    lab[plate] = 2                             # the plate, labelled fibula
+    screw = (slice(30, 32), slice(26, 28), slice(10, 35))
+    ct = np.full(lab.shape, 40.0, np.float32)
+    ct[lab > 0] = 1500.0
+    ct[plate] = ct[screw] = METAL_HU + 500.0
+    out, rep = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct)
+    assert not out[plate].any() and not out[screw].any()
+    assert (out[5:55, 20:30, 45:54] == 2).all()   # the fibula but its rim next to the plate
+    assert not out[15:45, 20:30, 54].any()
+    assert np.count_nonzero(out == 1) > 0.95 * np.count_nonzero(lab == 1)
+    assert rep["metal_voxels"] > 0 and any("metal taken out" in n for n in rep["notes"])
+    same, rep0 = clean_labels(lab, (1.0, 1.0, 1.0))
+    assert np.array_equal(same, lab) and "metal_voxels" not in rep0

@@ -627,9 +627,11 @@ def _crop_findings(crop: Any, plafond_z: float, expected: Dict[int, float],
         return out
     sel = (z >= SYNDESMOSIS_Z_MM[0]) & (z <= SYNDESMOSIS_Z_MM[1])
     vox_ml = float(np.prod(crop.grid.spacing)) / 1000.0
+    # Where the scan ends inside the syndesmosis level, only the part in view is expected.
+    in_view = _ends_fraction(z[sel], ends_mm) if np.any(sel) else 1.0
     for value, name in ((TIBIA, "tibia"), (FIBULA, "fibula")):
         ml = float(channels[value][sel].sum()) * vox_ml
-        ratio = ml / max(expected[value], 1e-6)
+        ratio = ml / max(expected[value] * max(in_view, 0.05), 1e-6)
         details = {"bone": name, "ml": ml, "template_ml": expected[value], "ratio": ratio}
         span = f"{SYNDESMOSIS_Z_MM[0]:.0f}-{SYNDESMOSIS_Z_MM[1]:.0f} mm above the ankle joint"
         if ratio < REFUSE_BONE_RATIO:

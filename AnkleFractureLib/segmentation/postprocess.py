@@ -1,6 +1,6 @@
 """Post-processing of predicted tibia/fibula label maps into maps a surgeon would accept.
 
-:func:`clean_labels` applies five rules to a label map (0 background, 1 tibia, 2 fibula):
+:func:`clean_labels` applies these rules to a label map (0 background, 1 tibia, 2 fibula):
 
 1. **No swap.** In any field of view that covers the ankle, the tibia is much larger than the
    fibula. When the largest "tibia" component is smaller than the largest "fibula" component, the
@@ -25,6 +25,12 @@
    axis, is removed: the malleoli are never isolated from their bone, while metatarsals,
    cuneiforms and the calcaneus lie beyond the tibia and apart. (Applied only when the tibia
    is elongated enough to give an axis.)
+0. **No metal.** When the CT is given, voxels of metal (at least ``METAL_HU``, 2500 HU: steel
+   and titanium implants read 2500-3071 HU, cortical bone below 2000) and the voxel next to
+   them (the implant's partial-volume rim) are not bone and leave the labels before the other
+   rules. A plate on the fibula that the network labelled fibula would otherwise stay in the
+   map, and its surface would pull the registration (a real-shape phantom with a lateral plate
+   was refused, its plafond placed 27 mm off). Screws leave their tracks unlabelled.
 5. **No label without bone.** When the CT is given, a large isolated piece kept by rule 3 in
    which fewer than ``MIN_CORTEX_FRACTION`` (5 %) of the voxels reach ``CORTEX_HU`` (1000 HU)
    is removed: every piece of tibia or fibula has a cortex (the shaft's is 1200-2000 HU, and
@@ -207,6 +213,11 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
     box = bounding_box(out)
     if box is None:
         return out, report
+    if ct_hu is not None:  # Rule 0: metal is not bone.
+        _drop_metal(out, box, ct_hu, float(np.prod(sp)), report)
+        box = bounding_box(out)
+        if box is None:
+            return out, report
     work = out[box]  # a view: every change below lands in ``out``
     sp_zyx = sp[::-1].copy()
     voxel_mm3 = float(np.prod(sp))
@@ -444,6 +455,27 @@ def _note_removed(before: List[int], after: List[int], report: Dict[str, Any], w
 
 
 #: Rule 5: a voxel at or above this CT number (HU) is cortical bone.
+METAL_HU = 2500.0
+
+
+def _drop_metal(out: np.ndarray, box: Slices, ct_hu: np.ndarray, voxel_mm3: float,
+                report: Dict[str, Any]) -> None:
+    """Rule 0: unlabel metal voxels (>= :data:`METAL_HU`) and the voxels next to them, in
+    place, and say so in ``report["notes"]`` (nothing when there is no metal)."""
+    metal = np.asarray(ct_hu[box]) >= METAL_HU
+    if not metal.any():
+        return
+    work = out[box]
+    gone = ndi.binary_dilation(metal, structure=_TWENTY_SIX) & (work > 0)
+    n = int(np.count_nonzero(gone))
+    if n:
+        work[gone] = 0
+        report["metal_voxels"] = n
+        report["notes"].append(f"metal taken out of the labels: {n * voxel_mm3 / 1000.0:.2f} ml "
+                               f"at or next to voxels of {METAL_HU:.0f} HU or more (implants "
+                               "are not bone)")
+
+
 CORTEX_HU = 1000.0
 #: Rule 5: a large isolated piece is bone only when at least this fraction of its voxels is
 #: cortical (bone pieces: 0.3-0.55 on phantoms; a cast or splint: at most 0.01).
