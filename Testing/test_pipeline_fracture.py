@@ -107,3 +107,48 @@ def test_a_scan_that_ends_on_the_fracture_warns_instead_of_measuring(displaced_c
     codes = {f.code for f in res.findings}
     assert "fracture_line_at_scan_edge" in codes
     assert "fracture_line_at_scan_edge" in C.UNSURE_CODES
+
+
+def test_a_located_line_settles_the_classifiers_doubt_but_not_a_warning() -> None:
+    from AnkleFractureLib.pipeline import checks as C
+
+    doubt = {"unsure": True, "reasons": ["the most likely class has only 55% probability"],
+             "confidence": 0.55}
+    u = C.settled_by_line(doubt, "A", -7.5)
+    assert u["unsure"] is False and u["reasons"] == []
+    assert u["classifier_reasons"] == doubt["reasons"] and "-7.5 mm" in u["settled_by"]
+    assert doubt["unsure"] is True  # the input is not modified
+    sure = {"unsure": False, "reasons": []}
+    assert C.settled_by_line(sure, "B", 10.0) == sure
+    # A warning still marks the settled answer unsure.
+    res = {"probabilities": {"none": 0.05, "A": 0.9, "B": 0.03, "C": 0.02}, "prediction": "A",
+           "uncertainty": u}
+    g = C.gate_classification([C.Finding("warning", "metal", "metal in the scan")], res)
+    assert g["uncertainty"]["unsure"] and g["uncertainty"]["reasons"] == ["metal in the scan"]
+    assert C.gate_classification([], res)["uncertainty"]["unsure"] is False
+
+
+def test_the_pipeline_result_settles_only_an_answer_its_line_confirms() -> None:
+    from types import SimpleNamespace
+
+    from AnkleFractureLib.fracture.weber_height import WeberOpinion
+    from AnkleFractureLib.pipeline.pipeline import PipelineResult
+
+    doubt = {"unsure": True, "reasons": ["only 58% of the shifted copies agree"]}
+    cls = SimpleNamespace(probabilities={"none": 0.2, "A": 0.58, "B": 0.02, "C": 0.2},
+                          prediction="A", uncertainty=doubt, gradcam_class="A")
+    probs = {"none": 0.03, "A": 0.95, "B": 0.01, "C": 0.01}
+    line = SimpleNamespace(found=True, height_mm=-8.0)
+    res = PipelineResult(input={}, classification=cls, fracture=line,
+                         weber=WeberOpinion(probs, "A", "A", "A", True, []))
+    assert res.gated["uncertainty"]["unsure"] is False
+    assert "settled_by" in res.gated["uncertainty"]
+    # No line located ("none" answered): the classifier's doubt stays.
+    res.fracture = SimpleNamespace(found=False, height_mm=None)
+    res.weber = WeberOpinion({"none": 0.9, "A": 0.05, "B": 0.03, "C": 0.02}, "none", None, "A",
+                             False, ["..."])
+    assert res.gated["uncertainty"]["unsure"] is True
+    # A line at another class's height than the answer settles nothing either.
+    res.fracture = line
+    res.weber = WeberOpinion(probs, "A", "B", "A", False, ["..."])
+    assert res.gated["uncertainty"]["unsure"] is True

@@ -55,7 +55,24 @@ def case_row(case_id: str, truth: Dict[str, Any], result: Dict[str, Any]) -> Dic
             "abs_height_error_mm": None if err is None else round(err, 2),
             "center_distance_mm": None if dist is None else round(dist, 2),
             "size_factor": frac.get("size_factor"),
-            "candidates": list(frac.get("candidates") or [])}
+            "candidates": list(frac.get("candidates") or []),
+            "registration": _registration_row(result.get("registration"),
+                                              truth.get("plafond_lps"))}
+
+
+def _registration_row(reg: Optional[Dict[str, Any]], plafond_true: Optional[Sequence[float]]
+                      ) -> Optional[Dict[str, Any]]:
+    """The fit's RMS, inliers and scale, and how far (mm) it put the template's plafond (at the
+    template's origin, as in both shipped templates) from the true plafond, when known."""
+    if not reg or reg.get("patient_to_template") is None:
+        return None
+    row = {k: reg.get(k) for k in ("rms_mm", "inlier_fraction", "scale")}
+    if plafond_true is not None:
+        m = np.asarray(reg["patient_to_template"], float)
+        mapped = np.linalg.solve(m[:3, :3], -m[:3, 3])
+        row["plafond_error_mm"] = round(float(np.linalg.norm(mapped - np.asarray(
+            plafond_true, float))), 2)
+    return row
 
 
 def _class_report(rows: Sequence[Dict[str, Any]], key: str) -> Dict[str, Any]:
@@ -108,4 +125,5 @@ def truth_of(record: Any) -> Dict[str, Any]:
     """The truth of a dataset case (Weber class, fracture height and centre from the meta)."""
     frac = (record.meta or {}).get("fracture") or {}
     return {"weber": record.weber, "height_mm": frac.get("height_mm"),
-            "center_lps": frac.get("centre_lps")}
+            "center_lps": frac.get("centre_lps"),
+            "plafond_lps": (record.meta or {}).get("plafond_lps")}

@@ -194,9 +194,13 @@ class PipelineResult:
         ran, the classifier's alone otherwise."""
         result = self.classification
         if self.weber is not None and result is not None:
-            result = {"probabilities": self.weber.probabilities,
-                      "prediction": self.weber.prediction, "uncertainty": result.uncertainty,
-                      "gradcam_class": result.gradcam_class}
+            w, f = self.weber, self.fracture
+            confirmed = (f is not None and bool(f.found) and f.height_mm is not None
+                         and w.prediction != "none" and w.height_class == w.prediction)
+            uncertainty = (C.settled_by_line(result.uncertainty, w.prediction, f.height_mm)
+                           if confirmed else result.uncertainty)
+            result = {"probabilities": w.probabilities, "prediction": w.prediction,
+                      "uncertainty": uncertainty, "gradcam_class": result.gradcam_class}
         return C.gate_classification(self.findings, result)
 
     def _fracture_json(self) -> Dict[str, Any]:
