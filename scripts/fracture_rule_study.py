@@ -242,7 +242,8 @@ def page(result: Dict[str, Any]) -> str:
 
 def write_rule(model_dir: Path, fitted: Dict[str, Any], command: str) -> None:
     """The fitted rule into plans.json's ``decision``; training.json keeps the training record
-    and gets ``decision_refit`` (the command, the rule, its validation scores, the old rule)."""
+    and gets ``decision_refit`` (the command, the rule, its validation scores, the trained rule
+    as "previous", and the records of earlier refits as "earlier")."""
     from AnkleFractureLib.io import atomic_write_json
 
     plans = json.loads((model_dir / "plans.json").read_text())
@@ -253,8 +254,14 @@ def write_rule(model_dir: Path, fitted: Dict[str, Any], command: str) -> None:
     # the earlier keys stay: "threshold" makes the lines, and "min_voxels" is also the size
     # at which a line cut off by the scan's edge is a warning (checks.fracture_line_findings)
     plans["decision"] = {**previous, **fitted["rule"]}
+    if "decision_refit" in training:  # the earlier refits stay on record, oldest first
+        earlier = {k: v for k, v in training["decision_refit"].items() if k != "earlier"}
+        history = list(training["decision_refit"].get("earlier", [])) + [earlier]
+    else:
+        history = []
     training["decision_refit"] = {"command": command, "rule": fitted["rule"],
-                                  "validation": fitted["fit_scores"], "previous": previous}
+                                  "validation": fitted["fit_scores"], "previous": previous,
+                                  "earlier": history}
     atomic_write_json(model_dir / "training.json", training)
     atomic_write_json(model_dir / "plans.json", plans)
     print(f"written the rule into {model_dir / 'plans.json'}")
