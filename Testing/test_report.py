@@ -335,3 +335,18 @@ def test_candidate_lines_the_answer_did_not_report_are_listed_for_the_reader() -
     text = _texts(R.report_figure(ct, label, heat, _result(fracture={**frac,
                                                                      "candidates": plain})))
     assert "other candidate lines" not in text
+
+
+def test_report_text_says_when_the_located_line_settled_the_classifiers_doubt():
+    from AnkleFractureLib.pipeline.report import _info_lines
+
+    result = {"refused": False, "prediction": "A",
+              "probabilities": {"none": 0.03, "A": 0.95, "B": 0.01, "C": 0.01},
+              "uncertainty": {"unsure": False, "confidence": 0.58, "reasons": [],
+                              "settled_by": "the classifier alone was unsure, but the line "
+                                            "located -8.0 mm from the plafond lies at the "
+                                            "Weber A level"},
+              "warnings": [], "findings": []}
+    text = "\n".join(_info_lines(result, [], 200, heatmap_shown=False))
+    assert "Uncertainty: confident (classifier 58" in text
+    assert "the line located -8.0 mm from the plafond" in text

@@ -379,3 +379,15 @@ def test_run_all_in_process_shows_the_located_line(logic, scene):
     assert out.nodes.fractureMarker.GetNthControlPointLabel(0) == \
         N.fractureMarkerLabel(fracture["height_mm"])
     assert describeResult(out.result)["fracture"].startswith("Fibula fracture: ")
+
+
+def test_panel_says_when_the_located_line_settled_the_classifiers_doubt():
+    base = {"refused": False, "prediction": "A",
+            "probabilities": {"none": 0.03, "A": 0.95, "B": 0.01, "C": 0.01}, "warnings": []}
+    settled = {"unsure": False, "reasons": [], "classifier_reasons": ["only 58 %"],
+               "settled_by": "the classifier alone was unsure, but the fibular fracture line "
+                             "located -8.0 mm from the plafond lies at the Weber A level"}
+    text = describeResult({**base, "uncertainty": settled})["uncertainty"]
+    assert text.startswith("confident: the classifier alone was unsure") and "-8.0 mm" in text
+    plain = describeResult({**base, "uncertainty": {"unsure": False, "entropy": 0.2}})
+    assert plain["uncertainty"] == "confident (entropy 0.20)"

@@ -202,6 +202,8 @@ def _describeClass(result: Dict[str, Any]) -> Dict[str, str]:
     if unc.get("unsure"):
         reasons = unc.get("reasons") or ["the uncertainty is high"]
         uncertainty = "UNSURE, review the CT: " + "; ".join(reasons)
+    elif unc.get("settled_by"):  # the classifier's doubt, settled by the located line
+        uncertainty = f"confident: {unc['settled_by']}"
     else:
         entropy = unc.get("entropy")
         uncertainty = "confident" + (f" (entropy {entropy:.2f})" if entropy is not None else "")

@@ -78,6 +78,8 @@ def summary_lines(data: Dict[str, Any], out: Path) -> List[str]:
             reasons = unc.get("reasons") or ["the uncertainty is high"]
             lines.append("UNSURE - review the CT:")
             lines.extend(f"  - {r}" for r in reasons)
+        elif unc.get("settled_by"):
+            lines.append(f"note: {unc['settled_by']}")
     reg = data.get("registration")
     if reg:
         lines.append(f"registration: RMS {reg['rms_mm']:.2f} mm, inliers "

@@ -427,9 +427,11 @@ def _info_lines(result: Dict[str, Any], notes: Sequence[str], width: int,
     if result.get("probabilities") and not result.get("refused"):
         conf = unc.get("confidence")
         text = "Uncertainty: " + ("UNSURE" if unc.get("unsure") else "confident")
-        if conf is not None:
-            text += f" (confidence {_fmt_pct(float(conf))})"
+        if conf is not None:  # the classifier's own (test-time augmentation) confidence
+            text += f" (classifier {_fmt_pct(float(conf))})"
         add(text)
+        if unc.get("settled_by") and not unc.get("unsure"):
+            add(f"- {unc['settled_by']}", "  ")
         shown = set(result.get("warnings") or [])  # listed below: not twice
         for r in unc.get("reasons") or []:
             if r not in shown:
