@@ -198,17 +198,10 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
         ValueError: For a non-3D or non-integer array, values other than 0/1/2, a bad spacing,
             or ``probabilities`` that do not match the labels.
     """
-    labels, sp, probabilities = _checked_inputs(labels, spacing_xyz, probabilities)
+    labels, sp, probabilities = _checked_inputs(labels, spacing_xyz, probabilities, ct_hu)
     report = _empty_report()
     if labels.size == 0:
         return labels.astype(np.uint8), report
-    # min/max instead of np.unique: two linear passes, not a sort of 90 M voxels.
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi > 2:
-        raise ValueError(f"labels must hold only 0 (background), 1 (tibia) and 2 (fibula), "
-                         f"got values from {lo} to {hi}")
-    if ct_hu is not None and np.shape(ct_hu) != labels.shape:
-        raise ValueError(f"ct_hu has shape {np.shape(ct_hu)}, the labels {labels.shape}")
     out = labels.astype(np.uint8, copy=True)
     box = bounding_box(out)
     if box is None:
@@ -261,7 +254,7 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
 
 
 def _checked_inputs(labels: np.ndarray, spacing_xyz: Sequence[float],
-                    probabilities: Optional[np.ndarray]
+                    probabilities: Optional[np.ndarray], ct_hu: Optional[np.ndarray] = None
                     ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """(labels, spacing (x, y, z) mm as a float array, probabilities) as arrays, checked.
 
@@ -273,6 +266,14 @@ def _checked_inputs(labels: np.ndarray, spacing_xyz: Sequence[float],
         raise ValueError(f"labels must be a 3D (z, y, x) array, got shape {labels.shape}")
     if labels.dtype.kind not in "iub":
         raise ValueError(f"labels must have an integer dtype, got {labels.dtype}")
+    if labels.size:
+        # min/max instead of np.unique: two linear passes, not a sort of 90 M voxels.
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi > 2:
+            raise ValueError(f"labels must hold only 0 (background), 1 (tibia) and 2 (fibula), "
+                             f"got values from {lo} to {hi}")
+    if ct_hu is not None and np.shape(ct_hu) != labels.shape:
+        raise ValueError(f"ct_hu has shape {np.shape(ct_hu)}, the labels {labels.shape}")
     sp = np.asarray(spacing_xyz, dtype=float).reshape(-1)
     if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
         raise ValueError(f"spacing must be 3 positive values (x, y, z) in mm, got {spacing_xyz}")
