@@ -265,3 +265,28 @@ def test_classifier_crops_of_a_both_legs_scan_show_one_leg_whichever_side_policy
     for crop in (detected, given):  # the fibula channel: that of the one-leg scan
         inter = float(np.minimum(crop[2], one[2]).sum())
         assert 2 * inter / float(crop[2].sum() + one[2].sum()) > 0.9
+
+
+def test_the_localiser_reads_a_crop_taller_at_its_top_when_its_plans_ask() -> None:
+    """plans.json ``inference.extend_top_mm``: the same box grid (spacing, axes, bottom),
+    24 mm (16 slices) taller; the lower slices are the classifier's crop voxel for voxel, the
+    added ones continue the fibular shaft."""
+    from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis
+    from AnkleFractureLib.fracture.localise import FractureLocaliser
+    from AnkleFractureLib.phantom import generate_case
+    from AnkleFractureLib.registration import load_template, register_to_template
+
+    case = generate_case(7, "C", "right", spacing="fast")
+    template = load_template()
+    reg = register_to_template(case.label, template, side="right", ct=case.ct)
+    crop = crop_syndesmosis(case.ct, case.label, reg.patient_to_template, template)
+    plain = FractureLocaliser(None, {"decision": {}}, "cpu")
+    assert plain.extend_top_mm == 0.0
+    assert plain.crop_for(case.ct, case.label, reg.patient_to_template, template, crop) is crop
+    tall = FractureLocaliser(None, {"decision": {}, "inference": {"extend_top_mm": 24.0}}, "cpu")
+    ext = tall.crop_for(case.ct, case.label, reg.patient_to_template, template, crop)
+    nz = crop.channels.shape[1]
+    assert ext.channels.shape == (3, nz + 16) + crop.channels.shape[2:]
+    assert np.allclose(ext.grid.origin, crop.grid.origin) and ext.grid.spacing == crop.grid.spacing
+    assert np.allclose(ext.channels[:, :nz], crop.channels, atol=1e-5)
+    assert ext.channels[2, nz:].sum() > 0.5 * ext.channels[2, nz - 16:nz].sum()  # more fibula

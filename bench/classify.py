@@ -76,14 +76,15 @@ def main() -> None:
     def to_ct():
         crop_to_ct(state["cam"].gradcam, state["crop"], case.ct)
 
-    def localise():
-        state["fracture"] = loc.locate(state["crop"], template.plafond)
+    def localise():  # its own, taller crop when its plans ask (FractureLocaliser.crop_for)
+        own = loc.crop_for(case.ct, case.label, reg.patient_to_template, template, state["crop"])
+        state["fracture"] = loc.locate(own, template.plafond)
 
     def whole():
         crop()
         res = clf.classify(state["crop"], tta=args.tta, gradcam=True)
         crop_to_ct(res.gradcam, state["crop"], case.ct)
-        loc.locate(state["crop"], template.plafond)
+        localise()
 
     crop()
     classify()

@@ -408,6 +408,47 @@ class FractureLocaliser:
         network, plans = load_localiser(folder, dev)
         return cls(network, plans, dev, folder)
 
+    @property
+    def extend_top_mm(self) -> float:
+        """How far (template mm) above the classifier's box this localiser reads
+        (plans.json ``inference.extend_top_mm``; 0 for earlier plans)."""
+        return float((self.plans.get("inference") or {}).get("extend_top_mm", 0.0))
+
+    def crop_for(self, ct: Any, label: Any, patient_to_template: np.ndarray, template: Any,
+                 crop: Any = None) -> Any:
+        """The crop this localiser reads: the template's syndesmosis box, made
+        :attr:`extend_top_mm` taller at its top (same grid spacing and axes).
+
+        Weber C lines reach 100 mm above the plafond, which in a small patient (the
+        registration scales a leg by up to 1.3) lies at 130 template mm, above the top of the
+        classifier's box (109 mm): there a line cannot be found in the classifier's crop. The
+        network is convolutional, so it reads the taller crop as it read the box it was
+        trained on (a validation case whose Weber C line lay at 120 template mm: not found in
+        the box; found, 5 mm from the truth, in the taller crop).
+
+        Args:
+            ct: The CT (HU).
+            label: The analysed leg's label map on the CT's grid.
+            patient_to_template: 4x4 patient LPS mm -> template mm.
+            template: The template (its ``box``).
+            crop: The classifier's crop, returned as it is when no extension is asked for.
+
+        Returns:
+            A :class:`~AnkleFractureLib.crop.syndesmosis.SyndesmosisCrop`.
+        """
+        import dataclasses
+
+        from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis
+
+        top = self.extend_top_mm
+        if top <= 0.0 and crop is not None:
+            return crop
+        box = template.box
+        taller = dataclasses.replace(box, centre=box.centre + box.axes[:, 2] * top / 2.0,
+                                     size_mm=box.size_mm + np.array([0.0, 0.0, top]))
+        return crop_syndesmosis(ct, label, patient_to_template,
+                                dataclasses.replace(template, box=taller))
+
     def heatmap(self, channels: np.ndarray) -> Tuple[np.ndarray, Window]:
         """Line probability on the crop grid.
 

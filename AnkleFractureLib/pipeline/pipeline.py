@@ -499,7 +499,8 @@ class Pipeline:
         result.timings["gradcam"] = result.timings.get("gradcam", 0.0) + time.perf_counter() - t
         return ClassificationOutput(result, heat, crop)
 
-    def localise(self, ct: Volume, crop: Any, classifier: Optional[Dict[str, float]] = None
+    def localise(self, ct: Volume, crop: Any, classifier: Optional[Dict[str, float]] = None,
+                 label: Optional[Volume] = None, registration: Any = None
                  ) -> LocalisationOutput:
         """Locate and measure the fibular fracture line on a crop.
 
@@ -508,12 +509,18 @@ class Pipeline:
             crop: The syndesmosis crop of :meth:`crop`.
             classifier: The classifier's probabilities, which choose between candidate lines
                 when the localiser's rule lets them (see ``FractureLocaliser.locate``).
+            label, registration: The leg's label map and its registration; with them the
+                localiser reads its own, taller crop when its plans ask for one
+                (``FractureLocaliser.crop_for``), else ``crop``.
 
         Returns:
             A :class:`LocalisationOutput` (finding + the line on the CT's lattice, crop box).
         """
         from AnkleFractureLib.crop.syndesmosis import crop_to_ct_box
 
+        if label is not None and registration is not None:
+            crop = self.localiser.crop_for(ct, label, registration.patient_to_template,
+                                           self.template, crop)
         finding = self.localiser.locate(crop, self.template.plafond, classifier)
         line = None
         if finding.found:
@@ -566,7 +573,7 @@ class Pipeline:
             return run.finish("crop")
         self._run_classify(run, ct, leg_label, registration, crop)
         if self.options.localise:
-            self._run_localise(run, ct, crop)
+            self._run_localise(run, ct, crop, leg_label, registration)
         return run.finish()
 
     def _run_segment(self, run: "_Run", ct: Volume, label: Optional[Volume]
@@ -677,7 +684,8 @@ class Pipeline:
         run.res.gradcam = out.gradcam
         run.stages.check("after the classification")
 
-    def _run_localise(self, run: "_Run", ct: Volume, crop: Any) -> None:
+    def _run_localise(self, run: "_Run", ct: Volume, crop: Any, leg_label: Volume,
+                      registration: Any) -> None:
         """Locate the fibular fracture; combine the class its height gives with the
         classifier's (a disagreement is an unsure-making warning with the reason)."""
         res = run.res
@@ -688,7 +696,8 @@ class Pipeline:
             with run.timed("load_models"):
                 _ = self.localiser
         with run.timed("localise"):
-            out = self.localise(ct, crop, res.classification.probabilities)
+            out = self.localise(ct, crop, res.classification.probabilities, leg_label,
+                                registration)
         run.used["fracture"] = True
         f = out.finding
         res.fracture, res.fracture_line = f, out.line
