@@ -290,3 +290,7 @@ def test_the_localiser_reads_a_crop_taller_at_its_top_when_its_plans_ask() -> No
     assert np.allclose(ext.grid.origin, crop.grid.origin) and ext.grid.spacing == crop.grid.spacing
     assert np.allclose(ext.channels[:, :nz], crop.channels, atol=1e-5)
     assert ext.channels[2, nz:].sum() > 0.5 * ext.channels[2, nz - 16:nz].sum()  # more fibula
+    # The window is centred on the fibula of the classifier's box, as without the extension.
+    assert ext.meta["box_slices"] == nz
+    from AnkleFractureLib.fracture.window import fibula_window
+    assert fibula_window(ext.channels[2][:nz]) == fibula_window(crop.channels[2])

@@ -446,14 +446,21 @@ class FractureLocaliser:
         box = template.box
         taller = dataclasses.replace(box, centre=box.centre + box.axes[:, 2] * top / 2.0,
                                      size_mm=box.size_mm + np.array([0.0, 0.0, top]))
-        return crop_syndesmosis(ct, label, patient_to_template,
-                                dataclasses.replace(template, box=taller))
+        out = crop_syndesmosis(ct, label, patient_to_template,
+                               dataclasses.replace(template, box=taller))
+        # The window stays centred as on the classifier's box (see heatmap).
+        out.meta["box_slices"] = int(box.shape[0])
+        return out
 
-    def heatmap(self, channels: np.ndarray) -> Tuple[np.ndarray, Window]:
+    def heatmap(self, channels: np.ndarray, centre_slices: Optional[int] = None
+                ) -> Tuple[np.ndarray, Window]:
         """Line probability on the crop grid.
 
         Args:
             channels: Crop channels (3, z, y, x): CT [0, 1], tibia, fibula.
+            centre_slices: Centre the window on the fibula of the lowest this many slices
+                (the classifier's box within a taller crop: the window, and so every line
+                the network marks there, is then the same as on that box); None: all.
 
         Returns:
             (float32 (z, y, x) probability on the crop grid (0 outside the window), window).
@@ -463,7 +470,7 @@ class FractureLocaliser:
         if channels.ndim != 4 or channels.shape[0] != 3:
             raise InputError(None, f"the localiser needs (3, z, y, x) crop channels, got "
                                    f"{tuple(channels.shape)}")
-        win = fibula_window(channels[2], self.window_yx)
+        win = fibula_window(channels[2][:centre_slices], self.window_yx)
         x = torch.from_numpy(win.extract(np.asarray(channels, np.float32))[None]).to(self.device)
         with torch.no_grad():
             prob = torch.sigmoid(self.network(x))[0, 0].float().cpu().numpy()
@@ -525,7 +532,8 @@ class FractureLocaliser:
 
     def _masked_heatmap(self, crop: Any) -> Tuple[np.ndarray, Dict[str, int]]:
         """The line probability with the scan's edge and metal left out, and what was."""
-        prob, _ = self.heatmap(crop.channels)
+        box_slices = (getattr(crop, "meta", None) or {}).get("box_slices")
+        prob, _ = self.heatmap(crop.channels, box_slices)
         zones = ignored_zones(getattr(crop, "in_scan", None), getattr(crop, "metal", None),
                               float(np.min(crop.grid.spacing)))
         thr = self.decision["threshold"]
