@@ -45,7 +45,7 @@ RULE5 = ("Rows marked `v3-rule5` add post-processing rule 5: with the CT given (
 
 RULE0 = ("Rows marked `v3-rule0` add post-processing rule 0: with the CT given, metal (2500 HU "
          "and more) and the voxel next to it leave the labels (a plate on the fibula that the "
-         "network labelled fibula pulled a real-shape validation scan's registration). On the "
+         "network labelled fibula stayed in a real-shape validation scan's map). On the "
          "real-shape held-out set it raises the fibula's Dice and lowers its HD95 (the scans "
          "with plates and screws); the analytic phantom renders no metal and its cortex stays "
          "below 2500 HU, so that family is unchanged by construction (not measured again).")

@@ -421,10 +421,12 @@ class FractureLocaliser:
 
         Weber C lines reach 100 mm above the plafond, which in a small patient (the
         registration scales a leg by up to 1.3) lies at 130 template mm, above the top of the
-        classifier's box (109 mm): there a line cannot be found in the classifier's crop. The
-        network is convolutional, so it reads the taller crop as it read the box it was
-        trained on (a validation case whose Weber C line lay at 120 template mm: not found in
-        the box; found, 5 mm from the truth, in the taller crop).
+        classifier's box (109 mm): there a line cannot be found in the classifier's crop (a
+        validation case whose Weber C line lay at 120 template mm: not found in the box;
+        found, 5 mm from the truth, in the taller crop). Off in the shipped plans: the
+        network's instance normalisation makes every output depend on the whole input, so the
+        taller crop also changes lines far below its new part, and on the validation sets the
+        accuracy stayed the same (docs/fracture/experiments/line_rule_v3).
 
         Args:
             ct: The CT (HU).
@@ -459,8 +461,8 @@ class FractureLocaliser:
         Args:
             channels: Crop channels (3, z, y, x): CT [0, 1], tibia, fibula.
             centre_slices: Centre the window on the fibula of the lowest this many slices
-                (the classifier's box within a taller crop: the window, and so every line
-                the network marks there, is then the same as on that box); None: all.
+                (the classifier's box within a taller crop: the window then lies where it
+                lies on that box); None: all.
 
         Returns:
             (float32 (z, y, x) probability on the crop grid (0 outside the window), window).
