@@ -152,3 +152,23 @@ def test_the_pipeline_result_settles_only_an_answer_its_line_confirms() -> None:
     res.fracture = line
     res.weber = WeberOpinion(probs, "A", "B", "A", False, ["..."])
     assert res.gated["uncertainty"]["unsure"] is True
+
+
+def test_a_located_a_or_b_line_settles_the_short_scan_warning_only() -> None:
+    from AnkleFractureLib.pipeline import checks as C
+
+    short = C.Finding("warning", "fov_short_above", "the scan ends 44 mm above the ankle joint")
+    metal = C.Finding("warning", "metal", "metal in the scan")
+    sure = {"unsure": False, "reasons": []}
+
+    def gate(pred, confirms, findings):
+        res = {"probabilities": {"none": 0.05, "A": 0.05, "B": 0.85, "C": 0.05},
+               "prediction": pred, "uncertainty": sure, "line_confirms": confirms}
+        return C.gate_classification(findings, res)["uncertainty"]
+
+    assert gate("B", True, [short])["unsure"] is False          # the line says where it breaks
+    assert gate("B", False, [short])["unsure"] is True          # no line located there
+    assert gate("C", True, [short])["unsure"] is True           # a C line may go on higher up
+    assert gate("none", False, [short])["unsure"] is True       # a high C may be out of view
+    u = gate("A", True, [short, metal])                          # other warnings still count
+    assert u["unsure"] is True and u["reasons"] == ["metal in the scan"]

@@ -832,6 +832,15 @@ def fracture_line_findings(ignored: Dict[str, int], min_voxels: int, spacing_mm:
     return out
 
 
+#: Warnings that a located Weber A or B line at the answer's level settles (they stay listed,
+#: but do not mark the answer unsure): "the scan ends N mm above the joint, a high Weber C
+#: fracture may be outside the field of view" asks whether the fibula breaks higher up; a line
+#: located at the A or B level answers where it breaks. (On the validation sets, 4 answers,
+#: all right, carried this warning alone with such a line; "no fracture" and Weber C answers
+#: stay unsure.)
+SETTLED_BY_A_LOW_LINE = frozenset({"fov_short_above"})
+
+
 def settled_by_line(uncertainty: Optional[Dict[str, Any]], prediction: str,
                     height_mm: float) -> Dict[str, Any]:
     """The classifier's uncertainty when a located fracture line confirms the combined answer.
@@ -877,7 +886,9 @@ def gate_classification(findings: Sequence[Finding], result: Any) -> Dict[str, A
     Args:
         findings: All findings of the run.
         result: A :class:`~AnkleFractureLib.classification.inference.ClassificationResult`, a
-            dict with "probabilities", "prediction", "uncertainty" (and "gradcam_class"), or None
+            dict with "probabilities", "prediction", "uncertainty" (and "gradcam_class", and
+            "line_confirms": a fracture line was located at the answer's level, which settles
+            the warnings in :data:`SETTLED_BY_A_LOW_LINE` for a Weber A or B answer), or None
             when the classifier did not run.
 
     Returns:
@@ -909,7 +920,10 @@ def gate_classification(findings: Sequence[Finding], result: Any) -> Dict[str, A
     p = p / p.sum()  # exact: the float32 softmax sums to 1 only to ~1e-7
     uncertainty = dict(result.get("uncertainty") or {})
     reasons = [str(r) for r in uncertainty.get("reasons", [])]
-    flagged = [f.message for f in findings if f.level == WARNING and f.code in UNSURE_CODES]
+    settled = (SETTLED_BY_A_LOW_LINE if result.get("line_confirms")
+               and result.get("prediction") in ("A", "B") else frozenset())
+    flagged = [f.message for f in findings if f.level == WARNING and f.code in UNSURE_CODES
+               and f.code not in settled]
     uncertainty["unsure"] = bool(uncertainty.get("unsure", False)) or bool(flagged)
     uncertainty["reasons"] = reasons + flagged
     return {"probabilities": {c: float(v) for c, v in zip(names, p)},

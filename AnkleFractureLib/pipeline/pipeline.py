@@ -200,7 +200,8 @@ class PipelineResult:
             uncertainty = (C.settled_by_line(result.uncertainty, w.prediction, f.height_mm)
                            if confirmed else result.uncertainty)
             result = {"probabilities": w.probabilities, "prediction": w.prediction,
-                      "uncertainty": uncertainty, "gradcam_class": result.gradcam_class}
+                      "uncertainty": uncertainty, "gradcam_class": result.gradcam_class,
+                      "line_confirms": confirmed}
         return C.gate_classification(self.findings, result)
 
     def _fracture_json(self) -> Dict[str, Any]:
