@@ -75,15 +75,15 @@ import numpy as np
 from scipy import ndimage
 
 from AnkleFractureLib.geometry.volume import Volume
+# Metal (HU at or above this) is not bone: the segmentation's post-processing takes it out of
+# the labels (rule 0), so the check leaves it out of the bone too, with one threshold.
+from AnkleFractureLib.segmentation.postprocess import METAL_HU
 
 TIBIA, FIBULA = 1, 2
 
 #: HU above which a voxel is bone (cortical bone is 1000-2000 HU, soft tissue below 100 HU;
 #: marrow and thin trabecular bone are counted through the per-slice hole filling instead).
 BONE_HU = 250.0
-#: HU from which a voxel is metal, not bone (implants read 2500-3071 HU; the segmentation's
-#: post-processing takes metal out of the labels, so the check leaves it out of the bone).
-METAL_HU = 2500.0
 #: Largest in-plane / between-slice spacing (mm) of the working grid (strides of the CT's grid).
 #: 0.8 mm keeps a 1 mm cortex closed; 1.5 mm keeps a 3 mm joint space open.
 PITCH_MM, AXIAL_PITCH_MM = 0.8, 1.5
