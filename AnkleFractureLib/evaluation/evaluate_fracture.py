@@ -9,7 +9,9 @@ centre. A refused case counts as wrong (its probabilities are taken as uniform) 
 
 Metrics: accuracy, per-class AUROC, ECE and the confusion matrix of the combined answer, of
 the classifier alone and of the measured height alone; fracture found rate on fractured cases,
-"found" on intact cases, median |height error| (mm) and median centre distance (mm).
+"found" on intact cases, median |height error| (mm) and median centre distance (mm); where
+the truth knows the plafond, how far the registration put the template's plafond from it (in
+3-D and along the template's superior axis).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def case_row(case_id: str, truth: Dict[str, Any], result: Dict[str, Any]) -> Dic
 
     Args:
         case_id: Case id.
-        truth: {"weber", "height_mm" (None for none), "center_lps" (None for none)}.
+        truth: {"weber", "height_mm" (None for none), "center_lps" (None for none),
+            "plafond_lps" (optional, (3,) LPS mm)}.
         result: The pipeline's ``result.json`` content.
 
     Returns:
@@ -63,7 +66,8 @@ def case_row(case_id: str, truth: Dict[str, Any], result: Dict[str, Any]) -> Dic
 def _registration_row(reg: Optional[Dict[str, Any]], plafond_true: Optional[Sequence[float]]
                       ) -> Optional[Dict[str, Any]]:
     """The fit's RMS, inliers and scale, and how far (mm) it put the template's plafond (at the
-    template's origin, as in both shipped templates) from the true plafond, when known."""
+    template's origin, as in both shipped templates) from the true plafond, when known, with
+    the true plafond's position in the template frame (its offset from the template's)."""
     if not reg or reg.get("patient_to_template") is None:
         return None
     row = {k: reg.get(k) for k in ("rms_mm", "inlier_fraction", "scale")}
@@ -72,6 +76,10 @@ def _registration_row(reg: Optional[Dict[str, Any]], plafond_true: Optional[Sequ
         mapped = np.linalg.solve(m[:3, :3], -m[:3, 3])
         row["plafond_error_mm"] = round(float(np.linalg.norm(mapped - np.asarray(
             plafond_true, float))), 2)
+        # Where the true plafond lands in the template (template mm: x medial, y posterior,
+        # z superior; a left ankle mirrored): which way the fit is off, not only how far.
+        in_template = m[:3, :3] @ np.asarray(plafond_true, float) + m[:3, 3]
+        row["plafond_offset_template_mm"] = [round(float(v), 2) for v in in_template]
     return row
 
 
@@ -97,6 +105,23 @@ def _warning_rates(answered: Sequence[Dict[str, Any]]) -> Dict[str, float]:
             for c in codes}
 
 
+def _registration_summary(answered: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """How far the fits put the template's plafond from the true one (mm): in 3-D, and along
+    the template's z (superior) axis alone, which is what the Weber height depends on; None
+    when no row knows the true plafond."""
+    regs = [r.get("registration") or {} for r in answered]
+    err = [g["plafond_error_mm"] for g in regs if g.get("plafond_error_mm") is not None]
+    if not err:
+        return None
+    along = [abs(g["plafond_offset_template_mm"][2]) for g in regs
+             if g.get("plafond_offset_template_mm")]
+    return {"n": len(err), "median_plafond_error_mm": _median(err),
+            "max_plafond_error_mm": round(float(np.max(err)), 2),
+            "plafond_within_2mm": round(float(np.mean(np.asarray(err) <= 2.0)), 4),
+            "median_plafond_height_error_mm": _median(along),
+            "max_plafond_height_error_mm": round(float(np.max(along)), 2) if along else None}
+
+
 def summarise_rows(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """The evaluation summary of :func:`case_row` rows."""
     frac = [r for r in rows if r["true"] != "none"]
@@ -110,6 +135,7 @@ def summarise_rows(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         "height_only_accuracy": round(float(np.mean(height_acc)), 4) if height_acc else None,
         "unsure_rate": round(float(np.mean([r["unsure"] for r in answered])), 4) if answered else None,
         "warning_rates": _warning_rates(answered),
+        "registration": _registration_summary(answered),
         "fracture": {
             "n_fractured": len(frac), "n_none": len(none),
             "found_rate": round(float(np.mean([r["found"] for r in frac])), 4) if frac else None,
