@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -294,3 +296,42 @@ def test_the_localiser_reads_a_crop_taller_at_its_top_when_its_plans_ask() -> No
     assert ext.meta["box_slices"] == nz
     from AnkleFractureLib.fracture.window import fibula_window
     assert fibula_window(ext.channels[2][:nz]) == fibula_window(crop.channels[2])
+
+
+def test_localiser_training_chooses_its_checkpoint_on_a_validation_set_of_its_own(
+        tmp_path, monkeypatch) -> None:
+    """With validation crops of their own (train-fracture --val-dataset), every training case
+    trains, the checkpoint is chosen on the given cases only, and a case in both is refused."""
+    import json
+
+    from AnkleFractureLib.training import fracture_train as ft
+
+    train, val = _line_samples(6), _line_samples(9)[6:]
+    for s in val:
+        s.info["id"] = "val_" + s.info["id"]
+    monkeypatch.setattr(ft, "load_samples",
+                        lambda paths: val if paths and str(paths[0]) == "val" else train)
+    cfg = ft.FractureTrainConfig(steps=4, batch_size=2, eval_every=2, val_fraction=0.5,
+                                 seed=5, threads=1, device="cpu", features=(4, 4, 8, 8, 8, 4))
+    report = ft.train_localiser([Path("train")], tmp_path, cfg, command="test",
+                                val_paths=[Path("val")])
+    assert report["train_cases"] == sorted(s.info["id"] for s in train)
+    assert report["val_cases"] == sorted(s.info["id"] for s in val)
+    log = (tmp_path / "training_log.csv").read_text().splitlines()
+    assert "val_found_rate" in log[0] and json.loads(
+        (tmp_path / "training.json").read_text())["best_step"] in (2, 4)
+    for s in val:
+        s.info["id"] = s.info["id"].removeprefix("val_")
+    val[0].info["id"] = train[0].info["id"]
+    with pytest.raises(ValueError, match="both the training and the validation"):
+        ft.train_localiser([Path("train")], tmp_path / "b", cfg, val_paths=[Path("val")])
+
+
+def test_train_fracture_refuses_a_dataset_that_both_trains_and_validates(tmp_path, capsys) -> None:
+    from AnkleFractureLib.cli.main import main
+
+    (tmp_path / "d").mkdir()
+    with pytest.raises(SystemExit, match="both a training and a validation dataset"):
+        main(["train-fracture", str(tmp_path / "d"), "--val-dataset", str(tmp_path / "d" / "."),
+              "--out", str(tmp_path / "m"), "--cache-dir", str(tmp_path / "c")])
+    assert not (tmp_path / "c").exists()

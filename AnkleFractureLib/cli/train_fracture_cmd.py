@@ -24,7 +24,9 @@ examples:
   ankle-fracture phantom --out data/frac --n 128 --seed 401 --family mixed --fractures varied
   ankle-fracture train-fracture data/frac --out models/fracture --cache-dir cache/frac
   ankle-fracture train-fracture data/frac data/more --masks both --steps 3000 --seed 3 \\
-      --out models/fracture2 --cache-dir cache/frac"""
+      --out models/fracture2 --cache-dir cache/frac
+  ankle-fracture train-fracture data/frac --val-dataset data/frac_val --masks both \\
+      --out models/fracture3 --cache-dir cache/frac"""
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> None:
@@ -41,6 +43,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--val-fraction", type=float, default=0.15,
                    help="cases held back for model selection (default 0.15)")
+    p.add_argument("--val-dataset", action="append", default=[], metavar="DIR",
+                   help="dataset used only to choose the checkpoint (repeatable; its crops take "
+                        "the shipped segmentation's masks, as 'run' sees them); with it every "
+                        "DATASET case trains and --val-fraction is not used")
     p.add_argument("--eval-every", type=int, default=150, help="validation interval (steps)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
@@ -58,14 +64,14 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.set_defaults(func=run)
 
 
-def _crops(args: argparse.Namespace, bar: ProgressBar) -> list:
+def _crops(datasets: list, masks_arg: str, cache_dir: str, bar: ProgressBar) -> list:
     from AnkleFractureLib.training.fracture_data import build_fracture_crops
 
-    sources = ["dataset", "model"] if args.masks == "both" else [args.masks]
+    sources = ["dataset", "model"] if masks_arg == "both" else [masks_arg]
     paths = []
-    for ds in args.datasets:
+    for ds in datasets:
         for masks in sources:
-            got, failed = build_fracture_crops(ds, Path(args.cache_dir) / Path(ds).name, masks,
+            got, failed = build_fracture_crops(ds, Path(cache_dir) / Path(ds).name, masks,
                                                progress=bar)
             for case, why in failed.items():
                 print(f"skipped {case}: {why}", file=sys.stderr)
@@ -79,8 +85,13 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.batch_size < 1:
         raise SystemExit("ankle-fracture train-fracture: error: --steps and --batch-size must "
                          "be at least 1")
+    both = {Path(d).resolve() for d in args.datasets} & {Path(d).resolve() for d in args.val_dataset}
+    if both:
+        raise SystemExit(f"ankle-fracture train-fracture: error: {sorted(map(str, both))[0]} is "
+                         "both a training and a validation dataset")
     bar = ProgressBar("crops", enabled=not args.quiet)
-    paths = _crops(args, bar)
+    paths = _crops(args.datasets, args.masks, args.cache_dir, bar)
+    val_paths = _crops(args.val_dataset, "model", args.cache_dir, bar)
     command = "ankle-fracture " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.refit_decision:
         return _refit(args, paths, command)
@@ -89,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
                               seed=args.seed, threads=args.threads, max_minutes=args.max_minutes,
                               device=args.device, cut_rule=args.try_cut_rule)
     report = train_localiser(paths, args.out, cfg, command,
-                             ProgressBar("train-fracture", enabled=not args.quiet))
+                             ProgressBar("train-fracture", enabled=not args.quiet),
+                             val_paths=val_paths or None)
     print(f"{args.out}: {report['steps_run']} steps, best step {report['best_step']}, "
           f"validation {report['val_metrics']}")
     return 0

@@ -267,8 +267,8 @@ def _write_log(path: Path, rows: List[Dict[str, Any]]) -> None:
 
 
 def train_localiser(paths: Sequence[Path], out: "Path | str", cfg: FractureTrainConfig,
-                    command: str = "", progress: Optional[Callable[[float, str], None]] = None
-                    ) -> Dict[str, Any]:
+                    command: str = "", progress: Optional[Callable[[float, str], None]] = None,
+                    val_paths: Optional[Sequence[Path]] = None) -> Dict[str, Any]:
     """Train and write the model folder ``out`` (plans.json, model.pt, training.json, log).
 
     Args:
@@ -279,6 +279,10 @@ def train_localiser(paths: Sequence[Path], out: "Path | str", cfg: FractureTrain
             :func:`~AnkleFractureLib.training.determinism.deterministic_training`).
         command: The command line, recorded in training.json.
         progress: Called with (fraction, message).
+        val_paths: Crop cache files that only choose the checkpoint (a validation set of its
+            own); then every case of ``paths`` trains and ``cfg.val_fraction`` is not used.
+            A split of a few dozen training cases holds about eight intact ones, too few to
+            choose a checkpoint by (docs/fracture/experiments/v5_regenerated_data).
 
     Returns:
         training.json content.
@@ -287,7 +291,7 @@ def train_localiser(paths: Sequence[Path], out: "Path | str", cfg: FractureTrain
 
     # Entered before the first CUDA use, so that cuBLAS reads the deterministic workspace.
     with deterministic_training(cfg.seed) as determinism:
-        state = _train_loop(paths, Path(out), cfg, progress)
+        state = _train_loop(paths, Path(out), cfg, progress, val_paths)
     state["determinism"] = determinism
     state["decision"] = fit_decision(Path(out), state.pop("samples"), state["device"],
                                      cfg.cut_rule)
@@ -295,7 +299,8 @@ def train_localiser(paths: Sequence[Path], out: "Path | str", cfg: FractureTrain
 
 
 def _train_loop(paths: Sequence[Path], out: Path, cfg: FractureTrainConfig,
-                progress: Optional[Callable[[float, str], None]]) -> Dict[str, Any]:
+                progress: Optional[Callable[[float, str], None]],
+                val_paths: Optional[Sequence[Path]] = None) -> Dict[str, Any]:
     """The optimiser loop with periodic validation; the best model is saved to ``out``.
 
     Returns:
@@ -313,10 +318,7 @@ def _train_loop(paths: Sequence[Path], out: Path, cfg: FractureTrainConfig,
     torch.set_num_threads(max(1, cfg.threads))
     device = resolve_device(cfg.device)
     rng = np.random.default_rng(cfg.seed)
-    samples = load_samples(paths)
-    if not samples:
-        raise ValueError("no training crops with a Weber class and a fracture line")
-    train_idx, val_idx = split_cases(samples, cfg.val_fraction, cfg.seed)
+    samples, train_idx, val_idx = _split(paths, val_paths, cfg)
     plans = default_plans(cfg.features)
     net = build_localiser(plans["network"]).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -345,6 +347,26 @@ def _train_loop(paths: Sequence[Path], out: Path, cfg: FractureTrainConfig,
     if not val_idx:
         save_localiser(out, net, plans, {"step": len(state["log"])})
     return state
+
+
+def _split(paths: Sequence[Path], val_paths: Optional[Sequence[Path]], cfg: FractureTrainConfig
+           ) -> Tuple[List[Sample], List[int], List[int]]:
+    """(samples, training indices, validation indices): ``val_paths`` when given, else a
+    ``cfg.val_fraction`` split of the cases of ``paths``."""
+    samples = load_samples(paths)
+    if not samples:
+        raise ValueError("no training crops with a Weber class and a fracture line")
+    if not val_paths:
+        return (samples, *split_cases(samples, cfg.val_fraction, cfg.seed))
+    val = load_samples(val_paths)
+    if not val:
+        raise ValueError("no validation crops with a Weber class and a fracture line")
+    ids = {s.info["id"] for s in samples} & {s.info["id"] for s in val}
+    if ids:
+        raise ValueError(f"case {sorted(ids)[0]} is in both the training and the validation "
+                         "crops")
+    n = len(samples)
+    return samples + val, list(range(n)), list(range(n, n + len(val)))
 
 
 #: Candidate "found" rules: peak probability, the strongest line's size (voxels) and how
