@@ -38,6 +38,17 @@ def _row(label: str, metrics: Dict[str, Any]) -> str:
             f"{f.get('median_abs_height_error_mm', 'n/a')} |")
 
 
+def _families(ids: List[str]) -> str:
+    """Case counts by phantom family, from the ids ("vh_451_0003": real-shape; "phantom_...":
+    analytic)."""
+    names = {"vh": "real-shape", "phantom": "analytic"}
+    counts: Dict[str, int] = {}
+    for i in ids:
+        fam = names.get(i.split("_")[0], "other")
+        counts[fam] = counts.get(fam, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
 def render(folder: Path) -> str:
     exp = json.loads((folder / "experiment.json").read_text())
     train = json.loads((folder / "training.json").read_text())
@@ -70,6 +81,8 @@ def render(folder: Path) -> str:
               f"{train.get('device', 'cpu')}; best validation step {train.get('best_step')}; "
               f"{len(train.get('train_cases', []))} training and "
               f"{len(train.get('val_cases', []))} validation cases",
+              f"- training cases by family: {_families(train.get('train_cases', []))}; "
+              f"validation: {_families(train.get('val_cases', []))}",
               f"- 'found' rule fitted on the training and validation crops: peak >= "
               f"{plans['decision'].get('found_threshold')} and line >= "
               f"{plans['decision'].get('min_voxels')} voxels{cut_words} (found "
