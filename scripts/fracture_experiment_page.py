@@ -49,6 +49,26 @@ def _families(ids: List[str]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
 
+def _validation_table(folder: Path, studies: Any) -> List[str]:
+    """Rows of the validation sets, each localiser with its own line rule fitted there
+    (``experiment.json`` "validation": {"this experiment": study.json relative to the folder,
+    "shipped": study.json relative to the repository})."""
+    if not studies:
+        return []
+    out = ["", "## Validation sets (each localiser with its line rule fitted on them)", "",
+           "| localiser | cases | accuracy | macro AUROC | AUROC C | found on fractured | "
+           "found on intact | median height error (mm) |", "|---|---|---|---|---|---|---|---|"]
+    for label, rel in studies.items():
+        path = folder / rel if label == "this experiment" else ROOT / rel
+        study = json.loads(path.read_text())
+        m = study["sets"]["fit (validation)"]["fitted"]
+        out.append(f"| {label} (`{Path(rel).parent.as_posix()}`) | {m['n']} | "
+                   f"{_pct(m['accuracy'])} | {m['macro_auroc']:.3f} | {m['auroc']['C']:.3f} | "
+                   f"{_pct(m['found_rate'])} | {_pct(m['found_on_none_rate'])} | "
+                   f"{m['median_abs_height_error_mm']} |")
+    return out
+
+
 def render(folder: Path) -> str:
     exp = json.loads((folder / "experiment.json").read_text())
     train = json.loads((folder / "training.json").read_text())
@@ -71,6 +91,9 @@ def render(folder: Path) -> str:
         lines.append(f"| **{name}** | | | | | | | |")
         lines.append(_row("shipped", json.loads(shipped.read_text())))
         lines.append(_row("this experiment", json.loads(mine.read_text())))
+    lines += _validation_table(folder, exp.get("validation"))
+    if exp.get("criterion"):
+        lines += ["", "Shipping criterion: " + exp["criterion"]]
     if exp.get("data_note"):
         lines += ["", exp["data_note"]]
     fit = (train.get("decision_refit") or {}).get("fit") or train.get("decision_fit") or {}
