@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -23,12 +22,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from AnkleFractureLib.errors import InputError, PathLike
-from AnkleFractureLib.fracture.network import DEFAULT_NETWORK, build_localiser
+from AnkleFractureLib.fracture.network import DEFAULT_NETWORK, MeanProbability, build_localiser
 from AnkleFractureLib.fracture.window import WINDOW_YX
 from AnkleFractureLib.io import atomic_output, atomic_write_json
 from AnkleFractureLib.segmentation.model_io import (FORMAT_VERSION, PLANS_FILE, WEIGHTS_FILE,
                                                     _half_state_dict, build_with_weights,
-                                                    read_weights, unwrap)
+                                                    folder_sha256, read_weights, unwrap)
 
 KIND = "fracture_localiser"
 
@@ -64,7 +63,10 @@ def save_localiser(model_dir: PathLike, network: torch.nn.Module, plans: Dict[st
 
 def load_localiser(model_dir: PathLike, device: Union[str, torch.device] = "cpu"
                    ) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """Network (eval mode) and plans (with ``_sha256`` of model.pt) from a folder.
+    """Network (eval mode) and plans (with ``_sha256``, see ``folder_sha256``) from a folder.
+
+    A plans.json that lists ``members`` (weight files beside model.pt) loads an ensemble:
+    :class:`~AnkleFractureLib.fracture.network.MeanProbability` of model.pt and the members.
 
     Raises:
         InputError: The folder or a file is missing or damaged, or not a localiser.
@@ -85,5 +87,26 @@ def load_localiser(model_dir: PathLike, device: Union[str, torch.device] = "cpu"
         raise InputError(weights_path, f"not a fracture localiser (kind {payload.get('kind')!r})")
     network = build_with_weights(build_localiser, plans["network"], payload, plans_path,
                                  weights_path, device)
-    plans["_sha256"] = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    members = plans.get("members") or []
+    if members:
+        network = MeanProbability([network] + [_member(folder, m, plans, device)
+                                                for m in members])
+    plans["_sha256"] = folder_sha256(folder)
     return network, plans
+
+
+def _member(folder: Path, entry: Any, plans: Dict[str, Any],
+            device: Union[str, torch.device]) -> torch.nn.Module:
+    """One more network of an ensemble (plans.json ``members``: {"file": weights beside
+    model.pt, "network": optional config (default: the plans' own)})."""
+    plans_path = folder / PLANS_FILE
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) \
+            or Path(entry["file"]).is_absolute() or ".." in Path(entry["file"]).parts:
+        raise InputError(plans_path, f"an ensemble member must be {{\"file\": a weights file "
+                                     f"in the model folder}}, got {entry!r}")
+    path = folder / entry["file"]
+    payload = read_weights(path)
+    if payload.get("kind") != KIND:
+        raise InputError(path, f"not a fracture localiser (kind {payload.get('kind')!r})")
+    return build_with_weights(build_localiser, entry.get("network") or plans["network"],
+                              payload, plans_path, path, device)

@@ -395,7 +395,7 @@ class Pipeline:
 
     def _model_entry(self, folder: Optional[PathLike], default: Callable[[], Path],
                      loaded: bool) -> Dict[str, Any]:
-        from AnkleFractureLib.segmentation.model_io import WEIGHTS_FILE, sha256_file
+        from AnkleFractureLib.segmentation.model_io import WEIGHTS_FILE, folder_sha256
 
         try:
             path = Path(folder) if folder is not None else default()
@@ -404,7 +404,7 @@ class Pipeline:
         weights = path / WEIGHTS_FILE
         key = str(weights.resolve()) if weights.exists() else str(weights)
         if key not in self._hashes:
-            self._hashes[key] = sha256_file(weights) if weights.is_file() else None
+            self._hashes[key] = folder_sha256(path)  # an ensemble's members included
         return {"dir": str(path), "sha256": self._hashes[key], "used": loaded}
 
     def model_info(self, used: Optional[Dict[str, bool]] = None) -> Dict[str, Any]:

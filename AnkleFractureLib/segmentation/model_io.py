@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -175,3 +176,22 @@ def sha256_file(path: PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def folder_sha256(folder: PathLike) -> Optional[str]:
+    """The identity of a model folder's weights: the SHA-256 of ``model.pt``, or, when its
+    plans.json lists ensemble ``members`` (weight files beside it), the SHA-256 of the
+    newline-joined hex digests of ``model.pt`` and each member in order. None without
+    ``model.pt``."""
+    folder = Path(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        return None
+    try:
+        members = json.loads((folder / PLANS_FILE).read_text()).get("members") or []
+    except (OSError, ValueError, AttributeError):
+        members = []
+    if not members:
+        return sha256_file(weights)
+    digests = [sha256_file(weights)] + [sha256_file(folder / str(m["file"])) for m in members]
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()

@@ -1,0 +1,64 @@
+"""A localiser folder that lists ensemble members loads as the mean of their probabilities."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from AnkleFractureLib.errors import InputError
+from AnkleFractureLib.fracture.model_io import default_plans, load_localiser, save_localiser
+from AnkleFractureLib.fracture.network import MeanProbability, build_localiser
+from AnkleFractureLib.segmentation.model_io import folder_sha256, sha256_file
+
+FEATURES = [4, 4, 8, 8, 8, 4]
+
+
+def _ensemble(tmp_path: Path) -> Path:
+    """A model folder: model.pt and member_b.pt (another network's weights) listed in plans."""
+    plans = default_plans(FEATURES)
+    torch.manual_seed(1)
+    save_localiser(tmp_path / "a", build_localiser(plans["network"]), plans)
+    torch.manual_seed(2)
+    save_localiser(tmp_path / "b", build_localiser(plans["network"]), plans)
+    folder = tmp_path / "a"
+    (tmp_path / "b" / "model.pt").rename(folder / "member_b.pt")
+    plans["members"] = [{"file": "member_b.pt", "network": plans["network"]}]
+    (folder / "plans.json").write_text(json.dumps(plans))
+    return folder
+
+
+def test_ensemble_folder_averages_its_members_probabilities(tmp_path) -> None:
+    folder = _ensemble(tmp_path)
+    net, plans = load_localiser(folder)
+    assert isinstance(net, MeanProbability) and len(net.members) == 2
+    x = torch.rand(1, 3, 32, 16, 16)
+    with torch.no_grad():
+        mean = (torch.sigmoid(net.members[0](x)) + torch.sigmoid(net.members[1](x))) / 2
+        assert torch.allclose(torch.sigmoid(net(x)), mean, atol=1e-5)
+        # the members differ, so the mean is neither of them
+        assert not torch.allclose(torch.sigmoid(net.members[0](x)), mean, atol=1e-4)
+    # the folder's identity covers every member's weights
+    assert plans["_sha256"] == folder_sha256(folder) != sha256_file(folder / "model.pt")
+
+
+def test_single_model_folder_keeps_the_weights_file_hash(tmp_path) -> None:
+    plans = default_plans(FEATURES)
+    save_localiser(tmp_path, build_localiser(plans["network"]), plans)
+    net, loaded = load_localiser(tmp_path)
+    assert not isinstance(net, MeanProbability)
+    assert loaded["_sha256"] == sha256_file(tmp_path / "model.pt")
+
+
+@pytest.mark.parametrize("entry, names", [({"file": "../outside.pt"}, "plans.json"),
+                                          ({"file": "missing.pt"}, "missing.pt"),
+                                          ("member_b.pt", "plans.json")])
+def test_bad_ensemble_member_is_refused_naming_the_file(tmp_path, entry, names) -> None:
+    folder = _ensemble(tmp_path)
+    plans = json.loads((folder / "plans.json").read_text())
+    plans["members"] = [entry]
+    (folder / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(InputError, match=names.replace(".", r"\.")):
+        load_localiser(folder)
