@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from AnkleFractureLib.io import atomic_write_json
-from AnkleFractureLib.segmentation.model_io import sha256_file
+from AnkleFractureLib.segmentation.model_io import folder_sha256, sha256_file
 
 
 def _f(v: Any, pct: bool = False) -> str:
@@ -51,6 +51,30 @@ def _heldout(name: str, metrics: Dict[str, Any], command: str) -> List[str]:
              "", "Confusion matrix of the combined answer (rows true none, A, B, C):", "",
              "```"] + [" ".join(f"{v:3d}" for v in row) for row in comb["confusion_matrix"]] + ["```"]
     return lines
+
+
+def _members(folder: Path) -> list:
+    """Card lines for the ensemble members plans.json lists (their weights' sha256 and, from
+    ``<member>.training.json`` beside them, the command that trained them)."""
+    plans = json.loads((folder / "plans.json").read_text())
+    members = plans.get("members") or []
+    if not members:
+        return []
+    md = ["", "## Ensemble", "",
+          "plans.json lists more networks (`members`): the localiser's line probability is the "
+          "mean of `model.pt`'s and theirs (`AnkleFractureLib.fracture.network.MeanProbability`); "
+          f"the folder's sha256 over all of them (`folder_sha256`) is `{folder_sha256(folder)}`.",
+          ""]
+    for m in members:
+        md.append(f"- `{m['file']}`, sha256 `{sha256_file(folder / m['file'])}`")
+        record = folder / (Path(m["file"]).stem + ".training.json")
+        if record.is_file():
+            t = json.loads(record.read_text())
+            md += [f"  - training command: `{t['command']}`",
+                   f"  - seed {t['config']['seed']}, {t['steps_run']} steps ({t['minutes']} min "
+                   f"on CPU), best validation step {t['best_step']}; training cases: "
+                   f"{len(t['train_cases'])}; validation cases: {len(t['val_cases'])}"]
+    return md
 
 
 def main() -> None:
@@ -96,6 +120,7 @@ def main() -> None:
                f"- command: `{refit['command']}`",
                f"- rule: `{json.dumps(refit['rule'])}` (before: `{json.dumps(refit['previous'])}`)",
                f"- its validation scores: `{json.dumps(refit['validation'])}`"]
+    md += _members(folder)
     for name, path, command in args.heldout:
         md += _heldout(name, heldout[name], command)
     if args.credit:
@@ -104,7 +129,8 @@ def main() -> None:
         md += ["", "## Notes", ""] + [f"- {n}" for n in args.note]
     (folder / "model_card.md").write_text("\n".join(md) + "\n")
     atomic_write_json(folder / "model_card.json", {
-        "name": "fracture", "weights": {"file": "model.pt", "sha256": sha},
+        "name": "fracture", "weights": {"file": "model.pt", "sha256": sha,
+                                        "folder_sha256": folder_sha256(folder)},
         "training": {k: training.get(k) for k in ("command", "config", "steps_run", "best_step",
                                                   "val_metrics", "decision_fit",
                                                   "decision_refit")},
