@@ -70,3 +70,25 @@ def test_shipped_localiser_on_held_out_family_cases(weber: str, side: str, seed:
         assert found.found
         assert abs(found.height_mm - case.info["fracture"]["height_mm"]) <= 4.0
         assert found.line.sum() == found.extent["voxels"]
+
+
+def test_card_of_an_ensemble_lists_each_member_and_its_training(tmp_path) -> None:
+    from AnkleFractureLib.segmentation.model_io import folder_sha256
+
+    copy = tmp_path / "fracture"
+    shutil.copytree(MODEL, copy)
+    shutil.copy(copy / "model.pt", copy / "member_x.pt")
+    record = json.loads((copy / "training.json").read_text())
+    record["command"] = "ankle-fracture train-fracture member-x-data --seed 7"
+    (copy / "member_x.training.json").write_text(json.dumps(record))
+    plans = json.loads((copy / "plans.json").read_text())
+    plans["members"] = [{"file": "member_x.pt"}]
+    (copy / "plans.json").write_text(json.dumps(plans))
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "write_fracture_card.py"), str(copy)],
+                   check=True, cwd=ROOT, capture_output=True)
+    card = (copy / "model_card.md").read_text()
+    sha = hashlib.sha256((copy / "member_x.pt").read_bytes()).hexdigest()
+    assert "## Ensemble" in card and f"`member_x.pt`, sha256 `{sha}`" in card
+    assert "training command: `ankle-fracture train-fracture member-x-data --seed 7`" in card
+    assert json.loads((copy / "model_card.json").read_text())["weights"]["folder_sha256"] == \
+        folder_sha256(copy) != sha
