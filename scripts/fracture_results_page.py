@@ -50,12 +50,27 @@ def _summary(name: str, data: Dict[str, Any], entry: Dict[str, str]) -> List[str
            f"| unsure (answered cases) | {_p(s['unsure_rate'])} |",
            f"| ECE, combined / classifier | {comb['ece']:.3f} / {clf['ece']:.3f} |",
            f"| AUROC none / A / B / C, combined | {auc} |",
-           f"| AUROC none / A / B / C, classifier | {auc_clf} |", "",
+           f"| AUROC none / A / B / C, classifier | {auc_clf} |"]
+    out += _registration(s.get("registration"))
+    out += ["",
            "Confusion matrix of the combined answer (rows: true none, A, B, C; columns: "
            "predicted):", "", "| true \\ predicted | none | A | B | C |", "|---|---|---|---|---|"]
     out += [f"| {c} | " + " | ".join(str(v) for v in row) + " |"
             for c, row in zip(CLASSES, comb["confusion_matrix"])]
     return out + [""]
+
+
+def _registration(reg: Any) -> List[str]:
+    """Table rows of the registration's plafond error (evaluations that know the true plafond;
+    none for files from before it was recorded)."""
+    if not reg:
+        return []
+    return [f"| template plafond from the true plafond, median / max (3-D) | "
+            f"{_mm(reg['median_plafond_error_mm'])} / {_mm(reg['max_plafond_error_mm'])} |",
+            f"| the same along the template's long axis (what the height depends on) | "
+            f"{_mm(reg['median_plafond_height_error_mm'])} / "
+            f"{_mm(reg['max_plafond_height_error_mm'])} |",
+            f"| plafond within 2 mm (3-D), answered cases | {_p(reg['plafond_within_2mm'])} |"]
 
 
 def _cases(data: Dict[str, Any]) -> List[str]:
