@@ -62,3 +62,9 @@ def test_bad_ensemble_member_is_refused_naming_the_file(tmp_path, entry, names) 
     (folder / "plans.json").write_text(json.dumps(plans))
     with pytest.raises(InputError, match=names.replace(".", r"\.")):
         load_localiser(folder)
+
+
+def test_folder_hash_is_none_when_a_member_is_missing(tmp_path) -> None:
+    folder = _ensemble(tmp_path)
+    (folder / "member_b.pt").unlink()
+    assert folder_sha256(folder) is None

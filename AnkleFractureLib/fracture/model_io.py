@@ -90,7 +90,7 @@ def load_localiser(model_dir: PathLike, device: Union[str, torch.device] = "cpu"
     members = plans.get("members") or []
     if members:
         network = MeanProbability([network] + [_member(folder, m, plans, device)
-                                                for m in members])
+                                                for m in members]).eval()
     plans["_sha256"] = folder_sha256(folder)
     return network, plans
 

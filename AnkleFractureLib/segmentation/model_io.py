@@ -182,7 +182,7 @@ def folder_sha256(folder: PathLike) -> Optional[str]:
     """The identity of a model folder's weights: the SHA-256 of ``model.pt``, or, when its
     plans.json lists ensemble ``members`` (weight files beside it), the SHA-256 of the
     newline-joined hex digests of ``model.pt`` and each member in order. None without
-    ``model.pt``."""
+    ``model.pt`` or with a member missing."""
     folder = Path(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
@@ -193,5 +193,9 @@ def folder_sha256(folder: PathLike) -> Optional[str]:
         members = []
     if not members:
         return sha256_file(weights)
-    digests = [sha256_file(weights)] + [sha256_file(folder / str(m["file"])) for m in members]
+    try:
+        digests = [sha256_file(weights)] + [sha256_file(folder / str(m["file"]))
+                                            for m in members]
+    except (OSError, KeyError, TypeError):  # a member missing: loading names it, not this
+        return None
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()
