@@ -56,3 +56,18 @@ def test_summary_reports_plafond_errors_and_none_without_truth() -> None:
     no_truth = [case_row("x", {"weber": "B", "height_mm": 10.0, "center_lps": None},
                          _result(_pose(np.zeros(3))))]
     assert summarise_rows(no_truth)["registration"] is None
+
+
+def test_registration_line_reads_the_summary_of_real_files() -> None:
+    import json
+    from pathlib import Path
+
+    from AnkleFractureLib.evaluation.evaluate_fracture import registration_line
+
+    data = json.loads((Path(__file__).resolve().parents[1] / "docs" / "fracture" /
+                       "heldout_vh.json").read_text())
+    line = registration_line(data["summary"])
+    reg = data["summary"]["registration"]
+    assert line is not None and f"median {reg['median_plafond_error_mm']} mm" in line
+    assert f"({reg['n']} fits)" in line
+    assert registration_line({"registration": None}) is None

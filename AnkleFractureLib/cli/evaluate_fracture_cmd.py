@@ -13,7 +13,9 @@ models, automatic side detection, the checks) and score the answers against the 
 truth: accuracy, per-class AUROC, ECE and confusion matrix of the combined Weber answer, of the
 classifier alone and of the class the measured fracture height gives; the fracture found rate on
 fractured cases, 'found' on intact cases, the median |height error| and the median distance of
-the located centre from the true one (mm). A refused case counts as wrong. A scan refused only
+the located centre from the true one (mm); where the phantom records its plafond, how far the
+registration put the template's plafond from it (3-D and along the long axis, mm). A refused
+case counts as wrong. A scan refused only
 because both legs are in view is run again with its side given, as the refusal asks (counted
 per case). Writes everything as JSON."""
 
@@ -40,6 +42,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from AnkleFractureLib.evaluation.evaluate_fracture import registration_line
     from AnkleFractureLib.io import atomic_write_json
     from AnkleFractureLib.pipeline.evaluate import evaluate_fracture
     from AnkleFractureLib.pipeline.pipeline import Pipeline, PipelineOptions
@@ -60,5 +63,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"fracture found {f['found_rate']} of fractured, found on none {f['found_on_none_rate']}, "
           f"median |height error| {f['median_abs_height_error_mm']} mm, median centre distance "
           f"{f['median_center_distance_mm']} mm")
+    reg = registration_line(s)
+    if reg:
+        print(reg)
     print(f"written {args.out}")
     return 0

@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.batch_size < 1:
         raise SystemExit("ankle-fracture train-fracture: error: --steps and --batch-size must "
                          "be at least 1")
-    both = {Path(d).resolve() for d in args.datasets} & {Path(d).resolve() for d in args.val_dataset}
+    both = ({Path(d).resolve() for d in args.datasets}
+            & {Path(d).resolve() for d in args.val_dataset})
     if both:
         raise SystemExit(f"ankle-fracture train-fracture: error: {sorted(map(str, both))[0]} is "
                          "both a training and a validation dataset")

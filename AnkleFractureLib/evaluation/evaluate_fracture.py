@@ -122,6 +122,27 @@ def _registration_summary(answered: Sequence[Dict[str, Any]]) -> Optional[Dict[s
             "max_plafond_height_error_mm": round(float(np.max(along)), 2) if along else None}
 
 
+def registration_line(summary: Dict[str, Any]) -> Optional[str]:
+    """One line of text on the registration's plafond error (None when the summary has none).
+
+    Example:
+        >>> line = registration_line({"registration": {"n": 3, "median_plafond_error_mm": 2.1,
+        ...     "max_plafond_error_mm": 4.4, "plafond_within_2mm": 0.5,
+        ...     "median_plafond_height_error_mm": 1.0, "max_plafond_height_error_mm": 3.8}})
+        >>> for part in line.split("; "):
+        ...     print(part)
+        plafond from the true one: median 2.1 mm, max 4.4 mm, 50 % within 2 mm
+        along the long axis median 1.0 mm, max 3.8 mm (3 fits)
+    """
+    reg = summary.get("registration")
+    if not reg:
+        return None
+    return (f"plafond from the true one: median {reg['median_plafond_error_mm']} mm, max "
+            f"{reg['max_plafond_error_mm']} mm, {100 * reg['plafond_within_2mm']:.0f} % within "
+            f"2 mm; along the long axis median {reg['median_plafond_height_error_mm']} mm, max "
+            f"{reg['max_plafond_height_error_mm']} mm ({reg['n']} fits)")
+
+
 def summarise_rows(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """The evaluation summary of :func:`case_row` rows."""
     frac = [r for r in rows if r["true"] != "none"]
