@@ -15,9 +15,8 @@ classifier alone and of the class the measured fracture height gives; the fractu
 fractured cases, 'found' on intact cases, the median |height error| and the median distance of
 the located centre from the true one (mm); where the phantom records its plafond, how far the
 registration put the template's plafond from it (3-D and along the long axis, mm). A refused
-case counts as wrong. A scan refused only
-because both legs are in view is run again with its side given, as the refusal asks (counted
-per case). Writes everything as JSON."""
+case counts as wrong. A scan refused only because both legs are in view is run again with its
+side given, as the refusal asks (counted per case). Writes everything as JSON."""
 
 EXAMPLES = """\
 examples:
