@@ -92,10 +92,11 @@ def run(args: argparse.Namespace) -> int:
                          "both a training and a validation dataset")
     bar = ProgressBar("crops", enabled=not args.quiet)
     paths = _crops(args.datasets, args.masks, args.cache_dir, bar)
-    val_paths = _crops(args.val_dataset, "model", args.cache_dir, bar)
     command = "ankle-fracture " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.refit_decision:
         return _refit(args, paths, command)
+    # Only training chooses a checkpoint: a refit never needs the validation crops.
+    val_paths = _crops(args.val_dataset, "model", args.cache_dir, bar)
     cfg = FractureTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               val_fraction=args.val_fraction, eval_every=args.eval_every,
                               seed=args.seed, threads=args.threads, max_minutes=args.max_minutes,
