@@ -1,0 +1,73 @@
+"""The experiment pages under docs/fracture/experiments are the rendering of their committed
+files, and a classifier experiment's page names the classifier and its training cases."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "docs" / "fracture" / "experiments"
+
+
+def _render():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from fracture_experiment_page import render
+    finally:
+        sys.path.pop(0)
+    return render
+
+
+def _pages():
+    return sorted(p.parent for p in EXPERIMENTS.glob("*/experiment.json")
+                  if (p.parent / "README.md").is_file() and (p.parent / "training.json").is_file())
+
+
+@pytest.mark.parametrize("folder", _pages(), ids=lambda p: p.name)
+def test_experiment_page_is_the_rendering_of_its_files(folder: Path) -> None:
+    assert (folder / "README.md").read_text() == _render()(folder.relative_to(ROOT)), \
+        f"{folder}/README.md is stale: python scripts/fracture_experiment_page.py {folder}"
+
+
+def _summary(acc: float, alone: float, unsure: float) -> dict:
+    per = {k: {"auroc": 0.9} for k in ("none", "A", "B", "C")}
+    return {"n": 10, "refused": 0, "unsure_rate": unsure,
+            "combined": {"accuracy": acc, "per_class": per},
+            "classifier_only": {"accuracy": alone},
+            "fracture": {"found_rate": 0.9, "found_on_none_rate": 0.1,
+                         "median_abs_height_error_mm": 1.5}}
+
+
+def test_classifier_experiment_names_the_classifier_and_its_cases(tmp_path) -> None:
+    folder = tmp_path / "exp"
+    base = tmp_path / "base"
+    folder.mkdir()
+    base.mkdir()
+    models = {"classification": {"sha256": "c1" * 32}, "fracture": {"sha256": "f0" * 32}}
+    (base / "heldout_vh.json").write_text(json.dumps(
+        {"summary": _summary(0.8, 0.6, 0.5), "models": models}))
+    mine = dict(models, classification={"sha256": "c2" * 32})
+    (folder / "heldout_vh.json").write_text(json.dumps(
+        {"summary": _summary(0.9, 0.85, 0.2), "models": mine}))
+    (folder / "experiment.json").write_text(json.dumps(
+        {"title": "t", "why": "w", "model": "classification", "commands": {"train": "x"},
+         "verdict": "v", "baseline": str(base)}))
+    (folder / "training.json").write_text(json.dumps(
+        {"method": "supervised", "steps_done": 7, "minutes": 1.0, "device": "cpu",
+         "config": {"batch_size": 4, "lr": 0.01},
+         "cases": {"labelled_train": 5, "failed": {"vh_1_0001_predseg": "no fit"}}}))
+    (folder / "plans.json").write_text(json.dumps({"decision": {}}))
+    (folder / "cases.json").write_text(json.dumps(
+        ["phantom_1_0000", "vh_1_0001", "vh_1_0002", "vh_1_0001_predseg"]))
+    page = _render()(folder)
+    assert "| classifier (sha256) |" in page
+    assert f"| shipped (`{'c1' * 6}`) | 10 | 0 | 80.0 % |" in page
+    assert f"| this experiment (`{'c2' * 6}`) | 10 | 0 | 90.0 % |" in page
+    assert "| 85.0 % | 20.0 % |" in page  # classifier alone, unsure
+    assert "analytic 1, real-shape 2; 1 of them cropped a second time" in page
+    assert "1 not cropped (vh_1_0001_predseg)" in page
