@@ -130,11 +130,13 @@ def _classifier_training(folder: Path, train: Dict[str, Any]) -> List[str]:
     ids_file = folder / "cases.json"
     ids = json.loads(ids_file.read_text()) if ids_file.is_file() else []
     plain = [i for i in ids if not i.endswith("_predseg")]
+    crops = cases.get("labelled_train")
+    crops = len(crops) if isinstance(crops, list) else crops  # ids in newer training.json
     twins = len(ids) - len(plain)
     return ["", "## Training", "",
             f"- {train.get('method')} training, {train.get('steps_done')} steps (batch "
             f"{cfg.get('batch_size')}, lr {cfg.get('lr')}) in {train.get('minutes')} min on "
-            f"{train.get('device', 'cpu')}; {cases.get('labelled_train')} training crops, "
+            f"{train.get('device', 'cpu')}; {crops} training crops, "
             f"{len(failed)} not cropped ({', '.join(sorted(failed)) or 'none'})",
             f"- training cases by family: {_families(plain)}; {twins} of them cropped a second "
             "time with the shipped segmentation's masks",
