@@ -71,3 +71,8 @@ def test_classifier_experiment_names_the_classifier_and_its_cases(tmp_path) -> N
     assert "| 85.0 % | 20.0 % |" in page  # classifier alone, unsure
     assert "analytic 1, real-shape 2; 1 of them cropped a second time" in page
     assert "1 not cropped (vh_1_0001_predseg)" in page
+    assert "5 training crops" in page
+    train = json.loads((folder / "training.json").read_text())
+    train["cases"]["labelled_train"] = ["a", "b", "c"]  # newer training.json lists the ids
+    (folder / "training.json").write_text(json.dumps(train))
+    assert "3 training crops" in _render()(folder)
