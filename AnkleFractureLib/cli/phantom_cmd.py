@@ -58,6 +58,13 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                         "degrees: axial slices then cut the metatarsals as rows of rings); "
                         "recorded in the case meta. The analytic family ignores it. Default "
                         "0: none, cases as before")
+    p.add_argument("--metal", type=float, default=None, metavar="P",
+                   help="probability (0-1) that a vh case carries fixation hardware, as "
+                        "post-operative and some trauma CTs do: a lateral fibular plate with "
+                        "screws through the fibula (60 %%) or medial malleolar screws (40 %%), "
+                        "with metal streaks; recorded in the case meta. The analytic family "
+                        "ignores it. Default: 15 %% of fractured and 4 %% of intact ankles, "
+                        "cases as before")
     p.add_argument("--preview", action="store_true", help="also write one PNG preview per case")
     p.add_argument("--dicom", action="store_true",
                    help="also write each CT as a DICOM series in DIR/dicom/<id>/")
@@ -74,10 +81,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("ankle-fracture phantom: error: --confounders must be in [0, 1]")
     if not 0.0 <= args.forefoot <= 1.0:
         raise SystemExit("ankle-fracture phantom: error: --forefoot must be in [0, 1]")
+    if args.metal is not None and not 0.0 <= args.metal <= 1.0:
+        raise SystemExit("ankle-fracture phantom: error: --metal must be in [0, 1]")
     ds = write_phantom_dataset(args.out, n=args.n, seed=args.seed, weber=args.weber,
                                side=args.side, spacing=args.spacing, preview=args.preview,
                                dicom=args.dicom, family=args.family, fractures=args.fractures,
                                confounders=args.confounders, forefoot=args.forefoot,
+                               metal=args.metal,
                                progress=ProgressBar("phantom", enabled=not args.quiet))
     counts = ds.counts()
     print(f"{ds.root}: {counts['cases']} cases "

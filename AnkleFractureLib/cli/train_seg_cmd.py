@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from AnkleFractureLib.cli.progress import ProgressBar
 
@@ -69,6 +70,12 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                    help="share of training patches centred on bone that carries no label "
                         "(talus, foot bones, the other leg), so that the model learns they "
                         "are not tibia or fibula; 0 to 1 (default 0, as earlier versions)")
+    p.add_argument("--hardware", type=float, default=0.0, metavar="P",
+                   help="share of training patches that get a fixation plate with screws "
+                        "through the bone and metal streaks, painted on the tibia or fibula of "
+                        "the patch (label kept: the bone under the plate stays bone), so that "
+                        "a plate does not erase the bone it lies on; 0 to 1, needs --randomise "
+                        "light or full (default 0, as earlier versions)")
     p.add_argument("--val-fraction", type=float, default=0.15, metavar="F",
                    help="share of cases held out for validation (default 0.15, >= 1 case)")
     p.add_argument("--seed", type=int, default=0,
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         plans = dataclasses.replace(plans or SegPlans(), patch_size=tuple(args.patch_size))
     if not 0.0 <= args.hard_negatives <= 1.0:
         raise InputError(None, f"--hard-negatives must be in [0, 1], got {args.hard_negatives}")
+    randomise = _randomise(args)
     augment = None
     if args.hard_negatives > 0:
         from AnkleFractureLib.training.seg_data import AugmentConfig
@@ -124,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, seed=args.seed, max_minutes=args.max_minutes,
         resume=args.resume, device=args.device, num_workers=args.num_workers,
         cache_dir=args.cache_dir, optimizer=args.optimizer, num_threads=args.threads,
-        keep_checkpoint=args.keep_checkpoint, randomise=args.randomise,
+        keep_checkpoint=args.keep_checkpoint, randomise=randomise,
         init_weights=args.init_from, augment=augment,
         progress=ProgressBar("train-seg", enabled=main_rank and not args.quiet),
         log=print if main_rank else None)
@@ -133,3 +141,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"{summary['model_dir']}: {summary['status']}, {summary['steps_run']} steps, "
               f"best mean validation Dice {'n/a' if best is None else f'{best:.4f}'}")
     return 0
+
+
+def _randomise(args: argparse.Namespace) -> Any:
+    """The ``randomise`` setting: the level name, or its config with ``p_hardware`` set.
+
+    Raises:
+        InputError: ``--hardware`` outside [0, 1], or without a randomisation level.
+    """
+    import dataclasses
+
+    from AnkleFractureLib.errors import InputError
+    from AnkleFractureLib.training.seg_randomise import randomise_config
+
+    if not 0.0 <= args.hardware <= 1.0:
+        raise InputError(None, f"--hardware must be in [0, 1], got {args.hardware}")
+    if args.hardware == 0.0:
+        return args.randomise
+    if args.randomise in (None, "off"):
+        raise InputError(None, "--hardware needs --randomise light or full (the plate is part "
+                               "of the domain randomisation)")
+    return dataclasses.replace(randomise_config(args.randomise), p_hardware=args.hardware,
+                               level=f"{args.randomise}+hardware")

@@ -82,7 +82,8 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
                           progress: Optional[ProgressCallback] = None,
                           should_cancel: Optional[Callable[[], bool]] = None,
                           family: str = "analytic", fractures: str = "classic",
-                          confounders: float = 0.0, forefoot: float = 0.0) -> Dataset:
+                          confounders: float = 0.0, forefoot: float = 0.0,
+                          metal: Optional[float] = None) -> Dataset:
     """Generate ``n`` phantom cases into a dataset folder (added to it if it exists).
 
     Args:
@@ -109,18 +110,23 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
         forefoot: Probability (0-1) that a "vh" case whose foot is in view carries the
             forefoot bones (unlabelled; :mod:`AnkleFractureLib.phantom.forefoot`), recorded in
             the case meta (``forefoot``); analytic cases ignore it; 0 (default): as before.
+        metal: Probability (0-1) that a "vh" case carries fixation hardware (a fibular plate
+            with screws, or medial malleolar screws), recorded in the case meta
+            (``metal_probability``; the hardware drawn is ``appearance["metal"]``); analytic
+            cases ignore it; None (default): the usual rates, cases as before.
 
     Returns:
         The Dataset.
     """
     from AnkleFractureLib.phantom.confounders import check_probability
-    from AnkleFractureLib.phantom.generator import generate_case
+    from AnkleFractureLib.phantom.generator import check_metal, generate_case
     from AnkleFractureLib.phantom.preview import write_preview
 
     from AnkleFractureLib.phantom.forefoot import check_probability as check_forefoot
 
     confounders = check_probability(confounders)  # before any case is written
     forefoot = check_forefoot(forefoot)
+    metal = check_metal(metal)
     plan = case_plan(n, seed, weber, side, spacing, family)
     ds = Dataset.create(out, name="AnkleFracture phantom",
                         description="Synthetic ankle CT phantoms (AnkleFractureLib.phantom); "
@@ -133,7 +139,8 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
             progress(k / n, f"case {item['id']} ({item['weber']}, {item['side']}, {item['spacing']})")
         case = generate_case(item["seed"], weber=item["weber"], side=item["side"],
                              spacing=item["spacing"], family=item["family"],
-                             fractures=fractures, confounders=confounders, forefoot=forefoot)
+                             fractures=fractures, confounders=confounders, forefoot=forefoot,
+                             metal=metal)
         info = dict(case.info)
         info.setdefault("family", item["family"])
         info["dataset_seed"] = seed

@@ -136,7 +136,7 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
                   family: str = "analytic", fractures: str = "classic",
                   confounders: float = 0.0,
                   confounder_kinds: Optional[Sequence[str]] = None,
-                  forefoot: float = 0.0) -> PhantomCase:
+                  forefoot: float = 0.0, metal: Optional[float] = None) -> PhantomCase:
     """Generate one synthetic ankle CT, fully determined by the arguments.
 
     Args:
@@ -165,6 +165,11 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
             drawn; with P > 0 ``info["forefoot"]`` holds ``present``,
             ``plantarflexion_deg`` and, when present, the bones' sizes. The "analytic"
             family ignores it (it has no forefoot).
+        metal: Probability (0-1) that a "vh" case carries fixation hardware (60 % a lateral
+            fibular plate with screws through the fibula, 40 % medial malleolar screws), with
+            its streaks; None (default): 15 % of fractured and 4 % of intact ankles, as
+            before. Given, ``info["metal_probability"]`` records it. The "analytic" family
+            ignores it (it has no metal).
 
     Returns:
         The case. ``info`` holds: seed, weber, side, spacing_mode, ``anatomy_to_patient``
@@ -187,6 +192,7 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
     from AnkleFractureLib.phantom.forefoot import check_probability as check_forefoot
 
     forefoot = check_forefoot(forefoot)
+    metal = check_metal(metal)
     from AnkleFractureLib.phantom.fracture_styles import STYLE_NAMES
 
     if fractures not in STYLE_NAMES:
@@ -195,7 +201,7 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if family == "vh":
         return _generate_vh(seed, weber, side, spacing, anatomy_seed, fractures,
-                            confounders, confounder_kinds, forefoot)
+                            confounders, confounder_kinds, forefoot, metal)
     anatomy, a2p, grid = plan_grid(seed, side, spacing, anatomy_seed)
     prof = anatomy.prof
 
@@ -223,6 +229,27 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
     if confounders > 0:
         info.update(confounders=conf.to_list(a2p), confounder_probability=confounders)
     return _case(ct_arr, lab_arr, grid, meta, info)
+
+
+def check_metal(p: Optional[float]) -> Optional[float]:
+    """``p`` as a float probability, or None (the default hardware rates).
+
+    Raises:
+        ValueError: ``p`` is not None and not in [0, 1].
+
+    Example:
+        >>> check_metal(None) is None, check_metal(1)
+        (True, 1.0)
+    """
+    if p is None:
+        return None
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"metal must be a probability in [0, 1], got {p!r}")
+    return value
 
 
 def _case(ct_arr: np.ndarray, lab_arr: np.ndarray, grid: Any, meta: Dict[str, Any],
@@ -253,13 +280,13 @@ def _generate_vh(seed: int, weber: str, side: str, spacing: str,
                  anatomy_seed: Optional[int], fractures: str = "classic",
                  confounders: float = 0.0,
                  confounder_kinds: Optional[Sequence[str]] = None,
-                 forefoot: float = 0.0) -> PhantomCase:
+                 forefoot: float = 0.0, metal: Optional[float] = None) -> PhantomCase:
     """A case of the real-shape family (see :mod:`AnkleFractureLib.phantom.real_generator`)."""
     from AnkleFractureLib.phantom.real_generator import render_real
 
     ct_arr, lab_arr, (anatomy, a2p, grid, fracture), extra = render_real(
         seed, weber, side, spacing, anatomy_seed, fractures, confounders, confounder_kinds,
-        forefoot)
+        forefoot, metal)
     meta = {"source": "AnkleFractureLib.phantom", "family": "vh", "seed": int(seed),
             "weber": weber, "side": side}
     # The smooth displacement field moves the joint off the frame's origin (up to ~5 mm):

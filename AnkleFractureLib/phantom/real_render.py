@@ -75,12 +75,28 @@ class Appearance:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def sample_appearance(rng: np.random.Generator, fractured: bool) -> Appearance:
-    """Draw one case's appearance; metal is likelier in a fractured ankle (fixation)."""
+#: Default probability of fixation hardware (a plate or screws) in a fractured and in an
+#: intact ankle: metal is likelier in a fractured ankle (fixation).
+METAL_PROBABILITY = {True: 0.15, False: 0.04}
+
+
+def sample_appearance(rng: np.random.Generator, fractured: bool,
+                      metal_probability: Optional[float] = None) -> Appearance:
+    """Draw one case's appearance.
+
+    Args:
+        rng: Random generator (consumed the same way whatever ``metal_probability``, up to
+            the hardware's kind).
+        fractured: Whether the ankle is fractured (fixation hardware is likelier).
+        metal_probability: Probability (0-1) of fixation hardware (60 % a lateral fibular
+            plate with screws, 40 % medial malleolar screws); None: :data:`METAL_PROBABILITY`.
+    """
     kernel = "bone" if rng.uniform() < 0.5 else "soft"
     u_metal, u_cast = rng.uniform(), rng.uniform()
     metal = "none"
-    if u_metal < (0.15 if fractured else 0.04):
+    p_metal = METAL_PROBABILITY[bool(fractured)] if metal_probability is None \
+        else float(metal_probability)
+    if u_metal < p_metal:
         metal = "plate" if rng.uniform() < 0.6 else "screws"
     cast = "none" if u_cast >= 0.12 else ("cast" if rng.uniform() < 0.4 else "splint")
     return Appearance(

@@ -28,6 +28,10 @@ Components, applied in this order (each with its own probability; see :class:`Ra
   attenuation is physics (calcium), real scanners never invert it, and the cortical shell is
   the edge that defines the label. Inverting it would train for a contrast that never occurs.
 * ``blobs``: very bright small spheres (metal, contrast, calcifications), not labelled.
+* ``hardware``: a fixation plate on one side of the fibula (or tibia) with screws through the
+  bone and streaks in the screws' slices (:mod:`~AnkleFractureLib.training.seg_hardware`);
+  the label is kept (a screw in the bone stays bone, the plate stays background). Off in the
+  presets (``p_hardware`` 0): ``train-seg --hardware P`` switches it on.
 * ``bias``: smooth multiplicative field (MONAI ``RandBiasField``, Legendre degree 3): cupping,
   scatter, calibration drift.
 * ``lowres``: slice thickness: box average along z over 1.5-3 mm slices and linear
@@ -85,8 +89,10 @@ CORTICAL_MARGIN_HU = 300.0
 #: Entries of the remap look-up table over [0, 1] (0.73 HU steps for a 3000 HU window).
 LUT_SIZE = 4097
 
+# "hardware" comes last in this tuple (it is applied after "blobs"): each component's child
+# generator is spawned by position, so appending keeps every earlier component's draws.
 COMPONENTS = ("remap", "blobs", "bias", "lowres", "blur", "streaks", "noise", "sharpen",
-              "gamma", "fov")
+              "gamma", "fov", "hardware")
 Params = Dict[str, Dict[str, Any]]
 
 
@@ -111,6 +117,8 @@ class RandomiseConfig:
         p_gamma: Probability of a gamma change.
         p_blobs: Probability of bright unlabelled blobs.
         p_fov: Probability of a field-of-view truncation (image and label).
+        p_hardware: Probability of a fixation plate with screws (label kept); 0 in the
+            presets, so that models trained before it existed keep their configuration.
         hu_window: (lower, upper) HU of the normalisation (the plans' ``hu_window``).
         spacing_mm: Patch voxel size (x, y, z) in mm (the plans' ``model_spacing_mm``).
     """
@@ -129,6 +137,7 @@ class RandomiseConfig:
     p_gamma: float = 0.3
     p_blobs: float = 0.15
     p_fov: float = 0.2
+    p_hardware: float = 0.0
     hu_window: Tuple[float, float] = (-1000.0, 2000.0)
     spacing_mm: Tuple[float, float, float] = (1.0, 1.0, 1.0)
 
@@ -506,10 +515,19 @@ def _draw_fov(rng: np.random.Generator, cfg: RandomiseConfig, shape: Sequence[in
             "radius": float(rng.uniform(0.8 - 0.45 * s, 0.8) * n)}
 
 
+def _draw_hardware(rng: np.random.Generator, cfg: RandomiseConfig, shape: Sequence[int]
+                   ) -> Dict[str, Any]:
+    """A plate with 2-6 screws (:func:`~AnkleFractureLib.training.seg_hardware.draw_hardware`)."""
+    from AnkleFractureLib.training.seg_hardware import draw_hardware
+
+    return draw_hardware(rng, cfg.strength, shape)
+
+
 _DRAWS: Dict[str, Callable[..., Optional[Dict[str, Any]]]] = {
     "remap": _draw_remap, "blobs": _draw_blobs, "bias": _draw_bias, "lowres": _draw_lowres,
     "blur": _draw_blur, "streaks": _draw_streaks, "noise": _draw_noise,
-    "sharpen": _draw_sharpen, "gamma": _draw_gamma, "fov": _draw_fov}
+    "sharpen": _draw_sharpen, "gamma": _draw_gamma, "fov": _draw_fov,
+    "hardware": _draw_hardware}
 
 
 def draw_randomisation(rng: np.random.Generator, cfg: RandomiseConfig,
@@ -563,6 +581,10 @@ def apply_randomisation(image: np.ndarray, label: np.ndarray, params: Params,
                               cfg.hu_window)
     if "blobs" in p:
         img = add_blobs(img, **p["blobs"])
+    if "hardware" in p:  # after the remap: metal is the densest thing in any scan
+        from AnkleFractureLib.training.seg_hardware import add_hardware
+
+        img = add_hardware(img, lab, **p["hardware"])
     if "bias" in p:
         img = apply_bias_field(img, **p["bias"])
     if "lowres" in p:
