@@ -47,3 +47,32 @@ def test_plated_slices_dice_and_summary():
     assert s["n_plate"] == 1 and s["fibula_dice_plate_cases"] == 0.5
     assert s["fibula_dice"] == 0.7 and s["fibula_dice_plated_slices"] == 0.4
     assert s["fibula_dice_min"] == 0.5
+
+
+def test_last_weights_of_a_run_become_a_model_folder(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    from test_seg_training import TINY_PLANS
+
+    from AnkleFractureLib.segmentation.model_io import load_model
+    from AnkleFractureLib.segmentation.network import build_network
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "plans.json").write_text(json.dumps(TINY_PLANS.to_json()))
+    torch.manual_seed(3)
+    net = build_network(TINY_PLANS.network)
+    torch.save({"model": net.state_dict(), "epoch": 4, "global_step": 200},
+               run / "checkpoint.pt")
+    out = tmp_path / "last"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "seg_checkpoint_to_model.py"),
+                           str(run), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    state = load_model(out)[0].state_dict()
+    for key, value in net.state_dict().items():
+        assert torch.allclose(state[key].float(), value.half().float(), atol=1e-3), key
+    missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "seg_checkpoint_to_model.py"),
+                              str(tmp_path), "--out", str(out)], capture_output=True, text=True)
+    assert missing.returncode != 0 and "no checkpoint" in missing.stderr
