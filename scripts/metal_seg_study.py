@@ -130,16 +130,33 @@ def _seg_table(files: List[Path]) -> List[str]:
     return lines
 
 
-def _pipeline_table(files: List[Path]) -> List[str]:
+def _hardware_of(seg_files: List[Path]) -> Dict[str, Dict[str, str]]:
+    """dataset -> {case id: hardware drawn} from the segmentation study files."""
+    out: Dict[str, Dict[str, str]] = {}
+    for f in seg_files:
+        d = json.loads(f.read_text())
+        out.setdefault(d["dataset"], {}).update({r["id"]: r["hardware"] for r in d["cases"]})
+    return out
+
+
+def _right(cases: List[Dict[str, Any]], hardware: Dict[str, str], kind: str) -> str:
+    sel = [c for c in cases if hardware.get(c["id"]) == kind]
+    return f"{sum(c['predicted'] == c['true'] for c in sel)} of {len(sel)}" if sel else "n/a"
+
+
+def _pipeline_table(files: List[Path], seg_files: List[Path]) -> List[str]:
+    hardware = _hardware_of(seg_files)
     lines = ["| file | segmentation (sha256) | dataset | cases | refused | accuracy | "
-             "found | found on intact | median abs. height error |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "right, plates | right, screws | found | found on intact | "
+             "median abs. height error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for f in files:
         d = json.loads(f.read_text())
         s, fr = d["summary"], d["summary"]["fracture"]
         sha = d["models"]["segmentation"]["sha256"][:12]
+        hw = hardware.get(d["dataset"], {})
         lines.append(f"| {f.name} | `{sha}` | `{d['dataset']}` | {s['n']} | {s['refused']} | "
-                     f"{_pct(s['combined']['accuracy'])} | {_pct(fr['found_rate'])} | "
+                     f"{_pct(s['combined']['accuracy'])} | {_right(d['cases'], hw, 'plate')} | "
+                     f"{_right(d['cases'], hw, 'screws')} | {_pct(fr['found_rate'])} | "
                      f"{_pct(fr['found_on_none_rate'])} | "
                      f"{fr['median_abs_height_error_mm']} mm |")
     return lines
@@ -192,7 +209,7 @@ def page(folder: Path) -> str:
     if segsets:
         lines += ["", "## Segmentation held-out sets without metal on purpose "
                   "(`ankle-fracture evaluate-seg`, means over cases)", ""] + _segsets_table(segsets)
-    lines += ["", "## Whole pipeline", ""] + _pipeline_table(pipe)
+    lines += ["", "## Whole pipeline", ""] + _pipeline_table(pipe, seg)
     return "\n".join(lines) + "\n"
 
 
