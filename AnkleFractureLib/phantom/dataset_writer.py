@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import closing
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -76,6 +77,48 @@ def _write_dicom(ct: Any, folder: Path, case_id: str) -> None:
                        description=f"AnkleFracture phantom {case_id}")
 
 
+def _generate(item: Dict[str, Any], options: Dict[str, Any]) -> Any:
+    """One planned case (a worker's task: module-level, so that ``spawn`` can pickle it)."""
+    from AnkleFractureLib.phantom.generator import generate_case
+
+    return generate_case(item["seed"], weber=item["weber"], side=item["side"],
+                         spacing=item["spacing"], family=item["family"], **options)
+
+
+def _generated(plan: List[Dict[str, Any]], options: Dict[str, Any], workers: int
+               ) -> Iterator[Any]:
+    """The generated cases in plan order: one at a time when asked for, or with ``workers`` > 1
+    from a process pool that holds at most ``workers`` + 1 cases ahead (a clinical-size case
+    is a few hundred MB). Closing the generator drops the queued cases."""
+    if workers <= 1 or len(plan) <= 1:
+        for item in plan:
+            yield _generate(item, options)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    ahead = workers + 1
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(plan)),
+                               mp_context=multiprocessing.get_context("spawn"))
+    try:
+        queue: deque = deque()
+        todo = iter(plan)
+        for item in todo:
+            queue.append((item, pool.submit(_generate, item, options)))
+            if len(queue) >= ahead:
+                break
+        while queue:
+            _, future = queue.popleft()
+            case = future.result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                queue.append((nxt, pool.submit(_generate, nxt, options)))
+            yield case
+    finally:  # a cancel or an error: drop the queued cases, do not wait for them
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
                           weber: Optional[str] = None, side: Optional[str] = None,
                           spacing: str = "fast", preview: bool = False, dicom: bool = False,
@@ -83,7 +126,7 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
                           should_cancel: Optional[Callable[[], bool]] = None,
                           family: str = "analytic", fractures: str = "classic",
                           confounders: float = 0.0, forefoot: float = 0.0,
-                          metal: Optional[float] = None) -> Dataset:
+                          metal: Optional[float] = None, workers: int = 1) -> Dataset:
     """Generate ``n`` phantom cases into a dataset folder (added to it if it exists).
 
     Args:
@@ -114,48 +157,64 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
             with screws, or medial malleolar screws), recorded in the case meta
             (``metal_probability``; the hardware drawn is ``appearance["metal"]``); analytic
             cases ignore it; None (default): the usual rates, cases as before.
+        workers: Cases generated at once, each in its own process (``spawn``); the files are
+            written here, in plan order. Every case depends on its own seed alone, so the
+            dataset is the same for any number of workers.
 
     Returns:
         The Dataset.
+
+    Raises:
+        ValueError: ``workers`` below 1.
+        CancelledError: ``should_cancel`` returned True (the cases written so far stay).
     """
     from AnkleFractureLib.phantom.confounders import check_probability
-    from AnkleFractureLib.phantom.generator import check_metal, generate_case
-    from AnkleFractureLib.phantom.preview import write_preview
+    from AnkleFractureLib.phantom.generator import check_metal
 
     from AnkleFractureLib.phantom.forefoot import check_probability as check_forefoot
 
     confounders = check_probability(confounders)  # before any case is written
     forefoot = check_forefoot(forefoot)
     metal = check_metal(metal)
+    if int(workers) < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     plan = case_plan(n, seed, weber, side, spacing, family)
     ds = Dataset.create(out, name="AnkleFracture phantom",
                         description="Synthetic ankle CT phantoms (AnkleFractureLib.phantom); "
                                     "demonstration data, not patient data.")
-    for k, item in enumerate(plan):
-        if should_cancel is not None and should_cancel():
-            ds.save()
-            raise CancelledError(f"cancelled after {k} of {n} cases")
-        if progress is not None:
-            progress(k / n, f"case {item['id']} ({item['weber']}, {item['side']}, {item['spacing']})")
-        case = generate_case(item["seed"], weber=item["weber"], side=item["side"],
-                             spacing=item["spacing"], family=item["family"],
-                             fractures=fractures, confounders=confounders, forefoot=forefoot,
-                             metal=metal)
-        info = dict(case.info)
-        info.setdefault("family", item["family"])
-        info["dataset_seed"] = seed
-        info["dataset_index"] = item["index"]
-        info["size_xyz"] = list(case.ct.size)
-        info["spacing_mm"] = [round(v, 4) for v in case.ct.spacing]
-        ds.add_case(item["id"], case.ct, case.label, weber=item["weber"], side=item["side"],
-                    source="phantom", meta=info, save=False)
-        if preview:
-            Path(ds.root, "previews").mkdir(parents=True, exist_ok=True)
-            write_preview(case, str(Path(ds.root, "previews", f"{item['id']}.png")))
-        if dicom:
-            _write_dicom(case.ct, Path(ds.root, "dicom", item["id"]), item["id"])
-        # Save as we go, so an interrupted run leaves a consistent, usable dataset.
-        ds.save()
+    options = {"fractures": fractures, "confounders": confounders, "forefoot": forefoot,
+               "metal": metal}
+    with closing(_generated(plan, options, int(workers))) as cases:
+        for k, item in enumerate(plan):
+            if should_cancel is not None and should_cancel():
+                ds.save()
+                raise CancelledError(f"cancelled after {k} of {n} cases")
+            if progress is not None:
+                progress(k / n, f"case {item['id']} ({item['weber']}, {item['side']}, "
+                                f"{item['spacing']})")
+            _add_case(ds, item, next(cases), seed, preview, dicom)
     if progress is not None:
         progress(1.0, f"{n} cases written to {ds.root}")
     return ds
+
+
+def _add_case(ds: Dataset, item: Dict[str, Any], case: Any, seed: int, preview: bool,
+              dicom: bool) -> None:
+    """Write one generated case into the dataset (and its preview and DICOM series)."""
+    from AnkleFractureLib.phantom.preview import write_preview
+
+    info = dict(case.info)
+    info.setdefault("family", item["family"])
+    info["dataset_seed"] = seed
+    info["dataset_index"] = item["index"]
+    info["size_xyz"] = list(case.ct.size)
+    info["spacing_mm"] = [round(v, 4) for v in case.ct.spacing]
+    ds.add_case(item["id"], case.ct, case.label, weber=item["weber"], side=item["side"],
+                source="phantom", meta=info, save=False)
+    if preview:
+        Path(ds.root, "previews").mkdir(parents=True, exist_ok=True)
+        write_preview(case, str(Path(ds.root, "previews", f"{item['id']}.png")))
+    if dicom:
+        _write_dicom(case.ct, Path(ds.root, "dicom", item["id"]), item["id"])
+    # Save as we go, so an interrupted run leaves a consistent, usable dataset.
+    ds.save()
