@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from AnkleFractureLib.geometry.volume import Volume  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> Any:
+    """The module of ``scripts/<name>.py`` (the scripts folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _shared_data() -> Path:

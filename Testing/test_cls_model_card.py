@@ -4,7 +4,6 @@ hold no hand-typed figure, and a metrics file from before side detection says so
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 
 MODEL = REPO_ROOT / "Resources" / "Models" / "classification"
 pytestmark = pytest.mark.skipif(not (MODEL / "model.pt").is_file(),
@@ -20,11 +19,7 @@ pytestmark = pytest.mark.skipif(not (MODEL / "model.pt").is_file(),
 
 
 def _writer():
-    spec = importlib.util.spec_from_file_location(
-        "write_cls_model_card", REPO_ROOT / "scripts" / "write_cls_model_card.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("write_cls_model_card")
 
 
 def _notes() -> dict:

@@ -369,19 +369,16 @@ def test_shipped_map_changes_when_the_weights_are_randomised(shipped_crop, casca
 def test_the_shipped_map_is_the_one_the_committed_measurement_chose():
     """docs/gradcam_localisation.json measured the shipped map, whose cells are <= 6 mm and
     whose maximum lies nearest the fracture of those maps; the page is rendered from it."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location(
-        "gradcam_localisation", root / "scripts" / "gradcam_localisation.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    data = json.loads((root / "docs" / "gradcam_localisation.json").read_text(encoding="utf-8"))
+    from conftest import REPO_ROOT, load_script
+
+    script = load_script("gradcam_localisation")
+    docs = REPO_ROOT / "docs"
+    data = json.loads((docs / "gradcam_localisation.json").read_text(encoding="utf-8"))
     shipped = script.variant_name(SHIPPED_METHOD, SHIPPED_LAYERS)
     assert data["shipped"] == shipped
     assert script.best_fine_variant(data) == shipped
     assert max(data["cell_mm"][shipped]) <= script.MAX_CELL_MM
-    page = (root / "docs" / "gradcam_localisation.md").read_text(encoding="utf-8")
+    page = (docs / "gradcam_localisation.md").read_text(encoding="utf-8")
     assert page == script.render_page(data)

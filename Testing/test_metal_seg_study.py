@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "docs" / "metal"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("metal_seg_study",
-                                                  ROOT / "scripts" / "metal_seg_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("metal_seg_study")
 
 
 def test_page_is_the_rendering_of_the_committed_files(monkeypatch):

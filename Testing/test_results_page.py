@@ -5,23 +5,18 @@ figure by hand."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
 import numpy as np
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 
 DOCS = REPO_ROOT / "docs"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("cls_experiment",
-                                                  REPO_ROOT / "scripts" / "cls_experiment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("cls_experiment")
 
 
 def test_committed_page_is_the_scripts_output_from_the_committed_runs(tmp_path):

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Dict, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from AnkleFractureLib.evaluation.evaluate_fracture import case_row, summarise_rows, truth_of
+
+#: The Pipeline of a worker process (see :func:`_init_worker`).
+_WORKER: Dict[str, Any] = {}
 
 
 def _run_case(pipeline: Any, ct: Any, record: Any) -> Dict[str, Any]:
@@ -30,34 +34,82 @@ def _run_case(pipeline: Any, ct: Any, record: Any) -> Dict[str, Any]:
     return result
 
 
+def _case_row(pipeline: Any, root: str, record: Any) -> Dict[str, Any]:
+    """The evaluation row of one dataset case."""
+    from AnkleFractureLib.io import read_image
+
+    result = _run_case(pipeline, read_image(Path(root) / record.image), record)
+    row = case_row(record.id, truth_of(record), result)
+    row["side_given_after_both_legs"] = bool(result.get("_side_given"))
+    return row
+
+
+def _init_worker(options: Any, n_workers: int) -> None:
+    """Process-pool initializer: one Pipeline per worker, the CPU threads shared out."""
+    import torch
+
+    from AnkleFractureLib.pipeline.pipeline import Pipeline
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
+    _WORKER["pipeline"] = Pipeline(options)
+
+
+def _worker_row(root: str, record: Any) -> Dict[str, Any]:
+    return _case_row(_WORKER["pipeline"], root, record)
+
+
+def _rows(root: str, records: List[Any], pipeline: Any, workers: int) -> Iterator[Dict[str, Any]]:
+    """The rows in dataset order, computed here or in ``workers`` spawned processes."""
+    if workers <= 1 or len(records) <= 1:
+        for record in records:
+            yield _case_row(pipeline, root, record)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = min(workers, len(records))
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(pipeline.options, n)) as pool:
+        futures = [pool.submit(_worker_row, root, record) for record in records]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:  # an error or an interrupt: drop the cases not started
+            for future in futures:
+                future.cancel()
+
+
 def evaluate_fracture(dataset_dir: "os.PathLike[str] | str", pipeline: Any = None,
-                      progress: Optional[Callable[[float, str], None]] = None
-                      ) -> Dict[str, Any]:
+                      progress: Optional[Callable[[float, str], None]] = None,
+                      workers: int = 1) -> Dict[str, Any]:
     """Run the pipeline on every labelled case of a dataset and score it.
 
     Args:
         dataset_dir: Dataset folder (cases with a Weber class; phantoms carry the fracture).
         pipeline: A :class:`~AnkleFractureLib.pipeline.pipeline.Pipeline` (default options:
-            shipped models, side detected).
+            shipped models, side detected). With ``workers`` > 1 only its options are used.
         progress: Called with (fraction, message).
+        workers: Cases run at once, each worker a spawned process with its own Pipeline and
+            an equal share of the CPU threads; the rows are the same for any number.
 
     Returns:
         {"dataset", "summary", "cases": rows, "seconds"}.
+
+    Raises:
+        ValueError: ``workers`` below 1.
     """
     from AnkleFractureLib.dataset.layout import Dataset
-    from AnkleFractureLib.io import read_image
     from AnkleFractureLib.pipeline.pipeline import Pipeline
 
+    if int(workers) < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     ds = Dataset.load(dataset_dir)
     pipeline = pipeline or Pipeline()
     records = [r for r in ds.cases if r.weber is not None]
     rows, t0 = [], time.time()
-    for k, record in enumerate(records):
-        if progress is not None:
-            progress(k / max(1, len(records)), f"case {record.id}")
-        result = _run_case(pipeline, read_image(ds.path(record.image)), record)
-        row = case_row(record.id, truth_of(record), result)
-        row["side_given_after_both_legs"] = bool(result.get("_side_given"))
+    for k, row in enumerate(_rows(str(ds.root), records, pipeline, int(workers))):
         rows.append(row)
+        if progress is not None:
+            progress((k + 1) / max(1, len(records)), f"case {row['id']}")
     return {"dataset": os.path.abspath(os.fspath(dataset_dir)), "summary": summarise_rows(rows),
             "cases": rows, "seconds": round(time.time() - t0, 1)}

@@ -1,4 +1,5 @@
-"""``phantom --workers``: cases generated in parallel processes give the same dataset."""
+"""Work in parallel processes: ``phantom --workers`` and ``evaluate-fracture --workers`` give
+the same results as one process."""
 
 from __future__ import annotations
 
@@ -52,3 +53,28 @@ def test_bad_worker_counts_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--workers must be at least 1"):
         main(["phantom", "--out", str(tmp_path / "cli"), "--workers", "0", "--quiet"])
     assert not (tmp_path / "cli").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_fracture_scores_the_same_with_two_workers(tmp_path):
+    """``evaluate-fracture --workers 2``: the same rows, summary and models as one process."""
+    data = tmp_path / "ds"
+    assert main(["phantom", "--out", str(data), "--n", "2", "--seed", "77", "--quiet"]) == 0
+    outs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}.json"
+        assert main(["evaluate-fracture", str(data), "--out", str(out), "--quiet",
+                     "--workers", workers]) == 0
+        outs.append(json.loads(out.read_text()))
+    assert [r["id"] for r in outs[0]["cases"]] == ["phantom_77_0000", "phantom_77_0001"]
+    for key in ("cases", "summary", "models"):
+        assert outs[0][key] == outs[1][key]
+
+
+def test_evaluate_fracture_refuses_a_bad_worker_count(tmp_path):
+    from AnkleFractureLib.pipeline.evaluate import evaluate_fracture
+
+    with pytest.raises(SystemExit, match="--workers must be at least 1"):
+        main(["evaluate-fracture", str(tmp_path), "--workers", "0", "--quiet"])
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        evaluate_fracture(tmp_path, workers=0)
