@@ -419,3 +419,49 @@ def test_foot_bone_pieces_labelled_as_leg_below_the_joint_are_left_out(template,
     reg = register_to_template(mislabelled, template, "right", case.ct, plafond_hint=hint)
     assert miss(reg) <= 3.0 and 0.95 <= reg.scale <= 1.05
     assert any("below the ankle joint" in w for w in reg.warnings)
+
+
+def test_tibia_points_far_below_the_joint_are_left_out_of_the_fit():
+    # The medial malleolus ends 11-17 mm below the plafond; "tibia" lower than
+    # TIBIA_BELOW_JOINT_MM is talus or foot that the segmentation joined to the tibia.
+    hint = np.array([0.0, 0.0, 100.0])
+    z = np.array([320.0, 310.0, 120.0, 90.0, 76.0, 74.0, 60.0, 74.0, 60.0])
+    labels = np.array([1, 2, 1, 1, 1, 1, 1, 2, 2])
+    points = np.c_[np.zeros((len(z), 2)), z]
+    kept, kept_labels = reg_module._near_the_joint(points, labels, hint)
+    assert reg_module.TIBIA_BELOW_JOINT_MM == 25.0
+    # above the template's reach (320, 310) and tibia below 75 mm (74, 60) go; the fibula's
+    # lateral malleolus, lower than the tibia's, stays
+    assert kept[:, 2].tolist() == [120.0, 90.0, 76.0, 74.0, 60.0]
+    assert kept_labels.tolist() == [1, 1, 1, 2, 2]
+    # never a fit without both bones: then every point stays
+    only_low = np.array([1, 1, 2])
+    pts = np.c_[np.zeros((3, 2)), [60.0, 50.0, 110.0]]
+    assert len(reg_module._near_the_joint(pts, only_low, hint)[0]) == 3
+
+
+@pytest.mark.slow
+def test_a_talus_labelled_tibia_does_not_pull_the_fit_along_the_shaft(template, monkeypatch):
+    # Validation phantom vh_4242_0002 (phantom --n 12 --seed 4242 --family vh --fractures
+    # varied --weber C --metal 0, case 2): the shipped segmentation labels a shell of the talus
+    # as tibia, joined to the tibia, down to 40 mm below the joint. The fit slid 30 mm along the
+    # shaft (scale 0.96; the true labels register at 1.18) and the pipeline refused the scan;
+    # the re-anchored refit found the same minimum.
+    from AnkleFractureLib.phantom.dataset_writer import case_seed
+    from AnkleFractureLib.pipeline.checks import estimate_plafond
+    from AnkleFractureLib.segmentation.inference import SegmentationModel
+
+    case = generate_case(case_seed(4242, 2), "C", "right", "fast", family="vh",
+                         fractures="varied", metal=0.0)
+    label = SegmentationModel.load().predict(case.ct)
+    plafond = np.asarray(case.info["plafond_lps"])
+    tib = label.index_to_physical(np.argwhere(label.array == 1)[:, ::-1].astype(float))
+    assert (tib[:, 2] < plafond[2] - 30.0).sum() > 100  # the mislabelled talus is there
+    hint = estimate_plafond(label)
+    with monkeypatch.context() as m:
+        m.setattr(reg_module, "TIBIA_BELOW_JOINT_MM", 1e9)
+        before = register_to_template(label, template, "auto", case.ct, plafond_hint=hint)
+    reg = register_to_template(label, template, "auto", case.ct, plafond_hint=hint)
+    assert _plafond_error(before, case, template) > 20.0  # the failure this guards against
+    assert _plafond_error(reg, case, template) <= 5.0
+    assert reg.scale > 1.05

@@ -69,7 +69,9 @@ CACHE_VERSION = 2
 #: 5: segmentation post-processing rule 5 (large isolated pieces without cortex, such as a
 #: cast, removed), the plafond estimate started at the lowest full tibial cross-section, and
 #: the fit on the distal 200 mm above it (whole-leg scans).
-CROP_CODE_VERSION = 5
+#: 6: tibia surface points more than 25 mm below the plafond found on the labels left out of
+#: the fit (a talus labelled tibia no longer pulls it along the shaft).
+CROP_CODE_VERSION = 6
 #: Side policies of :func:`load_crops`: automatic detection as ``run`` does, or the dataset's.
 SIDE_POLICIES = ("detect", "dataset")
 ProgressCallback = Callable[[float, str], None]

@@ -80,6 +80,13 @@ JOINT_RETRY_MM = 8.0
 #: On that retry, surface points more than this far (mm) below the hint are left out: the
 #: malleolar tips end 10-30 mm below the plafond, so lower labels are foot bones or specks.
 BELOW_JOINT_MM = 40.0
+#: With a plafond hint, tibia surface points more than this far (mm) below it are left out of
+#: every fit: the medial malleolus ends 11-17 mm below the plafond (16 single-leg real-shape
+#: validation phantoms), so lower "tibia" is the talus or a foot bone that the segmentation
+#: joined to the tibia. A talar shell labelled tibia down to 40 mm below the joint, part of the
+#: tibia's main piece, pulled a fit 30 mm along the shaft with scale 0.96 (true 1.18), and the
+#: re-anchored refit found the same minimum; without those points it lands 4 mm from the joint.
+TIBIA_BELOW_JOINT_MM = 25.0
 #: With a plafond hint, surface points more than this far (mm) above it are left out of every
 #: fit: the template reaches 130 mm above its plafond (180 mm at the largest plausible scale),
 #: so the rest of a whole-leg scan's shafts (and the knee) has nothing to match and only
@@ -329,10 +336,14 @@ def _fit_points(label: Volume, mirror: np.ndarray, max_points: int, seed: int
 def _near_the_joint(points: np.ndarray, labels: np.ndarray, hint: np.ndarray
                     ) -> Tuple[np.ndarray, np.ndarray]:
     """The surface points (N, 3) mirrored LPS mm, and their labels, at most
-    :data:`ABOVE_JOINT_MM` above the plafond ``hint`` (all of them when fewer than both bones
-    would remain). No warning: the template is a distal leg by design, so a scan that reaches
-    the knee is registered on its distal part as a matter of course."""
-    keep = points[:, 2] <= hint[2] + ABOVE_JOINT_MM  # LPS z is superior (mirroring keeps it)
+    :data:`ABOVE_JOINT_MM` above the plafond ``hint`` and, for the tibia, at most
+    :data:`TIBIA_BELOW_JOINT_MM` below it (all of them when fewer than both bones would
+    remain). No warning: the template is a distal leg by design, so a scan that reaches the
+    knee is registered on its distal part as a matter of course, and the tibia never reaches
+    that far below its own plafond."""
+    z = points[:, 2]  # LPS z is superior (mirroring keeps it)
+    too_low = (labels == 1) & (z < hint[2] - TIBIA_BELOW_JOINT_MM)
+    keep = (z <= hint[2] + ABOVE_JOINT_MM) & ~too_low
     if keep.all() or len(np.unique(labels[keep])) < 2:
         return points, labels
     return points[keep], labels[keep]

@@ -32,8 +32,9 @@ from AnkleFractureLib.errors import AnkleFractureError
 #: ``run`` does (anchored on the plafond found on the labels; a scan with both legs cropped on
 #: the dataset's side, as a user answers that refusal). 3: segmentation post-processing rule 5
 #: (casts), the plafond estimate from the lowest full tibial cross-section, and the fit on the
-#: distal 200 mm above it.
-FRACTURE_DATA_VERSION = 3
+#: distal 200 mm above it. 4: tibia surface points more than 25 mm below that plafond left out
+#: of the fit (``registration.register.TIBIA_BELOW_JOINT_MM``).
+FRACTURE_DATA_VERSION = 4
 MASK_SOURCES = ("dataset", "model")
 
 
