@@ -78,3 +78,36 @@ def test_evaluate_fracture_refuses_a_bad_worker_count(tmp_path):
         main(["evaluate-fracture", str(tmp_path), "--workers", "0", "--quiet"])
     with pytest.raises(ValueError, match="workers must be at least 1"):
         evaluate_fracture(tmp_path, workers=0)
+
+
+def test_fracture_crops_are_the_same_with_two_workers(tmp_path):
+    """``train-fracture --workers``: the crop cache files hold the same arrays for any N, and a
+    case that cannot be cropped is reported, not fatal."""
+    import numpy as np
+
+    from AnkleFractureLib.dataset import Dataset
+    from AnkleFractureLib.training.fracture_data import build_fracture_crops, load_crop_file
+
+    data = tmp_path / "ds"
+    write_phantom_dataset(data, n=3, seed=31)
+    ds = Dataset.load(data)
+    first = ds.cases[0]
+    from AnkleFractureLib.io import read_image
+
+    ct = read_image(ds.path(first.image))
+    label = read_image(ds.path(first.segmentation))
+    ds.add_case("empty", ct, label.with_array(np.zeros(label.shape, np.uint8)), weber="none",
+                side="right", source="test")
+    results = {}
+    for workers in (1, 2):
+        paths, failed = build_fracture_crops(data, tmp_path / f"cache{workers}", "dataset",
+                                             workers=workers)
+        assert list(failed) == ["empty"]
+        results[workers] = [load_crop_file(p) for p in paths]
+    assert [r["info"]["id"] for r in results[1]] == [c.id for c in ds.cases[:3]]
+    for a, b in zip(results[1], results[2]):
+        assert a["info"] == b["info"]
+        for key in ("channels", "target", "patient_to_template"):
+            np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        build_fracture_crops(data, tmp_path / "cache0", "dataset", workers=0)

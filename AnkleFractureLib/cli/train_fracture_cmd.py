@@ -60,11 +60,16 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--try-cut-rule", action="store_true",
                    help="let the 'found' rule's fit also try requiring that a line cut the "
                         "fibula in two (off by default: see docs/fracture/experiments/cut_rule)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="cases cropped at once before training, each in its own process with "
+                        "its own segmentation model and 1/N of the CPU threads (default 1); "
+                        "the crops are the same for any N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def _crops(datasets: list, masks_arg: str, cache_dir: str, bar: ProgressBar) -> list:
+def _crops(datasets: list, masks_arg: str, cache_dir: str, bar: ProgressBar,
+           workers: int = 1) -> list:
     from AnkleFractureLib.training.fracture_data import build_fracture_crops
 
     sources = ["dataset", "model"] if masks_arg == "both" else [masks_arg]
@@ -72,7 +77,7 @@ def _crops(datasets: list, masks_arg: str, cache_dir: str, bar: ProgressBar) -> 
     for ds in datasets:
         for masks in sources:
             got, failed = build_fracture_crops(ds, Path(cache_dir) / Path(ds).name, masks,
-                                               progress=bar)
+                                               progress=bar, workers=workers)
             for case, why in failed.items():
                 print(f"skipped {case}: {why}", file=sys.stderr)
             paths += got
@@ -91,12 +96,14 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"ankle-fracture train-fracture: error: {sorted(map(str, both))[0]} is "
                          "both a training and a validation dataset")
     bar = ProgressBar("crops", enabled=not args.quiet)
-    paths = _crops(args.datasets, args.masks, args.cache_dir, bar)
+    if args.workers < 1:
+        raise SystemExit("ankle-fracture train-fracture: error: --workers must be at least 1")
+    paths = _crops(args.datasets, args.masks, args.cache_dir, bar, args.workers)
     command = "ankle-fracture " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.refit_decision:
         return _refit(args, paths, command)
     # Only training chooses a checkpoint: a refit never needs the validation crops.
-    val_paths = _crops(args.val_dataset, "model", args.cache_dir, bar)
+    val_paths = _crops(args.val_dataset, "model", args.cache_dir, bar, args.workers)
     cfg = FractureTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               val_fraction=args.val_fraction, eval_every=args.eval_every,
                               seed=args.seed, threads=args.threads, max_minutes=args.max_minutes,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -128,11 +128,74 @@ def _seg_model_tag(seg_model_dir: Optional[str]) -> str:
     return sha256_file(folder / "model.pt")[:12]
 
 
+#: What a crop worker process holds (see :func:`_init_crop_worker`).
+_WORKER: Dict[str, Any] = {}
+
+
+def _init_crop_worker(root: str, masks: str, template: Any, seg_model_dir: Optional[str],
+                      n_workers: int) -> None:
+    """Process-pool initializer: the dataset, the template and the segmentation model loaded
+    once per worker, the CPU threads shared out."""
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
+    seg = None
+    if masks == "model":
+        from AnkleFractureLib.segmentation.inference import SegmentationModel
+
+        seg = SegmentationModel.load(seg_model_dir)
+    _WORKER.update(ds=Dataset.load(root), masks=masks, template=template, seg=seg)
+
+
+def _crop_to_file(ds: Dataset, record: CaseRecord, masks: str, template: Any, seg: Any,
+                  path: Path) -> Optional[str]:
+    """Crop one case into ``path``; the error message when it cannot be cropped."""
+    try:
+        _save(path, *crop_one(ds, record, masks, template, seg))
+    except AnkleFractureError as exc:
+        return str(exc)
+    return None
+
+
+def _worker_crop(record: CaseRecord, path: Path) -> Optional[str]:
+    w = _WORKER
+    return _crop_to_file(w["ds"], record, w["masks"], w["template"], w["seg"], path)
+
+
+def _crop_errors(ds: Dataset, todo: List[Tuple[CaseRecord, Path]], masks: str, template: Any,
+                 seg_model_dir: Optional[str], workers: int) -> Iterator[Optional[str]]:
+    """The error (or None) of each case of ``todo`` once its crop is written, in order: here,
+    or in ``workers`` spawned processes that each load the segmentation model once."""
+    if workers <= 1 or len(todo) <= 1:
+        seg = None
+        if masks == "model" and todo:
+            from AnkleFractureLib.segmentation.inference import SegmentationModel
+
+            seg = SegmentationModel.load(seg_model_dir)
+        for record, path in todo:
+            yield _crop_to_file(ds, record, masks, template, seg, path)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = min(workers, len(todo))
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_crop_worker,
+                             initargs=(str(ds.root), masks, template, seg_model_dir, n)) as pool:
+        futures = [pool.submit(_worker_crop, record, path) for record, path in todo]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:  # an error or an interrupt: drop the cases not started
+            for future in futures:
+                future.cancel()
+
+
 def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathLike[str] | str",
                          masks: str = "dataset", template: Any = None,
                          seg_model_dir: Optional[str] = None,
-                         progress: Optional[Callable[[float, str], None]] = None
-                         ) -> Tuple[List[Path], Dict[str, str]]:
+                         progress: Optional[Callable[[float, str], None]] = None,
+                         workers: int = 1) -> Tuple[List[Path], Dict[str, str]]:
     """Crop every case of a dataset into ``cache_dir`` (existing files are reused).
 
     Args:
@@ -142,35 +205,34 @@ def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathL
         template: Template (the shipped default when None).
         seg_model_dir: Segmentation model for masks="model" (shipped when None).
         progress: Called with (fraction, message).
+        workers: Cases cropped at once, each worker a spawned process with its own
+            segmentation model and 1/N of the CPU threads; the files are the same for any N.
 
     Returns:
         (paths of the cache files, {case id: error} for the cases that could not be cropped).
+
+    Raises:
+        ValueError: Unknown ``masks`` or ``workers`` below 1.
     """
     from AnkleFractureLib.registration.template import load_template
 
     if masks not in MASK_SOURCES:
         raise ValueError(f"masks must be one of {MASK_SOURCES}, got {masks!r}")
+    if int(workers) < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     ds = Dataset.load(dataset)
     template = load_template() if template is None else template
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    seg = None
-    paths, failed = [], {}
     records = list(ds.cases)
     tag = masks if masks == "dataset" else f"model-{_seg_model_tag(seg_model_dir)}"
-    for k, record in enumerate(records):
-        path = cache / f"{record.id}.{tag}.v{FRACTURE_DATA_VERSION}.npz"
+    paths = {r.id: cache / f"{r.id}.{tag}.v{FRACTURE_DATA_VERSION}.npz" for r in records}
+    todo = [(r, paths[r.id]) for r in records if not paths[r.id].exists()]
+    failed: Dict[str, str] = {}
+    errors = _crop_errors(ds, todo, masks, template, seg_model_dir, int(workers))
+    for k, ((record, _), error) in enumerate(zip(todo, errors)):
+        if error is not None:
+            failed[record.id] = error
         if progress is not None:
-            progress(k / len(records), f"crop {record.id} ({masks} masks)")
-        if not path.exists():
-            if masks == "model" and seg is None:
-                from AnkleFractureLib.segmentation.inference import SegmentationModel
-
-                seg = SegmentationModel.load(seg_model_dir)
-            try:
-                _save(path, *crop_one(ds, record, masks, template, seg))
-            except AnkleFractureError as exc:
-                failed[record.id] = str(exc)
-                continue
-        paths.append(path)
-    return paths, failed
+            progress((k + 1) / len(todo), f"cropped {record.id} ({masks} masks)")
+    return [paths[r.id] for r in records if r.id not in failed], failed
