@@ -12,7 +12,7 @@ LIB = Path(__file__).resolve().parents[1] / "AnkleFractureLib"
 FORBIDDEN = {"slicer", "qt", "ctk", "vtk", "vtkmodules", "PythonQt"}
 # Layer order, lowest first; a module may import only its own layer or lower ones.
 LAYERS = [
-    {"errors", "__init__", "resources"},
+    {"errors", "__init__", "resources", "parallel"},
     {"geometry"},
     {"io", "preprocessing"},
     {"dataset"},

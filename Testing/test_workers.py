@@ -111,3 +111,14 @@ def test_fracture_crops_are_the_same_with_two_workers(tmp_path):
             np.testing.assert_array_equal(a[key], b[key])
     with pytest.raises(ValueError, match="workers must be at least 1"):
         build_fracture_crops(data, tmp_path / "cache0", "dataset", workers=0)
+
+
+def test_in_processes_keeps_the_order_and_raises_a_tasks_error():
+    from AnkleFractureLib.parallel import in_processes
+
+    assert list(in_processes(pow, [(2, k) for k in range(7)], 2, ahead=3)) == [
+        2 ** k for k in range(7)]
+    results = in_processes(int, [("1",), ("x",), ("3",)], 2)
+    assert next(results) == 1
+    with pytest.raises(ValueError, match="invalid literal"):
+        next(results)

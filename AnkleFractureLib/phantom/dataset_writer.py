@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 
@@ -94,29 +94,10 @@ def _generated(plan: List[Dict[str, Any]], options: Dict[str, Any], workers: int
         for item in plan:
             yield _generate(item, options)
         return
-    import multiprocessing
-    from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
+    from AnkleFractureLib.parallel import in_processes
 
-    ahead = workers + 1
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(plan)),
-                               mp_context=multiprocessing.get_context("spawn"))
-    try:
-        queue: deque = deque()
-        todo = iter(plan)
-        for item in todo:
-            queue.append((item, pool.submit(_generate, item, options)))
-            if len(queue) >= ahead:
-                break
-        while queue:
-            _, future = queue.popleft()
-            case = future.result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                queue.append((nxt, pool.submit(_generate, nxt, options)))
-            yield case
-    finally:  # a cancel or an error: drop the queued cases, do not wait for them
-        pool.shutdown(wait=False, cancel_futures=True)
+    yield from in_processes(_generate, [(item, options) for item in plan],
+                            min(workers, len(plan)), ahead=workers + 1)
 
 
 def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,

@@ -64,19 +64,11 @@ def _rows(root: str, records: List[Any], pipeline: Any, workers: int) -> Iterato
         for record in records:
             yield _case_row(pipeline, root, record)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from AnkleFractureLib.parallel import in_processes
 
     n = min(workers, len(records))
-    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(pipeline.options, n)) as pool:
-        futures = [pool.submit(_worker_row, root, record) for record in records]
-        try:
-            for future in futures:
-                yield future.result()
-        finally:  # an error or an interrupt: drop the cases not started
-            for future in futures:
-                future.cancel()
+    yield from in_processes(_worker_row, [(root, record) for record in records], n,
+                            initializer=_init_worker, initargs=(pipeline.options, n))
 
 
 def evaluate_fracture(dataset_dir: "os.PathLike[str] | str", pipeline: Any = None,

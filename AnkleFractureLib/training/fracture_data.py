@@ -175,20 +175,11 @@ def _crop_errors(ds: Dataset, todo: List[Tuple[CaseRecord, Path]], masks: str, t
         for record, path in todo:
             yield _crop_to_file(ds, record, masks, template, seg, path)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from AnkleFractureLib.parallel import in_processes
 
     n = min(workers, len(todo))
-    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_crop_worker,
-                             initargs=(str(ds.root), masks, template, seg_model_dir, n)) as pool:
-        futures = [pool.submit(_worker_crop, record, path) for record, path in todo]
-        try:
-            for future in futures:
-                yield future.result()
-        finally:  # an error or an interrupt: drop the cases not started
-            for future in futures:
-                future.cancel()
+    yield from in_processes(_worker_crop, todo, n, initializer=_init_crop_worker,
+                            initargs=(str(ds.root), masks, template, seg_model_dir, n))
 
 
 def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathLike[str] | str",
