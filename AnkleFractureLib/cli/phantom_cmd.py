@@ -71,9 +71,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                    help="also write each CT as a DICOM series in DIR/dicom/<id>/")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="cases generated at once, each in its own process (default 1); the "
-                        "dataset is the same for any N. A vh case takes one core about 15-25 s "
-                        "at fast spacing, so N = the number of cores divides the time nearly "
-                        "by N")
+                        "dataset is the same for any N. A vh case takes one core 15-25 s at "
+                        "fast spacing; 2 workers on 2 cores made 16 of them in 3 min (12 s a "
+                        "case)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
