@@ -12,6 +12,16 @@ from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 
+def share_threads(n_workers: int) -> None:
+    """In a worker process: give torch an equal share of this machine's CPU threads, so that
+    ``n_workers`` workers together do not oversubscribe the cores."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(int(n_workers), 1)))
+
+
 def in_processes(fn: Callable[..., Any], tasks: Iterable[Sequence[Any]], workers: int, *,
                  initializer: Optional[Callable[..., None]] = None,
                  initargs: Sequence[Any] = (), ahead: Optional[int] = None) -> Iterator[Any]:

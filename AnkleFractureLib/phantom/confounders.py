@@ -614,9 +614,9 @@ def check_kinds(kinds: Optional[Sequence[str]]) -> None:
         raise ValueError(f"confounder kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
 
 
-def check_probability(p: Any) -> float:
-    """``p`` as a float in [0, 1], or ValueError."""
+def check_probability(p: Any, name: str = "confounders") -> float:
+    """``p`` as a float in [0, 1], or ValueError naming the option ``name``."""
     if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)) \
             or not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"confounders must be a probability in [0, 1], got {p!r}")
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
     return float(p)

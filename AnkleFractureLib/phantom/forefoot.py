@@ -139,10 +139,9 @@ class Forefoot:
 
 def check_probability(p: Any) -> float:
     """``p`` as a float in [0, 1], or ValueError."""
-    if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)) \
-            or not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"forefoot must be a probability in [0, 1], got {p!r}")
-    return float(p)
+    from AnkleFractureLib.phantom.confounders import check_probability as check
+
+    return check(p, "forefoot")
 
 
 # ---------------------------------------------------------------------- sampling

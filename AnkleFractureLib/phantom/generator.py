@@ -241,15 +241,9 @@ def check_metal(p: Optional[float]) -> Optional[float]:
         >>> check_metal(None) is None, check_metal(1)
         (True, 1.0)
     """
-    if p is None:
-        return None
-    try:
-        value = float(p)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"metal must be a probability in [0, 1], got {p!r}")
-    return value
+    from AnkleFractureLib.phantom.confounders import check_probability
+
+    return None if p is None else check_probability(p, "metal")
 
 
 def _case(ct_arr: np.ndarray, lab_arr: np.ndarray, grid: Any, meta: Dict[str, Any],

@@ -437,11 +437,11 @@ def _worker_init(options: PipelineOptions, n_workers: int, cancel_event: Any) ->
     """Process-pool initializer: one Pipeline per worker, CPU threads shared out."""
     import signal
 
-    import torch
+    from AnkleFractureLib.parallel import share_threads
 
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the parent's to handle
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
+    share_threads(n_workers)
     from AnkleFractureLib.pipeline.pipeline import Pipeline
 
     _WORKER["pipeline"] = Pipeline(options)

@@ -46,11 +46,10 @@ def _case_row(pipeline: Any, root: str, record: Any) -> Dict[str, Any]:
 
 def _init_worker(options: Any, n_workers: int) -> None:
     """Process-pool initializer: one Pipeline per worker, the CPU threads shared out."""
-    import torch
-
+    from AnkleFractureLib.parallel import share_threads
     from AnkleFractureLib.pipeline.pipeline import Pipeline
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
+    share_threads(n_workers)
     _WORKER["pipeline"] = Pipeline(options)
 
 

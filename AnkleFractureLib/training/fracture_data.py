@@ -136,9 +136,9 @@ def _init_crop_worker(root: str, masks: str, template: Any, seg_model_dir: Optio
                       n_workers: int) -> None:
     """Process-pool initializer: the dataset, the template and the segmentation model loaded
     once per worker, the CPU threads shared out."""
-    import torch
+    from AnkleFractureLib.parallel import share_threads
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
+    share_threads(n_workers)
     seg = None
     if masks == "model":
         from AnkleFractureLib.segmentation.inference import SegmentationModel
