@@ -57,6 +57,32 @@ def test_crop_channels_match_template(template, crops):
     assert crop.channels[0][crop.channels[2] > 0.9].mean() > 0.6
 
 
+def test_bone_window_keeps_the_cortex_the_reference_window_saturates(crops):
+    """ct_bone is the same CT samples in the bone window: equal to ct's mapping below 1000 HU,
+    and still graded where ct reads 1 (dense cortex)."""
+    from AnkleFractureLib.crop import ALL_CHANNELS
+    from AnkleFractureLib.errors import InputError
+
+    crop = crops["right"]
+    ct, bone = crop.channels[0], crop.ct_bone
+    assert bone.shape == ct.shape and bone.dtype == np.float32
+    mid = (ct > 0.01) & (ct < 0.99)
+    hu = ct[mid] * 2000.0 - 1000.0  # reference window [-1000, 1000]
+    assert np.allclose(bone[mid], np.clip((hu + 500.0) / 3000.0, 0, 1), atol=1e-4)
+    cortex = bone[ct >= 1.0]
+    assert cortex.size > 100 and cortex.min() >= 0.5 - 1e-4 and np.ptp(cortex) > 0.1
+    stacked = crop.stacked()
+    assert ALL_CHANNELS == ("ct", "tibia", "fibula", "ct_bone")
+    assert stacked.shape == (4,) + ct.shape and np.array_equal(stacked[3], bone)
+    assert np.array_equal(crop.stacked(("fibula", "ct")), crop.channels[[2, 0]])
+    with pytest.raises(InputError, match="unknown crop channel 'femur'"):
+        crop.stacked(("femur",))
+    import dataclasses
+
+    with pytest.raises(InputError, match="no bone-window CT"):
+        dataclasses.replace(crop, ct_bone=None).stacked()
+
+
 def test_left_and_right_crops_agree(crops):
     left, right = crops["left"], crops["right"]
     assert np.linalg.det(left.patient_to_template[:3, :3]) < 0

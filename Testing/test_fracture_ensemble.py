@@ -34,7 +34,7 @@ def test_ensemble_folder_averages_its_members_probabilities(tmp_path) -> None:
     folder = _ensemble(tmp_path)
     net, plans = load_localiser(folder)
     assert isinstance(net, MeanProbability) and len(net.members) == 2
-    x = torch.rand(1, 3, 32, 16, 16)
+    x = torch.rand(1, len(plans["channels"]), 32, 16, 16)
     with torch.no_grad():
         mean = (torch.sigmoid(net.members[0](x)) + torch.sigmoid(net.members[1](x))) / 2
         assert torch.allclose(torch.sigmoid(net(x)), mean, atol=1e-5)

@@ -89,6 +89,12 @@ def test_training_pair_shapes_and_patch_over_the_line() -> None:
         assert x.shape == (3, 48, 40, 40) and y.shape == (1, 48, 40, 40)
         hits += int(y.sum() > 0)
     assert hits >= 8  # most patches hold the line (70 % aimed at it)
+    # Crops with the bone-window CT: the input holds the named arrays in that order.
+    four = np.concatenate([ch, np.full((1, 96, 48, 64), 0.25, np.float16)])
+    x, _ = training_pair(Sample(four, target, np.eye(4), {"id": "x", "weber": "C"}), rng,
+                         shift=0, patch_z=48, channels=("ct_bone", "fibula"))
+    assert x.shape == (2, 48, 40, 40)
+    assert 0.05 < float(np.median(x[0])) < 0.6 and x[1].max() == 1.0  # augmented 0.25, the mask
 
 
 def test_localiser_round_trip_and_errors(tmp_path) -> None:
@@ -100,10 +106,19 @@ def test_localiser_round_trip_and_errors(tmp_path) -> None:
     plans = default_plans([4, 4, 8, 8, 8, 4])
     save_localiser(tmp_path / "m", build_localiser(plans["network"]), plans)
     loc = FractureLocaliser.load(tmp_path / "m", device="cpu")
-    heat, win = loc.heatmap(np.zeros((3, 32, 48, 64), np.float32))
+    heat, win = loc.heatmap(np.zeros((4, 32, 48, 64), np.float32))
     assert heat.shape == (32, 48, 64) and 0.0 <= heat.min() and heat.max() <= 1.0
-    with pytest.raises(InputError, match="crop channels"):
-        loc.heatmap(np.zeros((2, 8, 8, 8), np.float32))
+    with pytest.raises(InputError, match="reads the crop arrays .*ct_bone"):
+        loc.heatmap(np.zeros((3, 8, 8, 8), np.float32))  # no bone-window CT
+    old = default_plans([4, 4, 8, 8, 8, 4], channels=("ct", "tibia", "fibula"))
+    save_localiser(tmp_path / "old", build_localiser(old["network"]), old)
+    heat, _ = FractureLocaliser.load(tmp_path / "old", device="cpu").heatmap(
+        np.zeros((3, 32, 48, 64), np.float32))  # a localiser of the three crop channels
+    assert heat.shape == (32, 48, 64)
+    bad = {**old, "channels": ["ct", "tibia", "femur"]}
+    save_localiser(tmp_path / "bad", build_localiser(old["network"]), bad)
+    with pytest.raises(InputError, match="plans.json.*femur"):
+        FractureLocaliser.load(tmp_path / "bad")
     (tmp_path / "m" / "model.pt").write_bytes(b"broken")
     with pytest.raises(InputError, match="model.pt"):
         FractureLocaliser.load(tmp_path / "m")
@@ -130,13 +145,14 @@ def test_model_mask_crops_are_cached_per_segmentation_model(tmp_path):
 
 def _line_samples(n: int) -> list:
     """Synthetic crop samples on the template grid (96, 48, 64): a bright fibula column with a
-    dark transverse line at a case-dependent level (the target), and intact columns."""
+    dark transverse line at a case-dependent level (the target), and intact columns; the
+    fourth array (bone-window CT) is the CT rescaled."""
     from AnkleFractureLib.training.fracture_train import Sample
 
     rng = np.random.default_rng(3)
     out = []
     for k in range(n):
-        ch = np.zeros((3, 96, 48, 64), np.float16)
+        ch = np.zeros((4, 96, 48, 64), np.float16)
         ch[0] = rng.normal(0.0, 0.05, (96, 48, 64))
         ch[0, :, 20:30, 15:25] += 1.0
         ch[2, :, 20:30, 15:25] = 1.0
@@ -146,6 +162,7 @@ def _line_samples(n: int) -> list:
             z = 40 + 4 * k
             ch[0, z:z + 2, 20:30, 15:25] = 0.0
             target[z:z + 2, 20:30, 15:25] = 1
+        ch[3] = ch[0] * 0.6 + 0.2
         out.append(Sample(ch, target, np.eye(4), {"id": f"c{k}", "weber": weber,
                                                   "height_true_mm": None}))
     return out

@@ -64,8 +64,24 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                    help="cases cropped at once before training, each in its own process with "
                         "its own segmentation model and 1/N of the CPU threads (default 1); "
                         "the crops are the same for any N")
+    p.add_argument("--channels", default="ct,tibia,fibula,ct_bone", metavar="NAMES",
+                   help="comma-separated crop arrays the network reads, of ct (reference window "
+                        "[-1000, 1000] HU), tibia, fibula, ct_bone (bone window [-500, 2500] HU, "
+                        "where hairlines through the cortex show); default "
+                        "ct,tibia,fibula,ct_bone")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def _channels(text: str) -> tuple:
+    from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in ALL_CHANNELS]
+    if not names or bad or len(set(names)) != len(names):
+        raise SystemExit(f"ankle-fracture train-fracture: error: --channels takes distinct names "
+                         f"of {', '.join(ALL_CHANNELS)}, got {text!r}")
+    return names
 
 
 def _crops(datasets: list, masks_arg: str, cache_dir: str, bar: ProgressBar,
@@ -98,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     bar = ProgressBar("crops", enabled=not args.quiet)
     if args.workers < 1:
         raise SystemExit("ankle-fracture train-fracture: error: --workers must be at least 1")
+    channels = _channels(args.channels)
     paths = _crops(args.datasets, args.masks, args.cache_dir, bar, args.workers)
     command = "ankle-fracture " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.refit_decision:
@@ -107,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = FractureTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               val_fraction=args.val_fraction, eval_every=args.eval_every,
                               seed=args.seed, threads=args.threads, max_minutes=args.max_minutes,
-                              device=args.device, cut_rule=args.try_cut_rule)
+                              device=args.device, cut_rule=args.try_cut_rule, channels=channels)
     report = train_localiser(paths, args.out, cfg, command,
                              ProgressBar("train-fracture", enabled=not args.quiet),
                              val_paths=val_paths or None)

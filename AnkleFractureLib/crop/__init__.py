@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from AnkleFractureLib.crop.syndesmosis import (
+    ALL_CHANNELS,
     CHANNELS,
     SyndesmosisCrop,
     box_on_grid,
@@ -15,5 +16,6 @@ from AnkleFractureLib.crop.syndesmosis import (
     write_crop,
 )
 
-__all__ = ["CHANNELS", "SyndesmosisCrop", "box_on_grid", "crop_raw_ct", "crop_syndesmosis",
-           "crop_to_ct", "crop_to_ct_box", "paste_on_grid", "read_crop", "write_crop"]
+__all__ = ["ALL_CHANNELS", "CHANNELS", "SyndesmosisCrop", "box_on_grid", "crop_raw_ct",
+           "crop_syndesmosis", "crop_to_ct", "crop_to_ct_box", "paste_on_grid", "read_crop",
+           "write_crop"]

@@ -6,7 +6,10 @@ the x-mirror of a left ankle), so every crop shows a right ankle in the same ana
 
 * channel 0 ``ct``: HU, linear interpolation (-1024 HU outside the CT), then the reference
   window [-1000, 1000] HU mapped to [0, 1];
-* channel 1 ``tibia`` and 2 ``fibula``: the binary masks, linearly interpolated, in [0, 1].
+* channel 1 ``tibia`` and 2 ``fibula``: the binary masks, linearly interpolated, in [0, 1];
+* beside them, ``ct_bone``: the same CT samples in the bone window
+  (:data:`~AnkleFractureLib.preprocessing.intensity.BONE_HU_WINDOW`), which keeps the cortex
+  that the reference window saturates (the fracture localiser reads it).
 
 :func:`crop_to_ct_box` maps any array on the crop grid (e.g. a Grad-CAM heatmap) back onto the
 CT's lattice, kept to the box the crop covers (how a heatmap is stored); :func:`paste_on_grid`
@@ -28,12 +31,15 @@ import numpy as np
 
 from AnkleFractureLib.errors import AnkleFractureError, GeometryError, InputError, PathLike
 from AnkleFractureLib.geometry.volume import Volume
-from AnkleFractureLib.preprocessing.intensity import normalize_hu
+from AnkleFractureLib.preprocessing.intensity import BONE_HU_WINDOW, normalize_hu
 from AnkleFractureLib.preprocessing.resample import resample_to_grid
 from AnkleFractureLib.registration.template import SyndesmosisBox, Template, default_box
 
 #: Channel names, in the order of :attr:`SyndesmosisCrop.channels`.
 CHANNELS = ("ct", "tibia", "fibula")
+#: :data:`CHANNELS` and the crop's other arrays a model may read, in the order of
+#: :meth:`SyndesmosisCrop.stacked` (``ct_bone``: the CT in the bone window).
+ALL_CHANNELS = CHANNELS + ("ct_bone",)
 #: CT value (HU) used where the crop grid leaves the CT's field of view (air).
 OUTSIDE_HU = -1024.0
 #: HU threshold of "bone" for the raw-CT control crop's centre.
@@ -57,6 +63,7 @@ class SyndesmosisCrop:
         in_scan: bool (nz, ny, nx): voxel centre inside the CT's field of view (None: unknown,
             e.g. a crop read back from a file).
         metal: bool (nz, ny, nx): the CT reads at least :data:`METAL_HU` there (None: unknown).
+        ct_bone: float32 (nz, ny, nx): the CT in the bone window, [0, 1] (None: unknown).
     """
 
     channels: np.ndarray
@@ -66,6 +73,28 @@ class SyndesmosisCrop:
     meta: Dict[str, Any] = field(default_factory=dict)
     in_scan: Optional[np.ndarray] = field(default=None, repr=False)
     metal: Optional[np.ndarray] = field(default=None, repr=False)
+    ct_bone: Optional[np.ndarray] = field(default=None, repr=False)
+
+    def stacked(self, names: Sequence[str] = ALL_CHANNELS) -> np.ndarray:
+        """The named arrays (:data:`ALL_CHANNELS`) as float32 (len(names), nz, ny, nx).
+
+        Raises:
+            InputError: An unknown name, or ``ct_bone`` asked of a crop that has none (one
+                read back from a file): crop the CT again.
+        """
+        parts = []
+        for name in names:
+            if name in CHANNELS:
+                parts.append(self.channels[CHANNELS.index(name)])
+            elif name == "ct_bone" and self.ct_bone is not None:
+                parts.append(self.ct_bone)
+            elif name == "ct_bone":
+                raise InputError(None, "this crop has no bone-window CT (a crop read back from a "
+                                       "file has only ct, tibia and fibula); crop the CT again")
+            else:
+                raise InputError(None, f"unknown crop channel {name!r}; known: "
+                                       f"{', '.join(ALL_CHANNELS)}")
+        return np.stack(parts).astype(np.float32, copy=False)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -119,9 +148,9 @@ def _box_corner_points(size: Sequence[int], spacing: np.ndarray, origin: np.ndar
 
 def _sample(ct: Volume, label: Optional[Volume], t2p: np.ndarray, size: Sequence[int],
             spacing: np.ndarray, origin: np.ndarray, direction: np.ndarray
-            ) -> Tuple[np.ndarray, float, np.ndarray, np.ndarray]:
-    """(channels (3, nz, ny, nx) float32, coverage, in-scan mask, metal mask) of the grid
-    mapped into the CT by ``t2p`` (masks bool (nz, ny, nx))."""
+            ) -> Tuple[np.ndarray, float, np.ndarray, np.ndarray, np.ndarray]:
+    """(channels (3, nz, ny, nx) float32, coverage, in-scan mask, metal mask, bone-window CT)
+    of the grid mapped into the CT by ``t2p`` (masks bool, CT float32, (nz, ny, nx))."""
     nx, ny, nz = (int(s) for s in size)
     centres = _grid_points(size, spacing, origin, direction)
     in_scan = _inside(ct, centres @ t2p[:3, :3].T + t2p[:3, 3]).reshape(nz, ny, nx)
@@ -135,13 +164,16 @@ def _sample(ct: Volume, label: Optional[Volume], t2p: np.ndarray, size: Sequence
     sub = _sub_box(ct, corners @ t2p[:3, :3].T + t2p[:3, 3])
     channels = np.zeros((3, nz, ny, nx), np.float32)
     if sub is None:  # pragma: no cover - coverage > 0 implies overlap
-        channels[0] = normalize_hu(np.full((nz, ny, nx), OUTSIDE_HU))
-        return channels, coverage, in_scan, np.zeros_like(in_scan)
+        air = np.full((nz, ny, nx), OUTSIDE_HU)
+        channels[0] = normalize_hu(air)
+        return (channels, coverage, in_scan, np.zeros_like(in_scan),
+                normalize_hu(air, BONE_HU_WINDOW))
     ct_sub = ct.region(sub)
     ct_on = resample_to_grid(ct_sub, size, spacing, origin, direction, "linear", OUTSIDE_HU,
                              transform=t2p)
     metal = ct_on.array >= METAL_HU
     normalize_hu(ct_on.array, out=channels[0])
+    ct_bone = normalize_hu(ct_on.array, BONE_HU_WINDOW)
     if label is not None:
         lab_sub = label.array[sub]
         for c, value in ((1, 1), (2, 2)):
@@ -149,7 +181,7 @@ def _sample(ct: Volume, label: Optional[Volume], t2p: np.ndarray, size: Sequence
             on = resample_to_grid(mask, size, spacing, origin, direction, "linear", 0.0,
                                   transform=t2p)
             np.clip(on.array, 0.0, 1.0, out=channels[c])
-    return channels, coverage, in_scan, metal
+    return channels, coverage, in_scan, metal, ct_bone
 
 
 # ---------------------------------------------------------------------- public API
@@ -182,13 +214,13 @@ def crop_syndesmosis(ct: Volume, label: Optional[Volume], patient_to_template: n
     p2t = _check_matrix(patient_to_template)
     t2p = np.linalg.inv(p2t)
     size, spacing, origin, direction = template.box.grid()
-    channels, coverage, in_scan, metal = _sample(ct, label, t2p, size, spacing, origin,
-                                                 direction)
+    channels, coverage, in_scan, metal, ct_bone = _sample(ct, label, t2p, size, spacing,
+                                                          origin, direction)
     grid = Volume(channels[0], spacing, origin, direction,
                   {"frame": "template", "channels": list(CHANNELS)})
     mirrored = bool(np.linalg.det(p2t[:3, :3]) < 0)
     return SyndesmosisCrop(channels, grid, p2t, coverage,
-                           {"kind": "syndesmosis", "mirrored": mirrored}, in_scan, metal)
+                           {"kind": "syndesmosis", "mirrored": mirrored}, in_scan, metal, ct_bone)
 
 
 def _bone_centre(ct: Volume) -> np.ndarray:
@@ -235,13 +267,13 @@ def crop_raw_ct(ct: Volume, size_mm: Sequence[float] = (96.0, 72.0, 144.0),
         c = ct.index_to_physical(((np.asarray(ct.size) - 1) / 2.0)[None, :])[0]
     box = SyndesmosisBox(c, np.eye(3), np.asarray(size_mm, float), np.asarray(spacing_mm, float))
     size, spacing, origin, direction = box.grid()
-    channels, coverage, in_scan, metal = _sample(ct, None, np.eye(4), size, spacing, origin,
-                                                 direction)
+    channels, coverage, in_scan, metal, ct_bone = _sample(ct, None, np.eye(4), size, spacing,
+                                                          origin, direction)
     grid = Volume(channels[0], spacing, origin, direction,
                   {"frame": "patient", "channels": list(CHANNELS)})
     return SyndesmosisCrop(channels, grid, np.eye(4), coverage,
                            {"kind": "raw", "centre": centre, "centre_lps": [float(v) for v in c]},
-                           in_scan, metal)
+                           in_scan, metal, ct_bone)
 
 
 def crop_to_ct_box(array: np.ndarray, crop: SyndesmosisCrop, ct: Volume,

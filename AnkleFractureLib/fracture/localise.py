@@ -18,7 +18,8 @@ and returns, per voxel, the probability of lying on the fibular fracture line. F
   into the patient: true patient mm, the similarity's scale undone); negative below;
 * ``extent``: the line's length along its main direction and the heights it spans (mm).
 
-A model folder holds ``plans.json`` (network, window, thresholds) and ``model.pt``
+A model folder holds ``plans.json`` (network, window, thresholds, the crop arrays it reads:
+``channels``, names of :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS`) and ``model.pt``
 (float16 weights, the format of every model of the project).
 """
 
@@ -391,6 +392,16 @@ class FractureLocaliser:
         self.model_dir = model_dir
         self.decision = {**DEFAULT_DECISION, **plans.get("decision", {})}
         self.window_yx = tuple(plans.get("window_yx", WINDOW_YX))
+        self.channels = tuple(plans.get("channels", ("ct", "tibia", "fibula")))
+
+    def inputs(self, crop: Any) -> np.ndarray:
+        """The crop arrays this localiser reads (float32 (C, z, y, x), the crop's own 3
+        channels when it needs no more): what :meth:`heatmap` takes."""
+        if "ct_bone" in self.channels:
+            from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
+
+            return crop.stacked(ALL_CHANNELS)
+        return np.asarray(crop.channels, np.float32)
 
     @classmethod
     def load(cls, model_dir: Optional[PathLike] = None, device: str = "auto"
@@ -459,7 +470,10 @@ class FractureLocaliser:
         """Line probability on the crop grid.
 
         Args:
-            channels: Crop channels (3, z, y, x): CT [0, 1], tibia, fibula.
+            channels: Crop arrays (C, z, y, x) in the order of
+                :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS` (CT [0, 1], tibia,
+                fibula, then the bone-window CT; C = 3 for a localiser that reads no more,
+                see :meth:`inputs`). The network reads the plans' ``channels`` of them.
             centre_slices: Centre the window on the fibula of the lowest this many slices
                 (the classifier's box within a taller crop: the window then lies where it
                 lies on that box); None: all.
@@ -469,11 +483,16 @@ class FractureLocaliser:
         """
         import torch
 
-        if channels.ndim != 4 or channels.shape[0] != 3:
-            raise InputError(None, f"the localiser needs (3, z, y, x) crop channels, got "
-                                   f"{tuple(channels.shape)}")
+        from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
+
+        need = [ALL_CHANNELS.index(c) for c in self.channels]
+        if channels.ndim != 4 or channels.shape[0] < max(need) + 1:
+            raise InputError(None, f"the localiser reads the crop arrays {list(self.channels)}; "
+                                   f"got an array of shape {tuple(channels.shape)} "
+                                   f"(needs (C, z, y, x) in the order {list(ALL_CHANNELS)})")
         win = fibula_window(channels[2][:centre_slices], self.window_yx)
-        x = torch.from_numpy(win.extract(np.asarray(channels, np.float32))[None]).to(self.device)
+        picked = np.asarray(channels, np.float32)[need]
+        x = torch.from_numpy(win.extract(picked)[None]).to(self.device)
         with torch.no_grad():
             prob = torch.sigmoid(self.network(x))[0, 0].float().cpu().numpy()
         return win.paste(prob, channels.shape[1:]), win
@@ -535,7 +554,7 @@ class FractureLocaliser:
     def _masked_heatmap(self, crop: Any) -> Tuple[np.ndarray, Dict[str, int]]:
         """The line probability with the scan's edge and metal left out, and what was."""
         box_slices = (getattr(crop, "meta", None) or {}).get("box_slices")
-        prob, _ = self.heatmap(crop.channels, box_slices)
+        prob, _ = self.heatmap(self.inputs(crop), box_slices)
         zones = ignored_zones(getattr(crop, "in_scan", None), getattr(crop, "metal", None),
                               float(np.min(crop.grid.spacing)))
         thr = self.decision["threshold"]

@@ -32,16 +32,37 @@ from AnkleFractureLib.segmentation.model_io import (FORMAT_VERSION, PLANS_FILE, 
 KIND = "fracture_localiser"
 
 
-def default_plans(features: Optional[Sequence[int]] = None) -> Dict[str, Any]:
-    """plans.json of a new localiser: network, window (y, x voxels), decision thresholds."""
+#: The crop arrays a localiser reads unless told otherwise (plans.json ``channels``): the three
+#: crop channels and the bone-window CT, where hairlines through the cortex show.
+DEFAULT_CHANNELS = ("ct", "tibia", "fibula", "ct_bone")
+
+
+def default_plans(features: Optional[Sequence[int]] = None,
+                  channels: Sequence[str] = DEFAULT_CHANNELS) -> Dict[str, Any]:
+    """plans.json of a new localiser: network, window (y, x voxels), the crop arrays it reads
+    (names of :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS`), decision thresholds."""
     from AnkleFractureLib.fracture.localise import DEFAULT_DECISION
 
     net = dict(DEFAULT_NETWORK)
     if features is not None:
         net["features"] = [int(f) for f in features]
+    net["in_channels"] = len(channels)
     return {"kind": KIND, "format_version": 1, "network": net, "window_yx": list(WINDOW_YX),
-            "crop": "registered", "channels": ["ct", "tibia", "fibula"],
+            "crop": "registered", "channels": list(channels),
             "decision": dict(DEFAULT_DECISION)}
+
+
+def check_channels(plans: Dict[str, Any], plans_path: PathLike) -> None:
+    """Raise :class:`InputError` (naming ``plans_path``) unless the plans' ``channels`` are
+    known crop arrays, as many as the network's ``in_channels``."""
+    from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
+
+    names = plans.get("channels", ["ct", "tibia", "fibula"])
+    n_in = int((plans.get("network") or {}).get("in_channels", DEFAULT_NETWORK["in_channels"]))
+    if not isinstance(names, list) or any(n not in ALL_CHANNELS for n in names) \
+            or len(names) != n_in:
+        raise InputError(plans_path, f"the localiser's channels must be {n_in} names of "
+                                     f"{list(ALL_CHANNELS)}, got {names!r}")
 
 
 def save_localiser(model_dir: PathLike, network: torch.nn.Module, plans: Dict[str, Any],
@@ -81,6 +102,7 @@ def load_localiser(model_dir: PathLike, device: Union[str, torch.device] = "cpu"
         raise InputError(plans_path, f"cannot read the localiser plans: {exc}") from None
     if not isinstance(plans, dict) or plans.get("kind") != KIND:
         raise InputError(plans_path, "not a fracture localiser's plans.json")
+    check_channels(plans, plans_path)
     weights_path = folder / WEIGHTS_FILE
     payload = read_weights(weights_path)
     if payload.get("kind") != KIND:

@@ -8,7 +8,9 @@ One ``<id>.<masks>.v<version>.npz`` per case in a cache folder (``<masks>`` is "
 "model-<the first 12 hex digits of the segmentation weights' sha256>", so that a new
 segmentation model never gets crops made with the old one's masks):
 
-* ``channels``: float16 (3, nz, ny, nx), the crop (CT [0, 1], tibia, fibula), numpy (z, y, x);
+* ``channels``: float16 (4, nz, ny, nx), the crop's arrays in the order of
+  :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS` (CT [0, 1], tibia, fibula, the CT in
+  the bone window), numpy (z, y, x);
 * ``target``: uint8 (nz, ny, nx), the fracture line (all zero for "none");
 * ``patient_to_template``: 4x4 float64; ``info``: JSON text (weber, true height, side, ...).
 
@@ -33,8 +35,9 @@ from AnkleFractureLib.errors import AnkleFractureError
 #: the dataset's side, as a user answers that refusal). 3: segmentation post-processing rule 5
 #: (casts), the plafond estimate from the lowest full tibial cross-section, and the fit on the
 #: distal 200 mm above it. 4: tibia surface points more than 25 mm below that plafond left out
-#: of the fit (``registration.register.TIBIA_BELOW_JOINT_MM``).
-FRACTURE_DATA_VERSION = 4
+#: of the fit (``registration.register.TIBIA_BELOW_JOINT_MM``). 5: the bone-window CT stored
+#: as a fourth channel.
+FRACTURE_DATA_VERSION = 5
 MASK_SOURCES = ("dataset", "model")
 
 
@@ -56,12 +59,13 @@ def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
             (masks="model").
 
     Returns:
-        (channels float16 (3, z, y, x), target uint8 (z, y, x), patient_to_template 4x4, info).
+        (channels float16 (4, z, y, x) as :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS`,
+        target uint8 (z, y, x), patient_to_template 4x4, info).
 
     Raises:
         AnkleFractureError: Unreadable CT, no masks, registration impossible.
     """
-    from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis
+    from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS, crop_syndesmosis
     from AnkleFractureLib.fracture.targets import annotated_line_target, fracture_line_target
     from AnkleFractureLib.io import read_image
     from AnkleFractureLib.registration.leg import register_as_run
@@ -98,7 +102,7 @@ def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
             "fracture_lps": ((meta.get("fracture") or {}).get("centre_lps")),
             "target_voxels": int(target.sum()), "line_source": line_source,
             "version": FRACTURE_DATA_VERSION}
-    return crop.channels.astype(np.float16), target, reg.patient_to_template, info
+    return crop.stacked(ALL_CHANNELS).astype(np.float16), target, reg.patient_to_template, info
 
 
 def _save(path: Path, channels: np.ndarray, target: np.ndarray, p2t: np.ndarray,

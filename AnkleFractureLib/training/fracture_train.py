@@ -4,7 +4,8 @@ Data: cache files of :mod:`AnkleFractureLib.training.fracture_data` (crop channe
 phantom's exact fracture line). Each step takes ``batch_size`` fibula windows with:
 
 * a random shift of the window (+-``shift`` voxels in y and x), as registration errs;
-* CT intensity randomisation (gamma, contrast, offset, noise), as scanners and kernels differ;
+* CT intensity randomisation (gamma, contrast, offset, noise; each CT window on its own), as
+  scanners and kernels differ;
 * mask randomisation: the fibula mask closed across the fracture gap (as a segmentation that
   bridges the line does), dilated or eroded, or the tibia mask dropped, so that the network
   reads the fracture in the CT, not in a hole of the mask.
@@ -51,11 +52,15 @@ class FractureTrainConfig:
     features: Tuple[int, ...] = (6, 12, 24, 48, 48, 6)
     #: Let the found rule's fit try the cut rule (see :func:`fit_decision`).
     cut_rule: bool = False
+    #: The crop arrays the network reads (names of
+    #: :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS`).
+    channels: Tuple[str, ...] = ("ct", "tibia", "fibula", "ct_bone")
 
 
 @dataclass
 class Sample:
-    """One case in memory: full crop channels (3, z, y, x) float16, target (z, y, x) uint8."""
+    """One case in memory: the crop's arrays (4, z, y, x) float16 in the order of
+    :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS`, target (z, y, x) uint8."""
 
     channels: np.ndarray
     target: np.ndarray
@@ -142,10 +147,13 @@ def _z_range(target: np.ndarray, patch_z: int, rng: np.random.Generator,
 
 
 def training_pair(sample: Sample, rng: np.random.Generator, shift: int,
-                  window_yx: Tuple[int, int] = WINDOW_YX, patch_z: int = 0
+                  window_yx: Tuple[int, int] = WINDOW_YX, patch_z: int = 0,
+                  channels: Sequence[str] = ("ct", "tibia", "fibula")
                   ) -> Tuple[np.ndarray, np.ndarray]:
-    """One augmented (input (3, pz, wy, wx), target (1, pz, wy, wx)) pair (pz = patch_z, or
-    every slice when 0)."""
+    """One augmented (input (C, pz, wy, wx), target (1, pz, wy, wx)) pair (pz = patch_z, or
+    every slice when 0; the input holds the named ``channels``)."""
+    from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
+
     zr = _z_range(sample.target, patch_z, rng, _fibula_tip_z(sample.channels[2]))
     ch = sample.channels.astype(np.float32)
     win = fibula_window(ch[2], window_yx)
@@ -153,9 +161,11 @@ def training_pair(sample: Sample, rng: np.random.Generator, shift: int,
     win = Window(win.y0 + dy, win.x0 + dx, win.size)
     x = win.extract(ch)[:, zr]
     x = _augment_masks(x, rng)
-    x[0] = _augment_ct(x[0], rng)
+    for c in range(len(x)):
+        if ALL_CHANNELS[c] in ("ct", "ct_bone"):
+            x[c] = _augment_ct(x[c], rng)
     y = win.extract(sample.target[None].astype(np.float32))[:, zr]
-    return x, y
+    return x[[ALL_CHANNELS.index(c) for c in channels]], y
 
 
 def _loss(logits: Any, target: Any, pos_weight: float) -> Any:
@@ -177,8 +187,8 @@ def _batch(samples: List[Sample], idx: Sequence[int], rng: np.random.Generator,
            cfg: FractureTrainConfig) -> Tuple[Any, Any]:
     import torch
 
-    pairs = [training_pair(samples[i], rng, cfg.shift, (cfg.patch_yx, cfg.patch_yx), cfg.patch_z)
-             for i in idx]
+    pairs = [training_pair(samples[i], rng, cfg.shift, (cfg.patch_yx, cfg.patch_yx), cfg.patch_z,
+                           cfg.channels) for i in idx]
     x = torch.from_numpy(np.stack([p[0] for p in pairs]).astype(np.float32))
     y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.float32))
     return x, y
@@ -200,6 +210,12 @@ class _Crop:
     channels: np.ndarray
     grid: Any
     patient_to_template: np.ndarray
+
+    def stacked(self, names: Sequence[str]) -> np.ndarray:
+        """The named arrays (as ``SyndesmosisCrop.stacked``)."""
+        from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
+
+        return self.channels[[ALL_CHANNELS.index(n) for n in names]]
 
 
 def score_samples(localiser: Any, samples: Sequence[Sample], template: Any
@@ -319,7 +335,8 @@ def _train_loop(paths: Sequence[Path], out: Path, cfg: FractureTrainConfig,
     device = resolve_device(cfg.device)
     rng = np.random.default_rng(cfg.seed)
     samples, train_idx, val_idx = _split(paths, val_paths, cfg)
-    plans = default_plans(cfg.features)
+    _check_sample_channels(samples, cfg.channels)
+    plans = default_plans(cfg.features, cfg.channels)
     net = build_localiser(plans["network"]).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"best": -np.inf, "best_step": None, "best_val": None, "log": [], "t0": time.time(),
@@ -347,6 +364,18 @@ def _train_loop(paths: Sequence[Path], out: Path, cfg: FractureTrainConfig,
     if not val_idx:
         save_localiser(out, net, plans, {"step": len(state["log"])})
     return state
+
+
+def _check_sample_channels(samples: Sequence[Sample], channels: Sequence[str]) -> None:
+    """ValueError unless every crop holds the arrays the network is to read."""
+    from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
+
+    need = max(ALL_CHANNELS.index(c) for c in channels) + 1
+    short = [s for s in samples if s.channels.shape[0] < need]
+    if short:
+        raise ValueError(f"the crops of {short[0].info['id']} (and {len(short) - 1} more) hold "
+                         f"{short[0].channels.shape[0]} arrays, too few for {list(channels)}: "
+                         "crops of an earlier crop version; build them again")
 
 
 def _split(paths: Sequence[Path], val_paths: Optional[Sequence[Path]], cfg: FractureTrainConfig
