@@ -76,3 +76,30 @@ def test_classifier_experiment_names_the_classifier_and_its_cases(tmp_path) -> N
     train["cases"]["labelled_train"] = ["a", "b", "c"]  # newer training.json lists the ids
     (folder / "training.json").write_text(json.dumps(train))
     assert "3 training crops" in _render()(folder)
+
+
+def test_totals_add_up_the_cases_of_every_set(tmp_path) -> None:
+    """experiment.json "totals": one row per localiser with the held-out sets' case counts
+    (a refusal is a wrong answer; found lines counted on fractured and intact cases)."""
+    def case(true, predicted, found):
+        return {"true": true, "predicted": predicted, "found": found}
+
+    folder, base = tmp_path / "exp", tmp_path / "base"
+    folder.mkdir()
+    base.mkdir()
+    sets = {"vh": ([case("C", "C", True), case("none", "none", False), case("B", None, False)],
+                   [case("C", "C", True), case("none", "C", True), case("B", "B", True)]),
+            "analytic": ([case("A", "A", True)], [case("A", "none", False)])}
+    for name, (shipped, mine) in sets.items():
+        for where, rows in ((base, shipped), (folder, mine)):
+            (where / f"heldout_{name}.json").write_text(json.dumps(
+                {"summary": _summary(0.5, 0.5, 0.5), "models": {}, "cases": rows}))
+    (folder / "experiment.json").write_text(json.dumps(
+        {"title": "t", "why": "w", "commands": {}, "verdict": "v", "baseline": str(base),
+         "totals": True}))
+    (folder / "training.json").write_text(json.dumps({}))
+    (folder / "plans.json").write_text(json.dumps({"decision": {}}))
+    page = _render()(folder)
+    assert "| right per set (vh, analytic) |" in page
+    assert "| shipped | 4 | 3 | 2 / 1 | 2 of 3 | 1 of 2 | 0 of 1 |" in page
+    assert "| this experiment | 4 | 2 | 2 / 0 | 2 of 3 | 2 of 2 | 1 of 1 |" in page

@@ -143,6 +143,40 @@ def _classifier_training(folder: Path, train: Dict[str, Any]) -> List[str]:
             "", "## Commands", ""]
 
 
+def _counts(result: Dict[str, Any]) -> Dict[str, int]:
+    """Case counts of one evaluation file: right answers (a refusal is wrong), fractured and
+    intact cases, lines found on each."""
+    rows = result["cases"]
+    frac = [r for r in rows if r["true"] != "none"]
+    return {"cases": len(rows), "right": sum(r["predicted"] == r["true"] for r in rows),
+            "fractured": len(frac), "found": sum(bool(r.get("found")) for r in frac),
+            "intact": len(rows) - len(frac),
+            "intact_found": sum(bool(r.get("found")) for r in rows if r["true"] == "none")}
+
+
+def _totals(folder: Path, baseline: Path, what: str) -> List[str]:
+    """The held-out sets added up, case by case (experiment.json ``"totals": true``): right
+    answers in all and per set, fractures found on all sets and on the real-shape ones (vh*),
+    intact ankles given a line."""
+    pairs = [(name, folder / f"heldout_{name}.json", baseline / f"heldout_{name}.json")
+             for name in SETS]
+    pairs = [(n, m, b) for n, m, b in pairs if m.is_file() and b.is_file()]
+    lines = ["", "### All held-out sets together (case counts)", "",
+             f"| {what} | cases | right | right per set ({', '.join(n for n, _, _ in pairs)}) | "
+             "fractures found | on the real-shape sets | intact ankles with a line |",
+             "|---|---|---|---|---|---|---|"]
+    for label, mine in (("shipped", False), ("this experiment", True)):
+        per = {n: _counts(json.loads((m if mine else b).read_text())) for n, m, b in pairs}
+        tot = {k: sum(c[k] for c in per.values()) for k in next(iter(per.values()))}
+        real = [c for n, c in per.items() if n.startswith("vh")]
+        lines.append(
+            f"| {label} | {tot['cases']} | {tot['right']} | "
+            f"{' / '.join(str(c['right']) for c in per.values())} | "
+            f"{tot['found']} of {tot['fractured']} | {sum(c['found'] for c in real)} of "
+            f"{sum(c['fractured'] for c in real)} | {tot['intact_found']} of {tot['intact']} |")
+    return lines
+
+
 def render(folder: Path) -> str:
     exp = json.loads((folder / "experiment.json").read_text())
     train = json.loads((folder / "training.json").read_text())
@@ -167,6 +201,8 @@ def render(folder: Path) -> str:
         lines.append(f"| **{name}** | | | | | | | | | |")
         lines.append(_row("shipped", json.loads(shipped.read_text()), model))
         lines.append(_row("this experiment", json.loads(mine.read_text()), model))
+    if exp.get("totals"):
+        lines += _totals(folder, baseline, what)
     lines += _validation_table(folder, exp.get("validation"), what)
     if exp.get("criterion"):
         lines += ["", "Shipping criterion: " + exp["criterion"]]
