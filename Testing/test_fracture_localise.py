@@ -103,14 +103,16 @@ def test_localiser_round_trip_and_errors(tmp_path) -> None:
     from AnkleFractureLib.fracture.model_io import default_plans, save_localiser
     from AnkleFractureLib.fracture.network import build_localiser
 
-    plans = default_plans([4, 4, 8, 8, 8, 4])
+    plans = default_plans([4, 4, 8, 8, 8, 4], channels=("ct", "tibia", "fibula", "ct_bone"))
+    assert plans["network"]["in_channels"] == 4
     save_localiser(tmp_path / "m", build_localiser(plans["network"]), plans)
     loc = FractureLocaliser.load(tmp_path / "m", device="cpu")
     heat, win = loc.heatmap(np.zeros((4, 32, 48, 64), np.float32))
     assert heat.shape == (32, 48, 64) and 0.0 <= heat.min() and heat.max() <= 1.0
     with pytest.raises(InputError, match="reads the crop arrays .*ct_bone"):
         loc.heatmap(np.zeros((3, 8, 8, 8), np.float32))  # no bone-window CT
-    old = default_plans([4, 4, 8, 8, 8, 4], channels=("ct", "tibia", "fibula"))
+    old = default_plans([4, 4, 8, 8, 8, 4])  # the three crop channels, as shipped
+    assert old["channels"] == ["ct", "tibia", "fibula"] and old["network"]["in_channels"] == 3
     save_localiser(tmp_path / "old", build_localiser(old["network"]), old)
     heat, _ = FractureLocaliser.load(tmp_path / "old", device="cpu").heatmap(
         np.zeros((3, 32, 48, 64), np.float32))  # a localiser of the three crop channels
@@ -182,7 +184,8 @@ def test_localiser_training_writes_a_model_and_repeats_with_its_seed(tmp_path, m
 
     monkeypatch.setattr(ft, "load_samples", lambda paths: _line_samples(6))
     cfg = ft.FractureTrainConfig(steps=6, batch_size=2, eval_every=3, val_fraction=0.34,
-                                 seed=5, threads=1, device=device, features=(4, 4, 8, 8, 8, 4))
+                                 seed=5, threads=1, device=device, features=(4, 4, 8, 8, 8, 4),
+                                 channels=("ct", "tibia", "fibula", "ct_bone"))
     weights = []
     for run in ("a", "b"):
         report = ft.train_localiser([], tmp_path / run, cfg, command="test")
@@ -192,6 +195,7 @@ def test_localiser_training_writes_a_model_and_repeats_with_its_seed(tmp_path, m
         assert report["steps_run"] == 6 and len(report["val_cases"]) == 2
         plans = json.loads((tmp_path / run / "plans.json").read_text())
         assert set(plans["decision"]) >= {"found_threshold", "min_voxels"}
+        assert plans["channels"][-1] == "ct_bone" and plans["network"]["in_channels"] == 4
         weights.append(torch.load(tmp_path / run / "model.pt", map_location="cpu")["state_dict"])
     assert torch.are_deterministic_algorithms_enabled() is False  # restored after the run
     for name, value in weights[0].items():
@@ -352,3 +356,14 @@ def test_train_fracture_refuses_a_dataset_that_both_trains_and_validates(tmp_pat
         main(["train-fracture", str(tmp_path / "d"), "--val-dataset", str(tmp_path / "d" / "."),
               "--out", str(tmp_path / "m"), "--cache-dir", str(tmp_path / "c")])
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("names", ["ct,femur", "ct,ct", ""])
+def test_train_fracture_refuses_unknown_channels_before_any_work(tmp_path, capsys, names):
+    from AnkleFractureLib.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train-fracture", str(tmp_path / "data"), "--out", str(tmp_path / "m"),
+              "--cache-dir", str(tmp_path / "cache"), "--channels", names])
+    assert "--channels takes distinct names of ct, tibia, fibula, ct_bone" in str(exc.value)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "m").exists()

@@ -64,11 +64,11 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                    help="cases cropped at once before training, each in its own process with "
                         "its own segmentation model and 1/N of the CPU threads (default 1); "
                         "the crops are the same for any N")
-    p.add_argument("--channels", default="ct,tibia,fibula,ct_bone", metavar="NAMES",
+    p.add_argument("--channels", default="ct,tibia,fibula", metavar="NAMES",
                    help="comma-separated crop arrays the network reads, of ct (reference window "
                         "[-1000, 1000] HU), tibia, fibula, ct_bone (bone window [-500, 2500] HU, "
-                        "where hairlines through the cortex show); default "
-                        "ct,tibia,fibula,ct_bone")
+                        "where hairlines through the cortex show; not in the shipped localiser: "
+                        "docs/fracture/experiments/v9_bone_window); default ct,tibia,fibula")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -33,8 +33,9 @@ KIND = "fracture_localiser"
 
 
 #: The crop arrays a localiser reads unless told otherwise (plans.json ``channels``): the three
-#: crop channels and the bone-window CT, where hairlines through the cortex show.
-DEFAULT_CHANNELS = ("ct", "tibia", "fibula", "ct_bone")
+#: crop channels, as the shipped localiser does (adding the bone-window CT, "ct_bone", found
+#: more hairlines but marked intact real-shape fibulae: docs/fracture/experiments/v9_bone_window).
+DEFAULT_CHANNELS = ("ct", "tibia", "fibula")
 
 
 def default_plans(features: Optional[Sequence[int]] = None,

@@ -54,7 +54,7 @@ class FractureTrainConfig:
     cut_rule: bool = False
     #: The crop arrays the network reads (names of
     #: :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS`).
-    channels: Tuple[str, ...] = ("ct", "tibia", "fibula", "ct_bone")
+    channels: Tuple[str, ...] = ("ct", "tibia", "fibula")
 
 
 @dataclass
