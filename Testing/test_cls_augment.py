@@ -10,7 +10,8 @@ import torch
 
 from AnkleFractureLib.training.cls_augment import (AugmentConfig, AugmentParams,
                                                    apply_augmentation, augment_batch,
-                                                   sample_params, strong_config, weak_config)
+                                                   close_masks, sample_params, strong_config,
+                                                   weak_config)
 
 IDENTITY = AugmentConfig.identity()
 
@@ -201,3 +202,47 @@ def test_cuda_matches_cpu():
     gpu = augment_batch(x.cuda(), cfg, torch.Generator().manual_seed(4))
     assert gpu.device.type == "cuda"
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-4)
+
+
+def _broken_rod(gap: int, channels: int = 3) -> torch.Tensor:
+    """A fibula-like rod (z, 5 x 5 voxels) in the mask channels with a ``gap``-slice hole at
+    its middle (a fracture the reference mask leaves empty); the CT channel 0 is random."""
+    x = torch.zeros(2, channels, 30, 12, 12)
+    x[:, 0] = torch.rand(2, 30, 12, 12)
+    x[:, 1:, :, 4:9, 4:9] = 1.0
+    x[:, 1:, 15:15 + gap] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("radius, gap, bridged", [(1, 2, True), (2, 4, True), (1, 3, False)])
+def test_close_masks_bridges_gaps_up_to_twice_the_radius(radius, gap, bridged):
+    x = _broken_rod(gap)
+    out = close_masks(x, radius)
+    assert torch.equal(out[:, 0], x[:, 0])  # the CT is left as it is
+    assert bool((out >= x).all())  # a closing never removes mask
+    hole = out[:, 1:, 15:15 + gap, 4:9, 4:9]
+    assert bool((hole == 1.0).all()) is bridged
+    # The rod's outline is kept: nothing is added beside it.
+    assert torch.equal(out[:, 1:, :, :4], x[:, 1:, :, :4])
+
+
+def test_bridge_prob_closes_about_that_share_and_off_changes_no_draw():
+    x = _broken_rod(2).repeat(32, 1, 1, 1, 1)
+    cfg = replace(IDENTITY, bridge_prob=0.5, bridge_vox=(1, 2))
+    params = sample_params(64, x.shape[2:], cfg, torch.Generator().manual_seed(3))
+    assert params.bridge is not None and 20 <= int((params.bridge > 0).sum()) <= 44
+    out = apply_augmentation(x, params)
+    filled = (out[:, 2, 15:17, 4:9, 4:9] == 1.0).flatten(1).all(dim=1)
+    assert torch.equal(filled, params.bridge > 0)
+    # bridge_prob 0 draws nothing more: the same seed gives the recipe's earlier parameters.
+    a = sample_params(4, x.shape[2:], weak_config(), torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    b = sample_params(4, x.shape[2:], replace(weak_config(), bridge_prob=0.0), g)
+    assert a.bridge is None and torch.equal(a.angles_deg, b.angles_deg)
+
+
+def test_bad_bridge_settings_are_refused():
+    with pytest.raises(ValueError, match="bridge_prob"):
+        AugmentConfig(bridge_prob=1.5)
+    with pytest.raises(ValueError, match="bridge_vox"):
+        AugmentConfig(bridge_vox=(0, 2))

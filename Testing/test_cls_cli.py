@@ -178,12 +178,15 @@ def test_train_cls_supervised(data, tmp_path, capsys):
     train = info["cases"]["labelled_train"]
     assert sorted(train) == sorted(data["ids"] + [i + "+model_masks" for i in data["ids"]])
     assert info["config"]["model_masks"] is True
+    assert info["config"]["bridge_prob"] == 0.0  # the shipped recipe: masks as cropped
     assert str(out) in capsys.readouterr().out
-    # --no-model-masks: the label maps only.
+    # --no-model-masks: the label maps only; --bridge-masks is recorded.
     out2 = tmp_path / "sup2"
-    assert main(_train_args(data["ds"], out2, "supervised", "--no-model-masks")) == 0
-    assert sorted(_check_model(out2, "supervised")["cases"]["labelled_train"]) == \
-        sorted(data["ids"])
+    assert main(_train_args(data["ds"], out2, "supervised", "--no-model-masks",
+                            "--bridge-masks", "0.5")) == 0
+    info2 = _check_model(out2, "supervised")
+    assert sorted(info2["cases"]["labelled_train"]) == sorted(data["ids"])
+    assert info2["config"]["bridge_prob"] == 0.5
 
 
 def test_train_cls_semi_uses_unlabelled_cases(data, tmp_path):
@@ -208,12 +211,14 @@ def test_train_cls_semi_uses_unlabelled_cases(data, tmp_path):
     assert info["config"]["label_fraction"] == 0.5
 
 
-@pytest.mark.parametrize("fraction", ["0", "1.5"])
-def test_train_cls_refuses_a_bad_label_fraction(data, tmp_path, capsys, fraction):
+@pytest.mark.parametrize("option, value", [("--label-fraction", "0"),
+                                           ("--label-fraction", "1.5"),
+                                           ("--bridge-masks", "1.5")])
+def test_train_cls_refuses_a_bad_fraction(data, tmp_path, capsys, option, value):
     out = tmp_path / "m"
-    assert main(_train_args(data["ds"], out, "semi", "--label-fraction", fraction)) == 2
+    assert main(_train_args(data["ds"], out, "semi", option, value)) == 2
     err = capsys.readouterr().err
-    assert "--label-fraction" in err and "Traceback" not in err
+    assert option in err and "Traceback" not in err
     assert not out.exists()
 
 

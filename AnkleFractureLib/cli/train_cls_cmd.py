@@ -109,6 +109,11 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     p.add_argument("--model-masks", action=argparse.BooleanOptionalAction, default=True,
                    help="also train on the labelled cases cropped with the segmentation "
                         "model's masks, which the pipeline will classify (default: yes)")
+    p.add_argument("--bridge-masks", type=float, default=0.0, metavar="P",
+                   help="share (0-1) of the training crops whose tibia and fibula masks are "
+                        "closed across gaps of 3-6 mm, as a segmentation that bridges a "
+                        "fracture line does, so the classifier reads the fracture in the CT "
+                        "(default 0: off, the shipped classifier's recipe)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes computing missing crops (default 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -134,6 +139,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "unlabelled_batch_size", "workers"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.bridge_masks <= 1.0:
+        problems.append(f"--bridge-masks must be in [0, 1], got {args.bridge_masks}")
     if not args.lr > 0:
         problems.append(f"--lr must be > 0, got {args.lr}")
     if args.threads is not None and args.threads < 1:
@@ -167,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
                             seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                             unlabelled_batch_size=args.unlabelled_batch_size, lr=args.lr,
                             optimizer=args.optimizer, val_fraction=args.val_fraction,
-                            model_masks=args.model_masks)
+                            model_masks=args.model_masks, bridge_prob=args.bridge_masks)
     config.check()
     try:
         down = args.downsample[0] if len(args.downsample) == 1 else list(args.downsample)

@@ -86,6 +86,11 @@ class ClsTrainConfig:
             model's masks (registered crops of cases that have a label map). The pipeline
             classifies the model's masks: trained on reference masks alone, the shipped
             classifier's first version scored 82.5 % on them against 99.5 % on its own.
+        bridge_prob: Share of the training crops (every view) whose mask channels are closed
+            across gaps of 3-6 mm (:func:`~AnkleFractureLib.training.cls_augment.close_masks`),
+            as a segmentation that bridges the fracture line does, so that the classifier
+            reads the fracture in the CT and not in a hole of the mask (0: never, the recipe
+            of the classifiers before it).
     """
 
     method: str = "semi"
@@ -108,6 +113,7 @@ class ClsTrainConfig:
     prototype_momentum: float = 0.9
     affine_prob: Optional[float] = None
     model_masks: bool = False
+    bridge_prob: float = 0.0
 
     def check(self) -> None:
         """Raise InputError (one line per problem) on bad settings."""
@@ -126,6 +132,8 @@ class ClsTrainConfig:
             problems.append(f"learning rate must be > 0, got {self.lr}")
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"val fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.bridge_prob <= 1.0:
+            problems.append(f"bridge probability must be in [0, 1], got {self.bridge_prob}")
         if not 0.0 <= self.warmup_fraction <= 1.0:
             problems.append(f"warm-up fraction must be in [0, 1], got {self.warmup_fraction}")
         if problems:
@@ -532,6 +540,11 @@ class _ClsRun:
             import dataclasses
 
             self.weak = dataclasses.replace(self.weak, affine_prob=float(cfg.affine_prob))
+        if cfg.bridge_prob > 0:
+            import dataclasses
+
+            self.weak = dataclasses.replace(self.weak, bridge_prob=float(cfg.bridge_prob))
+            self.strong = dataclasses.replace(self.strong, bridge_prob=float(cfg.bridge_prob))
         self.k = len(CLASSES)
         self.prototypes = torch.zeros(self.k, self.backbone.feature_dim, device=dev)
         self.buf_l = sl.FeatureBuffer(cfg.buffer_size, self.backbone.feature_dim)
