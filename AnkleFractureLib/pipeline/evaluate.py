@@ -17,19 +17,20 @@ from AnkleFractureLib.evaluation.evaluate_fracture import case_row, summarise_ro
 _WORKER: Dict[str, Any] = {}
 
 
-def _run_case(pipeline: Any, ct: Any, record: Any) -> Dict[str, Any]:
+def _run_case(pipeline: Any, ct: Any, record: Any, label: Any = None) -> Dict[str, Any]:
     """One case as a user runs it: side detected; a scan refused only because both legs are
-    in view is run again with the side given, as the refusal asks (counted in the row)."""
+    in view is run again with the side given, as the refusal asks (counted in the row).
+    ``label``: a label map to use instead of the segmentation (studies of its effect)."""
     from AnkleFractureLib.pipeline.pipeline import Pipeline, PipelineOptions
 
-    result = pipeline.run(ct).to_json()
+    result = pipeline.run(ct, label=label).to_json()
     codes = {f["code"] for f in result["findings"] if f["level"] == "refusal"}
     if codes == {"both_legs"} and record.side in ("left", "right"):
         opts = PipelineOptions(**{**pipeline.options.__dict__, "side": record.side})
         again = Pipeline(opts)
         again._seg_model, again._classifier = pipeline._seg_model, pipeline._classifier
         again._localiser, again._template = pipeline._localiser, pipeline._template
-        result = again.run(ct).to_json()
+        result = again.run(ct, label=label).to_json()
         result["_side_given"] = True
     return result
 

@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Does the pipeline read a fracture from the CT or from the hole it leaves in the masks?
+
+Usage:
+    python scripts/mask_reliance_study.py DATASET --evaluation EVAL.json --out FILE.json
+        [--cls-model DIR] [--fracture-model DIR] [--close-mm 2.0] [--name NAME]
+    python scripts/mask_reliance_study.py --page DIR
+
+The phantoms' reference label maps leave a fracture's gap empty; a segmentation network fills
+it (it labels bone on both sides and the thin gap between). For every fractured case of
+DATASET that EVAL.json (``ankle-fracture evaluate-fracture`` of DATASET with the same models)
+answered, the whole pipeline is run twice more, as ``evaluate-fracture`` runs a case (side
+detected; both legs: the side given): with the reference label map instead of the
+segmentation, and with the reference map whose fibula is closed (binary closing with a box of
+``--close-mm`` each side, voxel by voxel from the spacing; only background voxels become
+fibula, so the tibia is untouched). A pipeline that reads the CT answers the same with both;
+one that reads the hole in the mask loses the fracture in the closed map. Writes every case's
+three answers and the counts (right with the segmentation, the reference map, the closed map)
+to ``--out``; ``--page DIR`` writes DIR/README.md from the JSON files in DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def closed_fibula(label: np.ndarray, spacing_xyz, close_mm: float) -> np.ndarray:
+    """The label map (z, y, x; 1 tibia, 2 fibula) with the fibula closed by ``close_mm``
+    (box radius per axis round(close_mm / spacing), at least 1 voxel); only background voxels
+    are added to the fibula."""
+    from scipy import ndimage as ndi
+
+    r = [max(1, int(round(close_mm / float(s)))) for s in spacing_xyz[::-1]]
+    fib = ndi.binary_closing(label == 2, structure=np.ones([2 * k + 1 for k in r], bool))
+    out = label.copy()
+    out[fib & (label == 0)] = 2
+    return out
+
+
+def _answer(row: Dict[str, Any]) -> Dict[str, Any]:
+    return {"predicted": row["predicted"], "refused": row["refused"],
+            "right": (not row["refused"]) and row["predicted"] == row["true"],
+            "classifier": row.get("classifier_probabilities"), "found": row.get("found"),
+            "height_mm": row.get("height_mm")}
+
+
+def study(dataset: str, evaluation: str, close_mm: float, cls_model: str = None,
+          fracture_model: str = None) -> Dict[str, Any]:
+    """The three answers of every fractured, answered case (see the module docstring)."""
+    from AnkleFractureLib.dataset import Dataset
+    from AnkleFractureLib.evaluation.evaluate_fracture import case_row, truth_of
+    from AnkleFractureLib.io import read_image
+    from AnkleFractureLib.pipeline.evaluate import _run_case
+    from AnkleFractureLib.pipeline.pipeline import Pipeline, PipelineOptions
+
+    ds = Dataset.load(dataset)
+    evaluated = {r["id"]: r for r in json.loads(Path(evaluation).read_text())["cases"]}
+    pipe = Pipeline(PipelineOptions(cls_model_dir=cls_model, fracture_model_dir=fracture_model))
+    cases = []
+    for rec in ds.cases:
+        seg_row = evaluated.get(rec.id)
+        if seg_row is None or rec.weber in (None, "none") or seg_row["refused"]:
+            continue
+        ct, ref = read_image(ds.root / rec.image), read_image(ds.root / rec.segmentation)
+        closed = ref.with_array(closed_fibula(np.asarray(ref.array), ct.spacing, close_mm))
+        row = {"id": rec.id, "true": rec.weber, "segmentation": _answer(seg_row)}
+        for name, lab in (("reference", ref), ("closed", closed)):
+            row[name] = _answer(case_row(rec.id, truth_of(rec), _run_case(pipe, ct, rec, lab)))
+        print(rec.id, rec.weber, {k: row[k]["predicted"] for k in
+                                  ("segmentation", "reference", "closed")}, flush=True)
+        cases.append(row)
+    right = {k: sum(c[k]["right"] for c in cases) for k in ("segmentation", "reference", "closed")}
+    return {"dataset": str(dataset), "evaluation": str(evaluation), "close_mm": close_mm,
+            "cls_model": cls_model, "fracture_model": fracture_model, "n": len(cases),
+            "right": right, "cases": cases}
+
+
+def write_page(folder: Path) -> Path:
+    """folder/README.md: one table row per JSON file of :func:`study`."""
+    rows = []
+    for f in sorted(folder.glob("*.json")):
+        d = json.loads(f.read_text())
+        if "right" not in d or "close_mm" not in d:
+            continue
+        r = d["right"]
+        rows.append(f"| {f.name} | {d.get('name', '')} | {d['n']} | {r['segmentation']} | "
+                    f"{r['reference']} | {r['closed']} | {d['close_mm']} |")
+    text = ["# Does the pipeline read the fracture in the CT or in the hole in the mask?", "",
+            f"Generated by `python scripts/mask_reliance_study.py --page {folder}` from the JSON "
+            "files in this folder (each written by `python scripts/mask_reliance_study.py "
+            "DATASET --evaluation EVAL.json --out FILE`; the script's docstring says what it "
+            "runs). Fractured cases the evaluation answered; the number answered right when "
+            "the pipeline reads the segmentation's masks, the phantom's reference masks (the "
+            "fracture gap empty), and the reference masks with the fibula closed across the gap.",
+            "", "| file | models | fractured cases | right: segmentation | right: reference "
+            "masks | right: reference, fibula closed | closing (mm) |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
+    out = folder / "README.md"
+    out.write_text("\n".join(text))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dataset", nargs="?")
+    ap.add_argument("--evaluation")
+    ap.add_argument("--out")
+    ap.add_argument("--cls-model")
+    ap.add_argument("--fracture-model")
+    ap.add_argument("--close-mm", type=float, default=2.0)
+    ap.add_argument("--name", default="", help="what the models are, for the page")
+    ap.add_argument("--page", metavar="DIR")
+    a = ap.parse_args()
+    if a.page:
+        print(write_page(Path(a.page)))
+        return
+    if not (a.dataset and a.evaluation and a.out):
+        ap.error("DATASET, --evaluation and --out are needed (or --page DIR)")
+    result = study(a.dataset, a.evaluation, a.close_mm, a.cls_model, a.fracture_model)
+    result["name"] = a.name
+    result["command"] = " ".join(["python scripts/mask_reliance_study.py"] + sys.argv[1:])
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    print(a.out, result["right"], "of", result["n"])
+
+
+if __name__ == "__main__":
+    main()
