@@ -97,6 +97,47 @@ def test_training_pair_shapes_and_patch_over_the_line() -> None:
     assert 0.05 < float(np.median(x[0])) < 0.6 and x[1].max() == 1.0  # augmented 0.25, the mask
 
 
+def _broken_fibula_window() -> np.ndarray:
+    """(3, 30, 12, 12) float32: a soft-edged fibula rod with a 2-slice fracture gap."""
+    ch = np.zeros((3, 30, 12, 12), np.float32)
+    ch[2, :, 4:9, 4:9] = 1.0
+    ch[2, :, 3, 4:9] = 0.4  # the linearly interpolated edge of the crop's mask
+    ch[2, 14:16] = 0.0
+    return ch
+
+
+def test_mask_augmentation_keeps_the_shipped_recipe_and_can_stay_soft() -> None:
+    from AnkleFractureLib.training.fracture_train import _augment_masks
+
+    # Shipped recipe (bridge 0.4, thresholded): the fibula is binary whatever is drawn.
+    for seed in range(12):
+        out = _augment_masks(_broken_fibula_window(), np.random.default_rng(seed))
+        assert set(np.unique(out[2])) <= {0.0, 1.0}
+    # Soft masks: left as the crop gives them when nothing is drawn, bridged when closed.
+    kept = bridged = 0
+    for seed in range(40):
+        ch = _broken_fibula_window()
+        out = _augment_masks(ch.copy(), np.random.default_rng(seed), bridge_prob=0.5,
+                             soft=True)
+        assert 0.0 <= out[2].min() and out[2].max() <= 1.0
+        if np.array_equal(out[2], ch[2]):
+            kept += 1
+        if (out[2, 14:16, 5:8, 5:8] == 1.0).all():
+            bridged += 1
+            assert (out[2] >= ch[2]).all()  # a closing only adds
+    assert kept >= 4 and bridged >= 10  # 25 % left, 50 % closed (of 40)
+
+
+@pytest.mark.parametrize("p", ["0.9", "-0.1"])
+def test_train_fracture_refuses_a_bad_bridge_share(tmp_path, p) -> None:
+    from AnkleFractureLib.cli.main import main
+
+    with pytest.raises(SystemExit, match="--bridge-masks must be in"):
+        main(["train-fracture", str(tmp_path / "data"), "--out", str(tmp_path / "m"),
+              "--cache-dir", str(tmp_path / "cache"), "--bridge-masks", p])
+    assert not (tmp_path / "cache").exists()
+
+
 def test_localiser_round_trip_and_errors(tmp_path) -> None:
     from AnkleFractureLib.errors import InputError
     from AnkleFractureLib.fracture.localise import FractureLocaliser

@@ -69,6 +69,14 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                         "[-1000, 1000] HU), tibia, fibula, ct_bone (bone window [-500, 2500] HU, "
                         "where hairlines through the cortex show; not in the shipped localiser: "
                         "docs/fracture/experiments/v9_bone_window); default ct,tibia,fibula")
+    p.add_argument("--bridge-masks", type=float, default=0.4, metavar="P",
+                   help="share (0-1) of the training windows whose fibula mask is closed "
+                        "across gaps, as a segmentation that bridges the fracture line does "
+                        "(default 0.4, the shipped localiser's recipe)")
+    p.add_argument("--soft-masks", action="store_true",
+                   help="keep the fibula mask soft in training (linearly interpolated, as the "
+                        "pipeline's crop gives it); default: thresholded at 0.5, the shipped "
+                        "localiser's recipe")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -114,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
     bar = ProgressBar("crops", enabled=not args.quiet)
     if args.workers < 1:
         raise SystemExit("ankle-fracture train-fracture: error: --workers must be at least 1")
+    if not 0.0 <= args.bridge_masks <= 0.75:
+        raise SystemExit("ankle-fracture train-fracture: error: --bridge-masks must be in "
+                         f"[0, 0.75] (dilation and erosion take the next 0.25), got "
+                         f"{args.bridge_masks}")
     channels = _channels(args.channels)
     paths = _crops(args.datasets, args.masks, args.cache_dir, bar, args.workers)
     command = "ankle-fracture " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -124,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = FractureTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               val_fraction=args.val_fraction, eval_every=args.eval_every,
                               seed=args.seed, threads=args.threads, max_minutes=args.max_minutes,
-                              device=args.device, cut_rule=args.try_cut_rule, channels=channels)
+                              device=args.device, cut_rule=args.try_cut_rule, channels=channels,
+                              bridge_prob=args.bridge_masks, soft_masks=args.soft_masks)
     report = train_localiser(paths, args.out, cfg, command,
                              ProgressBar("train-fracture", enabled=not args.quiet),
                              val_paths=val_paths or None)

@@ -7,8 +7,9 @@ phantom's exact fracture line). Each step takes ``batch_size`` fibula windows wi
 * CT intensity randomisation (gamma, contrast, offset, noise; each CT window on its own), as
   scanners and kernels differ;
 * mask randomisation: the fibula mask closed across the fracture gap (as a segmentation that
-  bridges the line does), dilated or eroded, or the tibia mask dropped, so that the network
-  reads the fracture in the CT, not in a hole of the mask.
+  bridges the line does; ``bridge_prob`` of the windows), dilated or eroded, or the tibia mask
+  dropped, so that the network reads the fracture in the CT, not in a hole of the mask
+  (``soft_masks``: the fibula mask stays soft, as the pipeline's crop gives it).
 
 Loss: binary cross-entropy (positives weighted) + soft Dice of the line. The validation split
 (``val_fraction`` of the cases, by case) is scored every ``eval_every`` steps on what a surgeon
@@ -55,6 +56,12 @@ class FractureTrainConfig:
     #: The crop arrays the network reads (names of
     #: :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS`).
     channels: Tuple[str, ...] = ("ct", "tibia", "fibula")
+    #: Share of the training windows whose fibula mask is closed across gaps (0.4: the shipped
+    #: localiser's recipe).
+    bridge_prob: float = 0.4
+    #: Keep the fibula mask soft (linearly interpolated, as the pipeline's crop gives it) in
+    #: training; False thresholds it at 0.5 (the shipped localiser's recipe).
+    soft_masks: bool = False
 
 
 @dataclass
@@ -96,18 +103,39 @@ def split_cases(samples: Sequence[Sample], val_fraction: float, seed: int
     return train, val
 
 
-def _augment_masks(ch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _augment_masks(ch: np.ndarray, rng: np.random.Generator, bridge_prob: float = 0.4,
+                   soft: bool = False) -> np.ndarray:
+    """Randomise the mask channels of a (C, z, y, x) window in place (and return it).
+
+    The fibula mask is closed across gaps (1-3 iterations of a 6-connected cross: a
+    segmentation that bridges the fracture line) with probability ``bridge_prob``, else dilated
+    (15 %) or eroded (10 %) by one voxel; the tibia mask is dropped 10 % of the time.
+    ``soft=False`` (the shipped localiser's recipe) thresholds the fibula mask at 0.5 first, so
+    every training window shows a binary fibula while the pipeline's crop holds the linearly
+    interpolated (soft) one; ``soft=True`` keeps it soft (grey-level morphology), as the
+    pipeline gives it.
+    """
     from scipy import ndimage
 
-    fib = ch[2] > 0.5
     u = rng.uniform()
-    if u < 0.4:  # a segmentation that bridges the fracture gap
-        fib = ndimage.binary_closing(fib, iterations=int(rng.integers(1, 4)))
-    elif u < 0.55:
-        fib = ndimage.binary_dilation(fib, iterations=1)
-    elif u < 0.65:
-        fib = ndimage.binary_erosion(fib, iterations=1)
-    ch[2] = fib
+    op = ("close" if u < bridge_prob else "dilate" if u < bridge_prob + 0.15
+          else "erode" if u < bridge_prob + 0.25 else None)
+    k = int(rng.integers(1, 4)) if op == "close" else 1
+    if soft:
+        if op is not None:
+            cross = ndimage.iterate_structure(ndimage.generate_binary_structure(3, 1), k)
+            grey = {"close": ndimage.grey_closing, "dilate": ndimage.grey_dilation,
+                    "erode": ndimage.grey_erosion}[op]
+            ch[2] = grey(ch[2], footprint=cross)
+    else:
+        fib = ch[2] > 0.5
+        if op == "close":
+            fib = ndimage.binary_closing(fib, iterations=k)
+        elif op == "dilate":
+            fib = ndimage.binary_dilation(fib, iterations=1)
+        elif op == "erode":
+            fib = ndimage.binary_erosion(fib, iterations=1)
+        ch[2] = fib
     if rng.uniform() < 0.1:
         ch[1] = 0.0
     return ch
@@ -148,10 +176,12 @@ def _z_range(target: np.ndarray, patch_z: int, rng: np.random.Generator,
 
 def training_pair(sample: Sample, rng: np.random.Generator, shift: int,
                   window_yx: Tuple[int, int] = WINDOW_YX, patch_z: int = 0,
-                  channels: Sequence[str] = ("ct", "tibia", "fibula")
+                  channels: Sequence[str] = ("ct", "tibia", "fibula"),
+                  bridge_prob: float = 0.4, soft_masks: bool = False
                   ) -> Tuple[np.ndarray, np.ndarray]:
     """One augmented (input (C, pz, wy, wx), target (1, pz, wy, wx)) pair (pz = patch_z, or
-    every slice when 0; the input holds the named ``channels``)."""
+    every slice when 0; the input holds the named ``channels``; masks: see
+    :func:`_augment_masks`)."""
     from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
 
     zr = _z_range(sample.target, patch_z, rng, _fibula_tip_z(sample.channels[2]))
@@ -160,7 +190,7 @@ def training_pair(sample: Sample, rng: np.random.Generator, shift: int,
     dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, size=2))
     win = Window(win.y0 + dy, win.x0 + dx, win.size)
     x = win.extract(ch)[:, zr]
-    x = _augment_masks(x, rng)
+    x = _augment_masks(x, rng, bridge_prob, soft_masks)
     for c in range(len(x)):
         if ALL_CHANNELS[c] in ("ct", "ct_bone"):
             x[c] = _augment_ct(x[c], rng)
@@ -188,7 +218,7 @@ def _batch(samples: List[Sample], idx: Sequence[int], rng: np.random.Generator,
     import torch
 
     pairs = [training_pair(samples[i], rng, cfg.shift, (cfg.patch_yx, cfg.patch_yx), cfg.patch_z,
-                           cfg.channels) for i in idx]
+                           cfg.channels, cfg.bridge_prob, cfg.soft_masks) for i in idx]
     x = torch.from_numpy(np.stack([p[0] for p in pairs]).astype(np.float32))
     y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.float32))
     return x, y

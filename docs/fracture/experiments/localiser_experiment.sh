@@ -27,6 +27,10 @@ heldout)
     done ;;
 page)
     cp ${CLS_MODEL:-$M}/training.json $D/training.json
+    if [ -n "${CLS_MODEL:-}" ]; then  # the classifier's training cases, for the counts by family
+        .venv/bin/python -c "import json, sys; ds = json.load(open(sys.argv[1]))['dataset']; print(json.dumps([c['id'] for c in json.load(open(ds + '/dataset.json'))['cases']]))" \
+            $CLS_MODEL/training.json > $D/cases.json
+    fi
     cp $M/plans.json $D/plans.json
     .venv/bin/python scripts/fracture_experiment_page.py $D ;;
 *)
