@@ -19,9 +19,9 @@ crop, flips and intensity jitter; here:
 * **bridged masks** -- optional (``bridge_prob``): the mask channels closed (grey-level
   dilation then erosion with a cube of radius 1-2 voxels, 1.5-3 mm) across gaps, as a
   segmentation that bridges a fracture line does. On the phantoms a reference mask leaves the
-  fracture gap empty, and a classifier trained on such masks reads the fracture from the hole
-  in the mask rather than from the CT: with the fibula mask of six held-out real-shape
-  fractures closed by 2 mm, the pipeline's answer fell from right to 'no fracture' in five.
+  fracture gap empty, and a network trained on such masks can read the fracture from the hole
+  in the mask rather than from the CT, which a segmentation's bridged mask no longer shows
+  (``scripts/mask_reliance_study.py`` measures it through the pipeline).
 
 :func:`augment_batch` draws the parameters (:func:`sample_params`) and applies them
 (:func:`apply_augmentation`); draws come from ``generator`` (CPU or the device's), so a seeded
