@@ -4,24 +4,18 @@ the rendering of the committed files."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT as ROOT
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "docs" / "fracture" / "experiments" / "cls_v5_bridged_masks" / "mask_reliance"
 
 
 @pytest.fixture(scope="module")
 def study():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import mask_reliance_study
-    finally:
-        sys.path.pop(0)
-    return mask_reliance_study
+    return load_script("mask_reliance_study")
 
 
 def test_closed_fibula_bridges_the_gap_and_leaves_the_tibia(study):
