@@ -342,7 +342,8 @@ def affine_theta(params: AugmentParams, spatial_shape: Sequence[int]) -> torch.T
 
 def apply_augmentation(x: torch.Tensor, params: AugmentParams, ct_channel: Optional[int] = 0,
                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Apply ``params`` to a crop batch: flips, one affine resampling, CT intensity, cutout.
+    """Apply ``params`` to a crop batch: flips, one affine resampling, CT intensity, bridged
+    masks, cutout.
 
     Args:
         x: (B, C, z, y, x) float crops; CT channel in [0, 1], mask channels in [0, 1].
