@@ -26,7 +26,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -53,8 +53,8 @@ def _answer(row: Dict[str, Any]) -> Dict[str, Any]:
             "height_mm": row.get("height_mm")}
 
 
-def study(dataset: str, evaluation: str, close_mm: float, cls_model: str = None,
-          fracture_model: str = None) -> Dict[str, Any]:
+def study(dataset: str, evaluation: str, close_mm: float, cls_model: Optional[str] = None,
+          fracture_model: Optional[str] = None) -> Dict[str, Any]:
     """The three answers of every fractured, answered case (see the module docstring)."""
     from AnkleFractureLib.dataset import Dataset
     from AnkleFractureLib.evaluation.evaluate_fracture import case_row, truth_of
