@@ -66,6 +66,11 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                         "with metal streaks; recorded in the case meta. The analytic family "
                         "ignores it. Default: 15 %% of fractured and 4 %% of intact ankles, "
                         "cases as before")
+    p.add_argument("--cast", type=float, default=None, metavar="P",
+                   help="probability (0-1) that a vh case wears a plaster cast or a posterior "
+                        "splint (150-700 HU, 3-10 mm off the skin), as trauma CTs often do; "
+                        "recorded in the case meta. The analytic family ignores it. Default: "
+                        "12 %%, cases as before")
     p.add_argument("--preview", action="store_true", help="also write one PNG preview per case")
     p.add_argument("--dicom", action="store_true",
                    help="also write each CT as a DICOM series in DIR/dicom/<id>/")
@@ -89,13 +94,15 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("ankle-fracture phantom: error: --forefoot must be in [0, 1]")
     if args.metal is not None and not 0.0 <= args.metal <= 1.0:
         raise SystemExit("ankle-fracture phantom: error: --metal must be in [0, 1]")
+    if args.cast is not None and not 0.0 <= args.cast <= 1.0:
+        raise SystemExit("ankle-fracture phantom: error: --cast must be in [0, 1]")
     if args.workers < 1:
         raise SystemExit("ankle-fracture phantom: error: --workers must be at least 1")
     ds = write_phantom_dataset(args.out, n=args.n, seed=args.seed, weber=args.weber,
                                side=args.side, spacing=args.spacing, preview=args.preview,
                                dicom=args.dicom, family=args.family, fractures=args.fractures,
                                confounders=args.confounders, forefoot=args.forefoot,
-                               metal=args.metal, workers=args.workers,
+                               metal=args.metal, cast=args.cast, workers=args.workers,
                                progress=ProgressBar("phantom", enabled=not args.quiet))
     counts = ds.counts()
     print(f"{ds.root}: {counts['cases']} cases "

@@ -107,7 +107,8 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
                           should_cancel: Optional[Callable[[], bool]] = None,
                           family: str = "analytic", fractures: str = "classic",
                           confounders: float = 0.0, forefoot: float = 0.0,
-                          metal: Optional[float] = None, workers: int = 1) -> Dataset:
+                          metal: Optional[float] = None, workers: int = 1,
+                          cast: Optional[float] = None) -> Dataset:
     """Generate ``n`` phantom cases into a dataset folder (added to it if it exists).
 
     Args:
@@ -138,6 +139,9 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
             with screws, or medial malleolar screws), recorded in the case meta
             (``metal_probability``; the hardware drawn is ``appearance["metal"]``); analytic
             cases ignore it; None (default): the usual rates, cases as before.
+        cast: Probability (0-1) that a "vh" case wears a cast or splint (recorded in the case
+            meta as ``cast_probability``; the kind drawn is ``appearance["cast"]``); analytic
+            cases ignore it; None (default): 12 %, cases as before.
         workers: Cases generated at once, each in its own process (``spawn``); the files are
             written here, in plan order. Every case depends on its own seed alone, so the
             dataset is the same for any number of workers.
@@ -150,13 +154,14 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
         CancelledError: ``should_cancel`` returned True (the cases written so far stay).
     """
     from AnkleFractureLib.phantom.confounders import check_probability
-    from AnkleFractureLib.phantom.generator import check_metal
+    from AnkleFractureLib.phantom.generator import check_cast, check_metal
 
     from AnkleFractureLib.phantom.forefoot import check_probability as check_forefoot
 
     confounders = check_probability(confounders)  # before any case is written
     forefoot = check_forefoot(forefoot)
     metal = check_metal(metal)
+    cast = check_cast(cast)
     if int(workers) < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     plan = case_plan(n, seed, weber, side, spacing, family)
@@ -164,7 +169,7 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
                         description="Synthetic ankle CT phantoms (AnkleFractureLib.phantom); "
                                     "demonstration data, not patient data.")
     options = {"fractures": fractures, "confounders": confounders, "forefoot": forefoot,
-               "metal": metal}
+               "metal": metal, "cast": cast}
     with closing(_generated(plan, options, int(workers))) as cases:
         for k, item in enumerate(plan):
             if should_cancel is not None and should_cancel():

@@ -136,7 +136,8 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
                   family: str = "analytic", fractures: str = "classic",
                   confounders: float = 0.0,
                   confounder_kinds: Optional[Sequence[str]] = None,
-                  forefoot: float = 0.0, metal: Optional[float] = None) -> PhantomCase:
+                  forefoot: float = 0.0, metal: Optional[float] = None,
+                  cast: Optional[float] = None) -> PhantomCase:
     """Generate one synthetic ankle CT, fully determined by the arguments.
 
     Args:
@@ -170,6 +171,10 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
             its streaks; None (default): 15 % of fractured and 4 % of intact ankles, as
             before. Given, ``info["metal_probability"]`` records it. The "analytic" family
             ignores it (it has no metal).
+        cast: Probability (0-1) that a "vh" case wears a plaster cast or a posterior splint
+            (150-700 HU, 3-10 mm off the skin), as trauma CTs often do; None (default): 12 %,
+            as before. Given, ``info["cast_probability"]`` records it; the drawn kind is
+            ``info["appearance"]["cast"]``. The "analytic" family ignores it.
 
     Returns:
         The case. ``info`` holds: seed, weber, side, spacing_mode, ``anatomy_to_patient``
@@ -193,6 +198,7 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
 
     forefoot = check_forefoot(forefoot)
     metal = check_metal(metal)
+    cast = check_cast(cast)
     from AnkleFractureLib.phantom.fracture_styles import STYLE_NAMES
 
     if fractures not in STYLE_NAMES:
@@ -201,7 +207,7 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if family == "vh":
         return _generate_vh(seed, weber, side, spacing, anatomy_seed, fractures,
-                            confounders, confounder_kinds, forefoot, metal)
+                            confounders, confounder_kinds, forefoot, metal, cast)
     anatomy, a2p, grid = plan_grid(seed, side, spacing, anatomy_seed)
     prof = anatomy.prof
 
@@ -246,6 +252,21 @@ def check_metal(p: Optional[float]) -> Optional[float]:
     return None if p is None else check_probability(p, "metal")
 
 
+def check_cast(p: Optional[float]) -> Optional[float]:
+    """``p`` as a float probability, or None (the default cast and splint rate).
+
+    Raises:
+        ValueError: ``p`` is not None and not in [0, 1].
+
+    Example:
+        >>> check_cast(None) is None, check_cast(0)
+        (True, 0.0)
+    """
+    from AnkleFractureLib.phantom.confounders import check_probability
+
+    return None if p is None else check_probability(p, "cast")
+
+
 def _case(ct_arr: np.ndarray, lab_arr: np.ndarray, grid: Any, meta: Dict[str, Any],
           info: Dict[str, Any]) -> PhantomCase:
     """A PhantomCase of rendered CT (int16) and label (uint8) arrays (z, y, x) on ``grid``."""
@@ -274,13 +295,14 @@ def _generate_vh(seed: int, weber: str, side: str, spacing: str,
                  anatomy_seed: Optional[int], fractures: str = "classic",
                  confounders: float = 0.0,
                  confounder_kinds: Optional[Sequence[str]] = None,
-                 forefoot: float = 0.0, metal: Optional[float] = None) -> PhantomCase:
+                 forefoot: float = 0.0, metal: Optional[float] = None,
+                 cast: Optional[float] = None) -> PhantomCase:
     """A case of the real-shape family (see :mod:`AnkleFractureLib.phantom.real_generator`)."""
     from AnkleFractureLib.phantom.real_generator import render_real
 
     ct_arr, lab_arr, (anatomy, a2p, grid, fracture), extra = render_real(
         seed, weber, side, spacing, anatomy_seed, fractures, confounders, confounder_kinds,
-        forefoot, metal)
+        forefoot, metal, cast)
     meta = {"source": "AnkleFractureLib.phantom", "family": "vh", "seed": int(seed),
             "weber": weber, "side": side}
     # The smooth displacement field moves the joint off the frame's origin (up to ~5 mm):

@@ -145,7 +145,8 @@ def _thin_grid(grid: imaging.GridSpec) -> Tuple[imaging.GridSpec, int]:
 def render_real(seed: int, weber: str, side: str, spacing: str,
                 anatomy_seed: Optional[int] = None, fractures: str = "classic",
                 confounders: float = 0.0, confounder_kinds: Optional[Sequence[str]] = None,
-                forefoot: float = 0.0, metal: Optional[float] = None
+                forefoot: float = 0.0, metal: Optional[float] = None,
+                cast: Optional[float] = None
                 ) -> Tuple[np.ndarray, np.ndarray, Any, Dict[str, Any]]:
     """Render a vh case: (ct int16 (z, y, x), label uint8 (z, y, x), (anatomy, anatomy to
     patient 4x4, grid, fracture model), family-specific info dict).
@@ -156,7 +157,8 @@ def render_real(seed: int, weber: str, side: str, spacing: str,
     see :func:`plan_real`; with ``forefoot`` > 0 the info dict holds ``forefoot``.
     ``metal``: probability of fixation hardware (None: the default rates of
     :func:`~AnkleFractureLib.phantom.real_render.sample_appearance`); the info dict then holds
-    ``metal_probability``.
+    ``metal_probability``. ``cast``: probability of a cast or splint (None: the default
+    rate); the info dict then holds ``cast_probability``.
     """
     anatomy, a2p, grid, fov = plan_real(seed, side, spacing, anatomy_seed, forefoot)
     anchors = anatomy.fracture_anchors()
@@ -173,7 +175,7 @@ def render_real(seed: int, weber: str, side: str, spacing: str,
         conf = conf_mod.draw_confounders(
             _rng(seed, "confounder"), confounders,
             conf_mod.vh_anchors(anatomy, anchors.fib_tip_depth, fov), confounder_kinds)
-    look = sample_appearance(_rng(seed, "look"), weber != "none", metal)
+    look = sample_appearance(_rng(seed, "look"), weber != "none", metal, cast)
     thin, n = _thin_grid(grid)
     voxel = float(np.prod(grid.spacing) ** (1.0 / 3.0))
     renderer = RealRenderer(anatomy, fracture, look, _rng(seed, "texture"), voxel,
@@ -204,6 +206,8 @@ def render_real(seed: int, weber: str, side: str, spacing: str,
         info["forefoot"] = forefoot_info(anatomy, forefoot)
     if metal is not None:
         info["metal_probability"] = float(metal)
+    if cast is not None:
+        info["cast_probability"] = float(cast)
     return ct, lab, (anatomy, a2p, grid, fracture), info
 
 

@@ -80,8 +80,13 @@ class Appearance:
 METAL_PROBABILITY = {True: 0.15, False: 0.04}
 
 
+#: Default probability of a cast or splint (40 % a circular cast, 60 % a posterior splint).
+CAST_PROBABILITY = 0.12
+
+
 def sample_appearance(rng: np.random.Generator, fractured: bool,
-                      metal_probability: Optional[float] = None) -> Appearance:
+                      metal_probability: Optional[float] = None,
+                      cast_probability: Optional[float] = None) -> Appearance:
     """Draw one case's appearance.
 
     Args:
@@ -90,6 +95,8 @@ def sample_appearance(rng: np.random.Generator, fractured: bool,
         fractured: Whether the ankle is fractured (fixation hardware is likelier).
         metal_probability: Probability (0-1) of fixation hardware (60 % a lateral fibular
             plate with screws, 40 % medial malleolar screws); None: :data:`METAL_PROBABILITY`.
+        cast_probability: Probability (0-1) of a cast or splint; None:
+            :data:`CAST_PROBABILITY`. The same random numbers are drawn whatever its value.
     """
     kernel = "bone" if rng.uniform() < 0.5 else "soft"
     u_metal, u_cast = rng.uniform(), rng.uniform()
@@ -98,7 +105,8 @@ def sample_appearance(rng: np.random.Generator, fractured: bool,
         else float(metal_probability)
     if u_metal < p_metal:
         metal = "plate" if rng.uniform() < 0.6 else "screws"
-    cast = "none" if u_cast >= 0.12 else ("cast" if rng.uniform() < 0.4 else "splint")
+    p_cast = CAST_PROBABILITY if cast_probability is None else float(cast_probability)
+    cast = "none" if u_cast >= p_cast else ("cast" if rng.uniform() < 0.4 else "splint")
     return Appearance(
         cortex_hu=_u(rng, 1250, 1900), trab_hu=_u(rng, 170, 360), trab_amp=_u(rng, 70, 150),
         marrow_hu=_u(rng, -90, -30), tib_cortex_shaft=_u(rng, 3.5, 5.5),
