@@ -256,3 +256,50 @@ def test_metal_is_taken_out_of_the_labels() -> None:
     assert rep["metal_voxels"] > 0 and any("metal taken out" in n for n in rep["notes"])
     same, rep0 = clean_labels(lab, (1.0, 1.0, 1.0))
     assert np.array_equal(same, lab) and "metal_voxels" not in rep0
+
+
+def _cast_scene() -> tuple:
+    """Labels and CT (1 mm voxels, z, y, x) of a leg in a cast whose side the network called
+    fibula: the 'fibula' cast piece (15 ml, 500 HU, air on both sides) is larger than the true
+    fibula (2.8 ml, 8 mm from the tibia, 28 mm from the cast)."""
+    lab = np.zeros((60, 80, 100), np.uint8)
+    ct = np.full(lab.shape, -1000.0, np.float32)
+    ct[:, 10:70, 10:80] = 40.0                 # the leg's soft tissue
+    lab[5:55, 20:45, 15:40] = 1                # tibia
+    lab[5:55, 28:36, 48:55] = 2                # fibula
+    ct[lab > 0] = 1500.0
+    cast = (slice(5, 55), slice(10, 70), slice(83, 88))
+    lab[cast] = 2
+    ct[cast] = 500.0
+    return lab, ct, cast
+
+
+def test_a_cast_larger_than_the_fibula_is_not_taken_for_it() -> None:
+    """Rule 6: without the CT the cast is the main 'fibula' and the true fibula, a smaller
+    component nearer the tibia, takes the tibia's label (two real-shape trauma scans were
+    refused so); with the CT the cast, cortex-free against air, leaves the labels first and the
+    fibula keeps its label. A cortex-free piece inside the leg (cancellous bone labelled apart
+    from its cortex) is not touched by the rule."""
+    lab, ct, cast = _cast_scene()
+    fibula = (slice(5, 55), slice(28, 36), slice(48, 55))
+    blind, _ = clean_labels(lab, (1.0, 1.0, 1.0))
+    assert (blind[fibula] == 1).all() and (blind[cast] == 2).all()
+    out, rep = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct)
+    assert not out[cast].any()
+    assert (out[fibula] == 2).all() and (out[5:55, 20:45, 15:40] == 1).all()
+    assert any("lying against air" in n for n in rep["notes"])
+    inner = (slice(20, 35), slice(28, 38), slice(58, 66))  # 1.2 ml, 300 HU, 14 mm from air
+    lab[inner], ct[inner] = 1, 300.0
+    kept, rep = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct)
+    assert np.count_nonzero(kept[inner]) == kept[inner].size  # kept (as a fibula fragment)
+    assert not kept[cast].any()
+
+
+def test_a_cast_without_air_around_it_is_left_to_the_other_rules() -> None:
+    """Rule 6 needs air beside the piece: the same cast surrounded by soft tissue is kept as
+    the main 'fibula' (what rule 5 and the network's training must then handle)."""
+    lab, ct, cast = _cast_scene()
+    ct[ct < -500] = 40.0
+    out, rep = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct)
+    assert (out[cast] == 2).all()
+    assert not any("lying against air" in n for n in rep["notes"])

@@ -36,6 +36,16 @@
    is removed: every piece of tibia or fibula has a cortex (the shaft's is 1200-2000 HU, and
    30-55 % of a bone piece's labelled voxels reach 1000 HU on phantoms), while a plaster cast
    or splint (150-800 HU), which a network may call bone at its corners, has none.
+6. **A cast is never a bone's main piece.** When the CT is given, a component of at least
+   ``CAST_MIN_MM3`` (1 ml) that has no cortex (rule 5's test) and lies against air (at least
+   ``MIN_AIR_SHELL`` (10 %) of the voxels within 3 voxels outside it below ``AIR_HU``, -400 HU;
+   casts measured 13-29 %, bone pieces 0-5 % even beside a plate's dark streaks) is removed
+   before the main components are chosen, wherever it lies. A cast or splint sits on air (or
+   padding) and was the largest "fibula" component in two real-shape trauma scans: the true
+   fibula, smaller, then counted as a fragment and took the tibia's label, and the scan was
+   refused. Bone never touches air (skin and fat cover even the malleoli), and a piece of
+   cancellous bone the network labelled apart from its cortex lies inside the bone, so
+   neither is touched.
 
 Everything works on the bounding box of the bones, and distances between components are measured
 with k-d trees of surface-voxel centres (exact Euclidean distances in mm, capped at
@@ -216,6 +226,8 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
 
     comps = {value: _components(work, value) for value in (TIBIA, FIBULA)}
     ct_box = ct_hu[box] if ct_hu is not None else None
+    if ct_hu is not None:  # Rule 6: casts out before the legs and main components are chosen
+        comps = _drop_casts(work, comps, box, ct_hu, voxel_mm3, report)
     halves = _leg_halves(work.shape, comps[TIBIA], sp_zyx, voxel_mm3, large_fragment_mm3,
                          ct_box)
     if halves is not None and split_legs:
@@ -454,7 +466,7 @@ def _note_removed(before: List[int], after: List[int], report: Dict[str, Any], w
         report["notes"].append(f"removed {n} large piece(s) {why}")
 
 
-#: Rule 5: a voxel at or above this CT number (HU) is cortical bone.
+#: Rule 0: a voxel at or above this CT number (HU) is metal.
 METAL_HU = 2500.0
 
 
@@ -477,6 +489,7 @@ def _drop_metal(out: np.ndarray, box: Slices, ct_hu: np.ndarray, voxel_mm3: floa
     return n > 0
 
 
+#: Rule 5: a voxel at or above this CT number (HU) is cortical bone.
 CORTEX_HU = 1000.0
 #: Rule 5: a large isolated piece is bone only when at least this fraction of its voxels is
 #: cortical (bone pieces: 0.3-0.55 on phantoms; a cast or splint: at most 0.01).
@@ -505,6 +518,57 @@ def _drop_without_cortex(fragments: List[_Component], targets: List[int],
     _note_removed(targets, out, report, "without cortical bone (a cast or splint, not tibia "
                                         "or fibula)")
     return out
+
+
+#: Rule 6: components from this volume (mm^3) on are tested for being a cast or splint.
+CAST_MIN_MM3 = 1000.0
+#: Rule 6: a voxel below this CT number (HU) is air (or cast padding), never soft tissue.
+AIR_HU = -400.0
+#: Rule 6: a component lies against air when at least this fraction of the voxels of its
+#: shell (within :data:`SHELL_VOXELS` steps outside it, 6-connected) is air.
+MIN_AIR_SHELL = 0.1
+#: Rule 6: thickness of the shell (voxels): 2-5 mm on clinical grids, so that the air beside
+#: a cast's labelled part (the rest of the cast lies between) is reached.
+SHELL_VOXELS = 3
+
+
+def _air_shell_fraction(comp: _Component, box: Slices, ct_hu: np.ndarray) -> float:
+    """Fraction of the voxels of a component's shell (within :data:`SHELL_VOXELS` steps
+    outside it, 6-connected, within the CT) that are air (below :data:`AIR_HU`). ``box``: the
+    working crop in ``ct_hu``."""
+    k = SHELL_VOXELS
+    full = [slice(max(b.start + c.start - k, 0), min(b.start + c.stop + k, n))
+            for b, c, n in zip(box, comp.box, ct_hu.shape)]
+    region = tuple(slice(f.start - b.start, f.stop - b.start) for f, b in zip(full, box))
+    mask = comp.mask_in(region)  # type: ignore[arg-type]
+    shell = ndi.binary_dilation(mask, structure=_SIX, iterations=k) & ~mask
+    if not shell.any():
+        return 0.0
+    return float(np.mean(ct_hu[tuple(full)][shell] < AIR_HU))
+
+
+def _drop_casts(work: np.ndarray, comps: Dict[int, List[_Component]], box: Slices,
+                ct_hu: np.ndarray, voxel_mm3: float, report: Dict[str, Any]
+                ) -> Dict[int, List[_Component]]:
+    """Rule 6: remove (in ``work``) the components of at least :data:`CAST_MIN_MM3` without
+    cortex that lie against air; the components left, largest first, by label."""
+    ct_box = ct_hu[box]
+    kept: Dict[int, List[_Component]] = {}
+    gone_mm3 = 0.0
+    for value, members in comps.items():
+        kept[value] = []
+        for comp in members:
+            if (comp.voxels * voxel_mm3 >= CAST_MIN_MM3 and not _has_cortex(comp, ct_box)
+                    and _air_shell_fraction(comp, box, ct_hu) >= MIN_AIR_SHELL):
+                work[comp.box][comp.mask()] = 0
+                report["removed_voxels"] += comp.voxels
+                gone_mm3 += comp.voxels * voxel_mm3
+            else:
+                kept[value].append(comp)
+    if gone_mm3:
+        report["notes"].append(f"removed {gone_mm3 / 1000.0:.1f} ml labelled bone without "
+                               "cortex lying against air (a cast or splint)")
+    return kept
 
 
 def _centroid(comp: _Component, sp_zyx: np.ndarray) -> np.ndarray:
