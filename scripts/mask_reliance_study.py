@@ -59,7 +59,7 @@ def study(dataset: str, evaluation: str, close_mm: float, cls_model: Optional[st
     from AnkleFractureLib.dataset import Dataset
     from AnkleFractureLib.evaluation.evaluate_fracture import case_row, truth_of
     from AnkleFractureLib.io import read_image
-    from AnkleFractureLib.pipeline.evaluate import _run_case
+    from AnkleFractureLib.pipeline.evaluate import run_case
     from AnkleFractureLib.pipeline.pipeline import Pipeline, PipelineOptions
 
     ds = Dataset.load(dataset)
@@ -74,7 +74,7 @@ def study(dataset: str, evaluation: str, close_mm: float, cls_model: Optional[st
         closed = ref.with_array(closed_fibula(np.asarray(ref.array), ct.spacing, close_mm))
         row = {"id": rec.id, "true": rec.weber, "segmentation": _answer(seg_row)}
         for name, lab in (("reference", ref), ("closed", closed)):
-            row[name] = _answer(case_row(rec.id, truth_of(rec), _run_case(pipe, ct, rec, lab)))
+            row[name] = _answer(case_row(rec.id, truth_of(rec), run_case(pipe, ct, rec, lab)))
         print(rec.id, rec.weber, {k: row[k]["predicted"] for k in
                                   ("segmentation", "reference", "closed")}, flush=True)
         cases.append(row)

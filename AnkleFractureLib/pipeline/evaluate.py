@@ -17,10 +17,23 @@ from AnkleFractureLib.evaluation.evaluate_fracture import case_row, summarise_ro
 _WORKER: Dict[str, Any] = {}
 
 
-def _run_case(pipeline: Any, ct: Any, record: Any, label: Any = None) -> Dict[str, Any]:
+def run_case(pipeline: Any, ct: Any, record: Any, label: Any = None) -> Dict[str, Any]:
     """One case as a user runs it: side detected; a scan refused only because both legs are
     in view is run again with the side given, as the refusal asks (counted in the row).
-    ``label``: a label map to use instead of the segmentation (studies of its effect)."""
+
+    Public so that a study runs its cases exactly as ``evaluate-fracture`` does
+    (``scripts/mask_reliance_study.py``).
+
+    Args:
+        pipeline: A :class:`~AnkleFractureLib.pipeline.pipeline.Pipeline` (models loaded once).
+        ct: The case's CT volume (HU).
+        record: Its dataset record (``side``: the side to give after a both-legs refusal).
+        label: A label map on the CT's grid to use instead of the segmentation (studies of its
+            effect), or None.
+
+    Returns:
+        The pipeline's result JSON (``_side_given`` True when it was run again with the side).
+    """
     from AnkleFractureLib.pipeline.pipeline import Pipeline, PipelineOptions
 
     result = pipeline.run(ct, label=label).to_json()
@@ -39,7 +52,7 @@ def _case_row(pipeline: Any, root: str, record: Any) -> Dict[str, Any]:
     """The evaluation row of one dataset case."""
     from AnkleFractureLib.io import read_image
 
-    result = _run_case(pipeline, read_image(Path(root) / record.image), record)
+    result = run_case(pipeline, read_image(Path(root) / record.image), record)
     row = case_row(record.id, truth_of(record), result)
     row["side_given_after_both_legs"] = bool(result.get("_side_given"))
     return row
