@@ -33,6 +33,12 @@ def test_cache_key_covers_model_template_code_version_and_side(tmp_path, monkeyp
     assert cache_key(ds, seg, "registered", "t") == cache_key(ds, seg, "registered", "t", "m1")
     assert cache_key(ds, noseg, "registered", "t", "m1") != cache_key(ds, noseg, "registered",
                                                                       "t", "m2")
+    # A new post-processing rule recomputes the model-mask crops only.
+    model_masks = cache_key(ds, noseg, "registered", "t", "m1")
+    monkeypatch.setattr(crops_mod, "POSTPROCESS_VERSION", crops_mod.POSTPROCESS_VERSION + 1)
+    assert cache_key(ds, noseg, "registered", "t", "m1") != model_masks
+    assert cache_key(ds, seg, "registered", "t", "m1") == cache_key(ds, seg, "registered", "t")
+    monkeypatch.undo()
     base = cache_key(ds, seg, "registered", "t")
     assert cache_key(ds, seg, "registered", "t2") != base  # template content / box
     assert cache_key(ds, seg, "registered", "t", side="dataset") != base  # side policy

@@ -169,11 +169,12 @@ def test_localiser_round_trip_and_errors(tmp_path) -> None:
         FractureLocaliser.load(tmp_path / "missing")
 
 
-def test_model_mask_crops_are_cached_per_segmentation_model(tmp_path):
-    """Crops made with a segmentation model's masks are keyed by its weights: a new model never
-    gets the old model's crops."""
+def test_model_mask_crops_are_cached_per_segmentation_model(tmp_path, monkeypatch):
+    """Crops made with a segmentation model's masks are keyed by its weights and by the
+    post-processing version: a new model or rule never gets the old one's crops."""
     import hashlib
 
+    from AnkleFractureLib.segmentation import postprocess
     from AnkleFractureLib.training.fracture_data import _seg_model_tag
 
     tags = []
@@ -182,8 +183,11 @@ def test_model_mask_crops_are_cached_per_segmentation_model(tmp_path):
         folder.mkdir()
         (folder / "model.pt").write_bytes(payload)
         tags.append(_seg_model_tag(str(folder)))
-        assert tags[-1] == hashlib.sha256(payload).hexdigest()[:12]
+        assert tags[-1] == (f"{hashlib.sha256(payload).hexdigest()[:12]}"
+                            f"-pp{postprocess.POSTPROCESS_VERSION}")
     assert tags[0] != tags[1]
+    monkeypatch.setattr(postprocess, "POSTPROCESS_VERSION", postprocess.POSTPROCESS_VERSION + 1)
+    assert _seg_model_tag(str(tmp_path / "model1")) != tags[1]
 
 
 def _line_samples(n: int) -> list:

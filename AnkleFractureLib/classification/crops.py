@@ -58,6 +58,7 @@ import numpy as np
 from AnkleFractureLib.dataset.layout import CLASSES, CaseRecord, Dataset
 from AnkleFractureLib.errors import AnkleFractureError, CancelledError, InputError
 from AnkleFractureLib.geometry.volume import Volume
+from AnkleFractureLib.segmentation.postprocess import POSTPROCESS_VERSION
 
 #: Version of the cache file layout and key scheme.
 CACHE_VERSION = 2
@@ -71,6 +72,8 @@ CACHE_VERSION = 2
 #: the fit on the distal 200 mm above it (whole-leg scans).
 #: 6: tibia surface points more than 25 mm below the plafond found on the labels left out of
 #: the fit (a talus labelled tibia no longer pulls it along the shaft).
+#: (Later changes of the segmentation post-processing are keyed by its own
+#: ``POSTPROCESS_VERSION``, for model-mask crops only.)
 CROP_CODE_VERSION = 6
 #: Side policies of :func:`load_crops`: automatic detection as ``run`` does, or the dataset's.
 SIDE_POLICIES = ("detect", "dataset")
@@ -251,7 +254,8 @@ def cache_key(dataset: Dataset, record: CaseRecord, kind: str, template_key: str
         record: The case (``segmentation`` None: masks from the segmentation model).
         kind: "registered" or "raw".
         template_key: The template's content + box (:func:`_template_key`).
-        seg_model_key: The segmentation model's sha256 (used for a case without a label map).
+        seg_model_key: The segmentation model's sha256 (used, with the post-processing's
+            ``POSTPROCESS_VERSION``, for a case without a label map).
         side: Side policy, one of :data:`SIDE_POLICIES`.
 
     Returns:
@@ -267,7 +271,8 @@ def cache_key(dataset: Dataset, record: CaseRecord, kind: str, template_key: str
              "image": _file_key(dataset.path(record.image)),
              "label": _file_key(seg) if seg is not None and registered else None,
              "template": template_key,
-             "seg_model": seg_model_key if seg is None and registered else None,
+             "seg_model": ([seg_model_key, POSTPROCESS_VERSION] if seg is None and registered
+                           else None),
              "side": ([side, record.side if side == "dataset" else None] if registered
                       else None)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]

@@ -23,7 +23,7 @@ own stream, nothing drawn at P = 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -194,11 +194,7 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
     _validate(seed, weber, side, spacing)
     confounders = conf_mod.check_probability(confounders)
     conf_mod.check_kinds(confounder_kinds)
-    from AnkleFractureLib.phantom.forefoot import check_probability as check_forefoot
-
-    forefoot = check_forefoot(forefoot)
-    metal = check_metal(metal)
-    cast = check_cast(cast)
+    forefoot, metal, cast = _checked_vh_options(forefoot, metal, cast)
     from AnkleFractureLib.phantom.fracture_styles import STYLE_NAMES
 
     if fractures not in STYLE_NAMES:
@@ -250,6 +246,14 @@ def check_metal(p: Optional[float]) -> Optional[float]:
     from AnkleFractureLib.phantom.confounders import check_probability
 
     return None if p is None else check_probability(p, "metal")
+
+
+def _checked_vh_options(forefoot: float, metal: Optional[float], cast: Optional[float]
+                        ) -> Tuple[float, Optional[float], Optional[float]]:
+    """The vh family's forefoot, metal and cast probabilities, checked (ValueError if bad)."""
+    from AnkleFractureLib.phantom.forefoot import check_probability as check_forefoot
+
+    return check_forefoot(forefoot), check_metal(metal), check_cast(cast)
 
 
 def check_cast(p: Optional[float]) -> Optional[float]:

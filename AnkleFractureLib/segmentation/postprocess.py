@@ -76,6 +76,10 @@ from scipy.spatial import cKDTree
 from AnkleFractureLib.geometry.arrays import bounding_box
 
 TIBIA, FIBULA = 1, 2
+#: Version of these rules. Crops made with the segmentation model's masks are cached under it
+#: (classification/crops.py, training/fracture_data.py): bump it whenever a rule changes what
+#: the labels hold. 6: rule 6 (casts out before the main components are chosen).
+POSTPROCESS_VERSION = 6
 _NAMES = {TIBIA: "tibia", FIBULA: "fibula"}
 _TWENTY_SIX = np.ones((3, 3, 3), dtype=bool)
 _SIX = ndi.generate_binary_structure(3, 1)

@@ -123,13 +123,15 @@ def load_crop_file(path: "os.PathLike[str] | str") -> Dict[str, Any]:
 
 
 def _seg_model_tag(seg_model_dir: Optional[str]) -> str:
-    """First 12 hex digits of the segmentation weights' sha256: crops made with model masks are
-    cached per model, so a new model never gets the old model's crops."""
+    """First 12 hex digits of the segmentation weights' sha256 and the post-processing version
+    (``<sha>-pp<version>``): crops made with model masks are cached per model and
+    post-processing, so a new model or rule never gets the old one's crops."""
     from AnkleFractureLib.segmentation.inference import default_model_dir
     from AnkleFractureLib.segmentation.model_io import sha256_file
+    from AnkleFractureLib.segmentation.postprocess import POSTPROCESS_VERSION
 
     folder = Path(seg_model_dir) if seg_model_dir is not None else default_model_dir()
-    return sha256_file(folder / "model.pt")[:12]
+    return f"{sha256_file(folder / 'model.pt')[:12]}-pp{POSTPROCESS_VERSION}"
 
 
 #: What a crop worker process holds (see :func:`_init_crop_worker`).
