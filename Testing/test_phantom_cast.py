@@ -45,12 +45,13 @@ def test_phantom_cast_is_drawn_outside_the_bones():
         check_cast(-0.1)
 
 
-def test_phantom_cli_rejects_a_bad_cast_probability(tmp_path):
+@pytest.mark.parametrize("option, value", [("--cast", "2"), ("--metal", "1.5")])
+def test_phantom_cli_rejects_a_bad_cast_or_metal_probability(tmp_path, option, value):
     from AnkleFractureLib.cli import phantom_cmd
 
     parser = argparse.ArgumentParser(prog="ankle-fracture")
     phantom_cmd.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["phantom", "--out", str(tmp_path / "d"), "--cast", "2"])
-    with pytest.raises(SystemExit, match="--cast must be in"):
+    args = parser.parse_args(["phantom", "--out", str(tmp_path / "d"), option, value])
+    with pytest.raises(SystemExit, match=f"{option} must be in"):
         args.func(args)
     assert not (tmp_path / "d").exists()

@@ -120,14 +120,3 @@ def test_phantom_metal_probability():
     assert always.info["fracture"] == never.info["fracture"]
     with pytest.raises(ValueError, match="metal must be a probability"):
         check_metal(1.5)
-
-
-def test_phantom_cli_rejects_a_bad_metal_probability(tmp_path):
-    from AnkleFractureLib.cli import phantom_cmd
-
-    parser = argparse.ArgumentParser(prog="ankle-fracture")
-    phantom_cmd.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["phantom", "--out", str(tmp_path / "d"), "--metal", "1.5"])
-    with pytest.raises(SystemExit, match="--metal must be in"):
-        args.func(args)
-    assert not (tmp_path / "d").exists()

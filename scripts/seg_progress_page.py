@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write docs/seg_v2/README.md: where the segmentation model on real bone shapes stands (v1-v4 and the post-processing rules), from artefacts.
+"""Write docs/seg_v2/README.md: segmentation on real bone shapes (v1-v4, rules), from artefacts.
 
 Usage:
     .venv/bin/python scripts/seg_progress_page.py [--dir docs/seg_v2]

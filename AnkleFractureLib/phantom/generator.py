@@ -233,19 +233,29 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
     return _case(ct_arr, lab_arr, grid, meta, info)
 
 
-def check_metal(p: Optional[float]) -> Optional[float]:
-    """``p`` as a float probability, or None (the default hardware rates).
+def check_optional_probability(p: Optional[float], name: str) -> Optional[float]:
+    """``p`` as a float probability, or None (the option's default rate).
 
     Raises:
-        ValueError: ``p`` is not None and not in [0, 1].
+        ValueError: ``p`` is not None and not in [0, 1] (the message names ``name``).
 
     Example:
-        >>> check_metal(None) is None, check_metal(1)
+        >>> check_optional_probability(None, "cast") is None, check_optional_probability(1, "metal")
         (True, 1.0)
     """
     from AnkleFractureLib.phantom.confounders import check_probability
 
-    return None if p is None else check_probability(p, "metal")
+    return None if p is None else check_probability(p, name)
+
+
+def check_metal(p: Optional[float]) -> Optional[float]:
+    """The fixation-hardware probability checked, or None (the default rates)."""
+    return check_optional_probability(p, "metal")
+
+
+def check_cast(p: Optional[float]) -> Optional[float]:
+    """The cast-or-splint probability checked, or None (the default rate)."""
+    return check_optional_probability(p, "cast")
 
 
 def _checked_vh_options(forefoot: float, metal: Optional[float], cast: Optional[float]
@@ -254,21 +264,6 @@ def _checked_vh_options(forefoot: float, metal: Optional[float], cast: Optional[
     from AnkleFractureLib.phantom.forefoot import check_probability as check_forefoot
 
     return check_forefoot(forefoot), check_metal(metal), check_cast(cast)
-
-
-def check_cast(p: Optional[float]) -> Optional[float]:
-    """``p`` as a float probability, or None (the default cast and splint rate).
-
-    Raises:
-        ValueError: ``p`` is not None and not in [0, 1].
-
-    Example:
-        >>> check_cast(None) is None, check_cast(0)
-        (True, 0.0)
-    """
-    from AnkleFractureLib.phantom.confounders import check_probability
-
-    return None if p is None else check_probability(p, "cast")
 
 
 def _case(ct_arr: np.ndarray, lab_arr: np.ndarray, grid: Any, meta: Dict[str, Any],

@@ -627,7 +627,8 @@ def _clean_per_leg(out: np.ndarray, box: Slices, halves: List[np.ndarray],
                     "relabelled_voxels", "kept_fragments"):
             report[key] += rep[key]
         for bone in ("tibia", "fibula"):
-            report["volumes_ml"][bone] = round(report["volumes_ml"][bone] + rep["volumes_ml"][bone], 4)
+            total = report["volumes_ml"][bone] + rep["volumes_ml"][bone]
+            report["volumes_ml"][bone] = round(total, 4)
         report["notes"] += [f"leg {k}: {n}" for n in rep["notes"]]
     return merged, report
 
