@@ -96,7 +96,8 @@ def sample_appearance(rng: np.random.Generator, fractured: bool,
         metal_probability: Probability (0-1) of fixation hardware (60 % a lateral fibular
             plate with screws, 40 % medial malleolar screws); None: :data:`METAL_PROBABILITY`.
         cast_probability: Probability (0-1) of a cast or splint; None:
-            :data:`CAST_PROBABILITY`. The same random numbers are drawn whatever its value.
+            :data:`CAST_PROBABILITY` (every draw as before). Drawn after the kernel and the
+            hardware, which it never changes; the tissue values drawn after it may differ.
     """
     kernel = "bone" if rng.uniform() < 0.5 else "soft"
     u_metal, u_cast = rng.uniform(), rng.uniform()
