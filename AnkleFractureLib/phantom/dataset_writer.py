@@ -154,14 +154,10 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
         CancelledError: ``should_cancel`` returned True (the cases written so far stay).
     """
     from AnkleFractureLib.phantom.confounders import check_probability
-    from AnkleFractureLib.phantom.generator import check_cast, check_metal
-
-    from AnkleFractureLib.phantom.forefoot import check_probability as check_forefoot
+    from AnkleFractureLib.phantom.generator import check_vh_options
 
     confounders = check_probability(confounders)  # before any case is written
-    forefoot = check_forefoot(forefoot)
-    metal = check_metal(metal)
-    cast = check_cast(cast)
+    forefoot, metal, cast = check_vh_options(forefoot, metal, cast)
     if int(workers) < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     plan = case_plan(n, seed, weber, side, spacing, family)

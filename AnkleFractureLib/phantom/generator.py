@@ -194,7 +194,7 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
     _validate(seed, weber, side, spacing)
     confounders = conf_mod.check_probability(confounders)
     conf_mod.check_kinds(confounder_kinds)
-    forefoot, metal, cast = _checked_vh_options(forefoot, metal, cast)
+    forefoot, metal, cast = check_vh_options(forefoot, metal, cast)
     from AnkleFractureLib.phantom.fracture_styles import STYLE_NAMES
 
     if fractures not in STYLE_NAMES:
@@ -258,8 +258,8 @@ def check_cast(p: Optional[float]) -> Optional[float]:
     return check_optional_probability(p, "cast")
 
 
-def _checked_vh_options(forefoot: float, metal: Optional[float], cast: Optional[float]
-                        ) -> Tuple[float, Optional[float], Optional[float]]:
+def check_vh_options(forefoot: float, metal: Optional[float], cast: Optional[float]
+                      ) -> Tuple[float, Optional[float], Optional[float]]:
     """The vh family's forefoot, metal and cast probabilities, checked (ValueError if bad)."""
     from AnkleFractureLib.phantom.forefoot import check_probability as check_forefoot
 
