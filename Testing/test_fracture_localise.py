@@ -412,3 +412,41 @@ def test_train_fracture_refuses_unknown_channels_before_any_work(tmp_path, capsy
               "--cache-dir", str(tmp_path / "cache"), "--channels", names])
     assert "--channels takes distinct names of ct, tibia, fibula, ct_bone" in str(exc.value)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "m").exists()
+
+
+def test_upper_window_leaves_the_box_output_unchanged_and_reads_the_shaft_above() -> None:
+    """plans.json ``inference.upper_window``: below the box's top the line probability is
+    the box's own, voxel for voxel; above it a window of the box's height reads the shaft;
+    a window whose new slices hold no fibula is not read."""
+    import torch
+
+    from AnkleFractureLib.fracture.localise import FractureLocaliser
+    from AnkleFractureLib.fracture.model_io import default_plans
+    from AnkleFractureLib.fracture.network import build_localiser
+
+    torch.manual_seed(0)
+    plans = default_plans([4, 4, 8, 8, 8, 4])
+    net = build_localiser(plans["network"]).eval()
+    rng = np.random.default_rng(3)
+    box, extra = 32, 24
+    tall = rng.random((3, box + extra, 48, 48)).astype(np.float32)
+    tall[2] = 0.0
+    tall[2, :, 20:28, 10:18] = 1.0  # a fibular shaft through every slice
+    plain = FractureLocaliser(net, plans, "cpu")
+    stacked = FractureLocaliser(net, {**plans, "inference": {"extend_top_mm": 36.0,
+                                                              "upper_window": True}}, "cpu")
+    assert stacked.upper_window and not plain.upper_window
+    on_box, _ = plain.heatmap(tall[:, :box])
+    both, _ = stacked.heatmap(tall, box)
+    assert np.array_equal(both[:box], on_box)
+    upper, _ = plain.heatmap(tall[:, extra:])  # the upper window: the crop's top box height
+    assert np.allclose(both[box:], upper[box - extra:], atol=1e-6)
+    assert both[box:].max() > 0.0
+    # Without the flag the taller crop is one input: the box's slices change.
+    one, _ = plain.heatmap(tall, box)
+    assert not np.allclose(one[:box], on_box, atol=1e-4)
+    # No fibula above the box (the leg ends): nothing is read there.
+    short = tall.copy()
+    short[2, box:] = 0.0
+    none_above, _ = stacked.heatmap(short, box)
+    assert np.array_equal(none_above[:box], on_box) and not none_above[box:].any()

@@ -425,6 +425,12 @@ class FractureLocaliser:
         (plans.json ``inference.extend_top_mm``; 0 for earlier plans)."""
         return float((self.plans.get("inference") or {}).get("extend_top_mm", 0.0))
 
+    @property
+    def upper_window(self) -> bool:
+        """Whether the part of a taller crop above the box is read as windows of their own
+        (plans.json ``inference.upper_window``; see :meth:`heatmap`)."""
+        return bool((self.plans.get("inference") or {}).get("upper_window", False))
+
     def crop_for(self, ct: Any, label: Any, patient_to_template: np.ndarray, template: Any,
                  crop: Any = None) -> Any:
         """The crop this localiser reads: the template's syndesmosis box, made
@@ -476,13 +482,13 @@ class FractureLocaliser:
                 see :meth:`inputs`). The network reads the plans' ``channels`` of them.
             centre_slices: Centre the window on the fibula of the lowest this many slices
                 (the classifier's box within a taller crop: the window then lies where it
-                lies on that box); None: all.
+                lies on that box); None: all. With ``inference.upper_window`` in the plans,
+                the slices above these are read as windows of their own
+                (:meth:`_stacked_windows`).
 
         Returns:
             (float32 (z, y, x) probability on the crop grid (0 outside the window), window).
         """
-        import torch
-
         from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
 
         need = [ALL_CHANNELS.index(c) for c in self.channels]
@@ -490,12 +496,54 @@ class FractureLocaliser:
             raise InputError(None, f"the localiser reads the crop arrays {list(self.channels)}; "
                                    f"got an array of shape {tuple(channels.shape)} "
                                    f"(needs (C, z, y, x) in the order {list(ALL_CHANNELS)})")
-        win = fibula_window(channels[2][:centre_slices], self.window_yx)
         picked = np.asarray(channels, np.float32)[need]
+        if self.upper_window and centre_slices and channels.shape[1] > centre_slices:
+            return self._stacked_windows(picked, channels[2], int(centre_slices))
+        win = fibula_window(channels[2][:centre_slices], self.window_yx)
+        return self._read(win, picked), win
+
+    def _read(self, win: Window, picked: np.ndarray) -> np.ndarray:
+        """Line probability (z, y, x) of one window of ``picked`` (C, z, y, x), on its grid."""
+        import torch
+
         x = torch.from_numpy(win.extract(picked)[None]).to(self.device)
         with torch.no_grad():
             prob = torch.sigmoid(self.network(x))[0, 0].float().cpu().numpy()
-        return win.paste(prob, channels.shape[1:]), win
+        return win.paste(prob, picked.shape[1:])
+
+    def _stacked_windows(self, picked: np.ndarray, fibula: np.ndarray, box_slices: int
+                         ) -> Tuple[np.ndarray, Window]:
+        """Line probability of a crop taller than the classifier's box, read in windows of the
+        box's height stacked upwards (plans.json ``inference.upper_window``).
+
+        The lowest window is the box itself, so below the box's top the output is the one
+        the localiser gives on the box, voxel for voxel (its instance normalisation sees the
+        same input). Each higher window ends at the crop's top (or one box height higher)
+        and speaks only for the slices no lower window covers; it is centred on the fibula
+        of its own slices, as a training window is, and is not read when those slices hold
+        no fibula (the scan or the leg ends below them).
+
+        Args:
+            picked: The network's input channels (C, z, y, x) of the taller crop.
+            fibula: Fibula mask (z, y, x) of the taller crop.
+            box_slices: Slices of the classifier's box (the lowest ones).
+
+        Returns:
+            (probability (z, y, x) on the crop grid, the lowest window).
+        """
+        nz = picked.shape[1]
+        prob = np.zeros(picked.shape[1:], np.float32)
+        first = fibula_window(fibula[:box_slices], self.window_yx)
+        prob[:box_slices] = self._read(first, picked[:, :box_slices])
+        done = box_slices
+        while done < nz:
+            start = min(done, nz - box_slices)
+            end = start + box_slices
+            if (fibula[done:end] > 0.5).any():
+                win = fibula_window(fibula[start:end], self.window_yx)
+                prob[done:end] = self._read(win, picked[:, start:end])[done - start:]
+            done = end
+        return prob, first
 
     def locate(self, crop: Any, plafond_template: np.ndarray,
                classifier: Optional[Dict[str, float]] = None) -> FractureFinding:
