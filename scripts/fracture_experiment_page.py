@@ -177,6 +177,24 @@ def _totals(folder: Path, baseline: Path, what: str) -> List[str]:
     return lines
 
 
+def _validation_runs(folder: Path, runs: Any, what: str) -> List[str]:
+    """Rows of the validation sets run with the same line rule by both (experiment.json
+    ``"validation_runs": {"shipped": [files], "this experiment": [files]}``, relative to the
+    folder): case counts pooled over the files."""
+    if not runs:
+        return []
+    out = ["", "## Validation sets (the same line rule for both)", "",
+           f"| {what} | files | cases | right | fractures found | intact ankles with a line |",
+           "|---|---|---|---|---|---|"]
+    for label, files in runs.items():
+        per = [_counts(json.loads((folder / f).read_text())) for f in files]
+        tot = {k: sum(c[k] for c in per) for k in per[0]}
+        out.append(f"| {label} | {', '.join(f'`{f}`' for f in files)} | {tot['cases']} | "
+                   f"{tot['right']} | {tot['found']} of {tot['fractured']} | "
+                   f"{tot['intact_found']} of {tot['intact']} |")
+    return out
+
+
 def render(folder: Path) -> str:
     exp = json.loads((folder / "experiment.json").read_text())
     train = json.loads((folder / "training.json").read_text())
@@ -189,21 +207,27 @@ def render(folder: Path) -> str:
                         "from the JSON files in this folder and the shipped localiser's "
                         f"evaluation files in `{_shown(baseline)}`.", "",
                         exp["why"], "",
-                        "## Through the whole pipeline (held-out sets)", "",
-                        f"| {what} (sha256) | cases | refused | accuracy | AUROC none / A / B / "
-                        "C | classifier alone | unsure | found on fractured | found on intact | "
-                        "median height error (mm) |", "|---|---|---|---|---|---|---|---|---|---|"]
+                        "## Through the whole pipeline (held-out sets)", ""]
+    rows: List[str] = []
     for name in SETS:
         mine = folder / f"heldout_{name}.json"
         shipped = baseline / f"heldout_{name}.json"
         if not mine.is_file() or not shipped.is_file():
             continue
-        lines.append(f"| **{name}** | | | | | | | | | |")
-        lines.append(_row("shipped", json.loads(shipped.read_text()), model))
-        lines.append(_row("this experiment", json.loads(mine.read_text()), model))
+        rows.append(f"| **{name}** | | | | | | | | | |")
+        rows.append(_row("shipped", json.loads(shipped.read_text()), model))
+        rows.append(_row("this experiment", json.loads(mine.read_text()), model))
+    if rows:
+        lines += [f"| {what} (sha256) | cases | refused | accuracy | AUROC none / A / B / C | "
+                  "classifier alone | unsure | found on fractured | found on intact | "
+                  "median height error (mm) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += rows
+    else:
+        lines.append("Not run (see the verdict).")
     if exp.get("totals"):
         lines += _totals(folder, baseline, what)
     lines += _validation_table(folder, exp.get("validation"), what)
+    lines += _validation_runs(folder, exp.get("validation_runs"), what)
     if exp.get("criterion"):
         lines += ["", "Shipping criterion: " + exp["criterion"]]
     if exp.get("data_note"):
