@@ -161,6 +161,8 @@ def _totals(folder: Path, baseline: Path, what: str) -> List[str]:
     pairs = [(name, folder / f"heldout_{name}.json", baseline / f"heldout_{name}.json")
              for name in SETS]
     pairs = [(n, m, b) for n, m, b in pairs if m.is_file() and b.is_file()]
+    if not pairs:
+        return []
     lines = ["", "### All held-out sets together (case counts)", "",
              f"| {what} | cases | right | right per set ({', '.join(n for n, _, _ in pairs)}) | "
              "fractures found | on the real-shape sets | intact ankles with a line |",
