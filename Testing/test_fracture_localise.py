@@ -450,3 +450,27 @@ def test_upper_window_leaves_the_box_output_unchanged_and_reads_the_shaft_above(
     short[2, box:] = 0.0
     none_above, _ = stacked.heatmap(short, box)
     assert np.array_equal(none_above[:box], on_box) and not none_above[box:].any()
+
+
+def test_the_box_moved_up_is_the_taller_crops_upper_window() -> None:
+    """train-fracture --crop-shift-mm S crops the box moved S mm up: voxel for voxel the top
+    box height of the crop S mm taller that a localiser with ``inference.extend_top_mm`` S
+    reads, i.e. the upper window an upper-window network is run on."""
+    from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis
+    from AnkleFractureLib.fracture.localise import FractureLocaliser
+    from AnkleFractureLib.phantom import generate_case
+    from AnkleFractureLib.registration import load_template, register_to_template
+    from AnkleFractureLib.training.fracture_data import shifted_box_template
+
+    case = generate_case(7, "C", "right", spacing="fast")
+    template = load_template()
+    assert shifted_box_template(template, 0.0) is template
+    reg = register_to_template(case.label, template, side="right", ct=case.ct)
+    tall = FractureLocaliser(None, {"decision": {}, "inference": {"extend_top_mm": 24.0}},
+                             "cpu").crop_for(case.ct, case.label, reg.patient_to_template,
+                                             template)
+    up = crop_syndesmosis(case.ct, case.label, reg.patient_to_template,
+                          shifted_box_template(template, 24.0))
+    nz = up.channels.shape[1]
+    assert tall.channels.shape[1] == nz + 16
+    assert np.allclose(tall.channels[:, 16:], up.channels, atol=1e-5)

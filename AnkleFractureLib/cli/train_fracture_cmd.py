@@ -77,6 +77,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                    help="keep the fibula mask soft in training (linearly interpolated, as the "
                         "pipeline's crop gives it); default: thresholded at 0.5, the shipped "
                         "localiser's recipe")
+    p.add_argument("--crop-shift-mm", type=float, default=0.0, metavar="MM",
+                   help="train on the template's box moved MM up its long axis (an upper-"
+                        "window network, for a localiser whose plans.json reads a crop MM "
+                        "taller: inference.extend_top_mm; default 0, the box itself)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -93,7 +97,7 @@ def _channels(text: str) -> tuple:
 
 
 def _crops(datasets: list, masks_arg: str, cache_dir: str, bar: ProgressBar,
-           workers: int = 1) -> list:
+           workers: int = 1, shift_mm: float = 0.0) -> list:
     from AnkleFractureLib.training.fracture_data import build_fracture_crops
 
     sources = ["dataset", "model"] if masks_arg == "both" else [masks_arg]
@@ -101,7 +105,8 @@ def _crops(datasets: list, masks_arg: str, cache_dir: str, bar: ProgressBar,
     for ds in datasets:
         for masks in sources:
             got, failed = build_fracture_crops(ds, Path(cache_dir) / Path(ds).name, masks,
-                                               progress=bar, workers=workers)
+                                               progress=bar, workers=workers,
+                                               shift_mm=shift_mm)
             for case, why in failed.items():
                 print(f"skipped {case}: {why}", file=sys.stderr)
             paths += got
@@ -126,18 +131,24 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("ankle-fracture train-fracture: error: --bridge-masks must be in "
                          f"[0, 0.75] (dilation and erosion take the next 0.25), got "
                          f"{args.bridge_masks}")
+    if not 0.0 <= args.crop_shift_mm <= 100.0:
+        raise SystemExit("ankle-fracture train-fracture: error: --crop-shift-mm must be in "
+                         f"[0, 100] mm, got {args.crop_shift_mm}")
     channels = _channels(args.channels)
-    paths = _crops(args.datasets, args.masks, args.cache_dir, bar, args.workers)
+    paths = _crops(args.datasets, args.masks, args.cache_dir, bar, args.workers,
+                   args.crop_shift_mm)
     command = "ankle-fracture " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.refit_decision:
         return _refit(args, paths, command)
     # Only training chooses a checkpoint: a refit never needs the validation crops.
-    val_paths = _crops(args.val_dataset, "model", args.cache_dir, bar, args.workers)
+    val_paths = _crops(args.val_dataset, "model", args.cache_dir, bar, args.workers,
+                       args.crop_shift_mm)
     cfg = FractureTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               val_fraction=args.val_fraction, eval_every=args.eval_every,
                               seed=args.seed, threads=args.threads, max_minutes=args.max_minutes,
                               device=args.device, cut_rule=args.try_cut_rule, channels=channels,
-                              bridge_prob=args.bridge_masks, soft_masks=args.soft_masks)
+                              bridge_prob=args.bridge_masks, soft_masks=args.soft_masks,
+                              crop_shift_mm=args.crop_shift_mm)
     report = train_localiser(paths, args.out, cfg, command,
                              ProgressBar("train-fracture", enabled=not args.quiet),
                              val_paths=val_paths or None)

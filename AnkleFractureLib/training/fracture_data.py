@@ -46,8 +46,26 @@ def _true_height(meta: Dict[str, Any]) -> Optional[float]:
     return None if not frac else float(frac["height_mm"])
 
 
+def shifted_box_template(template: Any, shift_mm: float) -> Any:
+    """The template with its syndesmosis box moved ``shift_mm`` up its long axis (template mm;
+    same size, axes and grid spacing), or ``template`` itself for 0.
+
+    The box moved up by the height a localiser's taller crop adds
+    (``plans.json inference.extend_top_mm``) is that crop's upper window, voxel for voxel: the
+    crops an upper-window network is trained on.
+    """
+    import dataclasses
+
+    if not shift_mm:
+        return template
+    box = template.box
+    return dataclasses.replace(template, box=dataclasses.replace(
+        box, centre=box.centre + box.axes[:, 2] * float(shift_mm)))
+
+
 def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
-             seg_model: Any = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Dict[str, Any]]:
+             seg_model: Any = None, shift_mm: float = 0.0
+             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Dict[str, Any]]:
     """Crop one case and draw its target.
 
     Args:
@@ -57,6 +75,8 @@ def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
         template: The registration template.
         seg_model: A loaded :class:`~AnkleFractureLib.segmentation.inference.SegmentationModel`
             (masks="model").
+        shift_mm: Crop the template's box moved this far up (:func:`shifted_box_template`);
+            the registration is the template's own either way.
 
     Returns:
         (channels float16 (4, z, y, x) as :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS`,
@@ -78,7 +98,8 @@ def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
     else:
         label = seg_model.predict(ct)
     label, reg = register_as_run(ct, label, template, record.side)  # as `run` registers
-    crop = crop_syndesmosis(ct, label, reg.patient_to_template, template)
+    crop = crop_syndesmosis(ct, label, reg.patient_to_template,
+                            shifted_box_template(template, shift_mm))
     meta = record.meta or {}
     target = np.zeros(crop.grid.shape, np.uint8)
     line_source = None
@@ -101,7 +122,7 @@ def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
             "fracture_style": meta.get("fracture_style", "classic"),
             "fracture_lps": ((meta.get("fracture") or {}).get("centre_lps")),
             "target_voxels": int(target.sum()), "line_source": line_source,
-            "version": FRACTURE_DATA_VERSION}
+            "box_shift_mm": float(shift_mm), "version": FRACTURE_DATA_VERSION}
     return crop.stacked(ALL_CHANNELS).astype(np.float16), target, reg.patient_to_template, info
 
 
@@ -139,7 +160,7 @@ _WORKER: Dict[str, Any] = {}
 
 
 def _init_crop_worker(root: str, masks: str, template: Any, seg_model_dir: Optional[str],
-                      n_workers: int) -> None:
+                      n_workers: int, shift_mm: float = 0.0) -> None:
     """Process-pool initializer: the dataset, the template and the segmentation model loaded
     once per worker, the CPU threads shared out."""
     from AnkleFractureLib.parallel import share_threads
@@ -150,14 +171,15 @@ def _init_crop_worker(root: str, masks: str, template: Any, seg_model_dir: Optio
         from AnkleFractureLib.segmentation.inference import SegmentationModel
 
         seg = SegmentationModel.load(seg_model_dir)
-    _WORKER.update(ds=Dataset.load(root), masks=masks, template=template, seg=seg)
+    _WORKER.update(ds=Dataset.load(root), masks=masks, template=template, seg=seg,
+                   shift_mm=shift_mm)
 
 
 def _crop_to_file(ds: Dataset, record: CaseRecord, masks: str, template: Any, seg: Any,
-                  path: Path) -> Optional[str]:
+                  path: Path, shift_mm: float = 0.0) -> Optional[str]:
     """Crop one case into ``path``; the error message when it cannot be cropped."""
     try:
-        _save(path, *crop_one(ds, record, masks, template, seg))
+        _save(path, *crop_one(ds, record, masks, template, seg, shift_mm))
     except AnkleFractureError as exc:
         return str(exc)
     return None
@@ -165,11 +187,13 @@ def _crop_to_file(ds: Dataset, record: CaseRecord, masks: str, template: Any, se
 
 def _worker_crop(record: CaseRecord, path: Path) -> Optional[str]:
     w = _WORKER
-    return _crop_to_file(w["ds"], record, w["masks"], w["template"], w["seg"], path)
+    return _crop_to_file(w["ds"], record, w["masks"], w["template"], w["seg"], path,
+                         w["shift_mm"])
 
 
 def _crop_errors(ds: Dataset, todo: List[Tuple[CaseRecord, Path]], masks: str, template: Any,
-                 seg_model_dir: Optional[str], workers: int) -> Iterator[Optional[str]]:
+                 seg_model_dir: Optional[str], workers: int, shift_mm: float = 0.0
+                 ) -> Iterator[Optional[str]]:
     """The error (or None) of each case of ``todo`` once its crop is written, in order: here,
     or in ``workers`` spawned processes that each load the segmentation model once."""
     if workers <= 1 or len(todo) <= 1:
@@ -179,20 +203,22 @@ def _crop_errors(ds: Dataset, todo: List[Tuple[CaseRecord, Path]], masks: str, t
 
             seg = SegmentationModel.load(seg_model_dir)
         for record, path in todo:
-            yield _crop_to_file(ds, record, masks, template, seg, path)
+            yield _crop_to_file(ds, record, masks, template, seg, path, shift_mm)
         return
     from AnkleFractureLib.parallel import in_processes
 
     n = min(workers, len(todo))
     yield from in_processes(_worker_crop, todo, n, initializer=_init_crop_worker,
-                            initargs=(str(ds.root), masks, template, seg_model_dir, n))
+                            initargs=(str(ds.root), masks, template, seg_model_dir, n,
+                                      shift_mm))
 
 
 def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathLike[str] | str",
                          masks: str = "dataset", template: Any = None,
                          seg_model_dir: Optional[str] = None,
                          progress: Optional[Callable[[float, str], None]] = None,
-                         workers: int = 1) -> Tuple[List[Path], Dict[str, str]]:
+                         workers: int = 1, shift_mm: float = 0.0
+                         ) -> Tuple[List[Path], Dict[str, str]]:
     """Crop every case of a dataset into ``cache_dir`` (existing files are reused).
 
     Args:
@@ -204,6 +230,8 @@ def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathL
         progress: Called with (fraction, message).
         workers: Cases cropped at once, each worker a spawned process with its own
             segmentation model and 1/N of the CPU threads; the files are the same for any N.
+        shift_mm: Crop the box moved this far up (:func:`shifted_box_template`; the cache
+            files then carry ``up<mm>`` in their names).
 
     Returns:
         (paths of the cache files, {case id: error} for the cases that could not be cropped).
@@ -223,10 +251,13 @@ def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathL
     cache.mkdir(parents=True, exist_ok=True)
     records = list(ds.cases)
     tag = masks if masks == "dataset" else f"model-{_seg_model_tag(seg_model_dir)}"
+    if shift_mm:
+        tag += f".up{float(shift_mm):g}"
     paths = {r.id: cache / f"{r.id}.{tag}.v{FRACTURE_DATA_VERSION}.npz" for r in records}
     todo = [(r, paths[r.id]) for r in records if not paths[r.id].exists()]
     failed: Dict[str, str] = {}
-    errors = _crop_errors(ds, todo, masks, template, seg_model_dir, int(workers))
+    errors = _crop_errors(ds, todo, masks, template, seg_model_dir, int(workers),
+                          float(shift_mm))
     for k, ((record, _), error) in enumerate(zip(todo, errors)):
         if error is not None:
             failed[record.id] = error

@@ -62,6 +62,9 @@ class FractureTrainConfig:
     #: Keep the fibula mask soft (linearly interpolated, as the pipeline's crop gives it) in
     #: training; False thresholds it at 0.5 (the shipped localiser's recipe).
     soft_masks: bool = False
+    #: The crops' box moved this far up (mm; 0: the template's box): written to plans.json
+    #: ``crop_shift_mm``, the network being an upper-window one for a taller crop.
+    crop_shift_mm: float = 0.0
 
 
 @dataclass
@@ -367,6 +370,8 @@ def _train_loop(paths: Sequence[Path], out: Path, cfg: FractureTrainConfig,
     samples, train_idx, val_idx = _split(paths, val_paths, cfg)
     _check_sample_channels(samples, cfg.channels)
     plans = default_plans(cfg.features, cfg.channels)
+    if cfg.crop_shift_mm:
+        plans["crop_shift_mm"] = float(cfg.crop_shift_mm)
     net = build_localiser(plans["network"]).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"best": -np.inf, "best_step": None, "best_val": None, "log": [], "t0": time.time(),
