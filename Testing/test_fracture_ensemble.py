@@ -68,3 +68,62 @@ def test_folder_hash_is_none_when_a_member_is_missing(tmp_path) -> None:
     folder = _ensemble(tmp_path)
     (folder / "member_b.pt").unlink()
     assert folder_sha256(folder) is None
+
+
+def _with_upper(tmp_path: Path, channels=("ct", "tibia")) -> Path:
+    """A model folder whose plans name an upper-window network (upper.pt, reading
+    ``channels``) for a crop 24 mm taller."""
+    plans = default_plans(FEATURES)
+    torch.manual_seed(1)
+    save_localiser(tmp_path / "a", build_localiser(plans["network"]), plans)
+    up_plans = default_plans(FEATURES, channels)
+    torch.manual_seed(2)
+    save_localiser(tmp_path / "b", build_localiser(up_plans["network"]), up_plans)
+    folder = tmp_path / "a"
+    (tmp_path / "b" / "model.pt").rename(folder / "upper.pt")
+    plans["inference"] = {"extend_top_mm": 24.0, "upper_window": {
+        "file": "upper.pt", "network": up_plans["network"], "channels": list(channels)}}
+    (folder / "plans.json").write_text(json.dumps(plans))
+    return folder
+
+
+def test_upper_window_network_reads_only_above_the_box(tmp_path) -> None:
+    """An upper-window network of its own: the box's output is the localiser's own network's,
+    voxel for voxel; above it, the upper network's on the top box height (its own channels);
+    the folder's identity covers both weight files."""
+    import numpy as np
+
+    from AnkleFractureLib.fracture.localise import FractureLocaliser
+
+    folder = _with_upper(tmp_path)
+    loc = FractureLocaliser.load(folder, device="cpu")
+    assert loc.upper is not None and loc.upper[1] == ("ct", "tibia")
+    assert loc.plans["_sha256"] == folder_sha256(folder) != sha256_file(folder / "model.pt")
+    rng = np.random.default_rng(5)
+    box, extra = 32, 16
+    tall = rng.random((3, box + extra, 48, 48)).astype(np.float32)
+    tall[2] = 0.0
+    tall[2, :, 20:28, 10:18] = 1.0
+    both, _ = loc.heatmap(tall, box)
+    plain = FractureLocaliser(loc.network, loc.plans, "cpu")
+    on_box, _ = plain.heatmap(tall[:, :box])
+    assert np.array_equal(both[:box], on_box)
+    up_alone = FractureLocaliser(loc.upper[0], {**loc.plans, "channels": ["ct", "tibia"]},
+                                 "cpu")
+    upper, _ = up_alone.heatmap(tall[:, extra:])
+    assert np.allclose(both[box:], upper[box - extra:], atol=1e-6)
+    same_net, _ = FractureLocaliser(loc.network, {**loc.plans, "inference": {
+        "extend_top_mm": 24.0, "upper_window": True}}, "cpu").heatmap(tall, box)
+    assert not np.allclose(same_net[box:], both[box:], atol=1e-4)  # the upper network read it
+
+
+def test_bad_upper_window_network_is_refused_naming_the_file(tmp_path) -> None:
+    folder = _with_upper(tmp_path)
+    (folder / "upper.pt").unlink()
+    with pytest.raises(InputError, match=r"upper\.pt"):
+        from AnkleFractureLib.fracture.localise import FractureLocaliser
+
+        FractureLocaliser.load(folder, device="cpu")
+    folder = _with_upper(tmp_path / "two", channels=("ct", "femur"))
+    with pytest.raises(InputError, match="femur"):
+        FractureLocaliser.load(folder, device="cpu")

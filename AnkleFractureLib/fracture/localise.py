@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -387,9 +387,12 @@ class FractureLocaliser:
     """
 
     def __init__(self, network: Any, plans: Dict[str, Any], device: Any,
-                 model_dir: Optional[Path] = None) -> None:
+                 model_dir: Optional[Path] = None,
+                 upper: Optional[Tuple[Any, Sequence[str]]] = None) -> None:
         self.network, self.plans, self.device = network, plans, device
         self.model_dir = model_dir
+        #: (network, its crop arrays) of the windows above the box, when it has its own.
+        self.upper = None if upper is None else (upper[0], tuple(upper[1]))
         self.decision = {**DEFAULT_DECISION, **plans.get("decision", {})}
         self.window_yx = tuple(plans.get("window_yx", WINDOW_YX))
         self.channels = tuple(plans.get("channels", ("ct", "tibia", "fibula")))
@@ -414,10 +417,12 @@ class FractureLocaliser:
         from AnkleFractureLib.fracture.model_io import load_localiser
         from AnkleFractureLib.segmentation.inference import resolve_device
 
+        from AnkleFractureLib.fracture.model_io import load_upper_network
+
         folder = Path(model_dir) if model_dir is not None else default_model_dir()
         dev = resolve_device(device)
         network, plans = load_localiser(folder, dev)
-        return cls(network, plans, dev, folder)
+        return cls(network, plans, dev, folder, load_upper_network(folder, plans, dev))
 
     @property
     def extend_top_mm(self) -> float:
@@ -496,52 +501,59 @@ class FractureLocaliser:
             raise InputError(None, f"the localiser reads the crop arrays {list(self.channels)}; "
                                    f"got an array of shape {tuple(channels.shape)} "
                                    f"(needs (C, z, y, x) in the order {list(ALL_CHANNELS)})")
-        picked = np.asarray(channels, np.float32)[need]
         if self.upper_window and centre_slices and channels.shape[1] > centre_slices:
-            return self._stacked_windows(picked, channels[2], int(centre_slices))
+            return self._stacked_windows(channels, int(centre_slices))
         win = fibula_window(channels[2][:centre_slices], self.window_yx)
-        return self._read(win, picked), win
+        return self._read(self.network, win, np.asarray(channels, np.float32)[need]), win
 
-    def _read(self, win: Window, picked: np.ndarray) -> np.ndarray:
-        """Line probability (z, y, x) of one window of ``picked`` (C, z, y, x), on its grid."""
+    def _read(self, network: Any, win: Window, picked: np.ndarray) -> np.ndarray:
+        """Line probability (z, y, x) of ``network`` on one window of ``picked`` (its input
+        channels (C, z, y, x)), pasted on ``picked``'s grid."""
         import torch
 
         x = torch.from_numpy(win.extract(picked)[None]).to(self.device)
         with torch.no_grad():
-            prob = torch.sigmoid(self.network(x))[0, 0].float().cpu().numpy()
+            prob = torch.sigmoid(network(x))[0, 0].float().cpu().numpy()
         return win.paste(prob, picked.shape[1:])
 
-    def _stacked_windows(self, picked: np.ndarray, fibula: np.ndarray, box_slices: int
+    def _stacked_windows(self, channels: np.ndarray, box_slices: int
                          ) -> Tuple[np.ndarray, Window]:
         """Line probability of a crop taller than the classifier's box, read in windows of the
         box's height stacked upwards (plans.json ``inference.upper_window``).
 
-        The lowest window is the box itself, so below the box's top the output is the one
-        the localiser gives on the box, voxel for voxel (its instance normalisation sees the
-        same input). Each higher window ends at the crop's top (or one box height higher)
-        and speaks only for the slices no lower window covers; it is centred on the fibula
-        of its own slices, as a training window is, and is not read when those slices hold
-        no fibula (the scan or the leg ends below them).
+        The lowest window is the box itself, read by this localiser's network, so below the
+        box's top the output is the one it gives on the box, voxel for voxel (its instance
+        normalisation sees the same input). Each higher window ends at the crop's top (or one
+        box height higher) and speaks only for the slices no lower window covers; it is read
+        by the upper-window network when the plans name one (``upper_window: {"file": ...}``,
+        trained on the box moved up: train-fracture --crop-shift-mm), else by the same
+        network; it is centred on the fibula of its own slices, as a training window is, and
+        is not read when those slices hold no fibula (the scan or the leg ends below them).
 
         Args:
-            picked: The network's input channels (C, z, y, x) of the taller crop.
-            fibula: Fibula mask (z, y, x) of the taller crop.
+            channels: The taller crop's arrays (C, z, y, x), as :meth:`heatmap` takes them.
             box_slices: Slices of the classifier's box (the lowest ones).
 
         Returns:
             (probability (z, y, x) on the crop grid, the lowest window).
         """
-        nz = picked.shape[1]
-        prob = np.zeros(picked.shape[1:], np.float32)
+        from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
+
+        arrays = np.asarray(channels, np.float32)
+        fibula, nz = arrays[2], arrays.shape[1]
+        own = arrays[[ALL_CHANNELS.index(c) for c in self.channels]]
+        net, names = self.upper or (self.network, self.channels)
+        above = arrays[[ALL_CHANNELS.index(c) for c in names]]
+        prob = np.zeros(arrays.shape[1:], np.float32)
         first = fibula_window(fibula[:box_slices], self.window_yx)
-        prob[:box_slices] = self._read(first, picked[:, :box_slices])
+        prob[:box_slices] = self._read(self.network, first, own[:, :box_slices])
         done = box_slices
         while done < nz:
             start = min(done, nz - box_slices)
             end = start + box_slices
             if (fibula[done:end] > 0.5).any():
                 win = fibula_window(fibula[start:end], self.window_yx)
-                prob[done:end] = self._read(win, picked[:, start:end])[done - start:]
+                prob[done:end] = self._read(net, win, above[:, start:end])[done - start:]
             done = end
         return prob, first
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -116,6 +116,29 @@ def load_localiser(model_dir: PathLike, device: Union[str, torch.device] = "cpu"
                                                 for m in members]).eval()
     plans["_sha256"] = folder_sha256(folder)
     return network, plans
+
+
+def load_upper_network(folder: PathLike, plans: Dict[str, Any],
+                       device: Union[str, torch.device] = "cpu"
+                       ) -> Optional[Tuple[torch.nn.Module, List[str]]]:
+    """The upper-window network of a localiser folder and the crop arrays it reads, or None.
+
+    plans.json ``inference.upper_window`` is ``true`` (the windows above the box are read by
+    the localiser's own network) or ``{"file": weights beside model.pt, "network": its config
+    (default: the plans' own), "channels": its crop arrays (default: the plans' own)}``: a
+    network trained on the box moved up (train-fracture --crop-shift-mm).
+
+    Raises:
+        InputError: A missing or damaged weights file, or a bad entry (naming plans.json).
+    """
+    entry = (plans.get("inference") or {}).get("upper_window")
+    if not isinstance(entry, dict):
+        return None
+    folder = Path(folder)
+    names = entry.get("channels") or plans.get("channels", list(DEFAULT_CHANNELS))
+    net_cfg = entry.get("network") or plans["network"]
+    check_channels({"channels": names, "network": net_cfg}, folder / PLANS_FILE)
+    return _member(folder, entry, plans, device), list(names)
 
 
 def _member(folder: Path, entry: Any, plans: Dict[str, Any],

@@ -180,15 +180,20 @@ def sha256_file(path: PathLike) -> str:
 
 def folder_sha256(folder: PathLike) -> Optional[str]:
     """The identity of a model folder's weights: the SHA-256 of ``model.pt``, or, when its
-    plans.json lists ensemble ``members`` (weight files beside it), the SHA-256 of the
-    newline-joined hex digests of ``model.pt`` and each member in order. None without
-    ``model.pt`` or with a member missing."""
+    plans.json lists ensemble ``members`` or an upper-window network
+    (``inference.upper_window: {"file": ...}``, a fracture localiser's; weight files beside
+    it), the SHA-256 of the newline-joined hex digests of ``model.pt``, each member in order
+    and the upper-window network. None without ``model.pt`` or with a member missing."""
     folder = Path(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         return None
     try:
-        members = json.loads((folder / PLANS_FILE).read_text()).get("members") or []
+        plans = json.loads((folder / PLANS_FILE).read_text())
+        members = list(plans.get("members") or [])
+        upper = (plans.get("inference") or {}).get("upper_window")
+        if isinstance(upper, dict):
+            members.append(upper)
     except (OSError, ValueError, AttributeError):
         members = []
     if not members:
