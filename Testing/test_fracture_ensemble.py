@@ -127,3 +127,19 @@ def test_bad_upper_window_network_is_refused_naming_the_file(tmp_path) -> None:
     folder = _with_upper(tmp_path / "two", channels=("ct", "femur"))
     with pytest.raises(InputError, match="femur"):
         FractureLocaliser.load(folder, device="cpu")
+
+
+def test_an_upper_network_reading_the_bone_window_asks_for_it(tmp_path) -> None:
+    """The crop arrays a localiser asks for cover its upper network's too: a three-array crop
+    is refused, naming the bone-window CT, when only the upper network reads it."""
+    import numpy as np
+
+    from AnkleFractureLib.fracture.localise import FractureLocaliser
+
+    folder = _with_upper(tmp_path, channels=("ct", "tibia", "fibula", "ct_bone"))
+    loc = FractureLocaliser.load(folder, device="cpu")
+    assert loc.channels == ("ct", "tibia", "fibula")
+    with pytest.raises(InputError, match="ct_bone"):
+        loc.heatmap(np.zeros((3, 48, 48, 48), np.float32), 32)
+    prob, _ = loc.heatmap(np.zeros((4, 48, 48, 48), np.float32), 32)
+    assert prob.shape == (48, 48, 48)

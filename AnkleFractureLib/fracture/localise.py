@@ -400,11 +400,17 @@ class FractureLocaliser:
     def inputs(self, crop: Any) -> np.ndarray:
         """The crop arrays this localiser reads (float32 (C, z, y, x), the crop's own 3
         channels when it needs no more): what :meth:`heatmap` takes."""
-        if "ct_bone" in self.channels:
+        if "ct_bone" in self._all_channels():
             from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
 
             return crop.stacked(ALL_CHANNELS)
         return np.asarray(crop.channels, np.float32)
+
+    def _all_channels(self) -> Tuple[str, ...]:
+        """The crop arrays this localiser's networks read (its own, then the upper
+        network's), each once."""
+        extra = self.upper[1] if self.upper is not None else ()
+        return tuple(dict.fromkeys(self.channels + tuple(extra)))
 
     @classmethod
     def load(cls, model_dir: Optional[PathLike] = None, device: str = "auto"
@@ -414,10 +420,8 @@ class FractureLocaliser:
         Raises:
             InputError: Missing or damaged files (the message names the file).
         """
-        from AnkleFractureLib.fracture.model_io import load_localiser
+        from AnkleFractureLib.fracture.model_io import load_localiser, load_upper_network
         from AnkleFractureLib.segmentation.inference import resolve_device
-
-        from AnkleFractureLib.fracture.model_io import load_upper_network
 
         folder = Path(model_dir) if model_dir is not None else default_model_dir()
         dev = resolve_device(device)
@@ -497,8 +501,10 @@ class FractureLocaliser:
         from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
 
         need = [ALL_CHANNELS.index(c) for c in self.channels]
-        if channels.ndim != 4 or channels.shape[0] < max(need) + 1:
-            raise InputError(None, f"the localiser reads the crop arrays {list(self.channels)}; "
+        names = self._all_channels()
+        highest = max(ALL_CHANNELS.index(c) for c in names)
+        if channels.ndim != 4 or channels.shape[0] < highest + 1:
+            raise InputError(None, f"the localiser reads the crop arrays {list(names)}; "
                                    f"got an array of shape {tuple(channels.shape)} "
                                    f"(needs (C, z, y, x) in the order {list(ALL_CHANNELS)})")
         if self.upper_window and centre_slices and channels.shape[1] > centre_slices:
