@@ -77,6 +77,32 @@ def _members(folder: Path) -> list:
     return md
 
 
+def _upper(folder: Path) -> list:
+    """Card lines for the upper-window network plans.json names (``inference.upper_window``
+    with a weights file): its sha256 and, from ``<file stem>.training.json`` beside it, the
+    command that trained it."""
+    plans = json.loads((folder / "plans.json").read_text())
+    inference = plans.get("inference") or {}
+    entry = inference.get("upper_window")
+    if not isinstance(entry, dict):
+        return []
+    md = ["", "## Above the box", "",
+          f"The localiser reads a crop {inference.get('extend_top_mm', 0):g} mm taller than the "
+          "classifier's box, in windows of the box's height: the box by `model.pt` (its output "
+          "there is `model.pt`'s alone), the window above it by a network trained on the box "
+          "moved up by that height (`train-fracture --crop-shift-mm`); the folder's sha256 over "
+          f"both (`folder_sha256`) is `{folder_sha256(folder)}`.", "",
+          f"- `{entry['file']}`, sha256 `{sha256_file(folder / entry['file'])}`"]
+    record = folder / (Path(entry["file"]).stem + ".training.json")
+    if record.is_file():
+        t = json.loads(record.read_text())
+        md += [f"  - training command: `{t['command']}`",
+               f"  - seed {t['config']['seed']}, {t['steps_run']} steps ({t['minutes']} min "
+               f"on CPU), best validation step {t['best_step']}; training cases: "
+               f"{len(t['train_cases'])}; validation cases: {len(t['val_cases'])}"]
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir")
@@ -121,6 +147,7 @@ def main() -> None:
                f"- rule: `{json.dumps(refit['rule'])}` (before: `{json.dumps(refit['previous'])}`)",
                f"- its validation scores: `{json.dumps(refit['validation'])}`"]
     md += _members(folder)
+    md += _upper(folder)
     for name, path, command in args.heldout:
         md += _heldout(name, heldout[name], command)
     if args.credit:
