@@ -67,14 +67,21 @@ def _members(folder: Path) -> list:
           ""]
     for m in members:
         md.append(f"- `{m['file']}`, sha256 `{sha256_file(folder / m['file'])}`")
-        record = folder / (Path(m["file"]).stem + ".training.json")
-        if record.is_file():
-            t = json.loads(record.read_text())
-            md += [f"  - training command: `{t['command']}`",
-                   f"  - seed {t['config']['seed']}, {t['steps_run']} steps ({t['minutes']} min "
-                   f"on CPU), best validation step {t['best_step']}; training cases: "
-                   f"{len(t['train_cases'])}; validation cases: {len(t['val_cases'])}"]
+        md += _training_lines(folder, m["file"])
     return md
+
+
+def _training_lines(folder: Path, weights: str) -> list:
+    """Card lines from ``<weights stem>.training.json`` beside a weights file (the command
+    that trained it, seed, steps, cases), none without it."""
+    record = folder / (Path(weights).stem + ".training.json")
+    if not record.is_file():
+        return []
+    t = json.loads(record.read_text())
+    return [f"  - training command: `{t['command']}`",
+            f"  - seed {t['config']['seed']}, {t['steps_run']} steps ({t['minutes']} min "
+            f"on CPU), best validation step {t['best_step']}; training cases: "
+            f"{len(t['train_cases'])}; validation cases: {len(t['val_cases'])}"]
 
 
 def _upper(folder: Path) -> list:
@@ -93,14 +100,7 @@ def _upper(folder: Path) -> list:
           "moved up by that height (`train-fracture --crop-shift-mm`); the folder's sha256 over "
           f"both (`folder_sha256`) is `{folder_sha256(folder)}`.", "",
           f"- `{entry['file']}`, sha256 `{sha256_file(folder / entry['file'])}`"]
-    record = folder / (Path(entry["file"]).stem + ".training.json")
-    if record.is_file():
-        t = json.loads(record.read_text())
-        md += [f"  - training command: `{t['command']}`",
-               f"  - seed {t['config']['seed']}, {t['steps_run']} steps ({t['minutes']} min "
-               f"on CPU), best validation step {t['best_step']}; training cases: "
-               f"{len(t['train_cases'])}; validation cases: {len(t['val_cases'])}"]
-    return md
+    return md + _training_lines(folder, entry["file"])
 
 
 def main() -> None:
