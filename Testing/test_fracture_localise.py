@@ -474,3 +474,37 @@ def test_the_box_moved_up_is_the_taller_crops_upper_window() -> None:
     nz = up.channels.shape[1]
     assert tall.channels.shape[1] == nz + 16
     assert np.allclose(tall.channels[:, 16:], up.channels, atol=1e-5)
+
+
+def test_a_moved_up_crop_is_scored_on_its_own_grid_above_its_cut_edge() -> None:
+    """Checkpoint choice of an upper-window network (score_samples): a crop of the box moved
+    up is measured on the moved grid, its lowest shift mm (where the crop cuts the fibula
+    across) count as outside the scan; a box crop is measured as before."""
+    from types import SimpleNamespace
+
+    from AnkleFractureLib.registration import load_template
+    from AnkleFractureLib.training.fracture_train import Sample, crop_grid, score_samples
+
+    template = load_template()
+    nz, ny, nx = (int(v) for v in template.box.grid()[0][::-1])
+    seen = []
+
+    class Recorder:
+        def locate(self, crop, plafond):
+            seen.append(crop)
+            return SimpleNamespace(found=False, height_mm=None, size_factor=1.0,
+                                   probability=0.0)
+
+    def sample(shift):
+        return Sample(np.zeros((4, nz, ny, nx), np.float16), np.zeros((nz, ny, nx), np.uint8),
+                      np.eye(4), {"id": f"s{shift}", "weber": "none", "box_shift_mm": shift})
+
+    summary, _ = score_samples(Recorder(), [sample(0.0), sample(24.0)], template)
+    assert summary["n_none"] == 2 and summary["found_on_none_rate"] == 0.0
+    box, moved = seen
+    assert box.in_scan is None
+    assert np.allclose(box.grid.origin, crop_grid(template).origin)
+    assert np.allclose(np.asarray(moved.grid.origin) - np.asarray(box.grid.origin),
+                       24.0 * template.box.axes[:, 2])
+    rows = moved.in_scan.any(axis=(1, 2))
+    assert not rows[:16].any() and rows[16:].all()

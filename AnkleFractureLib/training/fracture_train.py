@@ -243,6 +243,8 @@ class _Crop:
     channels: np.ndarray
     grid: Any
     patient_to_template: np.ndarray
+    #: bool (z, y, x): inside the scan (None: all of it); see ``fracture.localise.ignored_zones``.
+    in_scan: Optional[np.ndarray] = None
 
     def stacked(self, names: Sequence[str]) -> np.ndarray:
         """The named arrays (as ``SyndesmosisCrop.stacked``)."""
@@ -255,16 +257,28 @@ def score_samples(localiser: Any, samples: Sequence[Sample], template: Any
                   ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """What a surgeon checks, over cases: found on fractured, found on intact, |height error|.
 
+    A crop of the box moved up (``info["box_shift_mm"]``, train-fracture --crop-shift-mm) is
+    measured on its own grid, and its lowest ``box_shift_mm`` count as outside the scan
+    (a line touching them is not a line): there the crop cuts the distal fibula across, an
+    edge that an upper-window network never reads in use (it speaks only above the box).
+
     Returns:
         (summary {"found_rate", "found_on_none_rate", "median_abs_height_error_mm",
         "height_class_accuracy", "n_fractured", "n_none"}, one row per case).
     """
     from AnkleFractureLib.fracture.weber_height import height_class
+    from AnkleFractureLib.training.fracture_data import shifted_box_template
 
-    grid = crop_grid(template)
     rows = []
     for s in samples:
-        f = localiser.locate(_Crop(s.channels.astype(np.float32), grid, s.p2t), template.plafond)
+        shift = float(s.info.get("box_shift_mm") or 0.0)
+        grid = crop_grid(shifted_box_template(template, shift))
+        in_scan = None
+        if shift:
+            in_scan = np.ones(s.channels.shape[1:], bool)
+            in_scan[:int(round(shift / float(np.min(grid.spacing))))] = False
+        crop = _Crop(s.channels.astype(np.float32), grid, s.p2t, in_scan)
+        f = localiser.locate(crop, template.plafond)
         truth = s.info.get("height_true_mm")
         err = None if (truth is None or f.height_mm is None) else abs(f.height_mm - truth)
         pred_cls = height_class(f.height_mm, f.size_factor) if f.found else "none"
