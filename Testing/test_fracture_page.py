@@ -92,3 +92,28 @@ def test_card_of_an_ensemble_lists_each_member_and_its_training(tmp_path) -> Non
     assert "training command: `ankle-fracture train-fracture member-x-data --seed 7`" in card
     assert json.loads((copy / "model_card.json").read_text())["weights"]["folder_sha256"] == \
         folder_sha256(copy) != sha
+
+
+def test_card_of_a_localiser_with_an_upper_window_network_names_it(tmp_path) -> None:
+    from AnkleFractureLib.segmentation.model_io import folder_sha256
+
+    copy = tmp_path / "fracture"
+    shutil.copytree(MODEL, copy)
+    for stale in copy.glob("upper*"):
+        stale.unlink()
+    shutil.copy(copy / "model.pt", copy / "upper.pt")
+    record = json.loads((copy / "training.json").read_text())
+    record["command"] = "ankle-fracture train-fracture up-data --crop-shift-mm 24"
+    (copy / "upper.training.json").write_text(json.dumps(record))
+    plans = json.loads((copy / "plans.json").read_text())
+    plans["inference"] = {"extend_top_mm": 24.0, "upper_window": {"file": "upper.pt"}}
+    (copy / "plans.json").write_text(json.dumps(plans))
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "write_fracture_card.py"), str(copy)],
+                   check=True, cwd=ROOT, capture_output=True)
+    card = (copy / "model_card.md").read_text()
+    sha = hashlib.sha256((copy / "upper.pt").read_bytes()).hexdigest()
+    assert "## Above the box" in card and "24 mm taller" in card
+    assert f"`upper.pt`, sha256 `{sha}`" in card
+    assert "training command: `ankle-fracture train-fracture up-data --crop-shift-mm 24`" in card
+    assert json.loads((copy / "model_card.json").read_text())["weights"]["folder_sha256"] == \
+        folder_sha256(copy) != sha
