@@ -128,13 +128,15 @@ def test_mask_augmentation_keeps_the_shipped_recipe_and_can_stay_soft() -> None:
     assert kept >= 4 and bridged >= 10  # 25 % left, 50 % closed (of 40)
 
 
-@pytest.mark.parametrize("p", ["0.9", "-0.1"])
-def test_train_fracture_refuses_a_bad_bridge_share(tmp_path, p) -> None:
+@pytest.mark.parametrize("option, value", [("--bridge-masks", "0.9"), ("--bridge-masks", "-0.1"),
+                                           ("--crop-shift-mm", "-5"),
+                                           ("--crop-shift-mm", "150")])
+def test_train_fracture_refuses_a_bad_share_or_shift(tmp_path, option, value) -> None:
     from AnkleFractureLib.cli.main import main
 
-    with pytest.raises(SystemExit, match="--bridge-masks must be in"):
+    with pytest.raises(SystemExit, match=f"{option} must be in"):
         main(["train-fracture", str(tmp_path / "data"), "--out", str(tmp_path / "m"),
-              "--cache-dir", str(tmp_path / "cache"), "--bridge-masks", p])
+              "--cache-dir", str(tmp_path / "cache"), option, value])
     assert not (tmp_path / "cache").exists()
 
 
