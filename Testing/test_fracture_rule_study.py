@@ -91,3 +91,40 @@ def test_rows_without_candidates_are_refused_with_the_file_named(tmp_path) -> No
     done = subprocess.run([sys.executable, str(SCRIPT), "--fit", val], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0 and "old.json" in done.stderr and "candidate" in done.stderr
+
+
+def test_the_floor_of_the_product_of_experts_is_a_rule_parameter() -> None:
+    """``rule["floor"]`` raises each expert's probabilities before the product (default
+    FLOOR): with no line located, a higher floor gives the classifier's class more weight."""
+    from AnkleFractureLib.fracture.weber_height import FLOOR, combine_lines
+
+    cls = {"none": 0.1, "A": 0.02, "B": 0.03, "C": 0.85}
+    tip = [{"voxels": 80, "mass": 30.0, "probability": 0.6, "height_mm": -9.0,
+            "section_ratio": 0.5, "cut_fraction": 0.0}]
+    rule = {"select": "mixture", "found_threshold": 0.9}  # the tip line does not qualify
+    plain, _ = combine_lines(cls, tip, rule)
+    same, _ = combine_lines(cls, tip, {**rule, "floor": FLOOR})
+    high, _ = combine_lines(cls, tip, {**rule, "floor": 0.3})
+    assert plain.probabilities == same.probabilities and plain.prediction == "none"
+    assert high.probabilities["C"] > 2 * plain.probabilities["C"]
+    assert abs(sum(high.probabilities.values()) - 1.0) < 1e-9
+
+
+def test_floor_study_page_is_the_rendering_of_the_committed_runs(tmp_path) -> None:
+    """scripts/fracture_floor_study.py: the committed page and study.json are what it writes
+    from the committed runs, and its held-out replay with the shipped floor gives the shipped
+    pipeline's own accuracy on every set (the replay combines as the pipeline does)."""
+    import shutil
+
+    src = REPO / "docs" / "fracture" / "experiments" / "floor_refit"
+    copy = tmp_path / "floor_refit"
+    shutil.copytree(src, copy)
+    subprocess.run([sys.executable, str(REPO / "scripts" / "fracture_floor_study.py"),
+                    str(copy)], check=True, cwd=REPO, capture_output=True)
+    assert (copy / "README.md").read_text() == (src / "README.md").read_text()
+    study = json.loads((copy / "study.json").read_text())
+    for name, both in study["heldout"].items():
+        run = json.loads((REPO / "docs" / "seg_v2" / "rule6_pipeline"
+                          / f"heldout_{name}.json").read_text())
+        assert both["shipped"]["accuracy"] == pytest.approx(
+            run["summary"]["combined"]["accuracy"], abs=1e-4)

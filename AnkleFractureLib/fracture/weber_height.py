@@ -254,7 +254,8 @@ def combine_lines(classifier: Dict[str, float], candidates: Sequence[Dict[str, A
     play, and the classifier decides between them. The two opinions are multiplied with the
     exponents ``rule["classifier_weight"]`` and ``rule["localiser_weight"]`` (default 1 each:
     a plain product of experts; fitted on validation cases, they say how far each expert's
-    probabilities are to be trusted).
+    probabilities are to be trusted), each probability first raised to at least
+    ``rule["floor"]`` (default :data:`FLOOR`).
 
     Args:
         classifier: Classifier probabilities {"none", "A", "B", "C"}.
@@ -277,7 +278,8 @@ def combine_lines(classifier: Dict[str, float], candidates: Sequence[Dict[str, A
     cls_pred = max(CLASSES, key=lambda k: classifier.get(k, 0.0))
     a = float(rule.get("classifier_weight", 1.0))
     b = float(rule.get("localiser_weight", 1.0))
-    prod = {k: max(classifier.get(k, 0.0), FLOOR) ** a * max(measured[k], FLOOR) ** b
+    floor = float(rule.get("floor", FLOOR))
+    prod = {k: max(classifier.get(k, 0.0), floor) ** a * max(measured[k], floor) ** b
             for k in CLASSES}
     total = sum(prod.values())
     probs = {k: v / total for k, v in prod.items()}
