@@ -116,9 +116,14 @@ def test_floor_study_page_is_the_rendering_of_the_committed_runs(tmp_path) -> No
     pipeline's own accuracy on every set (the replay combines as the pipeline does)."""
     import shutil
 
-    src = REPO / "docs" / "fracture" / "experiments" / "floor_refit"
+    experiments = REPO / "docs" / "fracture" / "experiments"
+    src = experiments / "floor_refit"
     copy = tmp_path / "floor_refit"
     shutil.copytree(src, copy)
+    runs = tmp_path / "v13_upper_window"  # the validation runs it names, beside it
+    runs.mkdir()
+    for f in (experiments / "v13_upper_window").glob("baseline_val*.json"):
+        shutil.copy(f, runs / f.name)
     subprocess.run([sys.executable, str(REPO / "scripts" / "fracture_floor_study.py"),
                     str(copy)], check=True, cwd=REPO, capture_output=True)
     assert (copy / "README.md").read_text() == (src / "README.md").read_text()
