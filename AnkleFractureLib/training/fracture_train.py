@@ -270,9 +270,12 @@ def score_samples(localiser: Any, samples: Sequence[Sample], template: Any
     from AnkleFractureLib.training.fracture_data import shifted_box_template
 
     rows = []
+    grids: Dict[float, Any] = {}  # one grid per box position, not one per sample
     for s in samples:
         shift = float(s.info.get("box_shift_mm") or 0.0)
-        grid = crop_grid(shifted_box_template(template, shift))
+        if shift not in grids:
+            grids[shift] = crop_grid(shifted_box_template(template, shift))
+        grid = grids[shift]
         in_scan = None
         if shift:
             in_scan = np.ones(s.channels.shape[1:], bool)
