@@ -89,3 +89,24 @@ def test_target_is_the_line_through_the_fibula_at_its_height() -> None:
     assert abs((k.mean() - 20.0) - frac["height_mm"]) < 6.0
     assert not target[fib == 0].any() or target[fib == 0].sum() < target.sum()
     assert fracture_line_target(None, np.eye(4), grid, np.eye(4), fib).sum() == 0
+
+
+def test_calibration_family_goes_beyond_both_where_the_heldout_one_is_harder() -> None:
+    def hairline_share(style: str) -> float:
+        gaps = [c.fibula.gap_mm for w in "ABC" for c in _draw(style, w, 80)]
+        return float(np.mean(np.array(gaps) < STYLES[style].hairline_gap_mm[1] + 1e-9))
+
+    def steepness(style: str) -> float:  # Weber B: a smaller vertical normal is steeper
+        return -float(np.mean([c.fibula.normal[2] for c in _draw(style, "B", 80)]))
+
+    def bend(style: str) -> float:
+        return float(np.mean([abs(c.fibula.bend) for c in _draw(style, "C", 80)]))
+
+    for measure in (steepness, bend):
+        assert measure("calibration") > measure("heldout") > measure("varied")
+    assert hairline_share("calibration") > max(hairline_share("heldout"),
+                                               hairline_share("varied"))
+    # ... and it is its own family: less displacement than the held-out one
+    disp = {s: np.mean([np.linalg.norm(c.fibula.translation) for w in "ABC"
+                        for c in _draw(s, w, 80)]) for s in ("calibration", "heldout")}
+    assert disp["calibration"] < disp["heldout"]

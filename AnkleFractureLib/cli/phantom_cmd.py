@@ -40,11 +40,14 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                    help="anatomy: analytic (the original implicit phantom), vh (real Visible "
                         "Human bone shapes, deformed, realistic appearance, varied field of "
                         "view) or mixed (blocks of four cases alternate); default analytic")
-    p.add_argument("--fractures", choices=["classic", "varied", "heldout"], default="classic",
+    p.add_argument("--fractures", choices=["classic", "varied", "heldout", "calibration"],
+                   default="classic",
                    help="fracture morphology: classic (0.5-2 mm gaps, 1-4 mm displacement), "
                         "varied (hairline to 6 mm displaced, curved lines, with or without "
-                        "widening; for training) or heldout (a differently parameterised "
-                        "family: test only); default classic")
+                        "widening; for training), heldout (a differently parameterised "
+                        "family: test only) or calibration (a third family, parameterised "
+                        "differently from both: for fitting the decision after the networks, "
+                        "never for training a network or testing); default classic")
     p.add_argument("--confounders", type=float, default=0.0, metavar="P",
                    help="probability (0-1) that a case carries fracture mimics on intact bone: "
                         "an os subfibulare (accessory ossicle below the lateral malleolus, "

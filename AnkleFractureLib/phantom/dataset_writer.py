@@ -125,7 +125,7 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
         should_cancel: Polled between cases; returning True raises CancelledError (the cases
             written so far stay in the index).
         family: Phantom family: "analytic", "vh" or "mixed" (see :func:`case_plan`).
-        fractures: Fracture morphology: "classic", "varied" or "heldout"
+        fractures: Fracture morphology: "classic", "varied", "heldout" or "calibration"
             (:mod:`AnkleFractureLib.phantom.fracture_styles`).
         confounders: Probability (0-1) that a case carries fracture mimics on intact bone (os
             subfibulare, healed fracture, nutrient canal, physeal scar;

@@ -10,7 +10,14 @@ ranges of one family:
 * ``"varied"``: the training family;
 * ``"heldout"``: a differently parameterised family (steeper and more curved lines, more
   hairlines, heights nearer the class edges, more rotation) that training never sees; it is the
-  test set of the fracture localiser and the classifier.
+  test set of the fracture localiser and the classifier;
+* ``"calibration"``: a third family, parameterised differently from both, on which the
+  decision that follows the networks (the line model and the weights that combine the
+  localiser with the classifier) may be fitted, so that it is not fitted only on the family
+  the networks learned. Where the held-out family is harder than the training family it goes
+  further than either (more hairlines, steeper and more curved lines, heights still nearer
+  the class edges), elsewhere it keeps ranges of its own (less displacement and rotation,
+  fewer widened syndesmoses). Never used to train a network or to test.
 
 All values are in the canonical anatomy frame (mm, LPS axes, plafond centre at the origin,
 lateral -x). The Weber class is still defined by the height of the fibular line's centre
@@ -82,6 +89,12 @@ STYLES: Dict[str, FractureStyle] = {
         b_angle_deg=(40.0, 72.0), c_oblique_prob=0.7, c_tilt_deg=((3.0, 18.0), (30.0, 60.0)),
         widening_prob=0.5, widening_mm=(1.0, 6.0), bend_per_mm=(0.02, 0.06),
         height_beta=(0.7, 0.7), medial_prob=0.4),
+    "calibration": FractureStyle(
+        name="calibration", hairline_prob=0.6, hairline_gap_mm=(0.25, 0.8), gap_mm=(0.7, 2.0),
+        displacement_mm=(0.2, 4.0), rotation_deg=(0.0, 8.0), a_tilt_deg=(0.0, 15.0),
+        b_angle_deg=(45.0, 75.0), c_oblique_prob=0.6, c_tilt_deg=((0.0, 12.0), (35.0, 65.0)),
+        widening_prob=0.4, widening_mm=(0.5, 4.0), bend_per_mm=(0.03, 0.07),
+        height_beta=(0.6, 0.6), medial_prob=0.5),
 }
 #: Names accepted by ``sample_fracture(style=...)`` and ``ankle-fracture phantom --fractures``.
 STYLE_NAMES = ("classic",) + tuple(STYLES)

@@ -185,7 +185,7 @@ def sample_fracture(rng: np.random.Generator, weber: str, p: AnatomyParams,
         fib_centre_at: Function z (mm) -> fibular axis point (3,) at that height.
         style: "classic" (the original draws, below), or a morphology family of
             :mod:`AnkleFractureLib.phantom.fracture_styles` ("varied" for training, "heldout",
-            differently parameterised, for testing only).
+            differently parameterised, for testing only, "calibration" for fitting decisions).
 
     Returns:
         The fracture model; ``fibula`` is None for "none".
