@@ -133,3 +133,45 @@ def test_floor_study_page_is_the_rendering_of_the_committed_runs(tmp_path) -> No
                           / f"heldout_{name}.json").read_text())
         assert both["shipped"]["accuracy"] == pytest.approx(
             run["summary"]["combined"]["accuracy"], abs=1e-4)
+
+
+def test_calibration_study_page_is_the_rendering_of_the_committed_runs(tmp_path) -> None:
+    """scripts/fracture_calibration_study.py: the committed page and study.json are what it
+    writes from the committed runs, the held-out replay of the shipped rule gives the shipped
+    pipeline's own accuracy on every set, and the rule reaches a model folder only when the
+    criterion is met."""
+    import shutil
+
+    experiments = REPO / "docs" / "fracture" / "experiments"
+    src = experiments / "v15_calibration_family"
+    copy = tmp_path / src.name
+    shutil.copytree(src, copy)
+    runs = tmp_path / "v13_upper_window"  # the validation runs it names, beside it
+    runs.mkdir()
+    for f in (experiments / "v13_upper_window").glob("baseline_val*.json"):
+        shutil.copy(f, runs / f.name)
+    subprocess.run([sys.executable, str(REPO / "scripts" / "fracture_calibration_study.py"),
+                    str(copy)], check=True, cwd=REPO, capture_output=True)
+    assert (copy / "README.md").read_text() == (src / "README.md").read_text()
+    study = json.loads((copy / "study.json").read_text())
+    assert study["n_validation"] == 104 and study["n_calibration"] == 48
+    for name, both in study["heldout"].items():
+        run = json.loads((REPO / "docs" / "seg_v2" / "rule6_pipeline"
+                          / f"heldout_{name}.json").read_text())
+        assert both["shipped"]["accuracy"] == pytest.approx(
+            run["summary"]["combined"]["accuracy"], abs=1e-4)
+    # the rule is written into a model folder only when the criterion is met
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(REPO / "Resources" / "Models" / "fracture" / "plans.json", model / "plans.json")
+    (model / "training.json").write_text(json.dumps({"command": "train it"}))
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "fracture_calibration_study.py"),
+                           str(copy), "--write-plans", str(model)], cwd=REPO,
+                          capture_output=True, text=True)
+    written = json.loads((model / "plans.json").read_text())["decision"]
+    if study["criterion_met"]:
+        assert done.returncode == 0 and written == {**written, **study["fitted"]["rule"]}
+    else:
+        assert done.returncode == 1 and "not written" in done.stderr
+        assert written == json.loads((REPO / "Resources" / "Models" / "fracture"
+                                      / "plans.json").read_text())["decision"]

@@ -28,12 +28,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from fracture_rule_study import _rows, score  # noqa: E402
+from heldout_replay import no_worse, replay, table  # noqa: E402
 
 from AnkleFractureLib.fracture.weber_height import FLOOR  # noqa: E402
-
-HELDOUT = ("vh2", "vh", "vh3", "analytic", "confounders")
-BASELINE = ROOT / "docs" / "seg_v2" / "rule6_pipeline"
-MEASURES = ("accuracy", "found_rate", "found_on_none_rate", "macro_auroc")
 
 
 def _right(rows: List[Dict[str, Any]], rule: Dict[str, Any]) -> int:
@@ -48,19 +45,13 @@ def study(folder: Path) -> Dict[str, Any]:
     val = _rows([str(folder / f) for f in spec["validation"]])
     right = {f: _right(val, {**shipped, "floor": f}) for f in spec["grid"]}
     best = max(spec["grid"], key=lambda f: (right[f], -f))
-    sets = {}
-    for name in HELDOUT:
-        rows = _rows([str(BASELINE / f"heldout_{name}.json")])
-        sets[name] = {label: {k: score(rows, {**shipped, "floor": f})[k] for k in MEASURES}
-                      for label, f in (("shipped", shipped.get("floor", FLOOR)),
-                                       ("fitted", best))}
-    ok_val = right[best] > right[shipped.get("floor", FLOOR)]
-    ok_held = all(s["fitted"]["accuracy"] >= s["shipped"]["accuracy"]
-                  and s["fitted"]["found_rate"] >= s["shipped"]["found_rate"]
-                  and s["fitted"]["found_on_none_rate"] <= s["shipped"]["found_on_none_rate"]
-                  for s in sets.values())
+    shipped_floor = shipped.get("floor", FLOOR)
+    sets = replay({"shipped": {**shipped, "floor": shipped_floor},
+                   "fitted": {**shipped, "floor": best}})
+    ok_val = right[best] > right[shipped_floor]
+    ok_held = no_worse(sets)
     return {"validation_right": {str(k): v for k, v in right.items()}, "n_validation": len(val),
-            "fitted_floor": best, "shipped_floor": shipped.get("floor", FLOOR),
+            "fitted_floor": best, "shipped_floor": shipped_floor,
             "heldout": sets, "criterion_met": bool(ok_val and ok_held),
             "validation_gain": bool(ok_val), "heldout_no_worse": bool(ok_held)}
 
@@ -78,14 +69,8 @@ def page(folder: Path, result: Dict[str, Any]) -> str:
               for k, v in result["validation_right"].items()]
     lines += ["", f"Fitted floor: {result['fitted_floor']} (shipped: "
                   f"{result['shipped_floor']}).", "",
-              "## Held-out sets, replayed", "",
-              "| set | floor | accuracy | found on fractured | found on intact | macro AUROC |",
-              "|---|---|---|---|---|---|"]
-    for name, both in result["heldout"].items():
-        for label, m in both.items():
-            lines.append(f"| {name} | {label} | {100 * m['accuracy']:.1f} % | "
-                         f"{100 * m['found_rate']:.1f} % | {100 * m['found_on_none_rate']:.1f} % "
-                         f"| {m['macro_auroc']:.3f} |")
+              "## Held-out sets, replayed", ""]
+    lines += table(result["heldout"], "floor")
     verdict = ("met: shipped" if result["criterion_met"] else
                "not met: " + ("no gain on the validation sets" if not result["validation_gain"]
                               else "a held-out set is worse"))
