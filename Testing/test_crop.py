@@ -71,8 +71,8 @@ def test_bone_window_keeps_the_cortex_the_reference_window_saturates(crops):
     assert np.allclose(bone[mid], np.clip((hu + 500.0) / 3000.0, 0, 1), atol=1e-4)
     cortex = bone[ct >= 1.0]
     assert cortex.size > 100 and cortex.min() >= 0.5 - 1e-4 and np.ptp(cortex) > 0.1
-    stacked = crop.stacked()
-    assert ALL_CHANNELS == ("ct", "tibia", "fibula", "ct_bone")
+    stacked = crop.stacked(ALL_CHANNELS[:4])
+    assert ALL_CHANNELS == ("ct", "tibia", "fibula", "ct_bone", "ct_bone_min")
     assert stacked.shape == (4,) + ct.shape and np.array_equal(stacked[3], bone)
     assert np.array_equal(crop.stacked(("fibula", "ct")), crop.channels[[2, 0]])
     with pytest.raises(InputError, match="unknown crop channel 'femur'"):
@@ -80,7 +80,35 @@ def test_bone_window_keeps_the_cortex_the_reference_window_saturates(crops):
     import dataclasses
 
     with pytest.raises(InputError, match="no bone-window CT"):
-        dataclasses.replace(crop, ct_bone=None).stacked()
+        dataclasses.replace(crop, ct_bone=None).stacked(("ct_bone",))
+    with pytest.raises(InputError, match="no min-pooled bone-window CT"):
+        crop.stacked()  # ct_bone_min is computed on request only
+
+
+def test_min_pooling_keeps_a_hairline_gap_that_falls_between_the_crop_samples(template) -> None:
+    """A 0.5 mm gap across a bone block, placed half-way between two crop sample planes
+    (1.5 mm apart): the centre samples read intact bone; the min-pooled voxel holds the gap,
+    and elsewhere min pooling reads the bone as it is."""
+    import dataclasses
+
+    from AnkleFractureLib.crop import min_pooled_bone
+    from AnkleFractureLib.registration.template import SyndesmosisBox
+
+    box = SyndesmosisBox(np.zeros(3), np.eye(3), np.array([6.0, 6.0, 15.0]),
+                         np.array([1.5, 1.5, 1.5]))  # 4 x 4 x 10 voxels, centres +-0.75 mm ...
+    small = dataclasses.replace(template, box=box)
+    arr = np.full((60, 24, 24), 1500.0, np.float32)  # 0.5 mm CT, points at -0.25, 0.25 ...
+    arr[31] = -100.0  # the gap: z = 0.25 mm, between the sample planes at -0.75 and 0.75 mm
+    ct = Volume(arr, (0.5, 0.5, 0.5), (-6.25, -6.25, -15.25), np.eye(3))
+    crop = crop_syndesmosis(ct, None, np.eye(4), small)
+    hu = crop.ct_bone * 3000.0 - 500.0
+    assert hu.min() > 1400.0  # the centre samples miss the gap entirely
+    low = min_pooled_bone(ct, crop) * 3000.0 - 500.0
+    assert low.shape == hu.shape and low.dtype == np.float32
+    per_slice = low.min(axis=(1, 2))
+    assert per_slice[5] < 0.0 and np.all(np.delete(per_slice, 5) > 1400.0)
+    crop.ct_bone_min = min_pooled_bone(ct, crop)
+    assert crop.stacked().shape == (5,) + hu.shape
 
 
 def test_left_and_right_crops_agree(crops):

@@ -510,3 +510,48 @@ def test_a_moved_up_crop_is_scored_on_its_own_grid_above_its_cut_edge() -> None:
                        24.0 * template.box.axes[:, 2])
     rows = moved.in_scan.any(axis=(1, 2))
     assert not rows[:16].any() and rows[16:].all()
+
+
+def test_a_localiser_reading_the_min_pooled_ct_gets_it_and_old_crop_files_gain_it(tmp_path):
+    """A localiser whose plans name ``ct_bone_min`` has it added to its crop (only then: it
+    costs a 27 times finer sampling of the CT), and a training cache file written before it
+    existed gets it from the CT and the file's own registration, equal to a fresh crop's."""
+    from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis, min_pooled_bone
+    from AnkleFractureLib.dataset.layout import Dataset
+    from AnkleFractureLib.fracture.localise import FractureLocaliser
+    from AnkleFractureLib.phantom.dataset_writer import write_phantom_dataset
+    from AnkleFractureLib.registration import load_template
+    from AnkleFractureLib.training.fracture_data import (_save, add_min_pooled,
+                                                         build_fracture_crops, load_crop_file)
+
+    write_phantom_dataset(tmp_path / "ds", n=1, seed=11, weber="B")
+    ds = Dataset.load(tmp_path / "ds")
+    template = load_template()
+    paths, failed = build_fracture_crops(ds.root, tmp_path / "cache", "dataset", template)
+    assert not failed
+    fresh = load_crop_file(paths[0])
+    assert fresh["channels"].shape[0] == 5
+    _save(paths[0], fresh["channels"][:4], fresh["target"], fresh["patient_to_template"],
+          fresh["info"])  # as written before the fifth array existed
+    build_fracture_crops(ds.root, tmp_path / "cache", "dataset", template)
+    assert load_crop_file(paths[0])["channels"].shape[0] == 4  # not asked for: left alone
+    build_fracture_crops(ds.root, tmp_path / "cache", "dataset", template,
+                         channels=("ct", "ct_bone_min", "fibula"))
+    again = load_crop_file(paths[0])["channels"]
+    assert np.array_equal(again, fresh["channels"])
+    assert not add_min_pooled(ds, ds.cases[0], paths[0], template)  # already there
+
+    from AnkleFractureLib.io import read_image
+
+    ct = read_image(ds.path(ds.cases[0].image))
+    label = read_image(ds.path(ds.cases[0].segmentation))
+    crop = crop_syndesmosis(ct, label, fresh["patient_to_template"], template)
+    plain = FractureLocaliser(None, {"decision": {}}, "cpu")
+    assert plain.crop_for(ct, label, fresh["patient_to_template"], template, crop).ct_bone_min \
+        is None
+    reads = FractureLocaliser(None, {"decision": {}, "channels": ["ct", "ct_bone_min",
+                                                                   "fibula"]}, "cpu")
+    got = reads.crop_for(ct, label, fresh["patient_to_template"], template, crop)
+    assert np.array_equal(got.ct_bone_min, min_pooled_bone(ct, crop))
+    assert reads.inputs(got).shape == (5,) + crop.channels.shape[1:]
+    assert np.all(got.ct_bone_min <= got.ct_bone + 1e-6)  # the lowest sample, never above

@@ -68,7 +68,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                    help="comma-separated crop arrays the network reads, of ct (reference window "
                         "[-1000, 1000] HU), tibia, fibula, ct_bone (bone window [-500, 2500] HU, "
                         "where hairlines through the cortex show; not in the shipped localiser: "
-                        "docs/fracture/experiments/v9_bone_window); default ct,tibia,fibula")
+                        "docs/fracture/experiments/v9_bone_window), ct_bone_min (the bone "
+                        "window min-pooled over each voxel, so a gap thinner than a voxel is not "
+                        "lost between samples; crops cached before it get it added); default "
+                        "ct,tibia,fibula")
     p.add_argument("--bridge-masks", type=float, default=0.4, metavar="P",
                    help="share (0-1) of the training windows whose fibula mask is closed "
                         "across gaps, as a segmentation that bridges the fracture line does "
@@ -97,7 +100,7 @@ def _channels(text: str) -> tuple:
 
 
 def _crops(datasets: list, masks_arg: str, cache_dir: str, bar: ProgressBar,
-           workers: int = 1, shift_mm: float = 0.0) -> list:
+           workers: int = 1, shift_mm: float = 0.0, channels: tuple = ()) -> list:
     from AnkleFractureLib.training.fracture_data import build_fracture_crops
 
     sources = ["dataset", "model"] if masks_arg == "both" else [masks_arg]
@@ -106,7 +109,7 @@ def _crops(datasets: list, masks_arg: str, cache_dir: str, bar: ProgressBar,
         for masks in sources:
             got, failed = build_fracture_crops(ds, Path(cache_dir) / Path(ds).name, masks,
                                                progress=bar, workers=workers,
-                                               shift_mm=shift_mm)
+                                               shift_mm=shift_mm, channels=channels)
             for case, why in failed.items():
                 print(f"skipped {case}: {why}", file=sys.stderr)
             paths += got
@@ -136,13 +139,13 @@ def run(args: argparse.Namespace) -> int:
                          f"[0, 100] mm, got {args.crop_shift_mm}")
     channels = _channels(args.channels)
     paths = _crops(args.datasets, args.masks, args.cache_dir, bar, args.workers,
-                   args.crop_shift_mm)
+                   args.crop_shift_mm, channels)
     command = "ankle-fracture " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.refit_decision:
         return _refit(args, paths, command)
     # Only training chooses a checkpoint: a refit never needs the validation crops.
     val_paths = _crops(args.val_dataset, "model", args.cache_dir, bar, args.workers,
-                       args.crop_shift_mm)
+                       args.crop_shift_mm, channels)
     cfg = FractureTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               val_fraction=args.val_fraction, eval_every=args.eval_every,
                               seed=args.seed, threads=args.threads, max_minutes=args.max_minutes,

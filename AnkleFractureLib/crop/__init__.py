@@ -11,11 +11,12 @@ from AnkleFractureLib.crop.syndesmosis import (
     crop_syndesmosis,
     crop_to_ct,
     crop_to_ct_box,
+    min_pooled_bone,
     paste_on_grid,
     read_crop,
     write_crop,
 )
 
 __all__ = ["ALL_CHANNELS", "CHANNELS", "SyndesmosisCrop", "box_on_grid", "crop_raw_ct",
-           "crop_syndesmosis", "crop_to_ct", "crop_to_ct_box", "paste_on_grid", "read_crop",
-           "write_crop"]
+           "crop_syndesmosis", "crop_to_ct", "crop_to_ct_box", "min_pooled_bone", "paste_on_grid",
+           "read_crop", "write_crop"]

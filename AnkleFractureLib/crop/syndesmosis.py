@@ -9,7 +9,10 @@ the x-mirror of a left ankle), so every crop shows a right ankle in the same ana
 * channel 1 ``tibia`` and 2 ``fibula``: the binary masks, linearly interpolated, in [0, 1];
 * beside them, ``ct_bone``: the same CT samples in the bone window
   (:data:`~AnkleFractureLib.preprocessing.intensity.BONE_HU_WINDOW`), which keeps the cortex
-  that the reference window saturates (the fracture localiser reads it).
+  that the reference window saturates (the fracture localiser reads it);
+* on request (:func:`min_pooled_bone`), ``ct_bone_min``: the bone window again, each voxel the
+  lowest of 27 samples spread over it instead of the one at its centre, so a fracture gap
+  thinner than a voxel stays in the voxel that holds it.
 
 :func:`crop_to_ct_box` maps any array on the crop grid (e.g. a Grad-CAM heatmap) back onto the
 CT's lattice, kept to the box the crop covers (how a heatmap is stored); :func:`paste_on_grid`
@@ -38,8 +41,12 @@ from AnkleFractureLib.registration.template import SyndesmosisBox, Template, def
 #: Channel names, in the order of :attr:`SyndesmosisCrop.channels`.
 CHANNELS = ("ct", "tibia", "fibula")
 #: :data:`CHANNELS` and the crop's other arrays a model may read, in the order of
-#: :meth:`SyndesmosisCrop.stacked` (``ct_bone``: the CT in the bone window).
-ALL_CHANNELS = CHANNELS + ("ct_bone",)
+#: :meth:`SyndesmosisCrop.stacked` (``ct_bone``: the CT in the bone window; ``ct_bone_min``:
+#: the same, min-pooled over each voxel, :func:`min_pooled_bone`).
+ALL_CHANNELS = CHANNELS + ("ct_bone", "ct_bone_min")
+#: Samples per voxel edge of :func:`min_pooled_bone` (3: 27 per voxel, 0.5 mm apart on the
+#: 1.5 mm crop grid).
+MIN_POOL_FACTOR = 3
 #: CT value (HU) used where the crop grid leaves the CT's field of view (air).
 OUTSIDE_HU = -1024.0
 #: HU threshold of "bone" for the raw-CT control crop's centre.
@@ -64,6 +71,7 @@ class SyndesmosisCrop:
             e.g. a crop read back from a file).
         metal: bool (nz, ny, nx): the CT reads at least :data:`METAL_HU` there (None: unknown).
         ct_bone: float32 (nz, ny, nx): the CT in the bone window, [0, 1] (None: unknown).
+        ct_bone_min: float32 (nz, ny, nx): :func:`min_pooled_bone` (None: not computed).
     """
 
     channels: np.ndarray
@@ -74,23 +82,28 @@ class SyndesmosisCrop:
     in_scan: Optional[np.ndarray] = field(default=None, repr=False)
     metal: Optional[np.ndarray] = field(default=None, repr=False)
     ct_bone: Optional[np.ndarray] = field(default=None, repr=False)
+    ct_bone_min: Optional[np.ndarray] = field(default=None, repr=False)
 
     def stacked(self, names: Sequence[str] = ALL_CHANNELS) -> np.ndarray:
         """The named arrays (:data:`ALL_CHANNELS`) as float32 (len(names), nz, ny, nx).
 
         Raises:
-            InputError: An unknown name, or ``ct_bone`` asked of a crop that has none (one
-                read back from a file): crop the CT again.
+            InputError: An unknown name, ``ct_bone`` asked of a crop that has none (one read
+                back from a file: crop the CT again), or ``ct_bone_min`` of a crop without it
+                (:func:`min_pooled_bone`).
         """
         parts = []
         for name in names:
             if name in CHANNELS:
                 parts.append(self.channels[CHANNELS.index(name)])
-            elif name == "ct_bone" and self.ct_bone is not None:
-                parts.append(self.ct_bone)
+            elif name in ("ct_bone", "ct_bone_min") and getattr(self, name) is not None:
+                parts.append(getattr(self, name))
             elif name == "ct_bone":
                 raise InputError(None, "this crop has no bone-window CT (a crop read back from a "
                                        "file has only ct, tibia and fibula); crop the CT again")
+            elif name == "ct_bone_min":
+                raise InputError(None, "this crop has no min-pooled bone-window CT; add it with "
+                                       "min_pooled_bone(ct, crop)")
             else:
                 raise InputError(None, f"unknown crop channel {name!r}; known: "
                                        f"{', '.join(ALL_CHANNELS)}")
@@ -182,6 +195,43 @@ def _sample(ct: Volume, label: Optional[Volume], t2p: np.ndarray, size: Sequence
                                   transform=t2p)
             np.clip(on.array, 0.0, 1.0, out=channels[c])
     return channels, coverage, in_scan, metal, ct_bone
+
+
+def min_pooled_bone(ct: Volume, crop: SyndesmosisCrop, factor: int = MIN_POOL_FACTOR
+                    ) -> np.ndarray:
+    """The CT on the crop grid in the bone window, each voxel the lowest of ``factor``**3
+    samples spread evenly over it.
+
+    The crop samples the CT once per voxel, at its centre, 1.5 mm apart: a fracture gap
+    thinner than that (a hairline, 0.2-1 mm) falls between two samples or onto one, depending
+    on where the grid happens to lie, so the same line is sharp in one scan and gone in the
+    next. The lowest of samples 0.5 mm apart keeps the gap in the voxel that holds it, whatever
+    the grid's phase (at the price of darker voxels where bone meets soft tissue).
+
+    Args:
+        ct: The CT (HU) the crop was sampled from.
+        crop: The crop (its grid and ``patient_to_template``).
+        factor: Samples per voxel edge.
+
+    Returns:
+        float32 (nz, ny, nx) in [0, 1] (:data:`BONE_HU_WINDOW`; outside the CT: air).
+    """
+    size = tuple(int(n) for n in crop.grid.shape[::-1])
+    spacing = np.asarray(crop.grid.spacing, float)
+    direction = np.asarray(crop.grid.direction, float)
+    fine = spacing / factor
+    origin = np.asarray(crop.grid.origin, float) - direction @ (fine * (factor - 1) / 2.0)
+    fine_size = [n * factor for n in size]
+    t2p = np.linalg.inv(np.asarray(crop.patient_to_template, float))
+    corners = _box_corner_points(size, spacing, np.asarray(crop.grid.origin, float), direction)
+    sub = _sub_box(ct, corners @ t2p[:3, :3].T + t2p[:3, 3])
+    nx, ny, nz = size
+    if sub is None:
+        return np.zeros((nz, ny, nx), np.float32)
+    on = resample_to_grid(ct.region(sub), fine_size, fine, origin, direction, "linear",
+                          OUTSIDE_HU, transform=t2p).array
+    low = on.reshape(nz, factor, ny, factor, nx, factor).min(axis=(1, 3, 5))
+    return normalize_hu(low, BONE_HU_WINDOW)
 
 
 # ---------------------------------------------------------------------- public API

@@ -400,10 +400,12 @@ class FractureLocaliser:
     def inputs(self, crop: Any) -> np.ndarray:
         """The crop arrays this localiser reads (float32 (C, z, y, x), the crop's own 3
         channels when it needs no more): what :meth:`heatmap` takes."""
-        if "ct_bone" in self._all_channels():
+        names = self._all_channels()
+        if any(n not in ("ct", "tibia", "fibula") for n in names):
             from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
 
-            return crop.stacked(ALL_CHANNELS)
+            highest = max(ALL_CHANNELS.index(n) for n in names)
+            return crop.stacked(ALL_CHANNELS[:highest + 1])
         return np.asarray(crop.channels, np.float32)
 
     def _all_channels(self) -> Tuple[str, ...]:
@@ -470,7 +472,7 @@ class FractureLocaliser:
 
         top = self.extend_top_mm
         if top <= 0.0 and crop is not None:
-            return crop
+            return self._with_min_pooled(ct, crop)
         box = template.box
         taller = dataclasses.replace(box, centre=box.centre + box.axes[:, 2] * top / 2.0,
                                      size_mm=box.size_mm + np.array([0.0, 0.0, top]))
@@ -478,7 +480,16 @@ class FractureLocaliser:
                                dataclasses.replace(template, box=taller))
         # The window stays centred as on the classifier's box (see heatmap).
         out.meta["box_slices"] = int(box.shape[0])
-        return out
+        return self._with_min_pooled(ct, out)
+
+    def _with_min_pooled(self, ct: Any, crop: Any) -> Any:
+        """``crop`` with its min-pooled bone-window CT added when a network reads it (it costs
+        a sampling of the CT 27 times finer, so only then)."""
+        if "ct_bone_min" in self._all_channels() and getattr(crop, "ct_bone_min", None) is None:
+            from AnkleFractureLib.crop.syndesmosis import min_pooled_bone
+
+            crop.ct_bone_min = min_pooled_bone(ct, crop)
+        return crop
 
     def heatmap(self, channels: np.ndarray, centre_slices: Optional[int] = None
                 ) -> Tuple[np.ndarray, Window]:
@@ -487,8 +498,9 @@ class FractureLocaliser:
         Args:
             channels: Crop arrays (C, z, y, x) in the order of
                 :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS` (CT [0, 1], tibia,
-                fibula, then the bone-window CT; C = 3 for a localiser that reads no more,
-                see :meth:`inputs`). The network reads the plans' ``channels`` of them.
+                fibula, then the bone-window CT and its min-pooled form, as far as the
+                localiser reads; C = 3 for one that reads no more, see :meth:`inputs`). The
+                network reads the plans' ``channels`` of them.
             centre_slices: Centre the window on the fibula of the lowest this many slices
                 (the classifier's box within a taller crop: the window then lies where it
                 lies on that box); None: all. With ``inference.upper_window`` in the plans,

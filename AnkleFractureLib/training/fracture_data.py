@@ -8,9 +8,11 @@ One ``<id>.<masks>.v<version>.npz`` per case in a cache folder (``<masks>`` is "
 "model-<the first 12 hex digits of the segmentation weights' sha256>", so that a new
 segmentation model never gets crops made with the old one's masks):
 
-* ``channels``: float16 (4, nz, ny, nx), the crop's arrays in the order of
+* ``channels``: float16 (5, nz, ny, nx), the crop's arrays in the order of
   :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS` (CT [0, 1], tibia, fibula, the CT in
-  the bone window), numpy (z, y, x);
+  the bone window, and that min-pooled over each voxel), numpy (z, y, x); files written
+  before the fifth array existed hold 4 and get it when a training reads it
+  (:func:`add_min_pooled`);
 * ``target``: uint8 (nz, ny, nx), the fracture line (all zero for "none");
 * ``patient_to_template``: 4x4 float64; ``info``: JSON text (weber, true height, side, ...).
 
@@ -79,13 +81,14 @@ def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
             the registration is the template's own either way.
 
     Returns:
-        (channels float16 (4, z, y, x) as :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS`,
+        (channels float16 (5, z, y, x) as :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS`,
         target uint8 (z, y, x), patient_to_template 4x4, info).
 
     Raises:
         AnkleFractureError: Unreadable CT, no masks, registration impossible.
     """
-    from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS, crop_syndesmosis
+    from AnkleFractureLib.crop.syndesmosis import (ALL_CHANNELS, crop_syndesmosis,
+                                                   min_pooled_bone)
     from AnkleFractureLib.fracture.targets import annotated_line_target, fracture_line_target
     from AnkleFractureLib.io import read_image
     from AnkleFractureLib.registration.leg import register_as_run
@@ -100,6 +103,7 @@ def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
     label, reg = register_as_run(ct, label, template, record.side)  # as `run` registers
     crop = crop_syndesmosis(ct, label, reg.patient_to_template,
                             shifted_box_template(template, shift_mm))
+    crop.ct_bone_min = min_pooled_bone(ct, crop)
     meta = record.meta or {}
     target = np.zeros(crop.grid.shape, np.uint8)
     line_source = None
@@ -141,6 +145,35 @@ def load_crop_file(path: "os.PathLike[str] | str") -> Dict[str, Any]:
         return {"channels": z["channels"], "target": z["target"],
                 "patient_to_template": z["patient_to_template"],
                 "info": json.loads(str(z["info"]))}
+
+
+def add_min_pooled(ds: Dataset, record: CaseRecord, path: Path, template: Any) -> bool:
+    """Give a cache file written before ``ct_bone_min`` existed its fifth array, from the CT
+    and the file's own registration (no segmentation or registration is run again).
+
+    Returns:
+        Whether the file was rewritten (False: it already had it).
+    """
+    from types import SimpleNamespace
+
+    from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS, min_pooled_bone
+    from AnkleFractureLib.io import read_image
+    from AnkleFractureLib.training.fracture_train import crop_grid
+
+    d = load_crop_file(path)
+    if d["channels"].shape[0] >= len(ALL_CHANNELS):
+        return False
+    shift = float(d["info"].get("box_shift_mm") or 0.0)
+    crop = SimpleNamespace(grid=crop_grid(shifted_box_template(template, shift)),
+                           patient_to_template=d["patient_to_template"])
+    low = min_pooled_bone(read_image(ds.path(record.image)), crop)
+    channels = np.concatenate([d["channels"], low[None].astype(np.float16)])
+    _save(path, channels, d["target"], d["patient_to_template"], d["info"])
+    return True
+
+
+def _worker_add_min_pooled(root: str, record: CaseRecord, path: Path, template: Any) -> bool:
+    return add_min_pooled(Dataset.load(root), record, path, template)
 
 
 def _seg_model_tag(seg_model_dir: Optional[str]) -> str:
@@ -217,7 +250,8 @@ def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathL
                          masks: str = "dataset", template: Any = None,
                          seg_model_dir: Optional[str] = None,
                          progress: Optional[Callable[[float, str], None]] = None,
-                         workers: int = 1, shift_mm: float = 0.0
+                         workers: int = 1, shift_mm: float = 0.0,
+                         channels: Tuple[str, ...] = ()
                          ) -> Tuple[List[Path], Dict[str, str]]:
     """Crop every case of a dataset into ``cache_dir`` (existing files are reused).
 
@@ -232,6 +266,8 @@ def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathL
             segmentation model and 1/N of the CPU threads; the files are the same for any N.
         shift_mm: Crop the box moved this far up (:func:`shifted_box_template`; the cache
             files then carry ``up<mm>`` in their names).
+        channels: The crop arrays the training reads; with ``ct_bone_min``, reused files
+            written before it existed get it (:func:`add_min_pooled`).
 
     Returns:
         (paths of the cache files, {case id: error} for the cases that could not be cropped).
@@ -263,4 +299,21 @@ def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathL
             failed[record.id] = error
         if progress is not None:
             progress((k + 1) / len(todo), f"cropped {record.id} ({masks} masks)")
+    if "ct_bone_min" in channels:
+        _add_min_pooled_all(ds, [(r, paths[r.id]) for r in records if paths[r.id].exists()],
+                            template, int(workers))
     return [paths[r.id] for r in records if r.id not in failed], failed
+
+
+def _add_min_pooled_all(ds: Dataset, items: List[Tuple[CaseRecord, Path]], template: Any,
+                        workers: int) -> None:
+    """:func:`add_min_pooled` on every listed file, here or in ``workers`` processes."""
+    if workers <= 1 or len(items) <= 1:
+        for record, path in items:
+            add_min_pooled(ds, record, path, template)
+        return
+    from AnkleFractureLib.parallel import in_processes
+
+    tasks = [(str(ds.root), record, path, template) for record, path in items]
+    for _ in in_processes(_worker_add_min_pooled, tasks, min(workers, len(tasks))):
+        pass

@@ -195,7 +195,7 @@ def training_pair(sample: Sample, rng: np.random.Generator, shift: int,
     x = win.extract(ch)[:, zr]
     x = _augment_masks(x, rng, bridge_prob, soft_masks)
     for c in range(len(x)):
-        if ALL_CHANNELS[c] in ("ct", "ct_bone"):
+        if ALL_CHANNELS[c] in ("ct", "ct_bone", "ct_bone_min"):
             x[c] = _augment_ct(x[c], rng)
     y = win.extract(sample.target[None].astype(np.float32))[:, zr]
     return x[[ALL_CHANNELS.index(c) for c in channels]], y
