@@ -110,60 +110,51 @@ def test_the_floor_of_the_product_of_experts_is_a_rule_parameter() -> None:
     assert abs(sum(high.probabilities.values()) - 1.0) < 1e-9
 
 
-def test_floor_study_page_is_the_rendering_of_the_committed_runs(tmp_path) -> None:
-    """scripts/fracture_floor_study.py: the committed page and study.json are what it writes
-    from the committed runs, and its held-out replay with the shipped floor gives the shipped
-    pipeline's own accuracy on every set (the replay combines as the pipeline does)."""
+def _rerun_study(tmp_path: Path, name: str, script: str) -> tuple:
+    """Run a decision study script on a copy of its committed experiment folder (the
+    validation runs it names beside it); assert the page is the committed one and the held-out
+    replay of the shipped rule gives the shipped pipeline's own accuracy on every set (the
+    replay combines as the pipeline does). Returns (the copy, its study.json)."""
     import shutil
 
     experiments = REPO / "docs" / "fracture" / "experiments"
-    src = experiments / "floor_refit"
-    copy = tmp_path / "floor_refit"
+    src = experiments / name
+    copy = tmp_path / name
     shutil.copytree(src, copy)
-    runs = tmp_path / "v13_upper_window"  # the validation runs it names, beside it
+    runs = tmp_path / "v13_upper_window"
     runs.mkdir()
     for f in (experiments / "v13_upper_window").glob("baseline_val*.json"):
         shutil.copy(f, runs / f.name)
-    subprocess.run([sys.executable, str(REPO / "scripts" / "fracture_floor_study.py"),
-                    str(copy)], check=True, cwd=REPO, capture_output=True)
+    subprocess.run([sys.executable, str(REPO / "scripts" / script), str(copy)], check=True,
+                   cwd=REPO, capture_output=True)
     assert (copy / "README.md").read_text() == (src / "README.md").read_text()
     study = json.loads((copy / "study.json").read_text())
-    for name, both in study["heldout"].items():
+    for set_name, both in study["heldout"].items():
         run = json.loads((REPO / "docs" / "seg_v2" / "rule6_pipeline"
-                          / f"heldout_{name}.json").read_text())
+                          / f"heldout_{set_name}.json").read_text())
         assert both["shipped"]["accuracy"] == pytest.approx(
             run["summary"]["combined"]["accuracy"], abs=1e-4)
+    return copy, study
+
+
+def test_floor_study_page_is_the_rendering_of_the_committed_runs(tmp_path) -> None:
+    """scripts/fracture_floor_study.py reproduces its committed page from the committed runs."""
+    _, study = _rerun_study(tmp_path, "floor_refit", "fracture_floor_study.py")
+    assert study["fitted_floor"] in (0.02, 0.05, 0.1, 0.2)
 
 
 def test_calibration_study_page_is_the_rendering_of_the_committed_runs(tmp_path) -> None:
-    """scripts/fracture_calibration_study.py: the committed page and study.json are what it
-    writes from the committed runs, the held-out replay of the shipped rule gives the shipped
-    pipeline's own accuracy on every set, and the rule reaches a model folder only when the
-    criterion is met."""
+    """scripts/fracture_calibration_study.py reproduces its committed page from the committed
+    runs, and the rule reaches a model folder only when the criterion is met."""
     import shutil
 
-    experiments = REPO / "docs" / "fracture" / "experiments"
-    src = experiments / "v15_calibration_family"
-    copy = tmp_path / src.name
-    shutil.copytree(src, copy)
-    runs = tmp_path / "v13_upper_window"  # the validation runs it names, beside it
-    runs.mkdir()
-    for f in (experiments / "v13_upper_window").glob("baseline_val*.json"):
-        shutil.copy(f, runs / f.name)
-    subprocess.run([sys.executable, str(REPO / "scripts" / "fracture_calibration_study.py"),
-                    str(copy)], check=True, cwd=REPO, capture_output=True)
-    assert (copy / "README.md").read_text() == (src / "README.md").read_text()
-    study = json.loads((copy / "study.json").read_text())
+    copy, study = _rerun_study(tmp_path, "v15_calibration_family",
+                               "fracture_calibration_study.py")
     assert study["n_validation"] == 104 and study["n_calibration"] == 48
-    for name, both in study["heldout"].items():
-        run = json.loads((REPO / "docs" / "seg_v2" / "rule6_pipeline"
-                          / f"heldout_{name}.json").read_text())
-        assert both["shipped"]["accuracy"] == pytest.approx(
-            run["summary"]["combined"]["accuracy"], abs=1e-4)
-    # the rule is written into a model folder only when the criterion is met
     model = tmp_path / "model"
     model.mkdir()
-    shutil.copy(REPO / "Resources" / "Models" / "fracture" / "plans.json", model / "plans.json")
+    shipped_plans = REPO / "Resources" / "Models" / "fracture" / "plans.json"
+    shutil.copy(shipped_plans, model / "plans.json")
     (model / "training.json").write_text(json.dumps({"command": "train it"}))
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "fracture_calibration_study.py"),
                            str(copy), "--write-plans", str(model)], cwd=REPO,
@@ -173,5 +164,4 @@ def test_calibration_study_page_is_the_rendering_of_the_committed_runs(tmp_path)
         assert done.returncode == 0 and written == {**written, **study["fitted"]["rule"]}
     else:
         assert done.returncode == 1 and "not written" in done.stderr
-        assert written == json.loads((REPO / "Resources" / "Models" / "fracture"
-                                      / "plans.json").read_text())["decision"]
+        assert written == json.loads(shipped_plans.read_text())["decision"]
