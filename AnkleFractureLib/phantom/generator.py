@@ -151,9 +151,8 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
         family: "analytic" (default) or "vh" (:data:`FAMILIES`). A "vh" case's ``info`` also
             holds ``family``, ``base_shape``, ``shape``, ``appearance``, ``fov_mm``,
             ``both_legs``, ``foot_in_view`` and the shapes' ``credit``.
-        fractures: Fracture morphology family: "classic" (default), "varied", "heldout" or
-            "calibration" (:mod:`AnkleFractureLib.phantom.fracture_styles`);
-            ``info["fracture_style"]``.
+        fractures: A fracture morphology of :mod:`AnkleFractureLib.phantom.fracture_styles`
+            ("classic" by default); ``info["fracture_style"]``.
         confounders: Probability (0-1) that the case carries fracture mimics on intact bone
             (os subfibulare, healed fracture, nutrient canal, physeal scar; each kind
             independently, at least one), whatever its class. 0 (default): none, and no
