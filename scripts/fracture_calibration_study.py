@@ -28,15 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from fracture_rule_study import _rows, fit, score, write_rule  # noqa: E402
-from heldout_replay import no_worse, replay, table  # noqa: E402
-
-SHIPPED_PLANS = ROOT / "Resources" / "Models" / "fracture" / "plans.json"
-
-
-def _right(rows: List[Dict[str, Any]], rule: Dict[str, Any]) -> int:
-    s = score(rows, rule)
-    return round(s["accuracy"] * s["n"])
+from fracture_rule_study import _rows, fit, write_rule  # noqa: E402
+from heldout_replay import SHIPPED_PLANS, answers_right, no_worse, replay, table  # noqa: E402
 
 
 def study(folder: Path) -> Dict[str, Any]:
@@ -47,7 +40,8 @@ def study(folder: Path) -> Dict[str, Any]:
     cal = _rows([str(folder / f) for f in spec["calibration"]])
     fitted = fit(val + cal)
     rule = {**shipped, **fitted["rule"]}
-    right = {label: {"validation": _right(val, r), "calibration": _right(cal, r)}
+    right = {label: {"validation": answers_right(val, r),
+                     "calibration": answers_right(cal, r)}
              for label, r in (("shipped", shipped), ("fitted", rule))}
     sets = replay({"shipped": shipped, "fitted": rule})
     ok_val = right["fitted"]["validation"] >= right["shipped"]["validation"]

@@ -21,29 +21,24 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from fracture_rule_study import _rows, score  # noqa: E402
-from heldout_replay import no_worse, replay, table  # noqa: E402
+from fracture_rule_study import _rows  # noqa: E402
+from heldout_replay import SHIPPED_PLANS, answers_right, no_worse, replay, table  # noqa: E402
 
 from AnkleFractureLib.fracture.weber_height import FLOOR  # noqa: E402
-
-
-def _right(rows: List[Dict[str, Any]], rule: Dict[str, Any]) -> int:
-    s = score(rows, rule)
-    return round(s["accuracy"] * s["n"])
 
 
 def study(folder: Path) -> Dict[str, Any]:
     """The fit on the folder's validation runs and the held-out replay."""
     spec = json.loads((folder / "criterion.json").read_text())
-    shipped = json.loads((ROOT / "Resources/Models/fracture/plans.json").read_text())["decision"]
+    shipped = json.loads(SHIPPED_PLANS.read_text())["decision"]
     val = _rows([str(folder / f) for f in spec["validation"]])
-    right = {f: _right(val, {**shipped, "floor": f}) for f in spec["grid"]}
+    right = {f: answers_right(val, {**shipped, "floor": f}) for f in spec["grid"]}
     best = max(spec["grid"], key=lambda f: (right[f], -f))
     shipped_floor = shipped.get("floor", FLOOR)
     sets = replay({"shipped": {**shipped, "floor": shipped_floor},

@@ -24,6 +24,14 @@ HELDOUT = ("vh2", "vh", "vh3", "analytic", "confounders")
 BASELINE = ROOT / "docs" / "seg_v2" / "rule6_pipeline"
 #: The measures kept per set and rule.
 MEASURES = ("accuracy", "found_rate", "found_on_none_rate", "macro_auroc")
+#: The shipped localiser's plans (its ``decision`` is the shipped rule).
+SHIPPED_PLANS = ROOT / "Resources" / "Models" / "fracture" / "plans.json"
+
+
+def answers_right(rows: List[Dict[str, Any]], rule: Dict[str, Any]) -> int:
+    """How many of ``rows`` the rule answers right (refused rows count as wrong)."""
+    s = score(rows, rule)
+    return round(s["accuracy"] * s["n"])
 
 
 def replay(rules: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, float]]]:
