@@ -184,3 +184,20 @@ def test_the_skin_covers_the_malleoli(seed: int) -> None:
         assert inside.sum() > 1000
         skin = anatomy.leg(x[inside], y[inside], z[inside])
         assert skin.max() <= -BONE_COVER_MM + 1e-3
+
+
+def test_fracture_height_is_measured_from_the_true_plafond(foot_case):
+    # The displacement field moves the joint off the frame's origin; the recorded height is
+    # the line centre's distance above the true plafond along the tibial long axis, as the
+    # pipeline measures it, and the dataset reader gives the same for older meta.
+    from AnkleFractureLib.dataset import true_fracture_height
+
+    info = foot_case.info
+    a2p = np.asarray(info["anatomy_to_patient"], float)
+    axis = a2p[:3, 2] / np.linalg.norm(a2p[:3, 2])
+    frac = info["fracture"]
+    along = float((np.subtract(frac["centre_lps"], info["plafond_lps"])) @ axis)
+    assert abs(info["plafond_anatomical"][2]) > 0.3  # so the frame's origin would be off
+    assert frac["height_mm"] == pytest.approx(along, abs=0.01)
+    old_meta = {**info, "fracture": {**frac, "height_mm": frac["centre_anatomical"][2]}}
+    assert true_fracture_height(old_meta) == pytest.approx(along, abs=0.01)

@@ -5,6 +5,7 @@ from AnkleFractureLib.dataset.layout import (
     LABELS,
     CaseRecord,
     Dataset,
+    true_fracture_height,
 )
 
-__all__ = ["CLASSES", "LABELS", "CaseRecord", "Dataset"]
+__all__ = ["CLASSES", "LABELS", "CaseRecord", "Dataset", "true_fracture_height"]

@@ -58,6 +58,31 @@ SIDES = ("left", "right")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
+def true_fracture_height(meta: Optional[Dict[str, Any]]) -> Optional[float]:
+    """A phantom case's true fibular fracture height (mm above the plafond along the tibial
+    long axis, negative below), or None for a case without one.
+
+    Measured from the true plafond (``meta["plafond_anatomical"]``, the real-shape family's
+    warped joint) when the meta holds it: datasets written before the phantom measured the
+    height that way hold the height above the anatomy frame's origin in
+    ``meta["fracture"]["height_mm"]``, up to ~6 mm off; newer ones hold the same value as this.
+
+    Example:
+        >>> true_fracture_height({"fracture": {"height_mm": 40.0,
+        ...     "centre_anatomical": [-20.0, 30.0, 40.0]}, "plafond_anatomical": [2.0, 0.0, -1.5]})
+        41.5
+        >>> true_fracture_height({"fracture": {"height_mm": -8.0}}), true_fracture_height({})
+        (-8.0, None)
+    """
+    frac = (meta or {}).get("fracture")
+    if not frac or frac.get("height_mm") is None:
+        return None
+    plafond, centre = (meta or {}).get("plafond_anatomical"), frac.get("centre_anatomical")
+    if plafond is not None and centre is not None:
+        return round(float(centre[2]) - float(plafond[2]), 3)
+    return float(frac["height_mm"])
+
+
 @dataclass
 class CaseRecord:
     """One entry of ``dataset.json`` (paths relative to the dataset folder)."""

@@ -170,7 +170,9 @@ def summarise_rows(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
 
 def truth_of(record: Any) -> Dict[str, Any]:
     """The truth of a dataset case (Weber class, fracture height and centre from the meta)."""
+    from AnkleFractureLib.dataset import true_fracture_height
+
     frac = (record.meta or {}).get("fracture") or {}
-    return {"weber": record.weber, "height_mm": frac.get("height_mm"),
+    return {"weber": record.weber, "height_mm": true_fracture_height(record.meta),
             "center_lps": frac.get("centre_lps"),
             "plafond_lps": (record.meta or {}).get("plafond_lps")}

@@ -114,15 +114,21 @@ class PlaneCut:
         d = np.maximum(sdf(qx, qy, qz), self.side(qx, qy, qz) + 0.5 * self.gap_mm)
         return d, (qx, qy, qz)
 
-    def to_dict(self, anatomy_to_patient: np.ndarray) -> Dict[str, Any]:
-        """JSON-friendly description (anatomical mm, plus the centre in patient LPS mm)."""
+    def to_dict(self, anatomy_to_patient: np.ndarray,
+                plafond: Optional[np.ndarray] = None) -> Dict[str, Any]:
+        """JSON-friendly description (anatomical mm, plus the centre in patient LPS mm).
+
+        ``height_mm`` is the centre's height above ``plafond`` (anatomy frame (3,) mm; the
+        frame's origin when None), along the frame's z (the tibial long axis).
+        """
         a = np.asarray(anatomy_to_patient, dtype=float)
+        base = 0.0 if plafond is None else float(np.asarray(plafond, float).reshape(3)[2])
         lps = a[:3, :3] @ self.centre + a[:3, 3]
         ang = float(np.degrees(np.arccos(np.clip((np.trace(self.rotation) - 1) / 2, -1, 1))))
         return {
             "centre_anatomical": [round(float(v), 3) for v in self.centre],
             "centre_lps": [round(float(v), 3) for v in lps],
-            "height_mm": round(float(self.centre[2]), 3),
+            "height_mm": round(float(self.centre[2]) - base, 3),
             "normal_anatomical": [round(float(v), 4) for v in self.normal],
             "gap_mm": round(float(self.gap_mm), 3),
             "displacement_mm": round(float(np.linalg.norm(self.translation)), 3),
@@ -157,11 +163,13 @@ class FractureModel:
     medial: Optional[PlaneCut]
     widening_mm: float = 0.0
 
-    def to_dict(self, anatomy_to_patient: np.ndarray) -> Optional[Dict[str, Any]]:
-        """The ``info["fracture"]`` entry (None when there is no fracture)."""
+    def to_dict(self, anatomy_to_patient: np.ndarray,
+                plafond: Optional[np.ndarray] = None) -> Optional[Dict[str, Any]]:
+        """The ``info["fracture"]`` entry (None when there is no fracture); heights above
+        ``plafond`` (anatomy frame mm; the frame's origin when None)."""
         if self.fibula is None:
             return None
-        d = self.fibula.to_dict(anatomy_to_patient)
+        d = self.fibula.to_dict(anatomy_to_patient, plafond)
         d["weber"] = self.weber
         d["syndesmotic_widening_mm"] = round(float(self.widening_mm), 3)
         # Fragment displacement proper, without the lateral shift of the widening.
@@ -169,7 +177,7 @@ class FractureModel:
         d["displacement_mm"] = round(float(np.linalg.norm(own)), 3)
         d["medial_malleolus_fracture"] = self.medial is not None
         if self.medial is not None:
-            d["medial_malleolus"] = self.medial.to_dict(anatomy_to_patient)
+            d["medial_malleolus"] = self.medial.to_dict(anatomy_to_patient, plafond)
         return d
 
 

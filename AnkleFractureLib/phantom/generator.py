@@ -304,13 +304,15 @@ def _generate_vh(seed: int, weber: str, side: str, spacing: str,
         forefoot, metal, cast)
     meta = {"source": "AnkleFractureLib.phantom", "family": "vh", "seed": int(seed),
             "weber": weber, "side": side}
-    # The smooth displacement field moves the joint off the frame's origin (up to ~5 mm):
-    # the true plafond is where the warped bone's plafond lies.
+    # The smooth displacement field moves the joint off the frame's origin (up to ~6 mm):
+    # the true plafond is where the warped bone's plafond lies, and the fracture's height is
+    # measured from it, as the pipeline measures it (the fracture was placed in the warped
+    # frame, so its height above the frame's origin is not its height above the joint).
     plafond = anatomy.plafond()
     info = _case_info(seed, anatomy_seed, weber, side, spacing, a2p,
                       a2p[:3, :3] @ plafond + a2p[:3, 3], grid)
     info.update(plafond_anatomical=[round(float(v), 4) for v in plafond],
-                fracture=fracture.to_dict(a2p), anatomy=_vh_landmarks(anatomy),
+                fracture=fracture.to_dict(a2p, plafond), anatomy=_vh_landmarks(anatomy),
                 fracture_style=fractures)
     info.update(extra)
     return _case(ct_arr, lab_arr, grid, meta, info)

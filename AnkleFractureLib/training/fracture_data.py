@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from AnkleFractureLib.dataset.layout import CaseRecord, Dataset
+from AnkleFractureLib.dataset.layout import CaseRecord, Dataset, true_fracture_height
 from AnkleFractureLib.errors import AnkleFractureError
 
 #: Version of the crop + target code; part of every cache file name's key. 2: registered as
@@ -41,11 +41,6 @@ from AnkleFractureLib.errors import AnkleFractureError
 #: as a fourth channel.
 FRACTURE_DATA_VERSION = 5
 MASK_SOURCES = ("dataset", "model")
-
-
-def _true_height(meta: Dict[str, Any]) -> Optional[float]:
-    frac = (meta or {}).get("fracture")
-    return None if not frac else float(frac["height_mm"])
 
 
 def shifted_box_template(template: Any, shift_mm: float) -> Any:
@@ -122,7 +117,7 @@ def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
     info = {"id": record.id, "weber": record.weber, "masks": masks, "side": reg.side,
             "side_dataset": record.side, "rms_mm": round(float(reg.rms_mm), 3),
             "scale": round(float(reg.scale), 4), "coverage": round(float(crop.coverage), 4),
-            "height_true_mm": _true_height(meta), "family": meta.get("family", "analytic"),
+            "height_true_mm": true_fracture_height(meta), "family": meta.get("family", "analytic"),
             "fracture_style": meta.get("fracture_style", "classic"),
             "fracture_lps": ((meta.get("fracture") or {}).get("centre_lps")),
             "target_voxels": int(target.sum()), "line_source": line_source,
