@@ -555,3 +555,65 @@ def test_a_localiser_reading_the_min_pooled_ct_gets_it_and_old_crop_files_gain_i
     assert np.array_equal(got.ct_bone_min, min_pooled_bone(ct, crop))
     assert reads.inputs(got).shape == (5,) + crop.channels.shape[1:]
     assert np.all(got.ct_bone_min <= got.ct_bone + 1e-6)  # the lowest sample, never above
+
+
+def test_grid_phases_read_the_box_moved_by_a_fraction_of_a_voxel_and_map_back() -> None:
+    """plans.json ``inference.phases_mm``: the box is cropped again with its grid moved by
+    the offset; moved back, a CT ramp reads as on the box's own grid, and a localiser with a
+    zero offset gives its own map; a 0.5 mm gap half-way between the box's sample planes is
+    missed by the box's samples and read by the phase's."""
+    import dataclasses
+
+    import torch
+
+    from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis
+    from AnkleFractureLib.errors import InputError
+    from AnkleFractureLib.fracture.localise import FractureLocaliser
+    from AnkleFractureLib.fracture.model_io import default_plans
+    from AnkleFractureLib.fracture.network import build_localiser
+    from AnkleFractureLib.fracture.phases import back_on_grid
+    from AnkleFractureLib.registration import load_template
+    from AnkleFractureLib.registration.template import SyndesmosisBox
+
+    template = load_template()
+    box = SyndesmosisBox(np.zeros(3), np.eye(3), np.array([36.0, 36.0, 24.0]),
+                         np.array([1.5, 1.5, 1.5]))
+    small = dataclasses.replace(template, box=box)
+    z = np.arange(60, dtype=np.float32)[:, None, None] * 0.5 - 14.75   # 0.5 mm planes
+    arr = np.broadcast_to(40.0 * z + 500.0, (60, 90, 90)).astype(np.float32).copy()
+    ct = Volume(arr, (0.5, 0.5, 0.5), (-22.25, -22.25, -14.75), np.eye(3))
+    lab = ct.with_array(np.zeros(arr.shape, np.uint8))
+    lab.array[:, 40:50, 40:50] = 2  # a fibula for the window
+    torch.manual_seed(0)
+    plans = default_plans([4, 4, 8, 8, 8, 4])
+    net = build_localiser(plans["network"]).eval()
+    phased = FractureLocaliser(net, {**plans, "inference": {"phases_mm": [[0.0, 0.0, 0.75]]}},
+                               "cpu")
+    crop = crop_syndesmosis(ct, lab, np.eye(4), small)
+    got = phased.crop_for(ct, lab, np.eye(4), small, crop)
+    (shift, moved), = got.phases
+    assert np.allclose(shift, [0.5, 0.0, 0.0])
+    assert np.allclose(moved.grid.origin, np.add(crop.grid.origin, [0.0, 0.0, 0.75]))
+    back = back_on_grid(moved.channels[0], shift)
+    assert np.allclose(back[1:-1], crop.channels[0][1:-1], atol=1e-4)  # the ramp, realigned
+    assert not np.allclose(moved.channels[0], crop.channels[0], atol=1e-3)
+    # A zero offset: the combined map is the localiser's own.
+    same = FractureLocaliser(net, {**plans, "inference": {"phases_mm": [[0.0, 0.0, 0.0]]}},
+                             "cpu")
+    own = FractureLocaliser(net, plans, "cpu")
+    c0 = same.crop_for(ct, lab, np.eye(4), small, crop)
+    assert np.allclose(same._phase_heatmap(c0), own._phase_heatmap(crop), atol=1e-6)
+    assert own.crop_for(ct, lab, np.eye(4), small, crop) is crop  # no phases: the crop itself
+    with pytest.raises(InputError, match="phases_mm"):
+        _ = FractureLocaliser(net, {**plans, "inference": {"phases_mm": [[1.0, 2.0]]}},
+                              "cpu").phases_mm
+    # The hairline: bone with a 0.5 mm gap at z = 0, the box's planes at -0.75 and +0.75 mm.
+    bone = np.full(arr.shape, 1500.0, np.float32)
+    bone[29:31] = -100.0  # planes -0.25 and +0.25 mm
+    ct2 = ct.with_array(bone)
+    hair = phased.crop_for(ct2, lab, np.eye(4), small,
+                           crop_syndesmosis(ct2, lab, np.eye(4), small))
+    base = hair.channels[0]
+    assert base.min() > 0.95 * base.max()  # every sample of the box's grid reads bone
+    (_, moved2), = hair.phases
+    assert moved2.channels[0].min() < 0.5 * base.min()  # the phase's planes meet the gap

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -72,6 +72,9 @@ class SyndesmosisCrop:
         metal: bool (nz, ny, nx): the CT reads at least :data:`METAL_HU` there (None: unknown).
         ct_bone: float32 (nz, ny, nx): the CT in the bone window, [0, 1] (None: unknown).
         ct_bone_min: float32 (nz, ny, nx): :func:`min_pooled_bone` (None: not computed).
+        phases: The same box sampled with its grid moved by a fraction of a voxel, as
+            (shift (z, y, x) voxels, crop) pairs, for a localiser that reads several grid
+            phases (:mod:`AnkleFractureLib.fracture.phases`; empty otherwise).
     """
 
     channels: np.ndarray
@@ -83,6 +86,7 @@ class SyndesmosisCrop:
     metal: Optional[np.ndarray] = field(default=None, repr=False)
     ct_bone: Optional[np.ndarray] = field(default=None, repr=False)
     ct_bone_min: Optional[np.ndarray] = field(default=None, repr=False)
+    phases: List[Tuple[np.ndarray, "SyndesmosisCrop"]] = field(default_factory=list, repr=False)
 
     def stacked(self, names: Sequence[str] = ALL_CHANNELS) -> np.ndarray:
         """The named arrays (:data:`ALL_CHANNELS`) as float32 (len(names), nz, ny, nx).

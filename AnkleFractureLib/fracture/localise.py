@@ -442,6 +442,14 @@ class FractureLocaliser:
         (plans.json ``inference.upper_window``; see :meth:`heatmap`)."""
         return bool((self.plans.get("inference") or {}).get("upper_window", False))
 
+    @property
+    def phases_mm(self) -> List[Tuple[float, float, float]]:
+        """Grid offsets (box x, y, z mm) at which the box is read again beside its own grid
+        (plans.json ``inference.phases_mm``; none for earlier plans; see :mod:`.phases`)."""
+        from AnkleFractureLib.fracture.phases import check_offsets
+
+        return check_offsets((self.plans.get("inference") or {}).get("phases_mm"))
+
     def crop_for(self, ct: Any, label: Any, patient_to_template: np.ndarray, template: Any,
                  crop: Any = None) -> Any:
         """The crop this localiser reads: the template's syndesmosis box, made
@@ -470,17 +478,29 @@ class FractureLocaliser:
 
         from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis
 
+        from AnkleFractureLib.fracture.phases import offset_voxels, shifted_template
+
         top = self.extend_top_mm
         if top <= 0.0 and crop is not None:
-            return self._with_min_pooled(ct, crop)
-        box = template.box
-        taller = dataclasses.replace(box, centre=box.centre + box.axes[:, 2] * top / 2.0,
-                                     size_mm=box.size_mm + np.array([0.0, 0.0, top]))
-        out = crop_syndesmosis(ct, label, patient_to_template,
-                               dataclasses.replace(template, box=taller))
-        # The window stays centred as on the classifier's box (see heatmap).
-        out.meta["box_slices"] = int(box.shape[0])
-        return self._with_min_pooled(ct, out)
+            out = self._with_min_pooled(ct, crop)
+        else:
+            box = template.box
+            taller = dataclasses.replace(box, centre=box.centre + box.axes[:, 2] * top / 2.0,
+                                         size_mm=box.size_mm + np.array([0.0, 0.0, top]))
+            template = dataclasses.replace(template, box=taller)
+            out = self._with_min_pooled(ct, crop_syndesmosis(ct, label, patient_to_template,
+                                                             template))
+            # The window stays centred as on the classifier's box (see heatmap).
+            out.meta["box_slices"] = int(box.shape[0])
+        phases = []
+        for d in self.phases_mm:
+            moved = crop_syndesmosis(ct, label, patient_to_template, shifted_template(template, d))
+            moved.meta.update({k: v for k, v in out.meta.items() if k == "box_slices"})
+            phases.append((offset_voxels(d, template.box.spacing_mm),
+                           self._with_min_pooled(ct, moved)))
+        if phases:
+            out = dataclasses.replace(out, phases=phases)
+        return out
 
     def _with_min_pooled(self, ct: Any, crop: Any) -> Any:
         """``crop`` with its min-pooled bone-window CT added when a network reads it (it costs
@@ -631,8 +651,7 @@ class FractureLocaliser:
 
     def _masked_heatmap(self, crop: Any) -> Tuple[np.ndarray, Dict[str, int]]:
         """The line probability with the scan's edge and metal left out, and what was."""
-        box_slices = (getattr(crop, "meta", None) or {}).get("box_slices")
-        prob, _ = self.heatmap(self.inputs(crop), box_slices)
+        prob = self._phase_heatmap(crop)
         zones = ignored_zones(getattr(crop, "in_scan", None), getattr(crop, "metal", None),
                               float(np.min(crop.grid.spacing)))
         thr = self.decision["threshold"]
@@ -643,6 +662,23 @@ class FractureLocaliser:
         if "scan_edge" in zones:
             ignored["scan_edge"] = drop_touching(prob, thr, zones["scan_edge"])
         return prob, ignored
+
+    def _phase_heatmap(self, crop: Any) -> np.ndarray:
+        """The line probability of the crop, combined with that of its grid phases when it
+        carries them (:meth:`crop_for`, plans.json ``inference.phase_combine``)."""
+        from AnkleFractureLib.fracture.phases import back_on_grid, combine
+
+        def read(c: Any) -> np.ndarray:
+            return self.heatmap(self.inputs(c), (getattr(c, "meta", None) or {})
+                                .get("box_slices"))[0]
+
+        prob = read(crop)
+        phases = getattr(crop, "phases", None) or []
+        if not phases:
+            return prob
+        maps = [prob] + [back_on_grid(read(c), shift) for shift, c in phases]
+        how = str((self.plans.get("inference") or {}).get("phase_combine", "mean"))
+        return combine(maps, how)
 
     def _chosen_line(self, prob: np.ndarray, lines: List[Tuple[np.ndarray, Dict[str, Any]]],
                      classifier: Optional[Dict[str, float]], size_factor: float
