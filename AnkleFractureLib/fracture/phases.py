@@ -82,6 +82,11 @@ def combine(maps: Sequence[np.ndarray], how: str = "mean") -> np.ndarray:
 
     Raises:
         InputError: ``how`` not one of :data:`COMBINE`.
+
+    Example:
+        >>> a, b = np.array([0.9, 0.2]), np.array([0.3, 0.2])
+        >>> [[round(float(v), 2) for v in combine([a, b], how)] for how in ("mean", "max")]
+        [[0.6, 0.2], [0.9, 0.2]]
     """
     if how not in COMBINE:
         raise InputError(None, f"plans.json inference.phase_combine must be one of "
