@@ -303,3 +303,21 @@ def test_a_cast_without_air_around_it_is_left_to_the_other_rules() -> None:
     out, rep = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct)
     assert (out[cast] == 2).all()
     assert not any("lying against air" in n for n in rep["notes"])
+
+
+def test_a_cortex_free_piece_against_dark_voxels_beside_metal_is_not_a_cast() -> None:
+    """Rule 6 spares a piece within reach of metal: a plated fibula whose cortex the plate's
+    streaks hide and whose surroundings they darken reads as a cast by cortex and air alone
+    (a real-shape phantom's plated fibula was removed so, and the scan refused); a cast lies
+    outside the skin, never against an implant. Farther from the metal, the rule applies."""
+    lab, ct, cast = _cast_scene()
+    plate = (slice(10, 50), slice(30, 40), slice(89, 91))  # 1 voxel from the piece, rule 0
+    ct[plate] = 3000.0
+    out, rep = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct)
+    assert np.count_nonzero(out[cast] == 2) > 0.8 * out[cast].size  # kept, minus rule 0's rim
+    assert not any("lying against air" in n for n in rep["notes"])
+    ct[plate] = -1000.0
+    far = (slice(10, 50), slice(30, 40), slice(96, 98))  # 8 mm from the piece
+    ct[far] = 3000.0
+    out, rep = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct)
+    assert not out[cast].any() and any("lying against air" in n for n in rep["notes"])

@@ -231,7 +231,7 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
     comps = {value: _components(work, value) for value in (TIBIA, FIBULA)}
     ct_box = ct_hu[box] if ct_hu is not None else None
     if ct_hu is not None:  # Rule 6: casts out before the legs and main components are chosen
-        comps = _drop_casts(work, comps, box, ct_hu, voxel_mm3, report)
+        comps = _drop_casts(work, comps, box, ct_hu, voxel_mm3, report, sp_zyx)
     halves = _leg_halves(work.shape, comps[TIBIA], sp_zyx, voxel_mm3, large_fragment_mm3,
                          ct_box)
     if halves is not None and split_legs:
@@ -551,11 +551,36 @@ def _air_shell_fraction(comp: _Component, box: Slices, ct_hu: np.ndarray) -> flo
     return float(np.mean(ct_hu[tuple(full)][shell] < AIR_HU))
 
 
+#: Rule 6: a component within this distance (mm) of metal is the bone an implant is fixed
+#: to, never a cast: a cast lies outside the skin, beyond the padding, while a plate's dark
+#: streaks read as air beside the bone and its bright ones hide the cortex beneath it (a
+#: plated fibula was taken for a cast and left unlabelled on real-shape phantoms).
+METAL_CONTACT_MM = 3.0
+
+
+def _touches_metal(comp: _Component, box: Slices, ct_hu: np.ndarray,
+                   sp_zyx: np.ndarray) -> bool:
+    """Whether metal (>= :data:`METAL_HU`) lies within :data:`METAL_CONTACT_MM` of a
+    component, or within two voxels of the coarsest axis when that is farther (rule 0 leaves a
+    voxel between them). ``box``: the working crop in ``ct_hu``."""
+    limit = max(METAL_CONTACT_MM, 2.0 * float(np.max(sp_zyx)))
+    reach = [int(np.ceil(limit / float(v))) for v in sp_zyx]
+    full = tuple(slice(max(b.start + c.start - k, 0), min(b.start + c.stop + k, n))
+                 for b, c, k, n in zip(box, comp.box, reach, ct_hu.shape))
+    metal = np.asarray(ct_hu[full]) >= METAL_HU
+    if not metal.any():
+        return False
+    region = tuple(slice(f.start - b.start, f.stop - b.start) for f, b in zip(full, box))
+    near = ndi.distance_transform_edt(~metal, sampling=sp_zyx) <= limit
+    return bool(np.any(near & comp.mask_in(region)))  # type: ignore[arg-type]
+
+
 def _drop_casts(work: np.ndarray, comps: Dict[int, List[_Component]], box: Slices,
-                ct_hu: np.ndarray, voxel_mm3: float, report: Dict[str, Any]
-                ) -> Dict[int, List[_Component]]:
+                ct_hu: np.ndarray, voxel_mm3: float, report: Dict[str, Any],
+                sp_zyx: np.ndarray) -> Dict[int, List[_Component]]:
     """Rule 6: remove (in ``work``) the components of at least :data:`CAST_MIN_MM3` without
-    cortex that lie against air; the components left, largest first, by label."""
+    cortex that lie against air and away from metal; the components left, largest first, by
+    label."""
     ct_box = ct_hu[box]
     kept: Dict[int, List[_Component]] = {}
     gone_mm3 = 0.0
@@ -563,7 +588,8 @@ def _drop_casts(work: np.ndarray, comps: Dict[int, List[_Component]], box: Slice
         kept[value] = []
         for comp in members:
             if (comp.voxels * voxel_mm3 >= CAST_MIN_MM3 and not _has_cortex(comp, ct_box)
-                    and _air_shell_fraction(comp, box, ct_hu) >= MIN_AIR_SHELL):
+                    and _air_shell_fraction(comp, box, ct_hu) >= MIN_AIR_SHELL
+                    and not _touches_metal(comp, box, ct_hu, sp_zyx)):
                 work[comp.box][comp.mask()] = 0
                 report["removed_voxels"] += comp.voxels
                 gone_mm3 += comp.voxels * voxel_mm3
