@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from fracture_rule_study import _rows, fit, write_rule  # noqa: E402
+from fracture_rule_study import evaluation_rows, fit, write_rule  # noqa: E402
 from heldout_replay import SHIPPED_PLANS, answers_right, no_worse, replay, table  # noqa: E402
 
 
@@ -36,8 +36,8 @@ def study(folder: Path) -> Dict[str, Any]:
     """The fit on the folder's validation and calibration runs and the held-out replay."""
     spec = json.loads((folder / "criterion.json").read_text())
     shipped = json.loads(SHIPPED_PLANS.read_text())["decision"]
-    val = _rows([str(folder / f) for f in spec["validation"]])
-    cal = _rows([str(folder / f) for f in spec["calibration"]])
+    val = evaluation_rows([str(folder / f) for f in spec["validation"]])
+    cal = evaluation_rows([str(folder / f) for f in spec["calibration"]])
     fitted = fit(val + cal)
     rule = {**shipped, **fitted["rule"]}
     right = {label: {"validation": answers_right(val, r),

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from fracture_rule_study import _rows  # noqa: E402
+from fracture_rule_study import evaluation_rows  # noqa: E402
 from heldout_replay import SHIPPED_PLANS, answers_right, no_worse, replay, table  # noqa: E402
 
 from AnkleFractureLib.fracture.weber_height import FLOOR  # noqa: E402
@@ -37,7 +37,7 @@ def study(folder: Path) -> Dict[str, Any]:
     """The fit on the folder's validation runs and the held-out replay."""
     spec = json.loads((folder / "criterion.json").read_text())
     shipped = json.loads(SHIPPED_PLANS.read_text())["decision"]
-    val = _rows([str(folder / f) for f in spec["validation"]])
+    val = evaluation_rows([str(folder / f) for f in spec["validation"]])
     right = {f: answers_right(val, {**shipped, "floor": f}) for f in spec["grid"]}
     best = max(spec["grid"], key=lambda f: (right[f], -f))
     shipped_floor = shipped.get("floor", FLOOR)

@@ -158,7 +158,9 @@ def fit(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     return {"rule": best[0], "fit_scores": best[1]}
 
 
-def _rows(paths: Sequence[str]) -> List[Dict[str, Any]]:
+def evaluation_rows(paths: Sequence[str]) -> List[Dict[str, Any]]:
+    """The case rows of ``evaluate-fracture`` files, in order; exits naming a file whose rows
+    lack the candidate lines the studies replay (made by an older version)."""
     rows = []
     for p in paths:
         data = json.loads(Path(p).read_text())
@@ -184,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="write the fitted rule into MODEL_DIR/plans.json (decision) and "
                              "record it in MODEL_DIR/training.json (decision_refit)")
     args = parser.parse_args(argv)
-    fit_rows = _rows(args.fit)
+    fit_rows = evaluation_rows(args.fit)
     fitted = fit(fit_rows)
     shipped = SHIPPED
     if args.shipped:
@@ -196,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sets = {"fit (validation)": fit_rows}
     for item in args.score:
         name, _, path = item.partition("=")
-        sets[name] = _rows([path])
+        sets[name] = evaluation_rows([path])
     print(f"fitted rule: {fitted['rule']}")
     print(f"{'set':<28} {'rule':<8} {'acc':>6} {'AUROC':>6} {'AUROC C':>8} {'found':>6} "
           f"{'f.none':>6} {'|h err|':>7}")
