@@ -477,7 +477,6 @@ class FractureLocaliser:
         import dataclasses
 
         from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis
-
         from AnkleFractureLib.fracture.phases import offset_voxels, shifted_template
 
         top = self.extend_top_mm

@@ -4,8 +4,8 @@ The crop samples the CT once per 1.5 mm voxel, at the voxel's centre. A hairline
 that falls half-way between two sample planes is attenuated or lost, and one that falls on a
 plane is sharp, so whether the same line is found depends on where the crop grid happens to
 fall. Reading the box again with its grid moved by a fraction of a voxel (a *phase*), and
-averaging the line probabilities after moving each map back onto the box's own grid, makes the
-answer depend less on that accident (test-time augmentation over the sampling grid; the
+combining the line probabilities (mean or maximum) after moving each map back onto the box's
+own grid, makes the answer depend less on that accident (test-time augmentation over the sampling grid; the
 network and its training are unchanged).
 
 Offsets are in the box frame (x, y, z) mm; maps and their shifts are numpy (z, y, x) voxels.

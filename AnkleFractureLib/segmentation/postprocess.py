@@ -45,7 +45,10 @@
    fibula, smaller, then counted as a fragment and took the tibia's label, and the scan was
    refused. Bone never touches air (skin and fat cover even the malleoli), and a piece of
    cancellous bone the network labelled apart from its cortex lies inside the bone, so
-   neither is touched.
+   neither is touched. Nor is a component with metal within ``METAL_CONTACT_MM`` (3 mm) of
+   it: a plate's streaks darken the bone's surroundings below -400 HU and hide its cortex, so
+   a plated fibula in a soft-kernel scan read as a cast (14 % air, 7 % cortex); a cast lies
+   outside the skin, never against an implant.
 
 Everything works on the bounding box of the bones, and distances between components are measured
 with k-d trees of surface-voxel centres (exact Euclidean distances in mm, capped at
