@@ -161,7 +161,9 @@ def test_the_fibular_fracture_is_always_in_the_scan() -> None:
     seed = 2580819165  # held-out vh case 3 (seed 9301): C at +94 mm, scan drawn to +50 mm
     case = generate_case(seed, weber="C", side="left", spacing="fast", family="vh",
                          fractures="heldout")
-    height = case.info["fracture"]["height_mm"]
+    # The field of view is in the anatomy frame: the line's centre there, not its height above
+    # the (warped) plafond.
+    height = case.info["fracture"]["centre_anatomical"][2]
     assert case.info["fov_raised_for_fracture"] is True
     assert case.info["fov_mm"][1] >= height + FRACTURE_TOP_MARGIN_MM - 0.01
     # the same case planned without its fracture keeps the drawn (shorter) range

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from fracture_rule_study import _rows, score  # noqa: E402
+from fracture_rule_study import evaluation_rows, score  # noqa: E402
 
 #: The held-out sets, in the order they are reported.
 HELDOUT = ("vh2", "vh", "vh3", "analytic", "confounders")
@@ -38,7 +38,7 @@ def replay(rules: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, fl
     """{set: {label: {measure: value}}} of each labelled rule on every held-out set."""
     out = {}
     for name in HELDOUT:
-        rows = _rows([str(BASELINE / f"heldout_{name}.json")])
+        rows = evaluation_rows([str(BASELINE / f"heldout_{name}.json")])
         out[name] = {label: {k: score(rows, rule)[k] for k in MEASURES}
                      for label, rule in rules.items()}
     return out
