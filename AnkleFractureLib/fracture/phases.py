@@ -5,8 +5,8 @@ that falls half-way between two sample planes is attenuated or lost, and one tha
 plane is sharp, so whether the same line is found depends on where the crop grid happens to
 fall. Reading the box again with its grid moved by a fraction of a voxel (a *phase*), and
 combining the line probabilities (mean or maximum) after moving each map back onto the box's
-own grid, makes the answer depend less on that accident (test-time augmentation over the sampling grid; the
-network and its training are unchanged).
+own grid, makes the answer depend less on that accident (test-time augmentation over the
+sampling grid; the network and its training are unchanged).
 
 Offsets are in the box frame (x, y, z) mm; maps and their shifts are numpy (z, y, x) voxels.
 Off unless a localiser's plans ask for it (``plans.json`` ``inference.phases_mm``, a list of

@@ -573,8 +573,13 @@ def _touches_metal(comp: _Component, box: Slices, ct_hu: np.ndarray,
     metal = np.asarray(ct_hu[full]) >= METAL_HU
     if not metal.any():
         return False
-    region = tuple(slice(f.start - b.start, f.stop - b.start) for f, b in zip(full, box))
-    near = ndi.distance_transform_edt(~metal, sampling=sp_zyx) <= limit
+    # The distance map only around the metal (a plate is small; a cast's box is the leg's).
+    idx = np.argwhere(metal)
+    sub = tuple(slice(max(int(lo) - k, 0), min(int(hi) + 1 + k, n))
+                for lo, hi, k, n in zip(idx.min(axis=0), idx.max(axis=0), reach, metal.shape))
+    region = tuple(slice(f.start + s.start - b.start, f.start + s.stop - b.start)
+                   for f, s, b in zip(full, sub, box))
+    near = ndi.distance_transform_edt(~metal[sub], sampling=sp_zyx) <= limit
     return bool(np.any(near & comp.mask_in(region)))  # type: ignore[arg-type]
 
 
