@@ -321,3 +321,56 @@ def test_a_cortex_free_piece_against_dark_voxels_beside_metal_is_not_a_cast() ->
     ct[far] = 3000.0
     out, rep = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct)
     assert not out[cast].any() and any("lying against air" in n for n in rep["notes"])
+
+
+def _foot_scene() -> tuple:
+    """1 mm voxels, array z running distally: a tibia (28 ml, lowest voxel z 79), a thin
+    fibula 3 mm beside it (3.9 ml) and a larger piece labelled fibula (16.8 ml) just below the
+    tibia's end and 14 mm from the fibula: a calcaneus the network called fibula."""
+    lab = np.zeros((120, 60, 90), np.uint8)
+    lab[10:80, 20:40, 20:40] = 1
+    fibula = (slice(10, 80), slice(24, 32), slice(43, 50))
+    foot = (slice(82, 110), slice(15, 45), slice(10, 30))
+    lab[fibula], lab[foot] = 2, 2
+    return lab, fibula, foot
+
+
+def test_a_foot_bone_larger_than_the_fibula_is_not_taken_for_it() -> None:
+    """Rule 7: without the superior direction the foot piece is the main 'fibula' and the true
+    fibula, nearer the tibia, takes the tibia's label; with it, the fibula that comes down
+    from above the ankle is the main one and keeps its label, whichever way the array runs."""
+    lab, fibula, foot = _foot_scene()
+    blind, _ = clean_labels(lab, (1.0, 1.0, 1.0))
+    assert (blind[fibula] == 1).all() and (blind[foot] == 2).all()
+    out, rep = clean_labels(lab, (1.0, 1.0, 1.0), superior_zyx=(-1.0, 0.0, 0.0))
+    assert (out[fibula] == 2).all() and (out[10:80, 20:40, 20:40] == 1).all()
+    assert any("comes down from above the ankle" in n for n in rep["notes"])
+    flipped, _ = clean_labels(lab[::-1], (1.0, 1.0, 1.0), superior_zyx=(2.0, 0.0, 0.0))
+    assert np.array_equal(flipped[::-1], out)
+    # Told the wrong way up, the foot piece is 'above' and nothing changes from the blind run.
+    upside, _ = clean_labels(lab, (1.0, 1.0, 1.0), superior_zyx=(1.0, 0.0, 0.0))
+    assert np.array_equal(upside, blind)
+
+
+def test_a_foot_bone_labelled_tibia_is_not_the_other_leg() -> None:
+    """Rule 7: a 'tibia' piece of 40 % of the tibia's volume lying below the ankle was taken
+    for the other leg's tibia and the one leg cut in two; with the superior direction it is
+    not, while a second tibia that comes down from above still is the other leg."""
+    lab = np.zeros((120, 60, 180), np.uint8)
+    lab[10:80, 20:40, 20:40] = 1
+    lab[10:80, 24:32, 43:50] = 2
+    lab[85:115, 15:45, 45:70] = 1                     # 22.5 ml below the tibia's end
+    up = (-1.0, 0.0, 0.0)
+    _, blind = clean_labels(lab, (1.0, 1.0, 1.0))
+    assert blind.get("legs") == 2
+    _, rep = clean_labels(lab, (1.0, 1.0, 1.0), superior_zyx=up)
+    assert "legs" not in rep
+    lab[5:75, 20:40, 130:150] = 1                     # the other leg's tibia, from above
+    lab[5:75, 24:32, 153:160] = 2
+    _, rep = clean_labels(lab, (1.0, 1.0, 1.0), superior_zyx=up)
+    assert rep.get("legs") == 2
+
+
+def test_a_superior_direction_without_length_is_refused() -> None:
+    with pytest.raises(ValueError, match="superior_zyx"):
+        clean_labels(_bones(), SPACING, superior_zyx=(0.0, 0.0, 0.0))

@@ -111,6 +111,19 @@ class Volume:
         m = self.direction @ np.diag(self.spacing)
         return np.linalg.solve(m, (points - np.asarray(self.origin)).T).T
 
+    def superior_zyx(self) -> np.ndarray:
+        """The patient's superior direction (LPS +z) per array axis, in numpy (z, y, x) order.
+
+        A voxel at array index (k, j, i) lies ``(np.array([k, j, i]) * spacing[::-1]) @
+        superior_zyx()`` mm above the voxel (0, 0, 0) (unit vector; direction row 2, reversed).
+
+        Example:
+            >>> v = Volume(np.zeros((4, 3, 2)), direction=np.diag([1.0, 1.0, -1.0]))
+            >>> v.superior_zyx().tolist()
+            [-1.0, 0.0, 0.0]
+        """
+        return np.asarray(self.direction, dtype=float)[2, ::-1].copy()
+
     def physical_extent(self) -> Tuple[np.ndarray, np.ndarray]:
         """Axis-aligned LPS bounding box (min, max) in mm of the voxel centres."""
         nx, ny, nz = self.size

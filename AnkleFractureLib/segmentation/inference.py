@@ -145,8 +145,9 @@ class SegmentationModel:
             report(0.93, "post-processing")
             from AnkleFractureLib.segmentation.postprocess import clean_labels
 
-            roi_labels, post_report = clean_labels(roi_labels, model_input.roi_volume.spacing,
-                                                   ct_hu=model_input.roi_volume.array)
+            roi = model_input.roi_volume
+            roi_labels, post_report = clean_labels(roi_labels, roi.spacing, ct_hu=roi.array,
+                                                   superior_zyx=roi.superior_zyx())
             timings["postprocess_s"] = time.perf_counter() - t3
 
         out = np.zeros(ct.shape, dtype=np.uint8)

@@ -50,6 +50,19 @@
    a plated fibula in a soft-kernel scan read as a cast (14 % air, 7 % cortex); a cast lies
    outside the skin, never against an implant.
 
+7. **The leg's bones come down from above.** When the scan's superior direction is given
+   (``superior_zyx``, from the image's direction matrix), a foot bone the network called tibia
+   or fibula cannot win a choice made by size. A foot bone lies below the ankle: its top is at
+   most about 15 mm above the main tibia's lowest point (the medial malleolus tip; the talar
+   dome is 10-15 mm above it), while every tibia and fibula shaft of an ankle CT comes down
+   from above the joint. So a fibula component whose top lies less than
+   ``FIBULA_ABOVE_TIBIA_MM`` (20 mm) above the main tibia's lowest point is not the main
+   fibula when a component of at least ``MAIN_MIN_MM3`` (1 ml) reaches higher (a 12 ml foot
+   piece was chosen over a plated fibula that rule 0 had left at 9 ml, and the fibula took
+   the tibia's label), and a second tibia is the other leg only when its top lies at least
+   ``SECOND_LEG_ABOVE_MM`` (40 mm) above the main tibia's lowest point (a talus and
+   calcaneus labelled tibia, 40 % of a short tibia's volume, had the one leg cut in two).
+
 Everything works on the bounding box of the bones, and distances between components are measured
 with k-d trees of surface-voxel centres (exact Euclidean distances in mm, capped at
 ``2 * attach_distance_mm``). On a clinical 512 x 512 x 350 map (0.35 x 0.35 x 0.6 mm) this takes
@@ -82,7 +95,7 @@ TIBIA, FIBULA = 1, 2
 #: Version of these rules. Crops made with the segmentation model's masks are cached under it
 #: (classification/crops.py, training/fracture_data.py): bump it whenever a rule changes what
 #: the labels hold. 6: rule 6 (casts out before the main components are chosen).
-POSTPROCESS_VERSION = 6
+POSTPROCESS_VERSION = 7
 _NAMES = {TIBIA: "tibia", FIBULA: "fibula"}
 _TWENTY_SIX = np.ones((3, 3, 3), dtype=bool)
 _SIX = ndi.generate_binary_structure(3, 1)
@@ -175,7 +188,9 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
                  min_fragment_mm3: float = 30.0, attach_distance_mm: float = 6.0,
                  large_fragment_mm3: float = 5000.0,
                  probabilities: Optional[np.ndarray] = None, split_legs: bool = True,
-                 ct_hu: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
+                 ct_hu: Optional[np.ndarray] = None,
+                 superior_zyx: Optional[Sequence[float]] = None
+                 ) -> Tuple[np.ndarray, Dict[str, Any]]:
     """Remove specks, give fragments their parent bone's label and undo tibia/fibula swaps.
 
     Args:
@@ -199,6 +214,10 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
             second leg's tibia is not taken for a fragment of the nearer, larger fibula.
         ct_hu: Optional CT (z, y, x) in HU on the labels' grid; enables rule 5 (a large
             isolated piece without cortical bone, such as a cast, is removed).
+        superior_zyx: Optional unit vector, per array axis (z, y, x), of the patient's
+            superior direction, so that a voxel's height in mm is ``(index * spacing_zyx) @
+            superior_zyx`` plus a constant (:meth:`~AnkleFractureLib.geometry.volume.Volume.superior_zyx`);
+            enables rule 7 (foot bones never chosen as a main bone or as the other leg).
 
     Returns:
         ``(cleaned, report)``: ``cleaned`` is a new uint8 (z, y, x) array (the input is never
@@ -235,40 +254,55 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
     ct_box = ct_hu[box] if ct_hu is not None else None
     if ct_hu is not None:  # Rule 6: casts out before the legs and main components are chosen
         comps = _drop_casts(work, comps, box, ct_hu, voxel_mm3, report, sp_zyx)
+    up = None if superior_zyx is None else _unit_up(superior_zyx)
     halves = _leg_halves(work.shape, comps[TIBIA], sp_zyx, voxel_mm3, large_fragment_mm3,
-                         ct_box)
+                         ct_box, up)
     if halves is not None and split_legs:
         return _clean_per_leg(out, box, halves, spacing_xyz, probabilities,
                               dict(min_fragment_mm3=min_fragment_mm3,
                                    attach_distance_mm=attach_distance_mm,
-                                   large_fragment_mm3=large_fragment_mm3), ct_hu)
+                                   large_fragment_mm3=large_fragment_mm3), ct_hu,
+                              superior_zyx)
+    if up is not None:  # Rule 7: the main fibula comes down from above the ankle
+        comps[FIBULA] = _fibula_from_above(comps, sp_zyx, up, voxel_mm3, report)
     main: Dict[int, Optional[_Component]] = {v: (c[0] if c else None) for v, c in comps.items()}
     fragments = comps[TIBIA][1:] + comps[FIBULA][1:]
     # Rule 1: the tibia is the larger bone.
     main = _tibia_is_the_larger_bone(work, main, voxel_mm3, report)
-    # Rules 2 and 3: fragments go to the nearer bone, specks far from both are removed.
     changes: List[Tuple[_Component, int]] = []
     if fragments:
-        cap = 2.0 * attach_distance_mm
-        distances = _fragment_distances(work.shape, fragments, main, sp_zyx, cap)
-        targets = [_fragment_target(frag, distances[frag.label][k],
-                                    distances[_other(frag.label)][k], frag.voxels * voxel_mm3,
-                                    cap=cap, margin_mm=float(sp.max()),
-                                    attach_distance_mm=attach_distance_mm,
-                                    min_fragment_mm3=min_fragment_mm3,
-                                    large_fragment_mm3=large_fragment_mm3,
-                                    probabilities=probabilities, box=box)
-                   for k, frag in enumerate(fragments)]
-        # Rule 4: a large isolated piece beyond the end of the tibia is a foot bone.
-        targets = _drop_beyond_leg(fragments, targets, distances, main.get(TIBIA), sp_zyx,
-                                   cap, report)
-        # Rule 5: a large isolated piece without cortical bone is a cast or splint.
-        if ct_hu is not None:
-            targets = _drop_without_cortex(fragments, targets, distances, ct_box, cap, report)
+        options = dict(min_fragment_mm3=min_fragment_mm3, attach_distance_mm=attach_distance_mm,
+                       large_fragment_mm3=large_fragment_mm3)
+        targets = _fragment_targets(work.shape, fragments, main, sp, box, probabilities,
+                                    ct_box, options, report)
         changes = _record_fragment_changes(fragments, targets, voxel_mm3, report)
         _apply(work, comps, changes)
     _final_volumes(comps, changes, voxel_mm3, report)
     return out, report
+
+
+def _fragment_targets(shape: Sequence[int], fragments: List[_Component],
+                      main: Dict[int, Optional[_Component]], sp: np.ndarray, box: Slices,
+                      probabilities: Optional[np.ndarray], ct_box: Optional[np.ndarray],
+                      options: Dict[str, float], report: Dict[str, Any]) -> List[int]:
+    """The new label of each fragment (0: removed), by rules 2-5 (``options``: the size and
+    distance arguments of :func:`clean_labels`; ``sp``: spacing (x, y, z) mm)."""
+    sp_zyx = sp[::-1].copy()
+    voxel_mm3 = float(np.prod(sp))
+    # Rules 2 and 3: fragments go to the nearer bone, specks far from both are removed.
+    cap = 2.0 * options["attach_distance_mm"]
+    distances = _fragment_distances(shape, fragments, main, sp_zyx, cap)
+    targets = [_fragment_target(frag, distances[frag.label][k], distances[_other(frag.label)][k],
+                                frag.voxels * voxel_mm3, cap=cap, margin_mm=float(sp.max()),
+                                probabilities=probabilities, box=box, **options)
+               for k, frag in enumerate(fragments)]
+    # Rule 4: a large isolated piece beyond the end of the tibia is a foot bone.
+    targets = _drop_beyond_leg(fragments, targets, distances, main.get(TIBIA), sp_zyx, cap,
+                               report)
+    # Rule 5: a large isolated piece without cortical bone is a cast or splint.
+    if ct_box is not None:
+        targets = _drop_without_cortex(fragments, targets, distances, ct_box, cap, report)
+    return targets
 
 
 def _checked_inputs(labels: np.ndarray, spacing_xyz: Sequence[float],
@@ -609,6 +643,60 @@ def _drop_casts(work: np.ndarray, comps: Dict[int, List[_Component]], box: Slice
     return kept
 
 
+#: Rule 7: a fibula component whose top lies less than this (mm) above the main tibia's
+#: lowest point (the medial malleolus tip) is not chosen as the main fibula when a component
+#: reaching higher exists. The talar dome lies 10-15 mm above that point and every other foot
+#: bone lower; the fibula's shaft comes down from far above it (its tip 15-20 mm below it).
+FIBULA_ABOVE_TIBIA_MM = 20.0
+#: Rule 7: a second tibia is the other leg only when its top lies at least this (mm) above
+#: the main tibia's lowest point: the other leg's shaft comes down from above the ankle (an
+#: ankle CT shows at least 40 mm of it), a talus or calcaneus labelled tibia does not.
+SECOND_LEG_ABOVE_MM = 40.0
+#: Rule 7: a component that replaces the largest as the main fibula holds at least this
+#: (mm^3): a speck high up never does.
+MAIN_MIN_MM3 = 1000.0
+
+
+def _unit_up(superior_zyx: Sequence[float]) -> np.ndarray:
+    """The superior direction (z, y, x) as a unit vector; ValueError when it has no length."""
+    up = np.asarray(superior_zyx, dtype=float).reshape(3)
+    norm = float(np.linalg.norm(up))
+    if not np.isfinite(norm) or norm < 1e-6:
+        raise ValueError(f"superior_zyx must be a non-zero vector, got {up.tolist()}")
+    return up / norm
+
+
+def _height_range(comp: _Component, sp_zyx: np.ndarray, up: np.ndarray) -> Tuple[float, float]:
+    """(lowest, highest) height (mm along ``up``) of a component's voxel centres, relative to
+    the working crop's first voxel."""
+    h = ((np.argwhere(comp.mask()) + [s.start for s in comp.box]) * sp_zyx) @ up
+    return float(h.min()), float(h.max())
+
+
+def _fibula_from_above(comps: Dict[int, List[_Component]], sp_zyx: np.ndarray,
+                       up: np.ndarray, voxel_mm3: float, report: Dict[str, Any]
+                       ) -> List[_Component]:
+    """The fibula components with the main one first (rule 7): the largest whose top lies at
+    least :data:`FIBULA_ABOVE_TIBIA_MM` above the main tibia's lowest point, when the largest
+    does not and such a component of :data:`MAIN_MIN_MM3` exists; else unchanged."""
+    fibulae, tibiae = comps[FIBULA], comps[TIBIA]
+    if len(fibulae) < 2 or not tibiae:
+        return fibulae
+    floor = _height_range(tibiae[0], sp_zyx, up)[0] + FIBULA_ABOVE_TIBIA_MM
+    if _height_range(fibulae[0], sp_zyx, up)[1] >= floor:
+        return fibulae
+    for k, comp in enumerate(fibulae[1:], start=1):
+        if comp.voxels * voxel_mm3 < MAIN_MIN_MM3:
+            break  # largest first: the rest are smaller still
+        if _height_range(comp, sp_zyx, up)[1] >= floor:
+            report["notes"].append(
+                f"main fibula: the {comp.voxels * voxel_mm3 / 1000:.1f} ml piece that comes "
+                f"down from above the ankle, not the larger "
+                f"{fibulae[0].voxels * voxel_mm3 / 1000:.1f} ml one below it (a foot bone)")
+            return [comp] + fibulae[:k] + fibulae[k + 1:]
+    return fibulae
+
+
 def _centroid(comp: _Component, sp_zyx: np.ndarray) -> np.ndarray:
     """Centroid (z, y, x) mm of a component in working-crop coordinates."""
     idx = np.argwhere(comp.mask()) + [s.start for s in comp.box]
@@ -616,13 +704,14 @@ def _centroid(comp: _Component, sp_zyx: np.ndarray) -> np.ndarray:
 
 
 def _leg_halves(shape: Sequence[int], tibiae: List[_Component], sp_zyx: np.ndarray,
-                voxel_mm3: float, large_mm3: float, ct_box: Optional[np.ndarray] = None
-                ) -> Optional[List[np.ndarray]]:
+                voxel_mm3: float, large_mm3: float, ct_box: Optional[np.ndarray] = None,
+                up: Optional[np.ndarray] = None) -> Optional[List[np.ndarray]]:
     """The two legs' halves (boolean arrays of ``shape``) when two tibiae are in view, else None.
 
     The halves are split by the plane midway between the two largest tibiae's centroids. With
     the CT (``ct_box``, HU on the working box), a second "tibia" without cortical bone (a cast)
-    is no second leg.
+    is no second leg; with the superior direction ``up`` (rule 7), nor is one whose top lies
+    less than :data:`SECOND_LEG_ABOVE_MM` above the larger tibia's lowest point (a foot bone).
     """
     if len(tibiae) < 2:
         return None
@@ -630,6 +719,9 @@ def _leg_halves(shape: Sequence[int], tibiae: List[_Component], sp_zyx: np.ndarr
     if b.voxels * voxel_mm3 < large_mm3 or b.voxels < SECOND_LEG_FRACTION * a.voxels:
         return None
     if ct_box is not None and not _has_cortex(b, ct_box):
+        return None
+    if up is not None and (_height_range(b, sp_zyx, up)[1]
+                           < _height_range(a, sp_zyx, up)[0] + SECOND_LEG_ABOVE_MM):
         return None
     ca, cb = _centroid(a, sp_zyx), _centroid(b, sp_zyx)
     normal = cb - ca
@@ -641,7 +733,8 @@ def _leg_halves(shape: Sequence[int], tibiae: List[_Component], sp_zyx: np.ndarr
 
 def _clean_per_leg(out: np.ndarray, box: Slices, halves: List[np.ndarray],
                    spacing_xyz: Sequence[float], probabilities: Optional[np.ndarray],
-                   options: Dict[str, float], ct_hu: Optional[np.ndarray] = None
+                   options: Dict[str, float], ct_hu: Optional[np.ndarray] = None,
+                   superior_zyx: Optional[Sequence[float]] = None
                    ) -> Tuple[np.ndarray, Dict[str, Any]]:
     """Clean each leg's half on its own and merge the maps and the reports."""
     merged = np.zeros_like(out)
@@ -654,7 +747,8 @@ def _clean_per_leg(out: np.ndarray, box: Slices, halves: List[np.ndarray],
         sub = np.zeros_like(out)
         sub[box] = np.where(half, out[box], 0)
         cleaned, rep = clean_labels(sub, spacing_xyz, probabilities=probabilities,
-                                    split_legs=False, ct_hu=ct_hu, **options)
+                                    split_legs=False, ct_hu=ct_hu, superior_zyx=superior_zyx,
+                                    **options)
         merged[box][half] = cleaned[box][half]
         report["swapped"] |= rep["swapped"]
         for key in ("removed_voxels", "removed_fragments", "relabelled_fragments",
