@@ -325,12 +325,12 @@ def test_a_cortex_free_piece_against_dark_voxels_beside_metal_is_not_a_cast() ->
 
 def _foot_scene() -> tuple:
     """1 mm voxels, array z running distally: a tibia (28 ml, lowest voxel z 79), a thin
-    fibula 3 mm beside it (3.9 ml) and a larger piece labelled fibula (16.8 ml) just below the
+    fibula 3 mm beside it (3.9 ml) and a larger piece labelled fibula (16.8 ml) 9 mm below the
     tibia's end and 14 mm from the fibula: a calcaneus the network called fibula."""
-    lab = np.zeros((120, 60, 90), np.uint8)
+    lab = np.zeros((125, 60, 90), np.uint8)
     lab[10:80, 20:40, 20:40] = 1
     fibula = (slice(10, 80), slice(24, 32), slice(43, 50))
-    foot = (slice(82, 110), slice(15, 45), slice(10, 30))
+    foot = (slice(88, 116), slice(15, 45), slice(10, 30))
     lab[fibula], lab[foot] = 2, 2
     return lab, fibula, foot
 
@@ -345,6 +345,7 @@ def test_a_foot_bone_larger_than_the_fibula_is_not_taken_for_it() -> None:
     out, rep = clean_labels(lab, (1.0, 1.0, 1.0), superior_zyx=(-1.0, 0.0, 0.0))
     assert (out[fibula] == 2).all() and (out[10:80, 20:40, 20:40] == 1).all()
     assert any("comes down from above the ankle" in n for n in rep["notes"])
+    assert not out[foot].any()  # rule 8: apart from both bones, below the ankle
     flipped, _ = clean_labels(lab[::-1], (1.0, 1.0, 1.0), superior_zyx=(2.0, 0.0, 0.0))
     assert np.array_equal(flipped[::-1], out)
     # Told the wrong way up, the foot piece is 'above' and nothing changes from the blind run.
@@ -374,3 +375,43 @@ def test_a_foot_bone_labelled_tibia_is_not_the_other_leg() -> None:
 def test_a_superior_direction_without_length_is_refused() -> None:
     with pytest.raises(ValueError, match="superior_zyx"):
         clean_labels(_bones(), SPACING, superior_zyx=(0.0, 0.0, 0.0))
+
+
+def test_a_piece_apart_from_both_bones_below_the_ankle_is_a_foot_bone() -> None:
+    """Rule 8: with the superior direction, a 'tibia' piece 8 mm from both bones whose top
+    lies below the ankle (a calcaneus beside the talus, not beyond the tibia's end along its
+    axis) is removed; a fracture fragment 2 mm below the fibula's tip stays, and so does a
+    piece apart from the bones with metal beside it (a bit of plated bone rule 0 cut off)."""
+    lab = np.zeros((120, 70, 90), np.uint8)
+    lab[10:80, 20:40, 20:40] = 1                        # tibia, lowest voxel z 79
+    lab[10:90, 24:32, 43:50] = 2                        # fibula, tip z 89
+    frag = (slice(92, 96), slice(24, 32), slice(43, 50))
+    foot = (slice(70, 95), slice(48, 60), slice(20, 40))  # 8 mm behind the tibia, top z 70
+    lab[frag], lab[foot] = 2, 1
+    up = (-1.0, 0.0, 0.0)
+    blind, _ = clean_labels(lab, (1.0, 1.0, 1.0))
+    assert (blind[foot] == 1).all()
+    out, rep = clean_labels(lab, (1.0, 1.0, 1.0), superior_zyx=up)
+    assert not out[foot].any() and (out[frag] == 2).all()
+    assert (out[10:80, 20:40, 20:40] == 1).all() and (out[10:90, 24:32, 43:50] == 2).all()
+    assert any("below the ankle and apart from both bones" in n for n in rep["notes"])
+    ct = np.zeros(lab.shape, np.float32)
+    ct[lab > 0] = 1500.0
+    ct[80:85, 61:63, 25:35] = 3000.0                    # a screw 1 mm behind the piece
+    kept, _ = clean_labels(lab, (1.0, 1.0, 1.0), superior_zyx=up, ct_hu=ct)
+    assert (kept[foot] == 1).all()
+
+
+def test_a_fibula_broken_low_keeps_its_distal_piece_as_the_main_one() -> None:
+    """Rule 7's exception: the larger fibula piece lies low (its top 8 mm above the tibia's
+    end) but in the tibia's notch, 3 mm from it, and the piece above it is 7 mm away (a
+    plate the network labelled with the bone, cut out by rule 0): it is the distal fibula,
+    not a foot bone, and stays the main fibula; both pieces keep the fibula's label."""
+    lab = np.zeros((125, 60, 90), np.uint8)
+    lab[10:80, 20:40, 20:40] = 1
+    distal = (slice(71, 100), slice(22, 34), slice(43, 56))   # 4.5 ml, top z 71
+    upper = (slice(10, 64), slice(26, 32), slice(50, 56))     # 1.9 ml, 7 mm above it
+    lab[distal], lab[upper] = 2, 2
+    out, rep = clean_labels(lab, (1.0, 1.0, 1.0), superior_zyx=(-1.0, 0.0, 0.0))
+    assert (out[distal] == 2).all() and (out[upper] == 2).all(), rep["notes"]
+    assert not any("comes down from above the ankle" in n for n in rep["notes"])

@@ -191,9 +191,10 @@ def page(folder: Path) -> str:
              "both on the same cached network output, so only the post-processing differs). "
              f"'far': labelled voxels more than {FAR_MM:g} mm from that bone in the truth; "
              "'swapped': voxels of the bone labelled the other bone.", ""]
-    for key in ("why", "criterion", "verdict"):
+    for key, head in (("why", "Why"), ("criterion", "Criterion"), ("verdict", "Verdict"),
+                      ("after_verdict", "Run after the verdict")):
         if key in info:
-            lines += [f"**{key.capitalize()}.** {info[key]}", ""]
+            lines += [f"**{head}.** {info[key]}", ""]
     if info.get("commands"):
         lines += ["## Commands", ""] + [f"- {k}: `{v}`" for k, v in info["commands"].items()]
         lines.append("")

@@ -95,7 +95,8 @@ def _rule_page(folder: Path, name: str, marker: str, page: str = "") -> List[str
     where = (f"Post-processing `{marker}`, results on its own page `{page}`"
              if page else f"Rows marked `{marker}`")
     return [f"{where}: {spec['title']} (`{name}`: why, the shipping criterion "
-            f"written before the runs, and the commands). {spec['verdict']}", ""]
+            f"written before the runs, and the commands). "
+            f"{spec.get('verdict', 'Verdict pending: not all of its runs are done.')}", ""]
 
 
 def main() -> None:
@@ -109,6 +110,7 @@ def main() -> None:
              "folder. " + TARGETS, "", NOT_SHIPPED, "", RULE4, "", RULE5, "", RULE0, "", RULE6, ""]
     lines += _rule_page(folder, "rule6b.json", "v3-rule6b")
     lines += _rule_page(folder, "rule7.json", "v3-rule7", "rule7/README.md")
+    lines += _rule_page(folder, "rule7b8.json", "v3-rule7b8", "rule7b8/README.md")
     lines += ["## Held-out Dice and HD95 (mean over cases)", "",
              "| model | family | cases | Dice tibia | HD95 tibia (mm) | Dice fibula | "
              "HD95 fibula (mm) | Dice fractured fibula |",

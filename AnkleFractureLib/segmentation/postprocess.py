@@ -57,11 +57,23 @@
    dome is 10-15 mm above it), while every tibia and fibula shaft of an ankle CT comes down
    from above the joint. So a fibula component whose top lies less than
    ``FIBULA_ABOVE_TIBIA_MM`` (20 mm) above the main tibia's lowest point is not the main
-   fibula when a component of at least ``MAIN_MIN_MM3`` (1 ml) reaches higher (a 12 ml foot
-   piece was chosen over a plated fibula that rule 0 had left at 9 ml, and the fibula took
-   the tibia's label), and a second tibia is the other leg only when its top lies at least
+   fibula when a component of at least ``MAIN_MIN_MM3`` (1 ml) reaches higher and the low
+   piece lies farther than ``attach_distance_mm`` from both that component and the main tibia
+   (a 12 ml foot piece was chosen over a plated fibula that rule 0 had left at 9 ml, and the
+   fibula took the tibia's label; a low piece that close is the distal fibula of a fibula
+   broken low, in the tibia's notch, and stays the main one), and a second tibia is the other leg only when its top lies at least
    ``SECOND_LEG_ABOVE_MM`` (40 mm) above the main tibia's lowest point (a talus and
    calcaneus labelled tibia, 40 % of a short tibia's volume, had the one leg cut in two).
+
+8. **A piece apart from both bones below the ankle is a foot bone.** With the superior
+   direction, a component other than the two main pieces whose top lies less than
+   ``FOOT_TOP_MM`` (20 mm) above the main tibia's lowest point and that lies farther than
+   ``attach_distance_mm`` from both main pieces is removed, whatever its size. Rule 4 removes
+   such a piece only when it lies wholly beyond the tibia's end along the tibia's axis; a
+   calcaneus or navicular beside the talus does not. A fracture fragment lies across its
+   fracture gap from its bone (a few mm); a talus labelled and touching the bones is left to
+   the network, and so is a piece with metal beside it (rule 6's ``METAL_CONTACT_MM``): rule
+   0 may leave a bit of plated bone apart from its bone.
 
 Everything works on the bounding box of the bones, and distances between components are measured
 with k-d trees of surface-voxel centres (exact Euclidean distances in mm, capped at
@@ -95,7 +107,7 @@ TIBIA, FIBULA = 1, 2
 #: Version of these rules. Crops made with the segmentation model's masks are cached under it
 #: (classification/crops.py, training/fracture_data.py): bump it whenever a rule changes what
 #: the labels hold. 6: rule 6 (casts out before the main components are chosen).
-POSTPROCESS_VERSION = 7
+POSTPROCESS_VERSION = 9
 _NAMES = {TIBIA: "tibia", FIBULA: "fibula"}
 _TWENTY_SIX = np.ones((3, 3, 3), dtype=bool)
 _SIX = ndi.generate_binary_structure(3, 1)
@@ -217,7 +229,8 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
         superior_zyx: Optional unit vector, per array axis (z, y, x), of the patient's
             superior direction, so that a voxel's height in mm is ``(index * spacing_zyx) @
             superior_zyx`` plus a constant (:meth:`~AnkleFractureLib.geometry.volume.Volume.superior_zyx`);
-            enables rule 7 (foot bones never chosen as a main bone or as the other leg).
+            enables rules 7 and 8 (foot bones never chosen as a main bone or as the other
+            leg; pieces apart from both bones below the ankle removed).
 
     Returns:
         ``(cleaned, report)``: ``cleaned`` is a new uint8 (z, y, x) array (the input is never
@@ -264,7 +277,8 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
                                    large_fragment_mm3=large_fragment_mm3), ct_hu,
                               superior_zyx)
     if up is not None:  # Rule 7: the main fibula comes down from above the ankle
-        comps[FIBULA] = _fibula_from_above(comps, sp_zyx, up, voxel_mm3, report)
+        comps[FIBULA] = _fibula_from_above(comps, sp_zyx, up, voxel_mm3, report,
+                                           attach_distance_mm)
     main: Dict[int, Optional[_Component]] = {v: (c[0] if c else None) for v, c in comps.items()}
     fragments = comps[TIBIA][1:] + comps[FIBULA][1:]
     # Rule 1: the tibia is the larger bone.
@@ -274,7 +288,7 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
         options = dict(min_fragment_mm3=min_fragment_mm3, attach_distance_mm=attach_distance_mm,
                        large_fragment_mm3=large_fragment_mm3)
         targets = _fragment_targets(work.shape, fragments, main, sp, box, probabilities,
-                                    ct_box, options, report)
+                                    ct_hu, options, report, up)
         changes = _record_fragment_changes(fragments, targets, voxel_mm3, report)
         _apply(work, comps, changes)
     _final_volumes(comps, changes, voxel_mm3, report)
@@ -283,10 +297,13 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
 
 def _fragment_targets(shape: Sequence[int], fragments: List[_Component],
                       main: Dict[int, Optional[_Component]], sp: np.ndarray, box: Slices,
-                      probabilities: Optional[np.ndarray], ct_box: Optional[np.ndarray],
-                      options: Dict[str, float], report: Dict[str, Any]) -> List[int]:
-    """The new label of each fragment (0: removed), by rules 2-5 (``options``: the size and
-    distance arguments of :func:`clean_labels`; ``sp``: spacing (x, y, z) mm)."""
+                      probabilities: Optional[np.ndarray], ct_hu: Optional[np.ndarray],
+                      options: Dict[str, float], report: Dict[str, Any],
+                      up: Optional[np.ndarray] = None) -> List[int]:
+    """The new label of each fragment (0: removed), by rules 2-5 and 8 (``options``: the size
+    and distance arguments of :func:`clean_labels`; ``sp``: spacing (x, y, z) mm; ``box``: the
+    working crop in the labels' and ``ct_hu``'s grid; ``up``: the superior direction (z, y, x),
+    or None)."""
     sp_zyx = sp[::-1].copy()
     voxel_mm3 = float(np.prod(sp))
     # Rules 2 and 3: fragments go to the nearer bone, specks far from both are removed.
@@ -300,9 +317,45 @@ def _fragment_targets(shape: Sequence[int], fragments: List[_Component],
     targets = _drop_beyond_leg(fragments, targets, distances, main.get(TIBIA), sp_zyx, cap,
                                report)
     # Rule 5: a large isolated piece without cortical bone is a cast or splint.
-    if ct_box is not None:
-        targets = _drop_without_cortex(fragments, targets, distances, ct_box, cap, report)
+    if ct_hu is not None:
+        targets = _drop_without_cortex(fragments, targets, distances, ct_hu[box], cap, report)
+    # Rule 8: a piece apart from both bones below the ankle is a foot bone.
+    if up is not None and main.get(TIBIA) is not None:
+        targets = _drop_below_ankle(fragments, targets, distances, main[TIBIA], sp_zyx, up,
+                                    options["attach_distance_mm"], report, ct_hu, box)
     return targets
+
+
+#: Rule 8: a piece apart from both main bones whose top lies less than this (mm) above the
+#: main tibia's lowest point lies below the ankle: a foot bone (as rule 7's
+#: :data:`FIBULA_ABOVE_TIBIA_MM`: the talar dome is 10-15 mm above that point).
+FOOT_TOP_MM = 20.0
+
+
+def _drop_below_ankle(fragments: List[_Component], targets: List[int],
+                      distances: Dict[int, np.ndarray], tibia: _Component, sp_zyx: np.ndarray,
+                      up: np.ndarray, attach_mm: float, report: Dict[str, Any],
+                      ct_hu: Optional[np.ndarray] = None, box: Optional[Slices] = None
+                      ) -> List[int]:
+    """Remove the kept pieces farther than ``attach_mm`` from both main bones whose top lies
+    less than :data:`FOOT_TOP_MM` above the main tibia's lowest point (rule 8). A piece with
+    metal beside it (``ct_hu``, with ``box`` the working crop in its grid) is spared: rule 0
+    carves an implant out of the labels and may leave a piece of plated bone apart from its
+    bone."""
+    out = list(targets)
+    floor = None
+    for k, frag in enumerate(fragments):
+        if out[k] == 0 or min(distances[TIBIA][k], distances[FIBULA][k]) <= attach_mm:
+            continue
+        if floor is None:
+            floor = _height_range(tibia, sp_zyx, up)[0] + FOOT_TOP_MM
+        if _height_range(frag, sp_zyx, up)[1] >= floor:
+            continue
+        if ct_hu is None or box is None or not _touches_metal(frag, box, ct_hu, sp_zyx):
+            out[k] = 0
+    _note_removed(targets, out, report, "below the ankle and apart from both bones (foot "
+                                        "bones, not tibia or fibula)", what="piece(s)")
+    return out
 
 
 def _checked_inputs(labels: np.ndarray, spacing_xyz: Sequence[float],
@@ -500,11 +553,12 @@ def _drop_beyond_leg(fragments: List[_Component], targets: List[int],
     return out
 
 
-def _note_removed(before: List[int], after: List[int], report: Dict[str, Any], why: str) -> None:
+def _note_removed(before: List[int], after: List[int], report: Dict[str, Any], why: str,
+                  what: str = "large piece(s)") -> None:
     """Add a note counting the pieces whose target changed from ``before`` to ``after``."""
     n = sum(1 for a, b in zip(before, after) if a != b)
     if n:
-        report["notes"].append(f"removed {n} large piece(s) {why}")
+        report["notes"].append(f"removed {n} {what} {why}")
 
 
 #: Rule 0: a voxel at or above this CT number (HU) is metal.
@@ -673,12 +727,25 @@ def _height_range(comp: _Component, sp_zyx: np.ndarray, up: np.ndarray) -> Tuple
     return float(h.min()), float(h.max())
 
 
+def _gap_mm(a: _Component, b: _Component, sp_zyx: np.ndarray) -> float:
+    """Shortest distance (mm) between the voxel centres of two components."""
+    pa = _surface_points(a.mask(), [s.start for s in a.box], sp_zyx)
+    pb = _surface_points(b.mask(), [s.start for s in b.box], sp_zyx)
+    if len(pa) == 0 or len(pb) == 0:
+        return math.inf
+    return float(cKDTree(pa).query(pb, k=1)[0].min())
+
+
 def _fibula_from_above(comps: Dict[int, List[_Component]], sp_zyx: np.ndarray,
-                       up: np.ndarray, voxel_mm3: float, report: Dict[str, Any]
-                       ) -> List[_Component]:
+                       up: np.ndarray, voxel_mm3: float, report: Dict[str, Any],
+                       attach_mm: float = 6.0) -> List[_Component]:
     """The fibula components with the main one first (rule 7): the largest whose top lies at
     least :data:`FIBULA_ABOVE_TIBIA_MM` above the main tibia's lowest point, when the largest
-    does not and such a component of :data:`MAIN_MIN_MM3` exists; else unchanged."""
+    does not and such a component of :data:`MAIN_MIN_MM3` exists, and the largest lies
+    farther than ``attach_mm`` from both it and the main tibia; else unchanged. A largest piece
+    that close to either is the distal fibula of a fibula broken low (by a fracture, or by
+    rule 0 cutting out a plate the network labelled with the bone), lying in the tibia's
+    notch, not a foot bone below the ankle: it stays the main one."""
     fibulae, tibiae = comps[FIBULA], comps[TIBIA]
     if len(fibulae) < 2 or not tibiae:
         return fibulae
@@ -689,6 +756,9 @@ def _fibula_from_above(comps: Dict[int, List[_Component]], sp_zyx: np.ndarray,
         if comp.voxels * voxel_mm3 < MAIN_MIN_MM3:
             break  # largest first: the rest are smaller still
         if _height_range(comp, sp_zyx, up)[1] >= floor:
+            if min(_gap_mm(fibulae[0], comp, sp_zyx),
+                   _gap_mm(fibulae[0], tibiae[0], sp_zyx)) <= attach_mm:
+                return fibulae  # the distal fibula (beside the tibia) of a broken fibula
             report["notes"].append(
                 f"main fibula: the {comp.voxels * voxel_mm3 / 1000:.1f} ml piece that comes "
                 f"down from above the ankle, not the larger "
