@@ -12,10 +12,11 @@ from conftest import load_script
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_page_is_the_rendering_of_the_committed_files(monkeypatch):
+@pytest.mark.parametrize("name", ["rule7", "rule7b8"])
+def test_page_is_the_rendering_of_the_committed_files(monkeypatch, name):
     monkeypatch.chdir(ROOT)  # the page names its folder as given (repository-relative)
     mod = load_script("seg_postprocess_study")
-    folder = Path("docs/seg_v2/rule7")
+    folder = Path("docs/seg_v2") / name
     assert (ROOT / folder / "README.md").read_text() == mod.page(folder)
 
 
