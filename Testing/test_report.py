@@ -158,6 +158,29 @@ def test_figure_axial_panel_shows_the_left_fibula_on_the_image_right(name: str) 
     fig.clear()
 
 
+@pytest.mark.parametrize("name", sorted(DIRECTIONS))
+def test_heatmap_on_its_box_draws_as_the_heatmap_pasted_on_the_whole_grid(name: str) -> None:
+    """The pipeline keeps Grad-CAM on a sub-box of the CT's lattice; the report reads it there
+    (0 outside the box) and must show exactly what the box pasted onto the whole grid shows:
+    the same planes (chosen at the heatmap's peak) and the same heat slices."""
+    from AnkleFractureLib.crop.syndesmosis import paste_on_grid
+
+    ct, label, heat = _ankle(DIRECTIONS[name])
+    peak = np.unravel_index(int(np.argmax(heat.array)), heat.array.shape)
+    box = heat.region(tuple(slice(max(0, int(p) - 7), min(n, int(p) + 4))  # off-centre
+                            for p, n in zip(peak, heat.array.shape)))
+    full = paste_on_grid(box, ct)
+    assert full.array.shape == ct.array.shape and 0 < box.array.size < full.array.size
+    figs = [R.report_figure(ct, label, h, _result()) for h in (box, full)]
+    for ax in (0, 1):  # axial, coronal
+        a, b = (np.asarray(f.axes[ax].images[1].get_array()) for f in figs)
+        np.testing.assert_array_equal(a, b)
+        assert np.asarray(figs[0].axes[ax].images[1].get_array())[..., 3].max() > 0
+        assert figs[0].axes[ax].get_title() == figs[1].axes[ax].get_title()
+    for f in figs:
+        f.clear()
+
+
 def test_coronal_plane_goes_through_the_fibula() -> None:
     ct, label, _ = _ankle()
     fig = R.report_figure(ct, label, None, _result())

@@ -38,7 +38,8 @@ from _common import peak_rss_mb, write_clinical_ct  # noqa: E402
 GOAL_S = 15.0
 GOAL_RSS_MB = 4096.0
 #: Stages in the order they run; "read" and "write" are timed here, the rest by the pipeline.
-STAGES = ("read", "checks", "segment", "register", "crop", "classify", "gradcam", "write")
+STAGES = ("read", "checks", "segment", "register", "crop", "classify", "gradcam", "localise",
+          "write")
 
 
 def _clinical_ct(folder: str, seed: int) -> str:

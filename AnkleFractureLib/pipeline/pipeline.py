@@ -753,7 +753,7 @@ def write_outputs(result: PipelineResult, out_dir: PathLike, ct: Optional[Volume
     Returns:
         The dict written as ``result.json``.
     """
-    from AnkleFractureLib.crop.syndesmosis import box_on_grid, paste_on_grid, write_crop
+    from AnkleFractureLib.crop.syndesmosis import box_on_grid, write_crop
     from AnkleFractureLib.io import atomic_write_json, write_image
     from AnkleFractureLib.registration.transform_io import (write_itk_transform,
                                                             write_transform_json)
@@ -801,12 +801,9 @@ def write_outputs(result: PipelineResult, out_dir: PathLike, ct: Optional[Volume
         reports = [("report.png", write_report_png)]
         if report_pdf:
             reports.append(("report.pdf", write_report_pdf))
-        # The report draws on the CT's grid: the box is expanded for it only (lazily zeroed,
-        # so only the box's pages are resident).
-        heat = None if result.gradcam is None else paste_on_grid(result.gradcam, ct)
         for name, writer in reports:
-            try:
-                writer(out / name, ct, result.label, heat, data)
+            try:  # the report reads the heatmap on its box (0 outside it)
+                writer(out / name, ct, result.label, result.gradcam, data)
                 written.append(name)
             except Exception as exc:  # noqa: BLE001 - a figure must not lose the result
                 data["warnings"].append(f"{name} could not be drawn: "
