@@ -266,6 +266,29 @@ def test_left_and_mirrored_right_crops_agree(template):
         assert r >= 0.95, (c, r)
 
 
+def test_a_side_detection_the_caller_has_is_used_not_recomputed(template, monkeypatch):
+    """The pipeline's checks tell the side before the registration and hand it over: the
+    registration must use that detection (and not run detect_side again), and with the
+    detection of the same labels it gives the same fit."""
+    import AnkleFractureLib.registration.side as side_module
+    from AnkleFractureLib.registration.side import detect_side
+
+    case = generate_case(77, "B", "left", "fast")
+    detection = detect_side(case.label, case.ct)
+    plain = register_to_template(case.label, template, ct=case.ct)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("detect_side ran again")
+
+    monkeypatch.setattr(side_module, "detect_side", fail)
+    given = register_to_template(case.label, template, ct=case.ct, side_detection=detection)
+    assert given.side == plain.side == "left"
+    np.testing.assert_allclose(given.template_to_patient, plain.template_to_patient)
+    other = side_module.SideDetection("right", 0.9, "told by the caller", 1)
+    assert register_to_template(case.label, template, ct=case.ct,
+                                side_detection=other).side == "right"
+
+
 def test_displaced_fragment_does_not_drag_the_fit(template):
     anatomy_seed = int(template.meta["phantom_seed"])
     case = generate_case(3001, "B", "right", "fast", anatomy_seed=anatomy_seed)

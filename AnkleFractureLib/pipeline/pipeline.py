@@ -316,6 +316,9 @@ class _Run:
         self.res = PipelineResult(input=describe_ct(ct))
         self.res.side = None if pipe.options.side == "auto" else pipe.options.side
         self.used = {"segmentation": False, "classification": False, "fracture": False}
+        #: The side told from the analysed leg's labels by the checks, for the registration
+        #: (None when the checks did not tell it on exactly those labels).
+        self.side_detection: Any = None
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -435,7 +438,7 @@ class Pipeline:
 
     def register(self, ct: Volume, label: Volume, side: Optional[str] = None,
                  progress: Optional[ProgressCallback] = None,
-                 plafond_hint: Optional[np.ndarray] = None) -> Any:
+                 plafond_hint: Optional[np.ndarray] = None, side_detection: Any = None) -> Any:
         """Mirror + ICP-register ``label`` to the template.
 
         Args:
@@ -446,6 +449,8 @@ class Pipeline:
             plafond_hint: The plafond (LPS mm) found on ``label``: a fit that slid along the
                 shaft is tried again anchored on it (see
                 :func:`~AnkleFractureLib.registration.register.register_to_template`).
+            side_detection: ``detect_side(label, ct)`` when the caller has it (the checks
+                tell it), so it is not computed again.
 
         Returns:
             The :class:`~AnkleFractureLib.registration.register.Registration`.
@@ -457,7 +462,8 @@ class Pipeline:
         from AnkleFractureLib.registration.register import register_to_template
 
         return register_to_template(label, self.template, side=side or self.options.side,
-                                    ct=ct, progress=progress, plafond_hint=plafond_hint)
+                                    ct=ct, progress=progress, plafond_hint=plafond_hint,
+                                    side_detection=side_detection)
 
     def crop(self, ct: Volume, label: Optional[Volume], registration: Any) -> Any:
         """The syndesmosis crop (CT, tibia, fibula on the template's box grid)."""
@@ -595,12 +601,15 @@ class Pipeline:
         res.label = label
         run.stages.check("after the segmentation")
         with run.timed("checks"):
-            leg_label, plafond, found = self._segmentation_checks(ct, label, res)
+            leg_label, plafond, found, run.side_detection = self._segmentation_checks(
+                ct, label, res)
             res.findings.extend(found)
         return leg_label, plafond
 
     def _segmentation_checks(self, ct: Volume, label: Volume, res: PipelineResult
-                             ) -> Tuple[Volume, Any, List[C.Finding]]:
+                             ) -> Tuple[Volume, Any, List[C.Finding], Any]:
+        """(the analysed leg's labels, the plafond estimate, the findings, the side detection
+        of those labels or None)."""
         from AnkleFractureLib.registration.side import detect_side
 
         res.bones_ml = C.bone_volumes_ml(label)
@@ -609,7 +618,7 @@ class Pipeline:
         if not any(f.code in ("no_tibia", "bad_labels") for f in found):
             plafond = C.estimate_plafond(label)  # once: the registration check needs it too
             found += C.check_field_of_view(ct, label, plafond=plafond)
-        leg_label = label
+        leg_label, detection = label, None
         # The side is told even when the field of view is refused, so that a scan with both
         # legs says so too; not without both bones (detect_side would only repeat that).
         if not any(f.code.startswith("no_") or f.code == "bad_labels" for f in found):
@@ -620,7 +629,9 @@ class Pipeline:
                 found += [f for f in C.check_side(detect_side(leg_label), self.options.side)
                           if f.code == "side_conflict"]
         found += C.check_agreement(ct, leg_label)  # do the labels match the CT's bone?
-        return leg_label, (plafond if leg_label is label else C.ESTIMATE), found
+        if leg_label is not label:
+            return leg_label, C.ESTIMATE, found, None
+        return leg_label, plafond, found, detection
 
     def _run_register(self, run: "_Run", ct: Volume, leg_label: Volume, registration: Any,
                       plafond: Any) -> Any:
@@ -635,7 +646,8 @@ class Pipeline:
                 with run.timed("register"):
                     registration = self.register(ct, leg_label, self.options.side,
                                                  run.stages.callback("register", "registration"),
-                                                 plafond_hint=hint)
+                                                 plafond_hint=hint,
+                                                 side_detection=run.side_detection)
             except CancelledError:
                 raise
             except AnkleFractureError as exc:

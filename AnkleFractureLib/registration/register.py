@@ -211,7 +211,8 @@ def register_to_template(label: Volume, template: Any = None, side: str = "auto"
                          tolerance: float = 1e-8, trim_fraction: float = 0.85,
                          max_points: int = 4000, seed: int = 0,
                          progress: Optional[ProgressCallback] = None,
-                         plafond_hint: Optional[np.ndarray] = None) -> Registration:
+                         plafond_hint: Optional[np.ndarray] = None,
+                         side_detection: Any = None) -> Registration:
     """Mirror (left ankles) and ICP-register a tibia/fibula label map onto the template.
 
     Args:
@@ -238,6 +239,9 @@ def register_to_template(label: Volume, template: Any = None, side: str = "auto"
             places the joint better is kept (noted in ``warnings``). Points more than
             :data:`ABOVE_JOINT_MM` above the hint are left out of every fit (a whole-leg
             scan: the template is a distal leg).
+        side_detection: The :class:`~AnkleFractureLib.registration.side.SideDetection` of
+            ``detect_side(label, ct)`` when the caller already has it (the pipeline's checks
+            tell the side before the registration); used only with ``side="auto"``.
 
     Returns:
         The :class:`Registration`.
@@ -263,7 +267,7 @@ def register_to_template(label: Volume, template: Any = None, side: str = "auto"
         template = load_template()
 
     report(0.05, "detecting the side")
-    side_, confidence, reason = _resolve_side(label, ct, side, where)
+    side_, confidence, reason = _resolve_side(label, ct, side, where, side_detection)
     mirror = MIRROR_X if side_ == "left" else np.eye(4)
 
     report(0.2, "extracting bone surfaces")
@@ -300,9 +304,10 @@ def register_to_template(label: Volume, template: Any = None, side: str = "auto"
                         float(icp.scale), confidence, reason, warnings)
 
 
-def _resolve_side(label: Volume, ct: Optional[Volume], side: str, where: Any
-                  ) -> Tuple[str, float, str]:
-    """(side, confidence in [0, 1], reason): detected when ``side`` is "auto", else given.
+def _resolve_side(label: Volume, ct: Optional[Volume], side: str, where: Any,
+                  detection: Any = None) -> Tuple[str, float, str]:
+    """(side, confidence in [0, 1], reason): detected when ``side`` is "auto" (``detection``
+    when given, else ``detect_side(label, ct)``), else given.
 
     Raises:
         InputError: The side cannot be told from the anatomy.
@@ -311,7 +316,8 @@ def _resolve_side(label: Volume, ct: Optional[Volume], side: str, where: Any
 
     if side != "auto":
         return side, 1.0, "given by the caller"
-    detection = detect_side(label, ct)
+    if detection is None:
+        detection = detect_side(label, ct)
     if detection.side is None:
         raise InputError(where, f"cannot tell left from right: {detection.reason}; "
                                 "give the side explicitly (side='left' or 'right')")

@@ -202,23 +202,14 @@ class SegmentationModel:
 
     @staticmethod
     def _labels_on_roi(probs: np.ndarray, model_input: Any) -> np.ndarray:
-        """Labels on the CT's ROI grid: trilinear upsampling of the tibia and fibula
-        probabilities (exact, since the model grid tiles the canonical ROI), argmax against the
-        background, then the exact inverse axis permutation."""
-        import torch
-        import torch.nn.functional as F
+        """Labels on the CT's ROI grid: the class that wins in the trilinear upsampling of the
+        tibia and fibula probabilities (exact, since the model grid tiles the canonical ROI;
+        computed only at the bones' surfaces, :mod:`.upsample`), then the exact inverse axis
+        permutation."""
+        from AnkleFractureLib.segmentation.upsample import upsample_labels
 
-        fg = torch.from_numpy(np.ascontiguousarray(probs[1:3]))[None]
-        up = F.interpolate(fg, size=tuple(model_input.canonical_shape), mode="trilinear",
-                           align_corners=False)[0]
-        p_tib, p_fib = up[0], up[1]
-        # Background probability is 1 - p_tib - p_fib: a bone wins where it beats both.
-        background = 1.0 - p_tib - p_fib
-        labels = torch.zeros(p_tib.shape, dtype=torch.uint8)
-        labels[(p_tib > p_fib) & (p_tib > background)] = 1
-        labels[(p_fib >= p_tib) & (p_fib > background)] = 2
-        del up, p_tib, p_fib, background
-        canonical = Volume(labels.numpy(), (1.0, 1.0, 1.0))
+        labels = upsample_labels(probs[1], probs[2], tuple(model_input.canonical_shape))
+        canonical = Volume(labels, (1.0, 1.0, 1.0))
         return model_input.orientation.undo(canonical).array
 
 
