@@ -14,8 +14,10 @@ file, then measures:
   a fresh process (imports and model loading included), median wall time of 2 runs and the peak
   resident memory of that process.
 
-Goal on 2 CPU cores: <= 15 s and <= 4 GB peak for the in-process run. Other engineers may share
-the cores: the load average at the start is printed; compare runs at a low load.
+Goals on 2 CPU cores: <= 6 s for the in-process run, <= 9 s for the cold command line, <= 3 GB
+peak for either (:data:`GOAL_S`, :data:`GOAL_COLD_S`, :data:`GOAL_RSS_MB`). Other engineers may
+share the cores: the load average at the start is printed; compare runs at a low load. Its
+output is committed as ``docs/bench/pipeline.txt`` (the README quotes it).
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _common import peak_rss_mb, write_clinical_ct  # noqa: E402
 
-#: Goals of the whole run on 2 CPU cores: seconds and peak resident memory (MB).
-GOAL_S = 15.0
-GOAL_RSS_MB = 4096.0
+#: Goals on 2 CPU cores (the phantom v2 issue, "speed stays"): the warm in-process run and a
+#: cold ``ankle-fracture run`` process (seconds), and the peak resident memory of either (MB).
+GOAL_S = 6.0
+GOAL_COLD_S = 9.0
+GOAL_RSS_MB = 3072.0
 #: Stages in the order they run; "read" and "write" are timed here, the rest by the pipeline.
 STAGES = ("read", "checks", "segment", "register", "crop", "classify", "gradcam", "localise",
           "write")
@@ -190,6 +194,11 @@ def main() -> None:
                   f"{max(peaks):.0f} MB")
             print(f"  of which Pipeline.run {run_s:.2f} s (model loading {load_s:.2f} s); the rest "
                   f"is interpreter start, imports, read and write")
+            cold, peak_cold = statistics.median(walls), max(peaks)
+            print(f"goal of the cold run (<= {GOAL_COLD_S:.0f} s, <= "
+                  f"{GOAL_RSS_MB / 1024:.0f} GB): time "
+                  f"{'met' if cold <= GOAL_COLD_S else 'NOT met'}, memory "
+                  f"{'met' if peak_cold <= GOAL_RSS_MB else 'NOT met'}")
     load = os.getloadavg()
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
