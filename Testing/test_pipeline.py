@@ -65,6 +65,28 @@ def _z_slab(vol: Volume, lo_mm: float, hi_mm: float, ref_z: float) -> Volume:
     return sub.with_array(sub.array.copy())
 
 
+def test_model_identity_tells_apart_folders_with_one_network_and_other_plans(tmp_path):
+    """Two localiser folders with the same weights and another decision rule answer
+    differently: result.json must tell them apart (``plans_sha256``), while ``sha256`` (the
+    weights) stays the same."""
+    import json as _json
+    import shutil
+
+    from AnkleFractureLib.fracture.localise import default_model_dir
+    from AnkleFractureLib.pipeline.pipeline import Pipeline, PipelineOptions
+
+    other = tmp_path / "fracture"
+    shutil.copytree(default_model_dir(), other)
+    plans = _json.loads((other / "plans.json").read_text())
+    plans["decision"]["min_line_probability"] = 0.9
+    (other / "plans.json").write_text(_json.dumps(plans))
+    shipped = Pipeline(PipelineOptions(device="cpu")).model_info()["fracture"]
+    mine = Pipeline(PipelineOptions(device="cpu", fracture_model_dir=str(other))).model_info()
+    assert mine["fracture"]["sha256"] == shipped["sha256"] and len(shipped["sha256"]) == 64
+    assert mine["fracture"]["plans_sha256"] != shipped["plans_sha256"]
+    assert len(mine["fracture"]["plans_sha256"]) == 64
+
+
 def test_run_help_lists_the_outputs(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--help"])

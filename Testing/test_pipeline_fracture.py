@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +39,10 @@ def test_result_holds_the_fracture_and_validates(run_c) -> None:
     assert set(frac) >= {"found", "probability", "height_mm", "center_lps", "extent"}
     assert data["models"]["fracture"]["used"] is True
     assert len(data["models"]["fracture"]["sha256"]) == 64
+    for name, entry in data["models"].items():  # each model's decision rules identified too
+        plans = Path(entry["dir"]) / "plans.json"
+        assert entry["plans_sha256"] == hashlib.sha256(plans.read_bytes()).hexdigest(), name
+    assert frac["model"]["plans_sha256"] == data["models"]["fracture"]["plans_sha256"]
     assert sum(data["classifier_probabilities"].values()) == pytest.approx(1.0)
     assert sum(data["probabilities"].values()) == pytest.approx(1.0)
     assert data["weber_from_height"]["classifier_prediction"] in ("none", "A", "B", "C")

@@ -616,7 +616,8 @@ class FractureLocaliser:
         from AnkleFractureLib.fracture.weber_height import line_probability
 
         prob, ignored = self._masked_heatmap(crop)
-        model = {"name": "fracture", "sha256": self.plans.get("_sha256")}
+        model = {"name": "fracture", "sha256": self.plans.get("_sha256"),
+                 "plans_sha256": self.plans.get("_plans_sha256")}
         scale = np.linalg.norm(np.asarray(crop.patient_to_template)[:3, 2])
         size_factor = 1.0 / float(scale)
         lines = line_candidates(prob, self.decision["threshold"], crop.channels[2] > 0.5)

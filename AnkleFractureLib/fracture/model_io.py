@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -85,7 +86,8 @@ def save_localiser(model_dir: PathLike, network: torch.nn.Module, plans: Dict[st
 
 def load_localiser(model_dir: PathLike, device: Union[str, torch.device] = "cpu"
                    ) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """Network (eval mode) and plans (with ``_sha256``, see ``folder_sha256``) from a folder.
+    """Network (eval mode) and plans (with ``_sha256``, see ``folder_sha256``, and
+    ``_plans_sha256``, the SHA-256 of plans.json: its decision rule) from a folder.
 
     A plans.json that lists ``members`` (weight files beside model.pt) loads an ensemble:
     :class:`~AnkleFractureLib.fracture.network.MeanProbability` of model.pt and the members.
@@ -115,6 +117,7 @@ def load_localiser(model_dir: PathLike, device: Union[str, torch.device] = "cpu"
         network = MeanProbability([network] + [_member(folder, m, plans, device)
                                                 for m in members]).eval()
     plans["_sha256"] = folder_sha256(folder)
+    plans["_plans_sha256"] = hashlib.sha256(plans_path.read_bytes()).hexdigest()
     return network, plans
 
 

@@ -354,7 +354,7 @@ class Pipeline:
         self._classifier: Any = None
         self._localiser: Any = None
         self._template: Any = None
-        self._hashes: Dict[str, Optional[str]] = {}
+        self._hashes: Dict[str, Tuple[Optional[str], Optional[str]]] = {}
 
     # ------------------------------------------------------------------ models (lazy)
     @property
@@ -398,17 +398,23 @@ class Pipeline:
 
     def _model_entry(self, folder: Optional[PathLike], default: Callable[[], Path],
                      loaded: bool) -> Dict[str, Any]:
-        from AnkleFractureLib.segmentation.model_io import WEIGHTS_FILE, folder_sha256
+        from AnkleFractureLib.segmentation.model_io import (PLANS_FILE, WEIGHTS_FILE,
+                                                            folder_sha256, sha256_file)
 
         try:
             path = Path(folder) if folder is not None else default()
         except AnkleFractureError:
-            return {"dir": None, "sha256": None, "used": loaded}
-        weights = path / WEIGHTS_FILE
+            return {"dir": None, "sha256": None, "plans_sha256": None, "used": loaded}
+        weights, plans = path / WEIGHTS_FILE, path / PLANS_FILE
         key = str(weights.resolve()) if weights.exists() else str(weights)
         if key not in self._hashes:
-            self._hashes[key] = folder_sha256(path)  # an ensemble's members included
-        return {"dir": str(path), "sha256": self._hashes[key], "used": loaded}
+            # The weights (an ensemble's members included) and, apart, the plans: two folders
+            # with one network but another decision rule (a localiser's line model, its
+            # thresholds) answer differently, and a result must say which it came from.
+            self._hashes[key] = (folder_sha256(path),
+                                 sha256_file(plans) if plans.is_file() else None)
+        digest, plans_digest = self._hashes[key]
+        return {"dir": str(path), "sha256": digest, "plans_sha256": plans_digest, "used": loaded}
 
     def model_info(self, used: Optional[Dict[str, bool]] = None) -> Dict[str, Any]:
         """{"segmentation" | "classification" | "fracture": {dir, sha256, used}}."""

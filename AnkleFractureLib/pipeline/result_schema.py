@@ -45,6 +45,7 @@ _MODEL: Dict[str, Any] = {
     "properties": {
         "dir": {"type": ["string", "null"]},
         "sha256": {"type": ["string", "null"], "pattern": "^[0-9a-f]{64}$"},
+        "plans_sha256": {"type": ["string", "null"], "pattern": "^[0-9a-f]{64}$"},
         "used": {"type": "boolean"},
     },
     "additionalProperties": False,
