@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from AnkleFractureLib.fracture.localise import (cut_fraction, drop_touching, ignored_zones,
-                                                strongest_line)
+from AnkleFractureLib.fracture.localise import (cut_depth, cut_fraction, drop_touching,
+                                                ignored_zones, strongest_line)
 from AnkleFractureLib.geometry.volume import Volume
 
 
@@ -23,6 +23,32 @@ def _fibula_and_lines():
     prob[6:16, 12:15, 4:14] = 0.99  # surface of the tip (a joint, a screw): shaves the bone
     prob[6:10, 4:14, 4:14] = 0.99
     return fib, prob
+
+
+def test_cut_depth_sees_a_line_that_leaves_a_thin_bridge_of_bone() -> None:
+    """The segmentation fills part of a hairline's gap: the line leaves a corner of the
+    section (a one-voxel-wide bridge along z), so the bone stays connected (cut_fraction 0),
+    but the line goes 97 % of the way through (cut_depth); a shaving line and the tip stay
+    near 0 on both."""
+    fib, prob = _fibula_and_lines()
+    bridged = np.zeros_like(fib)
+    bridged[35:37] = prob[35:37] > 0.5
+    fib_b = fib.copy()
+    fib_b[:, 5, 5] = fib_b[:, 6, 6]  # a corner voxel column that the grown line misses...
+    bridged[:, 3:8, 3:8] = False     # ...and the line stops short of it
+    assert cut_fraction(fib_b, bridged) == 0.0
+    assert cut_depth(fib_b, bridged, grow=0) > 0.5
+    crossing = np.zeros_like(fib)
+    crossing[35:37] = prob[35:37] > 0.5
+    assert cut_depth(fib, crossing) == pytest.approx(1.0)
+    shaving = (prob > 0.5) & ~crossing
+    assert cut_depth(fib, shaving) == 0.0  # it reaches below the fibula: the tip
+    groove = np.zeros_like(fib)
+    groove[30:33, 6:12, 6] = True  # one column of the section's side, 3 slices
+    assert 0.0 < cut_depth(fib, groove, grow=0) < 0.2
+    top = np.zeros_like(fib)
+    top[57:60, 5:13, 5:13] = True
+    assert cut_depth(fib, top) == 1.0
 
 
 def test_cut_fraction_tells_a_crossing_line_from_a_shaving_one() -> None:
@@ -232,7 +258,25 @@ def test_a_line_model_weighs_each_line_by_its_probability_of_being_the_fracture(
     assert o.prediction == "none" and line is None
     assert sum(o.probabilities.values()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="features"):
-        line_probability(tip, {"features": ["bias"], "weights": [1.0]})
+        line_probability(tip, {"features": ["bias", "shape"], "weights": [1.0, 1.0]})
+    with pytest.raises(ValueError, match="weight per feature"):
+        line_probability(tip, {"features": ["bias", "cut_depth"], "weights": [1.0]})
+
+
+def test_a_line_model_on_cut_depth_scores_a_near_complete_cut_as_a_fracture() -> None:
+    """A segmentation that fills part of a hairline's gap leaves a few fibula voxels beside the
+    line: cut_fraction 0, cut_depth near 1. A model with cut_depth tells the line from a
+    groove along the surface, which the shipped features cannot; an older result without
+    cut_depth is read with its cut_fraction."""
+    from AnkleFractureLib.fracture.weber_height import line_probability
+
+    model = {"features": ["bias", "log_voxels", "cut_depth"], "weights": [-6.0, 1.0, 4.0]}
+    hairline = {"voxels": 99, "mass": 79.3, "cut_fraction": 0.008, "cut_depth": 0.96}
+    groove = {"voxels": 99, "mass": 79.3, "cut_fraction": 0.008, "cut_depth": 0.2}
+    old = {"voxels": 99, "mass": 79.3, "cut_fraction": 1.0}
+    assert line_probability(hairline, model) > 0.9 > 0.5 > line_probability(groove, model)
+    assert line_probability(old, model) == pytest.approx(
+        line_probability({**old, "cut_depth": 1.0}, model))
 
 
 def test_expert_weights_let_a_located_line_outweigh_a_doubtful_classifier() -> None:

@@ -42,8 +42,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from AnkleFractureLib.evaluation.cls_metrics import classification_report  # noqa: E402
-from AnkleFractureLib.fracture.weber_height import (CLASSES, LINE_FEATURES,  # noqa: E402
-                                                    combine_lines, line_features)
+from AnkleFractureLib.fracture.weber_height import (CLASSES, FEATURES,  # noqa: E402
+                                                    LINE_FEATURES, combine_lines,
+                                                    line_features)
 
 #: The grid searched (grid order: simplest first).
 GRID = {"select": ("strongest", "qualified", "mixture"),
@@ -118,34 +119,38 @@ def _logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 50) -> 
     return w
 
 
-def fit_line_model(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """The logistic line model: a candidate line of a fractured case whose height is within
-    :data:`LINE_TOLERANCE_MM` of the true line's is a fracture line; every other candidate
-    (those of intact cases among them) is not."""
+def fit_line_model(rows: Sequence[Dict[str, Any]],
+                   features: Sequence[str] = LINE_FEATURES) -> Dict[str, Any]:
+    """The logistic line model on ``features`` (names of
+    :data:`~AnkleFractureLib.fracture.weber_height.FEATURES`): a candidate line of a fractured
+    case whose height is within :data:`LINE_TOLERANCE_MM` of the true line's is a fracture
+    line; every other candidate (those of intact cases among them) is not."""
     x, y = [], []
     for r in rows:
         if r["refused"]:
             continue
         h_true = r.get("height_true_mm")
         for c in r.get("candidates") or []:
-            x.append(line_features(c))
+            x.append(line_features(c, features))
             y.append(float(r["true"] != "none" and h_true is not None
                            and abs(float(c["height_mm"]) - float(h_true)) <= LINE_TOLERANCE_MM))
     if not x or len(set(y)) < 2:
         raise SystemExit("the fit sets need candidate lines that are and are not fracture lines")
     w = _logistic(np.array(x), np.array(y), LINE_L2)
-    return {"features": list(LINE_FEATURES), "weights": [round(float(v), 4) for v in w],
+    return {"features": list(features), "weights": [round(float(v), 4) for v in w],
             "tolerance_mm": LINE_TOLERANCE_MM, "l2": LINE_L2, "lines": len(y),
             "fracture_lines": int(sum(y))}
 
 
-def fit(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+def fit(rows: Sequence[Dict[str, Any]], features: Sequence[str] = LINE_FEATURES
+        ) -> Dict[str, Any]:
     """The rule with the best :func:`_key` on ``rows``: the grid points (first in grid order on
-    ties), then the line model (:func:`fit_line_model`, fitted on the same rows)."""
+    ties), then the line model (:func:`fit_line_model` on ``features``, fitted on the same
+    rows)."""
     best = None
     names = list(GRID)
     rules = [dict(zip(names, values)) for values in itertools.product(*(GRID[k] for k in names))]
-    line_model = fit_line_model(rows)
+    line_model = fit_line_model(rows, features)
     for a, b, q in itertools.product(*(EXPERT_GRID[k] for k in EXPERT_GRID)):
         rule = {"select": "scored", "line_model": line_model, "min_line_probability": q}
         if (a, b) != (1.0, 1.0):  # the plain product keeps the rule as it was
@@ -182,12 +187,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shipped", default=None, metavar="MODEL_DIR",
                         help="compare with the rule in MODEL_DIR/plans.json (default: the rule "
                              "shipped before the first study, select=strongest)")
+    parser.add_argument("--features", default=",".join(LINE_FEATURES),
+                        help="the line model's features, comma-separated (default: the shipped "
+                             f"set {','.join(LINE_FEATURES)}; others: "
+                             f"{','.join(sorted(set(FEATURES) - set(LINE_FEATURES)))})")
     parser.add_argument("--write-plans", default=None, metavar="MODEL_DIR",
                         help="write the fitted rule into MODEL_DIR/plans.json (decision) and "
                              "record it in MODEL_DIR/training.json (decision_refit)")
     args = parser.parse_args(argv)
+    features = [f.strip() for f in args.features.split(",") if f.strip()]
+    unknown = sorted(set(features) - set(FEATURES))
+    if unknown:
+        parser.error(f"unknown --features {unknown}; known: {sorted(FEATURES)}")
     fit_rows = evaluation_rows(args.fit)
-    fitted = fit(fit_rows)
+    fitted = fit(fit_rows, features)
     shipped = SHIPPED
     if args.shipped:
         shipped = json.loads(Path(args.shipped, "plans.json").read_text())["decision"]

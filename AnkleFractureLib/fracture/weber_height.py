@@ -167,38 +167,60 @@ def qualifying_lines(candidates: Sequence[Dict[str, Any]], rule: Dict[str, Any]
     return good[:1] if select == "qualified" else good
 
 
-#: Features of a candidate line for the line model (``rule["line_model"]``), in order.
+#: Features of a candidate line for the line model (``rule["line_model"]``), in order: the
+#: shipped models' set. A model lists its own (``features``), any of :data:`FEATURES`.
 LINE_FEATURES = ("bias", "log_voxels", "section_ratio_over_10", "cut_fraction",
                  "mean_probability")
 
+#: Every feature a line model may use: name -> value of a candidate entry.
+FEATURES = {
+    "bias": lambda line: 1.0,
+    "log_voxels": lambda line: float(np.log(max(int(line["voxels"]), 1))),
+    "section_ratio_over_10": lambda line: min(float(line.get("section_ratio", 0.0)), 10.0) / 10,
+    "cut_fraction": lambda line: float(line.get("cut_fraction", 0.0)),
+    # A result written before cut_depth existed has none: its all-or-nothing cut stands in.
+    "cut_depth": lambda line: float(line.get("cut_depth", line.get("cut_fraction", 0.0))),
+    "mean_probability": lambda line: float(line["mass"]) / max(int(line["voxels"]), 1),
+}
 
-def line_features(line: Dict[str, Any]) -> np.ndarray:
-    """The :data:`LINE_FEATURES` of a candidate line (``result.json`` candidate entry).
+
+def line_features(line: Dict[str, Any], names: Sequence[str] = LINE_FEATURES) -> np.ndarray:
+    """The features ``names`` (default :data:`LINE_FEATURES`) of a candidate line
+    (``result.json`` candidate entry).
+
+    Raises:
+        ValueError: A name that is not in :data:`FEATURES`.
 
     Example:
         >>> line_features({"voxels": 100, "mass": 80.0, "section_ratio": 4.0,
         ...                "cut_fraction": 1.0}).round(3).tolist()
         [1.0, 4.605, 0.4, 1.0, 0.8]
+        >>> line_features({"voxels": 100, "mass": 80.0, "cut_fraction": 0.0, "cut_depth": 0.96},
+        ...               ("bias", "cut_depth")).tolist()
+        [1.0, 0.96]
     """
-    voxels = max(int(line["voxels"]), 1)
-    return np.array([1.0, np.log(voxels), min(float(line.get("section_ratio", 0.0)), 10.0) / 10,
-                     float(line.get("cut_fraction", 0.0)), float(line["mass"]) / voxels])
+    unknown = [n for n in names if n not in FEATURES]
+    if unknown:
+        raise ValueError(f"unknown line features {unknown}; known: {sorted(FEATURES)}")
+    return np.array([FEATURES[n](line) for n in names], dtype=float)
 
 
 def line_probability(line: Dict[str, Any], model: Dict[str, Any]) -> float:
     """P(this candidate is the fibular fracture line) from a fitted logistic line model.
 
     Args:
-        line: A candidate entry (voxels, mass, section_ratio, cut_fraction).
-        model: {"features": LINE_FEATURES, "weights": [...]} (plans.json).
+        line: A candidate entry (voxels, mass, section_ratio, cut_fraction, cut_depth).
+        model: {"features": names from :data:`FEATURES`, "weights": [...]} (plans.json).
 
     Raises:
-        ValueError: The model was fitted on other features.
+        ValueError: Unknown features, or as many weights as features missing.
     """
-    if tuple(model.get("features", ())) != LINE_FEATURES:
-        raise ValueError(f"line model features {model.get('features')} are not "
-                         f"{list(LINE_FEATURES)}")
-    z = float(line_features(line) @ np.asarray(model["weights"], float))
+    names = tuple(model.get("features", ()))
+    weights = np.asarray(model["weights"], float)
+    if not names or weights.shape != (len(names),):
+        raise ValueError(f"line model needs one weight per feature; got features {list(names)} "
+                         f"and {weights.size} weights")
+    z = float(line_features(line, names) @ weights)
     return float(1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0))))
 
 
