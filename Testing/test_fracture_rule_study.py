@@ -165,3 +165,31 @@ def test_calibration_study_page_is_the_rendering_of_the_committed_runs(tmp_path)
     else:
         assert done.returncode == 1 and "not written" in done.stderr
         assert written == json.loads(shipped_plans.read_text())["decision"]
+
+
+def test_line_model_features_are_chosen_and_the_record_is_on_the_page(tmp_path) -> None:
+    """--features fits the line model on the named features (cut_depth among them), an unknown
+    name is refused, and the experiment's criterion.json (why, criterion, verdict) is on the
+    page."""
+    val = _evaluation(tmp_path / "val.json", _rows())
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "criterion.json").write_text(json.dumps({
+        "written": "before the runs", "why": "thin bridges", "criterion": "ship if better",
+        "verdict": "Not shipped: worse."}))
+    done = subprocess.run([sys.executable, str(SCRIPT), "--fit", val, "--out", str(out),
+                           "--features", "bias,log_voxels,cut_depth"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fracture_rule_study", SCRIPT)
+    study_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study_module)
+    model = study_module.fit_line_model(_rows(), ["bias", "log_voxels", "cut_depth"])
+    assert model["features"] == ["bias", "log_voxels", "cut_depth"] and len(model["weights"]) == 3
+    page = (out / "README.md").read_text()
+    assert "thin bridges" in page and "ship if better" in page and "Not shipped: worse." in page
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--fit", val, "--features",
+                          "bias,shape"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown --features" in bad.stderr
