@@ -8,8 +8,9 @@ file, then measures:
 
 * in-process (models loaded once by a warm-up run, as in Slicer or ``batch``):
   ``read_image`` -> ``Pipeline.run`` -> ``write_outputs`` (report.png included), median of
-  ``--runs`` runs, with each stage's median seconds and share of the total (read, checks,
-  segment, register, crop, classify, gradcam, write) and the process's peak resident memory;
+  ``--runs`` runs, with each stage's median seconds and share of the total (:data:`STAGES`:
+  read, checks, segment, register, shape_prior, crop, classify, gradcam, localise, write) and
+  the process's peak resident memory;
 * command line (unless ``--no-cli``): ``python -m AnkleFractureLib run CT --out DIR --quiet`` in
   a fresh process (imports and model loading included), median wall time of 2 runs and the peak
   resident memory of that process.
@@ -42,8 +43,8 @@ GOAL_S = 6.0
 GOAL_COLD_S = 9.0
 GOAL_RSS_MB = 3072.0
 #: Stages in the order they run; "read" and "write" are timed here, the rest by the pipeline.
-STAGES = ("read", "checks", "segment", "register", "crop", "classify", "gradcam", "localise",
-          "write")
+STAGES = ("read", "checks", "segment", "register", "shape_prior", "crop", "classify", "gradcam",
+          "localise", "write")
 
 
 def _clinical_ct(folder: str, seed: int) -> str:

@@ -257,14 +257,18 @@ def _otherLines(fracture: Dict[str, Any]) -> str:
 
 
 def _agreementLine(result: Dict[str, Any]) -> str:
-    """A newline and the label-free segmentation check's line (the finding
-    ``segmentation_agreement``), or "" when the run has none."""
-    for finding in result.get("findings") or []:
-        if isinstance(finding, dict) and finding.get("code") == "segmentation_agreement":
-            from AnkleFractureLib.segmentation.quality import describe_agreement
+    """Newline-led lines of the label-free segmentation check (the finding
+    ``segmentation_agreement``) and of the labels the template's shape prior took out
+    (``segmentation_shape_prior``), or "" when the run has neither."""
+    from AnkleFractureLib.registration.shape_prior import describe_shape_prior
+    from AnkleFractureLib.segmentation.quality import describe_agreement
 
-            return "\n" + describe_agreement(finding.get("details") or {})
-    return ""
+    describe = {"segmentation_agreement": describe_agreement,
+                "segmentation_shape_prior": describe_shape_prior}
+    lines = [describe[f["code"]](f.get("details") or {})
+             for f in result.get("findings") or []
+             if isinstance(f, dict) and f.get("code") in describe]
+    return "".join("\n" + line for line in lines)
 
 
 def saveReport(result: Dict[str, Any], path: PathLike) -> Path:

@@ -72,9 +72,11 @@ CACHE_VERSION = 2
 #: the fit on the distal 200 mm above it (whole-leg scans).
 #: 6: tibia surface points more than 25 mm below the plafond found on the labels left out of
 #: the fit (a talus labelled tibia no longer pulls it along the shaft).
+#: 7: the model's masks lose the voxels far from the registered template's bones
+#: (:mod:`~AnkleFractureLib.registration.shape_prior`), as ``run`` does.
 #: (Later changes of the segmentation post-processing are keyed by its own
 #: ``POSTPROCESS_VERSION``, for model-mask crops only.)
-CROP_CODE_VERSION = 6
+CROP_CODE_VERSION = 7
 #: Side policies of :func:`load_crops`: automatic detection as ``run`` does, or the dataset's.
 SIDE_POLICIES = ("detect", "dataset")
 ProgressCallback = Callable[[float, str], None]
@@ -126,8 +128,8 @@ class CropSet:
 
 
 def crop_case(ct: Volume, label: Optional[Volume], kind: str = "registered",
-              template: Any = None, side: str = "auto", both_legs_side: Optional[str] = None
-              ) -> Tuple[np.ndarray, Dict[str, Any]]:
+              template: Any = None, side: str = "auto", both_legs_side: Optional[str] = None,
+              shape_prior: bool = False) -> Tuple[np.ndarray, Dict[str, Any]]:
     """The crop channels of one CT, registered as ``ankle-fracture run`` registers it.
 
     The fit is anchored on the plafond found on the labels, as in the pipeline
@@ -142,6 +144,9 @@ def crop_case(ct: Volume, label: Optional[Volume], kind: str = "registered",
         both_legs_side: With ``side="auto"``, the side to register when detection refuses
             the scan because both legs are in view (that leg's labels alone, as a user answers
             the refusal); None: the refusal stands.
+        shape_prior: ``label`` is the segmentation model's: after the registration, the voxels
+            far from the template's bones leave it, as ``run`` does
+            (:mod:`~AnkleFractureLib.registration.shape_prior`; never a reference map).
 
     Returns:
         (float32 (3, nz, ny, nx) channels, info {"side", "rms_mm", "coverage", "kind"}).
@@ -169,6 +174,10 @@ def crop_case(ct: Volume, label: Optional[Volume], kind: str = "registered",
         label, _ = select_leg(label, side)
         reg = register_to_template(label, template, side=side, ct=ct,
                                    plafond_hint=estimate_plafond(label))
+    if shape_prior:
+        from AnkleFractureLib.registration.shape_prior import apply_shape_prior
+
+        label, _ = apply_shape_prior(label, reg, template)
     crop = crop_syndesmosis(ct, label, reg.patient_to_template, template)
     return crop.channels.astype(np.float32), {
         "kind": "registered", "side": reg.side, "rms_mm": round(float(reg.rms_mm), 4),
@@ -341,7 +350,7 @@ def _compute(job: Dict[str, Any]) -> Tuple[str, Optional[str]]:
         # "detect": as `ankle-fracture run` (side auto), never the dataset's side.
         side = (record.side or "auto") if job["side"] == "dataset" else "auto"
         channels, info = crop_case(ct, label, kind, template, side=side,
-                                   both_legs_side=record.side)
+                                   both_legs_side=record.side, shape_prior=source == "model")
         info["masks"] = source
         if kind == "registered":
             _side_info(info, job["side"], record.side)

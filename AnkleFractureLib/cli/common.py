@@ -59,7 +59,8 @@ def check_tta(tta: Optional[int]) -> None:
 
 def add_pipeline_options(p: "argparse.ArgumentParser", side_help: str) -> None:
     """The options every whole-pipeline command shares (``run``, ``batch``):
-    --side, --device, --tta, --seg-model, --cls-model, --fracture-model, --template, --pdf."""
+    --side, --device, --tta, --seg-model, --cls-model, --fracture-model, --template,
+    --no-shape-prior, --pdf."""
     p.add_argument("--side", choices=["auto", "left", "right"], default="auto", help=side_help)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto (default: CUDA when available), cpu or cuda")
@@ -73,6 +74,10 @@ def add_pipeline_options(p: "argparse.ArgumentParser", side_help: str) -> None:
     p.add_argument("--fracture-model", metavar="DIR",
                    help="fracture localiser folder (default: the shipped model)")
     p.add_argument("--template", metavar="DIR", help="template folder (default: the shipped one)")
+    p.add_argument("--no-shape-prior", dest="shape_prior", action="store_false",
+                   help="keep labels that lie far from the registered healthy template's tibia "
+                        "and fibula (by default they are taken out after the registration, "
+                        "with a note: foot bones the network called tibia or fibula)")
     p.add_argument("--pdf", action="store_true", help="also write the report as report.pdf")
 
 
@@ -82,7 +87,8 @@ def pipeline_options(args: "argparse.Namespace") -> "Any":
 
     return PipelineOptions(side=args.side, device=args.device, tta=args.tta,
                            seg_model_dir=args.seg_model, cls_model_dir=args.cls_model,
-                           fracture_model_dir=args.fracture_model, template_dir=args.template)
+                           fracture_model_dir=args.fracture_model, template_dir=args.template,
+                           shape_prior=getattr(args, "shape_prior", True))
 
 
 def bar_chart(probabilities: Dict[str, float], prediction: str, width: int = 30) -> List[str]:

@@ -72,6 +72,13 @@ class PipelineOptions:
         gradcam_class: Class the Grad-CAM heatmap explains (None: the prediction).
         fracture_model_dir: Fracture localiser folder (None: the shipped one).
         localise: Locate and measure the fibular fracture line after the classification.
+        shape_prior: After the registration, take out of the labels the voxels that lie far
+            from the registered healthy template's bone of the same label (foot bones the
+            network called tibia or fibula; :mod:`~AnkleFractureLib.registration.shape_prior`),
+            with an "info" finding that says how much. Applied to a label map the caller gives
+            too, so that the Slicer module's step-by-step run (Segment, then Register with the
+            segment's labels) analyses what Run all does; a corrected map rarely holds such
+            voxels, and the finding names them when it does.
     """
 
     side: str = "auto"
@@ -83,6 +90,7 @@ class PipelineOptions:
     gradcam_class: Optional[str] = None
     fracture_model_dir: Optional[PathLike] = None
     localise: bool = True
+    shape_prior: bool = True
 
     def __post_init__(self) -> None:
         if self.side not in ("auto", "left", "right"):
@@ -354,6 +362,7 @@ class Pipeline:
         self._classifier: Any = None
         self._localiser: Any = None
         self._template: Any = None
+        self._template_distances: Any = None
         self._hashes: Dict[str, Tuple[Optional[str], Optional[str]]] = {}
 
     # ------------------------------------------------------------------ models (lazy)
@@ -395,6 +404,16 @@ class Pipeline:
 
             self._template = load_template(self.options.template_dir)
         return self._template
+
+    @property
+    def template_distances(self) -> Any:
+        """The template's :class:`~AnkleFractureLib.registration.shape_prior.TemplateDistances`
+        (built once)."""
+        if self._template_distances is None:
+            from AnkleFractureLib.registration.shape_prior import TemplateDistances
+
+            self._template_distances = TemplateDistances(self.template)
+        return self._template_distances
 
     def _model_entry(self, folder: Optional[PathLike], default: Callable[[], Path],
                      loaded: bool) -> Dict[str, Any]:
@@ -581,6 +600,8 @@ class Pipeline:
         registration = self._run_register(run, ct, leg_label, registration, plafond)
         if registration is None or res.refused:
             return run.finish("register")
+        if self.options.shape_prior:
+            leg_label = self._run_shape_prior(run, leg_label, registration)
         crop = self._run_crop(run, ct, leg_label, registration)
         if crop is None or res.refused or stop_after == "crop":
             return run.finish("crop")
@@ -667,6 +688,34 @@ class Pipeline:
             res.findings.extend(C.check_registration(registration, leg_label, self.template,
                                                      plafond=plafond))
         return registration
+
+    def _run_shape_prior(self, run: "_Run", leg_label: Volume, registration: Any) -> Volume:
+        """The analysed leg's labels without the voxels far from the registered template's
+        bones; the scan's label map (``res.label``) loses the same voxels, with a note."""
+        from AnkleFractureLib.registration.shape_prior import MARGIN_MM, apply_shape_prior
+
+        res = run.res
+        with run.timed("shape_prior"):
+            cleaned, removed = apply_shape_prior(leg_label, registration,
+                                                 distances=self.template_distances)
+            if cleaned is leg_label:
+                return leg_label
+            if res.label is leg_label:
+                res.label = cleaned
+            else:  # both legs in view: the other leg's labels stay as they are
+                gone = (np.asarray(leg_label.array) > 0) & (np.asarray(cleaned.array) == 0)
+                arr = np.array(res.label.array, copy=True)
+                arr[gone] = 0
+                res.label = res.label.with_array(arr)
+            res.bones_ml = C.bone_volumes_ml(res.label)
+        res.findings.append(C.Finding(
+            C.INFO, "segmentation_shape_prior",
+            f"{removed['tibia_ml']:.1f} ml labelled tibia and {removed['fibula_ml']:.1f} ml "
+            f"labelled fibula lay more than {MARGIN_MM[1]:.0f} / {MARGIN_MM[2]:.0f} mm from the "
+            f"registered healthy tibia / fibula (foot bones, the talus) and were taken out of "
+            f"the labels", {**removed, "margin_tibia_mm": MARGIN_MM[1],
+                            "margin_fibula_mm": MARGIN_MM[2]}))
+        return cleaned
 
     def _run_crop(self, run: "_Run", ct: Volume, leg_label: Volume, registration: Any) -> Any:
         """Crop and check; None when the syndesmosis is out of the field of view."""

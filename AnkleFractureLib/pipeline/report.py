@@ -459,6 +459,17 @@ def _agreement_line(result: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def _shape_prior_line(result: Dict[str, Any]) -> Optional[str]:
+    """What the template's shape prior took out of the labels (``segmentation_shape_prior``),
+    or None."""
+    from AnkleFractureLib.registration.shape_prior import describe_shape_prior
+
+    for f in result.get("findings") or []:
+        if isinstance(f, dict) and f.get("code") == "segmentation_shape_prior":
+            return describe_shape_prior(f.get("details") or {})
+    return None
+
+
 def _info_lines(result: Dict[str, Any], notes: Sequence[str], width: int,
                 heatmap_shown: bool = True) -> List[str]:
     lines: List[str] = []
@@ -475,9 +486,9 @@ def _info_lines(result: Dict[str, Any], notes: Sequence[str], width: int,
     reg = result.get("registration") or {}
     rms = reg.get("rms_mm") if isinstance(reg, dict) else None
     add("Registration RMS: " + (f"{float(rms):.2f} mm" if rms is not None else "n/a"))
-    agreement = _agreement_line(result)
-    if agreement:
-        add(agreement)
+    for line in (_agreement_line(result), _shape_prior_line(result)):
+        if line:
+            add(line)
     unc = result.get("uncertainty") or {}
     if result.get("probabilities") and not result.get("refused"):
         conf = unc.get("confidence")

@@ -7,6 +7,7 @@ Modules, in the order the stage runs:
 * :mod:`.icp`: trimmed, label-aware similarity ICP (KD-trees, several starts);
 * :mod:`.template`: the healthy right-ankle template and its syndesmosis box;
 * :mod:`.register`: the whole stage, ``patient_to_template = icp @ mirror``;
+* :mod:`.shape_prior`: labels far from the registered template's bones leave the labels;
 * :mod:`.transform_io`: ``transform.json`` and the ITK ``transform.tfm``.
 """
 
