@@ -8,6 +8,7 @@ displaced fracture.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Tuple
 
 import numpy as np
@@ -187,3 +188,31 @@ def test_block_reading_equals_reading_every_voxel():
         want = flat[dist > margin]
         assert want.size > 0 or bone == 1
         assert np.array_equal(np.sort(got[bone]), np.sort(want))
+
+
+def test_study_page_is_the_rendering_of_the_committed_files(monkeypatch):
+    from conftest import REPO_ROOT, load_script
+
+    monkeypatch.chdir(REPO_ROOT)  # the page names its folder as given (repository-relative)
+    mod = load_script("shape_prior_study")
+    folder = Path("docs/seg_v2/shape_prior")
+    assert (REPO_ROOT / folder / "README.md").read_text() == mod.page(folder)
+
+
+def test_study_summary_counts_lost_bone_and_dice_falls():
+    from conftest import load_script
+
+    mod = load_script("shape_prior_study")
+
+    def row(lost, before, after, prior):
+        bone = {"before": {"dice": before, "far_ml": 2.0, "swapped_ml": 0.0},
+                "after": {"dice": after, "far_ml": 0.5, "swapped_ml": 0.0},
+                "lost_true_ml": lost}
+        return {"refused": None, "prior": prior, "tibia": bone, "fibula": dict(bone)}
+
+    s = mod.summary([row(0.0, 0.9, 0.95, [{"tibia_ml": 1.5}]), row(0.2, 0.97, 0.96, [])])
+    assert s["changed"] == 1 and s["refused"] == 0
+    assert s["tibia"]["lost_true_ml"] == pytest.approx(0.2)
+    assert s["tibia"]["largest_case_lost_ml"] == pytest.approx(0.2)
+    assert s["tibia"]["largest_dice_fall"] == pytest.approx(0.01)
+    assert s["tibia"]["far_ml_before"] == 4.0 and s["tibia"]["far_ml_after"] == 1.0

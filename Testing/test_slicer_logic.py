@@ -449,3 +449,17 @@ def test_results_root_is_the_chosen_folder_else_one_temporary_folder(scene, tmp_
     assert logic.resultsRoot == tmp_path
     logic.resultsRoot = "."           # emptied again: back to the same temporary folder
     assert logic.resultsRoot == temporary
+
+
+def test_panel_names_the_labels_the_shape_prior_took_out():
+    from AnkleFractureSlicer.logic import describeResult
+
+    finding = {"level": "info", "code": "segmentation_shape_prior", "message": "",
+               "details": {"tibia_ml": 14.3, "fibula_ml": 0.4, "margin_tibia_mm": 10.0,
+                           "margin_fibula_mm": 15.0}}
+    result = {"prediction": "B", "probabilities": {"none": 0.02, "A": 0.03, "B": 0.91,
+                                                   "C": 0.04},
+              "uncertainty": {"unsure": False}, "warnings": [], "findings": [finding]}
+    text = describeResult(result)["warnings"]
+    assert "14.3 ml tibia" in text and "0.4 ml fibula" in text
+    assert "14.3 ml" not in describeResult(dict(result, findings=[]))["warnings"]
