@@ -80,9 +80,10 @@ def test_foot_bones_labelled_tibia_or_fibula_leave_the_labels(value):
     cleaned, removed = apply_shape_prior(case.label.with_array(arr), reg,
                                          distances=_distances())
     out = cleaned.array
-    # Most of the foot leaves (what stays lies within the margin of the malleoli and the
-    # plafond: the upper talus), and no true bone voxel does.
-    assert np.count_nonzero(out[foot]) < 0.25 * foot.sum()
+    # The foot bones 20 mm and more below the joint leave (measured: all but 0.01 of 22.9 ml),
+    # and no true bone voxel does. (The upper talus, within the margins of the plafond and
+    # the malleoli, would stay: the prior cannot tell it from the joint's own bone.)
+    assert np.count_nonzero(out[foot]) < 0.01 * foot.sum()
     truth = case.label.array
     assert np.array_equal(out[truth > 0], truth[truth > 0])
     name = ("tibia_ml", "fibula_ml")[value - 1]
