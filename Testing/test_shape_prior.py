@@ -217,3 +217,30 @@ def test_study_summary_counts_lost_bone_and_dice_falls():
     assert s["tibia"]["largest_case_lost_ml"] == pytest.approx(0.2)
     assert s["tibia"]["largest_dice_fall"] == pytest.approx(0.01)
     assert s["tibia"]["far_ml_before"] == 4.0 and s["tibia"]["far_ml_after"] == 1.0
+
+
+def test_pipeline_registers_again_after_a_large_removal():
+    """Foot bones labelled fibula (5 ml within 30 mm of the fibula) leave the labels; the leg
+    is registered again on the cleaned labels and that fit is kept."""
+    from scipy import ndimage
+
+    case, reg_true = _case(FOOT_SEED, "none", "left", "vh")
+    sampling = np.asarray(case.ct.spacing)[::-1]
+    near = ndimage.distance_transform_edt(case.label.array != 2, sampling=sampling) < 30.0
+    arr = case.label.array.copy()
+    arr[_foot_bone_mask(case) & near] = 2
+    label = case.label.with_array(arr)
+    on = Pipeline(PipelineOptions(localise=False)).run(case.ct, label=label, stop_after="crop")
+    off = Pipeline(PipelineOptions(localise=False, shape_prior=False)).run(
+        case.ct, label=label, stop_after="crop")
+    note = [f for f in on.findings if f.code == "segmentation_shape_prior"][0]
+    assert note.details["fibula_ml"] > 1.0 and note.details["registered_again"] is True
+    assert on.registration is not off.registration
+    assert on.registration.rms_mm <= off.registration.rms_mm + 0.25
+    # The first fit had to drop the foot "fibula" (a note that marks the answer unsure); the
+    # refit on the cleaned labels needs no such note, and its findings replace the first's.
+    assert "registration_note" in [f.code for f in off.findings]
+    assert "registration_note" not in [f.code for f in on.findings]
+    assert not on.registration.warnings
+    shift = on.registration.template_to_patient[:3, 3] - reg_true.template_to_patient[:3, 3]
+    assert np.linalg.norm(shift) < 1.0

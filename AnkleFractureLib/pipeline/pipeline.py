@@ -54,6 +54,12 @@ OUTPUT_FILES = ("segmentation.nii.gz", "transform.json", "transform.tfm",
 STOP_AFTER = (None, "segment", "crop")
 
 #: Share of the overall progress of each stage (segmentation dominates on a CPU).
+#: The shape prior's removals (ml, both bones) from which the leg is registered again on the
+#: cleaned labels: the first fit had matched those foot bones too.
+REFIT_ML = 1.0
+#: The refit is kept unless its surface RMS (mm) exceeds the first fit's by more than this:
+#: the two fit different label sets, so equal fits differ by a few hundredths of a mm.
+REFIT_RMS_SLACK_MM = 0.25
 STAGE_SPAN = {"segment": (0.0, 0.65), "register": (0.65, 0.8), "crop": (0.8, 0.85),
               "classify": (0.85, 0.97), "localise": (0.97, 1.0)}
 
@@ -327,6 +333,10 @@ class _Run:
         #: The side told from the analysed leg's labels by the checks, for the registration
         #: (None when the checks did not tell it on exactly those labels).
         self.side_detection: Any = None
+        #: The registration's findings, and whether the pipeline made the fit itself (a
+        #: caller's registration is never fitted again).
+        self.registration_findings: List[C.Finding] = []
+        self.fitted_here = False
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -601,7 +611,7 @@ class Pipeline:
         if registration is None or res.refused:
             return run.finish("register")
         if self.options.shape_prior:
-            leg_label = self._run_shape_prior(run, leg_label, registration)
+            leg_label, registration = self._run_shape_prior(run, ct, leg_label, registration)
         crop = self._run_crop(run, ct, leg_label, registration)
         if crop is None or res.refused or stop_after == "crop":
             return run.finish("crop")
@@ -682,16 +692,21 @@ class Pipeline:
                                               f"the registration to the template failed: "
                                               f"{getattr(exc, 'reason', exc)}"))
                 return None
+            run.fitted_here = True
         res.registration = registration
         res.side = registration.side
         with run.timed("checks"):
-            res.findings.extend(C.check_registration(registration, leg_label, self.template,
-                                                     plafond=plafond))
+            run.registration_findings = C.check_registration(registration, leg_label,
+                                                             self.template, plafond=plafond)
+            res.findings.extend(run.registration_findings)
         return registration
 
-    def _run_shape_prior(self, run: "_Run", leg_label: Volume, registration: Any) -> Volume:
-        """The analysed leg's labels without the voxels far from the registered template's
-        bones; the scan's label map (``res.label``) loses the same voxels, with a note."""
+    def _run_shape_prior(self, run: "_Run", ct: Volume, leg_label: Volume, registration: Any
+                         ) -> Tuple[Volume, Any]:
+        """(the analysed leg's labels without the voxels far from the registered template's
+        bones, the registration): the scan's label map (``res.label``) loses the same voxels,
+        with a note; when they come to :data:`REFIT_ML` or more, the leg is registered again
+        on the cleaned labels (:meth:`_refit`)."""
         from AnkleFractureLib.registration.shape_prior import MARGIN_MM, apply_shape_prior
 
         res = run.res
@@ -699,7 +714,7 @@ class Pipeline:
             cleaned, removed = apply_shape_prior(leg_label, registration,
                                                  distances=self.template_distances)
             if cleaned is leg_label:
-                return leg_label
+                return leg_label, registration
             if res.label is leg_label:
                 res.label = cleaned
             else:  # both legs in view: the other leg's labels stay as they are
@@ -708,14 +723,44 @@ class Pipeline:
                 arr[gone] = 0
                 res.label = res.label.with_array(arr)
             res.bones_ml = C.bone_volumes_ml(res.label)
-        res.findings.append(C.Finding(
+        note = C.Finding(
             C.INFO, "segmentation_shape_prior",
             f"{removed['tibia_ml']:.1f} ml labelled tibia and {removed['fibula_ml']:.1f} ml "
             f"labelled fibula lay more than {MARGIN_MM[1]:.0f} / {MARGIN_MM[2]:.0f} mm from the "
             f"registered healthy tibia / fibula (foot bones, the talus) and were taken out of "
             f"the labels", {**removed, "margin_tibia_mm": MARGIN_MM[1],
-                            "margin_fibula_mm": MARGIN_MM[2]}))
-        return cleaned
+                            "margin_fibula_mm": MARGIN_MM[2], "registered_again": False})
+        res.findings.append(note)
+        if run.fitted_here and removed["tibia_ml"] + removed["fibula_ml"] >= REFIT_ML:
+            refit = self._refit(run, ct, cleaned, registration)
+            note.details["registered_again"] = refit is not registration
+            registration = refit
+        return cleaned, registration
+
+    def _refit(self, run: "_Run", ct: Volume, label: Volume, first: Any) -> Any:
+        """The registration of ``label`` (the cleaned labels) when its checks refuse nothing
+        and its surface RMS is at most :data:`REFIT_RMS_SLACK_MM` above the ``first`` fit's
+        (whose findings it then replaces), else ``first``."""
+        res = run.res
+        plafond = C.estimate_plafond(label)
+        try:
+            with run.timed("register"):
+                refit = self.register(ct, label, self.options.side, None,
+                                      plafond_hint=plafond, side_detection=run.side_detection)
+        except CancelledError:
+            raise
+        except AnkleFractureError:
+            return first
+        with run.timed("checks"):
+            found = C.check_registration(refit, label, self.template, plafond=plafond)
+        if any(f.level == C.REFUSAL for f in found) or \
+                refit.rms_mm > first.rms_mm + REFIT_RMS_SLACK_MM:
+            return first
+        res.findings = [f for f in res.findings if f not in run.registration_findings] + found
+        run.registration_findings = found
+        res.registration = refit
+        res.side = refit.side
+        return refit
 
     def _run_crop(self, run: "_Run", ct: Volume, leg_label: Volume, registration: Any) -> Any:
         """Crop and check; None when the syndesmosis is out of the field of view."""

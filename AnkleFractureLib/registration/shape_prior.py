@@ -282,6 +282,7 @@ def describe_shape_prior(details: Dict[str, float]) -> str:
         ...                       "margin_fibula_mm": 15.0})
         'Labels taken out, far from the healthy tibia / fibula (foot bones?): 14.3 ml tibia, 0.0 ml fibula'
     """
+    again = "; the leg registered again without them" if details.get("registered_again") else ""
     return (f"Labels taken out, far from the healthy tibia / fibula (foot bones?): "
             f"{float(details.get('tibia_ml', 0.0)):.1f} ml tibia, "
-            f"{float(details.get('fibula_ml', 0.0)):.1f} ml fibula")
+            f"{float(details.get('fibula_ml', 0.0)):.1f} ml fibula{again}")
