@@ -16,7 +16,9 @@ prior: Dice, ``far_ml`` (labelled more than 10 mm from the true bone) and ``lost
 
 ``--page DIR`` writes ``DIR/README.md`` from ``DIR/criterion.json``, the study files
 ``DIR/seg_*.json`` and the whole-pipeline evaluations ``DIR/pipeline/heldout_*.json`` against
-``DIR/baseline/heldout_*.json`` (the code before the prior).
+``DIR/baseline/heldout_*.json`` (the code before the prior), then, with
+``DIR/refit_criterion.json``, ``DIR/pipeline_refit/heldout_*.json`` (the prior followed by a
+second registration) against ``DIR/pipeline/``.
 """
 
 from __future__ import annotations
@@ -146,17 +148,22 @@ def _pipeline_rates(path: Path) -> Dict[str, Any]:
     fractured = [c for c in cases if c["true"] != "none"]
     intact = [c for c in cases if c["true"] == "none"]
     right = sum(c["predicted"] == c["true"] for c in cases)
+    plafond = [c["registration"]["plafond_error_mm"] for c in cases
+               if (c.get("registration") or {}).get("plafond_error_mm") is not None]
     return {"n": len(cases), "right": right,
             "found": sum(bool(c["found"]) for c in fractured), "fractured": len(fractured),
             "found_intact": sum(bool(c["found"]) for c in intact), "intact": len(intact),
-            "refused": sum(bool(c["refused"]) for c in cases)}
+            "refused": sum(bool(c["refused"]) for c in cases),
+            "plafond": round(float(np.median(plafond)), 2) if plafond else None}
 
 
-def _pipeline_table(folder: Path) -> List[str]:
+def _pipeline_table(folder: Path, before_dir: str = "baseline", after_dir: str = "pipeline"
+                    ) -> List[str]:
     lines = ["| set | answers right (before -> after) | found on fractured | found on intact "
-             "| refused | cases whose answer changed |", "|---|---|---|---|---|---|"]
-    for f in sorted((folder / "pipeline").glob("heldout_*.json")):
-        base = folder / "baseline" / f.name
+             "| refused | median plafond error (mm) | cases whose answer changed |",
+             "|---|---|---|---|---|---|---|"]
+    for f in sorted((folder / after_dir).glob("heldout_*.json")):
+        base = folder / before_dir / f.name
         if not base.is_file():
             continue
         a, b = _pipeline_rates(base), _pipeline_rates(f)
@@ -167,8 +174,28 @@ def _pipeline_table(folder: Path) -> List[str]:
         lines.append(f"| {f.stem[8:]} | {a['right']}/{a['n']} -> {b['right']}/{b['n']} "
                      f"| {a['found']}/{a['fractured']} -> {b['found']}/{b['fractured']} "
                      f"| {a['found_intact']}/{a['intact']} -> {b['found_intact']}/{b['intact']} "
-                     f"| {a['refused']} -> {b['refused']} | {'; '.join(changed) or 'none'} |")
+                     f"| {a['refused']} -> {b['refused']} | {a['plafond']} -> {b['plafond']} "
+                     f"| {'; '.join(changed) or 'none'} |")
     return lines
+
+
+def _refit_section(folder: Path) -> List[str]:
+    """The second registration's criterion and table (``refit_criterion.json``,
+    ``pipeline_refit/`` against ``pipeline/``), when the folder has them."""
+    path = folder / "refit_criterion.json"
+    if not path.is_file():
+        return []
+    crit = json.loads(path.read_text())
+    out = [f"## Then: {crit['name']}", "", f"**Why.** {crit['why']}", "",
+           f"**Change.** {crit['change']}", "",
+           f"**Criterion.** {crit['criterion']} ({crit.get('written', '')})", ""]
+    if crit.get("verdict"):
+        out += [f"**Verdict.** {crit['verdict']}", ""]
+    if (folder / "pipeline_refit").is_dir():
+        out += ["`pipeline/`: the prior without the second registration; `pipeline_refit/`: "
+                "with it (same command).", ""]
+        out += _pipeline_table(folder, "pipeline", "pipeline_refit") + [""]
+    return out
 
 
 def page(folder: Path) -> str:
@@ -188,6 +215,7 @@ def page(folder: Path) -> str:
             "side)", "", "`baseline/`: docs/fracture/heldout_*.json before the prior; "
             "`pipeline/`: the same command with it.", ""]
     out += _pipeline_table(folder) + [""]
+    out += _refit_section(folder)
     return "\n".join(out)
 
 
