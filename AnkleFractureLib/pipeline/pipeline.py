@@ -53,13 +53,13 @@ OUTPUT_FILES = ("segmentation.nii.gz", "transform.json", "transform.tfm",
 #: Stages after which :meth:`Pipeline.run` can stop (None: run them all).
 STOP_AFTER = (None, "segment", "crop")
 
-#: Share of the overall progress of each stage (segmentation dominates on a CPU).
 #: The shape prior's removals (ml, both bones) from which the leg is registered again on the
 #: cleaned labels: the first fit had matched those foot bones too.
 REFIT_ML = 1.0
 #: The refit is kept unless its surface RMS (mm) exceeds the first fit's by more than this:
 #: the two fit different label sets, so equal fits differ by a few hundredths of a mm.
 REFIT_RMS_SLACK_MM = 0.25
+#: Share of the overall progress of each stage (segmentation dominates on a CPU).
 STAGE_SPAN = {"segment": (0.0, 0.65), "register": (0.65, 0.8), "crop": (0.8, 0.85),
               "classify": (0.85, 0.97), "localise": (0.97, 1.0)}
 
