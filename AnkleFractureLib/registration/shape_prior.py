@@ -244,17 +244,15 @@ def apply_shape_prior(label: Volume, registration: "Registration",
     arr = np.array(label.array, copy=True)
     removed = {}
     for bone, idx in far.items():
-        before = np.count_nonzero(arr == bone) if idx.size else 0
-        if idx.size:
-            _remove_with_pieces(arr, bone, idx)
-        gone = before - np.count_nonzero(arr == bone) if idx.size else 0
+        gone = _remove_with_pieces(arr, bone, idx) if idx.size else 0
         removed[f"{NAMES[bone]}_ml"] = round(float(gone) * voxel_ml, 3)
     return label.with_array(arr), removed
 
 
-def _remove_with_pieces(arr: np.ndarray, bone: int, far_flat: np.ndarray) -> None:
+def _remove_with_pieces(arr: np.ndarray, bone: int, far_flat: np.ndarray) -> int:
     """Zero, in place, the voxels ``far_flat`` of label ``bone`` and every connected piece of
-    that label (26-connected) that loses at least :data:`PIECE_SHARE` of its voxels to them."""
+    that label (26-connected) that loses at least :data:`PIECE_SHARE` of its voxels to them;
+    returns how many voxels were zeroed (counted in the bone's box, not the whole grid)."""
     from scipy import ndimage as ndi
 
     from AnkleFractureLib.geometry.arrays import bounding_box
@@ -268,10 +266,12 @@ def _remove_with_pieces(arr: np.ndarray, bone: int, far_flat: np.ndarray) -> Non
     lost = np.bincount(hit, minlength=size.size)
     whole = np.flatnonzero((lost >= PIECE_SHARE * np.maximum(size, 1)) & (lost > 0))
     whole = whole[whole > 0]
+    before = int(np.count_nonzero(pieces))
     arr.ravel()[far_flat] = 0
+    sub = arr[box]  # a view: zeroing it zeroes arr
     if whole.size:
-        sub = arr[box]
         sub[np.isin(pieces, whole)] = 0
+    return before - int(np.count_nonzero(sub == bone))
 
 
 def describe_shape_prior(details: Dict[str, float]) -> str:
