@@ -277,7 +277,9 @@ def combine_lines(classifier: Dict[str, float], candidates: Sequence[Dict[str, A
     exponents ``rule["classifier_weight"]`` and ``rule["localiser_weight"]`` (default 1 each:
     a plain product of experts; fitted on validation cases, they say how far each expert's
     probabilities are to be trusted), each probability first raised to at least
-    ``rule["floor"]`` (default :data:`FLOOR`).
+    ``rule["floor"]`` (default :data:`FLOOR`): over the four classes at once
+    (``rule["combination"]`` "flat", the default) or first for fracture / none and then for
+    the class given a fracture ("hierarchical", :func:`hierarchical_product`).
 
     Args:
         classifier: Classifier probabilities {"none", "A", "B", "C"}.
@@ -298,13 +300,7 @@ def combine_lines(classifier: Dict[str, float], candidates: Sequence[Dict[str, A
     """
     measured, lines, weights = _localiser_opinion(candidates, rule, size_factor)
     cls_pred = max(CLASSES, key=lambda k: classifier.get(k, 0.0))
-    a = float(rule.get("classifier_weight", 1.0))
-    b = float(rule.get("localiser_weight", 1.0))
-    floor = float(rule.get("floor", FLOOR))
-    prod = {k: max(classifier.get(k, 0.0), floor) ** a * max(measured[k], floor) ** b
-            for k in CLASSES}
-    total = sum(prod.values())
-    probs = {k: v / total for k, v in prod.items()}
+    probs = _experts(classifier, measured, rule)
     prediction = max(probs, key=probs.get)
     if rule.get("select") == "scored":
         min_q = float(rule.get("min_line_probability", 0.5))
@@ -324,6 +320,76 @@ def combine_lines(classifier: Dict[str, float], candidates: Sequence[Dict[str, A
         reasons.append(_reason(cls_pred, classifier, h_cls, h, size_factor))
     return WeberOpinion(probs, prediction, h_cls, cls_pred, (h_cls or "none") == cls_pred,
                         reasons), line
+
+
+def _experts(classifier: Dict[str, float], measured: Dict[str, float], rule: Dict[str, Any]
+             ) -> Dict[str, float]:
+    """The classifier's and the lines' probabilities combined as ``rule["combination"]`` says
+    ("flat", the default: one product over the four classes; "hierarchical":
+    :func:`hierarchical_product`)."""
+    a = float(rule.get("classifier_weight", 1.0))
+    b = float(rule.get("localiser_weight", 1.0))
+    floor = float(rule.get("floor", FLOOR))
+    how = rule.get("combination", "flat")
+    if how == "hierarchical":
+        return hierarchical_product(classifier, measured, a, b, floor)
+    if how != "flat":
+        raise ValueError(f"unknown combination {how!r}; known: 'flat', 'hierarchical'")
+    prod = {k: max(classifier.get(k, 0.0), floor) ** a * max(measured[k], floor) ** b
+            for k in CLASSES}
+    total = sum(prod.values())
+    return {k: v / total for k, v in prod.items()}
+
+
+def hierarchical_product(classifier: Dict[str, float], measured: Dict[str, float], a: float,
+                         b: float, floor: float = FLOOR) -> Dict[str, float]:
+    """Two products of experts: whether there is a fracture, then which Weber class it is.
+
+    The flat product over none / A / B / C lets two experts that agree there is a fracture
+    but not on its class answer "no fracture": a classifier sure of a fracture (none 0.1) but
+    whose Weber C gets only 0.02, times a located line at the C level (none 0.22), leaves
+    "none" the largest product. Here the two questions are asked apart:
+
+    * P(fracture) from the odds of each expert, ``(p / (1 - p))`` with p = 1 - P(none) kept
+      in [floor, 1 - floor], raised to ``a`` (classifier) and ``b`` (lines) and multiplied;
+    * P(class | fracture) from the classifier's class probabilities given a fracture and the
+      lines' height classes, each line as sure as its probability, the part no line holds
+      (P(none) of the lines: the fracture, if there is one, is a line the localiser missed)
+      spread evenly over A, B and C; each floored at ``floor``, raised to ``a`` and ``b``.
+
+    Args:
+        classifier: Classifier probabilities {"none", "A", "B", "C"}.
+        measured: The lines' probabilities (same keys; :func:`_localiser_opinion`).
+        a: Exponent of the classifier's opinions.
+        b: Exponent of the lines' opinions.
+        floor: Lowest probability an opinion may give.
+
+    Returns:
+        {"none", "A", "B", "C"} summing to 1.
+
+    Example:
+        >>> cls = {"none": 0.9, "A": 0.07, "B": 0.01, "C": 0.02}
+        >>> lines = {"none": 0.22, "A": 0.0, "B": 0.0, "C": 0.78}
+        >>> p = hierarchical_product(cls, lines, 0.75, 2.0)
+        >>> max(p, key=p.get), round(sum(p.values()), 6)
+        ('C', 1.0)
+    """
+    def odds(p_none: float) -> float:
+        p = float(np.clip(1.0 - p_none, floor, 1.0 - floor))
+        return p / (1.0 - p)
+
+    c_none = float(classifier.get("none", 0.0))
+    m_none = float(measured["none"])
+    o = odds(c_none) ** a * odds(m_none) ** b
+    p_fracture = o / (1.0 + o)
+    c_fx = max(1.0 - c_none, 1e-12)
+    kinds = CLASSES[1:]
+    prod = {k: max(float(classifier.get(k, 0.0)) / c_fx, floor) ** a
+            * max(float(measured[k]) + m_none / len(kinds), floor) ** b for k in kinds}
+    total = sum(prod.values())
+    out = {"none": 1.0 - p_fracture}
+    out.update({k: p_fracture * v / total for k, v in prod.items()})
+    return out
 
 
 def _range_text(cls: str, size_factor: float) -> str:
