@@ -304,3 +304,36 @@ def test_expert_weights_let_a_located_line_outweigh_a_doubtful_classifier() -> N
     o, line = combine_lines(said_none, [tip],
                             {**plain, "classifier_weight": 0.5, "localiser_weight": 2.0})
     assert (o.prediction, line) == ("none", None)
+
+
+def test_hierarchical_product_asks_whether_there_is_a_fracture_before_which_class() -> None:
+    """Both experts say fracture but not the same class: the flat product over the four
+    classes answers "none", which neither said; the hierarchical one answers a fracture, of the
+    class the line's height gives when the classifier hardly tells the classes apart."""
+    from AnkleFractureLib.fracture.weber_height import combine_lines, hierarchical_product
+
+    line = {"voxels": 600, "mass": 500.0, "probability": 0.6, "height_mm": -7.0,
+            "section_ratio": 2.0}
+    cls = {"none": 0.17, "A": 0.04, "B": 0.59, "C": 0.2}
+    rule = {"select": "mixture", "found_threshold": 0.5, "classifier_weight": 0.75,
+            "localiser_weight": 2.0}
+    flat, _ = combine_lines(cls, [line], rule)
+    hier, reported = combine_lines(cls, [line], {**rule, "combination": "hierarchical"})
+    assert flat.prediction == "none"
+    assert hier.prediction != "none" and hier.probabilities["none"] < 0.2
+    assert sum(hier.probabilities.values()) == pytest.approx(1.0)
+    assert reported is line  # the line is reported with the fracture it gives
+    # P(fracture) is each expert's odds multiplied: two experts at 0.8 give 16:1
+    both = hierarchical_product({"none": 0.2, "A": 0.8, "B": 0.0, "C": 0.0},
+                                {"none": 0.2, "A": 0.8, "B": 0.0, "C": 0.0}, 1.0, 1.0)
+    assert both["none"] == pytest.approx(1.0 / 17.0)
+    # no line: the lines say nothing about the class (uniform), so the classifier's stands
+    quiet = hierarchical_product({"none": 0.3, "A": 0.05, "B": 0.05, "C": 0.6},
+                                 {"none": 0.9, "A": 0.0, "B": 0.0, "C": 0.0}, 0.75, 2.0)
+    assert max(("A", "B", "C"), key=quiet.get) == "C" and quiet["none"] > 0.9
+    # two experts sure of no fracture stay sure
+    sure = hierarchical_product({"none": 0.97, "A": 0.01, "B": 0.01, "C": 0.01},
+                                {"none": 0.99, "A": 0.0, "B": 0.01, "C": 0.0}, 0.75, 2.0)
+    assert sure["none"] > 0.999
+    with pytest.raises(ValueError, match="unknown combination"):
+        combine_lines(cls, [line], {**rule, "combination": "sum"})

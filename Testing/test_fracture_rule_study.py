@@ -193,3 +193,25 @@ def test_line_model_features_are_chosen_and_the_record_is_on_the_page(tmp_path) 
     bad = subprocess.run([sys.executable, str(SCRIPT), "--fit", val, "--features",
                           "bias,shape"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown --features" in bad.stderr
+
+
+def test_hierarchy_study_page_is_the_rendering_of_the_committed_runs(tmp_path) -> None:
+    """scripts/fracture_hierarchy_study.py reproduces its committed page from the committed
+    validation runs, and its replay of the flat rule it compared with gives the pipeline's own
+    held-out accuracies in the evaluations it replays (baseline/, docs/fracture's when it was
+    made), so the replay combines as the pipeline did."""
+    import shutil
+
+    src = REPO / "docs" / "fracture" / "experiments" / "hierarchical_experts"
+    copy = tmp_path / src.name
+    shutil.copytree(src, copy)
+    subprocess.run([sys.executable, str(REPO / "scripts" / "fracture_hierarchy_study.py"),
+                    str(copy)], check=True, cwd=REPO, capture_output=True)
+    assert (copy / "README.md").read_text() == (src / "README.md").read_text()
+    study = json.loads((copy / "study.json").read_text())
+    assert study["validation"]["fitted"]["n"] == 104
+    assert len(study["fit"]["grid"]) == 12
+    for set_name, both in study["heldout"].items():
+        run = json.loads((src / "baseline" / f"heldout_{set_name}.json").read_text())
+        assert both["shipped"]["accuracy"] == pytest.approx(
+            run["summary"]["combined"]["accuracy"], abs=1e-4)

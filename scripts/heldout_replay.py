@@ -34,11 +34,13 @@ def answers_right(rows: List[Dict[str, Any]], rule: Dict[str, Any]) -> int:
     return round(s["accuracy"] * s["n"])
 
 
-def replay(rules: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """{set: {label: {measure: value}}} of each labelled rule on every held-out set."""
+def replay(rules: Dict[str, Dict[str, Any]], baseline: Path = BASELINE
+           ) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """{set: {label: {measure: value}}} of each labelled rule on every held-out set (the
+    evaluations ``baseline/heldout_<set>.json``)."""
     out = {}
     for name in HELDOUT:
-        rows = evaluation_rows([str(BASELINE / f"heldout_{name}.json")])
+        rows = evaluation_rows([str(baseline / f"heldout_{name}.json")])
         out[name] = {label: {k: score(rows, rule)[k] for k in MEASURES}
                      for label, rule in rules.items()}
     return out
