@@ -404,6 +404,27 @@ def test_refused_result_writes_only_its_files(case, tmp_path):
     assert saved["registration"] is None and saved["findings"][0]["code"] == "fov_short_above"
 
 
+def test_an_image_that_cannot_be_written_leaves_no_result_json(case, tmp_path, monkeypatch):
+    """The images are written in a thread beside the report: a failure there still reaches
+    the caller, as a clear error naming the file, and no result.json claims the outputs."""
+    from AnkleFractureLib import io as af_io
+    from AnkleFractureLib.errors import InputError
+
+    real = af_io.write_image
+
+    def full_disk(volume, path, **kw):
+        if str(path).endswith("segmentation.nii.gz"):
+            raise InputError(path, "cannot write image: No space left on device")
+        return real(volume, path, **kw)
+
+    monkeypatch.setattr(af_io, "write_image", full_disk)
+    out = tmp_path / "out"
+    res = PipelineResult(input={"ct": None}, label=case.label, refused_stage="segment")
+    with pytest.raises(InputError, match="segmentation.nii.gz.*No space left"):
+        write_outputs(res, out, case.ct)
+    assert not (out / "result.json").exists() and not (out / "segmentation.nii.gz").exists()
+
+
 # ------------------------------------------------------------------------------ real data
 def test_real_foot_series_is_refused_for_its_field_of_view(shared_ct_dir, tiny_cls, tmp_path,
                                                            capsys):
