@@ -244,3 +244,11 @@ def test_pipeline_registers_again_after_a_large_removal():
     assert not on.registration.warnings
     shift = on.registration.template_to_patient[:3, 3] - reg_true.template_to_patient[:3, 3]
     assert np.linalg.norm(shift) < 1.0
+    # A training crop of the same labels (crop_case, model masks) is run's crop: the same
+    # prior, the same second fit.
+    from AnkleFractureLib.classification.crops import crop_case
+
+    channels, info = crop_case(case.ct, label, shape_prior=True)
+    assert info["rms_mm"] == pytest.approx(on.registration.rms_mm, abs=1e-4)
+    assert info["side_confidence"] == pytest.approx(on.registration.side_confidence, abs=1e-4)
+    np.testing.assert_allclose(channels, on.crop.channels, atol=1e-4)

@@ -74,9 +74,12 @@ CACHE_VERSION = 2
 #: the fit (a talus labelled tibia no longer pulls it along the shaft).
 #: 7: the model's masks lose the voxels far from the registered template's bones
 #: (:mod:`~AnkleFractureLib.registration.shape_prior`), as ``run`` does.
+#: 8: when the prior removes 1 ml or more, the leg registered again on the cleaned labels and
+#: that fit kept unless the checks refuse it or its RMS is worse
+#: (:func:`~AnkleFractureLib.registration.shape_prior.prior_and_refit`, ``run``'s own code).
 #: (Later changes of the segmentation post-processing are keyed by its own
 #: ``POSTPROCESS_VERSION``, for model-mask crops only.)
-CROP_CODE_VERSION = 7
+CROP_CODE_VERSION = 8
 #: Side policies of :func:`load_crops`: automatic detection as ``run`` does, or the dataset's.
 SIDE_POLICIES = ("detect", "dataset")
 ProgressCallback = Callable[[float, str], None]
@@ -175,14 +178,38 @@ def crop_case(ct: Volume, label: Optional[Volume], kind: str = "registered",
         reg = register_to_template(label, template, side=side, ct=ct,
                                    plafond_hint=estimate_plafond(label))
     if shape_prior:
-        from AnkleFractureLib.registration.shape_prior import apply_shape_prior
-
-        label, _ = apply_shape_prior(label, reg, template)
+        label, reg = _prior_and_refit(ct, label, reg, template)
     crop = crop_syndesmosis(ct, label, reg.patient_to_template, template)
     return crop.channels.astype(np.float32), {
         "kind": "registered", "side": reg.side, "rms_mm": round(float(reg.rms_mm), 4),
         "coverage": float(crop.coverage),
         "side_confidence": round(float(reg.side_confidence), 4)}
+
+
+def _prior_and_refit(ct: Volume, label: Volume, reg: Any, template: Any) -> Tuple[Volume, Any]:
+    """The shape prior and, when it removed enough, the registration made again on the
+    cleaned labels, refused as ``run``'s checks refuse (the fit's side kept)."""
+    import dataclasses
+
+    from AnkleFractureLib.registration.leg import estimate_plafond
+    from AnkleFractureLib.registration.quality import refused
+    from AnkleFractureLib.registration.register import register_to_template
+    from AnkleFractureLib.registration.shape_prior import prior_and_refit
+
+    plafond: Dict[str, Any] = {}
+
+    def register(cleaned: Volume) -> Any:
+        plafond["found"] = estimate_plafond(cleaned)
+        refit = register_to_template(cleaned, template, side=reg.side, ct=ct,
+                                     plafond_hint=plafond["found"])
+        # The side was detected once, as run's refit reuses its detection.
+        return dataclasses.replace(refit, side_confidence=reg.side_confidence,
+                                   side_reason=reg.side_reason)
+
+    outcome = prior_and_refit(label, reg, template=template, register=register,
+                              accept=lambda refit, _: not refused(refit, plafond["found"],
+                                                                  template))
+    return outcome.label, outcome.registration
 
 
 def _file_key(path: Path) -> str:

@@ -69,6 +69,8 @@ from AnkleFractureLib.geometry.volume import Volume
 from AnkleFractureLib.registration.leg import estimate_plafond  # noqa: F401
 from AnkleFractureLib.registration.leg import main_tibia as _main_tibia
 from AnkleFractureLib.registration.leg import mask_points as _points
+from AnkleFractureLib.registration.quality import (REFUSE_JOINT_MM, REFUSE_RMS_MM,
+                                                   mapped_plafond, rms_refused)
 from AnkleFractureLib.registration.register import POOR_FIT_INLIERS
 from AnkleFractureLib.segmentation.quality import describe_agreement, label_free_agreement
 
@@ -150,7 +152,9 @@ TEMPLATE_SYNDESMOSIS_ML = {TIBIA: 54.2, FIBULA: 11.4}
 REAL_SYNDESMOSIS_ML = {TIBIA: 48.4, FIBULA: 5.79}
 #: Registration quality: RMS (mm) warning / refusal, inlier fraction warning, plausible scale,
 #: side-detection confidence below which the side is called unsure.
-WARN_RMS_MM, REFUSE_RMS_MM = 3.0, 6.0
+#: (The refusal limits live in :mod:`AnkleFractureLib.registration.quality`, so that training
+#: crops refuse what ``run`` refuses.)
+WARN_RMS_MM = 3.0
 #: The registration's own poor-fit threshold (share of the surface within 2.5 mm of the
 #: template; good fits 0.87-1.00, clearly wrong ones <= 0.67: see registration/register.py).
 WARN_INLIERS = POOR_FIT_INLIERS
@@ -162,7 +166,7 @@ WARN_SIDE_CONFIDENCE = 0.8
 #: the distal bone and trims per bone, 94 phantom fits (28 of them truncated scans, which used
 #: to slide up to 55 mm along the shaft) agree within 1.2 mm; the check stays as a safety net
 #: for anatomy the phantoms do not cover.
-WARN_JOINT_MM, REFUSE_JOINT_MM = 5.0, 15.0
+WARN_JOINT_MM = 5.0
 #: DICOM tags whose absence leaves the scan's placement in the patient assumed (the reader's
 #: ``meta["missing_tags"]``): a delivered class is then marked unsure.
 GEOMETRY_TAGS = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
@@ -710,7 +714,7 @@ def check_registration_values(rms_mm: float, inlier_fraction: float, scale: floa
     """Registration quality findings from the numbers (see :func:`check_registration`)."""
     out: List[Finding] = []
     details = {"rms_mm": rms_mm, "inlier_fraction": inlier_fraction, "scale": scale}
-    if not np.isfinite(rms_mm) or rms_mm > REFUSE_RMS_MM:
+    if rms_refused(rms_mm):
         out.append(Finding(REFUSAL, "registration_rms",
                            f"the registration to the template failed: surface RMS distance "
                            f"{rms_mm:.1f} mm (at most {REFUSE_RMS_MM:.0f} mm): the crop would "
@@ -775,10 +779,7 @@ def _joint_agreement(registration: Any, label: Volume, template: Any,
     found = estimate_plafond(label) if plafond is ESTIMATE else plafond
     if found is None:
         return []
-    plafond = (np.zeros(3) if template is None
-               else np.asarray(template.plafond, dtype=float).reshape(3))
-    t2p = np.linalg.inv(np.asarray(registration.patient_to_template, dtype=float))
-    mapped = t2p[:3, :3] @ plafond + t2p[:3, 3]
+    mapped = mapped_plafond(registration, template)
     dist = float(np.linalg.norm(mapped - found))
     details = {"distance_mm": dist, "plafond_segmentation_lps": [round(float(v), 2) for v in found],
                "plafond_registration_lps": [round(float(v), 2) for v in mapped]}

@@ -54,12 +54,6 @@ OUTPUT_FILES = ("segmentation.nii.gz", "transform.json", "transform.tfm",
 #: Stages after which :meth:`Pipeline.run` can stop (None: run them all).
 STOP_AFTER = (None, "segment", "crop")
 
-#: The shape prior's removals (ml, both bones) from which the leg is registered again on the
-#: cleaned labels: the first fit had matched those foot bones too.
-REFIT_ML = 1.0
-#: The refit is kept unless its surface RMS (mm) exceeds the first fit's by more than this:
-#: the two fit different label sets, so equal fits differ by a few hundredths of a mm.
-REFIT_RMS_SLACK_MM = 0.25
 #: Share of the overall progress of each stage (segmentation dominates on a CPU).
 STAGE_SPAN = {"segment": (0.0, 0.65), "register": (0.65, 0.8), "crop": (0.8, 0.85),
               "classify": (0.85, 0.97), "localise": (0.97, 1.0)}
@@ -706,62 +700,53 @@ class Pipeline:
                          ) -> Tuple[Volume, Any]:
         """(the analysed leg's labels without the voxels far from the registered template's
         bones, the registration): the scan's label map (``res.label``) loses the same voxels,
-        with a note; when they come to :data:`REFIT_ML` or more, the leg is registered again
-        on the cleaned labels (:meth:`_refit`)."""
-        from AnkleFractureLib.registration.shape_prior import MARGIN_MM, apply_shape_prior
+        with a note; when they come to ``REFIT_ML`` or more and this run made the fit, the leg
+        is registered again on the cleaned labels
+        (:func:`~AnkleFractureLib.registration.shape_prior.prior_and_refit`; the refit's
+        findings then replace the first's)."""
+        from AnkleFractureLib.registration.shape_prior import MARGIN_MM, prior_and_refit
 
         res = run.res
+        checked: Dict[str, Any] = {}
+
+        def register(label: Volume) -> Any:
+            checked["plafond"] = C.estimate_plafond(label)
+            with run.timed("register"):
+                return self.register(ct, label, self.options.side, None,
+                                     plafond_hint=checked["plafond"],
+                                     side_detection=run.side_detection)
+
+        def accept(refit: Any, label: Volume) -> bool:
+            with run.timed("checks"):
+                checked["findings"] = C.check_registration(refit, label, self.template,
+                                                           plafond=checked["plafond"])
+            return not any(f.level == C.REFUSAL for f in checked["findings"])
+
         with run.timed("shape_prior"):
-            cleaned, removed = apply_shape_prior(leg_label, registration,
-                                                 distances=self.template_distances)
-            if cleaned is leg_label:
-                return leg_label, registration
-            if res.label is leg_label:
-                res.label = cleaned
-            else:  # both legs in view: the other leg's labels stay as they are
-                gone = (np.asarray(leg_label.array) > 0) & (np.asarray(cleaned.array) == 0)
-                arr = np.array(res.label.array, copy=True)
-                arr[gone] = 0
-                res.label = res.label.with_array(arr)
-            res.bones_ml = C.bone_volumes_ml(res.label)
-        note = C.Finding(
+            outcome = prior_and_refit(leg_label, registration,
+                                      distances=self.template_distances,
+                                      register=register if run.fitted_here else None,
+                                      accept=accept)
+        cleaned, removed = outcome.label, outcome.removed
+        if cleaned is leg_label:
+            return leg_label, registration
+        _clear_removed(res, leg_label, cleaned)
+        res.findings.append(C.Finding(
             C.INFO, "segmentation_shape_prior",
             f"{removed['tibia_ml']:.1f} ml labelled tibia and {removed['fibula_ml']:.1f} ml "
             f"labelled fibula lay more than {MARGIN_MM[1]:.0f} / {MARGIN_MM[2]:.0f} mm from the "
             f"registered healthy tibia / fibula (foot bones, the talus) and were taken out of "
             f"the labels", {**removed, "margin_tibia_mm": MARGIN_MM[1],
-                            "margin_fibula_mm": MARGIN_MM[2], "registered_again": False})
-        res.findings.append(note)
-        if run.fitted_here and removed["tibia_ml"] + removed["fibula_ml"] >= REFIT_ML:
-            refit = self._refit(run, ct, cleaned, registration)
-            note.details["registered_again"] = refit is not registration
-            registration = refit
-        return cleaned, registration
-
-    def _refit(self, run: "_Run", ct: Volume, label: Volume, first: Any) -> Any:
-        """The registration of ``label`` (the cleaned labels) when its checks refuse nothing
-        and its surface RMS is at most :data:`REFIT_RMS_SLACK_MM` above the ``first`` fit's
-        (whose findings it then replaces), else ``first``."""
-        res = run.res
-        plafond = C.estimate_plafond(label)
-        try:
-            with run.timed("register"):
-                refit = self.register(ct, label, self.options.side, None,
-                                      plafond_hint=plafond, side_detection=run.side_detection)
-        except CancelledError:
-            raise
-        except AnkleFractureError:
-            return first
-        with run.timed("checks"):
-            found = C.check_registration(refit, label, self.template, plafond=plafond)
-        if any(f.level == C.REFUSAL for f in found) or \
-                refit.rms_mm > first.rms_mm + REFIT_RMS_SLACK_MM:
-            return first
-        res.findings = [f for f in res.findings if f not in run.registration_findings] + found
-        run.registration_findings = found
-        res.registration = refit
-        res.side = refit.side
-        return refit
+                            "margin_fibula_mm": MARGIN_MM[2],
+                            "registered_again": outcome.registered_again}))
+        if outcome.registered_again:
+            refit = outcome.registration
+            res.findings = ([f for f in res.findings if f not in run.registration_findings]
+                            + checked["findings"])
+            run.registration_findings = checked["findings"]
+            res.registration = refit
+            res.side = refit.side
+        return cleaned, outcome.registration
 
     def _run_crop(self, run: "_Run", ct: Volume, leg_label: Volume, registration: Any) -> Any:
         """Crop and check; None when the syndesmosis is out of the field of view."""
@@ -834,6 +819,19 @@ class Pipeline:
         if arr.dtype != np.uint8 and arr.min() >= 0 and arr.max() <= 2:
             on_ct = on_ct.with_array(np.rint(arr).astype(np.uint8))
         return on_ct
+
+
+def _clear_removed(res: PipelineResult, leg_label: Volume, cleaned: Volume) -> None:
+    """``res``'s label map and bone volumes without what the shape prior took from the
+    analysed leg (the other leg's labels, in a two-leg scan, stay)."""
+    if res.label is leg_label:
+        res.label = cleaned
+    else:
+        gone = (np.asarray(leg_label.array) > 0) & (np.asarray(cleaned.array) == 0)
+        arr = np.array(res.label.array, copy=True)
+        arr[gone] = 0
+        res.label = res.label.with_array(arr)
+    res.bones_ml = C.bone_volumes_ml(res.label)
 
 
 # ---------------------------------------------------------------------- writing

@@ -41,10 +41,12 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
+from AnkleFractureLib.errors import AnkleFractureError, CancelledError
 from AnkleFractureLib.geometry.volume import Volume
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,6 +68,12 @@ PIECE_SHARE = 0.5
 #: Side (mm) of the blocks in which :func:`far_voxels` reads the labels first.
 BLOCK_MM = 4.0
 NAMES = {1: "tibia", 2: "fibula"}
+#: The prior's removals (ml, both bones) from which the leg is registered again on the
+#: cleaned labels: the first fit had matched those foot bones too.
+REFIT_ML = 1.0
+#: The refit is kept unless its surface RMS (mm) exceeds the first fit's by more than this:
+#: the two fit different label sets, so equal fits differ by a few hundredths of a mm.
+REFIT_RMS_SLACK_MM = 0.25
 
 
 class TemplateDistances:
@@ -286,3 +294,67 @@ def describe_shape_prior(details: Dict[str, float]) -> str:
     return (f"Labels taken out, far from the healthy tibia / fibula (foot bones?): "
             f"{float(details.get('tibia_ml', 0.0)):.1f} ml tibia, "
             f"{float(details.get('fibula_ml', 0.0)):.1f} ml fibula{again}")
+
+
+@dataclass
+class PriorOutcome:
+    """What :func:`prior_and_refit` did.
+
+    Attributes:
+        label: The labels without the far voxels (the input Volume when none was far).
+        registration: The registration to go on with: the refit when it was kept, else the
+            first.
+        removed: {"tibia_ml", "fibula_ml"} taken out of the labels.
+        registered_again: Whether the refit was made and kept.
+    """
+
+    label: Volume
+    registration: Any
+    removed: Dict[str, float]
+    registered_again: bool = False
+
+
+def prior_and_refit(label: Volume, registration: "Registration", *,
+                    template: Optional["Template"] = None,
+                    distances: Optional[TemplateDistances] = None,
+                    register: Optional[Callable[[Volume], Any]] = None,
+                    accept: Optional[Callable[[Any, Volume], bool]] = None) -> PriorOutcome:
+    """The shape prior, then the leg registered again on the cleaned labels when it removed
+    :data:`REFIT_ML` or more, exactly as ``ankle-fracture run`` does it and as the training
+    crops (``crop_case``) must see it.
+
+    The refit is kept unless ``register`` fails, ``accept`` rejects it (the caller's checks
+    refuse it: the pipeline's findings, or :func:`~AnkleFractureLib.registration.quality.
+    refused` for a training crop) or its surface RMS exceeds the first fit's by more than
+    :data:`REFIT_RMS_SLACK_MM`.
+
+    Args:
+        label: Label map of the analysed leg (1 tibia, 2 fibula), the one ``registration``
+            fitted.
+        registration: Its registration.
+        template: The template registered to (when ``distances`` is None).
+        distances: Precomputed :class:`TemplateDistances` of that template.
+        register: Registers a label map as the first fit was made (raises
+            :class:`~AnkleFractureLib.errors.AnkleFractureError` on failure); None: no refit
+            (the caller gave the registration, so it stays).
+        accept: ``accept(refit, cleaned_label)``: whether the checks let the refit through
+            (None: always; the RMS rule still applies).
+
+    Returns:
+        The :class:`PriorOutcome`.
+    """
+    cleaned, removed = apply_shape_prior(label, registration, template, distances=distances)
+    out = PriorOutcome(cleaned, registration, removed)
+    if cleaned is label or register is None or sum(removed.values()) < REFIT_ML:
+        return out
+    try:
+        refit = register(cleaned)
+    except CancelledError:
+        raise
+    except AnkleFractureError:
+        return out
+    if float(refit.rms_mm) > float(registration.rms_mm) + REFIT_RMS_SLACK_MM:
+        return out
+    if accept is not None and not accept(refit, cleaned):
+        return out
+    return PriorOutcome(cleaned, refit, removed, registered_again=True)
