@@ -71,3 +71,25 @@ def test_registration_line_reads_the_summary_of_real_files() -> None:
     assert line is not None and f"median {reg['median_plafond_error_mm']} mm" in line
     assert f"({reg['n']} fits)" in line
     assert registration_line({"registration": None}) is None
+
+
+def test_gradcam_peak_is_scored_against_the_fracture_centre() -> None:
+    """The heatmap's maximum (result.json gradcam.peak_lps) is measured from the true fracture
+    centre on fractured cases: median distance and the share within 15 mm; results without
+    the peak (older files) give no Grad-CAM summary."""
+    truth = {"weber": "B", "height_mm": 10.0, "center_lps": [0.0, 0.0, 0.0]}
+    rows = []
+    for k, dz in enumerate([5.0, 12.0, 40.0]):
+        res = _result(_pose(np.zeros(3)))
+        res["gradcam"] = {"method": "hirescam", "layers": ["layer1"], "cell_mm": None,
+                          "ct_box": None, "peak_lps": [3.0, 4.0, dz]}
+        rows.append(case_row(f"c{k}", truth, res))
+    assert rows[0]["gradcam_peak_distance_mm"] == pytest.approx(np.sqrt(9 + 16 + 25), abs=0.01)
+    intact = case_row("n", {"weber": "none", "height_mm": None, "center_lps": None},
+                      _result(_pose(np.zeros(3)), "none"))
+    assert intact["gradcam_peak_distance_mm"] is None
+    cam = summarise_rows(rows + [intact])["gradcam"]
+    assert cam["n"] == 3 and cam["hit_rate"] == pytest.approx(2 / 3, abs=1e-3)
+    assert cam["median_peak_distance_mm"] == pytest.approx(np.sqrt(25 + 144), abs=0.01)
+    old = [case_row("c", truth, _result(_pose(np.zeros(3))))]
+    assert summarise_rows(old)["gradcam"] is None

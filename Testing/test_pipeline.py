@@ -339,6 +339,12 @@ def test_run_command_writes_every_output(cli_run, case, capsys):
     assert heat_vol.array.size < ct.array.size
     heat = heat_vol.array
     assert heat.min() >= 0.0 and heat.max() <= 1.0 and heat.max() > 0
+    # result.json says where the heatmap's maximum is (LPS mm): the written file's hottest
+    # voxel lies there.
+    peak_zyx = np.argwhere(heat == heat.max())
+    hottest = heat_vol.index_to_physical(peak_zyx[:, ::-1].astype(float))
+    assert np.min(np.linalg.norm(hottest - np.asarray(res["gradcam"]["peak_lps"]),
+                                 axis=1)) < 0.01
     seg = read_image(out / "segmentation.nii.gz").array
     dice = [2 * np.sum((seg == v) & (case.label.array == v))
             / (np.sum(seg == v) + np.sum(case.label.array == v)) for v in (1, 2)]

@@ -52,6 +52,7 @@ def _summary(name: str, data: Dict[str, Any], entry: Dict[str, str]) -> List[str
            f"| AUROC none / A / B / C, combined | {auc} |",
            f"| AUROC none / A / B / C, classifier | {auc_clf} |"]
     out += _registration(s.get("registration"))
+    out += _gradcam(s.get("gradcam"))
     out += ["",
            "Confusion matrix of the combined answer (rows: true none, A, B, C; columns: "
            "predicted):", "", "| true \\ predicted | none | A | B | C |", "|---|---|---|---|---|"]
@@ -71,6 +72,16 @@ def _registration(reg: Any) -> List[str]:
             f"{_mm(reg['median_plafond_height_error_mm'])} / "
             f"{_mm(reg['max_plafond_height_error_mm'])} |",
             f"| plafond within 2 mm (3-D), answered cases | {_p(reg['plafond_within_2mm'])} |"]
+
+
+def _gradcam(cam: Any) -> List[str]:
+    """Table rows of where the Grad-CAM heatmap's maximum lies (evaluations from before
+    ``peak_lps`` was recorded have none)."""
+    if not cam:
+        return []
+    return [f"| Grad-CAM maximum from the fracture centre, median ({cam['n']} fractured "
+            f"answered cases) | {_mm(cam['median_peak_distance_mm'])} |",
+            f"| Grad-CAM maximum within {cam['hit_mm']:.0f} mm of it | {_p(cam['hit_rate'])} |"]
 
 
 def _cases(data: Dict[str, Any]) -> List[str]:

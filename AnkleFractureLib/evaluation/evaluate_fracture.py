@@ -9,7 +9,9 @@ centre. A refused case counts as wrong (its probabilities are taken as uniform) 
 
 Metrics: accuracy, per-class AUROC, ECE and the confusion matrix of the combined answer, of
 the classifier alone and of the measured height alone; fracture found rate on fractured cases,
-"found" on intact cases, median |height error| (mm) and median centre distance (mm); where
+"found" on intact cases, median |height error| (mm) and median centre distance (mm); how
+far the Grad-CAM heatmap's maximum lies from the fracture centre (median, and the share
+within :data:`GRADCAM_HIT_MM`); where
 the truth knows the plafond, how far the registration put the template's plafond from it (in
 3-D and along the template's superior axis).
 """
@@ -44,6 +46,10 @@ def case_row(case_id: str, truth: Dict[str, Any], result: Dict[str, Any]) -> Dic
     dist = None
     if found and frac.get("center_lps") and truth.get("center_lps"):
         dist = float(np.linalg.norm(np.subtract(frac["center_lps"], truth["center_lps"])))
+    peak = (result.get("gradcam") or {}).get("peak_lps")
+    cam = None
+    if peak and truth.get("center_lps"):
+        cam = float(np.linalg.norm(np.subtract(peak, truth["center_lps"])))
     weber = result.get("weber_from_height") or {}
     return {"id": case_id, "true": truth["weber"], "refused": bool(result.get("refused")),
             "refusal": result.get("refusal"), "predicted": result.get("prediction"),
@@ -57,6 +63,7 @@ def case_row(case_id: str, truth: Dict[str, Any], result: Dict[str, Any]) -> Dic
             "height_mm": h, "height_true_mm": h_true,
             "abs_height_error_mm": None if err is None else round(err, 2),
             "center_distance_mm": None if dist is None else round(dist, 2),
+            "gradcam_peak_distance_mm": None if cam is None else round(cam, 2),
             "size_factor": frac.get("size_factor"),
             "candidates": list(frac.get("candidates") or []),
             "registration": _registration_row(result.get("registration"),
@@ -165,7 +172,25 @@ def summarise_rows(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
                                                    if r["abs_height_error_mm"] is not None]),
             "median_center_distance_mm": _median([r["center_distance_mm"] for r in frac
                                                   if r["center_distance_mm"] is not None])},
+        "gradcam": _gradcam_summary(frac),
     }
+
+
+#: The Grad-CAM "pointing game": the heatmap's maximum within this distance (mm) of the
+#: fracture's centre is a hit (as docs/gradcam_localisation.md scores it).
+GRADCAM_HIT_MM = 15.0
+
+
+def _gradcam_summary(fractured: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Where the heatmap's maximum lies relative to the true fracture centre, over the
+    fractured cases that have both (rows written before ``peak_lps`` existed have neither)."""
+    d = [float(r["gradcam_peak_distance_mm"]) for r in fractured
+         if r.get("gradcam_peak_distance_mm") is not None]
+    if not d:
+        return None
+    return {"n": len(d), "median_peak_distance_mm": _median(d),
+            "hit_rate": round(float(np.mean([v <= GRADCAM_HIT_MM for v in d])), 4),
+            "hit_mm": GRADCAM_HIT_MM}
 
 
 def truth_of(record: Any) -> Dict[str, Any]:

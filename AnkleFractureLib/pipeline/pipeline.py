@@ -228,12 +228,19 @@ class PipelineResult:
                 "classifier_probabilities": {k: float(v) / total for k, v in probs.items()}}
 
     def _gradcam_json(self) -> Optional[Dict[str, Any]]:
-        """How the heatmap was made (method, layers, cell size in mm) and where its box lies
-        on the CT (``ct_box``: numpy index ranges [[z0, z1], [y0, y1], [x0, x1]]), or None."""
+        """How the heatmap was made (method, layers, cell size in mm), where its box lies
+        on the CT (``ct_box``: numpy index ranges [[z0, z1], [y0, y1], [x0, x1]]) and where
+        its maximum is (``peak_lps``: [x, y, z] patient LPS mm, the centre of the hottest
+        voxel), or None."""
         if self.gradcam is None:
             return None
         info = dict(getattr(self.classification, "gradcam_info", None) or {})
         info["ct_box"] = self.gradcam.meta.get("ct_box")
+        heat = np.asarray(self.gradcam.array)
+        if heat.size and np.isfinite(heat).any():
+            zyx = np.unravel_index(int(np.nanargmax(heat)), heat.shape)
+            peak = self.gradcam.index_to_physical(np.array([zyx[::-1]], dtype=float))[0]
+            info["peak_lps"] = [round(float(v), 2) for v in peak]
         return info
 
     def to_json(self) -> Dict[str, Any]:

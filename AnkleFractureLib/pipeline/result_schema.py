@@ -111,6 +111,8 @@ _GRADCAM: Dict[str, Any] = {
         "ct_box": {"type": ["array", "null"], "minItems": 3, "maxItems": 3,
                    "items": {"type": "array", "items": {"type": "integer", "minimum": 0},
                              "minItems": 2, "maxItems": 2}},
+        # The heatmap's maximum (patient LPS mm; optional: older results lack it).
+        "peak_lps": _VECTOR3,
     },
     "additionalProperties": False,
 }
