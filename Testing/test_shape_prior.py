@@ -252,3 +252,23 @@ def test_pipeline_registers_again_after_a_large_removal():
     assert info["rms_mm"] == pytest.approx(on.registration.rms_mm, abs=1e-4)
     assert info["side_confidence"] == pytest.approx(on.registration.side_confidence, abs=1e-4)
     np.testing.assert_allclose(channels, on.crop.channels, atol=1e-4)
+
+
+def test_nested_stage_timings_are_counted_once():
+    """The shape prior's second registration runs inside the prior's timed block: its time
+    counts as "register" only, so the stages still add up to the run."""
+    import time as _time
+
+    from AnkleFractureLib.pipeline.pipeline import _Run
+
+    from AnkleFractureLib.geometry.volume import Volume
+
+    ct = Volume(np.zeros((4, 4, 4), np.int16))
+    run = _Run(Pipeline(PipelineOptions(localise=False)), ct, None, None)
+    with run.timed("shape_prior"):
+        _time.sleep(0.05)
+        with run.timed("register"):
+            _time.sleep(0.1)
+    t = run.res.timings
+    # Counted once, the prior's own part is its 0.05 s (0.15 s if the refit counted twice).
+    assert t["register"] >= 0.1 and 0.05 <= t["shape_prior"] < 0.1

@@ -41,15 +41,23 @@ def _heldout(name: str, metrics: Dict[str, Any], command: str) -> List[str]:
              f"| fracture found (fractured cases, n={fr['n_fractured']}) | {_f(fr['found_rate'], True)} |",
              f"| 'found' on intact cases (n={fr['n_none']}) | {_f(fr['found_on_none_rate'], True)} |",
              f"| median abs height error | {_f(fr['median_abs_height_error_mm'])} mm |",
-             f"| median centre distance | {_f(fr['median_center_distance_mm'])} mm |",
-             f"| Weber accuracy, combined answer | {_f(comb['accuracy'], True)} |",
-             f"| Weber accuracy, classifier alone | {_f(clf['accuracy'], True)} |",
-             f"| Weber accuracy, measured height alone (answered cases) | {_f(s['height_only_accuracy'], True)} |",
-             f"| ECE, combined | {_f(comb['ece'])} |",
-             "| AUROC none / A / B / C, combined | " + " / ".join(
-                 _f(auroc[c]["auroc"]) for c in ("none", "A", "B", "C")) + " |",
-             "", "Confusion matrix of the combined answer (rows true none, A, B, C):", "",
-             "```"] + [" ".join(f"{v:3d}" for v in row) for row in comb["confusion_matrix"]] + ["```"]
+             f"| median centre distance | {_f(fr['median_center_distance_mm'])} mm |"]
+    cam = s.get("gradcam")
+    if cam:  # files written before result.json recorded the heatmap's maximum have none
+        lines += [f"| Grad-CAM maximum from the fracture centre, median (n={cam['n']}) | "
+                  f"{_f(cam['median_peak_distance_mm'])} mm |",
+                  f"| Grad-CAM maximum within {cam['hit_mm']:.0f} mm of it | "
+                  f"{_f(cam['hit_rate'], True)} |"]
+    lines += [f"| Weber accuracy, combined answer | {_f(comb['accuracy'], True)} |",
+              f"| Weber accuracy, classifier alone | {_f(clf['accuracy'], True)} |",
+              "| Weber accuracy, measured height alone (answered cases) | "
+              f"{_f(s['height_only_accuracy'], True)} |",
+              f"| ECE, combined | {_f(comb['ece'])} |",
+              "| AUROC none / A / B / C, combined | " + " / ".join(
+                  _f(auroc[c]["auroc"]) for c in ("none", "A", "B", "C")) + " |",
+              "", "Confusion matrix of the combined answer (rows true none, A, B, C):", "",
+              "```"]
+    lines += [" ".join(f"{v:3d}" for v in row) for row in comb["confusion_matrix"]] + ["```"]
     return lines
 
 
