@@ -116,8 +116,12 @@ def test_run_waits_for_the_preloaded_imports_before_the_pipeline(tmp_path, monke
         raise KeyboardInterrupt  # stop here: only the order matters
 
     write_image(Volume(np.full((4, 4, 4), -1000, np.int16)), tmp_path / "ct.nii.gz")
-    monkeypatch.setattr(run_cmd, "preload_models_code", lambda: Preload())
+    def preload(pipeline=False):
+        events.append(f"preload (pipeline: {pipeline})")
+        return Preload()
+
+    monkeypatch.setattr(run_cmd, "preload_models_code", preload)
     monkeypatch.setattr(Pipeline, "run", fake_run)
     assert main(["run", str(tmp_path / "ct.nii.gz"), "--out", str(tmp_path / "out"),
                  "--quiet"]) != 0  # the CLI reports the interruption
-    assert events == ["join", "run"]
+    assert events == ["preload (pipeline: True)", "join", "run"]

@@ -7,16 +7,17 @@ import argparse
 from typing import Any, Dict, List, Optional
 
 
-def preload_models_code() -> Any:
-    """Import torch, MONAI and matplotlib in a background thread while the caller works.
+def preload_models_code(pipeline: bool = False) -> Any:
+    """Import torch, MONAI and matplotlib (and with ``pipeline`` the pipeline's own modules,
+    SciPy among them: about 0.5 s) in a background thread while the caller works.
 
     A fresh ``ankle-fracture run`` spends about 1.1 s importing torch and 1.7 s importing MONAI
     (whose package imports every submodule); reading a compressed CT spends most of its time in
     ITK's C++ code with the GIL released, so the two overlap. The caller must ``join()`` the
-    thread before it imports torch or MONAI itself: MONAI's package imports are circular, and
-    when two threads import it at once Python breaks the import-lock cycle by handing one of
-    them a partially initialised module ("cannot import name ... from partially initialized
-    module", seen once under load).
+    thread before it imports torch or MONAI (or, with ``pipeline``, the pipeline) itself:
+    MONAI's package imports are circular, and when two threads import it at once Python breaks
+    the import-lock cycle by handing one of them a partially initialised module ("cannot
+    import name ... from partially initialized module", seen once under load).
 
     Returns:
         The started (daemon) thread.
@@ -25,6 +26,8 @@ def preload_models_code() -> Any:
 
     def _load() -> None:
         try:
+            if pipeline:
+                import AnkleFractureLib.pipeline.pipeline  # noqa: F401
             import torch  # noqa: F401
             from monai.networks import nets  # noqa: F401
             # The report's plotting library, needed only at the end: imported while the

@@ -98,20 +98,23 @@ def summary_lines(data: Dict[str, Any], out: Path) -> List[str]:
 
 def run(args: argparse.Namespace) -> int:
     from AnkleFractureLib.io import read_image
-    from AnkleFractureLib.pipeline.pipeline import Pipeline, write_outputs
 
     check_tta(args.tta)
     out = check_out_dir(args.out)
-    preload = preload_models_code()  # overlaps the torch/MONAI imports with reading the CT
+    # Overlaps importing the pipeline, torch and MONAI with reading the CT.
+    preload = preload_models_code(pipeline=True)
     bar = ProgressBar("run", enabled=not args.quiet)
     bar(0.0, "reading the CT")
     ct = read_image(args.ct)
+    # Wait for those imports before this thread imports any of them itself: two threads
+    # importing MONAI at once can see a partially initialised module (its package imports are
+    # circular, and Python breaks the import-lock cycle by handing one thread the unfinished
+    # module).
+    preload.join()
+    from AnkleFractureLib.pipeline.pipeline import Pipeline, write_outputs
+
     options = pipeline_options(args)
     pipeline = Pipeline(options)
-    # Wait for those imports before this thread imports MONAI itself: two threads importing
-    # MONAI at once can see a partially initialised module (its package imports are circular,
-    # and Python breaks the import-lock cycle by handing one thread the unfinished module).
-    preload.join()
 
     def progress(fraction: float, message: str) -> None:
         bar(0.02 + 0.93 * fraction, message)
