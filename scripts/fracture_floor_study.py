@@ -17,7 +17,6 @@ combines them (:func:`~AnkleFractureLib.fracture.weber_height.combine_lines`). W
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -28,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from fracture_rule_study import evaluation_rows  # noqa: E402
-from heldout_replay import SHIPPED_PLANS, answers_right, no_worse, replay, table  # noqa: E402
+from heldout_replay import (SHIPPED_PLANS, answers_right, no_worse, replay,  # noqa: E402
+                            study_main, table)
 
 from AnkleFractureLib.fracture.weber_height import FLOOR  # noqa: E402
 
@@ -74,14 +74,7 @@ def page(folder: Path, result: Dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("folder")
-    folder = Path(ap.parse_args().folder)
-    result = study(folder)
-    (folder / "study.json").write_text(json.dumps(result, indent=1) + "\n")
-    (folder / "README.md").write_text(page(folder, result))
-    print(json.dumps({k: result[k] for k in ("validation_right", "fitted_floor",
-                                             "criterion_met")}))
+    study_main(__doc__, study, page, ("validation_right", "fitted_floor", "criterion_met"))
 
 
 if __name__ == "__main__":

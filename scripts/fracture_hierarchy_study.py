@@ -21,7 +21,6 @@ the page is typed by hand.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from fracture_rule_study import evaluation_rows, score  # noqa: E402
-from heldout_replay import no_worse, replay, table  # noqa: E402
+from heldout_replay import no_worse, replay, study_main, table  # noqa: E402
 
 def _measures(rows: List[Dict[str, Any]], rule: Dict[str, Any]) -> Dict[str, Any]:
     s = score(rows, rule)
@@ -121,13 +120,7 @@ def page(folder: Path, result: Dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("folder")
-    folder = Path(ap.parse_args().folder)
-    result = study(folder)
-    (folder / "study.json").write_text(json.dumps(result, indent=1) + "\n")
-    (folder / "README.md").write_text(page(folder, result))
-    print(json.dumps({k: result[k] for k in ("validation", "rule", "criterion_met")}))
+    study_main(__doc__, study, page, ("validation", "rule", "criterion_met"))
 
 
 if __name__ == "__main__":

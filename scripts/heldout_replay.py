@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -65,3 +65,20 @@ def table(sets: Dict[str, Dict[str, Dict[str, float]]], rule_column: str) -> Lis
                          f"{100 * m['found_rate']:.1f} % | {100 * m['found_on_none_rate']:.1f} % "
                          f"| {m['macro_auroc']:.3f} |")
     return lines
+
+
+def study_main(doc: str, study: Callable[[Path], Dict[str, Any]],
+               page: Callable[[Path, Dict[str, Any]], str], keys: Sequence[str]) -> None:
+    """The command line of a decision study: ``SCRIPT FOLDER`` runs ``study(folder)``, writes
+    ``study.json`` and ``README.md`` (``page``) in the folder and prints ``keys`` of the
+    result as JSON."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("folder")
+    folder = Path(ap.parse_args().folder)
+    result = study(folder)
+    (folder / "study.json").write_text(json.dumps(result, indent=1) + "\n")
+    (folder / "README.md").write_text(page(folder, result))
+    print(json.dumps({k: result[k] for k in keys}))
