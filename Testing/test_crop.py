@@ -72,7 +72,8 @@ def test_bone_window_keeps_the_cortex_the_reference_window_saturates(crops):
     cortex = bone[ct >= 1.0]
     assert cortex.size > 100 and cortex.min() >= 0.5 - 1e-4 and np.ptp(cortex) > 0.1
     stacked = crop.stacked(ALL_CHANNELS[:4])
-    assert ALL_CHANNELS == ("ct", "tibia", "fibula", "ct_bone", "ct_bone_min")
+    assert ALL_CHANNELS[:5] == ("ct", "tibia", "fibula", "ct_bone", "ct_bone_min")
+    assert ALL_CHANNELS[5:] == tuple(f"ct_bone_sub{i}" for i in range(8))
     assert stacked.shape == (4,) + ct.shape and np.array_equal(stacked[3], bone)
     assert np.array_equal(crop.stacked(("fibula", "ct")), crop.channels[[2, 0]])
     with pytest.raises(InputError, match="unknown crop channel 'femur'"):
@@ -83,6 +84,8 @@ def test_bone_window_keeps_the_cortex_the_reference_window_saturates(crops):
         dataclasses.replace(crop, ct_bone=None).stacked(("ct_bone",))
     with pytest.raises(InputError, match="no min-pooled bone-window CT"):
         crop.stacked()  # ct_bone_min is computed on request only
+    with pytest.raises(InputError, match="no sub-voxel bone-window CT"):
+        crop.stacked(("ct_bone_sub3",))  # so are the sub-voxel samples
 
 
 def test_min_pooling_keeps_a_hairline_gap_that_falls_between_the_crop_samples(template) -> None:
@@ -91,7 +94,7 @@ def test_min_pooling_keeps_a_hairline_gap_that_falls_between_the_crop_samples(te
     and elsewhere min pooling reads the bone as it is."""
     import dataclasses
 
-    from AnkleFractureLib.crop import min_pooled_bone
+    from AnkleFractureLib.crop import ALL_CHANNELS, min_pooled_bone
     from AnkleFractureLib.registration.template import SyndesmosisBox
 
     box = SyndesmosisBox(np.zeros(3), np.eye(3), np.array([6.0, 6.0, 15.0]),
@@ -108,7 +111,47 @@ def test_min_pooling_keeps_a_hairline_gap_that_falls_between_the_crop_samples(te
     per_slice = low.min(axis=(1, 2))
     assert per_slice[5] < 0.0 and np.all(np.delete(per_slice, 5) > 1400.0)
     crop.ct_bone_min = min_pooled_bone(ct, crop)
-    assert crop.stacked().shape == (5,) + hu.shape
+    assert crop.stacked(ALL_CHANNELS[:5]).shape == (5,) + hu.shape
+
+
+def test_sub_voxel_samples_hold_a_hairline_gap_in_the_octants_that_cover_it(template) -> None:
+    """The gap of the test above (0.5 mm, half-way between two crop sample planes): the 8
+    octant samples of the voxel whose lower half holds it read it in the 4 lower octants only;
+    everywhere else they read the bone as it is (no edge darkened, unlike min pooling), and
+    the crop stacks them after the other arrays."""
+    import dataclasses
+
+    from AnkleFractureLib.crop import SUB_CHANNELS, min_pooled_bone, sub_sampled_bone
+    from AnkleFractureLib.registration.template import SyndesmosisBox
+
+    box = SyndesmosisBox(np.zeros(3), np.eye(3), np.array([6.0, 6.0, 15.0]),
+                         np.array([1.5, 1.5, 1.5]))
+    small = dataclasses.replace(template, box=box)
+    arr = np.full((60, 24, 24), 1500.0, np.float32)
+    arr[31] = -100.0  # z = 0.25 mm; crop planes at -0.75 and 0.75, octants at +-0.375 from them
+    ct = Volume(arr, (0.5, 0.5, 0.5), (-6.25, -6.25, -15.25), np.eye(3))
+    crop = crop_syndesmosis(ct, None, np.eye(4), small)
+    sub = sub_sampled_bone(ct, crop) * 3000.0 - 500.0
+    assert sub.shape == (8,) + crop.grid.shape and sub.dtype == np.float32
+    assert np.all(sub[:4, 5] < 500.0) and np.all(sub[4:, 5] > 1400.0)  # lower octants (bz = 0)
+    others = np.delete(sub, 5, axis=1)
+    assert np.all(others > 1400.0)
+    hu = crop.ct_bone * 3000.0 - 500.0
+    assert hu.min() > 1400.0  # the centre sample misses the gap
+
+    edge = np.full((30, 12, 12), -100.0, np.float32)
+    edge[:, :, 6:] = 1500.0  # 1 mm CT, a bone face at x = 0 (a crop voxel boundary)
+    ct_edge = Volume(edge, (1.0, 1.0, 1.0), (-5.5, -5.5, -14.5), np.eye(3))
+    crop_edge = crop_syndesmosis(ct_edge, None, np.eye(4), small)
+    sub_e = sub_sampled_bone(ct_edge, crop_edge) * 3000.0 - 500.0
+    low_e = min_pooled_bone(ct_edge, crop_edge) * 3000.0 - 500.0
+    inside = sub_e[:, :, :, 2]  # the voxel just inside the face: bone, read as bone
+    assert np.all(inside > 1200.0) and low_e[:, :, 2].max() + 100.0 < inside.mean(axis=0).min()
+    crop.ct_bone_sub = sub_sampled_bone(ct, crop)
+    crop.ct_bone_min = min_pooled_bone(ct, crop)
+    stacked = crop.stacked()
+    assert stacked.shape == (13,) + hu.shape
+    assert np.array_equal(crop.stacked(SUB_CHANNELS[2:3])[0], crop.ct_bone_sub[2])
 
 
 def test_left_and_right_crops_agree(crops):

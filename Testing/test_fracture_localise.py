@@ -97,6 +97,37 @@ def test_training_pair_shapes_and_patch_over_the_line() -> None:
     assert 0.05 < float(np.median(x[0])) < 0.6 and x[1].max() == 1.0  # augmented 0.25, the mask
 
 
+def test_training_pair_augments_the_sub_voxel_arrays_as_one_ct_and_keeps_the_old_draws() -> None:
+    """The 8 sub-voxel arrays are one CT at twice the resolution: one intensity draw for all
+    (equal inputs stay equal up to the noise); and a localiser that does not read them gets
+    exactly the pairs it got from the shorter crop files (the shipped recipe reproduces)."""
+    from AnkleFractureLib.crop.syndesmosis import SUB_CHANNELS
+    from AnkleFractureLib.training.fracture_train import Sample, training_pair
+
+    rng = np.random.default_rng(3)
+    five = rng.uniform(0.0, 1.0, (5, 40, 48, 64)).astype(np.float16)
+    five[1:3] = 0.0
+    five[2, :, 20:30, 15:25] = 1.0
+    target = np.zeros((40, 48, 64), np.uint8)
+    target[20, 20:30, 15:25] = 1
+    ramp = np.linspace(0.1, 0.9, 64, dtype=np.float16)[None, None, None, :]
+    sub = np.broadcast_to(ramp, (8, 40, 48, 64))
+    all13 = np.concatenate([five, sub])
+    info = {"id": "x", "weber": "C"}
+    old = training_pair(Sample(five, target, np.eye(4), info), np.random.default_rng(7), 2,
+                        patch_z=24)
+    new = training_pair(Sample(all13, target, np.eye(4), info), np.random.default_rng(7), 2,
+                        patch_z=24)
+    assert np.array_equal(old[0], new[0]) and np.array_equal(old[1], new[1])
+    x, _ = training_pair(Sample(all13, target, np.eye(4), info), np.random.default_rng(7), 2,
+                         patch_z=24, channels=("fibula",) + SUB_CHANNELS)
+    assert x.shape == (9, 24, 40, 40)
+    # One gamma, scale and offset for the 8 (independent noise only, sd <= 0.03): their means
+    # agree (8 separate draws differ by 0.05-0.2) and so do their voxels, up to the noise.
+    assert np.ptp(x[1:].mean(axis=(1, 2, 3))) < 0.01
+    assert float(np.median(np.abs(x[1] - x[2]))) < 0.05
+
+
 def _broken_fibula_window() -> np.ndarray:
     """(3, 30, 12, 12) float32: a soft-edged fibula rod with a 2-slice fracture gap."""
     ch = np.zeros((3, 30, 12, 12), np.float32)
@@ -513,10 +544,12 @@ def test_a_moved_up_crop_is_scored_on_its_own_grid_above_its_cut_edge() -> None:
 
 
 def test_a_localiser_reading_the_min_pooled_ct_gets_it_and_old_crop_files_gain_it(tmp_path):
-    """A localiser whose plans name ``ct_bone_min`` has it added to its crop (only then: it
-    costs a 27 times finer sampling of the CT), and a training cache file written before it
-    existed gets it from the CT and the file's own registration, equal to a fresh crop's."""
-    from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis, min_pooled_bone
+    """A localiser whose plans name ``ct_bone_min`` (or the sub-voxel arrays) has it added to
+    its crop (only then: it costs a 27 (8) times finer sampling of the CT), and a training
+    cache file written before it existed gets it from the CT and the file's own registration,
+    equal to a fresh crop's."""
+    from AnkleFractureLib.crop.syndesmosis import (crop_syndesmosis, min_pooled_bone,
+                                                   sub_sampled_bone)
     from AnkleFractureLib.dataset.layout import Dataset
     from AnkleFractureLib.fracture.localise import FractureLocaliser
     from AnkleFractureLib.phantom.dataset_writer import write_phantom_dataset
@@ -530,15 +563,15 @@ def test_a_localiser_reading_the_min_pooled_ct_gets_it_and_old_crop_files_gain_i
     paths, failed = build_fracture_crops(ds.root, tmp_path / "cache", "dataset", template)
     assert not failed
     fresh = load_crop_file(paths[0])
-    assert fresh["channels"].shape[0] == 5
-    _save(paths[0], fresh["channels"][:4], fresh["target"], fresh["patient_to_template"],
-          fresh["info"])  # as written before the fifth array existed
-    build_fracture_crops(ds.root, tmp_path / "cache", "dataset", template)
-    assert load_crop_file(paths[0])["channels"].shape[0] == 4  # not asked for: left alone
-    build_fracture_crops(ds.root, tmp_path / "cache", "dataset", template,
-                         channels=("ct", "ct_bone_min", "fibula"))
-    again = load_crop_file(paths[0])["channels"]
-    assert np.array_equal(again, fresh["channels"])
+    assert fresh["channels"].shape[0] == 13
+    for have, asked in ((4, ("ct", "ct_bone_min", "fibula")), (5, ("ct", "ct_bone_sub7"))):
+        _save(paths[0], fresh["channels"][:have], fresh["target"],
+              fresh["patient_to_template"], fresh["info"])  # as written before the later arrays
+        build_fracture_crops(ds.root, tmp_path / "cache", "dataset", template)
+        assert load_crop_file(paths[0])["channels"].shape[0] == have  # not asked for: left alone
+        build_fracture_crops(ds.root, tmp_path / "cache", "dataset", template, channels=asked)
+        again = load_crop_file(paths[0])["channels"]
+        assert np.array_equal(again, fresh["channels"])
     assert not add_min_pooled(ds, ds.cases[0], paths[0], template)  # already there
 
     from AnkleFractureLib.io import read_image
@@ -555,6 +588,13 @@ def test_a_localiser_reading_the_min_pooled_ct_gets_it_and_old_crop_files_gain_i
     assert np.array_equal(got.ct_bone_min, min_pooled_bone(ct, crop))
     assert reads.inputs(got).shape == (5,) + crop.channels.shape[1:]
     assert np.all(got.ct_bone_min <= got.ct_bone + 1e-6)  # the lowest sample, never above
+    assert got.ct_bone_sub is None  # not read by this localiser: not computed
+    fine = FractureLocaliser(None, {"decision": {}, "channels": ["ct", "fibula",
+                                                                  "ct_bone_sub0"]}, "cpu")
+    got = fine.crop_for(ct, label, fresh["patient_to_template"], template,
+                        crop_syndesmosis(ct, label, fresh["patient_to_template"], template))
+    assert np.array_equal(got.ct_bone_sub, sub_sampled_bone(ct, crop))
+    assert fine.inputs(got).shape == (6,) + crop.channels.shape[1:]
 
 
 def test_grid_phases_read_the_box_moved_by_a_fraction_of_a_voxel_and_map_back() -> None:

@@ -70,8 +70,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                         "where hairlines through the cortex show; not in the shipped localiser: "
                         "docs/fracture/experiments/v9_bone_window), ct_bone_min (the bone "
                         "window min-pooled over each voxel, so a gap thinner than a voxel is not "
-                        "lost between samples; crops cached before it get it added); default "
-                        "ct,tibia,fibula")
+                        "lost between samples; crops cached before it get it added), "
+                        "ct_bone_sub (the bone window at 0.75 mm, each voxel's 8 octant samples "
+                        "as 8 arrays ct_bone_sub0 ... ct_bone_sub7: hairlines at twice the "
+                        "crop's resolution, edges unchanged); default ct,tibia,fibula")
     p.add_argument("--bridge-masks", type=float, default=0.4, metavar="P",
                    help="share (0-1) of the training windows whose fibula mask is closed "
                         "across gaps, as a segmentation that bridges the fracture line does "
@@ -89,9 +91,11 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
 
 
 def _channels(text: str) -> tuple:
-    from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
+    """--channels as crop array names; ``ct_bone_sub`` stands for its 8 arrays."""
+    from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS, SUB_CHANNELS
 
     names = tuple(n.strip() for n in text.split(",") if n.strip())
+    names = tuple(m for n in names for m in (SUB_CHANNELS if n == "ct_bone_sub" else (n,)))
     bad = [n for n in names if n not in ALL_CHANNELS]
     if not names or bad or len(set(names)) != len(names):
         raise SystemExit(f"ankle-fracture train-fracture: error: --channels takes distinct names "

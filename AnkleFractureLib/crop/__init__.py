@@ -5,6 +5,7 @@ from __future__ import annotations
 from AnkleFractureLib.crop.syndesmosis import (
     ALL_CHANNELS,
     CHANNELS,
+    SUB_CHANNELS,
     SyndesmosisCrop,
     box_on_grid,
     crop_raw_ct,
@@ -14,9 +15,10 @@ from AnkleFractureLib.crop.syndesmosis import (
     min_pooled_bone,
     paste_on_grid,
     read_crop,
+    sub_sampled_bone,
     write_crop,
 )
 
-__all__ = ["ALL_CHANNELS", "CHANNELS", "SyndesmosisCrop", "box_on_grid", "crop_raw_ct",
-           "crop_syndesmosis", "crop_to_ct", "crop_to_ct_box", "min_pooled_bone", "paste_on_grid",
-           "read_crop", "write_crop"]
+__all__ = ["ALL_CHANNELS", "CHANNELS", "SUB_CHANNELS", "SyndesmosisCrop", "box_on_grid",
+           "crop_raw_ct", "crop_syndesmosis", "crop_to_ct", "crop_to_ct_box", "min_pooled_bone",
+           "paste_on_grid", "read_crop", "sub_sampled_bone", "write_crop"]

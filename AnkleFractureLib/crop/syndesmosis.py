@@ -12,7 +12,11 @@ the x-mirror of a left ankle), so every crop shows a right ankle in the same ana
   that the reference window saturates (the fracture localiser reads it);
 * on request (:func:`min_pooled_bone`), ``ct_bone_min``: the bone window again, each voxel the
   lowest of 27 samples spread over it instead of the one at its centre, so a fracture gap
-  thinner than a voxel stays in the voxel that holds it.
+  thinner than a voxel stays in the voxel that holds it;
+* on request (:func:`sub_sampled_bone`), ``ct_bone_sub0`` ... ``ct_bone_sub7``: the bone window
+  sampled at the 8 octant centres of each voxel (0.75 mm apart on the 1.5 mm grid), the CT at
+  twice the crop's resolution folded into 8 arrays on the crop's grid (space to depth), so a
+  network on the 1.5 mm grid sees what a 0.75 mm one would, edges as they are.
 
 :func:`crop_to_ct_box` maps any array on the crop grid (e.g. a Grad-CAM heatmap) back onto the
 CT's lattice, kept to the box the crop covers (how a heatmap is stored); :func:`paste_on_grid`
@@ -40,13 +44,18 @@ from AnkleFractureLib.registration.template import SyndesmosisBox, Template, def
 
 #: Channel names, in the order of :attr:`SyndesmosisCrop.channels`.
 CHANNELS = ("ct", "tibia", "fibula")
+#: The 8 sub-voxel samples of :func:`sub_sampled_bone`, octant (z, y, x) = bits (4, 2, 1).
+SUB_CHANNELS = tuple(f"ct_bone_sub{i}" for i in range(8))
 #: :data:`CHANNELS` and the crop's other arrays a model may read, in the order of
 #: :meth:`SyndesmosisCrop.stacked` (``ct_bone``: the CT in the bone window; ``ct_bone_min``:
-#: the same, min-pooled over each voxel, :func:`min_pooled_bone`).
-ALL_CHANNELS = CHANNELS + ("ct_bone", "ct_bone_min")
+#: the same, min-pooled over each voxel, :func:`min_pooled_bone`; :data:`SUB_CHANNELS`: the
+#: same at 0.75 mm, :func:`sub_sampled_bone`).
+ALL_CHANNELS = CHANNELS + ("ct_bone", "ct_bone_min") + SUB_CHANNELS
 #: Samples per voxel edge of :func:`min_pooled_bone` (3: 27 per voxel, 0.5 mm apart on the
 #: 1.5 mm crop grid).
 MIN_POOL_FACTOR = 3
+#: Samples per voxel edge of :func:`sub_sampled_bone` (2: 8 per voxel, 0.75 mm apart).
+SUB_FACTOR = 2
 #: CT value (HU) used where the crop grid leaves the CT's field of view (air).
 OUTSIDE_HU = -1024.0
 #: HU threshold of "bone" for the raw-CT control crop's centre.
@@ -72,6 +81,7 @@ class SyndesmosisCrop:
         metal: bool (nz, ny, nx): the CT reads at least :data:`METAL_HU` there (None: unknown).
         ct_bone: float32 (nz, ny, nx): the CT in the bone window, [0, 1] (None: unknown).
         ct_bone_min: float32 (nz, ny, nx): :func:`min_pooled_bone` (None: not computed).
+        ct_bone_sub: float32 (8, nz, ny, nx): :func:`sub_sampled_bone` (None: not computed).
         phases: The same box sampled with its grid moved by a fraction of a voxel, as
             (shift (z, y, x) voxels, crop) pairs, for a localiser that reads several grid
             phases (:mod:`AnkleFractureLib.fracture.phases`; empty otherwise).
@@ -86,6 +96,7 @@ class SyndesmosisCrop:
     metal: Optional[np.ndarray] = field(default=None, repr=False)
     ct_bone: Optional[np.ndarray] = field(default=None, repr=False)
     ct_bone_min: Optional[np.ndarray] = field(default=None, repr=False)
+    ct_bone_sub: Optional[np.ndarray] = field(default=None, repr=False)
     phases: List[Tuple[np.ndarray, "SyndesmosisCrop"]] = field(default_factory=list, repr=False)
 
     def stacked(self, names: Sequence[str] = ALL_CHANNELS) -> np.ndarray:
@@ -93,13 +104,18 @@ class SyndesmosisCrop:
 
         Raises:
             InputError: An unknown name, ``ct_bone`` asked of a crop that has none (one read
-                back from a file: crop the CT again), or ``ct_bone_min`` of a crop without it
-                (:func:`min_pooled_bone`).
+                back from a file: crop the CT again), or ``ct_bone_min`` or a sub-voxel
+                array of a crop without it (:func:`min_pooled_bone`, :func:`sub_sampled_bone`).
         """
         parts = []
         for name in names:
             if name in CHANNELS:
                 parts.append(self.channels[CHANNELS.index(name)])
+            elif name in SUB_CHANNELS:
+                if self.ct_bone_sub is None:
+                    raise InputError(None, "this crop has no sub-voxel bone-window CT; add it "
+                                           "with sub_sampled_bone(ct, crop)")
+                parts.append(self.ct_bone_sub[SUB_CHANNELS.index(name)])
             elif name in ("ct_bone", "ct_bone_min") and getattr(self, name) is not None:
                 parts.append(getattr(self, name))
             elif name == "ct_bone":
@@ -201,6 +217,28 @@ def _sample(ct: Volume, label: Optional[Volume], t2p: np.ndarray, size: Sequence
     return channels, coverage, in_scan, metal, ct_bone
 
 
+def _fine_bone(ct: Volume, crop: SyndesmosisCrop, factor: int) -> Optional[np.ndarray]:
+    """The CT (HU) on the crop grid refined ``factor`` times along each axis, as
+    (nz, f, ny, f, nx, f): voxel (k, j, i)'s samples at [k, :, j, :, i, :], evenly spread over
+    it (a sample's offset from the centre is (s + 0.5) / f - 0.5 voxels, s = 0 ... f - 1).
+    None when the box misses the CT."""
+    size = tuple(int(n) for n in crop.grid.shape[::-1])
+    spacing = np.asarray(crop.grid.spacing, float)
+    direction = np.asarray(crop.grid.direction, float)
+    fine = spacing / factor
+    origin = np.asarray(crop.grid.origin, float) - direction @ (fine * (factor - 1) / 2.0)
+    fine_size = [n * factor for n in size]
+    t2p = np.linalg.inv(np.asarray(crop.patient_to_template, float))
+    corners = _box_corner_points(size, spacing, np.asarray(crop.grid.origin, float), direction)
+    sub = _sub_box(ct, corners @ t2p[:3, :3].T + t2p[:3, 3])
+    if sub is None:
+        return None
+    nx, ny, nz = size
+    on = resample_to_grid(ct.region(sub), fine_size, fine, origin, direction, "linear",
+                          OUTSIDE_HU, transform=t2p).array
+    return on.reshape(nz, factor, ny, factor, nx, factor)
+
+
 def min_pooled_bone(ct: Volume, crop: SyndesmosisCrop, factor: int = MIN_POOL_FACTOR
                     ) -> np.ndarray:
     """The CT on the crop grid in the bone window, each voxel the lowest of ``factor``**3
@@ -220,22 +258,44 @@ def min_pooled_bone(ct: Volume, crop: SyndesmosisCrop, factor: int = MIN_POOL_FA
     Returns:
         float32 (nz, ny, nx) in [0, 1] (:data:`BONE_HU_WINDOW`; outside the CT: air).
     """
-    size = tuple(int(n) for n in crop.grid.shape[::-1])
-    spacing = np.asarray(crop.grid.spacing, float)
-    direction = np.asarray(crop.grid.direction, float)
-    fine = spacing / factor
-    origin = np.asarray(crop.grid.origin, float) - direction @ (fine * (factor - 1) / 2.0)
-    fine_size = [n * factor for n in size]
-    t2p = np.linalg.inv(np.asarray(crop.patient_to_template, float))
-    corners = _box_corner_points(size, spacing, np.asarray(crop.grid.origin, float), direction)
-    sub = _sub_box(ct, corners @ t2p[:3, :3].T + t2p[:3, 3])
-    nx, ny, nz = size
-    if sub is None:
-        return np.zeros((nz, ny, nx), np.float32)
-    on = resample_to_grid(ct.region(sub), fine_size, fine, origin, direction, "linear",
-                          OUTSIDE_HU, transform=t2p).array
-    low = on.reshape(nz, factor, ny, factor, nx, factor).min(axis=(1, 3, 5))
-    return normalize_hu(low, BONE_HU_WINDOW)
+    fine = _fine_bone(ct, crop, factor)
+    if fine is None:
+        return np.zeros(crop.grid.shape, np.float32)
+    return normalize_hu(fine.min(axis=(1, 3, 5)), BONE_HU_WINDOW)
+
+
+def sub_sampled_bone(ct: Volume, crop: SyndesmosisCrop) -> np.ndarray:
+    """The CT in the bone window at twice the crop's resolution, folded onto the crop grid.
+
+    Each 1.5 mm crop voxel gets its 8 octant centres' samples (0.75 mm apart, offsets of a
+    quarter voxel from its centre), array ``4 * bz + 2 * by + bx`` holding octant (bz, by, bx)
+    (0: the lower half along that axis). Unlike :func:`min_pooled_bone` nothing is pooled: a
+    gap thinner than a voxel shows in the octants that hold it, while a bone's edge stays an
+    edge, and a network on the crop grid reads the CT at 0.75 mm (what the localiser's hairline
+    lines need) for the cost of 8 input channels.
+
+    Args:
+        ct: The CT (HU) the crop was sampled from.
+        crop: The crop (its grid and ``patient_to_template``).
+
+    Returns:
+        float32 (8, nz, ny, nx) in [0, 1] (:data:`BONE_HU_WINDOW`; outside the CT: air).
+
+    Example:
+        >>> import numpy as np
+        >>> from types import SimpleNamespace
+        >>> ramp = Volume(np.tile(np.arange(8.0) * 100, (8, 8, 1)).astype(np.float32))
+        >>> grid = Volume(np.zeros((2, 2, 2), np.float32), (2, 2, 2), (2.5, 2.5, 2.5))
+        >>> sub = sub_sampled_bone(ramp, SimpleNamespace(grid=grid, patient_to_template=np.eye(4)))
+        >>> sub.shape, bool(sub[1, 0, 0, 0] > sub[0, 0, 0, 0])  # octant bx = 1 lies further along x
+        ((8, 2, 2, 2), True)
+    """
+    f = SUB_FACTOR
+    fine = _fine_bone(ct, crop, f)
+    if fine is None:
+        return np.zeros((f ** 3,) + tuple(crop.grid.shape), np.float32)
+    octants = fine.transpose(1, 3, 5, 0, 2, 4).reshape((f ** 3,) + tuple(crop.grid.shape))
+    return normalize_hu(np.ascontiguousarray(octants), BONE_HU_WINDOW)
 
 
 # ---------------------------------------------------------------------- public API

@@ -450,13 +450,19 @@ class FractureLocaliser:
 
     def inputs(self, crop: Any) -> np.ndarray:
         """The crop arrays this localiser reads (float32 (C, z, y, x), the crop's own 3
-        channels when it needs no more): what :meth:`heatmap` takes."""
+        channels when it needs no more): what :meth:`heatmap` takes. Arrays are in the order
+        of :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS` up to the last one read;
+        those before it that no network reads are zero (they are not computed)."""
         names = self._all_channels()
         if any(n not in ("ct", "tibia", "fibula") for n in names):
             from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
 
             highest = max(ALL_CHANNELS.index(n) for n in names)
-            return crop.stacked(ALL_CHANNELS[:highest + 1])
+            prefix = ALL_CHANNELS[:highest + 1]
+            read = [n for n in prefix if n in names or n in ("ct", "tibia", "fibula")]
+            out = np.zeros((len(prefix),) + tuple(crop.channels.shape[1:]), np.float32)
+            out[[prefix.index(n) for n in read]] = crop.stacked(read)
+            return out
         return np.asarray(crop.channels, np.float32)
 
     def _all_channels(self) -> Tuple[str, ...]:
@@ -532,13 +538,13 @@ class FractureLocaliser:
 
         top = self.extend_top_mm
         if top <= 0.0 and crop is not None:
-            out = self._with_min_pooled(ct, crop)
+            out = self._with_fine_arrays(ct, crop)
         else:
             box = template.box
             taller = dataclasses.replace(box, centre=box.centre + box.axes[:, 2] * top / 2.0,
                                          size_mm=box.size_mm + np.array([0.0, 0.0, top]))
             template = dataclasses.replace(template, box=taller)
-            out = self._with_min_pooled(ct, crop_syndesmosis(ct, label, patient_to_template,
+            out = self._with_fine_arrays(ct, crop_syndesmosis(ct, label, patient_to_template,
                                                              template))
             # The window stays centred as on the classifier's box (see heatmap).
             out.meta["box_slices"] = int(box.shape[0])
@@ -547,18 +553,22 @@ class FractureLocaliser:
             moved = crop_syndesmosis(ct, label, patient_to_template, shifted_template(template, d))
             moved.meta.update({k: v for k, v in out.meta.items() if k == "box_slices"})
             phases.append((offset_voxels(d, template.box.spacing_mm),
-                           self._with_min_pooled(ct, moved)))
+                           self._with_fine_arrays(ct, moved)))
         if phases:
             out = dataclasses.replace(out, phases=phases)
         return out
 
-    def _with_min_pooled(self, ct: Any, crop: Any) -> Any:
-        """``crop`` with its min-pooled bone-window CT added when a network reads it (it costs
-        a sampling of the CT 27 times finer, so only then)."""
-        if "ct_bone_min" in self._all_channels() and getattr(crop, "ct_bone_min", None) is None:
-            from AnkleFractureLib.crop.syndesmosis import min_pooled_bone
+    def _with_fine_arrays(self, ct: Any, crop: Any) -> Any:
+        """``crop`` with its min-pooled and sub-voxel bone-window CT added when a network
+        reads them (they cost a sampling of the CT 27 and 8 times finer, so only then)."""
+        from AnkleFractureLib.crop.syndesmosis import (SUB_CHANNELS, min_pooled_bone,
+                                                       sub_sampled_bone)
 
+        names = self._all_channels()
+        if "ct_bone_min" in names and getattr(crop, "ct_bone_min", None) is None:
             crop.ct_bone_min = min_pooled_bone(ct, crop)
+        if any(n in SUB_CHANNELS for n in names) and getattr(crop, "ct_bone_sub", None) is None:
+            crop.ct_bone_sub = sub_sampled_bone(ct, crop)
         return crop
 
     def heatmap(self, channels: np.ndarray, centre_slices: Optional[int] = None

@@ -8,11 +8,11 @@ One ``<id>.<masks>.v<version>.npz`` per case in a cache folder (``<masks>`` is "
 "model-<the first 12 hex digits of the segmentation weights' sha256>", so that a new
 segmentation model never gets crops made with the old one's masks):
 
-* ``channels``: float16 (5, nz, ny, nx), the crop's arrays in the order of
+* ``channels``: float16 (13, nz, ny, nx), the crop's arrays in the order of
   :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS` (CT [0, 1], tibia, fibula, the CT in
-  the bone window, and that min-pooled over each voxel), numpy (z, y, x); files written
-  before the fifth array existed hold 4 and get it when a training reads it
-  (:func:`add_min_pooled`);
+  the bone window, that min-pooled over each voxel, and its 8 sub-voxel samples), numpy
+  (z, y, x); files written before the later arrays existed hold 4 or 5 and get the rest when
+  a training reads them (:func:`add_min_pooled`);
 * ``target``: uint8 (nz, ny, nx), the fracture line (all zero for "none");
 * ``patient_to_template``: 4x4 float64; ``info``: JSON text (weber, true height, side, ...).
 
@@ -76,14 +76,14 @@ def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
             the registration is the template's own either way.
 
     Returns:
-        (channels float16 (5, z, y, x) as :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS`,
+        (channels float16 (13, z, y, x) as :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS`,
         target uint8 (z, y, x), patient_to_template 4x4, info).
 
     Raises:
         AnkleFractureError: Unreadable CT, no masks, registration impossible.
     """
     from AnkleFractureLib.crop.syndesmosis import (ALL_CHANNELS, crop_syndesmosis,
-                                                   min_pooled_bone)
+                                                   min_pooled_bone, sub_sampled_bone)
     from AnkleFractureLib.fracture.targets import annotated_line_target, fracture_line_target
     from AnkleFractureLib.io import read_image
     from AnkleFractureLib.registration.leg import register_as_run
@@ -99,6 +99,7 @@ def crop_one(ds: Dataset, record: CaseRecord, masks: str, template: Any,
     crop = crop_syndesmosis(ct, label, reg.patient_to_template,
                             shifted_box_template(template, shift_mm))
     crop.ct_bone_min = min_pooled_bone(ct, crop)
+    crop.ct_bone_sub = sub_sampled_bone(ct, crop)
     meta = record.meta or {}
     target = np.zeros(crop.grid.shape, np.uint8)
     line_source = None
@@ -143,26 +144,33 @@ def load_crop_file(path: "os.PathLike[str] | str") -> Dict[str, Any]:
 
 
 def add_min_pooled(ds: Dataset, record: CaseRecord, path: Path, template: Any) -> bool:
-    """Give a cache file written before ``ct_bone_min`` existed its fifth array, from the CT
-    and the file's own registration (no segmentation or registration is run again).
+    """Give a cache file written before ``ct_bone_min`` or the sub-voxel arrays existed the
+    arrays of :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS` it lacks, from the CT and
+    the file's own registration (no segmentation or registration is run again).
 
     Returns:
-        Whether the file was rewritten (False: it already had it).
+        Whether the file was rewritten (False: it already had them all).
     """
     from types import SimpleNamespace
 
-    from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS, min_pooled_bone
+    from AnkleFractureLib.crop.syndesmosis import (ALL_CHANNELS, min_pooled_bone,
+                                                   sub_sampled_bone)
     from AnkleFractureLib.io import read_image
     from AnkleFractureLib.training.fracture_train import crop_grid
 
     d = load_crop_file(path)
-    if d["channels"].shape[0] >= len(ALL_CHANNELS):
+    have = d["channels"].shape[0]
+    if have >= len(ALL_CHANNELS):
         return False
     shift = float(d["info"].get("box_shift_mm") or 0.0)
     crop = SimpleNamespace(grid=crop_grid(shifted_box_template(template, shift)),
                            patient_to_template=d["patient_to_template"])
-    low = min_pooled_bone(read_image(ds.path(record.image)), crop)
-    channels = np.concatenate([d["channels"], low[None].astype(np.float16)])
+    ct = read_image(ds.path(record.image))
+    extra = []
+    if have <= ALL_CHANNELS.index("ct_bone_min"):
+        extra.append(min_pooled_bone(ct, crop)[None])
+    extra.append(sub_sampled_bone(ct, crop))
+    channels = np.concatenate([d["channels"]] + [e.astype(np.float16) for e in extra])
     _save(path, channels, d["target"], d["patient_to_template"], d["info"])
     return True
 
@@ -261,8 +269,8 @@ def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathL
             segmentation model and 1/N of the CPU threads; the files are the same for any N.
         shift_mm: Crop the box moved this far up (:func:`shifted_box_template`; the cache
             files then carry ``up<mm>`` in their names).
-        channels: The crop arrays the training reads; with ``ct_bone_min``, reused files
-            written before it existed get it (:func:`add_min_pooled`).
+        channels: The crop arrays the training reads; with ``ct_bone_min`` or a sub-voxel
+            array, reused files written before they existed get them (:func:`add_min_pooled`).
 
     Returns:
         (paths of the cache files, {case id: error} for the cases that could not be cropped).
@@ -294,7 +302,7 @@ def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathL
             failed[record.id] = error
         if progress is not None:
             progress((k + 1) / len(todo), f"cropped {record.id} ({masks} masks)")
-    if "ct_bone_min" in channels:
+    if any(c == "ct_bone_min" or c.startswith("ct_bone_sub") for c in channels):
         _add_min_pooled_all(ds, [(r, paths[r.id]) for r in records if paths[r.id].exists()],
                             template, int(workers))
     return [paths[r.id] for r in records if r.id not in failed], failed

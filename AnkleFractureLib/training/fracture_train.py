@@ -185,7 +185,7 @@ def training_pair(sample: Sample, rng: np.random.Generator, shift: int,
     """One augmented (input (C, pz, wy, wx), target (1, pz, wy, wx)) pair (pz = patch_z, or
     every slice when 0; the input holds the named ``channels``; masks: see
     :func:`_augment_masks`)."""
-    from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS
+    from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS, SUB_CHANNELS
 
     zr = _z_range(sample.target, patch_z, rng, _fibula_tip_z(sample.channels[2]))
     ch = sample.channels.astype(np.float32)
@@ -194,9 +194,12 @@ def training_pair(sample: Sample, rng: np.random.Generator, shift: int,
     win = Window(win.y0 + dy, win.x0 + dx, win.size)
     x = win.extract(ch)[:, zr]
     x = _augment_masks(x, rng, bridge_prob, soft_masks)
-    for c in range(len(x)):
+    for c in range(min(len(x), len(ALL_CHANNELS) - len(SUB_CHANNELS))):
         if ALL_CHANNELS[c] in ("ct", "ct_bone", "ct_bone_min"):
             x[c] = _augment_ct(x[c], rng)
+    subs = [ALL_CHANNELS.index(c) for c in SUB_CHANNELS if c in channels]
+    if subs:  # one draw for all 8: they are one CT at twice the resolution
+        x[subs] = _augment_ct(x[subs], rng)
     y = win.extract(sample.target[None].astype(np.float32))[:, zr]
     return x[[ALL_CHANNELS.index(c) for c in channels]], y
 
