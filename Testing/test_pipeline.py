@@ -447,3 +447,17 @@ def test_real_foot_series_is_refused_for_its_field_of_view(shared_ct_dir, tiny_c
     assert not (out / "gradcam.nii.gz").exists() and not (out / "transform.json").exists()
     assert res["models"]["classification"]["used"] is False
     assert "NO WEBER CLASS" in stdout and "field of view" in stdout
+
+
+def test_gradcam_json_names_the_maximum_and_none_for_a_map_without_one() -> None:
+    """result.json gradcam.peak_lps: the hottest voxel's centre (LPS mm); a map with no finite
+    value has no maximum, and says so by leaving the key out (no error)."""
+    heat = np.zeros((4, 5, 6), np.float32)
+    heat[1, 2, 3] = 0.9
+    heat[0, 0, 0] = np.nan
+    vol = Volume(heat, (2.0, 1.0, 0.5), (10.0, 20.0, 30.0), meta={"ct_box": [[0, 4]] * 3})
+    got = PipelineResult._gradcam_json(SimpleNamespace(gradcam=vol, classification=None))
+    assert got["peak_lps"] == [16.0, 22.0, 30.5] and got["ct_box"] == [[0, 4]] * 3
+    empty = vol.with_array(np.full(heat.shape, np.nan, np.float32))
+    got = PipelineResult._gradcam_json(SimpleNamespace(gradcam=empty, classification=None))
+    assert "peak_lps" not in got

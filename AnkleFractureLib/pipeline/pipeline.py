@@ -237,8 +237,12 @@ class PipelineResult:
         info = dict(getattr(self.classification, "gradcam_info", None) or {})
         info["ct_box"] = self.gradcam.meta.get("ct_box")
         heat = np.asarray(self.gradcam.array)
-        if heat.size and np.isfinite(heat).any():
-            zyx = np.unravel_index(int(np.nanargmax(heat)), heat.shape)
+        try:  # one pass over the map (it is as large as the CT box)
+            flat = int(np.nanargmax(heat)) if heat.size else None
+        except ValueError:  # all NaN: no maximum
+            flat = None
+        if flat is not None:
+            zyx = np.unravel_index(flat, heat.shape)
             peak = self.gradcam.index_to_physical(np.array([zyx[::-1]], dtype=float))[0]
             info["peak_lps"] = [round(float(v), 2) for v in peak]
         return info
