@@ -252,6 +252,15 @@ def test_pipeline_registers_again_after_a_large_removal():
     assert info["rms_mm"] == pytest.approx(on.registration.rms_mm, abs=1e-4)
     assert info["side_confidence"] == pytest.approx(on.registration.side_confidence, abs=1e-4)
     np.testing.assert_allclose(channels, on.crop.channels, atol=1e-4)
+    # The template's distance maps are built once for all the crops of a training set.
+    from AnkleFractureLib.classification.crops import _template_distances
+
+    import dataclasses
+
+    template = _template()
+    assert _template_distances(template) is _template_distances(template)
+    other = dataclasses.replace(template)  # another template object: its own maps
+    assert _template_distances(other) is not _template_distances(template)
 
 
 def test_nested_stage_timings_are_counted_once():

@@ -186,6 +186,21 @@ def crop_case(ct: Volume, label: Optional[Volume], kind: str = "registered",
         "side_confidence": round(float(reg.side_confidence), 4)}
 
 
+#: The last template's distance maps (template, TemplateDistances): every crop of a training
+#: set is made against one template, and building them costs about 0.1 s.
+_DISTANCES: Dict[str, Any] = {}
+
+
+def _template_distances(template: Any) -> Any:
+    """The template's :class:`~AnkleFractureLib.registration.shape_prior.TemplateDistances`,
+    built once per template object."""
+    from AnkleFractureLib.registration.shape_prior import TemplateDistances
+
+    if _DISTANCES.get("template") is not template:
+        _DISTANCES.update(template=template, distances=TemplateDistances(template))
+    return _DISTANCES["distances"]
+
+
 def _prior_and_refit(ct: Volume, label: Volume, reg: Any, template: Any) -> Tuple[Volume, Any]:
     """The shape prior and, when it removed enough, the registration made again on the
     cleaned labels, refused as ``run``'s checks refuse (the fit's side kept)."""
@@ -206,7 +221,8 @@ def _prior_and_refit(ct: Volume, label: Volume, reg: Any, template: Any) -> Tupl
         return dataclasses.replace(refit, side_confidence=reg.side_confidence,
                                    side_reason=reg.side_reason)
 
-    outcome = prior_and_refit(label, reg, template=template, register=register,
+    outcome = prior_and_refit(label, reg, template=template,
+                              distances=_template_distances(template), register=register,
                               accept=lambda refit, _: not refused(refit, plafond["found"],
                                                                   template))
     return outcome.label, outcome.registration
