@@ -29,13 +29,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from fracture_rule_study import evaluation_rows, fit, write_rule  # noqa: E402
-from heldout_replay import SHIPPED_PLANS, answers_right, no_worse, replay, table  # noqa: E402
+from heldout_replay import answers_right, no_worse, replay, shipped_rule, table  # noqa: E402
 
 
 def study(folder: Path) -> Dict[str, Any]:
     """The fit on the folder's validation and calibration runs and the held-out replay."""
     spec = json.loads((folder / "criterion.json").read_text())
-    shipped = json.loads(SHIPPED_PLANS.read_text())["decision"]
+    shipped = shipped_rule(folder)
     val = evaluation_rows([str(folder / f) for f in spec["validation"]])
     cal = evaluation_rows([str(folder / f) for f in spec["calibration"]])
     fitted = fit(val + cal)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from fracture_rule_study import evaluation_rows  # noqa: E402
-from heldout_replay import (SHIPPED_PLANS, answers_right, no_worse, replay,  # noqa: E402
+from heldout_replay import (answers_right, no_worse, replay, shipped_rule,  # noqa: E402
                             study_main, table)
 
 from AnkleFractureLib.fracture.weber_height import FLOOR  # noqa: E402
@@ -36,7 +36,7 @@ from AnkleFractureLib.fracture.weber_height import FLOOR  # noqa: E402
 def study(folder: Path) -> Dict[str, Any]:
     """The fit on the folder's validation runs and the held-out replay."""
     spec = json.loads((folder / "criterion.json").read_text())
-    shipped = json.loads(SHIPPED_PLANS.read_text())["decision"]
+    shipped = shipped_rule(folder)
     val = evaluation_rows([str(folder / f) for f in spec["validation"]])
     right = {f: answers_right(val, {**shipped, "floor": f}) for f in spec["grid"]}
     best = max(spec["grid"], key=lambda f: (right[f], -f))

@@ -8,6 +8,7 @@ Used by ``fracture_floor_study.py`` and ``fracture_calibration_study.py``.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
@@ -26,6 +27,15 @@ BASELINE = ROOT / "docs" / "seg_v2" / "rule6_pipeline"
 MEASURES = ("accuracy", "found_rate", "found_on_none_rate", "macro_auroc")
 #: The shipped localiser's plans (its ``decision`` is the shipped rule).
 SHIPPED_PLANS = ROOT / "Resources" / "Models" / "fracture" / "plans.json"
+
+
+def shipped_rule(folder: Path) -> Dict[str, Any]:
+    """The rule a study compared against: ``folder/shipped_rule.json`` (the shipped plans'
+    ``decision`` when the study was made, kept so that its page stays reproducible after the
+    shipped rule changes), else the shipped plans' ``decision`` now."""
+    pinned = Path(folder) / "shipped_rule.json"
+    source = pinned if pinned.is_file() else SHIPPED_PLANS
+    return json.loads(source.read_text())["decision"]
 
 
 def answers_right(rows: List[Dict[str, Any]], rule: Dict[str, Any]) -> int:
