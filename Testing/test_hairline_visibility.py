@@ -4,7 +4,6 @@ and mostly lost on a 1.5 mm grid; a wide gap is seen on both."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _measure():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from hairline_visibility import measure_case
-    finally:
-        sys.path.pop(0)
-    return measure_case
+    """scripts/hairline_visibility.py's measure_case (the script is not a package module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hairline_visibility",
+                                                  ROOT / "scripts" / "hairline_visibility.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.measure_case
 
 
 def _tube_case(root: Path, name: str, gap_mm: float) -> dict:
