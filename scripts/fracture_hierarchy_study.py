@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from fracture_rule_study import evaluation_rows, score  # noqa: E402
-from heldout_replay import no_worse, replay, study_main, table  # noqa: E402
+from heldout_replay import no_worse, replay, shipped_rule, study_main, table  # noqa: E402
 
 def _measures(rows: List[Dict[str, Any]], rule: Dict[str, Any]) -> Dict[str, Any]:
     s = score(rows, rule)
@@ -65,7 +65,7 @@ def study(folder: Path) -> Dict[str, Any]:
     spec = json.loads((folder / "criterion.json").read_text())
     # The rule shipped when the study was made, kept beside it, so that the page stays
     # reproducible after the study's own rule is shipped.
-    shipped = json.loads((folder / "shipped_rule.json").read_text())["decision"]
+    shipped = shipped_rule(folder)
     val = evaluation_rows([str(folder / f) for f in spec["validation"]])
     fitted = fit(val, shipped, spec["grid"])
     rule = {**shipped, "combination": "hierarchical", **fitted["fitted"]}

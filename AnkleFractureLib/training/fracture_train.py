@@ -194,8 +194,8 @@ def training_pair(sample: Sample, rng: np.random.Generator, shift: int,
     win = Window(win.y0 + dy, win.x0 + dx, win.size)
     x = win.extract(ch)[:, zr]
     x = _augment_masks(x, rng, bridge_prob, soft_masks)
-    for c in range(min(len(x), len(ALL_CHANNELS) - len(SUB_CHANNELS))):
-        if ALL_CHANNELS[c] in ("ct", "ct_bone", "ct_bone_min"):
+    for c, name in enumerate(ALL_CHANNELS[:len(x)]):
+        if name in ("ct", "ct_bone", "ct_bone_min"):  # each its own draw, as always
             x[c] = _augment_ct(x[c], rng)
     subs = [ALL_CHANNELS.index(c) for c in SUB_CHANNELS if c in channels]
     if subs:  # one draw for all 8: they are one CT at twice the resolution
