@@ -135,6 +135,22 @@ def test_check_segmentation(case):
     assert ("refusal", "small_tibia") in found and ("refusal", "small_fibula") in found
 
 
+def test_check_segmentation_says_first_when_foot_bones_were_removed():
+    """Post-processing rule 9's report in the label map's meta becomes the headline refusal,
+    with its measurements; the same empty map without it only says the bones are missing."""
+    empty = np.zeros((20, 20, 20), np.uint8)
+    leg = {"tibia_ml": 12.17, "section_cm2": 4.75, "below_top_mm": 57.0}
+    meta = {"segmentation": {"postprocess": {"not_a_leg": [leg]}}}
+    found = C.check_segmentation(Volume(empty, meta=meta))
+    assert codes(found) == [("refusal", "no_distal_tibia"), ("refusal", "no_tibia"),
+                            ("refusal", "no_fibula")]
+    assert C.refusals(found)[0].code == "no_distal_tibia"
+    assert "12.2 ml" in found[0].message and "4.8 cm^2" in found[0].message
+    assert "57 mm below" in found[0].message and found[0].details == leg
+    assert codes(C.check_segmentation(Volume(empty))) == [("refusal", "no_tibia"),
+                                                          ("refusal", "no_fibula")]
+
+
 # ------------------------------------------------------------------------------ side
 def test_check_side_and_leg_selection():
     both = SideDetection(None, 0.0, "both legs in the field of view (2 leg cross-sections)", 2)
@@ -432,21 +448,26 @@ def test_an_image_that_cannot_be_written_leaves_no_result_json(case, tmp_path, m
 
 
 # ------------------------------------------------------------------------------ real data
-def test_real_foot_series_is_refused_for_its_field_of_view(shared_ct_dir, tiny_cls, tmp_path,
-                                                           capsys):
+def test_real_foot_series_is_refused_with_no_foot_bone_labelled(shared_ct_dir, tiny_cls,
+                                                                 tmp_path, capsys):
+    """The real foot series (both feet, toes to the talar dome, no tibial shaft): the network
+    calls plantarflexed metatarsals tibia and fibula; post-processing rule 9 finds no distal
+    tibia, removes every label and the scan is refused for that, first."""
     out = tmp_path / "vhf"
     assert main(["run", str(shared_ct_dir), "--out", str(out), "--cls-model", str(tiny_cls),
                  "--device", "cpu", "--quiet"]) == 0
     stdout = capsys.readouterr().out
     res = json.loads((out / "result.json").read_text())
     assert res["refused"] is True and res["prediction"] is None and res["probabilities"] is None
-    assert res["refusal"].startswith("the syndesmosis is not in the field of view")
-    fov = [f for f in res["findings"] if f["code"].startswith("fov_")]
-    assert fov and all(f["level"] == "refusal" for f in fov)
-    assert "both_legs" in [f["code"] for f in res["findings"]]
+    assert res["refusal"].startswith("no distal tibia in view")
+    first = res["findings"][0]
+    assert first["code"] == "no_distal_tibia" and first["level"] == "refusal"
+    assert first["details"]["section_cm2"] < 6.0 and first["details"]["below_top_mm"] > 20.0
+    labels = read_image(out / "segmentation.nii.gz").array
+    assert not np.asarray(labels).any()  # foot bones are never tibia or fibula
     assert not (out / "gradcam.nii.gz").exists() and not (out / "transform.json").exists()
     assert res["models"]["classification"]["used"] is False
-    assert "NO WEBER CLASS" in stdout and "field of view" in stdout
+    assert "NO WEBER CLASS" in stdout and "foot scan" in stdout
 
 
 def test_gradcam_json_names_the_maximum_and_none_for_a_map_without_one() -> None:

@@ -415,3 +415,62 @@ def test_a_fibula_broken_low_keeps_its_distal_piece_as_the_main_one() -> None:
     out, rep = clean_labels(lab, (1.0, 1.0, 1.0), superior_zyx=(-1.0, 0.0, 0.0))
     assert (out[distal] == 2).all() and (out[upper] == 2).all(), rep["notes"]
     assert not any("comes down from above the ankle" in n for n in rep["notes"])
+
+
+def _foot_scan() -> tuple:
+    """1 mm voxels, array z superior: a foot scan. Three parallel 'metatarsals' (8 x 8 mm
+    tubes of cortex, z 10-59) labelled tibia, one labelled fibula, and unlabelled tarsal
+    bones above them up to the top of the scan (z 70-99). (labels, CT in HU)."""
+    lab = np.zeros((100, 60, 80), np.uint8)
+    ct = np.full(lab.shape, 40.0)
+    for x0, value in ((10, 1), (25, 1), (40, 1), (55, 2)):
+        lab[10:60, 26:34, x0:x0 + 8] = value
+        ct[10:60, 26:34, x0:x0 + 8] = 1300.0
+    ct[70:100, 15:45, 10:65] = 1200.0
+    return lab, ct
+
+
+def test_foot_bones_labelled_tibia_and_fibula_in_a_foot_scan_are_removed() -> None:
+    """Rule 9: a main 'tibia' with no cross-section of a distal tibia (0.64 cm^2 here) that
+    ends far below the top of the bone in view (40 mm) is a foot bone: every label goes, the
+    report says why; without the CT or the superior direction nothing is judged."""
+    lab, ct = _foot_scan()
+    out, rep = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct, superior_zyx=(1.0, 0.0, 0.0))
+    assert not out.any()
+    assert rep["not_a_leg"] == [{"tibia_ml": 3.2, "section_cm2": 0.64, "below_top_mm": 40.0}]
+    assert rep["volumes_ml"] == {"tibia": 0.0, "fibula": 0.0}
+    assert rep["removed_voxels"] == int(np.count_nonzero(lab))
+    assert any("no distal tibia" in n for n in rep["notes"])
+    for kwargs in ({"ct_hu": ct}, {"superior_zyx": (1.0, 0.0, 0.0)}):
+        kept, rep = clean_labels(lab, (1.0, 1.0, 1.0), **kwargs)
+        assert kept.any() and "not_a_leg" not in rep
+
+
+def test_a_thin_tibia_reaching_the_top_or_a_wide_one_ending_low_keeps_its_labels() -> None:
+    """Rule 9 needs both tests to fail: a thin 'tibia' (a blob the network labelled inside the
+    bone) that runs out of the top of the scan is kept, and so is a tibia ending 40 mm below
+    the top of the bone (a knee in view) whose section is that of a distal tibia (9 cm^2)."""
+    lab, ct = _foot_scan()
+    up = (1.0, 0.0, 0.0)
+    lab[60:100, 26:34, 10:18] = 1          # the first tube now runs out of the top
+    ct[60:100, 26:34, 10:18] = 1300.0
+    out, rep = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct, superior_zyx=up)
+    assert "not_a_leg" not in rep and (out[10:100, 26:34, 10:18] == 1).all()
+    lab, ct = _foot_scan()
+    lab[20:60, 10:40, 5:35] = 1            # 30 x 30 mm: a distal tibia's section
+    ct[20:60, 10:40, 5:35] = 1300.0
+    out, rep = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct, superior_zyx=up)
+    assert "not_a_leg" not in rep and (out[20:60, 10:40, 5:35] == 1).all()
+
+
+def test_a_foot_scan_with_both_feet_loses_the_labels_of_each() -> None:
+    """Rule 9 runs per leg: two feet side by side, each with a large 'tibia' tube (both
+    legs in view by size), each leg's labels removed and reported with its leg number."""
+    lab, ct = _foot_scan()
+    lab[10:60, 26:34, 10:18] = 0
+    lab[10:60, 20:40, 10:20] = 1           # 10 ml 'tibia', 2 cm^2 section
+    twin = np.concatenate([lab, np.zeros_like(lab), lab], axis=2)
+    twin_ct = np.concatenate([ct, np.full_like(ct, 40.0), ct], axis=2)
+    out, rep = clean_labels(twin, (1.0, 1.0, 1.0), ct_hu=twin_ct, superior_zyx=(1.0, 0.0, 0.0))
+    assert rep.get("legs") == 2 and not out.any()
+    assert sorted(r["leg"] for r in rep["not_a_leg"]) == [1, 2]

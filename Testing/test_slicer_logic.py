@@ -119,6 +119,10 @@ def test_segments_round_trip_voxel_for_voxel(oblique_volume, scene):
     again = N.updateSegmentationFromLabelMap(seg, label.with_array(labels * 0 + 1), ct_node,
                                              scene)
     assert again == ids and seg.GetSegmentation().GetNumberOfSegments() == 3
+    # A map with nothing labelled (a foot scan: post-processing rule 9) empties both segments.
+    empty = N.updateSegmentationFromLabelMap(seg, label.with_array(labels * 0), ct_node, scene)
+    assert empty == ids and seg.GetSegmentation().GetNumberOfSegments() == 3
+    assert N.labelMapFromSegmentation(seg, ct_node, scene) is None  # no tibia or fibula voxel
     for node in (seg, ct_node):
         scene.RemoveNode(node)
 

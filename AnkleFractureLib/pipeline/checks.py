@@ -331,7 +331,7 @@ def check_segmentation(label: Volume, volumes: Optional[Dict[str, float]] = None
     vol = bone_volumes_ml(label) if volumes is None else volumes
     tib, fib = vol["tibia"], vol["fibula"]
     details = {"tibia_ml": tib, "fibula_ml": fib}
-    out: List[Finding] = []
+    out: List[Finding] = _not_a_leg_findings(label)
     for name, ml, refuse, warn in (("tibia", tib, REFUSE_TIBIA_ML, WARN_TIBIA_ML),
                                    ("fibula", fib, REFUSE_FIBULA_ML, WARN_FIBULA_ML)):
         if ml < ABSENT_ML:
@@ -361,6 +361,29 @@ def check_segmentation(label: Volume, volumes: Optional[Dict[str, float]] = None
             out.append(Finding(WARNING, "fibula_large",
                                f"unusual segmentation: the fibula is {ratio:.0%} of the tibia's "
                                "volume (about 30 % at the ankle); check it", details))
+    return out
+
+
+def _not_a_leg_findings(label: Volume) -> List[Finding]:
+    """A refusal ``no_distal_tibia`` when the segmentation's post-processing removed a leg's
+    labels because its "tibia" was no distal tibia (rule 9 of
+    :mod:`~AnkleFractureLib.segmentation.postprocess`: a foot scan's bones); none otherwise
+    (also for a label map given by the user, which carries no post-processing report)."""
+    post = ((label.meta or {}).get("segmentation") or {}).get("postprocess") or {}
+    out = []
+    for leg in post.get("not_a_leg") or []:
+        below = leg.get("below_top_mm")
+        out.append(Finding(
+            REFUSAL, "no_distal_tibia",
+            f"no distal tibia in view: the bone the network labelled tibia "
+            f"({leg.get('tibia_ml', 0.0):.1f} ml) is not a distal tibia (its largest "
+            f"cross-section is {leg.get('section_cm2', 0.0):.1f} cm^2, a distal tibia's at the "
+            f"plafond about 8-13 cm^2"
+            + (f"; it ends {below:.0f} mm below the highest bone in view, while a tibia runs "
+               "out of the top of an ankle scan" if below is not None else "")
+            + "), so its tibia and fibula labels were removed as foot bones. Is this a foot "
+            "scan? The Weber class needs the distal tibia, the fibula and the syndesmosis in "
+            "view", {k: v for k, v in leg.items() if v is not None}))
     return out
 
 

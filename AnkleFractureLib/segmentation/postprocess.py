@@ -75,6 +75,17 @@
    the network, and so is a piece with metal beside it (rule 6's ``METAL_CONTACT_MM``): rule
    0 may leave a bit of plated bone apart from its bone.
 
+9. **No distal tibia, no leg labels.** With the CT and the superior direction, the main tibia
+   (after rule 1) must be a distal tibia (:mod:`.distal_tibia`): one of its cross-sections a
+   single region of at least 6 cm^2 (the plafond's is about 8-13 cm^2, a metatarsal's 1-2),
+   or its top within 20 mm of the top of the cortical bone in view (every tibia of an ankle
+   CT runs out of the top of the scan). When neither holds the labels show foot bones, not a
+   leg: a plantarflexed foot scan's metatarsals came out as a 12 ml "tibia", and rules 0-8,
+   which judge every piece against the main tibia, kept them. Every tibia and fibula label of
+   that leg is removed and ``report["not_a_leg"]`` says why (the pipeline refuses the scan
+   with it). A real tibia the network labels only in part still reaches the top of the scan,
+   and one ending at the knee has the plateau's large section, so neither is touched.
+
 Everything works on the bounding box of the bones, and distances between components are measured
 with k-d trees of surface-voxel centres (exact Euclidean distances in mm, capped at
 ``2 * attach_distance_mm``). On a clinical 512 x 512 x 350 map (0.35 x 0.35 x 0.6 mm) this takes
@@ -106,8 +117,9 @@ from AnkleFractureLib.geometry.arrays import bounding_box
 TIBIA, FIBULA = 1, 2
 #: Version of these rules. Crops made with the segmentation model's masks are cached under it
 #: (classification/crops.py, training/fracture_data.py): bump it whenever a rule changes what
-#: the labels hold. 6: rule 6 (casts out before the main components are chosen).
-POSTPROCESS_VERSION = 9
+#: the labels hold. 6: rule 6 (casts out before the main components are chosen); 10: rule 9
+#: (no distal tibia, no leg labels).
+POSTPROCESS_VERSION = 10
 _NAMES = {TIBIA: "tibia", FIBULA: "fibula"}
 _TWENTY_SIX = np.ones((3, 3, 3), dtype=bool)
 _SIX = ndi.generate_binary_structure(3, 1)
@@ -230,7 +242,8 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
             superior direction, so that a voxel's height in mm is ``(index * spacing_zyx) @
             superior_zyx`` plus a constant (:meth:`~AnkleFractureLib.geometry.volume.Volume.superior_zyx`);
             enables rules 7 and 8 (foot bones never chosen as a main bone or as the other
-            leg; pieces apart from both bones below the ankle removed).
+            leg; pieces apart from both bones below the ankle removed) and, with
+            ``ct_hu``, rule 9 (no distal tibia: no leg labels).
 
     Returns:
         ``(cleaned, report)``: ``cleaned`` is a new uint8 (z, y, x) array (the input is never
@@ -241,7 +254,9 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
              "volumes_ml": {"tibia": float, "fibula": float}, "notes": [str, ...]}
 
         ``kept_fragments`` counts non-main components left with their label (fracture
-        fragments, isolated large pieces); ``notes`` says in words what was changed.
+        fragments, isolated large pieces); ``notes`` says in words what was changed. When
+        rule 9 removed a leg's labels, ``not_a_leg`` lists, per such leg, ``{"tibia_ml",
+        "section_cm2", "below_top_mm"}`` (and ``"leg"`` with both legs in view).
 
     Raises:
         ValueError: For a non-3D or non-integer array, values other than 0/1/2, a bad spacing,
@@ -283,6 +298,10 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
     fragments = comps[TIBIA][1:] + comps[FIBULA][1:]
     # Rule 1: the tibia is the larger bone.
     main = _tibia_is_the_larger_bone(work, main, voxel_mm3, report)
+    # Rule 9: a main tibia that is no distal tibia: these labels show foot bones, not a leg.
+    if ct_hu is not None and up is not None and main[TIBIA] is not None:
+        if _not_a_leg(work, box, main[TIBIA], ct_hu, sp_zyx, up, voxel_mm3, report):
+            return out, report
     changes: List[Tuple[_Component, int]] = []
     if fragments:
         options = dict(min_fragment_mm3=min_fragment_mm3, attach_distance_mm=attach_distance_mm,
@@ -711,6 +730,37 @@ SECOND_LEG_ABOVE_MM = 40.0
 MAIN_MIN_MM3 = 1000.0
 
 
+def _not_a_leg(work: np.ndarray, box: Slices, tibia: _Component, ct_hu: np.ndarray,
+               sp_zyx: np.ndarray, up: np.ndarray, voxel_mm3: float,
+               report: Dict[str, Any]) -> bool:
+    """Rule 9: when the main tibia is no distal tibia (:func:`.distal_tibia.judge`: no
+    single-region section of :data:`~.distal_tibia.MIN_SECTION_MM2` and its top more than
+    :data:`~.distal_tibia.TOP_GAP_MM` below the top of the bone in view), remove every label
+    of ``work`` (the leg's working crop, ``box`` in ``ct_hu``'s grid), record why in
+    ``report["not_a_leg"]`` and return True; else change nothing and return False."""
+    from AnkleFractureLib.segmentation.distal_tibia import judge
+
+    offset = [b.start + c.start for b, c in zip(box, tibia.box)]
+    verdict = judge(tibia.mask(), offset, ct_hu, sp_zyx, up)
+    if verdict["distal_tibia"]:
+        return False
+    labelled = int(np.count_nonzero(work))
+    tibia_ml = round(tibia.voxels * voxel_mm3 / 1000.0, 2)
+    work[...] = 0
+    report["removed_voxels"] += labelled
+    report["volumes_ml"] = {"tibia": 0.0, "fibula": 0.0}
+    report.setdefault("not_a_leg", []).append(
+        {"tibia_ml": tibia_ml, "section_cm2": verdict["section_cm2"],
+         "below_top_mm": verdict["below_top_mm"]})
+    report["notes"].append(
+        f"no distal tibia: the {tibia_ml:.1f} ml 'tibia' has no cross-section of a distal tibia "
+        f"(largest {verdict['section_cm2']:.1f} cm^2; at the plafond about 8-13) and ends "
+        f"{verdict['below_top_mm']:.0f} mm below the highest bone in view (a tibia runs out "
+        f"of the top of an ankle scan): every tibia and fibula label removed as foot bones "
+        f"({labelled * voxel_mm3 / 1000.0:.1f} ml)")
+    return True
+
+
 def _unit_up(superior_zyx: Sequence[float]) -> np.ndarray:
     """The superior direction (z, y, x) as a unit vector; ValueError when it has no length."""
     up = np.asarray(superior_zyx, dtype=float).reshape(3)
@@ -828,6 +878,8 @@ def _clean_per_leg(out: np.ndarray, box: Slices, halves: List[np.ndarray],
             total = report["volumes_ml"][bone] + rep["volumes_ml"][bone]
             report["volumes_ml"][bone] = round(total, 4)
         report["notes"] += [f"leg {k}: {n}" for n in rep["notes"]]
+        if rep.get("not_a_leg"):
+            report.setdefault("not_a_leg", []).extend(dict(r, leg=k) for r in rep["not_a_leg"])
     return merged, report
 
 
