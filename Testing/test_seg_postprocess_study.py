@@ -46,3 +46,31 @@ def test_compare_names_the_changed_cases_and_the_largest_fall():
     assert mod.compare(before, after) == {"changed": ["c1"], "largest_dice_fall": 0.05}
     with pytest.raises(ValueError, match="case lists differ"):
         mod.compare(before, {"cases": [case(1, "b", 0.5), case(0, "a", 0.9)]})
+
+
+def test_real_runs_reads_both_run_folders(tmp_path):
+    """--real-runs: refusals, volumes and voxel counts of each run, and whether the maps are
+    the same, from the files `ankle-fracture run` writes."""
+    import json
+
+    from AnkleFractureLib.geometry.volume import Volume
+    from AnkleFractureLib.io import write_image
+
+    mod = load_script("seg_postprocess_study")
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1, 1, 1:4] = 1
+    labels[2, 3, 3] = 2
+    for name, arr in (("before", labels), ("after", np.zeros_like(labels))):
+        folder = tmp_path / name
+        folder.mkdir()
+        write_image(Volume(arr, (1.0, 1.0, 2.0)), folder / "segmentation.nii.gz")
+        (folder / "result.json").write_text(json.dumps(
+            {"refused": True, "bones_ml": {"tibia": 0.006 if name == "before" else 0.0},
+             "refusals": [f"{name} reason", "second"]}))
+    got = mod.real_runs(tmp_path / "before", tmp_path / "after")
+    assert got["runs"]["before"]["labelled_voxels"] == {"tibia": 3, "fibula": 1}
+    assert got["runs"]["after"]["labelled_voxels"] == {"tibia": 0, "fibula": 0}
+    assert got["runs"]["after"]["refusals"][0] == "after reason"
+    assert got["label_maps_identical"] is False
+    same = mod.real_runs(tmp_path / "after", tmp_path / "after")
+    assert same["label_maps_identical"] is True

@@ -207,8 +207,30 @@ def page(folder: Path) -> str:
         for k, run in r["runs"].items():
             lines.append(f"- {k}: refused {run['refused']}, labelled {run['bones_ml']} ml "
                          f"(`{r['commands'][k]}`)")
+            if run.get("refusals"):
+                lines.append(f"  - headline refusal: {run['refusals'][0]}")
         lines.append(f"- label maps identical: {r['label_maps_identical']}")
     return "\n".join(lines) + "\n"
+
+
+def real_runs(before: Path, after: Path) -> Dict[str, Any]:
+    """The real foot series' two ``ankle-fracture run`` output folders (code before and after
+    a rule) as ``real_foot_series.json``: refused or not, refusals, labelled volumes (ml) and
+    voxels, and whether the two label maps are identical."""
+    from AnkleFractureLib.io.files import read_image
+
+    runs, maps = {}, []
+    for key, folder in (("before", before), ("after", after)):
+        res = json.loads((folder / "result.json").read_text())
+        labels = np.asarray(read_image(folder / "segmentation.nii.gz").array)
+        maps.append(labels)
+        runs[key] = {"refused": res["refused"], "bones_ml": res.get("bones_ml"),
+                     "labelled_voxels": {"tibia": int(np.count_nonzero(labels == 1)),
+                                         "fibula": int(np.count_nonzero(labels == 2))},
+                     "refusals": res.get("refusals", [])}
+    return {"what": "the real foot series through `ankle-fracture run` with the code before "
+                    "and after the rule", "runs": runs,
+            "label_maps_identical": bool(np.array_equal(maps[0], maps[1]))}
 
 
 def write_page(folder: Path) -> Path:
@@ -228,9 +250,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out")
     parser.add_argument("--label", default="", help="name of this run on a page")
     parser.add_argument("--page", help="write DIR/README.md from the before/after files in it")
+    parser.add_argument("--real-runs", nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="two `ankle-fracture run` output folders of the real foot series "
+                             "(code before and after): write them to --out")
+    parser.add_argument("--commands", nargs=2, metavar=("BEFORE", "AFTER"), default=None,
+                        help="with --real-runs: the two commands, recorded in the file")
     args = parser.parse_args(argv)
     if args.page:
         print(write_page(Path(args.page)))
+        return 0
+    if args.real_runs:
+        if not args.out:
+            parser.error("--real-runs needs --out")
+        out = real_runs(Path(args.real_runs[0]), Path(args.real_runs[1]))
+        if args.commands:
+            out["commands"] = dict(zip(("before", "after"), args.commands))
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        os.replace(tmp, args.out)
         return 0
     if not (args.dataset and args.cache and args.out):
         parser.error("DATASET, --cache and --out are needed (or --page DIR)")
