@@ -12,7 +12,7 @@ from conftest import load_script
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["rule7", "rule7b8"])
+@pytest.mark.parametrize("name", ["rule7", "rule7b8", "rule9"])
 def test_page_is_the_rendering_of_the_committed_files(monkeypatch, name):
     monkeypatch.chdir(ROOT)  # the page names its folder as given (repository-relative)
     mod = load_script("seg_postprocess_study")

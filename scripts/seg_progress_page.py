@@ -111,6 +111,7 @@ def main() -> None:
     lines += _rule_page(folder, "rule6b.json", "v3-rule6b")
     lines += _rule_page(folder, "rule7.json", "v3-rule7", "rule7/README.md")
     lines += _rule_page(folder, "rule7b8.json", "v3-rule7b8", "rule7b8/README.md")
+    lines += _rule_page(folder, "rule9.json", "v3-rule9", "rule9/README.md")
     lines += ["## Held-out Dice and HD95 (mean over cases)", "",
              "| model | family | cases | Dice tibia | HD95 tibia (mm) | Dice fibula | "
              "HD95 fibula (mm) | Dice fractured fibula |",
