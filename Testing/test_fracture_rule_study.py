@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,3 +216,24 @@ def test_hierarchy_study_page_is_the_rendering_of_the_committed_runs(tmp_path) -
         run = json.loads((src / "baseline" / f"heldout_{set_name}.json").read_text())
         assert both["shipped"]["accuracy"] == pytest.approx(
             run["summary"]["combined"]["accuracy"], abs=1e-4)
+
+
+def test_standardised_fit_uses_a_feature_of_small_spread_and_keeps_raw_weights():
+    """--standardise: the L2 penalty no longer shrinks a feature that spans 0.8-1.0 to nothing
+    (it separates the lines where the raw fit does not), and the stored weights act on the
+    raw features: raw features times them give the z-scored fit's own logits."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fracture_rule_study", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(3)
+    f = rng.uniform(0.8, 1.0, 300)
+    y = (f > 0.9).astype(float)
+    x = np.c_[np.ones_like(f), f, rng.normal(5.0, 2.0, 300)]
+    raw, std = mod._logistic(x, y, 10.0), mod._standardised_logistic(x, y, 10.0)
+    acc = lambda w: float(np.mean(((x @ w) > 0) == (y > 0)))  # noqa: E731
+    assert acc(raw) < 0.7 and acc(std) > 0.95
+    mean, sd = x[:, 1:].mean(axis=0), x[:, 1:].std(axis=0)
+    z = np.c_[x[:, :1], (x[:, 1:] - mean) / sd]
+    np.testing.assert_allclose(x @ std, z @ mod._logistic(z, y, 10.0), rtol=1e-6, atol=1e-6)

@@ -119,12 +119,41 @@ def _logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 50) -> 
     return w
 
 
+def _standardised_logistic(x: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
+    """:func:`_logistic` fitted on z-scored features (column 0, the bias, kept), its weights
+    mapped back to the raw features, so the model is used exactly as an unstandardised one.
+
+    Why: the L2 penalty acts on each weight alike, so a feature of small spread (a line's mean
+    probability spans about 0.75-0.97) needs a large weight to matter and is shrunk towards
+    nothing, whatever it tells; on z-scored features every feature pays the same for the same
+    effect.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> f = rng.uniform(0.8, 1.0, 400); y = (f > 0.9).astype(float)
+        >>> x = np.c_[np.ones(400), f]
+        >>> raw, std = _logistic(x, y, 10.0), _standardised_logistic(x, y, 10.0)
+        >>> acc = lambda w: float(np.mean(((x @ w) > 0) == (y > 0)))
+        >>> acc(raw) < 0.6 < 0.95 < acc(std)
+        True
+    """
+    mean, sd = x[:, 1:].mean(axis=0), x[:, 1:].std(axis=0)
+    sd = np.where(sd > 1e-12, sd, 1.0)
+    z = np.c_[x[:, :1], (x[:, 1:] - mean) / sd]
+    w = _logistic(z, y, l2)
+    out = np.r_[w[0] - float(np.sum(w[1:] * mean / sd)), w[1:] / sd]
+    return out
+
+
 def fit_line_model(rows: Sequence[Dict[str, Any]],
-                   features: Sequence[str] = LINE_FEATURES) -> Dict[str, Any]:
+                   features: Sequence[str] = LINE_FEATURES,
+                   standardise: bool = False) -> Dict[str, Any]:
     """The logistic line model on ``features`` (names of
     :data:`~AnkleFractureLib.fracture.weber_height.FEATURES`): a candidate line of a fractured
     case whose height is within :data:`LINE_TOLERANCE_MM` of the true line's is a fracture
-    line; every other candidate (those of intact cases among them) is not."""
+    line; every other candidate (those of intact cases among them) is not. ``standardise``:
+    fit on z-scored features (:func:`_standardised_logistic`); the weights stay on the raw
+    features, so the pipeline uses the model unchanged."""
     x, y = [], []
     for r in rows:
         if r["refused"]:
@@ -136,21 +165,25 @@ def fit_line_model(rows: Sequence[Dict[str, Any]],
                            and abs(float(c["height_mm"]) - float(h_true)) <= LINE_TOLERANCE_MM))
     if not x or len(set(y)) < 2:
         raise SystemExit("the fit sets need candidate lines that are and are not fracture lines")
-    w = _logistic(np.array(x), np.array(y), LINE_L2)
-    return {"features": list(features), "weights": [round(float(v), 4) for v in w],
-            "tolerance_mm": LINE_TOLERANCE_MM, "l2": LINE_L2, "lines": len(y),
-            "fracture_lines": int(sum(y))}
+    fitter = _standardised_logistic if standardise else _logistic
+    w = fitter(np.array(x), np.array(y), LINE_L2)
+    out = {"features": list(features), "weights": [round(float(v), 4) for v in w],
+           "tolerance_mm": LINE_TOLERANCE_MM, "l2": LINE_L2, "lines": len(y),
+           "fracture_lines": int(sum(y))}
+    if standardise:
+        out["standardised"] = True
+    return out
 
 
-def fit(rows: Sequence[Dict[str, Any]], features: Sequence[str] = LINE_FEATURES
-        ) -> Dict[str, Any]:
+def fit(rows: Sequence[Dict[str, Any]], features: Sequence[str] = LINE_FEATURES,
+        standardise: bool = False) -> Dict[str, Any]:
     """The rule with the best :func:`_key` on ``rows``: the grid points (first in grid order on
     ties), then the line model (:func:`fit_line_model` on ``features``, fitted on the same
-    rows)."""
+    rows, on z-scored features when ``standardise``)."""
     best = None
     names = list(GRID)
     rules = [dict(zip(names, values)) for values in itertools.product(*(GRID[k] for k in names))]
-    line_model = fit_line_model(rows, features)
+    line_model = fit_line_model(rows, features, standardise)
     for a, b, q in itertools.product(*(EXPERT_GRID[k] for k in EXPERT_GRID)):
         rule = {"select": "scored", "line_model": line_model, "min_line_probability": q}
         if (a, b) != (1.0, 1.0):  # the plain product keeps the rule as it was
@@ -191,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the line model's features, comma-separated (default: the shipped "
                              f"set {','.join(LINE_FEATURES)}; others: "
                              f"{','.join(sorted(set(FEATURES) - set(LINE_FEATURES)))})")
+    parser.add_argument("--standardise", action="store_true",
+                        help="fit the line model on z-scored features (the L2 penalty then "
+                             "weighs every feature alike; the stored weights stay on the raw "
+                             "features)")
     parser.add_argument("--write-plans", default=None, metavar="MODEL_DIR",
                         help="write the fitted rule into MODEL_DIR/plans.json (decision) and "
                              "record it in MODEL_DIR/training.json (decision_refit)")
@@ -200,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown --features {unknown}; known: {sorted(FEATURES)}")
     fit_rows = evaluation_rows(args.fit)
-    fitted = fit(fit_rows, features)
+    fitted = fit(fit_rows, features, args.standardise)
     shipped = SHIPPED
     if args.shipped:
         shipped = json.loads(Path(args.shipped, "plans.json").read_text())["decision"]
