@@ -140,7 +140,7 @@ def test_check_segmentation_says_first_when_foot_bones_were_removed():
     with its measurements; the same empty map without it only says the bones are missing."""
     empty = np.zeros((20, 20, 20), np.uint8)
     leg = {"tibia_ml": 12.17, "section_cm2": 4.75, "below_top_mm": 57.0}
-    meta = {"segmentation": {"postprocess": {"not_a_leg": [leg]}}}
+    meta = {"segmentation": {"postprocess": {"not_a_leg": [dict(leg, note="no distal tibia")]}}}
     found = C.check_segmentation(Volume(empty, meta=meta))
     assert codes(found) == [("refusal", "no_distal_tibia"), ("refusal", "no_tibia"),
                             ("refusal", "no_fibula")]

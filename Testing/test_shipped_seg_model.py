@@ -52,3 +52,29 @@ def test_segment_command_bad_inputs_are_clear(tmp_path, capsys):
                  "--quiet"]) == 2
     assert "seg.png" in capsys.readouterr().err
     assert not (tmp_path / "seg.nii.gz").exists() and not (tmp_path / "seg.png").exists()
+
+
+def test_segment_command_says_why_a_foot_scan_has_no_labels(tmp_path, capsys, monkeypatch):
+    """When post-processing rule 9 removed a foot scan's labels, `segment` prints its reason
+    (what a user of the command alone would otherwise read as 'no tibia found')."""
+    from AnkleFractureLib.segmentation import inference
+
+    case = generate_case(5, "none", "right", "fast")
+    write_image(case.ct, tmp_path / "ct.nii.gz")
+    note = ("no distal tibia: the 12.2 ml 'tibia' has no cross-section of a distal tibia "
+            "(largest 4.8 cm^2; at the plafond about 8-13) ...")
+
+    def foot_scan(self, ct, progress=None, should_cancel=None, postprocess=True):
+        meta = dict(ct.meta, segmentation={"postprocess": {
+            "not_a_leg": [{"tibia_ml": 12.2, "section_cm2": 4.8, "below_top_mm": 57.0,
+                           "note": note}],
+            "notes": ["removed 3 isolated component(s)", note]}})
+        return ct.with_array(np.zeros(ct.shape, np.uint8), meta=meta)
+
+    monkeypatch.setattr(inference.SegmentationModel, "predict", foot_scan)
+    assert main(["segment", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "seg.nii.gz"),
+                 "--device", "cpu", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {note}" in out and "no tibia found" not in out
+    assert "isolated component" not in out
+    assert not read_image(tmp_path / "seg.nii.gz").array.any()

@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     fib = int(np.count_nonzero(labels.array == 2)) * voxel_ml
     print(f"{args.output}: tibia {tib:.1f} ml, fibula {fib:.1f} ml "
           f"({time.perf_counter() - t0:.1f} s on {model.device})")
-    if tib == 0 or fib == 0:
+    post = ((labels.meta or {}).get("segmentation") or {}).get("postprocess") or {}
+    if post.get("not_a_leg"):  # post-processing rule 9: foot bones, not a leg, were removed
+        for leg in post["not_a_leg"]:
+            print(f"warning: {leg.get('note', 'no distal tibia in view')}")
+    elif tib == 0 or fib == 0:
         print("warning: " + ("no tibia" if tib == 0 else "no fibula") + " found in this CT")
     return 0

@@ -383,7 +383,7 @@ def _not_a_leg_findings(label: Volume) -> List[Finding]:
                "out of the top of an ankle scan" if below is not None else "")
             + "), so its tibia and fibula labels were removed as foot bones. Is this a foot "
             "scan? The Weber class needs the distal tibia, the fibula and the syndesmosis in "
-            "view", {k: v for k, v in leg.items() if v is not None}))
+            "view", {k: v for k, v in leg.items() if v is not None and k != "note"}))
     return out
 
 

@@ -256,7 +256,8 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
         ``kept_fragments`` counts non-main components left with their label (fracture
         fragments, isolated large pieces); ``notes`` says in words what was changed. When
         rule 9 removed a leg's labels, ``not_a_leg`` lists, per such leg, ``{"tibia_ml",
-        "section_cm2", "below_top_mm"}`` (and ``"leg"`` with both legs in view).
+        "section_cm2", "below_top_mm", "note"}`` (``note``: the words of its entry in
+        ``notes``; and ``"leg"`` with both legs in view).
 
     Raises:
         ValueError: For a non-3D or non-integer array, values other than 0/1/2, a bad spacing,
@@ -749,15 +750,15 @@ def _not_a_leg(work: np.ndarray, box: Slices, tibia: _Component, ct_hu: np.ndarr
     work[...] = 0
     report["removed_voxels"] += labelled
     report["volumes_ml"] = {"tibia": 0.0, "fibula": 0.0}
+    note = (f"no distal tibia: the {tibia_ml:.1f} ml 'tibia' has no cross-section of a distal "
+            f"tibia (largest {verdict['section_cm2']:.1f} cm^2; at the plafond about 8-13) and "
+            f"ends {verdict['below_top_mm']:.0f} mm below the highest bone in view (a tibia "
+            f"runs out of the top of an ankle scan): every tibia and fibula label removed as "
+            f"foot bones ({labelled * voxel_mm3 / 1000.0:.1f} ml)")
     report.setdefault("not_a_leg", []).append(
         {"tibia_ml": tibia_ml, "section_cm2": verdict["section_cm2"],
-         "below_top_mm": verdict["below_top_mm"]})
-    report["notes"].append(
-        f"no distal tibia: the {tibia_ml:.1f} ml 'tibia' has no cross-section of a distal tibia "
-        f"(largest {verdict['section_cm2']:.1f} cm^2; at the plafond about 8-13) and ends "
-        f"{verdict['below_top_mm']:.0f} mm below the highest bone in view (a tibia runs out "
-        f"of the top of an ankle scan): every tibia and fibula label removed as foot bones "
-        f"({labelled * voxel_mm3 / 1000.0:.1f} ml)")
+         "below_top_mm": verdict["below_top_mm"], "note": note})
+    report["notes"].append(note)
     return True
 
 
