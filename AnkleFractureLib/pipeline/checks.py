@@ -375,15 +375,15 @@ def _not_a_leg_findings(label: Volume) -> List[Finding]:
         below = leg.get("below_top_mm")
         out.append(Finding(
             REFUSAL, "no_distal_tibia",
-            f"no distal tibia in view: the bone the network labelled tibia "
+            f"no distal tibia in view (a foot scan?): the bone the network labelled tibia "
             f"({leg.get('tibia_ml', 0.0):.1f} ml) is not a distal tibia (its largest "
             f"cross-section is {leg.get('section_cm2', 0.0):.1f} cm^2, a distal tibia's at the "
             f"plafond about 8-13 cm^2"
             + (f"; it ends {below:.0f} mm below the highest bone in view, while a tibia runs "
                "out of the top of an ankle scan" if below is not None else "")
-            + "), so its tibia and fibula labels were removed as foot bones. Is this a foot "
-            "scan? The Weber class needs the distal tibia, the fibula and the syndesmosis in "
-            "view", {k: v for k, v in leg.items() if v is not None and k != "note"}))
+            + "), so its tibia and fibula labels were removed as foot bones; the Weber class "
+            "needs the distal tibia, the fibula and the syndesmosis in view",
+            {k: v for k, v in leg.items() if v is not None and k != "note"}))
     return out
 
 
