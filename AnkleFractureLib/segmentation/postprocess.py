@@ -254,10 +254,9 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
              "volumes_ml": {"tibia": float, "fibula": float}, "notes": [str, ...]}
 
         ``kept_fragments`` counts non-main components left with their label (fracture
-        fragments, isolated large pieces); ``notes`` says in words what was changed. When
-        rule 9 removed a leg's labels, ``not_a_leg`` lists, per such leg, ``{"tibia_ml",
-        "section_cm2", "below_top_mm", "note"}`` (``note``: the words of its entry in
-        ``notes``; and ``"leg"`` with both legs in view).
+        fragments, isolated large pieces); ``notes`` says in words what was changed. Rule 9
+        adds ``not_a_leg``: per leg it cleared, ``{"tibia_ml", "section_cm2", "below_top_mm",
+        "note"}`` (its entry in ``notes``; with ``"leg"`` when both legs are in view).
 
     Raises:
         ValueError: For a non-3D or non-integer array, values other than 0/1/2, a bad spacing,
@@ -278,6 +277,8 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
     work = out[box]  # a view: every change below lands in ``out``
     sp_zyx = sp[::-1].copy()
     voxel_mm3 = float(np.prod(sp))
+    options = dict(min_fragment_mm3=min_fragment_mm3, attach_distance_mm=attach_distance_mm,
+                   large_fragment_mm3=large_fragment_mm3)
 
     comps = {value: _components(work, value) for value in (TIBIA, FIBULA)}
     ct_box = ct_hu[box] if ct_hu is not None else None
@@ -287,10 +288,7 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
     halves = _leg_halves(work.shape, comps[TIBIA], sp_zyx, voxel_mm3, large_fragment_mm3,
                          ct_box, up)
     if halves is not None and split_legs:
-        return _clean_per_leg(out, box, halves, spacing_xyz, probabilities,
-                              dict(min_fragment_mm3=min_fragment_mm3,
-                                   attach_distance_mm=attach_distance_mm,
-                                   large_fragment_mm3=large_fragment_mm3), ct_hu,
+        return _clean_per_leg(out, box, halves, spacing_xyz, probabilities, options, ct_hu,
                               superior_zyx)
     if up is not None:  # Rule 7: the main fibula comes down from above the ankle
         comps[FIBULA] = _fibula_from_above(comps, sp_zyx, up, voxel_mm3, report,
@@ -300,13 +298,10 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
     # Rule 1: the tibia is the larger bone.
     main = _tibia_is_the_larger_bone(work, main, voxel_mm3, report)
     # Rule 9: a main tibia that is no distal tibia: these labels show foot bones, not a leg.
-    if ct_hu is not None and up is not None and main[TIBIA] is not None:
-        if _not_a_leg(work, box, main[TIBIA], ct_hu, sp_zyx, up, voxel_mm3, report):
-            return out, report
+    if _not_a_leg(work, box, main[TIBIA], ct_hu, sp_zyx, up, voxel_mm3, report):
+        return out, report
     changes: List[Tuple[_Component, int]] = []
     if fragments:
-        options = dict(min_fragment_mm3=min_fragment_mm3, attach_distance_mm=attach_distance_mm,
-                       large_fragment_mm3=large_fragment_mm3)
         targets = _fragment_targets(work.shape, fragments, main, sp, box, probabilities,
                                     ct_hu, options, report, up)
         changes = _record_fragment_changes(fragments, targets, voxel_mm3, report)
@@ -731,16 +726,19 @@ SECOND_LEG_ABOVE_MM = 40.0
 MAIN_MIN_MM3 = 1000.0
 
 
-def _not_a_leg(work: np.ndarray, box: Slices, tibia: _Component, ct_hu: np.ndarray,
-               sp_zyx: np.ndarray, up: np.ndarray, voxel_mm3: float,
-               report: Dict[str, Any]) -> bool:
+def _not_a_leg(work: np.ndarray, box: Slices, tibia: Optional[_Component],
+               ct_hu: Optional[np.ndarray], sp_zyx: np.ndarray, up: Optional[np.ndarray],
+               voxel_mm3: float, report: Dict[str, Any]) -> bool:
     """Rule 9: when the main tibia is no distal tibia (:func:`.distal_tibia.judge`: no
     single-region section of :data:`~.distal_tibia.MIN_SECTION_MM2` and its top more than
     :data:`~.distal_tibia.TOP_GAP_MM` below the top of the bone in view), remove every label
     of ``work`` (the leg's working crop, ``box`` in ``ct_hu``'s grid), record why in
-    ``report["not_a_leg"]`` and return True; else change nothing and return False."""
+    ``report["not_a_leg"]`` and return True; else (also without a tibia, the CT or the
+    superior direction ``up``) change nothing and return False."""
     from AnkleFractureLib.segmentation.distal_tibia import judge
 
+    if tibia is None or ct_hu is None or up is None:
+        return False
     offset = [b.start + c.start for b, c in zip(box, tibia.box)]
     verdict = judge(tibia.mask(), offset, ct_hu, sp_zyx, up)
     if verdict["distal_tibia"]:
