@@ -159,6 +159,38 @@ def test_mask_augmentation_keeps_the_shipped_recipe_and_can_stay_soft() -> None:
     assert kept >= 4 and bridged >= 10  # 25 % left, 50 % closed (of 40)
 
 
+def test_hard_negative_term_adds_the_hardest_background_voxels_only_when_asked() -> None:
+    """--negative-topk K: the cross-entropy of each window's K highest background logits is
+    added (a false line's bright voxels, which the window's mean dilutes); line voxels never
+    count as background; K = 0 leaves the shipped loss as it was."""
+    import torch
+    import torch.nn.functional as F
+
+    from AnkleFractureLib.training.fracture_train import _loss
+
+    logits = torch.full((2, 1, 4, 8, 8), -6.0)
+    target = torch.zeros_like(logits)
+    logits[0, 0, 1, 2:4, 2:4] = 3.0            # a false line: 4 bright voxels, intact window
+    target[1, 0, 2, 3:5, 3:5] = 1.0            # a true line in the second window
+    logits[1, 0, 2, 3:5, 3:5] = 4.0            # found: bright, but not background
+    plain = _loss(logits, target, 3.0)
+    assert torch.equal(plain, _loss(logits, target, 3.0, 0, 5.0))
+    hard = _loss(logits, target, 3.0, negative_topk=4, negative_weight=2.0)
+    expected = (F.softplus(torch.tensor(3.0)) * 4 + F.softplus(torch.tensor(-6.0)) * 4) / 8
+    assert torch.isclose(hard - plain, 2.0 * expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("option, value", [("--negative-topk", "-1"),
+                                           ("--negative-weight", "-0.5")])
+def test_train_fracture_refuses_a_negative_hard_negative_option(tmp_path, option, value) -> None:
+    from AnkleFractureLib.cli.main import main
+
+    with pytest.raises(SystemExit, match="must not be negative"):
+        main(["train-fracture", str(tmp_path / "data"), "--out", str(tmp_path / "m"),
+              "--cache-dir", str(tmp_path / "cache"), option, value])
+    assert not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize("option, value", [("--bridge-masks", "0.9"), ("--bridge-masks", "-0.1"),
                                            ("--crop-shift-mm", "-5"),
                                            ("--crop-shift-mm", "150")])

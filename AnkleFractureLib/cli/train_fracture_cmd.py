@@ -86,6 +86,13 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                    help="train on the template's box moved MM up its long axis (an upper-"
                         "window network, for a localiser whose plans.json reads a crop MM "
                         "taller: inference.extend_top_mm; default 0, the box itself)")
+    p.add_argument("--negative-topk", type=int, default=0, metavar="K",
+                   help="online hard-negative mining: add the cross-entropy of each training "
+                        "window's K highest background voxels (false lines, e.g. at the "
+                        "malleolus tip of an intact fibula, are a few hundred voxels the "
+                        "window's mean dilutes; default 0: off, the shipped recipe)")
+    p.add_argument("--negative-weight", type=float, default=1.0, metavar="W",
+                   help="weight of that term (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -138,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("ankle-fracture train-fracture: error: --bridge-masks must be in "
                          f"[0, 0.75] (dilation and erosion take the next 0.25), got "
                          f"{args.bridge_masks}")
+    if args.negative_topk < 0 or args.negative_weight < 0:
+        raise SystemExit("ankle-fracture train-fracture: error: --negative-topk and "
+                         "--negative-weight must not be negative")
     if not 0.0 <= args.crop_shift_mm <= 100.0:
         raise SystemExit("ankle-fracture train-fracture: error: --crop-shift-mm must be in "
                          f"[0, 100] mm, got {args.crop_shift_mm}")
@@ -155,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
                               seed=args.seed, threads=args.threads, max_minutes=args.max_minutes,
                               device=args.device, cut_rule=args.try_cut_rule, channels=channels,
                               bridge_prob=args.bridge_masks, soft_masks=args.soft_masks,
-                              crop_shift_mm=args.crop_shift_mm)
+                              crop_shift_mm=args.crop_shift_mm,
+                              negative_topk=args.negative_topk,
+                              negative_weight=args.negative_weight)
     report = train_localiser(paths, args.out, cfg, command,
                              ProgressBar("train-fracture", enabled=not args.quiet),
                              val_paths=val_paths or None)

@@ -65,6 +65,12 @@ class FractureTrainConfig:
     #: The crops' box moved this far up (mm; 0: the template's box): written to plans.json
     #: ``crop_shift_mm``, the network being an upper-window one for a taller crop.
     crop_shift_mm: float = 0.0
+    #: Online hard-negative mining: per training window, the cross-entropy of its
+    #: ``negative_topk`` highest background logits is added with ``negative_weight`` (a false
+    #: line, such as one at the malleolus tip of an intact fibula, is a few hundred bright
+    #: voxels that the mean over a whole window dilutes). 0: off, the shipped recipe.
+    negative_topk: int = 0
+    negative_weight: float = 1.0
 
 
 @dataclass
@@ -204,7 +210,29 @@ def training_pair(sample: Sample, rng: np.random.Generator, shift: int,
     return x[[ALL_CHANNELS.index(c) for c in channels]], y
 
 
-def _loss(logits: Any, target: Any, pos_weight: float) -> Any:
+def _hardest_negatives(logits: Any, target: Any, k: int) -> Any:
+    """Mean over the batch of the cross-entropy (target 0) of each window's ``k`` highest
+    background logits (voxels where ``target`` is 0); ``logits``, ``target``: (B, 1, z, y, x).
+
+    Example:
+        >>> import torch
+        >>> lg = torch.full((1, 1, 2, 2, 2), -9.0); lg[0, 0, 0, 0, 0] = 2.0
+        >>> round(float(_hardest_negatives(lg, torch.zeros_like(lg), 1)), 4)  # softplus(2)
+        2.1269
+    """
+    import torch
+    import torch.nn.functional as F
+
+    flat = logits.flatten(1).masked_fill(target.flatten(1) > 0, float("-inf"))
+    top = flat.topk(min(k, flat.shape[1]), dim=1).values
+    return F.softplus(top[torch.isfinite(top)]).mean() if bool(torch.isfinite(top).any()) \
+        else logits.sum() * 0.0
+
+
+def _loss(logits: Any, target: Any, pos_weight: float, negative_topk: int = 0,
+          negative_weight: float = 1.0) -> Any:
+    """Weighted BCE + soft Dice of the line (windows with a line), plus, with
+    ``negative_topk``, :func:`_hardest_negatives` times ``negative_weight``."""
     import torch
     import torch.nn.functional as F
 
@@ -216,6 +244,8 @@ def _loss(logits: Any, target: Any, pos_weight: float) -> Any:
     has = target.sum(dim=(1, 2, 3, 4)) > 0
     dice = 1.0 - (2.0 * inter + 1.0) / (denom + 1.0)
     dice = dice[has].mean() if bool(has.any()) else logits.sum() * 0.0
+    if negative_topk > 0:
+        return bce + dice + negative_weight * _hardest_negatives(logits, target, negative_topk)
     return bce + dice
 
 
@@ -530,7 +560,7 @@ def _train_step(net: Any, opt: Any, samples: List[Sample], train_idx: List[int],
     x, y = x.to(device), y.to(device)
     net.train()
     opt.zero_grad()
-    loss = _loss(net(x), y, cfg.pos_weight)
+    loss = _loss(net(x), y, cfg.pos_weight, cfg.negative_topk, cfg.negative_weight)
     loss.backward()
     opt.step()
     return float(loss.detach())
