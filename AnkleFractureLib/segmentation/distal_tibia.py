@@ -42,13 +42,15 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+# Cortical bone is what post-processing rule 5 calls cortex (one value; postprocess imports
+# this module only inside rule 9's function, so the import below is not circular).
+from AnkleFractureLib.segmentation.postprocess import CORTEX_HU
+
 #: A tibia with a single-region cross-section of at least this (mm^2) is a distal tibia: the
 #: plafond's is about 8-13 cm^2, a metatarsal's 1-2 cm^2 (4.75 cm^2 where bases touch).
 MIN_SECTION_MM2 = 600.0
 #: ... or when its top lies within this (mm) of the top of the bone in view.
 TOP_GAP_MM = 20.0
-#: A voxel at or above this CT number (HU) is cortical bone (post-processing rule 5's value).
-CORTEX_HU = 1000.0
 #: The top of the bone in view is the highest slice holding at least this many cortical
 #: voxels, so that a few noisy or streak voxels above the bone do not count.
 TOP_MIN_VOXELS = 10
