@@ -82,8 +82,8 @@ def test_phantom_command_writes_a_dataset_deterministically(tmp_path, capsys):
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
 
 
-def test_preload_thread_imports_the_model_code():
-    """`run` overlaps the torch / MONAI / matplotlib imports with reading the CT."""
+def test_preload_thread_imports_the_model_and_report_code():
+    """`run` overlaps the torch / networks / matplotlib imports with reading the CT."""
     import sys
 
     from AnkleFractureLib.cli.common import preload_models_code
@@ -91,13 +91,36 @@ def test_preload_thread_imports_the_model_code():
     thread = preload_models_code()
     thread.join(timeout=120)
     assert not thread.is_alive()
-    assert {"torch", "monai.networks.nets", "matplotlib.figure"} <= set(sys.modules)
+    assert {"torch", "AnkleFractureLib.networks", "matplotlib.figure"} <= set(sys.modules)
+
+
+def test_run_never_imports_monai(tmp_path):
+    """A cold ``ankle-fracture run`` (shipped models, all stages, the report) runs on the
+    plain-torch twins of the MONAI networks: MONAI's ~2 s package import is never paid."""
+    import subprocess
+    import sys
+
+    from AnkleFractureLib.io import write_image
+    from AnkleFractureLib.phantom import generate_case
+
+    write_image(generate_case(3, "B", "right", spacing="fast").ct, tmp_path / "ct.nii.gz")
+    code = ("import sys; from AnkleFractureLib.cli.main import main; "
+            "rc = main(['run', sys.argv[1], '--out', sys.argv[2], '--device', 'cpu', "
+            "'--quiet']); "
+            "print('MONAI:', sorted(m for m in sys.modules if m.split('.')[0] == 'monai')); "
+            "sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ct.nii.gz"),
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MONAI: []" in proc.stdout, proc.stdout[-2000:]
+    assert (tmp_path / "out" / "result.json").is_file()
+    assert (tmp_path / "out" / "report.png").is_file()
 
 
 def test_run_waits_for_the_preloaded_imports_before_the_pipeline(tmp_path, monkeypatch):
-    """``run`` imports torch/MONAI in a background thread while it reads the CT; the pipeline
-    (which imports MONAI in the main thread) must start only after that thread finished, or
-    MONAI's circular package imports can hand it a partially initialised module."""
+    """``run`` imports torch and the networks in a background thread while it reads the CT;
+    the pipeline (which imports them in the main thread) must start only after that thread
+    finished, or a cross-thread import-lock cycle can hand it a partially initialised module."""
     import numpy as np
 
     from AnkleFractureLib.cli import run_cmd

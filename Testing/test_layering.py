@@ -17,6 +17,7 @@ LAYERS = [
     {"io", "preprocessing"},
     {"dataset"},
     {"phantom"},
+    {"networks"},
     {"segmentation", "registration", "crop", "classification", "fracture", "models"},
     {"training", "evaluation"},
     {"pipeline"},

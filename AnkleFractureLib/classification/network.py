@@ -17,8 +17,19 @@ from typing import Any, Dict, Sequence, Tuple
 import torch
 from torch import nn
 
+from AnkleFractureLib.networks import check_implementation
+
 #: Name of the last convolutional stage: Grad-CAM hooks onto it.
 GRADCAM_LAYER = "layer4"
+
+
+def _blocks(implementation: str) -> Tuple[Any, Any]:
+    """(ChannelSELayer, Convolution) classes from MONAI or from their plain-torch twins."""
+    if check_implementation(implementation) == "monai":
+        from monai.networks.blocks import ChannelSELayer, Convolution
+    else:
+        from AnkleFractureLib.networks import ChannelSELayer, Convolution
+    return ChannelSELayer, Convolution
 
 
 class GlobalAvgPool(nn.Module):
@@ -81,6 +92,8 @@ class SEBasicBlock(nn.Module):
         stride: Stride of the first conv (2 halves every spatial size).
         se_reduction: SE bottleneck ratio ``r`` (channels / r in the excitation MLP).
         norm: MONAI norm name, e.g. "batch" or "instance".
+        implementation: Blocks from "torch" (the twins of :mod:`AnkleFractureLib.networks`,
+            inference) or "monai" (training); same weights and outputs.
 
     Example:
         >>> blk = SEBasicBlock(3, 4, 8, stride=2)
@@ -89,9 +102,10 @@ class SEBasicBlock(nn.Module):
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1,
-                 se_reduction: int = 8, norm: str = "batch") -> None:
+                 se_reduction: int = 8, norm: str = "batch", implementation: str = "torch"
+                 ) -> None:
         super().__init__()
-        from monai.networks.blocks import ChannelSELayer, Convolution
+        ChannelSELayer, Convolution = _blocks(implementation)
 
         self.conv1 = Convolution(spatial_dims, in_channels, out_channels, strides=stride,
                                  kernel_size=3, act="relu", norm=norm, bias=False)
@@ -128,6 +142,7 @@ class SEResNet(nn.Module):
         se_reduction: SE ratio.
         dropout: Dropout before the head.
         norm: Normalisation ("batch" as in ResNet).
+        implementation: "torch" (inference) or "monai" (training), as in :class:`SEBasicBlock`.
 
     Example:
         >>> net = SEResNet(3, 3, 4, widths=(4, 8, 8, 16))
@@ -140,9 +155,10 @@ class SEResNet(nn.Module):
     def __init__(self, spatial_dims: int = 3, in_channels: int = 3, num_classes: int = 4,
                  widths: Sequence[int] = (32, 64, 128, 256), blocks: Sequence[int] = (2, 2, 2, 2),
                  se_reduction: int = 8, dropout: float = 0.2, norm: str = "batch",
-                 stem_kernel: int = 3, stage_strides: Sequence[int] = (1, 2, 2, 1)) -> None:
+                 stem_kernel: int = 3, stage_strides: Sequence[int] = (1, 2, 2, 1),
+                 implementation: str = "torch") -> None:
         super().__init__()
-        from monai.networks.blocks import Convolution
+        _, Convolution = _blocks(implementation)
 
         if len(widths) != 4 or len(blocks) != 4:
             raise ValueError(f"widths and blocks need 4 stages, got {widths} and {blocks}")
@@ -161,8 +177,10 @@ class SEResNet(nn.Module):
         cin = widths[0]
         for w, n, st in zip(widths, blocks, stage_strides):
             layers = [SEBasicBlock(spatial_dims, cin, w, stride=int(st),
-                                   se_reduction=se_reduction, norm=norm)]
-            layers += [SEBasicBlock(spatial_dims, w, w, 1, se_reduction, norm) for _ in range(n - 1)]
+                                   se_reduction=se_reduction, norm=norm,
+                                   implementation=implementation)]
+            layers += [SEBasicBlock(spatial_dims, w, w, 1, se_reduction, norm, implementation)
+                       for _ in range(n - 1)]
             stages.append(nn.Sequential(*layers))
             cin = w
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -189,12 +207,13 @@ class SEResNet(nn.Module):
         return self.classify(self.features(x))
 
 
-def build_classifier(config: Dict[str, Any]) -> SEResNet:
+def build_classifier(config: Dict[str, Any], implementation: str = "torch") -> SEResNet:
     """Build the classifier described by ``config`` (``ClsPlans.network``).
 
     Args:
         config: {"architecture": "se_resnet18", "spatial_dims", "in_channels", "num_classes",
             "widths", "blocks", "se_reduction", "dropout", "norm"}.
+        implementation: "torch" (inference) or "monai" (training), as in :class:`SEBasicBlock`.
 
     Returns:
         The network (logits out).
@@ -216,7 +235,8 @@ def build_classifier(config: Dict[str, Any]) -> SEResNet:
                     dropout=float(config.get("dropout", 0.2)),
                     norm=str(config.get("norm", "batch")),
                     stem_kernel=int(config.get("stem_kernel", 3)),
-                    stage_strides=tuple(int(v) for v in config.get("stage_strides", (1, 2, 2, 1))))
+                    stage_strides=tuple(int(v) for v in config.get("stage_strides", (1, 2, 2, 1))),
+                    implementation=implementation)
 
 
 def parameter_count(net: nn.Module) -> int:

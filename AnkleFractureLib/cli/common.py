@@ -8,16 +8,21 @@ from typing import Any, Dict, List, Optional
 
 
 def preload_models_code(pipeline: bool = False) -> Any:
-    """Import torch, MONAI and matplotlib (and with ``pipeline`` the pipeline's own modules,
-    SciPy among them: about 0.5 s) in a background thread while the caller works.
+    """Import torch, the inference networks and matplotlib (and with ``pipeline`` the
+    pipeline's own modules, SciPy among them: about 0.8 s) in a background thread while the
+    caller works.
 
-    A fresh ``ankle-fracture run`` spends about 1.1 s importing torch and 1.7 s importing MONAI
-    (whose package imports every submodule); reading a compressed CT spends most of its time in
-    ITK's C++ code with the GIL released, so the two overlap. The caller must ``join()`` the
-    thread before it imports torch or MONAI (or, with ``pipeline``, the pipeline) itself:
-    MONAI's package imports are circular, and when two threads import it at once Python breaks
-    the import-lock cycle by handing one of them a partially initialised module ("cannot
-    import name ... from partially initialized module", seen once under load).
+    A fresh ``ankle-fracture run`` spends about 1.6 s importing torch and 0.55 s importing
+    matplotlib; reading a compressed CT spends most of its time in ITK's C++ code with the GIL
+    released, so the two overlap. The networks are the plain-torch twins of
+    :mod:`AnkleFractureLib.networks`: MONAI itself, whose package ``__init__`` imports every
+    submodule (~1.4 s more, ~2 s alone), is not imported at inference. matplotlib (needed only
+    for the report) is imported here rather than while the networks run: an import beside the
+    pipeline holds the GIL against its many small steps and slowed the run by ~1.5 s, three
+    times the import itself. The caller ``join()``s the thread before it imports the pipeline
+    itself, so that no module is ever imported by two threads at once (Python breaks a
+    cross-thread import-lock cycle by handing one thread a partially initialised module: seen
+    once under load when MONAI was imported here).
 
     Returns:
         The started (daemon) thread.
@@ -29,9 +34,7 @@ def preload_models_code(pipeline: bool = False) -> Any:
             if pipeline:
                 import AnkleFractureLib.pipeline.pipeline  # noqa: F401
             import torch  # noqa: F401
-            from monai.networks import nets  # noqa: F401
-            # The report's plotting library, needed only at the end: imported while the
-            # networks run (torch releases the GIL in its kernels).
+            import AnkleFractureLib.networks  # noqa: F401
             from matplotlib.backends import backend_agg  # noqa: F401
             from matplotlib import figure  # noqa: F401
         except Exception:  # noqa: BLE001 - the main thread's own import reports any problem

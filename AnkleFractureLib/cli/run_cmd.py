@@ -101,15 +101,14 @@ def run(args: argparse.Namespace) -> int:
 
     check_tta(args.tta)
     out = check_out_dir(args.out)
-    # Overlaps importing the pipeline, torch and MONAI with reading the CT.
+    # Overlaps importing the pipeline, torch and matplotlib with reading the CT.
     preload = preload_models_code(pipeline=True)
     bar = ProgressBar("run", enabled=not args.quiet)
     bar(0.0, "reading the CT")
     ct = read_image(args.ct)
     # Wait for those imports before this thread imports any of them itself: two threads
-    # importing MONAI at once can see a partially initialised module (its package imports are
-    # circular, and Python breaks the import-lock cycle by handing one thread the unfinished
-    # module).
+    # importing one package at once can see a partially initialised module (Python breaks an
+    # import-lock cycle by handing one thread the unfinished module).
     preload.join()
     from AnkleFractureLib.pipeline.pipeline import Pipeline, write_outputs
 

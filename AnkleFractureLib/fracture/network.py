@@ -19,22 +19,29 @@ from typing import Any, Dict, Sequence
 import torch
 from torch import nn
 
+from AnkleFractureLib.networks import check_implementation
+
 #: Default network configuration (plans.json "network").
 DEFAULT_NETWORK: Dict[str, Any] = {"architecture": "basic_unet", "spatial_dims": 3,
                                    "in_channels": 3, "out_channels": 1,
                                    "features": [8, 16, 32, 64, 64, 8], "dropout": 0.0}
 
 
-def build_localiser(config: Dict[str, Any]) -> nn.Module:
+def build_localiser(config: Dict[str, Any], implementation: str = "torch") -> nn.Module:
     """A ``BasicUNet`` from a plans "network" dict (missing keys take :data:`DEFAULT_NETWORK`).
 
     Args:
         config: {"features": 6 ints, "in_channels", "out_channels", "spatial_dims", "dropout"}.
+        implementation: "torch" (the plain-torch twin of :mod:`AnkleFractureLib.networks`,
+            inference) or "monai" (MONAI's ``BasicUNet``, training): same weights and outputs.
 
     Returns:
         The network (untrained).
     """
-    from monai.networks.nets import BasicUNet
+    if check_implementation(implementation) == "monai":
+        from monai.networks.nets import BasicUNet
+    else:
+        from AnkleFractureLib.networks import BasicUNet
 
     cfg = {**DEFAULT_NETWORK, **(config or {})}
     if cfg["architecture"] != "basic_unet":

@@ -59,7 +59,7 @@ def resolve_device(device: str = "auto") -> "Any":
 
 
 def _window_count(shape, patch, overlap: float) -> int:
-    """Number of sliding-window patches MONAI uses for ``shape`` (for progress reporting)."""
+    """Number of sliding-window patches for ``shape`` (for progress reporting)."""
     n = 1
     for size, roi in zip(shape, patch):
         if size <= roi:
@@ -170,7 +170,8 @@ class SegmentationModel:
                         check_cancel: Callable[[], None]) -> np.ndarray:
         """Softmax probabilities (3, z, y, x) float32 on the model grid."""
         import torch
-        from monai.inferers import sliding_window_inference
+        # The plain-torch twin of MONAI's (same windows, same gaussian blend): no MONAI import.
+        from AnkleFractureLib.networks import sliding_window_inference
 
         patch = tuple(int(p) for p in self.plans.window_size)
         total = _window_count(image.shape, patch, OVERLAP)

@@ -523,7 +523,7 @@ class _ClsRun:
         seed_everything(cfg.seed, ctx.rank)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.dev = dev = ctx.device
-        self.backbone = build_classifier(plans.network).to(dev)
+        self.backbone = build_classifier(plans.network, implementation="monai").to(dev)
         self.model = _forward_module(self.backbone)
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP

@@ -422,7 +422,7 @@ def _train_loop(paths: Sequence[Path], out: Path, cfg: FractureTrainConfig,
     plans = default_plans(cfg.features, cfg.channels)
     if cfg.crop_shift_mm:
         plans["crop_shift_mm"] = float(cfg.crop_shift_mm)
-    net = build_localiser(plans["network"]).to(device)
+    net = build_localiser(plans["network"], implementation="monai").to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"best": -np.inf, "best_step": None, "best_val": None, "log": [], "t0": time.time(),
              "samples": samples, "device": str(device),

@@ -632,7 +632,7 @@ class _SegRun:
         """
         ctx, seed = self.ctx, self.s.seed
         seed_everything(seed, 0)
-        network = build_network(self.plans.network).to(ctx.device)
+        network = build_network(self.plans.network, implementation="monai").to(ctx.device)
         init_info = None
         if self.o.init_weights is not None and fresh:
             init_info = _load_initial_weights(network, Path(self.o.init_weights))
