@@ -110,13 +110,11 @@ class _Canonical:
 
 def _canonical(volume: Volume) -> _Canonical:
     """Match the index axes to the LPS axes as :func:`to_canonical` does (same assignment)."""
-    from scipy.optimize import linear_sum_assignment
+    from AnkleFractureLib.preprocessing.orientation import physical_axis_of_index
 
     d = volume.direction
-    rows, cols = linear_sum_assignment(-np.abs(d))
-    phys_of_index = [0, 0, 0]  # physical axis (0 x, 1 y, 2 z) of ITK index axis (0 i, 1 j, 2 k)
-    for p, a in zip(rows, cols):
-        phys_of_index[int(a)] = int(p)
+    # physical axis (0 x, 1 y, 2 z) of ITK index axis (0 i, 1 j, 2 k)
+    phys_of_index = list(physical_axis_of_index(d))
     index_of_phys = [phys_of_index.index(p) for p in range(3)]
     axes: List[int] = []
     flips: List[bool] = []
