@@ -106,7 +106,10 @@ def test_the_default_network_fits_the_budget_and_keeps_a_useful_gradcam_grid():
         assert net.feature_maps(torch.zeros(1, 3, 96, 48, 64)).shape[2:] == (6, 3, 4)
     from monai.networks.blocks import ChannelSELayer
 
-    assert sum(isinstance(m, ChannelSELayer) for m in net.modules()) == 8  # one per block
+    from AnkleFractureLib.networks import ChannelSELayer as TwinSELayer
+    assert sum(isinstance(m, TwinSELayer) for m in net.modules()) == 8  # one per block
+    trained = build_classifier(ClsPlans().network, implementation="monai")  # as training
+    assert sum(isinstance(m, ChannelSELayer) for m in trained.modules()) == 8
 
 
 def test_deterministic_pools_match_torch_values_and_gradients():
