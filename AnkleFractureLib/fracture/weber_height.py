@@ -279,7 +279,10 @@ def combine_lines(classifier: Dict[str, float], candidates: Sequence[Dict[str, A
     probabilities are to be trusted), each probability first raised to at least
     ``rule["floor"]`` (default :data:`FLOOR`): over the four classes at once
     (``rule["combination"]`` "flat", the default) or first for fracture / none and then for
-    the class given a fracture ("hierarchical", :func:`hierarchical_product`).
+    the class given a fracture ("hierarchical", :func:`hierarchical_product`). With
+    ``rule["classifier_override"]`` = t, a product that says "none" only because no line
+    speaks gives way to the classifier when the classifier's P(fracture) is at least t
+    (:func:`_classifier_overrides`).
 
     Args:
         classifier: Classifier probabilities {"none", "A", "B", "C"}.
@@ -301,6 +304,8 @@ def combine_lines(classifier: Dict[str, float], candidates: Sequence[Dict[str, A
     measured, lines, weights = _localiser_opinion(candidates, rule, size_factor)
     cls_pred = max(CLASSES, key=lambda k: classifier.get(k, 0.0))
     probs = _experts(classifier, measured, rule)
+    if _classifier_overrides(classifier, measured, probs, rule):
+        probs = {k: float(classifier.get(k, 0.0)) for k in CLASSES}
     prediction = max(probs, key=probs.get)
     if rule.get("select") == "scored":
         min_q = float(rule.get("min_line_probability", 0.5))
@@ -320,6 +325,25 @@ def combine_lines(classifier: Dict[str, float], candidates: Sequence[Dict[str, A
         reasons.append(_reason(cls_pred, classifier, h_cls, h, size_factor))
     return WeberOpinion(probs, prediction, h_cls, cls_pred, (h_cls or "none") == cls_pred,
                         reasons), line
+
+
+def _classifier_overrides(classifier: Dict[str, float], measured: Dict[str, float],
+                          probs: Dict[str, float], rule: Dict[str, Any]) -> bool:
+    """Whether the classifier's own probabilities replace the product: ``rule`` has
+    ``"classifier_override": t``, the product says "none" only because the lines' opinion
+    is "none" (no line, or none likely), and the classifier gives a fracture at least ``t``.
+
+    Why: with the lines' exponent fitted at 2, "no line found" outweighs any classifier
+    (a classifier 94 % sure of a Weber C times no line is "none"), yet the localiser misses
+    thin Weber C lines high on the fibula that the classifier sees. Off (absent) by default.
+    The answer then differs from the lines' ("none"), so it is marked unsure with the reason.
+    """
+    t = rule.get("classifier_override")
+    if t is None or max(probs, key=probs.get) != "none":
+        return False
+    if max(measured, key=measured.get) != "none":
+        return False
+    return 1.0 - float(classifier.get("none", 0.0)) >= float(t)
 
 
 def _experts(classifier: Dict[str, float], measured: Dict[str, float], rule: Dict[str, Any]
