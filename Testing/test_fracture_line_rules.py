@@ -337,3 +337,36 @@ def test_hierarchical_product_asks_whether_there_is_a_fracture_before_which_clas
     assert sure["none"] > 0.999
     with pytest.raises(ValueError, match="unknown combination"):
         combine_lines(cls, [line], {**rule, "combination": "sum"})
+
+
+def test_classifier_override_answers_a_fracture_the_localiser_did_not_find() -> None:
+    """With ``classifier_override`` t, a product that says "none" only because no line speaks
+    gives way to a classifier whose P(fracture) >= t (marked unsure, with the reason); below
+    t, with a located line, or without the key, the product stands."""
+    from AnkleFractureLib.fracture.weber_height import LINE_FEATURES, combine_lines
+
+    model = {"features": list(LINE_FEATURES), "weights": [-8.86, 0.98, 2.59, 1.55, 0.16]}
+    shipped = {"select": "scored", "line_model": model, "min_line_probability": 0.5,
+               "classifier_weight": 0.75, "localiser_weight": 2.0}
+    sure_c = {"none": 0.02, "A": 0.0, "B": 0.03, "C": 0.95}  # conf3's missed C, rounded
+    o, line = combine_lines(sure_c, [], shipped)
+    assert o.prediction == "none"  # no line outweighs a classifier 98 % sure of a fracture
+    o, line = combine_lines(sure_c, [], {**shipped, "classifier_override": 0.8})
+    assert (o.prediction, line, o.agree) == ("C", None, False)
+    assert o.probabilities == pytest.approx(sure_c)
+    assert o.reasons == ["the classifier says Weber C (95 %), but no fibular fracture line "
+                         "was located"]
+    # a classifier below the threshold does not override
+    doubtful = {"none": 0.3, "A": 0.05, "B": 0.05, "C": 0.6}
+    o, _ = combine_lines(doubtful, [], {**shipped, "classifier_override": 0.8})
+    assert o.prediction == "none"
+    # a located line keeps the product's answer (here the line's own class, A)
+    tip_a = {"voxels": 2000, "mass": 1900.0, "probability": 0.99, "height_mm": -8.0,
+             "section_ratio": 9.0, "cut_fraction": 1.0, "mean_probability": 0.95}
+    base, _ = combine_lines(sure_c, [tip_a], shipped)
+    over, _ = combine_lines(sure_c, [tip_a], {**shipped, "classifier_override": 0.8})
+    assert over.probabilities == pytest.approx(base.probabilities)
+    # a classifier that says "none" is never overridden into a fracture
+    o, _ = combine_lines({"none": 0.9, "A": 0.05, "B": 0.03, "C": 0.02}, [],
+                         {**shipped, "classifier_override": 0.0})
+    assert o.prediction == "none"
