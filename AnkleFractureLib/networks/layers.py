@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -321,7 +322,7 @@ class ResidualUnit(nn.Module):
                                conv_only=last_conv_only and i == n_units - 1, padding=padding)
             self.conv.add_module(f"unit{i:d}", unit)
             cin, stride = out_channels, 1
-        strided = _product(strides) != 1
+        strided = math.prod(_as_list(strides)) != 1
         if strided or in_channels != out_channels:
             # Created after the units, as in MONAI, so that seeded initial weights agree.
             rkernel, rpadding = (kernel_size, padding) if strided else (1, 0)
@@ -332,13 +333,6 @@ class ResidualUnit(nn.Module):
         """(B, in_channels, *spatial) -> (B, out_channels, *spatial / strides)."""
         res = self.residual(x)
         return self.conv(x) + res
-
-
-def _product(values: IntOrSeq) -> int:
-    out = 1
-    for v in _as_list(values):
-        out *= v
-    return out
 
 
 class ChannelSELayer(nn.Module):
