@@ -184,6 +184,57 @@ def test_both_legs_keep_their_labels():
     assert rep["relabelled_fragments"] == 0 and rep["removed_fragments"] == 0
 
 
+def _dim_legs_scene() -> tuple:
+    """Labels and CT of both legs in a dim scan (soft kernel, thin metaphyseal cortex): each
+    bone a 600 HU core in a 1-voxel rim at 1050 HU (leg A) or 980 HU (leg B), so leg B's tibia
+    has under 5 % of its voxels at 1000 HU (no cortex by rule 5's test), and a cast piece
+    labelled fibula (500 HU) against air beside leg B."""
+    lab = np.zeros((30, 60, 150), np.uint8)
+    ct = np.full(lab.shape, -1000.0, np.float32)
+    ct[:, 2:58, 2:128] = 40.0
+    lab[:, 10:40, 10:40] = 1   # leg A tibia
+    lab[:, 42:48, 44:50] = 2   # leg A fibula (small)
+    lab[:, 12:40, 80:108] = 1  # leg B tibia (a little smaller than A's)
+    lab[:, 40:50, 110:120] = 2  # leg B fibula (the largest fibula: the main one)
+    for value, rim in ((1, 1050.0), (2, 1050.0)):
+        mask = lab == value
+        inner = ndi.binary_erosion(mask, iterations=1)
+        ct[mask], ct[mask & ~inner] = 600.0, rim
+    leg_b = np.zeros(lab.shape, bool)
+    leg_b[:, :, 75:] = True
+    ct[leg_b & (ct == 1050.0)] = 980.0
+    cast = (slice(0, 30), slice(10, 50), slice(128, 133))
+    lab[cast], ct[cast] = 2, 500.0
+    return lab, ct, cast
+
+
+def test_the_other_leg_of_a_dim_scan_is_a_leg_not_a_cast() -> None:
+    """Rule 7's second leg, amended (docs/seg_v2/rule10.json): leg B's tibia has no cortex by
+    rule 5's absolute test, yet its 99th-percentile HU is that of leg A's tibia, so both legs
+    are cleaned on their own and keep their labels (before, leg B's tibia became a fragment of
+    the larger fibula, and leg A's fibula took the tibia's label). The cast beside leg B still
+    leaves the labels, and the merged report keeps its note; a splint at 40 % of the tibia's
+    HU is still no leg."""
+    from AnkleFractureLib.segmentation.postprocess import SECOND_LEG_HU_RATIO, _has_cortex, \
+        _components
+
+    lab, ct, cast = _dim_legs_scene()
+    b = _components(lab, 1)[1]
+    assert not _has_cortex(b, ct)  # the absolute test alone would call it a cast
+    out, rep = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct)
+    assert rep.get("legs") == 2, rep["notes"]
+    expected = lab.copy()
+    expected[cast] = 0
+    assert np.array_equal(out, expected), rep["notes"]
+    assert any("lying against air" in n for n in rep["notes"])
+    assert rep["removed_voxels"] == np.count_nonzero(lab[cast])
+    # A piece as large as leg B's tibia at 40 % of leg A's HU is no second leg.
+    ct[:, 12:40, 80:108] = 0.4 * 1050.0
+    assert 0.4 < SECOND_LEG_HU_RATIO
+    _, rep = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct)
+    assert "legs" not in rep
+
+
 def test_a_large_isolated_piece_beyond_the_tibia_is_a_foot_bone_and_removed() -> None:
     """Rule 4: a metatarsal-sized 'fibula' piece wholly beyond the tibia's distal end (and far
     from both bones) is removed; an equally large isolated piece level with the tibia keeps its

@@ -19,7 +19,12 @@
    at the incisura, is not flipped by a sub-voxel difference. When the two distances are this
    close and ``probabilities`` are given, the bone with the higher mean probability wins.
    With both legs in view (two tibiae of similar size), each leg is cleaned on its own side
-   of the plane midway between the tibiae, with its own main tibia and fibula.
+   of the plane midway between the tibiae, with its own main tibia and fibula. With the CT,
+   a second "tibia" is the other leg only when it looks like bone: a cortex by rule 5's test,
+   or its 99th-percentile CT number at least ``SECOND_LEG_HU_RATIO`` (70 %) of the larger
+   tibia's. The second part holds for the other leg of a dim scan (soft kernel, thin
+   metaphyseal cortex: a whole tibia with 1.3 % of its voxels at 1000 HU, 0.89 of the first
+   tibia's 99th percentile) and not for the casts and splints a network labels (at most 0.53).
 3. **No isolated specks.** A component smaller than ``min_fragment_mm3`` whose nearest main
    component is farther than ``attach_distance_mm`` is removed; a component farther than
    ``2 * attach_distance_mm`` from both main components is removed unless it is large
@@ -118,8 +123,9 @@ TIBIA, FIBULA = 1, 2
 #: Version of these rules. Crops made with the segmentation model's masks are cached under it
 #: (classification/crops.py, training/fracture_data.py): bump it whenever a rule changes what
 #: the labels hold. 6: rule 6 (casts out before the main components are chosen); 10: rule 9
-#: (no distal tibia, no leg labels).
-POSTPROCESS_VERSION = 10
+#: (no distal tibia, no leg labels); 11: rule 7's second leg told from a cast relative to the
+#: scan's own tibia.
+POSTPROCESS_VERSION = 11
 _NAMES = {TIBIA: "tibia", FIBULA: "fibula"}
 _TWENTY_SIX = np.ones((3, 3, 3), dtype=bool)
 _SIX = ndi.generate_binary_structure(3, 1)
@@ -289,7 +295,7 @@ def clean_labels(labels: np.ndarray, spacing_xyz: Sequence[float], *,
                          ct_box, up)
     if halves is not None and split_legs:
         return _clean_per_leg(out, box, halves, spacing_xyz, probabilities, options, ct_hu,
-                              superior_zyx)
+                              superior_zyx, report)
     if up is not None:  # Rule 7: the main fibula comes down from above the ankle
         comps[FIBULA] = _fibula_from_above(comps, sp_zyx, up, voxel_mm3, report,
                                            attach_distance_mm)
@@ -828,16 +834,17 @@ def _leg_halves(shape: Sequence[int], tibiae: List[_Component], sp_zyx: np.ndarr
     """The two legs' halves (boolean arrays of ``shape``) when two tibiae are in view, else None.
 
     The halves are split by the plane midway between the two largest tibiae's centroids. With
-    the CT (``ct_box``, HU on the working box), a second "tibia" without cortical bone (a cast)
-    is no second leg; with the superior direction ``up`` (rule 7), nor is one whose top lies
-    less than :data:`SECOND_LEG_ABOVE_MM` above the larger tibia's lowest point (a foot bone).
+    the CT (``ct_box``, HU on the working box), a second "tibia" that looks like neither
+    cortical bone nor the larger tibia (a cast, :func:`_bone_like`) is no second leg; with the
+    superior direction ``up`` (rule 7), nor is one whose top lies less than
+    :data:`SECOND_LEG_ABOVE_MM` above the larger tibia's lowest point (a foot bone).
     """
     if len(tibiae) < 2:
         return None
     a, b = tibiae[0], tibiae[1]
     if b.voxels * voxel_mm3 < large_mm3 or b.voxels < SECOND_LEG_FRACTION * a.voxels:
         return None
-    if ct_box is not None and not _has_cortex(b, ct_box):
+    if ct_box is not None and not _bone_like(b, a, ct_box):
         return None
     if up is not None and (_height_range(b, sp_zyx, up)[1]
                            < _height_range(a, sp_zyx, up)[0] + SECOND_LEG_ABOVE_MM):
@@ -850,18 +857,50 @@ def _leg_halves(shape: Sequence[int], tibiae: List[_Component], sp_zyx: np.ndarr
     return [~near_b, near_b]
 
 
+#: Rule 7: a second tibia without cortex by rule 5's test is still the other leg when its
+#: 99th-percentile CT number reaches this fraction of the larger tibia's. Rule 5's absolute
+#: test (5 % of the voxels at 1000 HU) says "no cortex" of real bone in dim scans (soft
+#: kernel, thin metaphyseal cortex): 23 of 343 true tibia and fibula pieces of real-shape
+#: phantoms, a whole tibia at 1.3 %; the same bone in the same scan reads alike (the two
+#: tibiae of such a scan: 0.89 of each other), while the casts and splints a network labels
+#: reach at most 0.53 of the scan's tibia (docs/seg_v2/rule10.json).
+SECOND_LEG_HU_RATIO = 0.7
+
+
+def _bone_like(b: _Component, a: _Component, ct_box: np.ndarray) -> bool:
+    """Whether component ``b`` is bone: a cortex by rule 5's test (:func:`_has_cortex`), or its
+    99th-percentile HU at least :data:`SECOND_LEG_HU_RATIO` of component ``a``'s (the scan's
+    own tibia); ``ct_box``: HU on the working box."""
+    if _has_cortex(b, ct_box):
+        return True
+    mine = ct_box[b.box][b.mask()]
+    theirs = ct_box[a.box][a.mask()]
+    if not mine.size or not theirs.size:
+        return True
+    reference = float(np.percentile(theirs, 99.0))
+    return reference > 0 and float(np.percentile(mine, 99.0)) >= SECOND_LEG_HU_RATIO * reference
+
+
 def _clean_per_leg(out: np.ndarray, box: Slices, halves: List[np.ndarray],
                    spacing_xyz: Sequence[float], probabilities: Optional[np.ndarray],
                    options: Dict[str, float], ct_hu: Optional[np.ndarray] = None,
-                   superior_zyx: Optional[Sequence[float]] = None
+                   superior_zyx: Optional[Sequence[float]] = None,
+                   before: Optional[Dict[str, Any]] = None
                    ) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """Clean each leg's half on its own and merge the maps and the reports."""
+    """Clean each leg's half on its own and merge the maps and the reports; ``before``: the
+    report of the rules applied to the whole map first (0 and 6), whose counts and notes
+    the merged report keeps."""
     merged = np.zeros_like(out)
     report: Dict[str, Any] = {"swapped": False, "removed_voxels": 0, "removed_fragments": 0,
                               "relabelled_fragments": 0, "relabelled_voxels": 0,
                               "kept_fragments": 0, "volumes_ml": {"tibia": 0.0, "fibula": 0.0},
                               "notes": ["both legs in view: each leg cleaned on its own"],
                               "legs": 2}
+    if before is not None:
+        report["removed_voxels"] = before["removed_voxels"]
+        report["notes"] = before["notes"] + report["notes"]
+        if "metal_voxels" in before:
+            report["metal_voxels"] = before["metal_voxels"]
     for k, half in enumerate(halves, start=1):
         sub = np.zeros_like(out)
         sub[box] = np.where(half, out[box], 0)
