@@ -209,14 +209,14 @@ def _dim_legs_scene() -> tuple:
 
 
 def test_the_other_leg_of_a_dim_scan_is_a_leg_not_a_cast() -> None:
-    """Rule 7's second leg, amended (docs/seg_v2/rule10.json): leg B's tibia has no cortex by
+    """Rule 7's second leg, amended (docs/seg_v2/rule10b.json): leg B's tibia has no cortex by
     rule 5's absolute test, yet its 99th-percentile HU is that of leg A's tibia, so both legs
     are cleaned on their own and keep their labels (before, leg B's tibia became a fragment of
     the larger fibula, and leg A's fibula took the tibia's label). The cast beside leg B still
-    leaves the labels, and the merged report keeps its note; a splint at 40 % of the tibia's
-    HU is still no leg."""
-    from AnkleFractureLib.segmentation.postprocess import SECOND_LEG_HU_RATIO, _has_cortex, \
-        _components
+    leaves the labels, and the merged report keeps its note. A splint as bright as the tibia
+    but thin (rule10b.json), and a thick piece at 40 % of the tibia's HU, are no leg."""
+    from AnkleFractureLib.segmentation.postprocess import SECOND_LEG_HU_RATIO, \
+        SECOND_LEG_THICK_MM, _components, _has_cortex, _thickness_mm
 
     lab, ct, cast = _dim_legs_scene()
     b = _components(lab, 1)[1]
@@ -228,7 +228,17 @@ def test_the_other_leg_of_a_dim_scan_is_a_leg_not_a_cast() -> None:
     assert np.array_equal(out, expected), rep["notes"]
     assert any("lying against air" in n for n in rep["notes"])
     assert rep["removed_voxels"] == np.count_nonzero(lab[cast])
-    # A piece as large as leg B's tibia at 40 % of leg A's HU is no second leg.
+    # A splint as bright as leg A's tibia but a thin shell (8 voxels, 4 mm from its surface
+    # at most; 13 ml, half of the tibia) is no second leg ...
+    splint_lab, splint_ct = lab.copy(), ct.copy()
+    splint_lab[:, :, 75:] = 0
+    splint_lab[:, 2:58, 80:88] = 1
+    splint_ct[:, 2:58, 80:88] = 600.0
+    splint_ct[:, 2:58, 80] = 980.0                # no cortex by rule 5, 0.93 of the tibia
+    assert _thickness_mm(_components(splint_lab, 1)[1], np.ones(3)) < SECOND_LEG_THICK_MM
+    _, rep = clean_labels(splint_lab, (1.0, 1.0, 1.0), ct_hu=splint_ct)
+    assert "legs" not in rep, rep["notes"]
+    # ... nor is a piece as large and thick as leg B's tibia at 40 % of leg A's HU.
     ct[:, 12:40, 80:108] = 0.4 * 1050.0
     assert 0.4 < SECOND_LEG_HU_RATIO
     _, rep = clean_labels(lab, (1.0, 1.0, 1.0), ct_hu=ct)

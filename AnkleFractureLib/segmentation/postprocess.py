@@ -22,9 +22,11 @@
    of the plane midway between the tibiae, with its own main tibia and fibula. With the CT,
    a second "tibia" is the other leg only when it looks like bone: a cortex by rule 5's test,
    or its 99th-percentile CT number at least ``SECOND_LEG_HU_RATIO`` (70 %) of the larger
-   tibia's. The second part holds for the other leg of a dim scan (soft kernel, thin
-   metaphyseal cortex: a whole tibia with 1.3 % of its voxels at 1000 HU, 0.89 of the first
-   tibia's 99th percentile) and not for the casts and splints a network labels (at most 0.53).
+   tibia's and a thickness of at least ``SECOND_LEG_THICK_MM`` (10 mm). The second part holds
+   for the other leg of a dim scan (soft kernel, thin metaphyseal cortex: a whole tibia with
+   1.3 % of its voxels at 1000 HU, 0.89 of the first tibia's 99th percentile, 14 mm thick)
+   and not for the casts and splints a network labels (thin shells: a splint piece beside a
+   plate as bright as its tibia was 8.4 mm thick).
 3. **No isolated specks.** A component smaller than ``min_fragment_mm3`` whose nearest main
    component is farther than ``attach_distance_mm`` is removed; a component farther than
    ``2 * attach_distance_mm`` from both main components is removed unless it is large
@@ -123,8 +125,8 @@ TIBIA, FIBULA = 1, 2
 #: Version of these rules. Crops made with the segmentation model's masks are cached under it
 #: (classification/crops.py, training/fracture_data.py): bump it whenever a rule changes what
 #: the labels hold. 6: rule 6 (casts out before the main components are chosen); 10: rule 9
-#: (no distal tibia, no leg labels); 11: rule 7's second leg told from a cast relative to the
-#: scan's own tibia.
+#: (no distal tibia, no leg labels); 11: rule 7's second leg told from a cast by comparison
+#: with the scan's own tibia and by its thickness.
 POSTPROCESS_VERSION = 11
 _NAMES = {TIBIA: "tibia", FIBULA: "fibula"}
 _TWENTY_SIX = np.ones((3, 3, 3), dtype=bool)
@@ -844,7 +846,7 @@ def _leg_halves(shape: Sequence[int], tibiae: List[_Component], sp_zyx: np.ndarr
     a, b = tibiae[0], tibiae[1]
     if b.voxels * voxel_mm3 < large_mm3 or b.voxels < SECOND_LEG_FRACTION * a.voxels:
         return None
-    if ct_box is not None and not _bone_like(b, a, ct_box):
+    if ct_box is not None and not _bone_like(b, a, ct_box, sp_zyx):
         return None
     if up is not None and (_height_range(b, sp_zyx, up)[1]
                            < _height_range(a, sp_zyx, up)[0] + SECOND_LEG_ABOVE_MM):
@@ -858,19 +860,32 @@ def _leg_halves(shape: Sequence[int], tibiae: List[_Component], sp_zyx: np.ndarr
 
 
 #: Rule 7: a second tibia without cortex by rule 5's test is still the other leg when its
-#: 99th-percentile CT number reaches this fraction of the larger tibia's. Rule 5's absolute
-#: test (5 % of the voxels at 1000 HU) says "no cortex" of real bone in dim scans (soft
-#: kernel, thin metaphyseal cortex): 23 of 343 true tibia and fibula pieces of real-shape
-#: phantoms, a whole tibia at 1.3 %; the same bone in the same scan reads alike (the two
-#: tibiae of such a scan: 0.89 of each other), while the casts and splints a network labels
-#: reach at most 0.53 of the scan's tibia (docs/seg_v2/rule10.json).
+#: 99th-percentile CT number reaches this fraction of the larger tibia's and it is at least
+#: :data:`SECOND_LEG_THICK_MM` thick. Rule 5's absolute test (5 % of the voxels at 1000 HU)
+#: says "no cortex" of real bone in dim scans (soft kernel, thin metaphyseal cortex): 23 of 343
+#: true tibia and fibula pieces of real-shape phantoms, a whole tibia at 1.3 %. The same bone in
+#: the same scan reads alike (such a scan's two tibiae: 0.89 of each other), and the casts and
+#: splints a network labels mostly reach at most 0.53 of the scan's tibia, but a splint piece
+#: beside a plate reached 0.95 (docs/seg_v2/rule10.json, rule10b.json).
 SECOND_LEG_HU_RATIO = 0.7
+#: Rule 7: ... and its thickness (the largest distance, mm, from its voxels to its surface) at
+#: least this: true tibiae measured 12.8 mm or more, the network's cast and splint pieces at
+#: most 12.1 mm, and the splint piece as bright as its tibia 8.4 mm (casts and splints are
+#: shells a few mm thick; a tibia is at least 25 mm across from the plafond to mid-shaft).
+SECOND_LEG_THICK_MM = 10.0
 
 
-def _bone_like(b: _Component, a: _Component, ct_box: np.ndarray) -> bool:
-    """Whether component ``b`` is bone: a cortex by rule 5's test (:func:`_has_cortex`), or its
-    99th-percentile HU at least :data:`SECOND_LEG_HU_RATIO` of component ``a``'s (the scan's
-    own tibia); ``ct_box``: HU on the working box."""
+def _thickness_mm(comp: _Component, sp_zyx: np.ndarray) -> float:
+    """The largest distance (mm) from a component's voxels to its surface."""
+    mask = np.pad(comp.mask(), 1)
+    return float(ndi.distance_transform_edt(mask, sampling=sp_zyx).max())
+
+
+def _bone_like(b: _Component, a: _Component, ct_box: np.ndarray, sp_zyx: np.ndarray) -> bool:
+    """Whether component ``b`` is bone: a cortex by rule 5's test (:func:`_has_cortex`), or
+    its 99th-percentile HU at least :data:`SECOND_LEG_HU_RATIO` of component ``a``'s (the
+    scan's own tibia) and a thickness of at least :data:`SECOND_LEG_THICK_MM` (a cast or
+    splint is a thin shell); ``ct_box``: HU on the working box, ``sp_zyx``: voxel size (mm)."""
     if _has_cortex(b, ct_box):
         return True
     mine = ct_box[b.box][b.mask()]
@@ -878,7 +893,9 @@ def _bone_like(b: _Component, a: _Component, ct_box: np.ndarray) -> bool:
     if not mine.size or not theirs.size:
         return True
     reference = float(np.percentile(theirs, 99.0))
-    return reference > 0 and float(np.percentile(mine, 99.0)) >= SECOND_LEG_HU_RATIO * reference
+    if reference <= 0 or float(np.percentile(mine, 99.0)) < SECOND_LEG_HU_RATIO * reference:
+        return False
+    return _thickness_mm(b, sp_zyx) >= SECOND_LEG_THICK_MM
 
 
 def _clean_per_leg(out: np.ndarray, box: Slices, halves: List[np.ndarray],
