@@ -112,6 +112,8 @@ def main() -> None:
     lines += _rule_page(folder, "rule7.json", "v3-rule7", "rule7/README.md")
     lines += _rule_page(folder, "rule7b8.json", "v3-rule7b8", "rule7b8/README.md")
     lines += _rule_page(folder, "rule9.json", "v3-rule9", "rule9/README.md")
+    lines += _rule_page(folder, "rule10.json", "v3-rule10", "rule10/README.md")
+    lines += _rule_page(folder, "rule10b.json", "v3-rule10b", "rule10b/README.md")
     lines += ["## Held-out Dice and HD95 (mean over cases)", "",
              "| model | family | cases | Dice tibia | HD95 tibia (mm) | Dice fibula | "
              "HD95 fibula (mm) | Dice fractured fibula |",
