@@ -109,3 +109,20 @@ def test_centre_line_follows_a_tilted_shaft() -> None:
 def test_a_mask_too_small_is_refused() -> None:
     with pytest.raises(ValueError, match="too small"):
         centre_line(np.zeros((5, 5, 5), bool), (1.0, 1.0, 1.0))
+
+
+def test_the_ring_plane_and_its_voxels_follow_an_oblique_gap() -> None:
+    """The plane fitted through an oblique ring leans as the gap does (within 15 degrees), and
+    the ring's voxels (what the reader is shown) lie on the gap, inside the fibula."""
+    from AnkleFractureLib.fracture.cortex_ring import ring_line_mask
+
+    ct, mask, sp = _shaft(gap_normal_deg=40.0, gap_mm=0.6)
+    ring = ring_breaks(ct, mask, sp)[0]
+    truth = np.array([np.cos(np.deg2rad(40.0)), np.sin(np.deg2rad(40.0)), 0.0])  # (z, y, x)
+    cos = abs(float(np.dot(ring.normal_zyx, truth)))
+    assert cos > np.cos(np.deg2rad(15.0)), ring
+    line = ring_line_mask(ring, mask, sp)
+    assert line.sum() > 100 and not (line & ~mask).any()
+    z, y, x = (np.argwhere(line) * np.asarray(sp)).T
+    plane = (z - 50.0 - (40.0 - 45.0)) * truth[0] + (y - 25.0) * truth[1]
+    assert np.median(np.abs(plane)) < 1.5

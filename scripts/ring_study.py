@@ -4,7 +4,7 @@
 Usage:
     python scripts/ring_study.py DATASET --out FILE.jsonl
 
-Every case runs as ``evaluate-fracture`` runs it (``pipeline.evaluate.run_case``: the shipped
+Every case runs as ``evaluate-fracture`` runs it (as ``pipeline.evaluate.run_case``: the shipped
 segmentation, side detection, checks, registration, classifier and localiser); then the ring
 check reads the analysed leg's fibula (label 2 within 60 mm of the tibial long axis through
 the registered plafond) on the CT's own grid. Each line of ``--out`` holds the case's truth,
@@ -68,6 +68,21 @@ def ring_rows(ct: Any, label: np.ndarray, registration: Any, plafond_template: n
     return rows
 
 
+def run_like_evaluate(pipe: Any, ct: Any, record: Any) -> Any:
+    """The :class:`PipelineResult` of ``pipeline.evaluate.run_case``'s run: a scan refused only
+    because both legs are in view is run again with the dataset's side."""
+    from AnkleFractureLib.pipeline.pipeline import Pipeline, PipelineOptions
+
+    res = pipe.run(ct)
+    codes = {f.code for f in res.refusals}
+    if codes == {"both_legs"} and record.side in ("left", "right"):
+        again = Pipeline(PipelineOptions(**{**pipe.options.__dict__, "side": record.side}))
+        again._seg_model, again._classifier = pipe._seg_model, pipe._classifier
+        again._localiser, again._template = pipe._localiser, pipe._template
+        res = again.run(ct)
+    return res
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset")
@@ -75,7 +90,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     from AnkleFractureLib.dataset import Dataset
     from AnkleFractureLib.io.files import read_image
-    from AnkleFractureLib.pipeline.evaluate import run_case
     from AnkleFractureLib.pipeline.pipeline import Pipeline
 
     ds = Dataset.load(args.dataset)
@@ -90,20 +104,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             t0 = time.perf_counter()
             ct = read_image(ds.path(case.image))
-            holder: Dict[str, Any] = {}
-            original = pipe.run
-
-            def run(*a: Any, **k: Any) -> Any:
-                res = original(*a, **k)
-                holder["res"] = res
-                return res
-
-            pipe.run = run  # type: ignore[method-assign]
-            result = run_case(pipe, ct, case)
-            pipe.run = original  # type: ignore[method-assign]
-            res = holder.get("res")
+            res = run_like_evaluate(pipe, ct, case)
+            result = res.to_json()
             rings: List[Dict[str, Any]] = []
-            if res is not None and res.registration is not None and res.label is not None:
+            if res.registration is not None and res.label is not None:
                 rings = ring_rows(ct, np.asarray(res.label.array), res.registration,
                                   pipe.template.plafond)
             fracture = (case.meta or {}).get("fracture") or {}
@@ -114,6 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "classifier_probabilities": result.get("classifier_probabilities"),
                    "found": f.get("found"), "height_mm": f.get("height_mm"),
                    "size_factor": f.get("size_factor"), "rings": rings,
+                   "candidates": f.get("candidates", []),
                    "seconds": round(time.perf_counter() - t0, 1)}
             fh.write(json.dumps(row) + "\n")
             fh.flush()

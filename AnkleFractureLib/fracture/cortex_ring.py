@@ -18,7 +18,7 @@ frame of the CT's own axes; heights in patient mm):
 
 1. :func:`centre_line`: the fibula mask's centre line, a station every ``step_mm``;
 2. :func:`unroll_cortex`: per station and angle, the brightest CT number along the ray from
-   the centre line (the cortex), inside the fibula mask grown by 1.5 mm only (the tibia's
+   the centre line (the cortex) and its distance, inside the fibula mask grown by 1.5 mm only (the tibia's
    cortex beside it is not read);
 3. :func:`gap_contrast`: 1 - that value / its running median along the bone (0: intact,
    toward 1: a dark gap), stations within :data:`METAL_MARGIN_MM` of metal left out;
@@ -80,6 +80,8 @@ class RingBreak:
         score: Mean gap contrast along the curve (0-1).
         coverage: Fraction of the angles where the curve is dark (contrast >= :data:`DARK`).
         rise_mm: Half the curve's rise round the bone (0: transverse line).
+        radius_mm: Median distance (mm) from the centre line to the cortex there.
+        normal_zyx: Unit normal (grid mm, z, y, x) of the plane through the curve.
     """
 
     station_mm: float
@@ -87,6 +89,8 @@ class RingBreak:
     score: float
     coverage: float
     rise_mm: float
+    radius_mm: float = 0.0
+    normal_zyx: Tuple[float, float, float] = (0.0, 0.0, 1.0)
 
 
 def centre_line(mask: np.ndarray, spacing_zyx: Sequence[float], step_mm: float = STEP_MM,
@@ -144,8 +148,9 @@ def _ray_frame(tangent: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 def unroll_cortex(ct: np.ndarray, spacing_zyx: Sequence[float], points: np.ndarray,
                   tangents: np.ndarray, n_angles: int = N_ANGLES, ray_mm: float = RAY_MM,
-                  ray_step_mm: float = RAY_STEP_MM) -> np.ndarray:
-    """The brightest CT number along each ray from the centre line: (stations, angles) HU.
+                  ray_step_mm: float = RAY_STEP_MM) -> Tuple[np.ndarray, np.ndarray]:
+    """The brightest CT number along each ray from the centre line, and where it lies:
+    ((stations, angles) HU, (stations, angles) mm from the centre line).
 
     Args:
         ct: (z, y, x) HU, already masked to the bone (outside: soft tissue).
@@ -157,14 +162,17 @@ def unroll_cortex(ct: np.ndarray, spacing_zyx: Sequence[float], points: np.ndarr
     theta = np.arange(n_angles) * 2.0 * np.pi / n_angles
     radii = np.arange(0.0, ray_mm, ray_step_mm)
     out = np.empty((len(points), n_angles), np.float32)
+    where = np.empty((len(points), n_angles), np.float32)
     for i, (p, t) in enumerate(zip(points, tangents)):
         u, v = _ray_frame(t)
         dirs = np.cos(theta)[:, None] * u + np.sin(theta)[:, None] * v
         samples = p + radii[None, :, None] * dirs[:, None, :]
         values = ndi.map_coordinates(ct, (samples / sp).reshape(-1, 3).T, order=1,
                                      mode="nearest").reshape(n_angles, len(radii))
-        out[i] = values.max(axis=1)
-    return out
+        k = values.argmax(axis=1)
+        out[i] = values[np.arange(n_angles), k]
+        where[i] = radii[k]
+    return out, where
 
 
 def gap_contrast(brightest: np.ndarray, step_mm: float = STEP_MM,
@@ -184,8 +192,8 @@ def gap_contrast(brightest: np.ndarray, step_mm: float = STEP_MM,
 
 
 def best_rings(contrast: np.ndarray, step_mm: float = STEP_MM, max_rise_mm: float = MAX_RISE_MM
-               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per station: (score, coverage, rise mm) of the best sinusoid centred there.
+               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per station: (score, coverage, rise mm, phase rad) of the best sinusoid centred there.
 
     The contrast is max-pooled over +-1 station first, so a curve is not lost between stations.
     A sinusoid ``station + rise * cos(angle - phase)`` is scored by its mean contrast;
@@ -198,6 +206,7 @@ def best_rings(contrast: np.ndarray, step_mm: float = STEP_MM, max_rise_mm: floa
     score = np.full(n, -1.0)
     coverage = np.zeros(n)
     rise = np.zeros(n)
+    best_phase = np.zeros(n)
     for r in np.arange(0.0, max_rise_mm + 1e-9, RISE_STEP_MM):
         phases = np.arange(N_PHASES) * 2.0 * np.pi / N_PHASES if r > 0 else [0.0]
         for phase in phases:
@@ -209,7 +218,8 @@ def best_rings(contrast: np.ndarray, step_mm: float = STEP_MM, max_rise_mm: floa
             score[better] = s[better]
             coverage[better] = (values[better] >= DARK).mean(axis=1)
             rise[better] = r
-    return score, coverage, rise
+            best_phase[better] = phase
+    return score, coverage, rise, best_phase
 
 
 def ring_breaks(ct: np.ndarray, mask: np.ndarray, spacing_zyx: Sequence[float],
@@ -240,8 +250,9 @@ def ring_breaks(ct: np.ndarray, mask: np.ndarray, spacing_zyx: Sequence[float],
     near = ndi.binary_dilation(sub, structure=np.ones([2 * g + 1 for g in grow], bool))
     bone = np.where(near, np.asarray(ct[region], np.float32), np.float32(0.0))
     stations, points, tangents = centre_line(sub, sp)
-    contrast, usable = gap_contrast(unroll_cortex(bone, sp, points, tangents))
-    score, coverage, rise = best_rings(contrast)
+    brightest, radius = unroll_cortex(bone, sp, points, tangents)
+    contrast, usable = gap_contrast(brightest)
+    score, coverage, rise, phase = best_rings(contrast)
     usable &= (stations >= END_MARGIN_MM) & (stations <= stations[-1] - END_MARGIN_MM)
     score = np.where(usable, score, -1.0)
     offset = np.array([s.start for s in region], float)
@@ -251,9 +262,44 @@ def ring_breaks(ct: np.ndarray, mask: np.ndarray, spacing_zyx: Sequence[float],
             break
         if any(abs(stations[i] - f.station_mm) < separation_mm for f in found):
             continue
+        r_mm = float(np.median(radius[i]))
         found.append(RingBreak(float(stations[i]), tuple(points[i] / sp + offset),
-                               float(score[i]), float(coverage[i]), float(rise[i])))
+                               float(score[i]), float(coverage[i]), float(rise[i]), r_mm,
+                               _plane_normal(tangents[i], float(rise[i]), float(phase[i]), r_mm)))
     return found
+
+
+def _plane_normal(tangent: np.ndarray, rise_mm: float, phase: float, radius_mm: float
+                  ) -> Tuple[float, float, float]:
+    """Normal (z, y, x) of the plane through the curve ``rise * cos(angle - phase)`` on a
+    cylinder of ``radius_mm`` round ``tangent``: it leans from the tangent towards the angle
+    where the curve is highest."""
+    u, v = _ray_frame(tangent)
+    toward = np.cos(phase) * u + np.sin(phase) * v
+    n = tangent - (rise_mm / max(radius_mm, 1.0)) * toward
+    n = n / np.linalg.norm(n)
+    return float(n[0]), float(n[1]), float(n[2])
+
+
+def ring_line_mask(ring: RingBreak, mask: np.ndarray, spacing_zyx: Sequence[float],
+                   half_width_mm: float = 0.75) -> np.ndarray:
+    """The ring's voxels: bool (z, y, x) of ``mask`` within ``half_width_mm`` of the ring's
+    plane and within its radius plus 3 mm of its centre (what a reader sees as the line)."""
+    sp = np.asarray(spacing_zyx, float)
+    centre = np.asarray(ring.centre_index, float) * sp
+    reach = ring.radius_mm + ring.rise_mm + 3.0
+    lo = np.maximum(np.floor((centre - reach) / sp).astype(int), 0)
+    hi = np.minimum(np.ceil((centre + reach) / sp).astype(int) + 1, mask.shape)
+    out = np.zeros(mask.shape, bool)
+    if np.any(hi <= lo):
+        return out
+    grids = np.meshgrid(*[np.arange(a, b) * s for a, b, s in zip(lo, hi, sp)], indexing="ij")
+    rel = np.stack(grids, axis=-1) - centre
+    near_plane = np.abs(rel @ np.asarray(ring.normal_zyx)) <= half_width_mm
+    near_centre = np.linalg.norm(rel, axis=-1) <= ring.radius_mm + 3.0 + ring.rise_mm
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    out[box] = near_plane & near_centre & np.asarray(mask[box], bool)
+    return out
 
 
 def demo_tube(gap_at_mm: Optional[float] = 40.0, length_mm: float = 90.0,
