@@ -224,13 +224,22 @@ def line_probability(line: Dict[str, Any], model: Dict[str, Any]) -> float:
     return float(1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0))))
 
 
+def candidate_probability(line: Dict[str, Any], rule: Dict[str, Any]) -> float:
+    """P(this candidate is the fracture line): a ring of the cortical ring check
+    (``"cortex_ring": 1``, :mod:`.cortex_ring`) carries its own ``line_probability``; a
+    network line's comes from the line model (:func:`line_probability`)."""
+    if line.get("cortex_ring"):
+        return float(line["line_probability"])
+    return line_probability(line, rule["line_model"])
+
+
 def _localiser_opinion(candidates: Sequence[Dict[str, Any]], rule: Dict[str, Any],
                        size_factor: float) -> Tuple[Dict[str, float], List[Dict[str, Any]],
                                                     List[float]]:
     """(P(class) from the lines alone, the lines that speak, their weights)."""
     if rule.get("select") == "scored":
         lines = list(candidates)
-        weights = [line_probability(c, rule["line_model"]) for c in lines]
+        weights = [candidate_probability(c, rule) for c in lines]
         p_none = float(np.prod([1.0 - q for q in weights])) if lines else 1.0
     else:
         lines = qualifying_lines(candidates, rule)

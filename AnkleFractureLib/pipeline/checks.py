@@ -181,6 +181,7 @@ UNSURE_CODES = frozenset({
     "fov_bone_at_syndesmosis", "registration_rms", "registration_inliers", "registration_scale",
     "registration_joint", "registration_note", "assumed_geometry", "segmentation_agreement",
     "fracture_line_at_scan_edge",
+    "fracture_line_by_ring_check",  # the line was found by the cortical ring check alone
 })
 
 

@@ -821,12 +821,33 @@ class Pipeline:
         run.used["fracture"] = True
         f = out.finding
         res.fracture, res.fracture_line = f, out.line
+        if "ring_check" in self.localiser.decision and "select" in self.localiser.decision:
+            self._run_ring_check(run, ct, leg_label, registration, f)
         res.weber = self.localiser.opinion(res.classification.probabilities, f)
         for reason in res.weber.reasons:
             res.findings.append(C.Finding(C.WARNING, "weber_disagreement", reason))
         res.findings.extend(C.fracture_line_findings(
             f.ignored, int(self.localiser.decision["min_voxels"]),
             float(np.min(crop.grid.spacing))))
+
+    def _run_ring_check(self, run: "_Run", ct: Volume, leg_label: Volume, registration: Any,
+                        finding: Any) -> None:
+        """The cortical ring check when the localiser's plans ask for it
+        (:mod:`~AnkleFractureLib.fracture.ring_check`): a line it reports is the finding, with
+        an unsure-making warning."""
+        from AnkleFractureLib.fracture import ring_check
+
+        res = run.res
+        with run.timed("ring_check"):
+            line = ring_check.apply(ct, np.asarray(leg_label.array) == 2,
+                                    registration.patient_to_template, self.template.plafond,
+                                    finding, res.classification.probabilities,
+                                    self.localiser.decision)
+        if line is not None:
+            res.fracture_line = line
+            res.findings.append(C.Finding(C.WARNING, "fracture_line_by_ring_check",
+                                          ring_check.message(finding),
+                                          {"height_mm": round(float(finding.height_mm), 2)}))
 
     @staticmethod
     def _label_on_ct(label: Volume, ct: Volume, res: PipelineResult) -> Volume:
