@@ -18,8 +18,8 @@ frame of the CT's own axes; heights in patient mm):
 
 1. :func:`centre_line`: the fibula mask's centre line, a station every ``step_mm``;
 2. :func:`unroll_cortex`: per station and angle, the brightest CT number along the ray from
-   the centre line (the cortex) and its distance, inside the fibula mask grown by 1.5 mm only (the tibia's
-   cortex beside it is not read);
+   the centre line (the cortex) and its distance, read no further than 1.5 mm beyond the
+   fibula mask (the tibia's cortex beside it is not read);
 3. :func:`gap_contrast`: 1 - that value / its running median along the bone (0: intact,
    toward 1: a dark gap), stations within :data:`METAL_MARGIN_MM` of metal left out;
 4. :func:`best_rings`: per station, the sinusoid round the bone with the highest mean
@@ -49,8 +49,8 @@ N_ANGLES = 72
 RAY_MM = 10.0
 #: Step (mm) along a ray.
 RAY_STEP_MM = 0.2
-#: The fibula mask is grown by this (mm) before the CT is read: the cortex's partial-volume
-#: rim, not the tibia's cortex 1-3 mm away at the incisura.
+#: A ray is read this far (mm) beyond the fibula mask: the cortex's partial-volume rim, not
+#: the tibia's cortex 1-3 mm away at the incisura.
 GROW_MM = 1.5
 #: Half-width (mm) of the running median along the bone that the contrast is measured against.
 BASELINE_MM = 8.0
@@ -147,15 +147,19 @@ def _ray_frame(tangent: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def unroll_cortex(ct: np.ndarray, spacing_zyx: Sequence[float], points: np.ndarray,
-                  tangents: np.ndarray, n_angles: int = N_ANGLES, ray_mm: float = RAY_MM,
+                  tangents: np.ndarray, mask: Optional[np.ndarray] = None,
+                  n_angles: int = N_ANGLES, ray_mm: float = RAY_MM,
                   ray_step_mm: float = RAY_STEP_MM) -> Tuple[np.ndarray, np.ndarray]:
     """The brightest CT number along each ray from the centre line, and where it lies:
     ((stations, angles) HU, (stations, angles) mm from the centre line).
 
     Args:
-        ct: (z, y, x) HU, already masked to the bone (outside: soft tissue).
+        ct: (z, y, x) HU.
         spacing_zyx: Voxel size (mm) per array axis.
         points: (n, 3) grid mm of the centre line; ``tangents``: (n, 3) unit.
+        mask: bool (z, y, x), the bone: a ray is read only to :data:`GROW_MM` beyond the
+            last of its samples inside it (the cortex's partial-volume rim, not the tibia's
+            cortex 1-3 mm away at the incisura); None reads the whole ray.
         n_angles: Angles round the bone; ``ray_mm``, ``ray_step_mm``: ray length and step.
     """
     sp = np.asarray(spacing_zyx, float)
@@ -163,12 +167,21 @@ def unroll_cortex(ct: np.ndarray, spacing_zyx: Sequence[float], points: np.ndarr
     radii = np.arange(0.0, ray_mm, ray_step_mm)
     out = np.empty((len(points), n_angles), np.float32)
     where = np.empty((len(points), n_angles), np.float32)
+    mask_u8 = None if mask is None else np.asarray(mask, np.uint8)
     for i, (p, t) in enumerate(zip(points, tangents)):
         u, v = _ray_frame(t)
         dirs = np.cos(theta)[:, None] * u + np.sin(theta)[:, None] * v
         samples = p + radii[None, :, None] * dirs[:, None, :]
-        values = ndi.map_coordinates(ct, (samples / sp).reshape(-1, 3).T, order=1,
+        coords = (samples / sp).reshape(-1, 3).T
+        values = ndi.map_coordinates(ct, coords, order=1,
                                      mode="nearest").reshape(n_angles, len(radii))
+        if mask_u8 is not None:
+            inside = ndi.map_coordinates(mask_u8, coords, order=0, mode="constant",
+                                         cval=0).reshape(n_angles, len(radii)) > 0
+            last = np.where(inside.any(axis=1),
+                            len(radii) - 1 - np.argmax(inside[:, ::-1], axis=1), 0)
+            reach = radii[last] + GROW_MM
+            values = np.where(radii[None, :] <= reach[:, None], values, -np.inf)
         k = values.argmax(axis=1)
         out[i] = values[np.arange(n_angles), k]
         where[i] = radii[k]
@@ -242,15 +255,12 @@ def ring_breaks(ct: np.ndarray, mask: np.ndarray, spacing_zyx: Sequence[float],
     """
     sp = np.asarray(spacing_zyx, float)
     box = ndi.find_objects(np.asarray(mask, np.uint8))[0]
-    grow = [int(np.ceil(GROW_MM / s)) for s in sp]
     reach = [int(np.ceil(RAY_MM / s)) + 1 for s in sp]
     region = tuple(slice(max(b.start - r, 0), min(b.stop + r, n))
                    for b, r, n in zip(box, reach, mask.shape))
     sub = np.asarray(mask[region], bool)
-    near = ndi.binary_dilation(sub, structure=np.ones([2 * g + 1 for g in grow], bool))
-    bone = np.where(near, np.asarray(ct[region], np.float32), np.float32(0.0))
     stations, points, tangents = centre_line(sub, sp)
-    brightest, radius = unroll_cortex(bone, sp, points, tangents)
+    brightest, radius = unroll_cortex(np.asarray(ct[region]), sp, points, tangents, sub)
     contrast, usable = gap_contrast(brightest)
     score, coverage, rise, phase = best_rings(contrast)
     usable &= (stations >= END_MARGIN_MM) & (stations <= stations[-1] - END_MARGIN_MM)

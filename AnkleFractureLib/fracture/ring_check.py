@@ -88,7 +88,9 @@ def ring_candidates(ct: Any, fibula: np.ndarray, patient_to_template: np.ndarray
         return []
     plafond, axis, size_factor = _patient_axis(patient_to_template, plafond_template)
     out = []
-    for ring in ring_breaks(np.asarray(ct.array), fibula, tuple(ct.spacing[::-1]), limit=8):
+    # Every ring 5 mm apart (a 300 mm fibula has at most 60): the strongest rings of a bone
+    # often lie at the malleolus, below the rule's height, and must not crowd out the shaft's.
+    for ring in ring_breaks(np.asarray(ct.array), fibula, tuple(ct.spacing[::-1]), limit=64):
         centre = ct.index_to_physical(np.asarray(ring.centre_index[::-1], float))[0]
         height = float((centre - plafond) @ axis)
         if (height < rule["min_height_mm"] * size_factor or ring.score < rule["min_score"]
