@@ -185,6 +185,8 @@ def unroll_cortex(ct: np.ndarray, spacing_zyx: Sequence[float], points: np.ndarr
         k = values.argmax(axis=1)
         out[i] = values[np.arange(n_angles), k]
         where[i] = radii[k]
+        if mask_u8 is not None:
+            out[i][~inside.any(axis=1)] = np.nan  # a ray that never meets the bone
     return out, where
 
 
@@ -192,7 +194,14 @@ def gap_contrast(brightest: np.ndarray, step_mm: float = STEP_MM,
                  baseline_mm: float = BASELINE_MM) -> Tuple[np.ndarray, np.ndarray]:
     """(contrast (stations, angles) in [0, 1], usable stations (bool)): 1 - HU / the running
     median of the same angle along the bone; stations near metal are unusable, and metal is
-    clipped out of the median."""
+    clipped out of the median. Rays that never met the bone (NaN) count as intact, and a
+    station where more than a quarter of them did is unusable (the centre line left the
+    bone)."""
+    missing = np.isnan(brightest)
+    off_bone = missing.mean(axis=1) > 0.25
+    if missing.any():
+        fill = np.nanmedian(brightest) if (~missing).any() else 0.0
+        brightest = np.where(missing, fill, brightest)
     metal_rows = (brightest >= METAL_HU).any(axis=1)
     reach = int(np.ceil(METAL_MARGIN_MM / step_mm))
     near_metal = ndi.binary_dilation(metal_rows, iterations=reach) if reach and metal_rows.any() \
@@ -201,7 +210,8 @@ def gap_contrast(brightest: np.ndarray, step_mm: float = STEP_MM,
     size = (2 * int(round(baseline_mm / step_mm)) + 1, 1)
     base = ndi.median_filter(clipped, size=size, mode="nearest")
     contrast = np.clip(1.0 - clipped / np.maximum(base, 1.0), 0.0, 1.0)
-    return contrast.astype(np.float32), ~near_metal
+    contrast[missing] = 0.0
+    return contrast.astype(np.float32), ~near_metal & ~off_bone
 
 
 def best_rings(contrast: np.ndarray, step_mm: float = STEP_MM, max_rise_mm: float = MAX_RISE_MM
