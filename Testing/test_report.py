@@ -360,6 +360,19 @@ def test_candidate_lines_the_answer_did_not_report_are_listed_for_the_reader() -
     assert "other candidate lines" not in text
 
 
+def test_a_line_of_the_cortical_ring_check_says_so() -> None:
+    ct, label, heat = _ankle()
+    ring = {"voxels": 0, "mass": 0.0, "probability": 0.6, "height_mm": 61.0, "found": True,
+            "cortex_ring": 1, "line_probability": 0.9}
+    frac = {"found": True, "probability": 0.9, "height_mm": 61.0, "center_lps": None,
+            "extent": None, "candidates": [ring]}
+    text = " ".join(_texts(R.report_figure(ct, label, heat, _result(fracture=frac))).split())
+    assert "61.0 mm above the plafond" in text and "found by the cortical ring check" in text
+    plain = {**frac, "candidates": [{**ring, "cortex_ring": 0}]}
+    text = " ".join(_texts(R.report_figure(ct, label, heat, _result(fracture=plain))).split())
+    assert "cortical ring check" not in text
+
+
 def test_report_text_says_when_the_located_line_settled_the_classifiers_doubt():
     from AnkleFractureLib.pipeline.report import _info_lines
 

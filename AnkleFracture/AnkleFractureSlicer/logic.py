@@ -225,6 +225,9 @@ def describeFracture(result: Optional[Dict[str, Any]]) -> str:
         'Fibula fracture: 14.2 mm above the plafond (Weber B level), probability 93 %'
         >>> describeFracture({"fracture": {"found": False, "probability": 0.12}})
         'Fibula fracture: none located (probability 12 %)'
+        >>> describeFracture({"fracture": {"found": True, "probability": 0.9, "height_mm": 61.0,
+        ...     "candidates": [{"found": True, "cortex_ring": 1, "height_mm": 61.0}]}})
+        'Fibula fracture: 61.0 mm above the plafond, probability 90 %; found by the cortical ring check'
     """
     fracture = (result or {}).get("fracture")
     if not isinstance(fracture, dict):
@@ -244,8 +247,9 @@ def describeFracture(result: Optional[Dict[str, Any]]) -> str:
     level = ((result or {}).get("weber_from_height") or {}).get("height_class")
     if level:
         where += f" (Weber {level} level)"
+    ring = any(c.get("found") and c.get("cortex_ring") for c in fracture.get("candidates") or [])
     return (f"Fibula fracture: {where}" + (f", probability {percent}" if percent else "")
-            + _otherLines(fracture))
+            + ("; found by the cortical ring check" if ring else "") + _otherLines(fracture))
 
 
 def _otherLines(fracture: Dict[str, Any]) -> str:

@@ -552,7 +552,9 @@ def _fracture_line(result: Dict[str, Any]) -> Optional[str]:
     where = "above" if h >= 0 else "below"
     level = (result.get("weber_from_height") or {}).get("height_class")
     level = f" (Weber {level} level)" if level else ""
-    return f"Fibula fracture: {abs(h):.1f} mm {where} the plafond{level}{prob} (marker X)"
+    ring = any(c.get("found") and c.get("cortex_ring") for c in frac.get("candidates") or [])
+    how = "; found by the cortical ring check" if ring else ""
+    return f"Fibula fracture: {abs(h):.1f} mm {where} the plafond{level}{prob}{how} (marker X)"
 
 
 def _heatmap_lines(result: Dict[str, Any]) -> List[str]:
