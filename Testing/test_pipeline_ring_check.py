@@ -32,7 +32,7 @@ def case():
 
 @pytest.fixture(scope="module")
 def ring_model(tmp_path_factory):
-    """The shipped localiser with ``ring_check`` in its plans."""
+    """The shipped localiser with this test's ``ring_check`` in its plans."""
     folder = tmp_path_factory.mktemp("ring") / "fracture"
     shutil.copytree(resources_dir() / "Models" / "fracture", folder)
     plans = json.loads((folder / "plans.json").read_text())
@@ -77,8 +77,14 @@ def test_the_ring_check_finds_the_line_the_network_missed(case, ring_model, netw
     assert "fracture_line.nii.gz" in data["files"]
 
 
-def test_without_the_rule_the_missed_line_stays_missed(case, network_misses):
-    res = Pipeline(PipelineOptions(device="cpu", side="right")).run(case.ct, label=case.label)
+def test_without_the_rule_the_missed_line_stays_missed(case, network_misses, tmp_path):
+    folder = tmp_path / "fracture"
+    shutil.copytree(resources_dir() / "Models" / "fracture", folder)
+    plans = json.loads((folder / "plans.json").read_text())
+    plans["decision"].pop("ring_check", None)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    res = Pipeline(PipelineOptions(device="cpu", side="right", fracture_model_dir=folder)).run(
+        case.ct, label=case.label)
     assert not res.fracture.found
     assert not [c for c in res.fracture.candidates if c.get("cortex_ring")]
     assert "fracture_line_by_ring_check" not in [x.code for x in res.findings]
