@@ -50,11 +50,9 @@ def ring_rows(ct: Any, label: np.ndarray, registration: Any, plafond_template: n
     """The rings of the analysed leg's fibula with their heights (patient mm)."""
     from AnkleFractureLib.fracture.cortex_ring import ring_breaks
 
-    t2p = np.linalg.inv(np.asarray(registration.patient_to_template, float))
-    plafond = t2p[:3, :3] @ np.asarray(plafond_template, float) + t2p[:3, 3]
-    axis = t2p[:3, :3] @ np.array([0.0, 0.0, 1.0])
-    size_factor = float(np.linalg.norm(axis))
-    axis /= size_factor
+    from AnkleFractureLib.fracture.localise import patient_axis
+
+    plafond, axis, _ = patient_axis(registration.patient_to_template, plafond_template)
     fib = leg_fibula(label, ct, plafond, axis)
     if fib.sum() < 200:
         return []

@@ -360,6 +360,18 @@ def line_candidates(prob: np.ndarray, threshold: float, fibula: Optional[np.ndar
     return out
 
 
+def patient_axis(patient_to_template: np.ndarray, plafond_template: np.ndarray
+                 ) -> Tuple[np.ndarray, np.ndarray, float]:
+    """(plafond LPS (3,), unit tibial long axis LPS (3,), size factor patient/template) from
+    the registration (4x4 patient LPS mm -> template mm) and the template's plafond (mm): what
+    every fracture height is measured along."""
+    t2p = np.linalg.inv(np.asarray(patient_to_template, float))
+    plafond = t2p[:3, :3] @ np.asarray(plafond_template, float) + t2p[:3, 3]
+    axis = t2p[:3, :3] @ np.array([0.0, 0.0, 1.0])
+    size_factor = float(np.linalg.norm(axis))
+    return plafond, axis / size_factor, size_factor
+
+
 def measure_line(mask: np.ndarray, prob: np.ndarray, grid: Any, patient_to_template: np.ndarray,
                  plafond_template: np.ndarray) -> Tuple[np.ndarray, float, Dict[str, float], float]:
     """Centre (LPS), height above the plafond and extent of a line on the crop grid.
@@ -380,10 +392,7 @@ def measure_line(mask: np.ndarray, prob: np.ndarray, grid: Any, patient_to_templ
     t2p = np.linalg.inv(np.asarray(patient_to_template, float))
     pts = pts_t @ t2p[:3, :3].T + t2p[:3, 3]
     centre = (pts * w[:, None]).sum(axis=0) / w.sum()
-    plafond = t2p[:3, :3] @ np.asarray(plafond_template, float) + t2p[:3, 3]
-    axis = t2p[:3, :3] @ np.array([0.0, 0.0, 1.0])
-    size_factor = float(np.linalg.norm(axis))
-    axis = axis / size_factor
+    plafond, axis, size_factor = patient_axis(patient_to_template, plafond_template)
     heights = (pts - plafond) @ axis
     height = float((centre - plafond) @ axis)
     centred = pts - centre

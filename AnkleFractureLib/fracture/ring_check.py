@@ -14,7 +14,7 @@ The rule (all keys required; off when ``ring_check`` is absent)::
     "ring_check": {"min_height_mm": 20.0, "min_score": 0.25, "min_coverage": 0.75,
                    "probability": 0.9}
 
-Heights are measured as the localiser measures its lines (:func:`.localise.measure_line`):
+Heights are measured as the localiser measures its lines (:func:`.localise.patient_axis`):
 patient mm above the registered plafond along the registered tibial long axis.
 """
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from AnkleFractureLib.errors import InputError
 from AnkleFractureLib.fracture.cortex_ring import RingBreak, ring_breaks
+from AnkleFractureLib.fracture.localise import patient_axis
 
 #: Keys of the rule, all required.
 KEYS = ("min_height_mm", "min_score", "min_coverage", "probability")
@@ -57,16 +58,6 @@ def needed(candidates: Sequence[Dict[str, Any]], decision: Dict[str, Any]) -> bo
                    if not c.get("cortex_ring"))
 
 
-def _patient_axis(patient_to_template: np.ndarray, plafond_template: np.ndarray
-                  ) -> Tuple[np.ndarray, np.ndarray, float]:
-    """(plafond LPS, unit tibial axis LPS, size factor) from the registration."""
-    t2p = np.linalg.inv(np.asarray(patient_to_template, float))
-    plafond = t2p[:3, :3] @ np.asarray(plafond_template, float) + t2p[:3, 3]
-    axis = t2p[:3, :3] @ np.array([0.0, 0.0, 1.0])
-    size_factor = float(np.linalg.norm(axis))
-    return plafond, axis / size_factor, size_factor
-
-
 def ring_candidates(ct: Any, fibula: np.ndarray, patient_to_template: np.ndarray,
                     plafond_template: np.ndarray, rule: Dict[str, float]
                     ) -> List[Tuple[Dict[str, Any], RingBreak]]:
@@ -86,7 +77,7 @@ def ring_candidates(ct: Any, fibula: np.ndarray, patient_to_template: np.ndarray
     """
     if int(np.count_nonzero(fibula)) < 200:
         return []
-    plafond, axis, size_factor = _patient_axis(patient_to_template, plafond_template)
+    plafond, axis, size_factor = patient_axis(patient_to_template, plafond_template)
     out = []
     # Every ring 5 mm apart (a 300 mm fibula has at most 60): the strongest rings of a bone
     # often lie at the malleolus, below the rule's height, and must not crowd out the shaft's.
