@@ -74,6 +74,12 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                         "splint (150-700 HU, 3-10 mm off the skin), as trauma CTs often do; "
                         "recorded in the case meta. The analytic family ignores it. Default: "
                         "12 %%, cases as before")
+    p.add_argument("--fracture-faces", choices=["corticated", "raw"], default="corticated",
+                   help="how fracture faces are drawn: raw (cancellous bone or marrow up to "
+                        "the gap, as in an acute fracture, whose margins carry no cortex) or "
+                        "corticated (a cortex on every face: a hairline then shows as a dense "
+                        "band, the look of a healed fracture). Default corticated: cases as "
+                        "before; recorded in the case meta when raw")
     p.add_argument("--preview", action="store_true", help="also write one PNG preview per case")
     p.add_argument("--dicom", action="store_true",
                    help="also write each CT as a DICOM series in DIR/dicom/<id>/")
@@ -106,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
                                dicom=args.dicom, family=args.family, fractures=args.fractures,
                                confounders=args.confounders, forefoot=args.forefoot,
                                metal=args.metal, cast=args.cast, workers=args.workers,
+                               fracture_faces=args.fracture_faces,
                                progress=ProgressBar("phantom", enabled=not args.quiet))
     counts = ds.counts()
     print(f"{ds.root}: {counts['cases']} cases "

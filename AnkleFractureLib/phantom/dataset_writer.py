@@ -108,7 +108,8 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
                           family: str = "analytic", fractures: str = "classic",
                           confounders: float = 0.0, forefoot: float = 0.0,
                           metal: Optional[float] = None, workers: int = 1,
-                          cast: Optional[float] = None) -> Dataset:
+                          cast: Optional[float] = None,
+                          fracture_faces: str = "corticated") -> Dataset:
     """Generate ``n`` phantom cases into a dataset folder (added to it if it exists).
 
     Args:
@@ -142,6 +143,9 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
         cast: Probability (0-1) that a "vh" case wears a cast or splint (recorded in the case
             meta as ``cast_probability``; the kind drawn is ``appearance["cast"]``); analytic
             cases ignore it; None (default): 12 %, cases as before.
+        fracture_faces: "raw" (acute fracture faces: cancellous bone up to the gap) or
+            "corticated" (default, the earlier datasets' look); see
+            :func:`~AnkleFractureLib.phantom.generator.generate_case`.
         workers: Cases generated at once, each in its own process (``spawn``); the files are
             written here, in plan order. Every case depends on its own seed alone, so the
             dataset is the same for any number of workers.
@@ -158,6 +162,8 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
 
     confounders = check_probability(confounders)  # before any case is written
     forefoot, metal, cast = check_vh_options(forefoot, metal, cast)
+    from AnkleFractureLib.phantom.fractures import check_faces
+
     if int(workers) < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     plan = case_plan(n, seed, weber, side, spacing, family)
@@ -165,7 +171,7 @@ def write_phantom_dataset(out: "os.PathLike[str] | str", n: int, seed: int,
                         description="Synthetic ankle CT phantoms (AnkleFractureLib.phantom); "
                                     "demonstration data, not patient data.")
     options = {"fractures": fractures, "confounders": confounders, "forefoot": forefoot,
-               "metal": metal, "cast": cast}
+               "metal": metal, "cast": cast, "fracture_faces": check_faces(fracture_faces)}
     with closing(_generated(plan, options, int(workers))) as cases:
         for k, item in enumerate(plan):
             if should_cancel is not None and should_cancel():

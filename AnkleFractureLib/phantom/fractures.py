@@ -30,6 +30,12 @@ from AnkleFractureLib.phantom.anatomy import AnatomyParams
 #: The Danis-Weber classes the phantom can produce ("none" = intact fibula).
 WEBER_CLASSES = ("none", "A", "B", "C")
 
+#: How a fracture's faces are drawn: "raw" (the cut exposes cancellous bone or marrow, as in an
+#: acute fracture, whose margins carry no cortex) or "corticated" (a cortex on every face, as
+#: the renderers drew before 2026-12: a hairline then shows as a dense band of two cortical
+#: plates, the look of a healed fracture; kept to reproduce the earlier datasets).
+FACES = ("corticated", "raw")
+
 #: Height range (mm, relative to the plafond) of the fibular fracture centre per class.
 WEBER_HEIGHT_MM = {"A": (-20.0, -3.0), "B": (0.0, 25.0), "C": (35.0, 100.0)}
 
@@ -162,6 +168,8 @@ class FractureModel:
     fibula: Optional[PlaneCut]
     medial: Optional[PlaneCut]
     widening_mm: float = 0.0
+    #: :data:`FACES`: how the renderers draw the fracture faces.
+    faces: str = "corticated"
 
     def to_dict(self, anatomy_to_patient: np.ndarray,
                 plafond: Optional[np.ndarray] = None) -> Optional[Dict[str, Any]]:
@@ -176,9 +184,25 @@ class FractureModel:
         own = self.fibula.translation + np.array([self.widening_mm, 0.0, 0.0])
         d["displacement_mm"] = round(float(np.linalg.norm(own)), 3)
         d["medial_malleolus_fracture"] = self.medial is not None
+        if self.faces != "corticated":  # earlier datasets' entries stay as they were
+            d["faces"] = self.faces
         if self.medial is not None:
             d["medial_malleolus"] = self.medial.to_dict(anatomy_to_patient, plafond)
         return d
+
+
+def check_faces(faces: str) -> str:
+    """``faces`` if it is one of :data:`FACES`; ValueError otherwise."""
+    if faces not in FACES:
+        raise ValueError(f"fracture faces must be one of {FACES}, got {faces!r}")
+    return faces
+
+
+def shell_sdf(cut: PlaneCut, sdf: Sdf, src: Any, faces: str) -> Optional[np.ndarray]:
+    """The SDF (mm) whose depth sets a fracture part's cortex: the intact bone's at the part's
+    source points for "raw" faces (so the cut face shows the bone's inside), None for
+    "corticated" faces (the part's own SDF: a cortex on the cut too)."""
+    return sdf(*src) if faces == "raw" and cut is not None else None
 
 
 def sample_fracture(rng: np.random.Generator, weber: str, p: AnatomyParams,

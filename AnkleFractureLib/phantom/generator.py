@@ -31,7 +31,7 @@ from AnkleFractureLib.geometry.volume import Volume
 from AnkleFractureLib.phantom import confounders as conf_mod
 from AnkleFractureLib.phantom import imaging
 from AnkleFractureLib.phantom.anatomy import Anatomy, sample_anatomy
-from AnkleFractureLib.phantom.fractures import WEBER_CLASSES, sample_fracture
+from AnkleFractureLib.phantom.fractures import WEBER_CLASSES, check_faces, sample_fracture
 
 SIDES = ("left", "right")
 SPACING_MODES = ("fast", "clinical")
@@ -137,7 +137,8 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
                   confounders: float = 0.0,
                   confounder_kinds: Optional[Sequence[str]] = None,
                   forefoot: float = 0.0, metal: Optional[float] = None,
-                  cast: Optional[float] = None) -> PhantomCase:
+                  cast: Optional[float] = None,
+                  fracture_faces: str = "corticated") -> PhantomCase:
     """Generate one synthetic ankle CT, fully determined by the arguments.
 
     Args:
@@ -175,6 +176,11 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
             (150-700 HU, 3-10 mm off the skin), as trauma CTs often do; None (default): 12 %,
             as before. Given, ``info["cast_probability"]`` records it; the drawn kind is
             ``info["appearance"]["cast"]``. The "analytic" family ignores it.
+        fracture_faces: How the fracture faces are drawn
+            (:data:`~AnkleFractureLib.phantom.fractures.FACES`): "raw" (cancellous bone or
+            marrow up to the gap, as in an acute fracture) or "corticated" (default: a cortex
+            on every face, the earlier datasets' look, in which a hairline is a dense band).
+            "raw" is recorded as ``info["fracture"]["faces"]``; it draws no random number.
 
     Returns:
         The case. ``info`` holds: seed, weber, side, spacing_mode, ``anatomy_to_patient``
@@ -192,6 +198,7 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
             outside [0, 1] or an unknown confounder kind.
     """
     _validate(seed, weber, side, spacing)
+    check_faces(fracture_faces)
     confounders = conf_mod.check_probability(confounders)
     conf_mod.check_kinds(confounder_kinds)
     forefoot, metal, cast = check_vh_options(forefoot, metal, cast)
@@ -203,7 +210,8 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if family == "vh":
         return _generate_vh(seed, weber, side, spacing, anatomy_seed, fractures,
-                            confounders, confounder_kinds, forefoot, metal, cast)
+                            confounders, confounder_kinds, forefoot, metal, cast,
+                            fracture_faces)
     anatomy, a2p, grid = plan_grid(seed, side, spacing, anatomy_seed)
     prof = anatomy.prof
 
@@ -212,6 +220,7 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
 
     fracture = sample_fracture(_rng(seed, "fracture"), weber, anatomy.p, fib_centre_at,
                                style=fractures)
+    fracture.faces = fracture_faces
     conf = conf_mod.Confounders([])
     if confounders > 0:  # no draw at all otherwise: earlier cases stay bit-identical
         conf = conf_mod.draw_confounders(_rng(seed, "confounder"), confounders,
@@ -295,13 +304,14 @@ def _generate_vh(seed: int, weber: str, side: str, spacing: str,
                  confounders: float = 0.0,
                  confounder_kinds: Optional[Sequence[str]] = None,
                  forefoot: float = 0.0, metal: Optional[float] = None,
-                 cast: Optional[float] = None) -> PhantomCase:
+                 cast: Optional[float] = None, fracture_faces: str = "corticated"
+                 ) -> PhantomCase:
     """A case of the real-shape family (see :mod:`AnkleFractureLib.phantom.real_generator`)."""
     from AnkleFractureLib.phantom.real_generator import render_real
 
     ct_arr, lab_arr, (anatomy, a2p, grid, fracture), extra = render_real(
         seed, weber, side, spacing, anatomy_seed, fractures, confounders, confounder_kinds,
-        forefoot, metal, cast)
+        forefoot, metal, cast, fracture_faces)
     meta = {"source": "AnkleFractureLib.phantom", "family": "vh", "seed": int(seed),
             "weber": weber, "side": side}
     # The smooth displacement field moves the joint off the frame's origin (up to ~6 mm):

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from AnkleFractureLib.phantom.anatomy import Anatomy, smoothstep
 from AnkleFractureLib.phantom.confounders import Confounders
-from AnkleFractureLib.phantom.fractures import FractureModel
+from AnkleFractureLib.phantom.fractures import FractureModel, shell_sdf
 
 HU_MIN, HU_MAX = -1024, 3071
 AIR_HU = -1000.0
@@ -198,8 +198,10 @@ class Renderer:
     def _in_box(x, y, z, box) -> np.ndarray:
         return (x > box[0]) & (x < box[1]) & (y > box[2]) & (y < box[3]) & (z > box[4]) & (z < box[5])
 
-    def _paint_bone(self, hu, d, src, cortex_mm, trab_frac, cortex_hu) -> None:
-        """Cortex (``cortex_mm`` thick) then textured cancellous/marrow inside, in place."""
+    def _paint_bone(self, hu, d, src, cortex_mm, trab_frac, cortex_hu, shell=None) -> None:
+        """Cortex (``cortex_mm`` thick) then textured cancellous/marrow inside, in place.
+        ``shell``: the SDF whose depth sets the cortex (the intact bone's, for a fracture part
+        with raw faces: :func:`~AnkleFractureLib.phantom.fractures.shell_sdf`); None: ``d``."""
         p = self.a.p
         tex = self.trab.sample(*src)
         # Trabecular bone: skewed texture (plates and rods brighter than the marrow between).
@@ -207,7 +209,7 @@ class Renderer:
         inner = trab_frac * trab + (1.0 - trab_frac) * (p.marrow_hu + 12.0 * tex)
         occ = self._occ(d)
         hu += occ * (cortex_hu - hu)
-        occ = self._occ(d + cortex_mm)
+        occ = self._occ(d + cortex_mm if shell is None else np.maximum(shell + cortex_mm, d))
         hu += occ * (inner - hu)
 
     def render(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -288,7 +290,8 @@ class Renderer:
         for d, src, keep in parts:
             zz = src[2]
             cortex, trab = a.prof.lookup(zz, prefix + "_cortex", prefix + "_trab")
-            self._paint_bone(hs, d, src, cortex, trab, p.cortex_hu)
+            self._paint_bone(hs, d, src, cortex, trab, p.cortex_hu,
+                             shell_sdf(cut, sdf, src, self.f.faces))
             self.conf.paint_inside(hs, d, src, bone, self._occ)
             ls[(d < 0) if keep is None else ((d < 0) & keep)] = label
         h[sel] = hs

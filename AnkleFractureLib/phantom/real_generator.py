@@ -146,7 +146,7 @@ def render_real(seed: int, weber: str, side: str, spacing: str,
                 anatomy_seed: Optional[int] = None, fractures: str = "classic",
                 confounders: float = 0.0, confounder_kinds: Optional[Sequence[str]] = None,
                 forefoot: float = 0.0, metal: Optional[float] = None,
-                cast: Optional[float] = None
+                cast: Optional[float] = None, fracture_faces: str = "corticated"
                 ) -> Tuple[np.ndarray, np.ndarray, Any, Dict[str, Any]]:
     """Render a vh case: (ct int16 (z, y, x), label uint8 (z, y, x), (anatomy, anatomy to
     patient 4x4, grid, fracture model), family-specific info dict).
@@ -158,12 +158,14 @@ def render_real(seed: int, weber: str, side: str, spacing: str,
     ``metal``: probability of fixation hardware (None: the default rates of
     :func:`~AnkleFractureLib.phantom.real_render.sample_appearance`); the info dict then holds
     ``metal_probability``. ``cast``: probability of a cast or splint (None: the default
-    rate); the info dict then holds ``cast_probability``.
+    rate); the info dict then holds ``cast_probability``. ``fracture_faces``: see
+    :func:`~AnkleFractureLib.phantom.generator.generate_case`.
     """
     anatomy, a2p, grid, fov = plan_real(seed, side, spacing, anatomy_seed, forefoot)
     anchors = anatomy.fracture_anchors()
     fracture = sample_fracture(_rng(seed, "fracture"), weber, anchors,
                                anatomy.fib_centre_at, style=fractures)
+    fracture.faces = fracture_faces
     need_top = fracture_top_needed(fracture)
     fov_raised = need_top is not None and need_top > fov[1]
     if fov_raised:  # the label must be visible: a class whose fracture is off the scan is noise

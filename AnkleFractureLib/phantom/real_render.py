@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from AnkleFractureLib.phantom.anatomy import ellipse_sdf, smoothstep
 from AnkleFractureLib.phantom.confounders import Confounders
-from AnkleFractureLib.phantom.fractures import FractureModel
+from AnkleFractureLib.phantom.fractures import FractureModel, shell_sdf
 from AnkleFractureLib.phantom.imaging import AIR_HU, HU_MAX, HU_MIN, NoiseField, paint_haematoma
 from AnkleFractureLib.phantom.real_anatomy import RealAnatomy, _u
 
@@ -190,10 +190,13 @@ class RealRenderer:
         return np.full(z.shape, 1.1, np.float32), np.ones(z.shape, np.float32)
 
     def _paint_bone(self, hu: np.ndarray, d: np.ndarray, src, bone: str,
-                    cortex_mm: Optional[float] = None, profile=None, field=None) -> None:
+                    cortex_mm: Optional[float] = None, profile=None, field=None,
+                    shell: Optional[np.ndarray] = None) -> None:
         """Cortex (``cortex_mm`` thick, default the bone's profile), then trabecular bone or
         fatty marrow inside, in place. ``profile``: per-point (cortex mm, trabecular
-        fraction) instead of the bone's; ``field``: texture lattice instead of ``self.trab``."""
+        fraction) instead of the bone's; ``field``: texture lattice instead of ``self.trab``;
+        ``shell``: the SDF whose depth sets the cortex (the intact bone's, for a fracture part
+        with raw faces: :func:`~AnkleFractureLib.phantom.fractures.shell_sdf`), None: ``d``."""
         lk = self.look
         cortex, trab_frac = self._profile(bone, src[2]) if profile is None else profile
         if cortex_mm is not None:
@@ -202,7 +205,7 @@ class RealRenderer:
         trab = lk.trab_hu + lk.trab_amp * (tex + 0.35 * tex * tex - 0.35)
         inner = trab_frac * trab + (1.0 - trab_frac) * (lk.marrow_hu + 10.0 * tex)
         hu += self._occ(d) * (lk.cortex_hu - hu)
-        hu += self._occ(d + cortex) * (inner - hu)
+        hu += self._occ(d + cortex if shell is None else np.maximum(shell + cortex, d)) * (inner - hu)
 
     # ------------------------------------------------------------------ soft tissue
     def _paint_soft(self, h, x, y, z, d_leg) -> None:
@@ -329,7 +332,7 @@ class RealRenderer:
             d, src = cut.fragment(sdf, xs, ys, zs)
             parts = [(cut.parent(sdf, xs, ys, zs), (xs, ys, zs), side > band), (d, src, side < -band)]
         for d, src, keep in parts:
-            self._paint_bone(hs, d, src, bone)
+            self._paint_bone(hs, d, src, bone, shell=shell_sdf(cut, sdf, src, self.f.faces))
             self.conf.paint_inside(hs, d, src, bone, self._occ)
             ls[(d < 0) if keep is None else ((d < 0) & keep)] = label
         h[sel] = hs
