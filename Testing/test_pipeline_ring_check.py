@@ -46,8 +46,8 @@ def network_misses(monkeypatch):
     """The localiser finds no line (its candidates gone), as for a missed hairline."""
     original = FractureLocaliser.locate
 
-    def locate(self, crop, plafond_template, classifier=None):
-        f = original(self, crop, plafond_template, classifier)
+    def locate(self, crop, plafond_template, classifier=None, density=None):
+        f = original(self, crop, plafond_template, classifier, density)
         f.found, f.height_mm, f.center_lps, f.extent, f.candidates = False, None, None, None, []
         f.line = np.zeros_like(f.line)
         return f

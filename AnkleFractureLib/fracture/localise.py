@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -665,7 +665,9 @@ class FractureLocaliser:
         return prob, first
 
     def locate(self, crop: Any, plafond_template: np.ndarray,
-               classifier: Optional[Dict[str, float]] = None) -> FractureFinding:
+               classifier: Optional[Dict[str, float]] = None,
+               density: Optional[Callable[[np.ndarray, Any], Dict[str, Any]]] = None
+               ) -> FractureFinding:
         """Find and measure the fibular fracture line of a syndesmosis crop.
 
         With a line rule in plans.json (``decision["select"]``, see
@@ -679,11 +681,15 @@ class FractureLocaliser:
             crop: A :class:`~AnkleFractureLib.crop.syndesmosis.SyndesmosisCrop`.
             plafond_template: (3,) template mm of the plafond (``template.plafond``).
             classifier: The classifier's probabilities {"none", "A", "B", "C"}, or None.
+            density: With a dense-band test in the plans (``decision["dense_band"]``): a
+                :class:`~.line_density.LineDensity` of the CT, which gives every candidate
+                its ``band_hu`` (the CT across the line inside the fibula) before the lines
+                are weighed; None: not measured.
 
         Returns:
             The finding (arrays on the crop grid).
         """
-        from AnkleFractureLib.fracture.weber_height import line_probability
+        from AnkleFractureLib.fracture.weber_height import candidate_probability
 
         prob, ignored = self._masked_heatmap(crop)
         model = {"name": "fracture", "sha256": self.plans.get("_sha256"),
@@ -695,9 +701,10 @@ class FractureLocaliser:
             _, h, _, _ = measure_line(mask, prob, crop.grid, crop.patient_to_template,
                                       plafond_template)
             stats["height_mm"] = round(float(h), 2)
+            if density is not None and "dense_band" in self.decision:
+                stats["band_hu"] = density(mask, crop.grid)["band_hu"]
             if "line_model" in self.decision:
-                stats["line_probability"] = round(line_probability(stats,
-                                                                   self.decision["line_model"]), 4)
+                stats["line_probability"] = round(candidate_probability(stats, self.decision), 4)
         if "select" in self.decision:
             mask, peak = self._chosen_line(prob, lines, classifier, size_factor)
             found = bool(mask.any())

@@ -227,10 +227,26 @@ def line_probability(line: Dict[str, Any], model: Dict[str, Any]) -> float:
 def candidate_probability(line: Dict[str, Any], rule: Dict[str, Any]) -> float:
     """P(this candidate is the fracture line): a ring of the cortical ring check
     (``"cortex_ring": 1``, :mod:`.cortex_ring`) carries its own ``line_probability``; a
-    network line's comes from the line model (:func:`line_probability`)."""
+    network line's comes from the line model (:func:`line_probability`), times
+    ``rule["dense_band"]["factor"]`` when the rule has a dense-band test and the CT across the
+    line is a dense band (``band_hu`` at least ``rule["dense_band"]["min_hu"]``,
+    :mod:`.line_density`): an old healed fracture or a scar, not a gap.
+
+    Example:
+        >>> rule = {"line_model": {"features": ["bias"], "weights": [2.0]},
+        ...         "dense_band": {"min_hu": 250.0, "factor": 0.1}}
+        >>> [round(candidate_probability({"voxels": 1, "mass": 1.0, "band_hu": b}, rule), 3)
+        ...  for b in (None, 40.0, 400.0)]
+        [0.881, 0.881, 0.088]
+    """
     if line.get("cortex_ring"):
         return float(line["line_probability"])
-    return line_probability(line, rule["line_model"])
+    q = line_probability(line, rule["line_model"])
+    band = rule.get("dense_band")
+    if band is not None and line.get("band_hu") is not None \
+            and float(line["band_hu"]) >= float(band["min_hu"]):
+        q *= float(band["factor"])
+    return q
 
 
 def _localiser_opinion(candidates: Sequence[Dict[str, Any]], rule: Dict[str, Any],

@@ -576,10 +576,18 @@ class Pipeline:
         """
         from AnkleFractureLib.crop.syndesmosis import crop_to_ct_box
 
+        density = None
         if label is not None and registration is not None:
             crop = self.localiser.crop_for(ct, label, registration.patient_to_template,
                                            self.template, crop)
-        finding = self.localiser.locate(crop, self.template.plafond, classifier)
+            if "dense_band" in self.localiser.decision:
+                from AnkleFractureLib.fracture.line_density import LineDensity
+                from AnkleFractureLib.fracture.localise import patient_axis
+
+                axis = patient_axis(registration.patient_to_template, self.template.plafond)[1]
+                density = LineDensity(ct, np.asarray(label.array) == 2,
+                                      registration.patient_to_template, axis)
+        finding = self.localiser.locate(crop, self.template.plafond, classifier, density=density)
         line = None
         if finding.found:
             box = crop_to_ct_box(finding.line.astype(np.float32), crop, ct,

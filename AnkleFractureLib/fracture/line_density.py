@@ -1,0 +1,179 @@
+"""Is a candidate line a gap or a dense band? The CT across it, inside the fibula.
+
+An acute fracture line is a gap: blood (40-80 HU) between raw cancellous bone or marrow, darker
+than the bone around it or, a hairline under the scan's resolution, no different from it. An
+old healed fracture, a physeal scar or a bone island is a dense (sclerotic) band: brighter than
+the bone a few mm above and below. Radiologists tell the two apart this way; the localiser
+network, which reads a 1.5 mm crop, can take a dense band for a line.
+
+:func:`band_contrast` reads the CT on its own grid along the bone's long axis through every
+point of a candidate line that lies inside the fibula (at least :data:`INTERIOR_MM` from the
+label's surface, so that the cortex does not count): the median CT number over those points at
+each offset ``s`` along the axis gives a profile ``m(s)``; the line's band contrast is the
+highest ``m`` within :data:`NEAR_MM` of the line less the median of ``m`` :data:`FAR_MM` away.
+A gap gives a contrast near or below zero, a dense band several hundred HU.
+
+Axis order: arrays are numpy (z, y, x); points are patient LPS mm (x, y, z); CT numbers HU.
+
+Example:
+    >>> import numpy as np
+    >>> from AnkleFractureLib.geometry.volume import Volume
+    >>> ct, fib, axis = demo_shaft(band_hu=900.0)
+    >>> pts = demo_line_points(ct)
+    >>> round(band_contrast(ct, fib, pts, axis)["band_hu"]) > 400
+    True
+    >>> ct, fib, axis = demo_shaft(band_hu=60.0)
+    >>> band_contrast(ct, fib, pts, axis)["band_hu"] < 50
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+#: Only line points this deep (mm) inside the fibula count: the cortex is dense everywhere.
+INTERIOR_MM = 1.5
+#: The band: offsets (mm) along the axis within this of the line.
+NEAR_MM = 2.0
+#: The bone around: offsets (mm) along the axis between these.
+FAR_MM = (5.0, 10.0)
+#: Profile step (mm) along the axis.
+STEP_MM = 0.5
+#: Fewest interior points for a profile value (fewer: not measured).
+MIN_POINTS = 10
+
+
+def fibula_depth(fibula: np.ndarray, spacing_zyx: Tuple[float, float, float]) -> np.ndarray:
+    """float32 (z, y, x): mm from each fibula voxel to the label's surface (0 outside)."""
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(np.asarray(fibula, bool),
+                                          sampling=tuple(float(s) for s in spacing_zyx)
+                                          ).astype(np.float32)
+
+
+def interior_profile(ct: Any, depth: np.ndarray, points_lps: np.ndarray, axis_lps: np.ndarray
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+    """(offsets s mm (n,), median HU m(s) (n,), NaN where fewer than :data:`MIN_POINTS`
+    points lie inside the fibula) along ``axis_lps`` through ``points_lps`` (k, 3)."""
+    from scipy import ndimage
+
+    arr = np.asarray(ct.array, np.float32)
+    pts = np.asarray(points_lps, float).reshape(-1, 3)
+    axis = np.asarray(axis_lps, float) / np.linalg.norm(axis_lps)
+    offsets = np.arange(-FAR_MM[1], FAR_MM[1] + 1e-6, STEP_MM)
+    out = np.full(offsets.shape, np.nan)
+    for i, s in enumerate(offsets):
+        ijk = ct.physical_to_index(pts + s * axis)
+        coords = [ijk[:, 2], ijk[:, 1], ijk[:, 0]]
+        inside = ndimage.map_coordinates(depth, coords, order=1, cval=0.0) >= INTERIOR_MM
+        if int(inside.sum()) >= MIN_POINTS:
+            hu = ndimage.map_coordinates(arr, [c[inside] for c in coords], order=1)
+            out[i] = float(np.median(hu))
+    return offsets, out
+
+
+def band_contrast(ct: Any, fibula: np.ndarray, points_lps: np.ndarray, axis_lps: np.ndarray,
+                  depth: Optional[np.ndarray] = None) -> Dict[str, Any]:
+    """The line's band contrast (see the module docstring).
+
+    Args:
+        ct: The CT (:class:`~AnkleFractureLib.geometry.volume.Volume`, HU).
+        fibula: bool (z, y, x) on the CT's grid: the analysed leg's fibula.
+        points_lps: (k, 3) patient LPS mm: the candidate line's points.
+        axis_lps: (3,) the bone's long axis (the tibial axis; any length).
+        depth: :func:`fibula_depth` of ``fibula`` when already computed.
+
+    Returns:
+        {"band_hu": near peak - far median (HU; None when not measured), "dip_hu": near
+        lowest - far median, "interior_points": line points inside the fibula}.
+    """
+    if depth is None:
+        depth = fibula_depth(fibula, tuple(ct.spacing[::-1]))
+    from scipy import ndimage
+
+    pts = np.asarray(points_lps, float).reshape(-1, 3)
+    ijk = ct.physical_to_index(pts)
+    n_in = int((ndimage.map_coordinates(depth, [ijk[:, 2], ijk[:, 1], ijk[:, 0]], order=1,
+                                        cval=0.0) >= INTERIOR_MM).sum())
+    s, m = interior_profile(ct, depth, pts, axis_lps)
+    near, far = m[np.abs(s) <= NEAR_MM], m[np.abs(s) >= FAR_MM[0]]
+    near, far = near[np.isfinite(near)], far[np.isfinite(far)]
+    if n_in < MIN_POINTS or near.size == 0 or far.size == 0:
+        return {"band_hu": None, "dip_hu": None, "interior_points": n_in}
+    base = float(np.median(far))
+    return {"band_hu": round(float(near.max()) - base, 1),
+            "dip_hu": round(float(near.min()) - base, 1), "interior_points": n_in}
+
+
+def demo_shaft(band_hu: float = 900.0, bone_hu: float = 300.0) -> Tuple[Any, np.ndarray,
+                                                                         np.ndarray]:
+    """(CT, fibula mask, axis): a 12 mm wide bone along z (0.5 mm voxels) with a 1 mm thick
+    cortex at 1500 HU, ``bone_hu`` inside, and a 2 mm band at ``band_hu`` across it at the
+    centre: a dense band (900) or a gap (60), for examples and tests."""
+    from AnkleFractureLib.geometry.volume import Volume
+
+    n, h = 80, 0.5
+    zz, yy, xx = np.mgrid[:n, :40, :40].astype(float) * h
+    r = np.hypot(yy - 10.0, xx - 10.0)
+    fib = r <= 6.0
+    arr = np.full(fib.shape, 40.0, np.float32)
+    arr[fib] = bone_hu
+    arr[fib & (r > 5.0)] = 1500.0
+    arr[fib & (np.abs(zz - n * h / 2) <= 1.0) & (r <= 5.0)] = band_hu
+    ct = Volume(arr, spacing=(h, h, h), origin=(0.0, 0.0, 0.0))
+    return ct, fib, np.array([0.0, 0.0, 1.0])
+
+
+def demo_line_points(ct: Any) -> np.ndarray:
+    """(k, 3) LPS points of a line across :func:`demo_shaft`'s bone at its band."""
+    ys, xs = np.mgrid[0:41, 0:41] * 0.5
+    keep = np.hypot(ys - 10.0, xs - 10.0) <= 6.5
+    z = np.full(int(keep.sum()), ct.shape[0] * float(ct.spacing[2]) / 2.0)
+    return np.stack([xs[keep], ys[keep], z], axis=1)
+
+
+def crop_points(mask: np.ndarray, grid: Any, patient_to_template: np.ndarray) -> np.ndarray:
+    """(k, 3) patient LPS mm of the voxels of ``mask`` (bool (z, y, x) on the crop ``grid``,
+    whose physical space is template mm), through the registration (4x4 patient LPS mm ->
+    template mm), as :func:`~.localise.measure_line` maps them."""
+    kk, jj, ii = np.nonzero(mask)
+    pts_t = grid.index_to_physical(np.stack([ii, jj, kk], axis=1).astype(float))
+    t2p = np.linalg.inv(np.asarray(patient_to_template, float))
+    return pts_t @ t2p[:3, :3].T + t2p[:3, 3]
+
+
+class LineDensity:
+    """Band contrast of candidate lines on one CT (the fibula's depth map computed once, on
+    the fibula's bounding box only: a 512 x 512 x 365 scan's full grid would cost seconds).
+
+    Args:
+        ct: The CT (Volume, HU).
+        fibula: bool (z, y, x) on the CT's grid: the analysed leg's fibula.
+        patient_to_template: The registration (4x4 patient LPS mm -> template mm).
+        axis_lps: (3,) the tibial long axis in patient LPS (:func:`~.localise.patient_axis`).
+    """
+
+    def __init__(self, ct: Any, fibula: np.ndarray, patient_to_template: np.ndarray,
+                 axis_lps: np.ndarray) -> None:
+        self.p2t = np.asarray(patient_to_template, float)
+        self.axis = np.asarray(axis_lps, float)
+        fib = np.asarray(fibula, bool)
+        self.ct, self.fibula, self.depth = None, None, None
+        if fib.any():
+            margin = np.ceil((FAR_MM[1] + 2.0) / np.asarray(ct.spacing[::-1], float)).astype(int)
+            idx = np.argwhere(fib)
+            lo = np.maximum(idx.min(axis=0) - margin, 0)
+            hi = np.minimum(idx.max(axis=0) + margin + 1, fib.shape)
+            box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+            self.ct, self.fibula = ct.region(box), fib[box]
+            self.depth = fibula_depth(self.fibula, tuple(ct.spacing[::-1]))
+
+    def __call__(self, mask: np.ndarray, grid: Any) -> Dict[str, Any]:
+        """:func:`band_contrast` of a line given as a bool (z, y, x) mask on a crop grid."""
+        if self.ct is None or not np.any(mask):
+            return {"band_hu": None, "dip_hu": None, "interior_points": 0}
+        return band_contrast(self.ct, self.fibula, crop_points(mask, grid, self.p2t),
+                             self.axis, self.depth)

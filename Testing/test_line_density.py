@@ -1,0 +1,72 @@
+"""The dense-band test of a candidate line (AnkleFractureLib.fracture.line_density)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from AnkleFractureLib.fracture.line_density import (LineDensity, band_contrast, demo_line_points,
+                                                    demo_shaft)
+from AnkleFractureLib.fracture.weber_height import candidate_probability
+from AnkleFractureLib.geometry.volume import Volume
+
+
+def test_dense_band_reads_brighter_than_the_bone_around():
+    ct, fib, axis = demo_shaft(band_hu=900.0, bone_hu=300.0)
+    out = band_contrast(ct, fib, demo_line_points(ct), axis)
+    assert out["band_hu"] == pytest.approx(600.0, abs=60.0)
+    assert out["interior_points"] > 100
+
+
+def test_gap_reads_darker_and_intact_bone_reads_flat():
+    ct, fib, axis = demo_shaft(band_hu=60.0, bone_hu=300.0)
+    gap = band_contrast(ct, fib, demo_line_points(ct), axis)
+    assert gap["band_hu"] <= 10.0 and gap["dip_hu"] == pytest.approx(-240.0, abs=40.0)
+    ct, fib, axis = demo_shaft(band_hu=300.0, bone_hu=300.0)
+    flat = band_contrast(ct, fib, demo_line_points(ct), axis)
+    assert abs(flat["band_hu"]) < 10.0 and abs(flat["dip_hu"]) < 10.0
+
+
+def test_the_cortex_does_not_count():
+    """A line through the cortex alone (the ring of points 5-6 mm off the axis): no interior
+    point, no measure, however dense the cortex."""
+    ct, fib, axis = demo_shaft(band_hu=900.0)
+    pts = demo_line_points(ct)
+    r = np.hypot(pts[:, 1] - 10.0, pts[:, 0] - 10.0)
+    out = band_contrast(ct, fib, pts[r > 5.2], axis)
+    assert out["band_hu"] is None and out["interior_points"] < 10
+
+
+def test_line_off_the_bone_is_not_measured():
+    ct, fib, axis = demo_shaft()
+    pts = demo_line_points(ct) + np.array([0.0, 0.0, 0.0])
+    pts[:, 0] += 30.0  # beside the bone
+    assert band_contrast(ct, fib, pts, axis)["band_hu"] is None
+
+
+def test_line_density_maps_a_crop_mask_through_the_registration():
+    """A mask on a crop grid (template mm) is read where the registration puts it: the
+    template is the patient moved 7 mm along x."""
+    ct, fib, axis = demo_shaft(band_hu=900.0)
+    shift = np.eye(4)
+    shift[0, 3] = 7.0  # patient -> template
+    grid = Volume(np.zeros(ct.shape, np.float32), spacing=ct.spacing,
+                  origin=tuple(np.asarray(ct.origin) + np.array([7.0, 0.0, 0.0])))
+    mask = np.zeros(ct.shape, bool)
+    k = ct.shape[0] // 2
+    zz, yy, xx = np.mgrid[k:k + 1, :40, :40] * 0.5
+    mask[k] = np.hypot(yy[0] - 10.0, xx[0] - 10.0) <= 6.0
+    out = LineDensity(ct, fib, shift, axis)(mask, grid)
+    assert out["band_hu"] == pytest.approx(600.0, abs=60.0)
+    assert LineDensity(ct, np.zeros_like(fib), shift, axis)(mask, grid)["band_hu"] is None
+
+
+def test_a_dense_band_lowers_the_line_probability_only_under_the_rule():
+    rule = {"line_model": {"features": ["bias"], "weights": [3.0]}}
+    line = {"voxels": 500, "mass": 400.0, "band_hu": 600.0}
+    q = candidate_probability(line, rule)
+    assert q > 0.9
+    rule["dense_band"] = {"min_hu": 250.0, "factor": 0.2}
+    assert candidate_probability(line, rule) == pytest.approx(0.2 * q)
+    assert candidate_probability({**line, "band_hu": 100.0}, rule) == pytest.approx(q)
+    assert candidate_probability({**line, "band_hu": None}, rule) == pytest.approx(q)
