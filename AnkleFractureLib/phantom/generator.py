@@ -212,6 +212,15 @@ def generate_case(seed: int, weber: str = "none", side: str = "right",
         return _generate_vh(seed, weber, side, spacing, anatomy_seed, fractures,
                             confounders, confounder_kinds, forefoot, metal, cast,
                             fracture_faces)
+    return _generate_analytic(seed, weber, side, spacing, anatomy_seed, fractures, confounders,
+                              confounder_kinds, fracture_faces)
+
+
+def _generate_analytic(seed: int, weber: str, side: str, spacing: str,
+                       anatomy_seed: Optional[int], fractures: str, confounders: float,
+                       confounder_kinds: Optional[Sequence[str]], fracture_faces: str
+                       ) -> PhantomCase:
+    """A case of the analytic family (arguments checked by :func:`generate_case`)."""
     anatomy, a2p, grid = plan_grid(seed, side, spacing, anatomy_seed)
     prof = anatomy.prof
 
