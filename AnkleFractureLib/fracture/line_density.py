@@ -135,16 +135,6 @@ def demo_line_points(ct: Any) -> np.ndarray:
     return np.stack([xs[keep], ys[keep], z], axis=1)
 
 
-def crop_points(mask: np.ndarray, grid: Any, patient_to_template: np.ndarray) -> np.ndarray:
-    """(k, 3) patient LPS mm of the voxels of ``mask`` (bool (z, y, x) on the crop ``grid``,
-    whose physical space is template mm), through the registration (4x4 patient LPS mm ->
-    template mm), as :func:`~.localise.measure_line` maps them."""
-    kk, jj, ii = np.nonzero(mask)
-    pts_t = grid.index_to_physical(np.stack([ii, jj, kk], axis=1).astype(float))
-    t2p = np.linalg.inv(np.asarray(patient_to_template, float))
-    return pts_t @ t2p[:3, :3].T + t2p[:3, 3]
-
-
 class LineDensity:
     """Band contrast of candidate lines on one CT (the fibula's depth map computed once, on
     the fibula's bounding box only: a 512 x 512 x 365 scan's full grid would cost seconds).
@@ -173,6 +163,8 @@ class LineDensity:
 
     def __call__(self, mask: np.ndarray, grid: Any) -> Dict[str, Any]:
         """:func:`band_contrast` of a line given as a bool (z, y, x) mask on a crop grid."""
+        from AnkleFractureLib.fracture.localise import crop_points
+
         if self.ct is None or not np.any(mask):
             return {"band_hu": None, "dip_hu": None, "interior_points": 0}
         return band_contrast(self.ct, self.fibula, crop_points(mask, grid, self.p2t),

@@ -372,6 +372,16 @@ def patient_axis(patient_to_template: np.ndarray, plafond_template: np.ndarray
     return plafond, axis / size_factor, size_factor
 
 
+def crop_points(mask: np.ndarray, grid: Any, patient_to_template: np.ndarray) -> np.ndarray:
+    """(k, 3) patient LPS mm of the voxels of ``mask`` (bool (z, y, x) on the crop ``grid``,
+    whose physical space is template mm), through the registration (4x4 patient LPS mm ->
+    template mm); in ``np.nonzero`` order."""
+    kk, jj, ii = np.nonzero(mask)
+    pts_t = grid.index_to_physical(np.stack([ii, jj, kk], axis=1).astype(float))
+    t2p = np.linalg.inv(np.asarray(patient_to_template, float))
+    return pts_t @ t2p[:3, :3].T + t2p[:3, 3]
+
+
 def measure_line(mask: np.ndarray, prob: np.ndarray, grid: Any, patient_to_template: np.ndarray,
                  plafond_template: np.ndarray) -> Tuple[np.ndarray, float, Dict[str, float], float]:
     """Centre (LPS), height above the plafond and extent of a line on the crop grid.
@@ -386,11 +396,8 @@ def measure_line(mask: np.ndarray, prob: np.ndarray, grid: Any, patient_to_templ
     Returns:
         (centre LPS (3,), height mm, extent dict, size factor patient/template).
     """
-    kk, jj, ii = np.nonzero(mask)
-    w = prob[kk, jj, ii].astype(float)
-    pts_t = grid.index_to_physical(np.stack([ii, jj, kk], axis=1).astype(float))
-    t2p = np.linalg.inv(np.asarray(patient_to_template, float))
-    pts = pts_t @ t2p[:3, :3].T + t2p[:3, 3]
+    w = prob[np.nonzero(mask)].astype(float)
+    pts = crop_points(mask, grid, patient_to_template)
     centre = (pts * w[:, None]).sum(axis=0) / w.sum()
     plafond, axis, size_factor = patient_axis(patient_to_template, plafond_template)
     heights = (pts - plafond) @ axis
