@@ -103,3 +103,38 @@ def test_totals_add_up_the_cases_of_every_set(tmp_path) -> None:
     assert "| right per set (vh, analytic) |" in page
     assert "| shipped | 4 | 3 | 2 / 1 | 2 of 3 | 1 of 2 | 0 of 1 |" in page
     assert "| this experiment | 4 | 2 | 2 / 0 | 2 of 3 | 2 of 2 | 1 of 1 |" in page
+
+
+def test_two_model_experiment_names_both_and_both_trainings(tmp_path) -> None:
+    """experiment.json "model": ["classification", "fracture"] with "classifier_training": each
+    row names both models' sha256, and the page has a localiser and a classifier training
+    section, then the commands once."""
+    folder, base = tmp_path / "exp", tmp_path / "base"
+    folder.mkdir()
+    base.mkdir()
+    models = {"classification": {"sha256": "c1" * 32}, "fracture": {"sha256": "f1" * 32}}
+    (base / "heldout_vh.json").write_text(json.dumps(
+        {"summary": _summary(0.6, 0.5, 0.5), "models": models}))
+    (folder / "heldout_vh.json").write_text(json.dumps(
+        {"summary": _summary(0.9, 0.8, 0.1),
+         "models": {"classification": {"sha256": "c2" * 32}, "fracture": {"sha256": "f2" * 32}}}))
+    (folder / "experiment.json").write_text(json.dumps(
+        {"title": "t", "why": "w", "model": ["classification", "fracture"],
+         "classifier_training": "cls_training.json", "commands": {"train": "x"},
+         "verdict": "v", "baseline": str(base)}))
+    (folder / "training.json").write_text(json.dumps(
+        {"steps_run": 40, "minutes": 2.0, "best_step": 20, "train_cases": ["vh_1_0001"],
+         "val_cases": []}))
+    (folder / "cls_training.json").write_text(json.dumps(
+        {"method": "supervised", "steps_done": 9, "minutes": 1.0, "device": "cpu",
+         "config": {"batch_size": 4, "lr": 0.01}, "cases": {"labelled_train": 6}}))
+    (folder / "plans.json").write_text(json.dumps({"decision": {"found_threshold": 0.5}}))
+    page = _render()(folder)
+    assert "| classifier / localiser (sha256) |" in page
+    assert f"| shipped (`{'c1' * 6} / {'f1' * 6}`) | 10 | 0 | 60.0 % |" in page
+    assert f"| this experiment (`{'c2' * 6} / {'f2' * 6}`) | 10 | 0 | 90.0 % |" in page
+    assert "40 steps in 2.0 min" in page and "best validation step 20" in page
+    assert "## Classifier training" in page and "9 steps (batch 4" in page
+    assert "6 training crops" in page
+    assert page.count("## Commands") == 1 and page.count("## Training") == 1
+    assert "- train: `x`" in page
