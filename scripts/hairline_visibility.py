@@ -118,12 +118,11 @@ def measure_case(root: Path, case: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     normal /= np.linalg.norm(normal)
     native = _sampler(read_image(root / case["image"]))
     points = _cortex_points(read_image(root / case["segmentation"]), native, centre, normal)
+    look = meta.get("appearance") or {}  # the analytic family records none (one kernel, no metal)
     row = {"id": case["id"], "weber": frac.get("weber"), "height_mm": round(frac["height_mm"], 1),
            "gap_mm": frac.get("gap_mm"), "displacement_mm": frac.get("displacement_mm"),
-           "slice_mm": meta["grid"]["spacing"][2],
-           # the analytic family records no appearance (one kernel, no metal)
-           "kernel": (meta.get("appearance") or {}).get("kernel"),
-           "metal": (meta.get("appearance") or {}).get("metal"), "cortex_points": int(len(points))}
+           "slice_mm": meta["grid"]["spacing"][2], "kernel": look.get("kernel"),
+           "metal": look.get("metal"), "cortex_points": int(len(points))}
     if len(points) >= 5:
         row["native"] = round(float(np.median(_contrast(native, points, normal))), 3)
         per_phase = [float(np.median(_contrast(_grid_sampler(native, centre, axes, phase=ph),
