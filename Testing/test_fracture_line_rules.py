@@ -279,6 +279,26 @@ def test_a_line_model_on_cut_depth_scores_a_near_complete_cut_as_a_fracture() ->
         line_probability({**old, "cut_depth": 1.0}, model))
 
 
+def test_a_line_model_on_the_ct_tells_a_gap_from_bone_and_reads_unmeasured_as_neutral() -> None:
+    """dip_hu (the CT across the line against the bone 5-10 mm away, :mod:`line_density`): a
+    gap of blood in cancellous bone dips a hundred HU or more; a line the network drew on
+    intact bone does not. A line too small to measure (None) reads 0, and values far out are
+    clipped so that one streak cannot decide alone."""
+    from AnkleFractureLib.fracture.weber_height import (line_features, line_probability,
+                                                        measures_density)
+
+    model = {"features": ["bias", "log_voxels", "dip_hu_over_100"], "weights": [-7.5, 1.0, -2.0]}
+    base = {"voxels": 1100, "mass": 900.0}
+    gap, intact = {**base, "dip_hu": -180.0}, {**base, "dip_hu": -5.0}
+    assert line_probability(gap, model) > 0.5 > line_probability(intact, model)
+    assert line_features({**base, "dip_hu": None}, model["features"])[2] == 0.0
+    assert line_features({**base, "dip_hu": -5000.0}, model["features"])[2] == -4.0
+    assert line_features({**base, "band_hu": 2000.0}, ["band_hu_over_100"])[0] == 8.0
+    assert measures_density({"line_model": model})
+    assert measures_density({"measure_density": True, "line_model": {"features": ["bias"]}})
+    assert not measures_density({"line_model": {"features": ["bias", "log_voxels"]}})
+
+
 def test_expert_weights_let_a_located_line_outweigh_a_doubtful_classifier() -> None:
     from AnkleFractureLib.fracture.weber_height import LINE_FEATURES, combine_lines
 

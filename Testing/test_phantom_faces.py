@@ -45,6 +45,21 @@ def test_raw_faces_show_no_dense_band(pair):
     assert raw.max() < 800.0
 
 
+@pytest.mark.parametrize("seed,family,style", [(3, "analytic", "varied"),
+                                               (11, "analytic", "heldout"),
+                                               (4, "vh", "heldout")])
+def test_a_raw_face_has_no_bright_rim(seed, family, style):
+    """Where a raw cut face lies partly in a voxel, the voxel holds cancellous bone and the
+    gap's blood, not cortex: across the line the CT stays at or below the bone around it.
+    (Painting the whole part as cortex and then its inside, as for an intact bone, left a
+    quarter of the cortex's HU on every partly covered voxel of a cut face: a band 200-250 HU
+    brighter than the bone, which made every raw hairline a dense line.)"""
+    case = generate_case(seed, weber="B", family=family, fractures=style, fracture_faces="raw")
+    hu = _across_line(case)
+    t = np.arange(-5.0, 5.0 + 1e-6, 0.5)
+    assert hu[np.abs(t) <= 1.0].max() < np.median(hu[np.abs(t) >= 3.0]) + 100.0
+
+
 def test_faces_change_only_the_image_near_the_fracture(pair):
     cort, raw = pair["corticated"], pair["raw"]
     np.testing.assert_array_equal(cort.label.array, raw.label.array)

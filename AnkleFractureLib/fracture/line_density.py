@@ -13,6 +13,16 @@ each offset ``s`` along the axis gives a profile ``m(s)``; the line's band contr
 highest ``m`` within :data:`NEAR_MM` of the line less the median of ``m`` :data:`FAR_MM` away.
 A gap gives a contrast near or below zero, a dense band several hundred HU.
 
+That profile is a median over every point of the line at each offset, so a hairline (a gap of
+0.2-1 mm, thinner than the 1.5 mm line the network draws, and oblique to the axis) moves it by
+a few HU only. :func:`gap_contrast` asks each ray instead: along the axis through one line
+point, the darkest CT number within :data:`GAP_NEAR_MM` of the line, less the darkest within a
+window as long :data:`GAP_FAR_MM` above and below it (the mean of the two). Each ray crosses
+the gap somewhere near the line, so its darkest value finds the gap whatever the line's slope
+and thickness, and the bone's own darkest trabecular voxels, which every window holds alike,
+cancel out; the median over the rays is the line's ``gap_hu``: near zero on intact bone,
+negative across a gap.
+
 Axis order: arrays are numpy (z, y, x); points are patient LPS mm (x, y, z); CT numbers HU.
 
 Example:
@@ -43,6 +53,10 @@ FAR_MM = (5.0, 10.0)
 STEP_MM = 0.5
 #: Fewest interior points for a profile value (fewer: not measured).
 MIN_POINTS = 10
+#: Gap contrast: offsets (mm) along the axis within this of the line, on each ray.
+GAP_NEAR_MM = 2.5
+#: Gap contrast: the two windows of the bone around start this far (mm) from the line.
+GAP_FAR_MM = 6.0
 
 
 def fibula_depth(fibula: np.ndarray, spacing_zyx: Tuple[float, float, float]) -> np.ndarray:
@@ -108,11 +122,78 @@ def band_contrast(ct: Any, fibula: np.ndarray, points_lps: np.ndarray, axis_lps:
             "dip_hu": round(float(near.min()) - base, 1), "interior_points": n_in}
 
 
-def demo_shaft(band_hu: float = 900.0, bone_hu: float = 300.0) -> Tuple[Any, np.ndarray,
-                                                                         np.ndarray]:
+#: The fibula mask is closed over gaps this wide (mm) before :func:`gap_contrast` asks which
+#: samples lie inside it: a gap is not part of the label, and it is what the rays look for.
+CLOSE_MM = 3.0
+
+
+def closed_depth(fibula: np.ndarray, spacing_zyx: Tuple[float, float, float]) -> np.ndarray:
+    """:func:`fibula_depth` of the fibula mask closed over gaps up to :data:`CLOSE_MM` wide
+    (a fracture gap, which the label leaves out, counts as inside the bone)."""
+    from scipy import ndimage
+
+    steps = max(1, int(np.ceil(CLOSE_MM / 2.0 / min(spacing_zyx))))
+    fib = np.asarray(fibula, bool)
+    pad = np.pad(fib, steps)  # closing must not erode from the array's edges
+    closed = ndimage.binary_closing(pad, ndimage.generate_binary_structure(3, 1), steps)
+    inner = tuple(slice(steps, -steps) for _ in range(3))
+    return fibula_depth(closed[inner] | fib, spacing_zyx)
+
+
+def _ray_samples(ct: Any, depth: np.ndarray, points_lps: np.ndarray, axis: np.ndarray,
+                 offsets: np.ndarray) -> np.ndarray:
+    """HU (k, n) along the axis through each of k points at n offsets (mm); NaN where a sample
+    lies less than :data:`INTERIOR_MM` inside the fibula."""
+    from scipy import ndimage
+
+    pts = points_lps[:, None, :] + offsets[None, :, None] * axis[None, None, :]
+    ijk = ct.physical_to_index(pts.reshape(-1, 3))
+    coords = [ijk[:, 2], ijk[:, 1], ijk[:, 0]]
+    hu = ndimage.map_coordinates(np.asarray(ct.array, np.float32), coords, order=1)
+    inside = ndimage.map_coordinates(depth, coords, order=1, cval=0.0) >= INTERIOR_MM
+    return np.where(inside, hu, np.nan).reshape(len(points_lps), len(offsets))
+
+
+def gap_contrast(ct: Any, fibula: np.ndarray, points_lps: np.ndarray, axis_lps: np.ndarray,
+                 depth: Optional[np.ndarray] = None) -> Optional[float]:
+    """The line's gap contrast (HU; see the module docstring): the median over the rays through
+    its points of (darkest within :data:`GAP_NEAR_MM` of the line) - (mean of the darkest of
+    the equally long windows :data:`GAP_FAR_MM` above and below); None when fewer than
+    :data:`MIN_POINTS` rays lie inside the fibula over their whole length.
+
+    Args: as :func:`band_contrast`; ``depth``: :func:`closed_depth` of ``fibula`` when
+        already computed.
+
+    Example:
+        >>> ct, fib, axis = demo_shaft(band_hu=100.0, band_mm=0.6)
+        >>> gap_contrast(ct, fib, demo_line_points(ct), axis) < -50
+        True
+        >>> ct, fib, axis = demo_shaft(band_hu=300.0)
+        >>> abs(gap_contrast(ct, fib, demo_line_points(ct), axis)) < 5
+        True
+    """
+    if depth is None:
+        depth = closed_depth(fibula, tuple(ct.spacing[::-1]))
+    axis = np.asarray(axis_lps, float) / np.linalg.norm(axis_lps)
+    near = np.arange(-GAP_NEAR_MM, GAP_NEAR_MM + 1e-6, STEP_MM)
+    span = 2.0 * GAP_NEAR_MM
+    above = np.arange(GAP_FAR_MM, GAP_FAR_MM + span + 1e-6, STEP_MM)
+    offsets = np.concatenate([near, above, -above])
+    hu = _ray_samples(ct, depth, np.asarray(points_lps, float).reshape(-1, 3), axis, offsets)
+    whole = np.isfinite(hu).all(axis=1)
+    if int(whole.sum()) < MIN_POINTS:
+        return None
+    hu = hu[whole]
+    n, m = len(near), len(above)
+    dips = hu[:, :n].min(axis=1) - 0.5 * (hu[:, n:n + m].min(axis=1) + hu[:, n + m:].min(axis=1))
+    return round(float(np.median(dips)), 1)
+
+
+def demo_shaft(band_hu: float = 900.0, bone_hu: float = 300.0, band_mm: float = 2.0
+               ) -> Tuple[Any, np.ndarray, np.ndarray]:
     """(CT, fibula mask, axis): a 12 mm wide bone along z (0.5 mm voxels) with a 1 mm thick
-    cortex at 1500 HU, ``bone_hu`` inside, and a 2 mm band at ``band_hu`` across it at the
-    centre: a dense band (900) or a gap (60), for examples and tests."""
+    cortex at 1500 HU, ``bone_hu`` inside, and a ``band_mm`` thick band at ``band_hu`` across
+    it at the centre: a dense band (900) or a gap (60), for examples and tests."""
     from AnkleFractureLib.geometry.volume import Volume
 
     n, h = 80, 0.5
@@ -122,7 +203,7 @@ def demo_shaft(band_hu: float = 900.0, bone_hu: float = 300.0) -> Tuple[Any, np.
     arr = np.full(fib.shape, 40.0, np.float32)
     arr[fib] = bone_hu
     arr[fib & (r > 5.0)] = 1500.0
-    arr[fib & (np.abs(zz - n * h / 2) <= 1.0) & (r <= 5.0)] = band_hu
+    arr[fib & (np.abs(zz - n * h / 2) <= band_mm / 2.0) & (r <= 5.0)] = band_hu
     ct = Volume(arr, spacing=(h, h, h), origin=(0.0, 0.0, 0.0))
     return ct, fib, np.array([0.0, 0.0, 1.0])
 
@@ -151,7 +232,7 @@ class LineDensity:
         self.p2t = np.asarray(patient_to_template, float)
         self.axis = np.asarray(axis_lps, float)
         fib = np.asarray(fibula, bool)
-        self.ct, self.fibula, self.depth = None, None, None
+        self.ct, self.fibula, self.depth, self.closed = None, None, None, None
         if fib.any():
             margin = np.ceil((FAR_MM[1] + 2.0) / np.asarray(ct.spacing[::-1], float)).astype(int)
             idx = np.argwhere(fib)
@@ -160,12 +241,15 @@ class LineDensity:
             box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
             self.ct, self.fibula = ct.region(box), fib[box]
             self.depth = fibula_depth(self.fibula, tuple(ct.spacing[::-1]))
+            self.closed = closed_depth(self.fibula, tuple(ct.spacing[::-1]))
 
     def __call__(self, mask: np.ndarray, grid: Any) -> Dict[str, Any]:
-        """:func:`band_contrast` of a line given as a bool (z, y, x) mask on a crop grid."""
+        """:func:`band_contrast` and :func:`gap_contrast` (``"gap_hu"``) of a line given as a
+        bool (z, y, x) mask on a crop grid."""
         from AnkleFractureLib.fracture.localise import crop_points
 
         if self.ct is None or not np.any(mask):
-            return {"band_hu": None, "dip_hu": None, "interior_points": 0}
-        return band_contrast(self.ct, self.fibula, crop_points(mask, grid, self.p2t),
-                             self.axis, self.depth)
+            return {"band_hu": None, "dip_hu": None, "gap_hu": None, "interior_points": 0}
+        pts = crop_points(mask, grid, self.p2t)
+        return {**band_contrast(self.ct, self.fibula, pts, self.axis, self.depth),
+                "gap_hu": gap_contrast(self.ct, self.fibula, pts, self.axis, self.closed)}

@@ -688,15 +688,18 @@ class FractureLocaliser:
             crop: A :class:`~AnkleFractureLib.crop.syndesmosis.SyndesmosisCrop`.
             plafond_template: (3,) template mm of the plafond (``template.plafond``).
             classifier: The classifier's probabilities {"none", "A", "B", "C"}, or None.
-            density: With a dense-band test in the plans (``decision["dense_band"]``): a
+            density: With a dense-band test or a line model that reads the CT in the plans
+                (:func:`~.weber_height.measures_density`): a
                 :class:`~.line_density.LineDensity` of the CT, which gives every candidate
-                its ``band_hu`` (the CT across the line inside the fibula) before the lines
-                are weighed; None: not measured.
+                its ``band_hu``, ``dip_hu`` and ``gap_hu`` (the CT across the line inside the
+                fibula)
+                before the lines are weighed; None: not measured.
 
         Returns:
             The finding (arrays on the crop grid).
         """
-        from AnkleFractureLib.fracture.weber_height import candidate_probability
+        from AnkleFractureLib.fracture.weber_height import (candidate_probability,
+                                                            measures_density)
 
         prob, ignored = self._masked_heatmap(crop)
         model = {"name": "fracture", "sha256": self.plans.get("_sha256"),
@@ -708,8 +711,9 @@ class FractureLocaliser:
             _, h, _, _ = measure_line(mask, prob, crop.grid, crop.patient_to_template,
                                       plafond_template)
             stats["height_mm"] = round(float(h), 2)
-            if density is not None and "dense_band" in self.decision:
-                stats["band_hu"] = density(mask, crop.grid)["band_hu"]
+            if density is not None and measures_density(self.decision):
+                measured = density(mask, crop.grid)
+                stats.update({k: measured[k] for k in ("band_hu", "dip_hu", "gap_hu")})
             if "line_model" in self.decision:
                 stats["line_probability"] = round(candidate_probability(stats, self.decision), 4)
         if "select" in self.decision:

@@ -181,7 +181,39 @@ FEATURES = {
     # A result written before cut_depth existed has none: its all-or-nothing cut stands in.
     "cut_depth": lambda line: float(line.get("cut_depth", line.get("cut_fraction", 0.0))),
     "mean_probability": lambda line: float(line["mass"]) / max(int(line["voxels"]), 1),
+    # The CT's own evidence across the line inside the fibula, on the CT's grid
+    # (:mod:`.line_density`; 0 where not measured): a gap is darker than the bone around it
+    # (dip below 0; gap_hu asks each ray across the line, which sees a hairline), a dense band
+    # brighter (band above 0). Clipped, in 100 HU.
+    "dip_hu_over_100": lambda line: _clipped_hu(line.get("dip_hu"), -400.0, 200.0),
+    "gap_hu_over_100": lambda line: _clipped_hu(line.get("gap_hu"), -400.0, 200.0),
+    "band_hu_over_100": lambda line: _clipped_hu(line.get("band_hu"), -200.0, 800.0),
 }
+#: The features read from the CT across the line: a line model with any of them has the
+#: pipeline measure every candidate (:func:`measures_density`).
+DENSITY_FEATURES = ("dip_hu_over_100", "gap_hu_over_100", "band_hu_over_100")
+
+
+def _clipped_hu(value: Optional[float], lo: float, hi: float) -> float:
+    """``value`` (HU) clipped to [lo, hi], in units of 100 HU; 0 when not measured."""
+    return 0.0 if value is None else float(np.clip(float(value), lo, hi)) / 100.0
+
+
+def measures_density(decision: Dict[str, Any]) -> bool:
+    """Whether a localiser's decision (plans.json) needs the CT across every candidate line:
+    a dense-band test, a line model that reads :data:`DENSITY_FEATURES`, or
+    ``"measure_density": true`` (measured and recorded only: how a rule study gets the
+    measures before a line model reads them).
+
+    Example:
+        >>> measures_density({"line_model": {"features": ["bias", "dip_hu_over_100"]}})
+        True
+        >>> measures_density({"line_model": {"features": ["bias"]}})
+        False
+    """
+    features = (decision.get("line_model") or {}).get("features", ())
+    return ("dense_band" in decision or bool(decision.get("measure_density"))
+            or any(f in DENSITY_FEATURES for f in features))
 
 
 def line_features(line: Dict[str, Any], names: Sequence[str] = LINE_FEATURES) -> np.ndarray:

@@ -207,9 +207,13 @@ class Renderer:
         # Trabecular bone: skewed texture (plates and rods brighter than the marrow between).
         trab = p.trab_hu + p.trab_amp * (tex + 0.35 * tex * tex - 0.35)
         inner = trab_frac * trab + (1.0 - trab_frac) * (p.marrow_hu + 12.0 * tex)
+        if shell is not None:  # raw faces: the part's material, then its partial volume
+            hu += self._occ(d) * (raw_face_material(self._occ, shell, cortex_mm, cortex_hu,
+                                                    inner) - hu)
+            return
         occ = self._occ(d)
         hu += occ * (cortex_hu - hu)
-        occ = self._occ(d + cortex_mm if shell is None else np.maximum(shell + cortex_mm, d))
+        occ = self._occ(d + cortex_mm)
         hu += occ * (inner - hu)
 
     def render(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -296,6 +300,29 @@ class Renderer:
             ls[(d < 0) if keep is None else ((d < 0) & keep)] = label
         h[sel] = hs
         lab[sel] = ls
+
+
+def raw_face_material(occ: Any, shell: np.ndarray, cortex_mm: Any, cortex_hu: Any,
+                      inner: np.ndarray) -> np.ndarray:
+    """HU of a fracture part's bone with raw faces, before its own partial volume: cortex
+    within ``cortex_mm`` of the intact bone's surface (``shell``, its SDF in mm), ``inner``
+    deeper. Painting the cortex over the whole part and then the inside (as for a whole bone)
+    would leave, where a cut face is partly in a voxel, a quarter of the cortex's HU: a bright
+    rim on every raw face, which a gap of a few tenths of a mm then shows as a dense line.
+
+    Args:
+        occ: The renderer's distance (mm) -> partial-volume coverage in [0, 1].
+        shell: SDF (mm) of the intact bone at the part's source points (1-D).
+        cortex_mm: Cortex thickness (mm; scalar or per point).
+        cortex_hu: Cortex HU (scalar or per point).
+        inner: Cancellous bone / marrow HU at the points (1-D).
+
+    Example:
+        >>> occ = lambda d: np.clip(0.5 - d / 0.5, 0.0, 1.0)
+        >>> raw_face_material(occ, np.array([-0.2, -5.0]), 1.0, 1500.0, np.array([300.0, 300.0]))
+        array([1500.,  300.])
+    """
+    return inner + (1.0 - occ(shell + cortex_mm)) * (cortex_hu - inner)
 
 
 def paint_haematoma(h: np.ndarray, x, y, z, cut: "Any", fibula: "Any", occ: "Any",

@@ -34,7 +34,8 @@ from scipy import ndimage
 from AnkleFractureLib.phantom.anatomy import ellipse_sdf, smoothstep
 from AnkleFractureLib.phantom.confounders import Confounders
 from AnkleFractureLib.phantom.fractures import FractureModel, shell_sdf
-from AnkleFractureLib.phantom.imaging import AIR_HU, HU_MAX, HU_MIN, NoiseField, paint_haematoma
+from AnkleFractureLib.phantom.imaging import (AIR_HU, HU_MAX, HU_MIN, NoiseField,
+                                               paint_haematoma, raw_face_material)
 from AnkleFractureLib.phantom.real_anatomy import RealAnatomy, _u
 
 METAL_HU = 3071.0
@@ -204,8 +205,12 @@ class RealRenderer:
         tex = (self.trab if field is None else field).sample(*src)
         trab = lk.trab_hu + lk.trab_amp * (tex + 0.35 * tex * tex - 0.35)
         inner = trab_frac * trab + (1.0 - trab_frac) * (lk.marrow_hu + 10.0 * tex)
+        if shell is not None:  # raw faces: no cortex rim on the cut (raw_face_material)
+            hu += self._occ(d) * (raw_face_material(self._occ, shell, cortex, lk.cortex_hu,
+                                                    inner) - hu)
+            return
         hu += self._occ(d) * (lk.cortex_hu - hu)
-        hu += self._occ(d + cortex if shell is None else np.maximum(shell + cortex, d)) * (inner - hu)
+        hu += self._occ(d + cortex) * (inner - hu)
 
     # ------------------------------------------------------------------ soft tissue
     def _paint_soft(self, h, x, y, z, d_leg) -> None:

@@ -580,7 +580,9 @@ class Pipeline:
         if label is not None and registration is not None:
             crop = self.localiser.crop_for(ct, label, registration.patient_to_template,
                                            self.template, crop)
-            if "dense_band" in self.localiser.decision:
+            from AnkleFractureLib.fracture.weber_height import measures_density
+
+            if measures_density(self.localiser.decision):
                 from AnkleFractureLib.fracture.line_density import LineDensity
                 from AnkleFractureLib.fracture.localise import patient_axis
 

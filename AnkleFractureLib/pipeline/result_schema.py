@@ -141,7 +141,9 @@ _FRACTURE: Dict[str, Any] = {
             "properties": {"voxels": {"type": "integer", "minimum": 0}, "mass": _NUMBER,
                            "probability": _FRACTION, "height_mm": _NUMBER,
                            "found": {"type": "boolean"}},
-            "additionalProperties": _NUMBER}},
+            # a measure of the CT across the line (band_hu, dip_hu) is null where the line
+            # has too few points inside the fibula to be measured
+            "additionalProperties": {"type": ["number", "null"]}}},
     },
     "additionalProperties": False,
 }
