@@ -70,3 +70,33 @@ def test_a_dense_band_lowers_the_line_probability_only_under_the_rule():
     assert candidate_probability(line, rule) == pytest.approx(0.2 * q)
     assert candidate_probability({**line, "band_hu": 100.0}, rule) == pytest.approx(q)
     assert candidate_probability({**line, "band_hu": None}, rule) == pytest.approx(q)
+
+
+def test_gap_contrast_sees_a_hairline_the_profile_median_misses():
+    """A 0.5 mm gap of 100 HU in 300 HU bone, with a line drawn 1.5 mm thick around it (as the
+    network draws one): the median profile hardly moves, each ray's darkest value does."""
+    from AnkleFractureLib.fracture.line_density import gap_contrast
+
+    ct, fib, axis = demo_shaft(band_hu=100.0, bone_hu=300.0, band_mm=0.6)
+    pts = demo_line_points(ct)
+    thick = np.concatenate([pts + np.array([0.0, 0.0, dz]) for dz in (-0.75, 0.0, 0.75)])
+    assert gap_contrast(ct, fib, thick, axis) < -60.0
+    assert band_contrast(ct, fib, thick, axis)["dip_hu"] > -60.0
+    flat, _, _ = demo_shaft(band_hu=300.0, bone_hu=300.0)
+    assert abs(gap_contrast(flat, fib, thick, axis)) < 5.0
+    dense, _, _ = demo_shaft(band_hu=900.0, bone_hu=300.0)
+    assert gap_contrast(dense, fib, thick, axis) >= 0.0
+
+
+def test_gap_contrast_reads_across_a_gap_the_label_leaves_out():
+    """The fibula label does not cover the fracture gap; the rays must still cross it (the
+    label is closed over gaps before the interior test) but not run off the bone's end."""
+    from AnkleFractureLib.fracture.line_density import gap_contrast
+
+    ct, fib, axis = demo_shaft(band_hu=60.0, bone_hu=300.0, band_mm=1.0)
+    label = fib & (np.asarray(ct.array) > 80.0)  # the gap's blood is not fibula
+    assert (fib & ~label).any()
+    assert gap_contrast(ct, label, demo_line_points(ct), axis) < -150.0
+    short = label.copy()
+    short[:30] = False  # the bone ends 5 mm below the line: no whole ray
+    assert gap_contrast(ct, short, demo_line_points(ct), axis) is None
