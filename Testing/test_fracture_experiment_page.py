@@ -138,3 +138,8 @@ def test_two_model_experiment_names_both_and_both_trainings(tmp_path) -> None:
     assert "6 training crops" in page
     assert page.count("## Commands") == 1 and page.count("## Training") == 1
     assert "- train: `x`" in page
+    assert "## Erratum" not in page
+    exp = json.loads((folder / "experiment.json").read_text())
+    (folder / "experiment.json").write_text(json.dumps({**exp, "erratum": "the data was off"}))
+    page = _render()(folder)
+    assert page.index("## Verdict") < page.index("## Erratum\n\nthe data was off")

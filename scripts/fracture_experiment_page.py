@@ -6,7 +6,9 @@ Usage:
 
 The folder holds ``experiment.json`` ({"title", "why", "commands": {...}, "verdict"}, and
 optionally "baseline": a folder, relative to the repository, holding the shipped localiser's
-``heldout_<set>.json`` measured on the same data, and "data_note"), the trained model's
+``heldout_<set>.json`` measured on the same data, "data_note", and "erratum": what a later
+experiment found wrong with this one's data or reading, shown after the verdict), the trained
+model's
 ``training.json`` and ``plans.json``, and one ``heldout_<set>.json`` per held-out set
 (``ankle-fracture evaluate-fracture`` output). The shipped localiser's figures are read from
 the baseline folder (default ``docs/fracture``). Nothing on the page is typed by hand except
@@ -251,6 +253,8 @@ def render(folder: Path) -> str:
     lines += ["", "## Commands", ""]
     lines += [f"- {k}: `{v}`" for k, v in exp["commands"].items()]
     lines += ["", "## Verdict", "", exp["verdict"]]
+    if exp.get("erratum"):  # found after the verdict, by a later experiment: said, not hidden
+        lines += ["", "## Erratum", "", exp["erratum"]]
     return "\n".join(lines) + "\n"
 
 
