@@ -128,8 +128,9 @@ CLOSE_MM = 3.0
 
 
 def closed_depth(fibula: np.ndarray, spacing_zyx: Tuple[float, float, float]) -> np.ndarray:
-    """:func:`fibula_depth` of the fibula mask closed over gaps up to :data:`CLOSE_MM` wide
-    (a fracture gap, which the label leaves out, counts as inside the bone)."""
+    """float32 (z, y, x) mm: :func:`fibula_depth` of the fibula mask closed over gaps up to
+    :data:`CLOSE_MM` wide (a fracture gap, which the label leaves out, counts as inside the
+    bone); ``spacing_zyx`` in mm."""
     from scipy import ndimage
 
     steps = max(1, int(np.ceil(CLOSE_MM / 2.0 / min(spacing_zyx))))

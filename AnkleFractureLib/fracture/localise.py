@@ -692,8 +692,7 @@ class FractureLocaliser:
                 (:func:`~.weber_height.measures_density`): a
                 :class:`~.line_density.LineDensity` of the CT, which gives every candidate
                 its ``band_hu``, ``dip_hu`` and ``gap_hu`` (the CT across the line inside the
-                fibula)
-                before the lines are weighed; None: not measured.
+                fibula) before the lines are weighed; None: not measured.
 
         Returns:
             The finding (arrays on the crop grid).
