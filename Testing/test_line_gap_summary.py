@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("line_gap_summary",
-                                                  ROOT / "scripts" / "line_gap_summary.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_script
 
 
 def test_lines_are_grouped_by_the_true_fracture_and_unmeasured_ones_left_out(tmp_path):
@@ -28,7 +18,7 @@ def test_lines_are_grouped_by_the_true_fracture_and_unmeasured_ones_left_out(tmp
     path = tmp_path / "eval.json"
     path.write_text(json.dumps({"cases": rows}))
     out = tmp_path / "s.json"
-    assert _module().main([str(path), "--out", str(out)]) == 0
+    assert load_script("line_gap_summary").main([str(path), "--out", str(out)]) == 0
     groups = json.loads(out.read_text())["groups"]
     assert groups["at the fracture"]["n"] == 1
     assert groups["at the fracture"]["percentiles_hu"]["50"] == -120.0
