@@ -297,6 +297,24 @@ def test_a_line_model_on_the_ct_tells_a_gap_from_bone_and_reads_unmeasured_as_ne
     assert measures_density({"line_model": model})
     assert measures_density({"measure_density": True, "line_model": {"features": ["bias"]}})
     assert not measures_density({"line_model": {"features": ["bias", "log_voxels"]}})
+    assert measures_density({"line_model": {"features": ["bias"]},
+                             "gap_gate": {"max_hu": -5.0, "factor": 0.0}})
+
+
+def test_a_gap_gate_discounts_a_network_line_that_reads_no_gap_and_nothing_else() -> None:
+    """Under a gap gate a line reading no gap (above max_hu) is discounted by the factor; a
+    gap, an unmeasured line and a cortical-ring line keep their probability."""
+    from AnkleFractureLib.fracture.weber_height import candidate_probability
+
+    rule = {"line_model": {"features": ["bias"], "weights": [1.0]},
+            "gap_gate": {"max_hu": -10.0, "factor": 0.25}}
+    base = {"voxels": 900, "mass": 800.0}
+    plain = candidate_probability(base, {"line_model": rule["line_model"]})
+    assert candidate_probability({**base, "gap_hu": -60.0}, rule) == pytest.approx(plain)
+    assert candidate_probability({**base, "gap_hu": None}, rule) == pytest.approx(plain)
+    assert candidate_probability({**base, "gap_hu": -9.0}, rule) == pytest.approx(0.25 * plain)
+    ring = {"cortex_ring": 1, "line_probability": 0.9, "gap_hu": 30.0}
+    assert candidate_probability(ring, rule) == pytest.approx(0.9)
 
 
 def test_expert_weights_let_a_located_line_outweigh_a_doubtful_classifier() -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "fracture_rule_study.py"
 
@@ -237,3 +239,41 @@ def test_standardised_fit_uses_a_feature_of_small_spread_and_keeps_raw_weights()
     mean, sd = x[:, 1:].mean(axis=0), x[:, 1:].std(axis=0)
     z = np.c_[x[:, :1], (x[:, 1:] - mean) / sd]
     np.testing.assert_allclose(x @ std, z @ mod._logistic(z, y, 10.0), rtol=1e-6, atol=1e-6)
+
+
+def test_a_gap_gate_is_fitted_when_lines_that_read_no_gap_fool_the_line_model(tmp_path) -> None:
+    """Intact ankles whose only line looks like a fracture to the network but reads no gap on
+    the CT (gap_hu +10 HU), beside fractures whose lines read -90 HU: the line model on the
+    network's features cannot tell them apart, a gap gate can. --keep-decision keeps the
+    shipped decision's other keys in force and on record, never in the fitted rule."""
+    def gap_line(height: float, gap: float) -> dict:
+        return {**_line(height, 900, 12.0), "gap_hu": gap}
+
+    rows = []
+    for i in range(6):
+        rows.append(_row(i, "B", "none", [gap_line(10.0, -90.0)], 10.5))
+        rows.append(_row(10 + i, "none", "none", [gap_line(10.0, 10.0)]))
+        rows.append(_row(20 + i, "A", "none", [gap_line(-10.0, -90.0)], -10.5))
+        rows.append(_row(30 + i, "C", "none", [gap_line(45.0, -90.0)], 45.5))
+    val = _evaluation(tmp_path / "val.json", rows)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "plans.json").write_text(json.dumps({"decision": {
+        "threshold": 0.5, "min_voxels": 400, "classifier_override": 0.99}}))
+    out = tmp_path / "study"
+    ungated = load_script("fracture_rule_study").fit(rows)["fit_scores"]
+    assert ungated["accuracy"] < 1.0 and ungated["found_on_none_rate"] > 0.0
+    done = subprocess.run([sys.executable, str(SCRIPT), "--fit", val, "--gap-gate",
+                           "--shipped", str(model), "--keep-decision", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    study = json.loads((out / "study.json").read_text())
+    fit = study["sets"]["fit (validation)"]["fitted"]
+    assert fit["accuracy"] == 1.0 and fit["found_on_none_rate"] == 0.0
+    assert study["fitted_rule"]["gap_gate"]["max_hu"] < 10.0
+    assert study["kept_decision"] == {"threshold": 0.5, "classifier_override": 0.99}
+    assert "classifier_override" not in study["fitted_rule"]
+    assert "Gap gates tried" in (out / "README.md").read_text()
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--fit", val, "--keep-decision"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--shipped" in bad.stderr

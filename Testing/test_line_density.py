@@ -90,7 +90,8 @@ def test_gap_contrast_sees_a_hairline_the_profile_median_misses():
 
 def test_gap_contrast_reads_across_a_gap_the_label_leaves_out():
     """The fibula label does not cover the fracture gap; the rays must still cross it (the
-    label is closed over gaps before the interior test) but not run off the bone's end."""
+    label is closed over gaps before the interior test). Near the bone's end (the malleolus
+    tip) the window beyond it stands in for both; with no window inside, nothing is read."""
     from AnkleFractureLib.fracture.line_density import gap_contrast
 
     ct, fib, axis = demo_shaft(band_hu=60.0, bone_hu=300.0, band_mm=1.0)
@@ -98,5 +99,10 @@ def test_gap_contrast_reads_across_a_gap_the_label_leaves_out():
     assert (fib & ~label).any()
     assert gap_contrast(ct, label, demo_line_points(ct), axis) < -150.0
     short = label.copy()
-    short[:30] = False  # the bone ends 5 mm below the line: no whole ray
-    assert gap_contrast(ct, short, demo_line_points(ct), axis) is None
+    short[:30] = False  # the bone ends 5 mm below the line: the window above alone
+    assert gap_contrast(ct, short, demo_line_points(ct), axis) < -150.0
+    flat, _, _ = demo_shaft(band_hu=300.0, bone_hu=300.0)
+    assert abs(gap_contrast(flat, short, demo_line_points(ct), axis)) < 5.0
+    stub = short.copy()
+    stub[55:] = False  # and 7.5 mm above it: neither window lies inside the bone
+    assert gap_contrast(ct, stub, demo_line_points(ct), axis) is None

@@ -63,6 +63,13 @@ MIN_LINE_PROBABILITY = 0.5
 EXPERT_GRID = {"classifier_weight": (1.0, 0.75, 0.5),
                "localiser_weight": (1.0, 1.5, 2.0),
                "min_line_probability": (MIN_LINE_PROBABILITY, 0.4, 0.3)}
+#: The gap gates tried with ``--gap-gate`` (after the ungated rules, in this order): a line
+#: whose CT reads above ``max_hu`` (HU) across it, no gap, has its probability times
+#: ``factor`` (:func:`~AnkleFractureLib.fracture.weber_height.candidate_probability`).
+GAP_GATE_GRID = {"max_hu": (0.0, -5.0, -10.0, -20.0), "factor": (0.0, 0.25)}
+#: The decision keys the fit sets; ``--keep-decision`` keeps the others of the ``--shipped``
+#: decision in force while fitting (as the pipeline will run the rule).
+RULE_KEYS = set(GRID) | set(EXPERT_GRID) | {"line_model", "gap_gate"}
 #: The shipped rule (Resources/Models/fracture/plans.json before this study).
 SHIPPED = {"select": "strongest", "found_threshold": 0.5, "min_voxels": 400, "min_section": 0.0}
 
@@ -175,22 +182,38 @@ def fit_line_model(rows: Sequence[Dict[str, Any]],
     return out
 
 
+def _gates(gap_gate: bool) -> List[Optional[Dict[str, float]]]:
+    """No gate, then (with ``gap_gate``) every point of :data:`GAP_GATE_GRID`."""
+    gates: List[Optional[Dict[str, float]]] = [None]
+    if gap_gate:
+        gates += [{"max_hu": t, "factor": f} for t, f in
+                  itertools.product(GAP_GATE_GRID["max_hu"], GAP_GATE_GRID["factor"])]
+    return gates
+
+
 def fit(rows: Sequence[Dict[str, Any]], features: Sequence[str] = LINE_FEATURES,
-        standardise: bool = False) -> Dict[str, Any]:
+        standardise: bool = False, gap_gate: bool = False,
+        fixed: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The rule with the best :func:`_key` on ``rows``: the grid points (first in grid order on
     ties), then the line model (:func:`fit_line_model` on ``features``, fitted on the same
-    rows, on z-scored features when ``standardise``)."""
+    rows, on z-scored features when ``standardise``), without and (``gap_gate``) with each gap
+    gate of :data:`GAP_GATE_GRID`. ``fixed``: decision keys in force for every rule tried
+    (not part of the returned rule)."""
     best = None
+    fixed = dict(fixed or {})
     names = list(GRID)
     rules = [dict(zip(names, values)) for values in itertools.product(*(GRID[k] for k in names))]
     line_model = fit_line_model(rows, features, standardise)
-    for a, b, q in itertools.product(*(EXPERT_GRID[k] for k in EXPERT_GRID)):
+    for gate, (a, b, q) in itertools.product(
+            _gates(gap_gate), itertools.product(*(EXPERT_GRID[k] for k in EXPERT_GRID))):
         rule = {"select": "scored", "line_model": line_model, "min_line_probability": q}
         if (a, b) != (1.0, 1.0):  # the plain product keeps the rule as it was
             rule.update(classifier_weight=a, localiser_weight=b)
+        if gate is not None:
+            rule["gap_gate"] = gate
         rules.append(rule)
     for rule in rules:
-        s = score(rows, rule)
+        s = score(rows, {**fixed, **rule})
         if best is None or _key(s) > _key(best[1]):
             best = (rule, s)
     return {"rule": best[0], "fit_scores": best[1]}
@@ -228,6 +251,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="fit the line model on z-scored features (the L2 penalty then "
                              "weighs every feature alike; the stored weights stay on the raw "
                              "features)")
+    parser.add_argument("--gap-gate", action="store_true",
+                        help="also try each gap gate of the grid with the line model (a line "
+                             "whose CT does not read as a gap is discounted); needs evaluations "
+                             "whose candidates carry gap_hu")
+    parser.add_argument("--keep-decision", action="store_true",
+                        help="fit and score with the --shipped decision's other keys "
+                             "(classifier_override, ring_check, ...) in force, as the pipeline "
+                             "runs the written rule")
     parser.add_argument("--write-plans", default=None, metavar="MODEL_DIR",
                         help="write the fitted rule into MODEL_DIR/plans.json (decision) and "
                              "record it in MODEL_DIR/training.json (decision_refit)")
@@ -236,15 +267,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(features) - set(FEATURES))
     if unknown:
         parser.error(f"unknown --features {unknown}; known: {sorted(FEATURES)}")
-    fit_rows = evaluation_rows(args.fit)
-    fitted = fit(fit_rows, features, args.standardise)
+    if args.keep_decision and not args.shipped:
+        parser.error("--keep-decision needs --shipped MODEL_DIR")
     shipped = SHIPPED
     if args.shipped:
         shipped = json.loads(Path(args.shipped, "plans.json").read_text())["decision"]
+    fixed = ({k: v for k, v in shipped.items() if k not in RULE_KEYS}
+             if args.keep_decision else {})
+    fit_rows = evaluation_rows(args.fit)
+    fitted = fit(fit_rows, features, args.standardise, args.gap_gate, fixed)
     result = {"command": "python scripts/fracture_rule_study.py " + shlex.join(
         sys.argv[1:] if argv is None else argv), "grid": GRID, "expert_grid": EXPERT_GRID,
         "shipped_rule": shipped,
         "fitted_rule": fitted["rule"], "fit_sets": list(args.fit), "sets": {}}
+    if args.gap_gate:
+        result["gap_gate_grid"] = GAP_GATE_GRID
+    if fixed:
+        result["kept_decision"] = fixed
     sets = {"fit (validation)": fit_rows}
     for item in args.score:
         name, _, path = item.partition("=")
@@ -254,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{'f.none':>6} {'|h err|':>7}")
     for name, rows in sets.items():
         result["sets"][name] = {}
-        for label, rule in (("shipped", shipped), ("fitted", fitted["rule"])):
+        for label, rule in (("shipped", shipped), ("fitted", {**fixed, **fitted["rule"]})):
             s = score(rows, rule)
             result["sets"][name][label] = s
             print(f"{name:<28} {label:<8} {s['accuracy']:6.3f} {s['macro_auroc']:6.3f} "
@@ -289,7 +328,12 @@ def page(result: Dict[str, Any], record: Optional[Dict[str, Any]] = None) -> str
     md += ["", f"Fitted on: {', '.join(f'`{p}`' for p in result['fit_sets'])} (validation "
            "cases of the training family, never a held-out family). Shipped rule before: "
            f"`{json.dumps(result['shipped_rule'])}`. Fitted rule: "
-           f"`{json.dumps(result['fitted_rule'])}`.", "",
+           f"`{json.dumps(result['fitted_rule'])}`."
+           + (f" Gap gates tried: `{json.dumps(result['gap_gate_grid'])}`."
+              if result.get("gap_gate_grid") else "")
+           + (f" Kept in force while fitting (the shipped decision's other keys): "
+              f"`{json.dumps(result['kept_decision'])}`." if result.get("kept_decision") else ""),
+           "",
            "| set | rule | accuracy | macro AUROC | AUROC C | found | found on intact | "
            "median abs height error (mm) |", "|---|---|---|---|---|---|---|---|"]
     for name, rules in result["sets"].items():

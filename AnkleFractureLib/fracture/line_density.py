@@ -17,7 +17,8 @@ That profile is a median over every point of the line at each offset, so a hairl
 0.2-1 mm, thinner than the 1.5 mm line the network draws, and oblique to the axis) moves it by
 a few HU only. :func:`gap_contrast` asks each ray instead: along the axis through one line
 point, the darkest CT number within :data:`GAP_NEAR_MM` of the line, less the darkest within a
-window as long :data:`GAP_FAR_MM` above and below it (the mean of the two). Each ray crosses
+window as long :data:`GAP_FAR_MM` above and below it (the mean of the two; the one that lies
+inside the bone near the malleolus tip, where the other leaves it). Each ray crosses
 the gap somewhere near the line, so its darkest value finds the gap whatever the line's slope
 and thickness, and the bone's own darkest trabecular voxels, which every window holds alike,
 cancel out; the median over the rays is the line's ``gap_hu``: near zero on intact bone,
@@ -158,9 +159,13 @@ def _ray_samples(ct: Any, depth: np.ndarray, points_lps: np.ndarray, axis: np.nd
 def gap_contrast(ct: Any, fibula: np.ndarray, points_lps: np.ndarray, axis_lps: np.ndarray,
                  depth: Optional[np.ndarray] = None) -> Optional[float]:
     """The line's gap contrast (HU; see the module docstring): the median over the rays through
-    its points of (darkest within :data:`GAP_NEAR_MM` of the line) - (mean of the darkest of
-    the equally long windows :data:`GAP_FAR_MM` above and below); None when fewer than
-    :data:`MIN_POINTS` rays lie inside the fibula over their whole length.
+    its points of (darkest within :data:`GAP_NEAR_MM` of the line) - (the darkest of the
+    equally long windows :data:`GAP_FAR_MM` above and below, their mean when both lie inside
+    the fibula, the one inside when the other leaves it); None when fewer than
+    :data:`MIN_POINTS` rays lie inside the fibula near the line and in at least one window.
+
+    Why one window may do: near the malleolus tip the window below a line leaves the bone, and
+    asking for both left the lines of Weber A fractures unmeasured.
 
     Args: as :func:`band_contrast`; ``depth``: :func:`closed_depth` of ``fibula`` when
         already computed.
@@ -181,13 +186,16 @@ def gap_contrast(ct: Any, fibula: np.ndarray, points_lps: np.ndarray, axis_lps: 
     above = np.arange(GAP_FAR_MM, GAP_FAR_MM + span + 1e-6, STEP_MM)
     offsets = np.concatenate([near, above, -above])
     hu = _ray_samples(ct, depth, np.asarray(points_lps, float).reshape(-1, 3), axis, offsets)
-    whole = np.isfinite(hu).all(axis=1)
-    if int(whole.sum()) < MIN_POINTS:
-        return None
-    hu = hu[whole]
     n, m = len(near), len(above)
-    dips = hu[:, :n].min(axis=1) - 0.5 * (hu[:, n:n + m].min(axis=1) + hu[:, n + m:].min(axis=1))
-    return round(float(np.median(dips)), 1)
+    parts = (hu[:, :n], hu[:, n:n + m], hu[:, n + m:])
+    ok = [np.isfinite(p).all(axis=1) for p in parts]
+    use = ok[0] & (ok[1] | ok[2])
+    if int(use.sum()) < MIN_POINTS:
+        return None
+    darkest = [np.where(k, np.min(np.where(np.isfinite(p), p, 0.0), axis=1), np.nan)
+               for p, k in zip(parts, ok)]
+    far = np.nanmean(np.stack(darkest[1:])[:, use], axis=0)
+    return round(float(np.median(darkest[0][use] - far)), 1)
 
 
 def demo_shaft(band_hu: float = 900.0, bone_hu: float = 300.0, band_mm: float = 2.0

@@ -201,7 +201,7 @@ def _clipped_hu(value: Optional[float], lo: float, hi: float) -> float:
 
 def measures_density(decision: Dict[str, Any]) -> bool:
     """Whether a localiser's decision (plans.json) needs the CT across every candidate line:
-    a dense-band test, a line model that reads :data:`DENSITY_FEATURES`, or
+    a dense-band test, a gap gate, a line model that reads :data:`DENSITY_FEATURES`, or
     ``"measure_density": true`` (measured and recorded only: how a rule study gets the
     measures before a line model reads them).
 
@@ -212,7 +212,8 @@ def measures_density(decision: Dict[str, Any]) -> bool:
         False
     """
     features = (decision.get("line_model") or {}).get("features", ())
-    return ("dense_band" in decision or bool(decision.get("measure_density"))
+    return ("dense_band" in decision or "gap_gate" in decision
+            or bool(decision.get("measure_density"))
             or any(f in DENSITY_FEATURES for f in features))
 
 
@@ -262,7 +263,15 @@ def candidate_probability(line: Dict[str, Any], rule: Dict[str, Any]) -> float:
     network line's comes from the line model (:func:`line_probability`), times
     ``rule["dense_band"]["factor"]`` when the rule has a dense-band test and the CT across the
     line is a dense band (``band_hu`` at least ``rule["dense_band"]["min_hu"]``,
-    :mod:`.line_density`): an old healed fracture or a scar, not a gap.
+    :mod:`.line_density`): an old healed fracture or a scar, not a gap; and times
+    ``rule["gap_gate"]["factor"]`` when the rule has a gap gate and the CT across the line
+    does not read as a gap (``gap_hu`` above ``rule["gap_gate"]["max_hu"]``). An unmeasured
+    line (None) passes both.
+
+    Why a gate and not only a weight: an acute fracture separates bone, and the CT shows that
+    as a gap (the median line at the fracture reads about -90 HU on the validation phantoms);
+    as one weight among the network's own features, a line on intact bone that reads no gap
+    (0 to +20 HU) still passed when the network drew it strongly.
 
     Example:
         >>> rule = {"line_model": {"features": ["bias"], "weights": [2.0]},
@@ -270,6 +279,11 @@ def candidate_probability(line: Dict[str, Any], rule: Dict[str, Any]) -> float:
         >>> [round(candidate_probability({"voxels": 1, "mass": 1.0, "band_hu": b}, rule), 3)
         ...  for b in (None, 40.0, 400.0)]
         [0.881, 0.881, 0.088]
+        >>> rule = {"line_model": {"features": ["bias"], "weights": [2.0]},
+        ...         "gap_gate": {"max_hu": -5.0, "factor": 0.0}}
+        >>> [round(candidate_probability({"voxels": 1, "mass": 1.0, "gap_hu": g}, rule), 3)
+        ...  for g in (None, -40.0, 10.0)]
+        [0.881, 0.881, 0.0]
     """
     if line.get("cortex_ring"):
         return float(line["line_probability"])
@@ -278,6 +292,10 @@ def candidate_probability(line: Dict[str, Any], rule: Dict[str, Any]) -> float:
     if band is not None and line.get("band_hu") is not None \
             and float(line["band_hu"]) >= float(band["min_hu"]):
         q *= float(band["factor"])
+    gate = rule.get("gap_gate")
+    if gate is not None and line.get("gap_hu") is not None \
+            and float(line["gap_hu"]) > float(gate["max_hu"]):
+        q *= float(gate["factor"])
     return q
 
 
