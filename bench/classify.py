@@ -11,7 +11,9 @@ times, with the classifier loaded once (as in batch use and in Slicer):
 * classify: the network on the crop, with the model's test-time augmentation (TTA) copies;
 * gradcam: the heatmap of the predicted class (the shipped HiResCAM layers);
 * to_ct: the heatmap mapped onto the CT's own grid;
-* localise: the fracture localiser on the fibula window, the line measured (height in mm).
+* localise: the fracture localiser on the fibula window, the line measured (height in mm); the
+  CT across every candidate line too (:mod:`AnkleFractureLib.fracture.line_density`) when the
+  localiser's plans ask, as the pipeline does.
 
 Goal: crop + classification + Grad-CAM + localisation <= 2 s on 2 CPU cores. Prints the median of several
 runs per step, the total and the peak memory.
@@ -46,7 +48,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from AnkleFractureLib.classification.inference import WeberClassifier
     from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis, crop_to_ct
-    from AnkleFractureLib.fracture.localise import FractureLocaliser
+    import numpy as np
+
+    from AnkleFractureLib.fracture.line_density import LineDensity
+    from AnkleFractureLib.fracture.localise import FractureLocaliser, patient_axis
+    from AnkleFractureLib.fracture.weber_height import measures_density
     from AnkleFractureLib.phantom import generate_case
     from AnkleFractureLib.registration import load_template, register_to_template
 
@@ -78,7 +84,12 @@ def main() -> None:
 
     def localise():  # its own, taller crop when its plans ask (FractureLocaliser.crop_for)
         own = loc.crop_for(case.ct, case.label, reg.patient_to_template, template, state["crop"])
-        state["fracture"] = loc.locate(own, template.plafond)
+        density = None
+        if measures_density(loc.decision):  # the CT across every line, as the pipeline reads it
+            axis = patient_axis(reg.patient_to_template, template.plafond)[1]
+            density = LineDensity(case.ct, np.asarray(case.label.array) == 2,
+                                  reg.patient_to_template, axis)
+        state["fracture"] = loc.locate(own, template.plafond, density=density)
 
     def whole():
         crop()
@@ -102,7 +113,8 @@ def main() -> None:
     f = state["fracture"]
     print("fracture:", "found" if f.found else "not found", f"p={f.probability:.3f}",
           "" if f.height_mm is None else f"height {f.height_mm:+.1f} mm",
-          f"(true {case.info['fracture']['height_mm']:+.1f} mm)")
+          f"(true {case.info['fracture']['height_mm']:+.1f} mm); CT across the lines "
+          + ("measured" if measures_density(loc.decision) else "not measured (plans)"))
     verdict = "met" if one["whole"] <= 2.0 else "NOT met"
     print(f"crop + classification + Grad-CAM + to CT + localisation: {one['whole']:.2f} s "
           f"(goal <= 2 s: {verdict}); peak RSS {peak_rss_mb():.0f} MB")
