@@ -58,6 +58,9 @@ def test_line_density_maps_a_crop_mask_through_the_registration():
     mask[k] = np.hypot(yy[0] - 10.0, xx[0] - 10.0) <= 6.0
     out = LineDensity(ct, fib, shift, axis)(mask, grid)
     assert out["band_hu"] == pytest.approx(600.0, abs=60.0)
+    coarse = LineDensity(ct, fib, shift, axis, grid_mm=1.0)
+    assert coarse.depth.stride == (2, 2, 2) and coarse.closed.stride == (2, 2, 2)
+    assert coarse(mask, grid)["band_hu"] == pytest.approx(out["band_hu"], abs=10.0)
     assert LineDensity(ct, np.zeros_like(fib), shift, axis)(mask, grid)["band_hu"] is None
 
 
@@ -106,3 +109,31 @@ def test_gap_contrast_reads_across_a_gap_the_label_leaves_out():
     stub = short.copy()
     stub[55:] = False  # and 7.5 mm above it: neither window lies inside the bone
     assert gap_contrast(ct, stub, demo_line_points(ct), axis) is None
+
+
+def test_depth_maps_on_a_coarser_grid_read_the_same_line_and_the_box_is_the_masks() -> None:
+    """decision.density_grid_mm: the depth maps on every k-th voxel (CT numbers still read on
+    the CT's grid) give the line the same reading as the full grid, within a few HU, on a
+    gap, on intact bone and on a dense band; the fibula's box is the mask's bounding box."""
+    from AnkleFractureLib.fracture.line_density import (_bounding_box, depth_maps, gap_contrast,
+                                                        grid_stride)
+
+    for band_hu, band_mm in ((60.0, 1.0), (300.0, 2.0), (900.0, 2.0)):
+        ct, fib, axis = demo_shaft(band_hu=band_hu, bone_hu=300.0, band_mm=band_mm)
+        pts = demo_line_points(ct)
+        fine = depth_maps(fib, (0.5, 0.5, 0.5), None)
+        coarse = depth_maps(fib, (0.5, 0.5, 0.5), 1.0)
+        assert fine[0].stride == (1, 1, 1) and coarse[0].stride == (2, 2, 2)
+        assert coarse[0].array.shape == tuple((n + 1) // 2 for n in fib.shape)
+        g_fine = gap_contrast(ct, fib, pts, axis, fine[1])
+        g_coarse = gap_contrast(ct, fib, pts, axis, coarse[1])
+        assert abs(g_fine - g_coarse) < 10.0, (band_hu, g_fine, g_coarse)
+        b_fine = band_contrast(ct, fib, pts, axis, fine[0])["band_hu"]
+        b_coarse = band_contrast(ct, fib, pts, axis, coarse[0])["band_hu"]
+        assert abs(b_fine - b_coarse) < 10.0, (band_hu, b_fine, b_coarse)
+    assert grid_stride((2.0, 0.4, 0.4), 1.2) == (1, 3, 3)
+    mask = np.zeros((10, 12, 14), bool)
+    mask[3:5, 4, 6:9] = True
+    box = _bounding_box(mask, np.array([1, 10, 0]))
+    assert box == (slice(2, 6), slice(0, 12), slice(6, 9))
+    assert _bounding_box(np.zeros((4, 4, 4), bool), np.array([1, 1, 1])) is None

@@ -88,7 +88,8 @@ def main() -> None:
         if measures_density(loc.decision):  # the CT across every line, as the pipeline reads it
             axis = patient_axis(reg.patient_to_template, template.plafond)[1]
             density = LineDensity(case.ct, np.asarray(case.label.array) == 2,
-                                  reg.patient_to_template, axis)
+                                  reg.patient_to_template, axis,
+                                  loc.decision.get("density_grid_mm"))
         state["fracture"] = loc.locate(own, template.plafond, density=density)
 
     def whole():

@@ -203,7 +203,8 @@ def measures_density(decision: Dict[str, Any]) -> bool:
     """Whether a localiser's decision (plans.json) needs the CT across every candidate line:
     a dense-band test, a gap gate, a line model that reads :data:`DENSITY_FEATURES`, or
     ``"measure_density": true`` (measured and recorded only: how a rule study gets the
-    measures before a line model reads them).
+    measures before a line model reads them). ``decision.density_grid_mm`` sets the grid of
+    the measure's depth maps (:class:`~.line_density.LineDensity`; absent: the CT's own).
 
     Example:
         >>> measures_density({"line_model": {"features": ["bias", "dip_hu_over_100"]}})

@@ -588,7 +588,8 @@ class Pipeline:
 
                 axis = patient_axis(registration.patient_to_template, self.template.plafond)[1]
                 density = LineDensity(ct, np.asarray(label.array) == 2,
-                                      registration.patient_to_template, axis)
+                                      registration.patient_to_template, axis,
+                                      self.localiser.decision.get("density_grid_mm"))
         finding = self.localiser.locate(crop, self.template.plafond, classifier, density=density)
         line = None
         if finding.found:
