@@ -85,6 +85,16 @@ def test_the_fitted_rule_beats_the_shipped_one_and_is_written_with_its_record(tm
     record = json.loads((model / "training.json").read_text())
     assert record["decision_refit"]["previous"] == {"threshold": 0.5, "found_threshold": 0.5,
                                                     "min_voxels": 400}
+    # a setting put on the model folder between refits stays; the rule's own keys are refitted
+    plans = json.loads((model / "plans.json").read_text())
+    plans["decision"].update(density_grid_mm=1.2, min_section=99.0)
+    (model / "plans.json").write_text(json.dumps(plans))
+    third = subprocess.run([sys.executable, str(SCRIPT), "--fit", val, "--write-plans",
+                            str(model)], capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stderr
+    decision = json.loads((model / "plans.json").read_text())["decision"]
+    assert decision["density_grid_mm"] == 1.2
+    assert decision.get("min_section") == study["fitted_rule"].get("min_section")
 
 
 def test_rows_without_candidates_are_refused_with_the_file_named(tmp_path) -> None:

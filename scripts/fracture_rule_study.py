@@ -354,9 +354,10 @@ def _record(folder: Path) -> Dict[str, Any]:
 
 
 def write_rule(model_dir: Path, fitted: Dict[str, Any], command: str) -> None:
-    """The fitted rule into plans.json's ``decision``; training.json keeps the training record
-    and gets ``decision_refit`` (the command, the rule, its validation scores, the trained rule
-    as "previous", and the records of earlier refits as "earlier")."""
+    """The fitted rule into plans.json's ``decision`` (the decision's keys outside
+    :data:`RULE_KEYS` kept); training.json keeps the training record and gets
+    ``decision_refit`` (the command, the rule, its validation scores, the trained rule as
+    "previous", and the records of earlier refits as "earlier")."""
     from AnkleFractureLib.io import atomic_write_json
 
     plans = json.loads((model_dir / "plans.json").read_text())
@@ -366,7 +367,10 @@ def write_rule(model_dir: Path, fitted: Dict[str, Any], command: str) -> None:
         previous = dict(training["decision_refit"]["previous"])
     # the earlier keys stay: "threshold" makes the lines, and "min_voxels" is also the size
     # at which a line cut off by the scan's edge is a warning (checks.fracture_line_findings)
-    plans["decision"] = {**previous, **fitted["rule"]}
+    # the current plans' own settings beside the rule (measure_density, density_grid_mm, ...)
+    # stay too: set on the model folder before the refit, they are not the trained rule's
+    kept = {k: v for k, v in plans.get("decision", {}).items() if k not in RULE_KEYS}
+    plans["decision"] = {**previous, **kept, **fitted["rule"]}
     if "decision_refit" in training:  # the earlier refits stay on record, oldest first
         earlier = {k: v for k, v in training["decision_refit"].items() if k != "earlier"}
         history = list(training["decision_refit"].get("earlier", [])) + [earlier]
