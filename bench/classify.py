@@ -48,10 +48,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from AnkleFractureLib.classification.inference import WeberClassifier
     from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis, crop_to_ct
-    import numpy as np
-
-    from AnkleFractureLib.fracture.line_density import LineDensity
-    from AnkleFractureLib.fracture.localise import FractureLocaliser, patient_axis
+    from AnkleFractureLib.fracture.localise import FractureLocaliser
     from AnkleFractureLib.fracture.weber_height import measures_density
     from AnkleFractureLib.phantom import generate_case
     from AnkleFractureLib.registration import load_template, register_to_template
@@ -84,12 +81,8 @@ def main() -> None:
 
     def localise():  # its own, taller crop when its plans ask (FractureLocaliser.crop_for)
         own = loc.crop_for(case.ct, case.label, reg.patient_to_template, template, state["crop"])
-        density = None
-        if measures_density(loc.decision):  # the CT across every line, as the pipeline reads it
-            axis = patient_axis(reg.patient_to_template, template.plafond)[1]
-            density = LineDensity(case.ct, np.asarray(case.label.array) == 2,
-                                  reg.patient_to_template, axis,
-                                  loc.decision.get("density_grid_mm"))
+        # the CT across every line when the plans ask, as the pipeline reads it
+        density = loc.density_for(case.ct, case.label, reg.patient_to_template, template.plafond)
         state["fracture"] = loc.locate(own, template.plafond, density=density)
 
     def whole():

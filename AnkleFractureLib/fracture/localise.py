@@ -523,6 +523,29 @@ class FractureLocaliser:
 
         return check_offsets((self.plans.get("inference") or {}).get("phases_mm"))
 
+    def density_for(self, ct: Any, label: Any, patient_to_template: np.ndarray,
+                    plafond_template: np.ndarray) -> Any:
+        """The CT measure across the candidate lines (:class:`~.line_density.LineDensity`,
+        on the grid of ``decision.density_grid_mm``) when this localiser's plans ask for it
+        (:func:`~.weber_height.measures_density`), else None: what :meth:`locate` takes as
+        ``density``.
+
+        Args:
+            ct: The CT (HU).
+            label: The analysed leg's label map on the CT's grid (fibula = 2).
+            patient_to_template: 4x4 patient LPS mm -> template mm.
+            plafond_template: (3,) template mm of the plafond (``template.plafond``).
+        """
+        from AnkleFractureLib.fracture.weber_height import measures_density
+
+        if not measures_density(self.decision):
+            return None
+        from AnkleFractureLib.fracture.line_density import LineDensity
+
+        axis = patient_axis(patient_to_template, plafond_template)[1]
+        return LineDensity(ct, np.asarray(label.array) == 2, patient_to_template, axis,
+                           self.decision.get("density_grid_mm"))
+
     def crop_for(self, ct: Any, label: Any, patient_to_template: np.ndarray, template: Any,
                  crop: Any = None) -> Any:
         """The crop this localiser reads: the template's syndesmosis box, made

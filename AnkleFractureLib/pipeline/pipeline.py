@@ -580,16 +580,8 @@ class Pipeline:
         if label is not None and registration is not None:
             crop = self.localiser.crop_for(ct, label, registration.patient_to_template,
                                            self.template, crop)
-            from AnkleFractureLib.fracture.weber_height import measures_density
-
-            if measures_density(self.localiser.decision):
-                from AnkleFractureLib.fracture.line_density import LineDensity
-                from AnkleFractureLib.fracture.localise import patient_axis
-
-                axis = patient_axis(registration.patient_to_template, self.template.plafond)[1]
-                density = LineDensity(ct, np.asarray(label.array) == 2,
-                                      registration.patient_to_template, axis,
-                                      self.localiser.decision.get("density_grid_mm"))
+            density = self.localiser.density_for(ct, label, registration.patient_to_template,
+                                                 self.template.plafond)
         finding = self.localiser.locate(crop, self.template.plafond, classifier, density=density)
         line = None
         if finding.found:
