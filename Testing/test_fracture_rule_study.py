@@ -287,3 +287,42 @@ def test_a_gap_gate_is_fitted_when_lines_that_read_no_gap_fool_the_line_model(tm
     bad = subprocess.run([sys.executable, str(SCRIPT), "--fit", val, "--keep-decision"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--shipped" in bad.stderr
+
+
+def test_line_model_only_refits_the_line_model_and_keeps_the_rest_of_the_rule(tmp_path) -> None:
+    """--line-model-only: the fitted rule is the shipped one with a new line model on the
+    features asked for; the gate, the combination and the reporting threshold are untouched,
+    and a decision without a line model is refused with the reason."""
+    rows = _rows()
+    val = _evaluation(tmp_path / "val.json", rows)
+    model = tmp_path / "model"
+    model.mkdir()
+    old = {"features": ["bias", "log_voxels"], "weights": [-9.0, 0.0]}  # reports no line
+    decision = {"threshold": 0.5, "min_voxels": 400, "select": "scored", "line_model": old,
+                "min_line_probability": 0.4, "classifier_weight": 0.75,
+                "localiser_weight": 2.0, "gap_gate": {"max_hu": -20.0, "factor": 0.0},
+                "classifier_override": 0.8, "density_grid_mm": 1.2}
+    (model / "plans.json").write_text(json.dumps({"decision": decision}))
+    (model / "training.json").write_text(json.dumps({"command": "train it"}))
+    out = tmp_path / "study"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--fit", val, "--shipped", str(model),
+                           "--line-model-only", "--features", "bias,section_ratio_over_10",
+                           "--out", str(out), "--write-plans", str(model)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    study = json.loads((out / "study.json").read_text())
+    rule = study["fitted_rule"]
+    assert {k: v for k, v in rule.items() if k != "line_model"} == {
+        k: decision[k] for k in ("min_voxels", "select", "min_line_probability",
+                                 "classifier_weight", "localiser_weight", "gap_gate")}
+    assert rule["line_model"]["features"] == ["bias", "section_ratio_over_10"]
+    assert rule["line_model"]["weights"][1] > 0  # the true lines are the wide ones
+    fit = study["sets"]["fit (validation)"]
+    assert fit["shipped"]["found_rate"] == 0.0 and fit["fitted"]["found_rate"] > 0.5
+    assert study["line_model_only"] and "gap_gate_grid" not in study
+    written = json.loads((model / "plans.json").read_text())["decision"]
+    assert written == {**decision, "line_model": rule["line_model"]}
+    (model / "plans.json").write_text(json.dumps({"decision": {"select": "strongest"}}))
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--fit", val, "--shipped", str(model),
+                          "--line-model-only"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "select 'scored'" in bad.stderr
