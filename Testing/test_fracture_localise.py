@@ -97,6 +97,40 @@ def test_training_pair_shapes_and_patch_over_the_line() -> None:
     assert 0.05 < float(np.median(x[0])) < 0.6 and x[1].max() == 1.0  # augmented 0.25, the mask
 
 
+def test_a_window_cut_by_a_scan_edge_shows_air_and_no_line_beyond_it_and_old_draws_stay() -> None:
+    """--edge-cut: some windows end at a tilted plane, beyond which every CT array reads the
+    crop's outside value exactly (air, no noise), the masks and the line are 0, as in the crop
+    of a scan that ends inside the box; without it the draws are those of the shipped recipe."""
+    from AnkleFractureLib.crop.syndesmosis import OUTSIDE_HU
+    from AnkleFractureLib.preprocessing.intensity import BONE_HU_WINDOW, normalize_hu
+    from AnkleFractureLib.training.fracture_train import Sample, training_pair
+
+    ch = np.zeros((4, 96, 48, 64), np.float16)
+    ch[0] = 0.6
+    ch[3] = 0.5
+    ch[2, :, 20:30, 15:25] = 1.0
+    target = np.zeros((96, 48, 64), np.uint8)
+    target[40:56, 20:30, 15:25] = 1
+    s = Sample(ch, target, np.eye(4), {"id": "x", "weber": "C"})
+    names = ("ct", "ct_bone", "fibula")
+    air_ct = float(normalize_hu(np.array([OUTSIDE_HU]))[0])
+    air_bone = float(normalize_hu(np.array([OUTSIDE_HU]), BONE_HU_WINDOW)[0])
+    cut = 0
+    for seed in range(12):
+        x, y = training_pair(s, np.random.default_rng(seed), 4, patch_z=48, channels=names,
+                             edge_cut_prob=1.0)
+        out = (x[0] == air_ct) & (x[1] == air_bone)  # exact air: only the cut makes it
+        assert out.any() and not out.all()
+        assert x[2][out].max() == 0.0 and y[0][out].max() == 0.0
+        assert np.median(x[0][~out]) > 0.3  # the scan's side keeps its (augmented) CT
+        cut += int(out[-1].mean() > 0.5)  # the scan ended above the plane
+    assert 6 <= cut <= 12  # three in four end above
+    plain = training_pair(s, np.random.default_rng(3), 4, patch_z=48, channels=names)
+    off = training_pair(s, np.random.default_rng(3), 4, patch_z=48, channels=names,
+                        edge_cut_prob=0.0)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, off))
+
+
 def test_training_pair_augments_the_sub_voxel_arrays_as_one_ct_and_keeps_the_old_draws() -> None:
     """The 8 sub-voxel arrays are one CT at twice the resolution: one intensity draw for all
     (equal inputs stay equal up to the noise); and a localiser that does not read them gets
@@ -193,7 +227,7 @@ def test_train_fracture_refuses_a_negative_hard_negative_option(tmp_path, option
 
 @pytest.mark.parametrize("option, value", [("--bridge-masks", "0.9"), ("--bridge-masks", "-0.1"),
                                            ("--crop-shift-mm", "-5"),
-                                           ("--crop-shift-mm", "150")])
+                                           ("--crop-shift-mm", "150"), ("--edge-cut", "1.5")])
 def test_train_fracture_refuses_a_bad_share_or_shift(tmp_path, option, value) -> None:
     from AnkleFractureLib.cli.main import main
 

@@ -93,6 +93,11 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                         "window's mean dilutes; default 0: off, the shipped recipe)")
     p.add_argument("--negative-weight", type=float, default=1.0, metavar="W",
                    help="weight of that term (default 1)")
+    p.add_argument("--edge-cut", type=float, default=0.0, metavar="P",
+                   help="share (0-1) of the training windows that end at a random, tilted "
+                        "scan edge (air beyond it, no line), so that the cut face of a scan "
+                        "ending inside the crop is not read as a fracture (default 0: off, "
+                        "the shipped recipe)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -148,6 +153,9 @@ def run(args: argparse.Namespace) -> int:
     if args.negative_topk < 0 or args.negative_weight < 0:
         raise SystemExit("ankle-fracture train-fracture: error: --negative-topk and "
                          "--negative-weight must not be negative")
+    if not 0.0 <= args.edge_cut <= 1.0:
+        raise SystemExit("ankle-fracture train-fracture: error: --edge-cut must be in [0, 1], "
+                         f"got {args.edge_cut}")
     if not 0.0 <= args.crop_shift_mm <= 100.0:
         raise SystemExit("ankle-fracture train-fracture: error: --crop-shift-mm must be in "
                          f"[0, 100] mm, got {args.crop_shift_mm}")
@@ -167,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
                               bridge_prob=args.bridge_masks, soft_masks=args.soft_masks,
                               crop_shift_mm=args.crop_shift_mm,
                               negative_topk=args.negative_topk,
-                              negative_weight=args.negative_weight)
+                              negative_weight=args.negative_weight,
+                              edge_cut_prob=args.edge_cut)
     report = train_localiser(paths, args.out, cfg, command,
                              ProgressBar("train-fracture", enabled=not args.quiet),
                              val_paths=val_paths or None)

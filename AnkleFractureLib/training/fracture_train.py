@@ -71,6 +71,10 @@ class FractureTrainConfig:
     #: voxels that the mean over a whole window dilutes). 0: off, the shipped recipe.
     negative_topk: int = 0
     negative_weight: float = 1.0
+    #: Share of the training windows cut by a scan edge (:func:`cut_by_scan_edge`): a scan
+    #: that ends inside the crop shows the bone's cut face, which a network trained on raw
+    #: fracture faces reads as a fracture. 0: off, the shipped recipe.
+    edge_cut_prob: float = 0.0
 
 
 @dataclass
@@ -183,14 +187,68 @@ def _z_range(target: np.ndarray, patch_z: int, rng: np.random.Generator,
     return slice(z0, z0 + patch_z)
 
 
+#: Largest slope (tan of the tilt) of a training window's scan edge against the crop's axial
+#: plane: the crop lies in the template frame, so a registered leg's axial scan edge crosses
+#: it tilted by the leg's pose (about 17 degrees at most).
+EDGE_TILT = 0.3
+
+
+def cut_by_scan_edge(x: np.ndarray, y: np.ndarray, channels: Sequence[str],
+                     rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """End a training window's scan at a random tilted plane, in place, as a scan that ends
+    inside the crop does: beyond it every CT array holds the crop's outside value (air,
+    :data:`~AnkleFractureLib.crop.syndesmosis.OUTSIDE_HU` normalised, no noise), the masks and
+    the line target are 0.
+
+    The plane crosses the window's middle half of slices, tilted up to :data:`EDGE_TILT`;
+    the scan ends above it (the crop's z rises towards the knee) three times in four, below it
+    otherwise (a scan that stops short of the malleolus tip).
+
+    Args:
+        x: (C, z, y, x) network input, its arrays named by ``channels``.
+        y: (1, z, y, x) line target.
+        channels: Names of ``x``'s arrays (:data:`~AnkleFractureLib.crop.syndesmosis.
+            ALL_CHANNELS`).
+        rng: The training generator.
+
+    Returns:
+        (x, y), cut.
+
+    Example:
+        >>> x = np.ones((3, 8, 4, 4), np.float32); y = np.ones((1, 8, 4, 4), np.float32)
+        >>> x, y = cut_by_scan_edge(x, y, ("ct", "tibia", "fibula"), np.random.default_rng(1))
+        >>> bool(y.min() == 0 and y.max() == 1 and x[1:].min() == 0 and x[0].min() == 0)
+        True
+    """
+    from AnkleFractureLib.crop.syndesmosis import OUTSIDE_HU
+    from AnkleFractureLib.preprocessing.intensity import BONE_HU_WINDOW, normalize_hu
+
+    nz, ny, nx = x.shape[1:]
+    level = rng.uniform(0.25 * nz, 0.75 * nz)
+    ty, tx = rng.uniform(-EDGE_TILT, EDGE_TILT, size=2)
+    zz, yy, xx = np.ogrid[:nz, :ny, :nx]
+    side = (zz - level) + ty * (yy - ny / 2.0) + tx * (xx - nx / 2.0)
+    outside = side > 0 if rng.uniform() < 0.75 else side < 0
+    air = {"ct": float(normalize_hu(np.array([OUTSIDE_HU]))[0]),
+           "bone": float(normalize_hu(np.array([OUTSIDE_HU]), BONE_HU_WINDOW)[0])}
+    for c, name in enumerate(channels):
+        if name in ("tibia", "fibula"):
+            x[c][outside] = 0.0
+        else:
+            x[c][outside] = air["ct"] if name == "ct" else air["bone"]
+    y[:, outside] = 0.0
+    return x, y
+
+
 def training_pair(sample: Sample, rng: np.random.Generator, shift: int,
                   window_yx: Tuple[int, int] = WINDOW_YX, patch_z: int = 0,
                   channels: Sequence[str] = ("ct", "tibia", "fibula"),
-                  bridge_prob: float = 0.4, soft_masks: bool = False
-                  ) -> Tuple[np.ndarray, np.ndarray]:
+                  bridge_prob: float = 0.4, soft_masks: bool = False,
+                  edge_cut_prob: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:
     """One augmented (input (C, pz, wy, wx), target (1, pz, wy, wx)) pair (pz = patch_z, or
     every slice when 0; the input holds the named ``channels``; masks: see
-    :func:`_augment_masks`)."""
+    :func:`_augment_masks`; ``edge_cut_prob`` of the windows end at a scan edge,
+    :func:`cut_by_scan_edge`)."""
     from AnkleFractureLib.crop.syndesmosis import ALL_CHANNELS, SUB_CHANNELS
 
     zr = _z_range(sample.target, patch_z, rng, _fibula_tip_z(sample.channels[2]))
@@ -207,7 +265,11 @@ def training_pair(sample: Sample, rng: np.random.Generator, shift: int,
     if subs:  # one draw for all 8: they are one CT at twice the resolution
         x[subs] = _augment_ct(x[subs], rng)
     y = win.extract(sample.target[None].astype(np.float32))[:, zr]
-    return x[[ALL_CHANNELS.index(c) for c in channels]], y
+    x = x[[ALL_CHANNELS.index(c) for c in channels]]
+    # drawn last and only when asked, so the shipped recipe's draws stay the same
+    if edge_cut_prob > 0 and rng.uniform() < edge_cut_prob:
+        x, y = cut_by_scan_edge(np.ascontiguousarray(x), y, channels, rng)
+    return x, y
 
 
 def _hardest_negatives(logits: Any, target: Any, k: int) -> Any:
@@ -254,7 +316,8 @@ def _batch(samples: List[Sample], idx: Sequence[int], rng: np.random.Generator,
     import torch
 
     pairs = [training_pair(samples[i], rng, cfg.shift, (cfg.patch_yx, cfg.patch_yx), cfg.patch_z,
-                           cfg.channels, cfg.bridge_prob, cfg.soft_masks) for i in idx]
+                           cfg.channels, cfg.bridge_prob, cfg.soft_masks, cfg.edge_cut_prob)
+             for i in idx]
     x = torch.from_numpy(np.stack([p[0] for p in pairs]).astype(np.float32))
     y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.float32))
     return x, y
