@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SETS = ("vh", "confounders", "analytic", "vh2", "vh3", "conf2", "vh4", "conf3", "vh5", "conf4",
         "vh6", "conf5", "vh7", "conf6", "vh8", "conf7", "vh9", "conf8",
         "vh10raw", "conf9raw", "vh11raw", "conf10raw", "vh12raw", "conf11raw", "vh13raw",
-        "conf12raw", "vh14raw", "conf13raw", "vh15raw", "conf14raw")
+        "conf12raw", "vh14raw", "conf13raw", "vh15raw", "conf14raw", "vh16raw",
+        "conf15raw")
 #: What a page calls each model an experiment may change (experiment.json "model").
 NAMES = {"classification": "classifier", "fracture": "localiser"}
 
