@@ -105,6 +105,32 @@ def test_totals_add_up_the_cases_of_every_set(tmp_path) -> None:
     assert "| this experiment | 4 | 2 | 2 / 0 | 2 of 3 | 2 of 2 | 1 of 1 |" in page
 
 
+def test_warning_counts_count_the_cases_that_carry_each_warning_and_those_right(tmp_path) -> None:
+    """experiment.json "warning_counts": one row per pipeline, pooled over the held-out sets
+    both ran: how many cases carry each warning, and how many of those were answered right."""
+    def case(true, predicted, codes):
+        return {"true": true, "predicted": predicted, "found": False, "warning_codes": codes}
+
+    folder, base = tmp_path / "exp", tmp_path / "base"
+    folder.mkdir()
+    base.mkdir()
+    edge, fov = "fracture_line_at_scan_edge", "fov_short_above"
+    shipped = [case("none", "none", [edge, fov]), case("B", "A", [edge]), case("C", "C", [])]
+    mine = [case("none", "none", [fov]), case("B", "B", []), case("C", "C", [])]
+    for where, rows in ((base, shipped), (folder, mine)):
+        (where / "heldout_vh.json").write_text(json.dumps(
+            {"summary": _summary(0.5, 0.5, 0.5), "models": {}, "cases": rows}))
+    (folder / "experiment.json").write_text(json.dumps(
+        {"title": "t", "why": "w", "commands": {}, "verdict": "v", "baseline": str(base),
+         "warning_counts": [edge, fov]}))
+    (folder / "training.json").write_text(json.dumps({}))
+    (folder / "plans.json").write_text(json.dumps({"decision": {}}))
+    page = _render()(folder)
+    assert f"| localiser | `{edge}` (right) | `{fov}` (right) |" in page
+    assert "| shipped | 2 of 3 (1) | 1 of 3 (1) |" in page
+    assert "| this experiment | 0 of 3 (0) | 1 of 3 (1) |" in page
+
+
 def test_two_model_experiment_names_both_and_both_trainings(tmp_path) -> None:
     """experiment.json "model": ["classification", "fracture"] with "classifier_training": each
     row names both models' sha256, and the page has a localiser and a classifier training

@@ -189,6 +189,30 @@ def _totals(folder: Path, baseline: Path, what: str) -> List[str]:
     return lines
 
 
+def _warning_counts(folder: Path, baseline: Path, codes: Any, what: str) -> List[str]:
+    """How many held-out cases carry each warning of ``codes`` (experiment.json
+    ``"warning_counts": [code, ...]``), pooled over the sets both pipelines ran, and how many
+    of those the combined answer got right."""
+    if not codes:
+        return []
+    pairs = [(folder / f"heldout_{n}.json", baseline / f"heldout_{n}.json") for n in SETS]
+    pairs = [(m, b) for m, b in pairs if m.is_file() and b.is_file()]
+    if not pairs:
+        return []
+    out = ["", "### Warnings (cases of all held-out sets together)", "",
+           f"| {what} | " + " | ".join(f"`{c}` (right)" for c in codes) + " |",
+           "|---|" + "---|" * len(codes)]
+    for label, mine in (("shipped", False), ("this experiment", True)):
+        rows = [r for m, b in pairs for r in json.loads((m if mine else b).read_text())["cases"]]
+        cells = []
+        for code in codes:
+            hit = [r for r in rows if code in (r.get("warning_codes") or [])]
+            cells.append(f"{len(hit)} of {len(rows)} "
+                         f"({sum(r['predicted'] == r['true'] for r in hit)})")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out
+
+
 def _validation_runs(folder: Path, runs: Any, what: str) -> List[str]:
     """Rows of the validation sets run with the same line rule by both (experiment.json
     ``"validation_runs": {"shipped": [files], "this experiment": [files]}``, relative to the
@@ -239,6 +263,7 @@ def render(folder: Path) -> str:
         lines.append("Not run (see the verdict).")
     if exp.get("totals"):
         lines += _totals(folder, baseline, what)
+    lines += _warning_counts(folder, baseline, exp.get("warning_counts"), what)
     lines += _validation_table(folder, exp.get("validation"), what)
     lines += _validation_runs(folder, exp.get("validation_runs"), what)
     if exp.get("criterion"):
