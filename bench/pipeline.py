@@ -42,9 +42,11 @@ from _common import peak_rss_mb, write_clinical_ct  # noqa: E402
 GOAL_S = 6.0
 GOAL_COLD_S = 9.0
 GOAL_RSS_MB = 3072.0
-#: Stages in the order they run; "read" and "write" are timed here, the rest by the pipeline.
+#: Stages in the order they run; "read" and "write" are timed here, the rest by the pipeline
+#: ("ring_check": the cortical ring check, which runs when the localiser's plans ask for it and
+#: its network reports no line).
 STAGES = ("read", "checks", "segment", "register", "shape_prior", "crop", "classify", "gradcam",
-          "localise", "write")
+          "localise", "ring_check", "write")
 
 
 def _clinical_ct(folder: str, seed: int) -> str:
