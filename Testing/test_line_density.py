@@ -115,8 +115,8 @@ def test_depth_maps_on_a_coarser_grid_read_the_same_line_and_the_box_is_the_mask
     """decision.density_grid_mm: the depth maps on every k-th voxel (CT numbers still read on
     the CT's grid) give the line the same reading as the full grid, within a few HU, on a
     gap, on intact bone and on a dense band; the fibula's box is the mask's bounding box."""
-    from AnkleFractureLib.fracture.line_density import (_bounding_box, depth_maps, gap_contrast,
-                                                        grid_stride)
+    from AnkleFractureLib.fracture.line_density import depth_maps, gap_contrast, grid_stride
+    from AnkleFractureLib.geometry.arrays import bounding_box
 
     for band_hu, band_mm in ((60.0, 1.0), (300.0, 2.0), (900.0, 2.0)):
         ct, fib, axis = demo_shaft(band_hu=band_hu, bone_hu=300.0, band_mm=band_mm)
@@ -134,6 +134,6 @@ def test_depth_maps_on_a_coarser_grid_read_the_same_line_and_the_box_is_the_mask
     assert grid_stride((2.0, 0.4, 0.4), 1.2) == (1, 3, 3)
     mask = np.zeros((10, 12, 14), bool)
     mask[3:5, 4, 6:9] = True
-    box = _bounding_box(mask, np.array([1, 10, 0]))
+    box = bounding_box(mask, np.array([1, 10, 0]))  # the margin LineDensity gives, per axis
     assert box == (slice(2, 6), slice(0, 12), slice(6, 9))
-    assert _bounding_box(np.zeros((4, 4, 4), bool), np.array([1, 1, 1])) is None
+    assert bounding_box(np.zeros((4, 4, 4), bool), np.array([1, 1, 1])) is None

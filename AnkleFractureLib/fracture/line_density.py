@@ -44,6 +44,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from AnkleFractureLib.geometry.arrays import bounding_box
+
 #: Only line points this deep (mm) inside the fibula count: the cortex is dense everywhere.
 INTERIOR_MM = 1.5
 #: The band: offsets (mm) along the axis within this of the line.
@@ -260,22 +262,6 @@ def gap_contrast(ct: Any, fibula: np.ndarray, points_lps: np.ndarray, axis_lps: 
     return round(float(np.median(darkest[0][use] - far)), 1)
 
 
-def _bounding_box(mask: np.ndarray, margin: np.ndarray) -> Optional[Tuple[slice, ...]]:
-    """The (z, y, x) slices of ``mask``'s bounding box grown by ``margin`` voxels per axis
-    (clipped to the array); None when ``mask`` is empty. From two projections (z, and y-x):
-    argwhere on a 512 x 512 x 365 mask costs a third of a second."""
-    if not mask.size:
-        return None
-    plane = mask.any(axis=0)
-    hits = (np.flatnonzero(mask.any(axis=(1, 2))), np.flatnonzero(plane.any(axis=1)),
-            np.flatnonzero(plane.any(axis=0)))
-    if hits[0].size == 0:
-        return None
-    return tuple(slice(int(max(h[0] - margin[ax], 0)), int(min(h[-1] + margin[ax] + 1,
-                                                               mask.shape[ax])))
-                 for ax, h in enumerate(hits))
-
-
 def demo_shaft(band_hu: float = 900.0, bone_hu: float = 300.0, band_mm: float = 2.0
                ) -> Tuple[Any, np.ndarray, np.ndarray]:
     """(CT, fibula mask, axis): a 12 mm wide bone along z (0.5 mm voxels) with a 1 mm thick
@@ -324,8 +310,10 @@ class LineDensity:
         self.axis = np.asarray(axis_lps, float)
         fib = np.asarray(fibula, bool)
         self.ct, self.fibula, self.depth, self.closed = None, None, None, None
-        box = _bounding_box(fib, np.ceil((FAR_MM[1] + 2.0) / np.asarray(ct.spacing[::-1],
-                                                                          float)).astype(int))
+        # the fibula's box from two projections: argwhere on a 512 x 512 x 365 mask costs a
+        # third of a second
+        box = bounding_box(fib, np.ceil((FAR_MM[1] + 2.0) / np.asarray(ct.spacing[::-1],
+                                                                         float)).astype(int))
         if box is not None:
             self.ct, self.fibula = ct.region(box), fib[box]
             self.depth, self.closed = depth_maps(self.fibula, tuple(ct.spacing[::-1]), grid_mm)
