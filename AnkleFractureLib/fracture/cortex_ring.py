@@ -71,7 +71,7 @@ MAX_RISE_MM = 20.0
 RISE_STEP_MM = 0.5
 N_PHASES = 16
 #: Stations whose rays are read in one interpolation call (64 x 72 rays x 50 samples: about
-#: 30 MB of coordinates).
+#: 15 MB of sample points and coordinates).
 STATIONS_PER_READ = 64
 
 
