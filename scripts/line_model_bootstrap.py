@@ -39,6 +39,7 @@ def bootstrap(rows: Sequence[Dict[str, Any]], decision: Dict[str, Any],
         "in_sample": score on all rows, "oob_mean" / "oob_sd": out-of-bag accuracy, found
         rate and found-on-intact rate}.
     """
+    full = study.refit_line_model(rows, decision, features)  # first: refuses a rule without one
     rng = np.random.default_rng(seed)
     n = len(rows)
     weights: List[List[float]] = []
@@ -46,11 +47,11 @@ def bootstrap(rows: Sequence[Dict[str, Any]], decision: Dict[str, Any],
     for _ in range(boots):
         drawn = rng.integers(0, n, n)
         left = sorted(set(range(n)) - set(drawn.tolist()))
-        fitted = study.refit_line_model([rows[i] for i in drawn], decision, features)
-        s = study.score([rows[i] for i in left], {**decision, **fitted["rule"]})
-        weights.append(fitted["rule"]["line_model"]["weights"])
+        # the line model alone: refit_line_model would also score the resample, unused here
+        model = study.fit_line_model([rows[i] for i in drawn], features)
+        s = study.score([rows[i] for i in left], {**decision, "line_model": model})
+        weights.append(model["weights"])
         oob.append([s["accuracy"], s["found_rate"] or 0.0, s["found_on_none_rate"] or 0.0])
-    full = study.refit_line_model(rows, decision, features)
     w, o = np.array(weights), np.array(oob)
     return {"features": list(features), "weights": full["rule"]["line_model"]["weights"],
             "weights_sd": w.std(axis=0).round(3).tolist(), "in_sample": full["fit_scores"],

@@ -268,7 +268,7 @@ def training_pair(sample: Sample, rng: np.random.Generator, shift: int,
     x = x[[ALL_CHANNELS.index(c) for c in channels]]
     # drawn last and only when asked, so the shipped recipe's draws stay the same
     if edge_cut_prob > 0 and rng.uniform() < edge_cut_prob:
-        x, y = cut_by_scan_edge(np.ascontiguousarray(x), y, channels, rng)
+        x, y = cut_by_scan_edge(x, y, channels, rng)  # x: a copy (fancy indexing)
     return x, y
 
 
