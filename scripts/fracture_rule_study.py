@@ -87,6 +87,11 @@ def replay(row: Dict[str, Any], rule: Dict[str, Any]) -> Dict[str, Any]:
             "pred": opinion.prediction, "found": found, "err": err}
 
 
+def _round4(value: float | None) -> float | None:
+    """``value`` to 4 decimals; None (an AUROC of a class absent from the rows) stays None."""
+    return None if value is None else round(float(value), 4)
+
+
 def score(rows: Sequence[Dict[str, Any]], rule: Dict[str, Any]) -> Dict[str, Any]:
     """Accuracy, macro AUROC, found rates and median |height error| of ``rule`` on ``rows``."""
     out = []
@@ -103,8 +108,8 @@ def score(rows: Sequence[Dict[str, Any]], rule: Dict[str, Any]) -> Dict[str, Any
     none = [o for o in out if o["true"] == "none"]
     errs = [o["err"] for o in frac if o["err"] is not None]
     return {"n": len(out), "accuracy": round(float(rep["accuracy"]), 4),
-            "macro_auroc": round(float(rep["macro"]["auroc"]), 4),
-            "auroc": {c: round(float(rep["per_class"][c]["auroc"]), 4) for c in CLASSES},
+            "macro_auroc": _round4(rep["macro"]["auroc"]),
+            "auroc": {c: _round4(rep["per_class"][c]["auroc"]) for c in CLASSES},
             "found_rate": round(float(np.mean([o["found"] for o in frac])), 4) if frac else None,
             "found_on_none_rate": (round(float(np.mean([o["found"] for o in none])), 4)
                                    if none else None),
