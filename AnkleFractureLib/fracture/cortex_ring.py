@@ -242,24 +242,30 @@ def best_rings(contrast: np.ndarray, step_mm: float = STEP_MM, max_rise_mm: floa
     """
     n, n_ang = contrast.shape
     pooled = ndi.maximum_filter(contrast, size=(3, 1), mode="nearest")
+    # padded by the largest shift so that a curve reaching past either end reads 0 there
+    reach = int(np.ceil(max_rise_mm / step_mm)) + 1
+    padded = np.pad(pooled, ((reach, reach), (0, 0)))
     theta = np.arange(n_ang) * 2.0 * np.pi / n_ang
-    rows, cols = np.arange(n)[:, None], np.arange(n_ang)[None, :]
+    rows, cols = np.arange(n)[None, :, None], np.arange(n_ang)[None, None, :]
     score = np.full(n, -1.0)
     coverage = np.zeros(n)
     rise = np.zeros(n)
     best_phase = np.zeros(n)
+    # every phase of a rise in one gather (phases, stations, angles): a loop over the 641
+    # (rise, phase) pairs cost 0.2 s on a clinical scan; the first best pair wins, as before
     for r in np.arange(0.0, max_rise_mm + 1e-9, RISE_STEP_MM):
-        phases = np.arange(N_PHASES) * 2.0 * np.pi / N_PHASES if r > 0 else [0.0]
-        for phase in phases:
-            idx = rows + np.round(r * np.cos(theta - phase) / step_mm).astype(int)[None, :]
-            inside = (idx >= 0) & (idx < n)
-            values = np.where(inside, pooled[np.clip(idx, 0, n - 1), cols], 0.0)
-            s = values.mean(axis=1)
-            better = s > score
-            score[better] = s[better]
-            coverage[better] = (values[better] >= DARK).mean(axis=1)
-            rise[better] = r
-            best_phase[better] = phase
+        phases = np.arange(N_PHASES) * 2.0 * np.pi / N_PHASES if r > 0 else np.zeros(1)
+        shift = np.round(r * np.cos(theta[None, :] - phases[:, None]) / step_mm).astype(int)
+        values = padded[rows + reach + shift[:, None, :], cols]
+        s = values.mean(axis=2)
+        k = s.argmax(axis=0)
+        s_best = s[k, np.arange(n)]
+        better = s_best > score
+        score[better] = s_best[better]
+        chosen = values[k[better], np.flatnonzero(better)]
+        coverage[better] = (chosen >= DARK).mean(axis=1)
+        rise[better] = r
+        best_phase[better] = phases[k[better]]
     return score, coverage, rise, best_phase
 
 
