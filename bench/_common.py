@@ -32,11 +32,13 @@ def time_runs(fn: Callable[[], object], runs: int = 5, warmup: int = 1) -> Dict[
             "runs": runs, "peak_alloc_mb": peak / 1e6}
 
 
-def write_clinical_ct(folder: str, seed: int, max_inplane_mm: float = 0.45) -> str:
+def write_clinical_ct(folder: str, seed: int, max_inplane_mm: float = 0.45,
+                      fracture_faces: str = "corticated") -> str:
     """Write a clinical-size Weber B right phantom as ``folder/clinical_ct.nii.gz``.
 
     The first seed from ``seed`` whose clinical grid has >= 350 slices and an in-plane spacing
-    <= ``max_inplane_mm`` is rendered (grids are planned without rendering any case).
+    <= ``max_inplane_mm`` is rendered (grids are planned without rendering any case), with the
+    fracture's faces ``fracture_faces`` ("corticated", the phantom's default, or "raw").
 
     Returns:
         The file's path.
@@ -52,9 +54,11 @@ def write_clinical_ct(folder: str, seed: int, max_inplane_mm: float = 0.45) -> s
         return grid.size[2] >= 350 and grid.spacing[0] <= max_inplane_mm
 
     s = next(s for s in range(seed, seed + 400) if clinical(s))
-    case = generate_case(s, weber="B", side="right", spacing="clinical")
+    case = generate_case(s, weber="B", side="right", spacing="clinical",
+                         fracture_faces=fracture_faces)
     path = os.path.join(folder, "clinical_ct.nii.gz")
     write_image(case.ct, path)
     print(f"case seed {s}: {case.ct.size} voxels (x, y, z) at "
-          f"{tuple(round(v, 3) for v in case.ct.spacing)} mm, Weber B, right ankle")
+          f"{tuple(round(v, 3) for v in case.ct.spacing)} mm, Weber B, right ankle, "
+          f"{fracture_faces} fracture faces")
     return path

@@ -1,6 +1,7 @@
 """Benchmark: the whole pipeline on a clinical-size CT, from the file to the written outputs.
 
 Usage: .venv/bin/python bench/pipeline.py [--runs 3] [--device auto] [--seed N] [--no-cli]
+[--faces corticated|raw]
 
 Generates one clinical-size phantom (512 x 512 x >= 350, 0.30-0.38 mm in-plane, Weber B,
 right ankle; in a child process, so that neither its time nor its memory is counted) as a NIfTI
@@ -49,9 +50,10 @@ STAGES = ("read", "checks", "segment", "register", "shape_prior", "crop", "class
           "localise", "ring_check", "write")
 
 
-def _clinical_ct(folder: str, seed: int) -> str:
-    """A clinical-size phantom at about 0.35 mm in-plane (<= 0.38 mm), as NIfTI."""
-    return write_clinical_ct(folder, seed, max_inplane_mm=0.38)
+def _clinical_ct(folder: str, seed: int, faces: str = "corticated") -> str:
+    """A clinical-size phantom at about 0.35 mm in-plane (<= 0.38 mm), as NIfTI, with
+    ``faces`` fracture faces."""
+    return write_clinical_ct(folder, seed, max_inplane_mm=0.38, fracture_faces=faces)
 
 
 #: Runs one command and prints "wall_s max_rss_kib exit_code". A small launcher process in
@@ -86,11 +88,12 @@ def _child_run(args_list: List[str], err_path: str) -> Tuple[float, float]:
     return wall, rss_kib / 1024.0
 
 
-def _phantom_in_child(folder: str, seed: int) -> str:
+def _phantom_in_child(folder: str, seed: int, faces: str = "corticated") -> str:
     """Run :func:`_clinical_ct` in a fresh process (this process's peak memory stays the
     pipeline's); returns the CT's path."""
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--phantom-only", folder,
-                           "--seed", str(seed)], check=True, capture_output=True, text=True)
+                           "--seed", str(seed), "--faces", faces], check=True,
+                          capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     print(lines[0])
     return lines[-1]
@@ -128,10 +131,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-cli", action="store_true", help="skip the command-line runs")
+    parser.add_argument("--faces", default="corticated", choices=["corticated", "raw"],
+                        help="the phantom's fracture faces (default: corticated, the phantom's "
+                             "default; raw: no cortex on the fracture's faces)")
     parser.add_argument("--phantom-only", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phantom_only:  # the child of _phantom_in_child
-        print(_clinical_ct(args.phantom_only, args.seed))
+        print(_clinical_ct(args.phantom_only, args.seed, args.faces))
         return
 
     load = os.getloadavg()
@@ -144,7 +150,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, CUDA {'yes' if torch.cuda.is_available() else 'no'}")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        ct_path = _phantom_in_child(tmp, args.seed)
+        ct_path = _phantom_in_child(tmp, args.seed, args.faces)
         print(f"phantom generated and written in {time.perf_counter() - t0:.1f} s (not timed, "
               f"another process)")
         out = os.path.join(tmp, "out")
