@@ -12,6 +12,7 @@ from AnkleFractureLib.preprocessing import (
     clip_hu,
     normalize_hu,
     resample_like,
+    resample_to_grid,
     resample_to_spacing,
     to_canonical,
 )
@@ -74,6 +75,26 @@ def test_linear_resample_preserves_physical_position_of_values():
     ok = np.isfinite(vals) & inside
     assert ok.mean() > 0.5
     np.testing.assert_allclose(vals[ok], opts[ok, 0], atol=1e-3)
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "bspline"])
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.uint16, bool])
+def test_small_integer_input_resamples_as_its_float32_copy(interpolation, dtype):
+    """An int16 CT or a uint8 mask is resampled without a cast first (resample_to_grid): the
+    float32 output is bit for bit the one its float32 copy gives."""
+    rng = np.random.default_rng(3)
+    high = {np.int16: 3000, np.uint8: 255, np.uint16: 4000, bool: 2}[dtype]
+    arr = rng.integers(-1000 if dtype is np.int16 else 0, high, (20, 18, 22)).astype(dtype)
+    vol = Volume(arr, (0.4, 0.4, 0.6), (3.0, -2.0, 1.0), rotation("z", 15))
+    as_float = vol.with_array(arr.astype(np.float32))
+    t = np.eye(4)
+    t[:3, :3] = rotation("y", 7)
+    t[:3, 3] = (0.3, -0.2, 0.5)
+    grid = ((15, 16, 12), (0.55, 0.5, 0.7), (3.5, -1.0, 1.5), np.eye(3))
+    a = resample_to_grid(vol, *grid, interpolation, -5.0, transform=t)
+    b = resample_to_grid(as_float, *grid, interpolation, -5.0, transform=t)
+    assert a.array.dtype == np.float32 and np.array_equal(a.array, b.array)
+    assert np.ptp(a.array) > 0
 
 
 @pytest.mark.parametrize("perm", list(itertools.permutations(range(3))))

@@ -10,7 +10,9 @@ times, with the classifier loaded once (as in batch use and in Slicer):
 * crop: the registered syndesmosis crop (3 x 96 x 48 x 64 at 1.5 mm);
 * classify: the network on the crop, with the model's test-time augmentation (TTA) copies;
 * gradcam: the heatmap of the predicted class (the shipped HiResCAM layers);
-* to_ct: the heatmap mapped onto the CT's own grid;
+* to_ct: the heatmap mapped onto the CT's voxel lattice over the crop's box, as the pipeline
+  stores it (``crop_to_ct_box``; before 2026-12-07 this step also pasted it into a full-size
+  copy of the CT grid, 0.2 s on this case, which the pipeline never does);
 * localise: the fracture localiser on the fibula window, the line measured (height in mm); the
   CT across every candidate line too (:mod:`AnkleFractureLib.fracture.line_density`) when the
   localiser's plans ask, as the pipeline does.
@@ -47,7 +49,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from AnkleFractureLib.classification.inference import WeberClassifier
-    from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis, crop_to_ct
+    from AnkleFractureLib.crop.syndesmosis import crop_syndesmosis, crop_to_ct_box
     from AnkleFractureLib.fracture.localise import FractureLocaliser
     from AnkleFractureLib.fracture.weber_height import measures_density
     from AnkleFractureLib.phantom import generate_case
@@ -77,7 +79,7 @@ def main() -> None:
         state["cam"] = clf.classify(state["crop"], tta=1, gradcam=True)
 
     def to_ct():
-        crop_to_ct(state["cam"].gradcam, state["crop"], case.ct)
+        crop_to_ct_box(state["cam"].gradcam, state["crop"], case.ct, clip=(0.0, 1.0))
 
     def localise():  # its own, taller crop when its plans ask (FractureLocaliser.crop_for)
         own = loc.crop_for(case.ct, case.label, reg.patient_to_template, template, state["crop"])
@@ -88,7 +90,7 @@ def main() -> None:
     def whole():
         crop()
         res = clf.classify(state["crop"], tta=args.tta, gradcam=True)
-        crop_to_ct(res.gradcam, state["crop"], case.ct)
+        crop_to_ct_box(res.gradcam, state["crop"], case.ct, clip=(0.0, 1.0))
         localise()
 
     crop()

@@ -20,6 +20,14 @@ from AnkleFractureLib.geometry.volume import Volume
 _INTERPOLATORS = ("linear", "nearest", "bspline")
 
 
+def _exact_in_float32() -> frozenset:
+    """SimpleITK pixel types whose every value a float32 holds exactly."""
+    import SimpleITK as sitk
+
+    return frozenset((sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
+                      sitk.sitkFloat32))
+
+
 def _interpolator(name: str) -> int:
     import SimpleITK as sitk
 
@@ -58,7 +66,7 @@ def resample_to_grid(volume: Volume, size: Sequence[int], spacing: Sequence[floa
         raise GeometryError(f"output size must be 3 positive integers (x, y, z), got {size}")
     interp = _interpolator(interpolation)
     image = volume.to_sitk()
-    if interpolation != "nearest" and image.GetPixelID() != sitk.sitkFloat32:
+    if interpolation != "nearest" and image.GetPixelID() not in _exact_in_float32():
         image = sitk.Cast(image, sitk.sitkFloat32)
     f = sitk.ResampleImageFilter()
     f.SetSize(size)
@@ -67,7 +75,11 @@ def resample_to_grid(volume: Volume, size: Sequence[int], spacing: Sequence[floa
     f.SetOutputDirection([float(v) for v in np.asarray(direction, dtype=float).reshape(-1)])
     f.SetInterpolator(interp)
     f.SetDefaultPixelValue(float(default_value))
-    f.SetOutputPixelType(image.GetPixelID())
+    # Linear and B-spline output float32. A small integer input is not cast first: its
+    # values are exact in float32 and ITK interpolates in double whatever the input's type, so
+    # the output is the same, and the cast read and wrote the whole input again (a clinical
+    # crop's int16 CT sub-box: 12 million voxels per channel, 0.2 s of the crop's 0.6 s).
+    f.SetOutputPixelType(image.GetPixelID() if interpolation == "nearest" else sitk.sitkFloat32)
     if transform is not None:
         m = np.asarray(transform, dtype=float)
         if m.shape != (4, 4):
