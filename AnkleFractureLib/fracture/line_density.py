@@ -315,7 +315,10 @@ class LineDensity:
         box = bounding_box(fib, np.ceil((FAR_MM[1] + 2.0) / np.asarray(ct.spacing[::-1],
                                                                          float)).astype(int))
         if box is not None:
-            self.ct, self.fibula = ct.region(box), fib[box]
+            # float32 once: every profile and ray read takes it so (two conversions of the
+            # fibula's box per line otherwise)
+            region = ct.region(box)
+            self.ct, self.fibula = region.with_array(np.asarray(region.array, np.float32)), fib[box]
             self.depth, self.closed = depth_maps(self.fibula, tuple(ct.spacing[::-1]), grid_mm)
 
     def __call__(self, mask: np.ndarray, grid: Any) -> Dict[str, Any]:
