@@ -29,7 +29,7 @@ import torch
 from AnkleFractureLib.classification.network import SEResNet, build_classifier
 from AnkleFractureLib.classification.plans import ClsPlans
 from AnkleFractureLib.errors import InputError, PathLike
-from AnkleFractureLib.io import atomic_output, atomic_write_json
+from AnkleFractureLib.io import atomic_torch_save, atomic_write_json
 from AnkleFractureLib.segmentation.model_io import (FORMAT_VERSION, PLANS_FILE, WEIGHTS_FILE,
                                                     _half_state_dict, build_with_weights,
                                                     read_weights, unwrap)
@@ -60,8 +60,7 @@ def save_classifier(model_dir: PathLike, network: torch.nn.Module, plans: ClsPla
     payload["kind"] = "classifier"
     atomic_write_json(folder / PLANS_FILE, plans.to_json())
     weights = folder / WEIGHTS_FILE
-    with atomic_output(weights) as tmp:
-        torch.save(payload, tmp)
+    atomic_torch_save(payload, weights)
     return weights
 
 

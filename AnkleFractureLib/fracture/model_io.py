@@ -25,7 +25,7 @@ import torch
 from AnkleFractureLib.errors import InputError, PathLike
 from AnkleFractureLib.fracture.network import DEFAULT_NETWORK, MeanProbability, build_localiser
 from AnkleFractureLib.fracture.window import WINDOW_YX
-from AnkleFractureLib.io import atomic_output, atomic_write_json
+from AnkleFractureLib.io import atomic_torch_save, atomic_write_json
 from AnkleFractureLib.segmentation.model_io import (FORMAT_VERSION, PLANS_FILE, WEIGHTS_FILE,
                                                     _half_state_dict, build_with_weights,
                                                     folder_sha256, read_weights, unwrap)
@@ -79,8 +79,7 @@ def save_localiser(model_dir: PathLike, network: torch.nn.Module, plans: Dict[st
     atomic_write_json(folder / PLANS_FILE, {k: v for k, v in plans.items()
                                             if not k.startswith("_")})
     weights = folder / WEIGHTS_FILE
-    with atomic_output(weights) as tmp:
-        torch.save(payload, tmp)
+    atomic_torch_save(payload, weights)
     return weights
 
 

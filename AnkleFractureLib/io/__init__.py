@@ -7,7 +7,8 @@ naming the path for any problem a user can cause. Every writer is atomic.
 
 from __future__ import annotations
 
-from AnkleFractureLib.io.atomic import atomic_output, atomic_write_json, atomic_write_text
+from AnkleFractureLib.io.atomic import (atomic_output, atomic_torch_save, atomic_write_bytes,
+                                        atomic_write_json, atomic_write_text)
 from AnkleFractureLib.io.dicom import DicomSeries, list_dicom_series, read_dicom_series
 from AnkleFractureLib.io.files import (
     SUPPORTED_EXTENSIONS,
@@ -22,6 +23,8 @@ __all__ = [
     "MAX_VOXELS",
     "SUPPORTED_EXTENSIONS",
     "atomic_output",
+    "atomic_torch_save",
+    "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "list_dicom_series",

@@ -111,6 +111,50 @@ def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Non
             os.fsync(fh.fileno())
 
 
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (parent folders are created).
+
+    Args:
+        path: Destination file.
+        data: The full content.
+    """
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def atomic_torch_save(payload: Any, path: PathLike) -> None:
+    """``torch.save(payload)`` to ``path`` atomically, with bytes that depend on the payload only.
+
+    ``torch.save`` to a file names the zip archive's root folder after the file's stem; saved
+    straight to :func:`atomic_output`'s random temporary name, two identical trainings gave
+    weights files with different bytes, so a model's sha256 could not show that a training
+    command was reproduced. Saved to memory first, the root is always ``archive``.
+
+    Args:
+        payload: Anything ``torch.save`` accepts (a dict of tensors and plain values).
+        path: Destination file (``model.pt``).
+
+    Example:
+        >>> import hashlib, os, tempfile, torch
+        >>> d = tempfile.mkdtemp()
+        >>> for name in ("a.pt", "b.pt"):
+        ...     atomic_torch_save({"w": torch.ones(3)}, os.path.join(d, name))
+        >>> digest = lambda n: hashlib.sha256(open(os.path.join(d, n), "rb").read()).digest()
+        >>> digest("a.pt") == digest("b.pt")
+        True
+    """
+    import io
+
+    import torch  # heavy: imported only by the writers of weights
+
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def atomic_write_json(path: PathLike, data: Any) -> None:
     """Write ``data`` as JSON (indent 2, keys in insertion order, final newline), atomically.
 

@@ -34,7 +34,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from AnkleFractureLib.errors import InputError
-from AnkleFractureLib.io import atomic_output, atomic_write_json
+from AnkleFractureLib.io import atomic_torch_save, atomic_write_json
 from AnkleFractureLib.segmentation.network import build_network
 from AnkleFractureLib.segmentation.plans import SegPlans
 
@@ -86,8 +86,7 @@ def save_model(model_dir: PathLike, network: torch.nn.Module, plans: SegPlans,
     payload["format_version"] = FORMAT_VERSION
     atomic_write_json(folder / PLANS_FILE, plans.to_json())
     weights = folder / WEIGHTS_FILE
-    with atomic_output(weights) as tmp:
-        torch.save(payload, tmp)
+    atomic_torch_save(payload, weights)
     return weights
 
 

@@ -52,7 +52,7 @@ import torch
 from AnkleFractureLib import __version__
 from AnkleFractureLib.dataset.layout import Dataset
 from AnkleFractureLib.errors import InputError
-from AnkleFractureLib.io import atomic_output, atomic_write_json, atomic_write_text
+from AnkleFractureLib.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from AnkleFractureLib.segmentation.model_io import save_model, sha256_file
 from AnkleFractureLib.segmentation.network import build_network
 from AnkleFractureLib.segmentation.plans import SegPlans
@@ -743,8 +743,7 @@ class _SegRun:
             "rng": _rng_state(),
             "wall_seconds_total": self.wall_before + time.monotonic() - self.o.t_start,
         }
-        with atomic_output(self.ckpt_path) as tmp:
-            torch.save(payload, tmp)
+        atomic_torch_save(payload, self.ckpt_path)
         self.saved_step = self.global_step
 
     # ------------------------------------------------------------------------------- training
