@@ -289,6 +289,47 @@ def test_model_mask_crops_are_cached_per_segmentation_model(tmp_path, monkeypatc
     assert _seg_model_tag(str(tmp_path / "model1")) != tags[1]
 
 
+def test_crops_are_made_again_for_a_case_written_again_or_another_template(tmp_path,
+                                                                          monkeypatch) -> None:
+    """The crop cache is keyed by the case's files and the template's content too: a dataset
+    regenerated in place (same ids, new files) or another template never gets the old crops,
+    and an unchanged case is not cropped twice."""
+    import os
+
+    from AnkleFractureLib.classification import crops
+    from AnkleFractureLib.dataset.layout import Dataset
+    from AnkleFractureLib.training import fracture_data as fd
+
+    ds = Dataset.create(tmp_path / "ds")
+    for k in range(2):
+        ds.add_case(f"c{k}", Volume(np.full((4, 5, 6), 100.0 * k, np.float32), (1.0, 1.0, 1.0)))
+    cropped = []
+
+    def fake_crop(ds_, todo, *args, **kwargs):
+        for record, path in todo:
+            cropped.append(record.id)
+            path.write_bytes(b"crop")
+            yield None
+
+    monkeypatch.setattr(fd, "_crop_errors", fake_crop)
+    monkeypatch.setattr(crops, "template_content_key", lambda folder: f"content of {folder}")
+    template = type("T", (), {"meta": {"path": "template one"}})()
+
+    def build(tpl=template):
+        cropped.clear()
+        fd.build_fracture_crops(tmp_path / "ds", tmp_path / "cache", template=tpl)
+        return sorted(cropped)
+
+    assert build() == ["c0", "c1"]
+    assert build() == []  # reused
+    ds = Dataset.load(tmp_path / "ds")
+    ds.add_case("c1", Volume(np.full((4, 5, 6), 7.0, np.float32), (1.0, 1.0, 1.0)))
+    image = ds.path(ds.get("c1").image)
+    os.utime(image, ns=(1, 1))  # written again: another modification time
+    assert build() == ["c1"]
+    assert build(type("T", (), {"meta": {"path": "template two"}})()) == ["c0", "c1"]
+
+
 def _line_samples(n: int) -> list:
     """Synthetic crop samples on the template grid (96, 48, 64): a bright fibula column with a
     dark transverse line at a case-dependent level (the target), and intact columns; the

@@ -55,7 +55,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from AnkleFractureLib.dataset.layout import CLASSES, CaseRecord, Dataset
+from AnkleFractureLib.dataset.layout import CLASSES, CaseRecord, Dataset, file_key
 from AnkleFractureLib.errors import AnkleFractureError, CancelledError, InputError
 from AnkleFractureLib.geometry.volume import Volume
 from AnkleFractureLib.segmentation.postprocess import POSTPROCESS_VERSION
@@ -228,10 +228,6 @@ def _prior_and_refit(ct: Volume, label: Volume, reg: Any, template: Any) -> Tupl
     return outcome.label, outcome.registration
 
 
-def _file_key(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-
 
 def _sha256_files(files: Sequence[Path], root: Path) -> str:
     """sha256 over the relative names and bytes of ``files`` (in the order given)."""
@@ -320,8 +316,8 @@ def cache_key(dataset: Dataset, record: CaseRecord, kind: str, template_key: str
     seg = dataset.path(record.segmentation)
     registered = kind == "registered"
     parts = {"version": CACHE_VERSION, "code": CROP_CODE_VERSION, "kind": kind,
-             "image": _file_key(dataset.path(record.image)),
-             "label": _file_key(seg) if seg is not None and registered else None,
+             "image": file_key(dataset.path(record.image)),
+             "label": file_key(seg) if seg is not None and registered else None,
              "template": template_key,
              "seg_model": ([seg_model_key, POSTPROCESS_VERSION] if seg is None and registered
                            else None),

@@ -58,6 +58,16 @@ SIDES = ("left", "right")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
+def file_key(path: "os.PathLike[str] | str") -> str:
+    """A file's identity for cache keys: resolved path, size and modification time (ns).
+
+    A case file written again (a dataset regenerated in place) gets another key, so a cache of
+    crops or prepared arrays never serves what was made from the old file.
+    """
+    st = os.stat(path)
+    return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
 def true_fracture_height(meta: Optional[Dict[str, Any]]) -> Optional[float]:
     """A phantom case's true fibular fracture height (mm above the plafond along the tibial
     long axis, negative below), or None for a case without one.

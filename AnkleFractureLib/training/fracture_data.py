@@ -4,9 +4,12 @@ For every case of a dataset: read the CT, take its bone masks (the dataset's, or
 segmentation model's as ``ankle-fracture run`` does), register to the template with the side
 detected (never the dataset's side), crop the syndesmosis box, and draw the phantom's fracture
 line on the crop grid (:func:`AnkleFractureLib.fracture.targets.fracture_line_target`).
-One ``<id>.<masks>.v<version>.npz`` per case in a cache folder (``<masks>`` is "dataset", or
-"model-<the first 12 hex digits of the segmentation weights' sha256>", so that a new
-segmentation model never gets crops made with the old one's masks):
+One ``<id>.<masks>.<inputs>.v<version>.npz`` per case in a cache folder (``<masks>`` is
+"dataset", or "model-<the first 12 hex digits of the segmentation weights' sha256>-pp<the
+post-processing version>", so that a new segmentation model or rule never gets crops made with
+the old one's masks; ``<inputs>`` is 12 hex digits over the case's files and the template's
+content, so that a dataset regenerated in place, or another template, never gets the old
+crops):
 
 * ``channels``: float16 (13, nz, ny, nx), the crop's arrays in the order of
   :data:`~AnkleFractureLib.crop.syndesmosis.ALL_CHANNELS` (CT [0, 1], tibia, fibula, the CT in
@@ -29,7 +32,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from AnkleFractureLib.dataset.layout import CaseRecord, Dataset, true_fracture_height
+from AnkleFractureLib.dataset.layout import (CaseRecord, Dataset, file_key,
+                                             true_fracture_height)
 from AnkleFractureLib.errors import AnkleFractureError
 
 #: Version of the crop + target code; part of every cache file name's key. 2: registered as
@@ -191,6 +195,17 @@ def _seg_model_tag(seg_model_dir: Optional[str]) -> str:
     return f"{sha256_file(folder / 'model.pt')[:12]}-pp{POSTPROCESS_VERSION}"
 
 
+def _inputs_key(ds: Dataset, record: CaseRecord, template_content: str) -> str:
+    """12 hex digits over a case's image and label files (path, size, modification time) and
+    the template's content key: what, besides the code and the masks, shapes its crop."""
+    import hashlib
+
+    label = ds.path(record.segmentation)
+    parts = [file_key(ds.path(record.image)), file_key(label) if label is not None else "",
+             template_content]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+
+
 #: What a crop worker process holds (see :func:`_init_crop_worker`).
 _WORKER: Dict[str, Any] = {}
 
@@ -278,6 +293,7 @@ def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathL
     Raises:
         ValueError: Unknown ``masks`` or ``workers`` below 1.
     """
+    from AnkleFractureLib.classification.crops import template_content_key
     from AnkleFractureLib.registration.template import load_template
 
     if masks not in MASK_SOURCES:
@@ -292,7 +308,9 @@ def build_fracture_crops(dataset: "os.PathLike[str] | str", cache_dir: "os.PathL
     tag = masks if masks == "dataset" else f"model-{_seg_model_tag(seg_model_dir)}"
     if shift_mm:
         tag += f".up{float(shift_mm):g}"
-    paths = {r.id: cache / f"{r.id}.{tag}.v{FRACTURE_DATA_VERSION}.npz" for r in records}
+    content = template_content_key(template.meta["path"])
+    paths = {r.id: cache / f"{r.id}.{tag}.{_inputs_key(ds, r, content)}"
+                           f".v{FRACTURE_DATA_VERSION}.npz" for r in records}
     todo = [(r, paths[r.id]) for r in records if not paths[r.id].exists()]
     failed: Dict[str, str] = {}
     errors = _crop_errors(ds, todo, masks, template, seg_model_dir, int(workers),

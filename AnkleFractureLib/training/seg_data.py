@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from AnkleFractureLib.dataset.layout import CaseRecord, Dataset
+from AnkleFractureLib.dataset.layout import CaseRecord, Dataset, file_key
 from AnkleFractureLib.errors import InputError
 
 if TYPE_CHECKING:
@@ -136,18 +136,14 @@ def split_cases(case_ids: Sequence[str], val_fraction: float, seed: int
     return train, val
 
 
-def _file_key(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-
 
 def cache_key(dataset: Dataset, record: CaseRecord, plans: "SegPlans") -> str:
     """Hex key of a case's prepared arrays: its files (path, size, mtime) and the plans fields
     that change preprocessing."""
     parts = {
         "version": CACHE_VERSION,
-        "image": _file_key(dataset.path(record.image)),
-        "label": _file_key(dataset.path(record.segmentation)),
+        "image": file_key(dataset.path(record.image)),
+        "label": file_key(dataset.path(record.segmentation)),
         "spacing": list(plans.model_spacing_mm),
         "window": list(plans.hu_window),
         "roi": [plans.roi_bone_hu, plans.roi_margin_mm],
